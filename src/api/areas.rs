@@ -1,0 +1,503 @@
+//! The per-area sections of the spec. Every area is typed here, including those whose
+//! reconciliation lands later, so the CRD is complete and stable from v1alpha1 on.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::pg::QualifiedName;
+
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// Implemented by every item that names a table (`schema` defaults to `public`).
+pub trait TableTarget {
+    fn schema(&self) -> Option<&str>;
+    fn table(&self) -> &str;
+    fn qualified(&self) -> QualifiedName {
+        QualifiedName::new(self.schema().unwrap_or(DEFAULT_SCHEMA), self.table())
+    }
+}
+
+macro_rules! table_target {
+    ($($ty:ty),*) => {$(
+        impl TableTarget for $ty {
+            fn schema(&self) -> Option<&str> { self.schema.as_deref() }
+            fn table(&self) -> &str { &self.table }
+        }
+    )*};
+}
+table_target!(RlsTable, PartitionedTable, AutovacuumTable, IndexSpec);
+
+// ---------------------------------------------------------------- row-level security
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RowLevelSecuritySpec {
+    #[schemars(length(max = 5000))]
+    pub tables: Vec<RlsTable>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RlsTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub schema: Option<String>,
+    #[schemars(length(min = 1, max = 63))]
+    pub table: String,
+    /// `ENABLE ROW LEVEL SECURITY` (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// `FORCE ROW LEVEL SECURITY`, so the table owner is subject to the policies too (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+    /// Own every policy of this table: policies not listed are dropped (needs `allowDestructive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_all_policies: Option<bool>,
+    #[serde(default)]
+    #[schemars(length(max = 100))]
+    pub policies: Vec<RlsPolicy>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("!(has(self.command) && self.command == 'Insert' && has(self.using))").message("an Insert policy takes only withCheck, not using"))]
+#[x_kube(validation = Rule::new("!(has(self.command) && (self.command == 'Select' || self.command == 'Delete') && has(self.withCheck))").message("a Select or Delete policy takes only using, not withCheck"))]
+#[x_kube(validation = Rule::new("has(self.using) || has(self.withCheck)").message("a policy needs using, withCheck or both"))]
+pub struct RlsPolicy {
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Command the policy applies to (default All).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<PolicyCommand>,
+    /// Permissive (default) or Restrictive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<PolicyKind>,
+    /// Roles the policy applies to (default PUBLIC). Roles are not created by this area.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub roles: Option<Vec<String>>,
+    /// SQL boolean expression for rows visible to the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 10000))]
+    pub using: Option<String>,
+    /// SQL boolean expression new rows must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 10000))]
+    pub with_check: Option<String>,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+pub enum PolicyCommand {
+    #[default]
+    All,
+    Select,
+    Insert,
+    Update,
+    Delete,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+pub enum PolicyKind {
+    #[default]
+    Permissive,
+    Restrictive,
+}
+
+// ---------------------------------------------------------------- partitions
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PartitionsSpec {
+    #[schemars(length(max = 5000))]
+    pub tables: Vec<PartitionedTable>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PartitionedTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub schema: Option<String>,
+    /// A table declared `PARTITION BY RANGE` on a timestamp, timestamptz or date column.
+    #[schemars(length(min = 1, max = 63))]
+    pub table: String,
+    /// The partition key column; checked against the table's declaration when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub column: Option<String>,
+    pub interval: PartitionInterval,
+    /// Future partitions kept ahead of now (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub premake: Option<u32>,
+    /// Create partitions from this date on (YYYY-MM-DD); default: the current interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]{4}-[0-9]{2}-[0-9]{2}$')").message("must be a date YYYY-MM-DD"))]
+    pub start_date: Option<String>,
+    /// Keep a DEFAULT partition for rows outside every range (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_partition: Option<bool>,
+    /// Partitions entirely older than this are retired, e.g. `30d`, `12w`, `6mo`, `2y`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(d|w|mo|y)$')").message("must be a retention such as 30d, 12w, 6mo or 2y"))]
+    pub retention: Option<String>,
+    /// What retiring means: Detach (default) or Drop (needs `allowDestructive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policy: Option<RetentionPolicy>,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+pub enum PartitionInterval {
+    Daily,
+    Weekly,
+    #[default]
+    Monthly,
+    Quarterly,
+    Yearly,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+pub enum RetentionPolicy {
+    #[default]
+    Detach,
+    Drop,
+}
+
+// ---------------------------------------------------------------- autovacuum
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutovacuumSpec {
+    #[schemars(length(max = 5000))]
+    pub tables: Vec<AutovacuumTable>,
+}
+
+/// Per-table autovacuum storage parameters. A parameter left out is reset if this policy
+/// set it before; parameters set by others are left alone.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutovacuumTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub schema: Option<String>,
+    #[schemars(length(min = 1, max = 63))]
+    pub table: String,
+    /// `autovacuum_enabled`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// `autovacuum_vacuum_scale_factor`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub vacuum_scale_factor: Option<f64>,
+    /// `autovacuum_vacuum_threshold`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub vacuum_threshold: Option<i64>,
+    /// `autovacuum_vacuum_insert_scale_factor`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub vacuum_insert_scale_factor: Option<f64>,
+    /// `autovacuum_vacuum_insert_threshold` (-1 disables insert-triggered vacuums)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1, max = 2147483647))]
+    pub vacuum_insert_threshold: Option<i64>,
+    /// `autovacuum_analyze_scale_factor`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub analyze_scale_factor: Option<f64>,
+    /// `autovacuum_analyze_threshold`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub analyze_threshold: Option<i64>,
+    /// `autovacuum_vacuum_cost_delay` in milliseconds
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1.0, max = 100.0))]
+    pub vacuum_cost_delay: Option<f64>,
+    /// `autovacuum_vacuum_cost_limit`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1, max = 10000))]
+    pub vacuum_cost_limit: Option<i64>,
+    /// `autovacuum_freeze_min_age`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1, max = 1000000000))]
+    pub freeze_min_age: Option<i64>,
+    /// `autovacuum_freeze_max_age`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1, max = 2000000000))]
+    pub freeze_max_age: Option<i64>,
+    /// `autovacuum_freeze_table_age`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1, max = 2000000000))]
+    pub freeze_table_age: Option<i64>,
+}
+
+// ---------------------------------------------------------------- server settings
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerSettingsSpec {
+    /// `ALTER SYSTEM` parameters, e.g. `log_min_duration_statement: "500ms"`. Values are
+    /// strings, as in postgresql.conf. Parameters removed from here are `RESET` if this
+    /// policy set them. Settings that need a restart are applied and reported, not hidden.
+    #[serde(default, deserialize_with = "crate::api::validate::string_map")]
+    pub parameters: BTreeMap<String, String>,
+}
+
+// ---------------------------------------------------------------- replicas
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplicasSpec {
+    #[schemars(length(max = 100))]
+    pub replicas: Vec<ReplicaSpec>,
+    /// Secret published with `DATABASE_READ_URL` for applications (default `<policy>-read`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub read_endpoint_secret_name: Option<String>,
+    /// When no replica is healthy, publish the primary as the read endpoint (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_to_primary: Option<bool>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplicaSpec {
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Secret holding a libpq URI for the replica.
+    pub connection_secret_ref: crate::api::SecretKeyRef,
+    /// Physical replication slot kept on the primary for this replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9_]{1,63}$')").message("slot names are lower-case letters, digits and underscores"))]
+    pub slot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_lag_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_lag_bytes: Option<u64>,
+}
+
+// ---------------------------------------------------------------- backups
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackupsSpec {
+    /// Cron schedule of the backup CronJob, e.g. `0 3 * * *`.
+    #[x_kube(validation = Rule::new("self.split(' ').size() == 5 || self.startsWith('@')").message("must be a 5-field cron expression or a @macro"))]
+    pub schedule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<BackupRetention>,
+    pub storage: BackupStorage,
+    /// pg_dump format: Custom (default, compressed) or Directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DumpFormat>,
+    /// Compression level 0-9 for pg_dump (default 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 9))]
+    pub compression: Option<u8>,
+    /// Restore each backup into a scratch database and check it (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+    /// Image for the backup job (default: the operator's own image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Pause the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.days) || has(self.count)").message("retention needs days, count or both"))]
+pub struct BackupRetention {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub count: Option<u32>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.pvc) != has(self.s3)").message("storage needs exactly one of pvc or s3"))]
+pub struct BackupStorage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcStorage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Storage>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PvcStorage {
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory inside the volume (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3Storage {
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// Endpoint of an S3-compatible store (default AWS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    pub credentials_secret_ref: LocalObjectRef,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalObjectRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum DumpFormat {
+    #[default]
+    Custom,
+    Directory,
+}
+
+// ---------------------------------------------------------------- feature flags
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FeatureFlagsSpec {
+    /// Schema of the flags table and of `feature_enabled()` (default `public`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub schema: Option<String>,
+    /// Name of the flags table (default `feature_flags`). The policy owns its rows:
+    /// flags not listed here are deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub table: Option<String>,
+    #[serde(default)]
+    #[schemars(length(max = 10000))]
+    pub flags: Vec<FeatureFlag>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FeatureFlag {
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$')").message("flag names are letters, digits and _ . : - (at most 128)"))]
+    pub name: String,
+    pub enabled: bool,
+    /// Share of subjects (0-100) for whom the flag is on when enabled (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub rollout_percentage: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1000))]
+    pub description: Option<String>,
+}
+
+// ---------------------------------------------------------------- materialized views
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MaterializedViewsSpec {
+    #[schemars(length(max = 1000))]
+    pub views: Vec<MaterializedView>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MaterializedView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub schema: Option<String>,
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The view's query; created when missing. A changed definition replaces the view
+    /// (destructive, needs `allowDestructive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 100000))]
+    pub definition: Option<String>,
+    /// Cron schedule of refreshes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.split(' ').size() == 5 || self.startsWith('@')").message("must be a 5-field cron expression or a @macro"))]
+    pub schedule: Option<String>,
+    /// `REFRESH … CONCURRENTLY` (needs a unique index on the view; default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrently: Option<bool>,
+    /// statement_timeout of one refresh (default 30m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
+    pub timeout: Option<String>,
+}
+
+// ---------------------------------------------------------------- indexes
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IndexesSpec {
+    #[schemars(length(max = 5000))]
+    pub indexes: Vec<IndexSpec>,
+    /// Drop indexes this policy created earlier that are no longer listed (needs `allowDestructive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<bool>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IndexSpec {
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub schema: Option<String>,
+    #[schemars(length(min = 1, max = 63))]
+    pub table: String,
+    /// Column names or parenthesised expressions, e.g. `user_id` or `((category_stats->>'ospf')::numeric)`.
+    #[schemars(length(min = 1, max = 32))]
+    pub columns: Vec<String>,
+    /// Predicate of a partial index.
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 10000))]
+    pub where_clause: Option<String>,
+    /// Access method (default Btree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<IndexMethod>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique: Option<bool>,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum IndexMethod {
+    #[default]
+    Btree,
+    Hash,
+    Gin,
+    Gist,
+    Brin,
+    Spgist,
+}

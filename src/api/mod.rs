@@ -1,0 +1,190 @@
+//! The `DatabasePolicy` custom resource (`dbpolicy.dev/v1alpha1`): spec per area, status.
+//!
+//! Optional fields carry no schema defaults on purpose: defaults inside list items make
+//! Argo CD report a perpetual diff, so every default lives in code (the `effective_*`
+//! accessors) and effective values are reported back in status.
+
+mod areas;
+mod status;
+mod validate;
+
+pub use areas::*;
+pub use status::*;
+pub use validate::{validate_spec, ValidationError};
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+pub const API_GROUP: &str = "dbpolicy.dev";
+pub const API_VERSION: &str = "v1alpha1";
+pub const DEFAULT_SECRET_KEY: &str = "uri";
+pub const DEFAULT_LOCK_TIMEOUT: &str = "5s";
+pub const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
+pub const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "5m";
+
+/// Policy for one PostgreSQL database: what its row-level security, partitions, autovacuum and
+/// server settings, replicas, backups, feature flags, materialized views and indexes must be.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "dbpolicy.dev",
+    version = "v1alpha1",
+    kind = "DatabasePolicy",
+    plural = "databasepolicies",
+    shortname = "dbpol",
+    shortname = "dbp",
+    category = "dbpolicy",
+    namespaced,
+    status = "DatabasePolicyStatus",
+    doc = "DatabasePolicy reconciles row-level security, partitions, autovacuum and server settings, replicas, backups, feature flags, materialized views and indexes of one PostgreSQL database.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".status.mode"),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.pendingChanges"
+    ),
+    printcolumn(
+        name = "Last Backup",
+        type_ = "date",
+        json_path = ".status.backups.lastSuccessTime"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatabasePolicySpec {
+    /// The database this policy governs.
+    pub database: DatabaseRef,
+    /// `Apply` (default) changes the database; `Plan` only reports what would change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// Stop reconciling this policy (nothing is observed or changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+    /// How often the live database is compared with the policy (default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
+    pub drift_check_interval: Option<String>,
+    /// Timeouts and the opt-in for destructive changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety: Option<Safety>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_level_security: Option<RowLevelSecuritySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<PartitionsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autovacuum: Option<AutovacuumSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_settings: Option<ServerSettingsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicasSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<BackupsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_flags: Option<FeatureFlagsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub materialized_views: Option<MaterializedViewsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub indexes: Option<IndexesSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatabaseRef {
+    /// Secret in the policy's namespace whose key holds a libpq URI for the primary.
+    pub connection_secret_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the policy's namespace. Credentials never appear in the spec.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret (default `uri`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
+}
+
+impl SecretKeyRef {
+    pub fn effective_key(&self) -> &str {
+        self.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY)
+    }
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum Mode {
+    #[default]
+    Apply,
+    Plan,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Safety {
+    /// `lock_timeout` for every statement (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 500ms, 5s or 1m"))]
+    pub lock_timeout: Option<String>,
+    /// `statement_timeout` for every statement (default 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
+    pub statement_timeout: Option<String>,
+    /// Allow changes that drop or delete what the operator did not create in this run
+    /// (policies, partitions, indexes, replication slots, replaced views). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_destructive: Option<bool>,
+}
+
+impl DatabasePolicySpec {
+    pub fn effective_mode(&self) -> Mode {
+        self.mode.unwrap_or_default()
+    }
+    pub fn is_suspended(&self) -> bool {
+        self.suspend.unwrap_or(false)
+    }
+    pub fn allow_destructive(&self) -> bool {
+        self.safety
+            .as_ref()
+            .and_then(|s| s.allow_destructive)
+            .unwrap_or(false)
+    }
+    pub fn lock_timeout(&self) -> &str {
+        self.safety
+            .as_ref()
+            .and_then(|s| s.lock_timeout.as_deref())
+            .unwrap_or(DEFAULT_LOCK_TIMEOUT)
+    }
+    pub fn statement_timeout(&self) -> &str {
+        self.safety
+            .as_ref()
+            .and_then(|s| s.statement_timeout.as_deref())
+            .unwrap_or(DEFAULT_STATEMENT_TIMEOUT)
+    }
+    pub fn drift_check_interval(&self) -> &str {
+        self.drift_check_interval
+            .as_deref()
+            .unwrap_or(DEFAULT_DRIFT_CHECK_INTERVAL)
+    }
+}

@@ -1,0 +1,346 @@
+//! The command line: `plan`, `apply`, `crd`. Exit status of `plan`: 0 nothing to change,
+//! 2 changes pending, 1 error. `apply`: 0 done, 2 done but destructive changes refused,
+//! 1 on any failure.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use sqlx::Connection;
+
+use crate::api::{DatabasePolicy, Mode, API_GROUP, API_VERSION};
+use crate::engine::{self, Hazard, Outcome, PolicyId};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dbpolicy",
+    version,
+    about = "Reconcile a DatabasePolicy against a live PostgreSQL database"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print what would change (exit 0: nothing, 2: changes pending, 1: error).
+    Plan(TargetArgs),
+    /// Change the database to match the policy and print what was done.
+    Apply(TargetArgs),
+    /// Print the CustomResourceDefinition.
+    Crd,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TargetArgs {
+    /// DatabasePolicy YAML (several documents allowed; `-` reads stdin).
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+    /// libpq URI of the database; spec.database.connectionSecretRef is ignored when given.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_PENDING: u8 = 2;
+
+/// Reads every `DatabasePolicy` document of a YAML stream; other kinds are reported and
+/// skipped, never silently.
+pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), String> {
+    let mut policies = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or("");
+        if kind != "DatabasePolicy" {
+            skipped.push(format!(
+                "document {}: kind {kind:?} is not a DatabasePolicy, skipped",
+                i + 1
+            ));
+            continue;
+        }
+        let expected = format!("{API_GROUP}/{API_VERSION}");
+        if api_version != expected {
+            return Err(format!(
+                "document {}: apiVersion {api_version:?} is not {expected}",
+                i + 1
+            ));
+        }
+        let policy: DatabasePolicy =
+            serde_yaml::from_value(value).map_err(|e| format!("document {}: {e}", i + 1))?;
+        policies.push(policy);
+    }
+    if policies.is_empty() {
+        return Err("no DatabasePolicy document found".into());
+    }
+    Ok((policies, skipped))
+}
+
+fn read_file(path: &PathBuf) -> Result<String, String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+}
+
+fn policy_id(p: &DatabasePolicy) -> PolicyId {
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    let name = p.metadata.name.as_deref().unwrap_or("unnamed");
+    PolicyId(format!("{ns}/{name}"))
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let code = match cli.command {
+        Command::Crd => {
+            print!("{}", crate::crd::crd_yaml());
+            EXIT_OK
+        }
+        Command::Plan(args) => run_target(args, Mode::Plan).await,
+        Command::Apply(args) => run_target(args, Mode::Apply).await,
+    };
+    ExitCode::from(code)
+}
+
+async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        EXIT_ERROR
+    };
+    let text = match read_file(&args.file) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let (policies, skipped) = match parse_policies(&text) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    for s in skipped {
+        eprintln!("note: {s}");
+    }
+    let Some(url) = args.database_url.as_deref() else {
+        return fail("no database: pass --database-url or set DATABASE_URL (spec.database.connectionSecretRef is read by the operator only)".into());
+    };
+    let mut worst = EXIT_OK;
+    let mut json = Vec::new();
+    for policy in &policies {
+        let id = policy_id(policy);
+        let code = match run_one(url, policy, &id, mode).await {
+            Ok(outcome) => {
+                let code = exit_code(&outcome, mode);
+                match args.output {
+                    Output::Text => print_text(&id, &outcome, mode),
+                    Output::Json => json.push(
+                        serde_json::json!({ "policy": id.0, "outcome": outcome, "exitCode": code }),
+                    ),
+                }
+                code
+            }
+            Err(e) => {
+                if args.output == Output::Json {
+                    json.push(
+                        serde_json::json!({ "policy": id.0, "error": e, "exitCode": EXIT_ERROR }),
+                    );
+                }
+                eprintln!("error: {}: {e}", id.0);
+                EXIT_ERROR
+            }
+        };
+        worst = worse(worst, code);
+    }
+    if args.output == Output::Json {
+        let doc = if json.len() == 1 {
+            json.pop().unwrap()
+        } else {
+            serde_json::Value::Array(json)
+        };
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    worst
+}
+
+/// Error beats pending beats ok.
+fn worse(a: u8, b: u8) -> u8 {
+    let rank = |c: u8| match c {
+        EXIT_OK => 0,
+        EXIT_PENDING => 1,
+        _ => 2,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+async fn run_one(
+    url: &str,
+    policy: &DatabasePolicy,
+    id: &PolicyId,
+    mode: Mode,
+) -> Result<Outcome, String> {
+    let mut conn = crate::pg::connect_one(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = engine::run(&mut conn, &policy.spec, mode, id)
+        .await
+        .map_err(|e| e.to_string());
+    let _ = conn.close().await;
+    result
+}
+
+pub fn exit_code(outcome: &Outcome, mode: Mode) -> u8 {
+    if outcome.plan.has_errors() {
+        return EXIT_ERROR;
+    }
+    match (&outcome.report, mode) {
+        (Some(r), _) if !r.succeeded() => EXIT_ERROR,
+        (Some(r), _) if !r.refused.is_empty() => EXIT_PENDING,
+        (Some(_), _) => EXIT_OK,
+        (None, _) if outcome.plan.is_empty() => EXIT_OK,
+        (None, _) => EXIT_PENDING,
+    }
+}
+
+fn print_text(id: &PolicyId, outcome: &Outcome, mode: Mode) {
+    let plan = &outcome.plan;
+    println!("# policy {}", id.0);
+    for (area, why) in plan.skipped() {
+        println!("# skipped {area}: {why}");
+    }
+    for n in plan.notices() {
+        println!(
+            "# notice {}: {}: {} ({})",
+            n.area, n.target, n.message, n.reason
+        );
+    }
+    for e in plan.errors() {
+        println!("# ERROR {e}");
+    }
+    match &outcome.report {
+        None => {
+            print!("{}", plan.render_sql());
+            let n = plan.changes().count();
+            if plan.has_errors() {
+                println!(
+                    "# the plan has errors: nothing {}",
+                    if mode == Mode::Apply {
+                        "was applied"
+                    } else {
+                        "can be applied"
+                    }
+                );
+            } else if n == 0 {
+                println!("# nothing to change");
+            } else {
+                println!(
+                    "# {n} change(s) pending: {} safe, {} locking, {} destructive",
+                    plan.count_by_hazard(Hazard::Safe),
+                    plan.count_by_hazard(Hazard::Locking),
+                    plan.count_by_hazard(Hazard::Destructive)
+                );
+            }
+        }
+        Some(report) => {
+            for c in &report.applied {
+                println!(
+                    "applied [{}] {} {}: {}",
+                    c.hazard.as_str(),
+                    c.area,
+                    c.target,
+                    c.summary
+                );
+            }
+            for c in &report.refused {
+                println!(
+                    "refused [destructive] {} {}: {} (set spec.safety.allowDestructive: true to allow)",
+                    c.area, c.target, c.summary
+                );
+            }
+            if let Some(f) = &report.failure {
+                println!(
+                    "FAILED {}: {}: {} [{}]\n  statement: {}",
+                    f.area, f.target, f.message, f.reason, f.statement
+                );
+                if !report.not_attempted.is_empty() {
+                    println!(
+                        "not attempted: {} change(s) after the failure",
+                        report.not_attempted.len()
+                    );
+                }
+            }
+            let restart = report.restart_required();
+            if !restart.is_empty() {
+                println!("# restart required for: {}", restart.join(", "));
+            }
+            if report.applied.is_empty() && report.failure.is_none() && report.refused.is_empty() {
+                println!("# nothing to change");
+            } else {
+                println!("# applied {} change(s)", report.applied.len());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_several_documents_and_skips_other_kinds() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\napiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: a}\nspec:\n  database: {connectionSecretRef: {name: db}}\n---\napiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: b, namespace: x}\nspec:\n  database: {connectionSecretRef: {name: db}}\n";
+        let (p, skipped) = parse_policies(text).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(policy_id(&p[1]).0, "x/b");
+    }
+
+    #[test]
+    fn errors_name_the_document() {
+        let text = "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: a}\nspec:\n  database: {connectionSecretRef: {name: db}}\n  autovacuum: {tables: [{table: t, vacuumScaleFactor: lots}]}\n";
+        let e = parse_policies(text).unwrap_err();
+        assert!(e.starts_with("document 1:"), "{e}");
+        assert!(parse_policies("apiVersion: v9\nkind: DatabasePolicy\n")
+            .unwrap_err()
+            .contains("apiVersion"));
+        assert!(parse_policies("").is_err());
+    }
+
+    #[test]
+    fn exit_codes_rank() {
+        assert_eq!(worse(EXIT_OK, EXIT_PENDING), EXIT_PENDING);
+        assert_eq!(worse(EXIT_ERROR, EXIT_PENDING), EXIT_ERROR);
+    }
+}

@@ -1,0 +1,166 @@
+//! The executor: runs a plan on one connection that already holds the policy lock.
+//! Consecutive transactional changes of an area share one transaction (all or nothing);
+//! statements PostgreSQL refuses inside a transaction run alone, their ledger entries
+//! written right after. Destructive changes are refused unless the policy allows them.
+//! The first failure stops the run: what follows may depend on it.
+
+use serde::Serialize;
+use sqlx::{Connection, PgConnection};
+
+use super::ledger;
+use super::plan::{Area, Change, Hazard, Plan};
+use crate::pg::{error_summary, reason_for_sqlstate, sqlstate};
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyReport {
+    pub applied: Vec<Change>,
+    /// Destructive changes not run because `safety.allowDestructive` is off.
+    pub refused: Vec<Change>,
+    /// Changes not attempted because an earlier one failed.
+    pub not_attempted: Vec<Change>,
+    pub failure: Option<ApplyFailure>,
+}
+
+impl ApplyReport {
+    pub fn succeeded(&self) -> bool {
+        self.failure.is_none()
+    }
+    pub fn restart_required(&self) -> Vec<&str> {
+        self.applied
+            .iter()
+            .filter(|c| c.requires_restart)
+            .map(|c| c.target.as_str())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, thiserror::Error)]
+#[serde(rename_all = "camelCase")]
+#[error("{area}: {target}: {message}\n  statement: {statement}")]
+pub struct ApplyFailure {
+    pub area: Area,
+    pub target: String,
+    pub statement: String,
+    /// CamelCase, from the SQLSTATE: `LockTimeout`, `StatementTimeout`, …
+    pub reason: String,
+    pub sqlstate: Option<String>,
+    pub message: String,
+}
+
+impl ApplyFailure {
+    fn from_sqlx(change: &Change, statement: &str, e: &sqlx::Error) -> Self {
+        let code = sqlstate(e);
+        ApplyFailure {
+            area: change.area,
+            target: change.target.clone(),
+            statement: statement.to_string(),
+            reason: reason_for_sqlstate(code.as_deref()).to_string(),
+            sqlstate: code,
+            message: error_summary(e),
+        }
+    }
+}
+
+/// Runs `plan` on `conn`. `policy` names the owner written to the ledger.
+pub async fn execute(
+    conn: &mut PgConnection,
+    plan: &Plan,
+    allow_destructive: bool,
+    policy: &str,
+) -> ApplyReport {
+    let mut report = ApplyReport::default();
+    let (runnable, refused): (Vec<&Change>, Vec<&Change>) = plan
+        .changes()
+        .partition(|c| allow_destructive || c.hazard != Hazard::Destructive);
+    report.refused = refused.into_iter().cloned().collect();
+
+    if runnable.iter().any(|c| !c.ledger.is_empty()) {
+        if let Err(e) = bootstrap_ledger(conn).await {
+            let first = runnable[0];
+            report.failure = Some(ApplyFailure::from_sqlx(first, ledger::BOOTSTRAP_SQL, &e));
+            report.not_attempted = runnable.into_iter().cloned().collect();
+            return report;
+        }
+    }
+
+    let mut rest = runnable.as_slice();
+    while let Some(first) = rest.first() {
+        // A group: consecutive transactional changes of one area, or one autonomous change.
+        let len = if first.transactional {
+            rest.iter()
+                .take_while(|c| c.transactional && c.area == first.area)
+                .count()
+        } else {
+            1
+        };
+        let (group, tail) = rest.split_at(len);
+        let result = if first.transactional {
+            run_transaction(conn, group, policy).await
+        } else {
+            run_autonomous(conn, first, policy).await
+        };
+        match result {
+            Ok(()) => report.applied.extend(group.iter().map(|c| (*c).clone())),
+            Err(failure) => {
+                report.failure = Some(failure);
+                report.not_attempted = rest.iter().map(|c| (*c).clone()).collect();
+                return report;
+            }
+        }
+        rest = tail;
+    }
+    report
+}
+
+async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::raw_sql(ledger::BOOTSTRAP_SQL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+async fn run_transaction(
+    conn: &mut PgConnection,
+    group: &[&Change],
+    policy: &str,
+) -> Result<(), ApplyFailure> {
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(group[0], "BEGIN", &e))?;
+    for change in group {
+        // raw_sql: the simple protocol, so DDL is not prepared and cached per connection.
+        sqlx::raw_sql(&change.sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
+        for op in &change.ledger {
+            ledger::write(&mut tx, op, policy)
+                .await
+                .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
+        }
+    }
+    // Dropping `tx` on an early return rolls back.
+    tx.commit()
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(group[group.len() - 1], "COMMIT", &e))
+}
+
+async fn run_autonomous(
+    conn: &mut PgConnection,
+    change: &Change,
+    policy: &str,
+) -> Result<(), ApplyFailure> {
+    sqlx::raw_sql(&change.sql)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
+    for op in &change.ledger {
+        ledger::write(conn, op, policy)
+            .await
+            .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
+    }
+    Ok(())
+}

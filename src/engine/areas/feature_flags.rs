@@ -1,0 +1,393 @@
+//! Feature flags: a table of flags the policy owns row by row (upserted when listed,
+//! deleted when not), created with `feature_enabled(flag, subject)`, which buckets each
+//! subject deterministically by hash so a 25% roll-out always picks the same 25% and a
+//! larger percentage keeps everyone the smaller one had.
+
+use std::collections::BTreeMap;
+
+use sqlx::PgConnection;
+
+use crate::api::{FeatureFlag, FeatureFlagsSpec, DEFAULT_SCHEMA};
+use crate::engine::plan::{Area, AreaPlan, Change};
+use crate::pg::{quote_ident, quote_literal, QualifiedName};
+
+const AREA: Area = Area::FeatureFlags;
+pub const DEFAULT_TABLE: &str = "feature_flags";
+pub const FUNCTION: &str = "feature_enabled";
+
+pub fn table_name(spec: &FeatureFlagsSpec) -> QualifiedName {
+    QualifiedName::new(
+        spec.schema.as_deref().unwrap_or(DEFAULT_SCHEMA),
+        spec.table.as_deref().unwrap_or(DEFAULT_TABLE),
+    )
+}
+
+/// One flag as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FlagRow {
+    pub name: String,
+    pub enabled: bool,
+    pub rollout_percentage: i32,
+    pub description: Option<String>,
+}
+
+impl From<&FeatureFlag> for FlagRow {
+    fn from(f: &FeatureFlag) -> Self {
+        FlagRow {
+            name: f.name.clone(),
+            enabled: f.enabled,
+            rollout_percentage: i32::from(f.rollout_percentage.unwrap_or(100)),
+            description: f.description.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observed {
+    pub schema_exists: bool,
+    pub table_exists: bool,
+    /// Body (`prosrc`) of `feature_enabled(text, text)`, if it exists.
+    pub function_body: Option<String>,
+    pub rows: BTreeMap<String, FlagRow>,
+    /// Set when a table of that name exists but is not a flags table.
+    pub incompatible: Option<String>,
+}
+
+pub async fn observe(
+    conn: &mut PgConnection,
+    spec: &FeatureFlagsSpec,
+) -> Result<Observed, sqlx::Error> {
+    let table = table_name(spec);
+    let (schema_exists, table_exists, function_body): (bool, bool, Option<String>) =
+        sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
+                EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                        WHERE n.nspname = $1 AND c.relname = $2),
+                (SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 WHERE n.nspname = $1 AND p.proname = $3 AND p.proargtypes = '25 25'::oidvector)",
+        )
+        .bind(&table.schema)
+        .bind(&table.name)
+        .bind(FUNCTION)
+        .fetch_one(&mut *conn)
+        .await?;
+    let mut observed = Observed {
+        schema_exists,
+        table_exists,
+        function_body,
+        ..Default::default()
+    };
+    if table_exists {
+        // The table name comes from the spec; it is quoted like every identifier.
+        let sql = format!(
+            "SELECT name, enabled, rollout_percentage, description FROM {}",
+            table.quoted()
+        );
+        match sqlx::query_as::<_, FlagRow>(&sql)
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => observed.rows = rows.into_iter().map(|r| (r.name.clone(), r)).collect(),
+            Err(e)
+                if matches!(
+                    crate::pg::sqlstate(&e).as_deref(),
+                    Some("42703") | Some("42804")
+                ) =>
+            {
+                observed.incompatible = Some(crate::pg::error_summary(&e))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(observed)
+}
+
+pub fn create_table_sql(table: &QualifiedName) -> String {
+    format!(
+        "CREATE TABLE {} (
+    name text PRIMARY KEY,
+    enabled boolean NOT NULL DEFAULT false,
+    rollout_percentage integer NOT NULL DEFAULT 100 CHECK (rollout_percentage BETWEEN 0 AND 100),
+    description text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+)",
+        table.quoted()
+    )
+}
+
+/// The body of `feature_enabled`. A subject's bucket (0-99) is a hash of flag and subject,
+/// so buckets differ between flags (no user is first in every roll-out) and never move.
+/// `hashtextextended` is the hash PostgreSQL itself relies on staying stable for hash
+/// partitioning, so buckets survive upgrades.
+pub fn function_body(table: &QualifiedName) -> String {
+    format!(
+        "
+SELECT coalesce((
+    SELECT f.enabled AND (
+        f.rollout_percentage >= 100
+        OR (subject IS NOT NULL
+            AND ((pg_catalog.hashtextextended(f.name || '/' || subject, 0) & 9223372036854775807) % 100) < f.rollout_percentage))
+    FROM {} f
+    WHERE f.name = flag), false)
+",
+        table.quoted()
+    )
+}
+
+/// SECURITY DEFINER so application roles and RLS policies can ask about a flag without
+/// reading the table; the fixed search_path keeps that safe.
+pub fn create_function_sql(table: &QualifiedName) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {}.{}(flag text, subject text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $dbpolicy${}$dbpolicy$",
+        quote_ident(&table.schema),
+        quote_ident(FUNCTION),
+        function_body(table)
+    )
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    CreateTable,
+    ReplaceFunction,
+    Upsert(FlagRow),
+    Delete(String),
+}
+
+pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -> Vec<Op> {
+    let table = table_name(spec);
+    if !observed.schema_exists {
+        plan.error(
+            table.to_string(),
+            "SchemaNotFound",
+            format!("schema {} does not exist", table.schema),
+        );
+        return Vec::new();
+    }
+    if let Some(why) = &observed.incompatible {
+        plan.error(
+            table.to_string(),
+            "IncompatibleFlagsTable",
+            format!("{table} exists but is not a flags table: {why}"),
+        );
+        return Vec::new();
+    }
+    let mut ops = Vec::new();
+    if !observed.table_exists {
+        ops.push(Op::CreateTable);
+    }
+    if observed.function_body.as_deref() != Some(function_body(&table).as_str()) {
+        ops.push(Op::ReplaceFunction);
+    }
+    for flag in &spec.flags {
+        let want = FlagRow::from(flag);
+        if observed.rows.get(&flag.name) != Some(&want) {
+            ops.push(Op::Upsert(want));
+        }
+    }
+    for name in observed.rows.keys() {
+        if !spec.flags.iter().any(|f| &f.name == name) {
+            ops.push(Op::Delete(name.clone()));
+        }
+    }
+    ops
+}
+
+pub fn render(table: &QualifiedName, op: &Op) -> Change {
+    match op {
+        Op::CreateTable => Change::new(AREA, table.to_string(), "create the flags table", create_table_sql(table)),
+        Op::ReplaceFunction => Change::new(
+            AREA,
+            format!("{}.{FUNCTION}", table.schema),
+            "create or replace feature_enabled(flag, subject)",
+            create_function_sql(table),
+        ),
+        Op::Upsert(row) => Change::new(
+            AREA,
+            &row.name,
+            format!("upsert flag {} (enabled={}, rollout={}%)", row.name, row.enabled, row.rollout_percentage),
+            format!(
+                "INSERT INTO {} (name, enabled, rollout_percentage, description) VALUES ({}, {}, {}, {})
+ON CONFLICT (name) DO UPDATE SET enabled = EXCLUDED.enabled, rollout_percentage = EXCLUDED.rollout_percentage,
+    description = EXCLUDED.description, updated_at = now()",
+                table.quoted(),
+                quote_literal(&row.name),
+                row.enabled,
+                row.rollout_percentage,
+                row.description.as_deref().map(quote_literal).unwrap_or_else(|| "NULL".into())
+            ),
+        ),
+        // The policy owns the rows of its flags table: a flag no longer listed is removed,
+        // as its definition in Git was.
+        Op::Delete(name) => Change::new(
+            AREA,
+            name,
+            format!("delete flag {name} (no longer in the spec)"),
+            format!("DELETE FROM {} WHERE name = {}", table.quoted(), quote_literal(name)),
+        ),
+    }
+}
+
+pub fn plan(spec: &FeatureFlagsSpec, observed: &Observed) -> AreaPlan {
+    let mut plan = AreaPlan::new(AREA);
+    let table = table_name(spec);
+    let ops = diff(spec, observed, &mut plan);
+    plan.changes = ops.iter().map(|op| render(&table, op)).collect();
+    plan
+}
+
+pub fn simulate(spec: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+    let mut next = observed.clone();
+    for op in ops {
+        match op {
+            Op::CreateTable => next.table_exists = true,
+            Op::ReplaceFunction => next.function_body = Some(function_body(&table_name(spec))),
+            Op::Upsert(row) => {
+                next.rows.insert(row.name.clone(), row.clone());
+            }
+            Op::Delete(name) => {
+                next.rows.remove(name);
+            }
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn flag(name: &str, enabled: bool, pct: Option<u8>) -> FeatureFlag {
+        FeatureFlag {
+            name: name.into(),
+            enabled,
+            rollout_percentage: pct,
+            description: None,
+        }
+    }
+
+    fn existing(rows: &[FlagRow]) -> Observed {
+        let spec = FeatureFlagsSpec::default();
+        Observed {
+            schema_exists: true,
+            table_exists: true,
+            function_body: Some(function_body(&table_name(&spec))),
+            rows: rows.iter().map(|r| (r.name.clone(), r.clone())).collect(),
+            incompatible: None,
+        }
+    }
+
+    #[test]
+    fn from_empty_creates_table_function_and_rows() {
+        let spec = FeatureFlagsSpec {
+            flags: vec![flag("new_quiz", true, Some(25))],
+            ..Default::default()
+        };
+        let p = plan(
+            &spec,
+            &Observed {
+                schema_exists: true,
+                ..Default::default()
+            },
+        );
+        let summaries: Vec<&str> = p.changes.iter().map(|c| c.summary.as_str()).collect();
+        assert_eq!(
+            summaries,
+            vec![
+                "create the flags table",
+                "create or replace feature_enabled(flag, subject)",
+                "upsert flag new_quiz (enabled=true, rollout=25%)"
+            ]
+        );
+        assert!(p.changes[0]
+            .sql
+            .starts_with(r#"CREATE TABLE "public"."feature_flags""#));
+    }
+
+    #[test]
+    fn unchanged_flags_are_no_change_and_others_are_deleted() {
+        let spec = FeatureFlagsSpec {
+            flags: vec![flag("a", true, None)],
+            ..Default::default()
+        };
+        let rows = [
+            FlagRow::from(&flag("a", true, Some(100))),
+            FlagRow::from(&flag("old", false, None)),
+        ];
+        let p = plan(&spec, &existing(&rows));
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(
+            p.changes[0].sql,
+            r#"DELETE FROM "public"."feature_flags" WHERE name = 'old'"#
+        );
+    }
+
+    #[test]
+    fn changed_flag_is_upserted_with_quoted_values() {
+        let mut f = flag("a", false, Some(10));
+        f.description = Some("it's new".into());
+        let spec = FeatureFlagsSpec {
+            flags: vec![f],
+            ..Default::default()
+        };
+        let p = plan(
+            &spec,
+            &existing(&[FlagRow::from(&flag("a", true, Some(10)))]),
+        );
+        assert!(p.changes[0]
+            .sql
+            .contains("VALUES ('a', false, 10, 'it''s new')"));
+    }
+
+    #[test]
+    fn missing_schema_and_foreign_table_are_errors() {
+        let spec = FeatureFlagsSpec {
+            schema: Some("nope".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&spec, &Observed::default()).errors[0].reason,
+            "SchemaNotFound"
+        );
+        let o = Observed {
+            incompatible: Some("column \"enabled\" does not exist".into()),
+            ..existing(&[])
+        };
+        assert_eq!(
+            plan(&FeatureFlagsSpec::default(), &o).errors[0].reason,
+            "IncompatibleFlagsTable"
+        );
+    }
+
+    #[test]
+    fn an_outdated_function_is_replaced() {
+        let o = Observed {
+            function_body: Some("SELECT true".into()),
+            ..existing(&[])
+        };
+        assert_eq!(
+            plan(&FeatureFlagsSpec::default(), &o).changes[0].summary,
+            "create or replace feature_enabled(flag, subject)"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn applying_a_plan_converges(
+            desired in prop::collection::btree_map("[a-c]", (prop::bool::ANY, prop::option::of(0u8..=100)), 0..3),
+            current in prop::collection::btree_map("[a-d]", (prop::bool::ANY, 0i32..=100), 0..4),
+            table_exists in prop::bool::ANY,
+        ) {
+            let spec = FeatureFlagsSpec { flags: desired.iter().map(|(n, (e, p))| flag(n, *e, *p)).collect(), ..Default::default() };
+            let mut o = existing(&current.iter().map(|(n, (e, p))| FlagRow { name: n.clone(), enabled: *e, rollout_percentage: *p, description: None }).collect::<Vec<_>>());
+            if !table_exists { o.table_exists = false; o.rows.clear(); o.function_body = None; }
+            let mut scratch = AreaPlan::new(AREA);
+            let ops = diff(&spec, &o, &mut scratch);
+            let after = simulate(&spec, &o, &ops);
+            let mut again = AreaPlan::new(AREA);
+            prop_assert!(diff(&spec, &after, &mut again).is_empty());
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The ownership ledger: which settings, flags and objects this policy has set or created,
+//! kept in the database it governs (`dbpolicy.managed`), so removal from the spec resets
+//! exactly what the policy owns and leaves what others set alone. It is read once per
+//! reconcile and written in the same transaction as the change it records.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sqlx::PgConnection;
+
+use super::plan::{Area, LedgerOp};
+
+pub const LEDGER_TABLE: &str = "dbpolicy.managed";
+
+pub const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
+CREATE TABLE IF NOT EXISTS dbpolicy.managed (
+    area text NOT NULL,
+    target text NOT NULL,
+    item text NOT NULL,
+    policy text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (area, target, item)
+);
+COMMENT ON TABLE dbpolicy.managed IS 'What dbpolicy owns in this database; do not edit by hand.'";
+
+/// (target, item) pairs per area, and which policies own them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    entries: BTreeMap<String, BTreeSet<(String, String)>>,
+    owners: BTreeMap<(String, String, String), String>,
+}
+
+impl Ledger {
+    pub fn insert(&mut self, area: Area, target: &str, item: &str, policy: &str) {
+        self.entries
+            .entry(area.as_str().to_string())
+            .or_default()
+            .insert((target.to_string(), item.to_string()));
+        self.owners.insert(
+            (
+                area.as_str().to_string(),
+                target.to_string(),
+                item.to_string(),
+            ),
+            policy.to_string(),
+        );
+    }
+    pub fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
+        self.entries
+            .get(area.as_str())
+            .into_iter()
+            .flatten()
+            .map(|(t, i)| (t.as_str(), i.as_str()))
+    }
+    pub fn contains(&self, area: Area, target: &str, item: &str) -> bool {
+        self.entries
+            .get(area.as_str())
+            .is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
+    }
+    /// Policies other than `me` that own something in this database.
+    pub fn other_owners(&self, me: &str) -> BTreeSet<&str> {
+        self.owners
+            .values()
+            .map(String::as_str)
+            .filter(|o| *o != me)
+            .collect()
+    }
+    /// The ledger as it will be once `ops` are applied (for plan simulation in tests).
+    pub fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>, policy: &str) {
+        for op in ops {
+            match op {
+                LedgerOp::Record { area, target, item } => self.insert(*area, target, item, policy),
+                LedgerOp::Forget { area, target, item } => {
+                    if let Some(s) = self.entries.get_mut(area.as_str()) {
+                        s.remove(&(target.clone(), item.clone()));
+                    }
+                    self.owners
+                        .remove(&(area.as_str().to_string(), target.clone(), item.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Reads the whole ledger in one query; an absent ledger is an empty one.
+pub async fn observe(conn: &mut PgConnection) -> Result<Ledger, sqlx::Error> {
+    let rows: Vec<(String, String, String, String)> =
+        sqlx::query_as("SELECT area, target, item, policy FROM dbpolicy.managed")
+            .fetch_all(&mut *conn)
+            .await
+            .or_else(|e| match crate::pg::sqlstate(&e).as_deref() {
+                // undefined_table / invalid_schema_name: never bootstrapped
+                Some("42P01") | Some("3F000") => Ok(Vec::new()),
+                _ => Err(e),
+            })?;
+    let mut ledger = Ledger::default();
+    for (area, target, item, policy) in rows {
+        if let Some(a) = Area::ALL.iter().find(|a| a.as_str() == area) {
+            ledger.insert(*a, &target, &item, &policy);
+        }
+    }
+    Ok(ledger)
+}
+
+/// Writes one ledger operation (inside the caller's transaction).
+pub async fn write(
+    conn: &mut PgConnection,
+    op: &LedgerOp,
+    policy: &str,
+) -> Result<(), sqlx::Error> {
+    match op {
+        LedgerOp::Record { area, target, item } => {
+            sqlx::query(
+                "INSERT INTO dbpolicy.managed (area, target, item, policy) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (area, target, item) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+            )
+            .bind(area.as_str())
+            .bind(target)
+            .bind(item)
+            .bind(policy)
+            .execute(&mut *conn)
+            .await?;
+        }
+        LedgerOp::Forget { area, target, item } => {
+            sqlx::query(
+                "DELETE FROM dbpolicy.managed WHERE area = $1 AND target = $2 AND item = $3",
+            )
+            .bind(area.as_str())
+            .bind(target)
+            .bind(item)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}

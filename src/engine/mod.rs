@@ -1,0 +1,247 @@
+//! The engine shared by the CLI, the controller and the jobs: observe → plan → apply.
+//!
+//! Observation and planning happen while holding a per-database advisory lock, so two
+//! reconcilers never plan from the same state and apply twice; planning is pure.
+
+pub mod apply;
+pub mod areas;
+pub mod ledger;
+pub mod plan;
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::PgConnection;
+
+use crate::api::{validate_spec, DatabasePolicySpec, Mode, ValidationError};
+use crate::duration::pg_millis;
+pub use apply::{ApplyFailure, ApplyReport};
+pub use ledger::Ledger;
+pub use plan::{Area, AreaPlan, Change, Hazard, Plan};
+
+/// Key of the advisory lock every dbpolicy run takes on the database it changes
+/// (advisory locks are per database, so one key serves all). "dbpolicy" in ASCII.
+pub const ADVISORY_LOCK_KEY: i64 = 0x6462_706f_6c69_6379;
+
+/// Who is reconciling: written to the ledger as the owner of what gets created.
+#[derive(Debug, Clone)]
+pub struct PolicyId(pub String);
+
+/// What the live database holds, for every area of the spec.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub ledger: Ledger,
+    pub autovacuum: Option<areas::autovacuum::Observed>,
+    pub server_settings: Option<areas::server_settings::Observed>,
+    pub feature_flags: Option<areas::feature_flags::Observed>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid policy:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    InvalidSpec(Vec<ValidationError>),
+    #[error("could not set up the session: {0}")]
+    Session(String),
+    #[error(
+        "another dbpolicy run holds the lock on this database and did not finish within {0:?}"
+    )]
+    Busy(Duration),
+    #[error("observing {area} failed: {message}")]
+    Observe {
+        area: &'static str,
+        message: String,
+        reason: &'static str,
+    },
+}
+
+impl EngineError {
+    /// CamelCase reason for conditions and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EngineError::InvalidSpec(_) => "InvalidSpec",
+            EngineError::Session(_) => "ConnectionFailed",
+            EngineError::Busy(_) => "ConcurrentApply",
+            EngineError::Observe { reason, .. } => reason,
+        }
+    }
+}
+
+fn observe_err(area: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
+    move |e| EngineError::Observe {
+        area,
+        message: crate::pg::error_summary(&e),
+        reason: match crate::pg::sqlstate(&e).as_deref() {
+            Some("42501") => "InsufficientPrivilege",
+            code => crate::pg::reason_for_sqlstate(code),
+        },
+    }
+}
+
+/// Reads what every area of the spec needs: a constant number of queries per area.
+pub async fn observe(
+    conn: &mut PgConnection,
+    spec: &DatabasePolicySpec,
+) -> Result<Observed, EngineError> {
+    let ledger = ledger::observe(conn).await.map_err(observe_err("ledger"))?;
+    let mut observed = Observed::default();
+    if let Some(s) = &spec.autovacuum {
+        observed.autovacuum = Some(
+            areas::autovacuum::observe(conn, s, &ledger)
+                .await
+                .map_err(observe_err("autovacuum"))?,
+        );
+    } else if ledger.items(Area::Autovacuum).next().is_some() {
+        // The section was removed: what it set must still be reset.
+        let empty = Default::default();
+        observed.autovacuum = Some(
+            areas::autovacuum::observe(conn, &empty, &ledger)
+                .await
+                .map_err(observe_err("autovacuum"))?,
+        );
+    }
+    if let Some(s) = &spec.server_settings {
+        observed.server_settings = Some(
+            areas::server_settings::observe(conn, s, &ledger)
+                .await
+                .map_err(observe_err("serverSettings"))?,
+        );
+    } else if ledger.items(Area::ServerSettings).next().is_some() {
+        let empty = Default::default();
+        observed.server_settings = Some(
+            areas::server_settings::observe(conn, &empty, &ledger)
+                .await
+                .map_err(observe_err("serverSettings"))?,
+        );
+    }
+    if let Some(s) = &spec.feature_flags {
+        observed.feature_flags = Some(
+            areas::feature_flags::observe(conn, s)
+                .await
+                .map_err(observe_err("featureFlags"))?,
+        );
+    }
+    observed.ledger = ledger;
+    Ok(observed)
+}
+
+/// Why an area present in the spec is not reconciled by this version. Said, never silent.
+const NOT_YET: &str = "not reconciled by this version of dbpolicy yet";
+
+/// The plan: pure, from the spec and what was observed.
+pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
+    let mut plan = Plan::default();
+    let ledger = &observed.ledger;
+    if let Some(o) = &observed.server_settings {
+        let empty = Default::default();
+        plan.areas.push(areas::server_settings::plan(
+            spec.server_settings.as_ref().unwrap_or(&empty),
+            o,
+            ledger,
+        ));
+    }
+    if let Some(o) = &observed.autovacuum {
+        let empty = Default::default();
+        plan.areas.push(areas::autovacuum::plan(
+            spec.autovacuum.as_ref().unwrap_or(&empty),
+            o,
+            ledger,
+        ));
+    }
+    if spec.partitions.is_some() {
+        plan.areas
+            .push(AreaPlan::skipped(Area::Partitions, NOT_YET));
+    }
+    if spec.indexes.is_some() {
+        plan.areas.push(AreaPlan::skipped(Area::Indexes, NOT_YET));
+    }
+    if spec.materialized_views.is_some() {
+        plan.areas
+            .push(AreaPlan::skipped(Area::MaterializedViews, NOT_YET));
+    }
+    if spec.row_level_security.is_some() {
+        plan.areas
+            .push(AreaPlan::skipped(Area::RowLevelSecurity, NOT_YET));
+    }
+    if let (Some(s), Some(o)) = (&spec.feature_flags, &observed.feature_flags) {
+        plan.areas.push(areas::feature_flags::plan(s, o));
+    }
+    if spec.replicas.is_some() {
+        plan.areas.push(AreaPlan::skipped(Area::Replicas, NOT_YET));
+    }
+    if spec.backups.is_some() {
+        plan.areas.push(AreaPlan::skipped(
+            Area::Backups,
+            "run by the operator as a CronJob (dbpolicy backup), not by plan/apply",
+        ));
+    }
+    plan.areas.sort_by_key(|a| a.area);
+    plan
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    pub plan: Plan,
+    /// None in Plan mode, and when the plan had errors (nothing was applied).
+    pub report: Option<ApplyReport>,
+}
+
+/// Observe, plan and (in Apply mode, when the plan is valid) apply, under the policy lock.
+pub async fn run(
+    conn: &mut PgConnection,
+    spec: &DatabasePolicySpec,
+    mode: Mode,
+    policy: &PolicyId,
+) -> Result<Outcome, EngineError> {
+    let errors = validate_spec(spec);
+    if !errors.is_empty() {
+        return Err(EngineError::InvalidSpec(errors));
+    }
+    let lock_ms = pg_millis(spec.lock_timeout()).map_err(EngineError::Session)?;
+    let statement_ms = pg_millis(spec.statement_timeout()).map_err(EngineError::Session)?;
+    let session = |e: sqlx::Error| EngineError::Session(crate::pg::error_summary(&e));
+
+    // Waiting for another run: as long as one statement may take, not the lock_timeout
+    // meant for production tables.
+    let wait_ms = statement_ms.max(lock_ms);
+    sqlx::raw_sql(&format!(
+        "SET standard_conforming_strings = on; SET statement_timeout = {wait_ms}; SET lock_timeout = {wait_ms}"
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(session)?;
+    if let Err(e) = sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(ADVISORY_LOCK_KEY)
+        .execute(&mut *conn)
+        .await
+    {
+        return Err(match crate::pg::sqlstate(&e).as_deref() {
+            Some("55P03") | Some("57014") => EngineError::Busy(Duration::from_millis(wait_ms)),
+            _ => session(e),
+        });
+    }
+    let result = async {
+        sqlx::raw_sql(&format!(
+            "SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}"
+        ))
+        .execute(&mut *conn)
+        .await
+        .map_err(session)?;
+        let observed = observe(conn, spec).await?;
+        let plan = plan(spec, &observed);
+        let report = if mode == Mode::Apply && !plan.has_errors() {
+            Some(apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await)
+        } else {
+            None
+        };
+        Ok(Outcome { plan, report })
+    }
+    .await;
+    // A broken connection releases the lock by itself; otherwise release it now.
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(ADVISORY_LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
+    result
+}

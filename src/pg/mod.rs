@@ -1,0 +1,191 @@
+//! PostgreSQL plumbing: identifier and literal quoting, connections, and mapping of
+//! SQLSTATEs to the reasons users see (never by matching message text).
+
+use std::fmt;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// `"ident"`, with embedded quotes doubled: every identifier the engine emits goes through here.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// `'literal'` with embedded quotes doubled. With `standard_conforming_strings` on (the
+/// default since 9.1, and the executor sets it) backslashes are not special.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// A schema-qualified relation name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QualifiedName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl QualifiedName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+    /// `"schema"."name"`, for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// `schema.name`, for people.
+impl fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Opens a small pool. The URI's password never reaches an error message: sqlx's
+/// connection errors do not include the URI, and ours name only host, port and database.
+pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
+    let opts: PgConnectOptions = url.parse().map_err(|_| ConnectError::InvalidUrl)?;
+    let target = describe(&opts);
+    let opts = opts
+        .application_name("dbpolicy")
+        .log_statements(tracing::log::LevelFilter::Debug);
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await
+        .map_err(|source| ConnectError::Failed {
+            target,
+            reason: error_summary(&source),
+        })
+}
+
+fn describe(opts: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("(default)")
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the database URL is not a valid postgres:// URI")]
+    InvalidUrl,
+    #[error("cannot connect to {target}: {reason}")]
+    Failed { target: String, reason: String },
+}
+
+impl ConnectError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::InvalidUrl => "InvalidConnectionUrl",
+            ConnectError::Failed { reason, .. }
+                if reason.contains("28P01") || reason.contains("28000") =>
+            {
+                "AuthenticationFailed"
+            }
+            ConnectError::Failed { .. } => "ConnectionFailed",
+        }
+    }
+}
+
+/// Opens one connection (the engine's unit of work: session settings and the advisory
+/// lock belong to it).
+pub async fn connect_one(url: &str) -> Result<sqlx::PgConnection, ConnectError> {
+    let opts: PgConnectOptions = url.parse().map_err(|_| ConnectError::InvalidUrl)?;
+    let target = describe(&opts);
+    let opts = opts
+        .application_name("dbpolicy")
+        .log_statements(tracing::log::LevelFilter::Debug);
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        sqlx::PgConnection::connect_with(&opts),
+    )
+    .await
+    .map_err(|_| ConnectError::Failed {
+        target: target.clone(),
+        reason: "timed out after 15s".into(),
+    })?
+    .map_err(|source| ConnectError::Failed {
+        target,
+        reason: error_summary(&source),
+    })
+}
+
+/// A one-line description of a sqlx error with the SQLSTATE when PostgreSQL sent one.
+pub fn error_summary(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// CamelCase reason for a failed statement, from its SQLSTATE.
+pub fn reason_for_sqlstate(code: Option<&str>) -> &'static str {
+    match code {
+        Some("55P03") => "LockTimeout",
+        Some("57014") => "StatementTimeout",
+        Some("42P01") => "TableNotFound",
+        Some("42703") => "ColumnNotFound",
+        Some("42704") => "ObjectNotFound",
+        Some("42883") => "FunctionNotFound",
+        Some("42601") => "SyntaxError",
+        Some("42804") | Some("42846") => "InvalidPolicyExpression",
+        Some("22023") | Some("22P02") => "InvalidParameterValue",
+        Some("42501") => "InsufficientPrivilege",
+        Some("40P01") => "Deadlock",
+        Some("55000") => "ObjectNotInPrerequisiteState",
+        Some(c) if c.starts_with("08") => "ConnectionFailed",
+        Some(c) if c.starts_with("28") => "AuthenticationFailed",
+        Some(c) if c.starts_with("57P") => "ServerShutdown",
+        _ => "ApplyFailed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("t"), "\"t\"");
+        assert_eq!(
+            quote_ident("a\"; DROP TABLE x; --"),
+            "\"a\"\"; DROP TABLE x; --\""
+        );
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(QualifiedName::new("s", "T").quoted(), "\"s\".\"T\"");
+        assert_eq!(QualifiedName::new("s", "T").to_string(), "s.T");
+    }
+
+    #[test]
+    fn reasons() {
+        assert_eq!(reason_for_sqlstate(Some("55P03")), "LockTimeout");
+        assert_eq!(reason_for_sqlstate(Some("08006")), "ConnectionFailed");
+        assert_eq!(reason_for_sqlstate(None), "ApplyFailed");
+    }
+
+    #[test]
+    fn bad_url_has_no_secret() {
+        let e =
+            futures::executor::block_on(connect("postgres://u:hunter2@:notaport/db")).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"));
+    }
+}
