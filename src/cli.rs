@@ -95,8 +95,9 @@ pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), 
                 i + 1
             ));
         }
-        let policy: DatabasePolicy =
-            serde_yaml::from_value(value).map_err(|e| format!("document {}: {e}", i + 1))?;
+        // serde_path_to_error names the field (`spec.autovacuum.tables[0].vacuumScaleFactor`).
+        let policy: DatabasePolicy = serde_path_to_error::deserialize(value)
+            .map_err(|e| format!("document {}: {}: {}", i + 1, e.path(), e.inner()))?;
         policies.push(policy);
     }
     if policies.is_empty() {
@@ -275,8 +276,12 @@ fn print_text(id: &PolicyId, outcome: &Outcome, mode: Mode) {
         }
         Some(report) => {
             for c in &report.applied {
+                let rows = c
+                    .rows_affected
+                    .map(|n| format!(" ({n} row(s) affected)"))
+                    .unwrap_or_default();
                 println!(
-                    "applied [{}] {} {}: {}",
+                    "applied [{}] {} {}: {}{rows}",
                     c.hazard.as_str(),
                     c.area,
                     c.target,

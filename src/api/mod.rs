@@ -36,38 +36,13 @@ pub const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "5m";
     namespaced,
     status = "DatabasePolicyStatus",
     doc = "DatabasePolicy reconciles row-level security, partitions, autovacuum and server settings, replicas, backups, feature flags, materialized views and indexes of one PostgreSQL database.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
-    ),
-    printcolumn(name = "Mode", type_ = "string", json_path = ".status.mode"),
-    printcolumn(
-        name = "Pending",
-        type_ = "integer",
-        json_path = ".status.pendingChanges"
-    ),
-    printcolumn(
-        name = "Last Backup",
-        type_ = "date",
-        json_path = ".status.backups.lastSuccessTime"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        priority = 1,
-        json_path = ".status.conditions[?(@.type==\"Ready\")].message"
-    )
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".status.mode"}"#,
+    printcolumn = r#"{"name": "Pending", "type": "integer", "jsonPath": ".status.pendingChanges"}"#,
+    printcolumn = r#"{"name": "Last Backup", "type": "date", "jsonPath": ".status.backups.lastSuccessTime"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name": "Message", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].message", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DatabasePolicySpec {

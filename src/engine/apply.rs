@@ -101,7 +101,12 @@ pub async fn execute(
             run_autonomous(conn, first, policy).await
         };
         match result {
-            Ok(()) => report.applied.extend(group.iter().map(|c| (*c).clone())),
+            Ok(rows) => report
+                .applied
+                .extend(group.iter().zip(rows).map(|(c, rows)| Change {
+                    rows_affected: c.reports_rows.then_some(rows),
+                    ..(*c).clone()
+                })),
             Err(failure) => {
                 report.failure = Some(failure);
                 report.not_attempted = rest.iter().map(|c| (*c).clone()).collect();
@@ -121,21 +126,24 @@ async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
+/// Runs a group in one transaction; returns the rows each statement affected.
 async fn run_transaction(
     conn: &mut PgConnection,
     group: &[&Change],
     policy: &str,
-) -> Result<(), ApplyFailure> {
+) -> Result<Vec<u64>, ApplyFailure> {
     let mut tx = conn
         .begin()
         .await
         .map_err(|e| ApplyFailure::from_sqlx(group[0], "BEGIN", &e))?;
+    let mut rows = Vec::with_capacity(group.len());
     for change in group {
         // raw_sql: the simple protocol, so DDL is not prepared and cached per connection.
-        sqlx::raw_sql(&change.sql)
+        let done = sqlx::raw_sql(&change.sql)
             .execute(&mut *tx)
             .await
             .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
+        rows.push(done.rows_affected());
         for op in &change.ledger {
             ledger::write(&mut tx, op, policy)
                 .await
@@ -145,15 +153,16 @@ async fn run_transaction(
     // Dropping `tx` on an early return rolls back.
     tx.commit()
         .await
-        .map_err(|e| ApplyFailure::from_sqlx(group[group.len() - 1], "COMMIT", &e))
+        .map_err(|e| ApplyFailure::from_sqlx(group[group.len() - 1], "COMMIT", &e))?;
+    Ok(rows)
 }
 
 async fn run_autonomous(
     conn: &mut PgConnection,
     change: &Change,
     policy: &str,
-) -> Result<(), ApplyFailure> {
-    sqlx::raw_sql(&change.sql)
+) -> Result<Vec<u64>, ApplyFailure> {
+    let done = sqlx::raw_sql(&change.sql)
         .execute(&mut *conn)
         .await
         .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
@@ -162,5 +171,5 @@ async fn run_autonomous(
             .await
             .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
     }
-    Ok(())
+    Ok(vec![done.rows_affected()])
 }

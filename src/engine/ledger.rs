@@ -22,59 +22,52 @@ CREATE TABLE IF NOT EXISTS dbpolicy.managed (
 );
 COMMENT ON TABLE dbpolicy.managed IS 'What dbpolicy owns in this database; do not edit by hand.'";
 
-/// (target, item) pairs per area, and which policies own them.
+/// What one policy owns, per area, and who owns everything else in the database (so two
+/// policies pointing at one database are told apart and never reset each other's work).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ledger {
-    entries: BTreeMap<String, BTreeSet<(String, String)>>,
-    owners: BTreeMap<(String, String, String), String>,
+    me: String,
+    mine: BTreeMap<String, BTreeSet<(String, String)>>,
+    others: BTreeMap<(String, String, String), String>,
 }
 
 impl Ledger {
-    pub fn insert(&mut self, area: Area, target: &str, item: &str, policy: &str) {
-        self.entries
-            .entry(area.as_str().to_string())
-            .or_default()
-            .insert((target.to_string(), item.to_string()));
-        self.owners.insert(
-            (
-                area.as_str().to_string(),
-                target.to_string(),
-                item.to_string(),
-            ),
-            policy.to_string(),
-        );
+    pub fn for_policy(me: &str) -> Self {
+        Ledger { me: me.to_string(), ..Default::default() }
     }
+    pub fn insert(&mut self, area: Area, target: &str, item: &str, policy: &str) {
+        let key = (area.as_str().to_string(), target.to_string(), item.to_string());
+        if policy == self.me {
+            self.others.remove(&key);
+            self.mine.entry(key.0).or_default().insert((key.1, key.2));
+        } else {
+            if let Some(s) = self.mine.get_mut(area.as_str()) {
+                s.remove(&(key.1.clone(), key.2.clone()));
+            }
+            self.others.insert(key, policy.to_string());
+        }
+    }
+    /// What this policy owns in `area`.
     pub fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
-        self.entries
-            .get(area.as_str())
-            .into_iter()
-            .flatten()
-            .map(|(t, i)| (t.as_str(), i.as_str()))
+        self.mine.get(area.as_str()).into_iter().flatten().map(|(t, i)| (t.as_str(), i.as_str()))
     }
     pub fn contains(&self, area: Area, target: &str, item: &str) -> bool {
-        self.entries
-            .get(area.as_str())
-            .is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
+        self.mine.get(area.as_str()).is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
     }
-    /// Policies other than `me` that own something in this database.
-    pub fn other_owners(&self, me: &str) -> BTreeSet<&str> {
-        self.owners
-            .values()
-            .map(String::as_str)
-            .filter(|o| *o != me)
-            .collect()
+    /// The other policy that owns this item, if any.
+    pub fn owned_by_other(&self, area: Area, target: &str, item: &str) -> Option<&str> {
+        self.others.get(&(area.as_str().to_string(), target.to_string(), item.to_string())).map(String::as_str)
     }
     /// The ledger as it will be once `ops` are applied (for plan simulation in tests).
-    pub fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>, policy: &str) {
+    pub fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>) {
+        let me = self.me.clone();
         for op in ops {
             match op {
-                LedgerOp::Record { area, target, item } => self.insert(*area, target, item, policy),
+                LedgerOp::Record { area, target, item } => self.insert(*area, target, item, &me),
                 LedgerOp::Forget { area, target, item } => {
-                    if let Some(s) = self.entries.get_mut(area.as_str()) {
+                    if let Some(s) = self.mine.get_mut(area.as_str()) {
                         s.remove(&(target.clone(), item.clone()));
                     }
-                    self.owners
-                        .remove(&(area.as_str().to_string(), target.clone(), item.clone()));
                 }
             }
         }
@@ -82,7 +75,7 @@ impl Ledger {
 }
 
 /// Reads the whole ledger in one query; an absent ledger is an empty one.
-pub async fn observe(conn: &mut PgConnection) -> Result<Ledger, sqlx::Error> {
+pub async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::Error> {
     let rows: Vec<(String, String, String, String)> =
         sqlx::query_as("SELECT area, target, item, policy FROM dbpolicy.managed")
             .fetch_all(&mut *conn)
@@ -92,7 +85,7 @@ pub async fn observe(conn: &mut PgConnection) -> Result<Ledger, sqlx::Error> {
                 Some("42P01") | Some("3F000") => Ok(Vec::new()),
                 _ => Err(e),
             })?;
-    let mut ledger = Ledger::default();
+    let mut ledger = Ledger::for_policy(me);
     for (area, target, item, policy) in rows {
         if let Some(a) = Area::ALL.iter().find(|a| a.as_str() == area) {
             ledger.insert(*a, &target, &item, &policy);

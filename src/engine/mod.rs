@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod areas;
+pub mod clock;
 pub mod ledger;
 pub mod plan;
 
@@ -34,6 +35,7 @@ pub struct Observed {
     pub autovacuum: Option<areas::autovacuum::Observed>,
     pub server_settings: Option<areas::server_settings::Observed>,
     pub feature_flags: Option<areas::feature_flags::Observed>,
+    pub partitions: Option<areas::partitions::Observed>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +83,9 @@ fn observe_err(area: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
 pub async fn observe(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
+    policy: &PolicyId,
 ) -> Result<Observed, EngineError> {
-    let ledger = ledger::observe(conn).await.map_err(observe_err("ledger"))?;
+    let ledger = ledger::observe(conn, &policy.0).await.map_err(observe_err("ledger"))?;
     let mut observed = Observed::default();
     if let Some(s) = &spec.autovacuum {
         observed.autovacuum = Some(
@@ -111,6 +114,19 @@ pub async fn observe(
             areas::server_settings::observe(conn, &empty, &ledger)
                 .await
                 .map_err(observe_err("serverSettings"))?,
+        );
+    }
+    if let Some(s) = &spec.partitions {
+        // The clock is read once, here: the plan is a pure function of what was observed.
+        let now = clock::now().map_err(|message| EngineError::Observe {
+            area: "partitions",
+            message,
+            reason: "InvalidClock",
+        })?;
+        observed.partitions = Some(
+            areas::partitions::observe(conn, s, now)
+                .await
+                .map_err(observe_err("partitions"))?,
         );
     }
     if let Some(s) = &spec.feature_flags {
@@ -147,9 +163,8 @@ pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
             ledger,
         ));
     }
-    if spec.partitions.is_some() {
-        plan.areas
-            .push(AreaPlan::skipped(Area::Partitions, NOT_YET));
+    if let (Some(s), Some(o)) = (&spec.partitions, &observed.partitions) {
+        plan.areas.push(areas::partitions::plan(s, o));
     }
     if spec.indexes.is_some() {
         plan.areas.push(AreaPlan::skipped(Area::Indexes, NOT_YET));
@@ -174,8 +189,29 @@ pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
             "run by the operator as a CronJob (dbpolicy backup), not by plan/apply",
         ));
     }
+    refuse_conflicts(&mut plan, &observed.ledger);
     plan.areas.sort_by_key(|a| a.area);
     plan
+}
+
+/// Two policies pointing at one database must not fight over the same setting: a change
+/// that would take over what another policy owns is an error, reported, never applied.
+fn refuse_conflicts(plan: &mut Plan, ledger: &Ledger) {
+    for area in &mut plan.areas {
+        let mut conflicts = Vec::new();
+        for change in &area.changes {
+            for op in &change.ledger {
+                if let plan::LedgerOp::Record { area, target, item } = op {
+                    if let Some(owner) = ledger.owned_by_other(*area, target, item) {
+                        conflicts.push((change.target.clone(), format!("{item} on {target} is owned by policy {owner}")));
+                    }
+                }
+            }
+        }
+        for (target, message) in conflicts {
+            area.error(target, "OwnershipConflict", message);
+        }
+    }
 }
 
 /// What one run did.
@@ -228,7 +264,7 @@ pub async fn run(
         .execute(&mut *conn)
         .await
         .map_err(session)?;
-        let observed = observe(conn, spec).await?;
+        let observed = observe(conn, spec, policy).await?;
         let plan = plan(spec, &observed);
         let report = if mode == Mode::Apply && !plan.has_errors() {
             Some(apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await)

@@ -134,6 +134,12 @@ pub struct Change {
     pub requires_restart: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ledger: Vec<LedgerOp>,
+    /// The executor reports how many rows the statement affected (e.g. rows moved).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reports_rows: bool,
+    /// Set by the executor on applied changes that report rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_affected: Option<u64>,
 }
 
 impl Change {
@@ -152,6 +158,8 @@ impl Change {
             transactional: true,
             requires_restart: false,
             ledger: Vec::new(),
+            reports_rows: false,
+            rows_affected: None,
         }
     }
     pub fn hazard(mut self, hazard: Hazard) -> Self {
@@ -160,6 +168,11 @@ impl Change {
     }
     pub fn autonomous(mut self) -> Self {
         self.transactional = false;
+        self
+    }
+    /// Asks the executor to report the rows the statement affected.
+    pub fn reports_rows(mut self) -> Self {
+        self.reports_rows = true;
         self
     }
     pub fn restart(mut self, requires_restart: bool) -> Self {

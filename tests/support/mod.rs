@@ -1130,3 +1130,32 @@ where
         delay = (delay * 2).min(Duration::from_millis(250));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Policies through the CLI
+// ---------------------------------------------------------------------------------------
+
+/// A DatabasePolicy document with `spec_body` (YAML lines indented by two spaces, without
+/// the `database:` entry) under `spec`.
+pub fn policy(name: &str, spec_body: &str) -> String {
+    format!(
+        "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata:\n  name: {name}\n  namespace: tests\nspec:\n  database:\n    connectionSecretRef: {{name: db}}\n{spec_body}"
+    )
+}
+
+/// `dbpolicy <verb> -f <policy>` against `url`.
+pub fn cli(verb: &str, url: &str, policy_yaml: &str) -> RunOutput {
+    let file = write_policy(policy_yaml);
+    let path = file.path().to_str().expect("utf-8 temp path").to_string();
+    run_dbpolicy([verb, "-f", path.as_str()], Some(url))
+}
+
+/// Asserts the exit code, showing the output when it differs.
+#[track_caller]
+pub fn expect_code(out: &RunOutput, code: i32) {
+    assert_eq!(
+        out.code, code,
+        "unexpected exit code\n--- stdout\n{}\n--- stderr\n{}",
+        out.stdout, out.stderr
+    );
+}

@@ -420,7 +420,7 @@ mod tests {
                 ("autovacuum_analyze_threshold", "7"),
             ],
         )]);
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger::for_policy("p");
         ledger.insert(AREA, "public.t", "autovacuum_vacuum_threshold", "p");
         let p = plan(&spec, &obs, &ledger);
         assert_eq!(p.changes.len(), 1);
@@ -433,7 +433,7 @@ mod tests {
     #[test]
     fn table_removed_from_spec_is_reset() {
         let spec = AutovacuumSpec { tables: vec![] };
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger::for_policy("p");
         ledger.insert(AREA, "public.t", "autovacuum_enabled", "p");
         let p = plan(
             &spec,
@@ -549,12 +549,12 @@ mod tests {
             let mut seen = BTreeSet::new();
             let tables: Vec<_> = tables.into_iter().filter(|t| seen.insert(t.table.clone())).collect();
             let spec = AutovacuumSpec { tables };
-            let mut ledger = Ledger::default();
+            let mut ledger = Ledger::for_policy("p");
             for (t, k) in owned { ledger.insert(AREA, &format!("public.{t}"), k, "p"); }
             let mut scratch = AreaPlan::new(AREA);
             let ops = diff(&spec, &obs, &ledger, &mut scratch);
             let after = simulate(&obs, &ops);
-            for c in ops.iter().map(render) { ledger.apply_ops(&c.ledger, "p"); }
+            for c in ops.iter().map(render) { ledger.apply_ops(&c.ledger); }
             let mut again = AreaPlan::new(AREA);
             prop_assert!(diff(&spec, &after, &ledger, &mut again).is_empty());
         }

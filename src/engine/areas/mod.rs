@@ -3,4 +3,5 @@
 
 pub mod autovacuum;
 pub mod feature_flags;
+pub mod partitions;
 pub mod server_settings;

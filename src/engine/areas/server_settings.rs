@@ -55,7 +55,7 @@ pub async fn observe(
     .bind(&names)
     .fetch_all(&mut *conn)
     .await?;
-    let files: Vec<(Option<String>, Option<String>, Option<String>, bool)> = sqlx::query_as(
+    let files: Vec<FileSetting> = sqlx::query_as(
         "SELECT name::text, setting, error, coalesce(sourcefile LIKE '%postgresql.auto.conf', false)
          FROM pg_file_settings ORDER BY seqno",
     )
@@ -76,6 +76,9 @@ pub async fn observe(
     }
     Ok(observed)
 }
+
+/// A line of `pg_file_settings`: name, value, error, whether it is in postgresql.auto.conf.
+type FileSetting = (Option<String>, Option<String>, Option<String>, bool);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -506,7 +509,7 @@ mod tests {
         let mut o = observed();
         o.auto_conf.insert("work_mem".into(), "64MB".into());
         o.auto_conf.insert("log_statement".into(), "all".into());
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger::for_policy("p");
         ledger.insert(AREA, TARGET, "work_mem", "p");
         let p = plan(&spec(&[]), &o, &ledger);
         assert_eq!(p.changes[0].sql, r#"ALTER SYSTEM RESET "work_mem""#);
@@ -599,12 +602,12 @@ mod tests {
             let spec = ServerSettingsSpec { parameters: desired.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
             let mut o = observed();
             o.auto_conf = current.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let mut ledger = Ledger::default();
+            let mut ledger = Ledger::for_policy("p");
             for n in owned { ledger.insert(AREA, TARGET, n, "p"); }
             let mut scratch = AreaPlan::new(AREA);
             let ops = diff(&spec, &o, &ledger, &mut scratch);
             let after = simulate(&o, &ops);
-            for c in ops.iter().map(render) { ledger.apply_ops(&c.ledger, "p"); }
+            for c in ops.iter().map(render) { ledger.apply_ops(&c.ledger); }
             let mut again = AreaPlan::new(AREA);
             // invalid values never become ops, so they never need converging
             prop_assert!(diff(&spec, &after, &ledger, &mut again).is_empty());

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs the system packages dbpolicy's demo and tests need, when they are missing.
+# Idempotent: packages already installed are left alone, and nothing is downloaded when
+# everything is there. Debian/Ubuntu (apt); run as root, or as a user with sudo.
+#
+#   hack/install-deps.sh
+#
+# The Rust toolchain is not installed here: get it from https://rustup.rs or your
+# distribution (the crate needs Rust >= 1.85).
+set -euo pipefail
+
+# One package a line. Other helpers may append theirs.
+PACKAGES=(
+    postgresql          # server binaries: initdb, pg_ctl, pg_basebackup (/usr/lib/postgresql/<v>/bin)
+    postgresql-client   # psql, pg_dump, pg_restore, pg_isready
+)
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+    log "this is not a Debian/Ubuntu system (no dpkg/apt-get). Install these yourself: ${PACKAGES[*]}"
+    log "(PostgreSQL 15 or later: the server binaries initdb, pg_ctl, pg_basebackup and the client psql)"
+    exit 1
+fi
+
+installed() {
+    # dpkg -s exits 0 for removed-but-configured packages too: check the status line.
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    installed "$pkg" || missing+=("$pkg")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    log "all present: ${PACKAGES[*]}"
+    exit 0
+fi
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        log "missing packages: ${missing[*]}; run this script as root (no sudo here)"
+        exit 1
+    fi
+fi
+
+log "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+log "done"

@@ -1,0 +1,186 @@
+//! The controller's one error enum: each variant names the step that failed, and gives the metric label and the condition reason; no message ever carries the connection URI.
+
+use crate::engine::EngineError;
+use crate::pg::ConnectError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object lacks a name or namespace (hand-made objects only).
+    #[error("the DatabasePolicy has no {0}")]
+    MissingObjectKey(&'static str),
+
+    #[error("Secret {namespace}/{name} (spec.database.connectionSecretRef) not found: create it with a key {key:?} holding a postgres:// URI")]
+    SecretNotFound {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+
+    #[error("Secret {namespace}/{name} has no key {key:?} (spec.database.connectionSecretRef.key)")]
+    SecretKeyNotFound {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+
+    #[error("key {key:?} of Secret {namespace}/{name} is not UTF-8 text")]
+    SecretNotUtf8 {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+
+    /// Reading the Secret failed for another reason than absence (RBAC, API server down).
+    /// kube's error names the request, never the Secret's data.
+    #[error("reading Secret {namespace}/{name}: {source}")]
+    SecretRead {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// `ConnectError` names host, port and database only, never user or password.
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+
+    /// The plan could not be carried out (a missing table, an invalid setting): nothing
+    /// was applied.
+    #[error("the plan has {count} error(s), nothing applied; first: {first}")]
+    PlanErrors {
+        count: usize,
+        reason: String,
+        first: String,
+    },
+
+    /// A statement failed; what came after it was not attempted.
+    #[error("applying failed: {message}")]
+    ApplyFailed { reason: String, message: String },
+
+    #[error("writing status: {0}")]
+    PatchStatus(#[source] kube::Error),
+
+    #[error("adding the finalizer: {0}")]
+    AddFinalizer(#[source] kube::Error),
+
+    #[error("removing the finalizer: {0}")]
+    RemoveFinalizer(#[source] kube::Error),
+
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// Label of `dbpolicy_reconcile_errors_total`: the step that failed, in snake_case.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::MissingObjectKey(_) => "missing_object_key",
+            Error::SecretNotFound { .. } => "secret_not_found",
+            Error::SecretKeyNotFound { .. } => "secret_key_not_found",
+            Error::SecretNotUtf8 { .. } => "secret_not_utf8",
+            Error::SecretRead { .. } => "secret_read",
+            Error::Connect(_) => "connect",
+            Error::Engine(_) => "engine",
+            Error::PlanErrors { .. } => "plan",
+            Error::ApplyFailed { .. } => "apply",
+            Error::PatchStatus(_) => "patch_status",
+            Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
+                "finalizer"
+            }
+        }
+    }
+
+    /// CamelCase reason for the `Ready` condition and the Warning event.
+    pub fn reason(&self) -> &str {
+        match self {
+            Error::MissingObjectKey(_) => "InvalidObject",
+            Error::SecretNotFound { .. } => "SecretNotFound",
+            Error::SecretKeyNotFound { .. } => "SecretKeyNotFound",
+            Error::SecretNotUtf8 { .. } => "InvalidConnectionUrl",
+            Error::SecretRead { .. } => "SecretReadFailed",
+            Error::Connect(e) => e.reason(),
+            Error::Engine(e) => e.reason(),
+            Error::PlanErrors { reason, .. } => reason,
+            Error::ApplyFailed { reason, .. } => reason,
+            Error::PatchStatus(_) => "StatusPatchFailed",
+            Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
+                "FinalizerFailed"
+            }
+        }
+    }
+
+    /// Whether the failure was already written into status by the reconciler (the
+    /// others happened while talking to the API server, so status cannot say them).
+    pub fn in_status(&self) -> bool {
+        !matches!(
+            self,
+            Error::PatchStatus(_)
+                | Error::AddFinalizer(_)
+                | Error::RemoveFinalizer(_)
+                | Error::Finalizer(_)
+        )
+    }
+
+    pub(crate) fn from_finalizer(e: kube::runtime::finalizer::Error<Error>) -> Error {
+        use kube::runtime::finalizer::Error as F;
+        match e {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+            F::AddFinalizer(e) => Error::AddFinalizer(e),
+            F::RemoveFinalizer(e) => Error::RemoveFinalizer(e),
+            other => Error::Finalizer(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URI: &str = "postgres://app:hunter2@db.example:5432/certquiz";
+
+    #[tokio::test]
+    async fn messages_never_contain_the_uri_or_password() {
+        // A real connection failure through the same path the reconciler uses.
+        let connect = crate::pg::connect_one("postgres://app:hunter2@127.0.0.1:1/certquiz")
+            .await
+            .unwrap_err();
+        let bad_url = crate::pg::connect_one("postgres://app:hunter2@:notaport/x")
+            .await
+            .unwrap_err();
+        let errors = [
+            Error::Connect(connect),
+            Error::Connect(bad_url),
+            Error::SecretNotFound {
+                namespace: "ns".into(),
+                name: "db".into(),
+                key: "uri".into(),
+            },
+            Error::SecretKeyNotFound {
+                namespace: "ns".into(),
+                name: "db".into(),
+                key: "uri".into(),
+            },
+            Error::SecretNotUtf8 {
+                namespace: "ns".into(),
+                name: "db".into(),
+                key: "uri".into(),
+            },
+        ];
+        for e in &errors {
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(!text.contains(URI), "{text}");
+            assert!(!e.reason().is_empty());
+            assert!(e.reason().chars().next().unwrap().is_ascii_uppercase());
+        }
+        assert_eq!(errors[0].reason(), "ConnectionFailed");
+        assert_eq!(errors[0].metric_label(), "connect");
+        assert_eq!(errors[1].reason(), "InvalidConnectionUrl");
+        assert_eq!(errors[2].reason(), "SecretNotFound");
+    }
+}

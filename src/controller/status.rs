@@ -1,0 +1,818 @@
+//! Pure builders of `DatabasePolicyStatus` from what a reconcile found: conditions, the bounded pending plan, observedGeneration; `lastTransitionTime` moves only on a transition.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{DatabasePolicySpec, DatabasePolicyStatus, Mode, ServerSettingsStatus};
+use crate::engine::{Area, AreaPlan, Change, Outcome, Plan};
+
+pub const READY: &str = "Ready";
+pub const DRIFTED: &str = "Drifted";
+
+/// Condition messages are capped well below the API's 32 KiB: they are for people.
+const MAX_MESSAGE: usize = 1024;
+
+/// What every builder needs besides the finding itself.
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    pub spec: &'a DatabasePolicySpec,
+    pub generation: Option<i64>,
+    pub previous: Option<&'a DatabasePolicyStatus>,
+    /// The clock, read once per reconcile; it only lands in status on a transition.
+    pub now: Time,
+    /// `spec.driftCheckInterval`: how long a repaired drift stays reported.
+    pub drift_interval: Duration,
+}
+
+/// The areas present in the spec, in apply order. No `..`: a new area must be added here.
+pub fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
+    let DatabasePolicySpec {
+        database: _,
+        mode: _,
+        suspend: _,
+        drift_check_interval: _,
+        safety: _,
+        row_level_security,
+        partitions,
+        autovacuum,
+        server_settings,
+        replicas,
+        backups,
+        feature_flags,
+        materialized_views,
+        indexes,
+    } = spec;
+    let present = [
+        (Area::ServerSettings, server_settings.is_some()),
+        (Area::Autovacuum, autovacuum.is_some()),
+        (Area::Partitions, partitions.is_some()),
+        (Area::Indexes, indexes.is_some()),
+        (Area::MaterializedViews, materialized_views.is_some()),
+        (Area::RowLevelSecurity, row_level_security.is_some()),
+        (Area::FeatureFlags, feature_flags.is_some()),
+        (Area::Replicas, replicas.is_some()),
+        (Area::Backups, backups.is_some()),
+    ];
+    let mut areas: Vec<Area> = present
+        .into_iter()
+        .filter(|(_, p)| *p)
+        .map(|(a, _)| a)
+        .collect();
+    areas.sort();
+    areas
+}
+
+/// The condition's three states, as the API spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    Unknown,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::True => "True",
+            Status::False => "False",
+            Status::Unknown => "Unknown",
+        }
+    }
+}
+
+/// Builds a condition, keeping the previous `lastTransitionTime` unless the status changed.
+pub fn condition(
+    input: &Input<'_>,
+    type_: &str,
+    status: Status,
+    reason: &str,
+    message: &str,
+) -> Condition {
+    let status = status.as_str();
+    let last_transition_time = previous_condition(input.previous, type_)
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| input.now.clone());
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: bounded(message),
+        observed_generation: input.generation,
+        last_transition_time,
+    }
+}
+
+fn previous_condition<'a>(
+    previous: Option<&'a DatabasePolicyStatus>,
+    type_: &str,
+) -> Option<&'a Condition> {
+    previous?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn bounded(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message.to_string();
+    }
+    let mut end = MAX_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
+/// `spec.suspend: true`: `Ready=False/Suspended`; what was last seen is kept as it was.
+pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
+    let mut status = input.previous.cloned().unwrap_or_default();
+    let ready = condition(
+        input,
+        READY,
+        Status::False,
+        "Suspended",
+        "spec.suspend is true: the database is neither observed nor changed",
+    );
+    set_condition(&mut status.conditions, ready);
+    status.observed_generation = input.generation;
+    status.mode = Some(input.spec.effective_mode());
+    status
+}
+
+/// A failure before or while observing the database (Secret, connection, engine): the
+/// areas and drift are Unknown, the pending plan of the last check is kept.
+pub fn from_error(input: &Input<'_>, reason: &str, message: &str) -> DatabasePolicyStatus {
+    let mut status = input.previous.cloned().unwrap_or_default();
+    let mut conditions = vec![condition(input, READY, Status::False, reason, message)];
+    for area in spec_areas(input.spec) {
+        conditions.push(condition(
+            input,
+            area.condition_type(),
+            Status::Unknown,
+            reason,
+            "not checked: the database could not be observed (see Ready)",
+        ));
+    }
+    conditions.push(condition(
+        input,
+        DRIFTED,
+        Status::Unknown,
+        reason,
+        "not checked: the database could not be observed (see Ready)",
+    ));
+    status.conditions = conditions;
+    status.observed_generation = input.generation;
+    status.mode = Some(input.spec.effective_mode());
+    status
+}
+
+/// The state of one area after a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AreaState {
+    area: Area,
+    status: Status,
+    reason: String,
+    message: String,
+}
+
+/// How bad a failing reason is, to pick the one `Ready` shows.
+fn severity(s: &AreaState) -> u8 {
+    match (s.status, s.reason.as_str()) {
+        (Status::True, _) | (Status::Unknown, _) => 0,
+        (_, "PlanPending") => 1,
+        (_, "DestructiveChangesRefused") => 2,
+        (_, "RestartRequired") | (_, "SettingNotApplied") => 3,
+        (_, "NotAttempted") => 4,
+        _ => 5,
+    }
+}
+
+fn count_by_area<'a>(changes: impl Iterator<Item = &'a Change>) -> BTreeMap<Area, usize> {
+    let mut m = BTreeMap::new();
+    for c in changes {
+        *m.entry(c.area).or_insert(0) += 1;
+    }
+    m
+}
+
+/// `autovacuum 2, serverSettings 1`
+pub fn counts_note(counts: &BTreeMap<Area, usize>) -> String {
+    counts
+        .iter()
+        .map(|(a, n)| format!("{a} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode) -> AreaState {
+    let state = |status, reason: &str, message: String| AreaState {
+        area,
+        status,
+        reason: reason.to_string(),
+        message,
+    };
+    let Some(ap) = plan else {
+        return state(
+            Status::Unknown,
+            "NotReconciled",
+            format!("{area} was not planned"),
+        );
+    };
+    if let Some(why) = &ap.skipped {
+        return state(Status::Unknown, "NotReconciled", why.clone());
+    }
+    if let Some(first) = ap.errors.first() {
+        let all = ap
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.target, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return state(Status::False, &first.reason, all);
+    }
+    let report = outcome.report.as_ref();
+    if let Some(f) = report.and_then(|r| r.failure.as_ref()) {
+        if f.area == area {
+            return state(
+                Status::False,
+                &f.reason,
+                format!("{}: {}", f.target, f.message),
+            );
+        }
+    }
+    if let Some(r) = report {
+        if r.not_attempted.iter().any(|c| c.area == area) {
+            let failed = r.failure.as_ref().map(|f| f.area.as_str()).unwrap_or("?");
+            return state(
+                Status::False,
+                "NotAttempted",
+                format!("not attempted: an earlier change in {failed} failed"),
+            );
+        }
+    }
+    let mut restart: Vec<&str> = report
+        .map(|r| {
+            r.applied
+                .iter()
+                .filter(|c| c.area == area && c.requires_restart)
+                .map(|c| c.target.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    restart.extend(
+        ap.notices
+            .iter()
+            .filter(|n| n.reason == "RestartRequired")
+            .map(|n| n.target.as_str()),
+    );
+    restart.sort();
+    restart.dedup();
+    if !restart.is_empty() {
+        return state(
+            Status::False,
+            "RestartRequired",
+            format!(
+                "set, but only in effect after a PostgreSQL restart: {}",
+                restart.join(", ")
+            ),
+        );
+    }
+    if let Some(n) = ap.notices.iter().find(|n| n.reason == "SettingNotApplied") {
+        return state(Status::False, &n.reason, n.message.clone());
+    }
+    if let Some(r) = report {
+        let refused: Vec<&Change> = r.refused.iter().filter(|c| c.area == area).collect();
+        if !refused.is_empty() {
+            return state(
+                Status::False,
+                "DestructiveChangesRefused",
+                format!(
+                    "{} destructive change(s) refused ({}); set spec.safety.allowDestructive: true to allow them",
+                    refused.len(),
+                    refused
+                        .iter()
+                        .map(|c| c.target.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+    }
+    if mode == Mode::Plan && !ap.changes.is_empty() {
+        return state(
+            Status::False,
+            "PlanPending",
+            format!(
+                "{} change(s) pending (spec.mode is Plan; see status.pendingPlan)",
+                ap.changes.len()
+            ),
+        );
+    }
+    state(
+        Status::True,
+        "Reconciled",
+        "the database matches the policy".into(),
+    )
+}
+
+/// Changes found at this check but not carried out.
+fn pending_changes(outcome: &Outcome, mode: Mode) -> Vec<Change> {
+    match (&outcome.report, mode) {
+        (Some(r), Mode::Apply) => r
+            .refused
+            .iter()
+            .chain(r.not_attempted.iter())
+            .cloned()
+            .collect(),
+        _ => outcome.plan.changes().cloned().collect(),
+    }
+}
+
+/// Areas in which the live database differed from a policy it had already converged to.
+/// Differences right after a spec change (or after a failed run) are not drift.
+pub fn drifted_areas(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Vec<Area> {
+    let converged = mode == Mode::Plan
+        || input.previous.is_some_and(|p| {
+            p.observed_generation == input.generation
+                && previous_condition(Some(p), READY).is_some_and(|c| c.status == "True")
+        });
+    if !converged {
+        return Vec::new();
+    }
+    count_by_area(outcome.plan.changes()).into_keys().collect()
+}
+
+fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condition {
+    let drifted = drifted_areas(input, outcome, mode);
+    if !drifted.is_empty() {
+        let counts = count_by_area(
+            outcome
+                .plan
+                .changes()
+                .filter(|c| drifted.contains(&c.area)),
+        );
+        let all_applied = mode == Mode::Apply
+            && outcome
+                .report
+                .as_ref()
+                .is_some_and(|r| r.succeeded() && r.refused.is_empty());
+        let (reason, what) = if all_applied {
+            ("DriftRepaired", "repaired")
+        } else {
+            ("DriftDetected", "not repaired")
+        };
+        return condition(
+            input,
+            DRIFTED,
+            Status::True,
+            reason,
+            &format!(
+                "the database differed from the policy ({}); {what}",
+                counts_note(&counts)
+            ),
+        );
+    }
+    if !outcome.plan.is_empty() {
+        return condition(
+            input,
+            DRIFTED,
+            Status::False,
+            "Converging",
+            "the database is being brought to this generation of the policy",
+        );
+    }
+    // A repaired drift stays visible for one drift-check interval: the status write of
+    // the repair wakes the controller at once, and that check would otherwise erase it.
+    if let Some(prev) = previous_condition(input.previous, DRIFTED) {
+        if prev.status == "True" && prev.reason == "DriftRepaired" {
+            let since = input.now.0.duration_since(prev.last_transition_time.0);
+            let interval = k8s_openapi::jiff::SignedDuration::try_from(input.drift_interval)
+                .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
+            if since < interval {
+                return prev.clone();
+            }
+        }
+    }
+    condition(
+        input,
+        DRIFTED,
+        Status::False,
+        "InSync",
+        "the database matched the policy at the last check",
+    )
+}
+
+/// The status after the engine ran: `Ready`, one condition per area of the spec, `Drifted`,
+/// the pending plan.
+pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatus {
+    let mode = input.spec.effective_mode();
+    let in_spec = spec_areas(input.spec);
+    // Areas removed from the spec still count while the engine resets what they set.
+    let mut areas = in_spec.clone();
+    areas.extend(outcome.plan.areas.iter().map(|a| a.area));
+    areas.sort();
+    areas.dedup();
+    let states: Vec<AreaState> = areas
+        .iter()
+        .map(|a| area_state(*a, outcome.plan.area(*a), outcome, mode))
+        .collect();
+
+    let failing: Vec<&AreaState> = states
+        .iter()
+        .filter(|s| s.status == Status::False)
+        .collect();
+    let ready = match failing.iter().max_by_key(|s| (severity(s), std::cmp::Reverse(s.area))) {
+        Some(worst) => {
+            let more = failing.len() - 1;
+            let message = if more == 0 {
+                format!("{}: {}", worst.area, worst.message)
+            } else {
+                format!(
+                    "{}: {} (and {more} more area(s) not ready)",
+                    worst.area, worst.message
+                )
+            };
+            condition(input, READY, Status::False, &worst.reason, &message)
+        }
+        None => {
+            let skipped: Vec<&str> = states
+                .iter()
+                .filter(|s| s.status == Status::Unknown)
+                .map(|s| s.area.as_str())
+                .collect();
+            let message = if skipped.is_empty() {
+                "the database matches the policy".to_string()
+            } else {
+                format!(
+                    "the database matches the policy; not reconciled by this version: {}",
+                    skipped.join(", ")
+                )
+            };
+            condition(input, READY, Status::True, "Reconciled", &message)
+        }
+    };
+
+    let mut conditions = vec![ready];
+    for s in states.iter().filter(|s| in_spec.contains(&s.area)) {
+        conditions.push(condition(
+            input,
+            s.area.condition_type(),
+            s.status,
+            &s.reason,
+            &s.message,
+        ));
+    }
+    conditions.push(drifted_condition(input, outcome, mode));
+
+    let pending = pending_changes(outcome, mode);
+    let pending_plan = (!pending.is_empty()).then(|| {
+        let mut plan = Plan::default();
+        for c in &pending {
+            match plan.areas.iter_mut().find(|a| a.area == c.area) {
+                Some(a) => a.changes.push(c.clone()),
+                None => {
+                    let mut a = AreaPlan::new(c.area);
+                    a.changes.push(c.clone());
+                    plan.areas.push(a);
+                }
+            }
+        }
+        plan.summary()
+    });
+
+    let server_settings = input.spec.server_settings.as_ref().map(|_| {
+        let mut restart_required: Vec<String> = outcome
+            .report
+            .iter()
+            .flat_map(|r| r.restart_required())
+            .map(str::to_string)
+            .chain(
+                outcome
+                    .plan
+                    .notices()
+                    .filter(|n| n.area == Area::ServerSettings && n.reason == "RestartRequired")
+                    .map(|n| n.target.clone()),
+            )
+            .collect();
+        restart_required.sort();
+        restart_required.dedup();
+        ServerSettingsStatus { restart_required }
+    });
+
+    let previous = input.previous.cloned().unwrap_or_default();
+    DatabasePolicyStatus {
+        observed_generation: input.generation,
+        mode: Some(mode),
+        conditions,
+        pending_changes: Some(pending.len() as u32),
+        pending_plan,
+        server_settings,
+        // Filled by the areas' own observers as they arrive; kept as last written.
+        partitions: previous.partitions,
+        replicas: previous.replicas,
+        backups: previous.backups,
+        materialized_views: previous.materialized_views,
+    }
+}
+
+/// Replaces the condition of the same type, or appends it.
+fn set_condition(conditions: &mut Vec<Condition>, c: Condition) {
+    match conditions.iter_mut().find(|x| x.type_ == c.type_) {
+        Some(x) => *x = c,
+        None => conditions.push(c),
+    }
+}
+
+/// Applied changes per area, for the `Applied` event and the metrics.
+pub fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
+    count_by_area(outcome.report.iter().flat_map(|r| r.applied.iter()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{FeatureFlagsSpec, ServerSettingsSpec};
+    use crate::engine::{ApplyFailure, ApplyReport, Hazard};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(1_700_000_000 + secs).unwrap())
+    }
+
+    fn spec() -> DatabasePolicySpec {
+        DatabasePolicySpec {
+            server_settings: Some(ServerSettingsSpec::default()),
+            feature_flags: Some(FeatureFlagsSpec::default()),
+            ..Default::default()
+        }
+    }
+
+    fn input<'a>(
+        spec: &'a DatabasePolicySpec,
+        previous: Option<&'a DatabasePolicyStatus>,
+        now: Time,
+    ) -> Input<'a> {
+        Input {
+            spec,
+            generation: Some(1),
+            previous,
+            now,
+            drift_interval: Duration::from_secs(300),
+        }
+    }
+
+    fn change(area: Area, target: &str) -> Change {
+        Change::new(area, target, format!("set {target}"), "SELECT 1")
+    }
+
+    fn plan(changes: Vec<Change>) -> Plan {
+        let mut p = Plan::default();
+        for area in [Area::ServerSettings, Area::FeatureFlags] {
+            let mut a = AreaPlan::new(area);
+            a.changes = changes.iter().filter(|c| c.area == area).cloned().collect();
+            p.areas.push(a);
+        }
+        p
+    }
+
+    fn applied(changes: Vec<Change>) -> Outcome {
+        Outcome {
+            plan: plan(changes.clone()),
+            report: Some(ApplyReport {
+                applied: changes,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn cond<'a>(s: &'a DatabasePolicyStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap_or_else(|| panic!("no condition {t}: {:?}", s.conditions))
+    }
+
+    #[test]
+    fn areas_follow_the_spec() {
+        assert_eq!(
+            spec_areas(&spec()),
+            vec![Area::ServerSettings, Area::FeatureFlags]
+        );
+        assert!(spec_areas(&DatabasePolicySpec::default()).is_empty());
+    }
+
+    #[test]
+    fn applied_run_is_ready_with_one_condition_per_area() {
+        let spec = spec();
+        let outcome = applied(vec![change(Area::FeatureFlags, "f")]);
+        let s = from_outcome(&input(&spec, None, at(0)), &outcome);
+        let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            types,
+            ["Ready", "ServerSettingsReady", "FeatureFlagsReady", "Drifted"]
+        );
+        let ready = cond(&s, READY);
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Reconciled"));
+        assert_eq!(ready.observed_generation, Some(1));
+        // The first application is the spec arriving, not drift.
+        assert_eq!(cond(&s, DRIFTED).status, "False");
+        assert_eq!(cond(&s, DRIFTED).reason, "Converging");
+        assert_eq!(s.pending_changes, Some(0));
+        assert_eq!(s.pending_plan, None);
+        assert_eq!(s.observed_generation, Some(1));
+        assert_eq!(s.mode, Some(Mode::Apply));
+        assert_eq!(s.server_settings, Some(ServerSettingsStatus::default()));
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_a_transition() {
+        let spec = spec();
+        let first = from_outcome(&input(&spec, None, at(0)), &applied(vec![]));
+        let second = from_outcome(&input(&spec, Some(&first), at(60)), &applied(vec![]));
+        assert_eq!(first, second, "a steady state writes the same status");
+        let failed = from_error(&input(&spec, Some(&second), at(120)), "ConnectionFailed", "x");
+        assert_eq!(cond(&failed, READY).last_transition_time, at(120));
+        assert_eq!(cond(&failed, READY).reason, "ConnectionFailed");
+        assert_eq!(cond(&failed, "FeatureFlagsReady").status, "Unknown");
+        let again = from_error(&input(&spec, Some(&failed), at(180)), "ConnectionFailed", "y");
+        assert_eq!(cond(&again, READY).last_transition_time, at(120));
+        assert_eq!(cond(&again, READY).message, "y");
+    }
+
+    #[test]
+    fn plan_mode_reports_pending_changes() {
+        let mut spec = spec();
+        spec.mode = Some(Mode::Plan);
+        let outcome = Outcome {
+            plan: plan(vec![
+                change(Area::FeatureFlags, "a"),
+                change(Area::FeatureFlags, "b").hazard(Hazard::Destructive),
+            ]),
+            report: None,
+        };
+        let s = from_outcome(&input(&spec, None, at(0)), &outcome);
+        assert_eq!(cond(&s, READY).reason, "PlanPending");
+        assert_eq!(cond(&s, READY).status, "False");
+        assert_eq!(cond(&s, "FeatureFlagsReady").reason, "PlanPending");
+        assert_eq!(cond(&s, "ServerSettingsReady").status, "True");
+        assert_eq!(cond(&s, DRIFTED).reason, "DriftDetected");
+        assert_eq!(s.pending_changes, Some(2));
+        let p = s.pending_plan.unwrap();
+        assert_eq!((p.total, p.destructive), (2, 1));
+        assert_eq!(p.by_area["featureFlags"], 2);
+        assert_eq!(s.mode, Some(Mode::Plan));
+    }
+
+    #[test]
+    fn refused_destructive_changes_are_pending_and_named() {
+        let spec = spec();
+        let drop = change(Area::FeatureFlags, "old").hazard(Hazard::Destructive);
+        let outcome = Outcome {
+            plan: plan(vec![drop.clone()]),
+            report: Some(ApplyReport {
+                refused: vec![drop],
+                ..Default::default()
+            }),
+        };
+        let s = from_outcome(&input(&spec, None, at(0)), &outcome);
+        assert_eq!(cond(&s, READY).reason, "DestructiveChangesRefused");
+        assert!(cond(&s, READY).message.contains("allowDestructive"));
+        assert_eq!(s.pending_changes, Some(1));
+        assert_eq!(s.pending_plan.unwrap().destructive, 1);
+    }
+
+    #[test]
+    fn plan_errors_and_apply_failures_name_their_reason() {
+        let spec = spec();
+        let mut p = plan(vec![]);
+        p.areas[0].error("work_mem", "InvalidValue", "invalid value");
+        let s = from_outcome(
+            &input(&spec, None, at(0)),
+            &Outcome {
+                plan: p,
+                report: None,
+            },
+        );
+        assert_eq!(cond(&s, READY).reason, "InvalidValue");
+        assert_eq!(cond(&s, "ServerSettingsReady").reason, "InvalidValue");
+        assert_eq!(cond(&s, "FeatureFlagsReady").status, "True");
+
+        let (a, b) = (
+            change(Area::ServerSettings, "work_mem"),
+            change(Area::FeatureFlags, "f"),
+        );
+        let outcome = Outcome {
+            plan: plan(vec![a.clone(), b.clone()]),
+            report: Some(ApplyReport {
+                failure: Some(ApplyFailure {
+                    area: Area::ServerSettings,
+                    target: "work_mem".into(),
+                    statement: "ALTER SYSTEM …".into(),
+                    reason: "LockTimeout".into(),
+                    sqlstate: Some("55P03".into()),
+                    message: "canceling statement due to lock timeout".into(),
+                }),
+                not_attempted: vec![a, b],
+                ..Default::default()
+            }),
+        };
+        let s = from_outcome(&input(&spec, None, at(0)), &outcome);
+        assert_eq!(cond(&s, READY).reason, "LockTimeout");
+        assert_eq!(cond(&s, "FeatureFlagsReady").reason, "NotAttempted");
+        assert_eq!(s.pending_changes, Some(2));
+    }
+
+    #[test]
+    fn restart_required_is_reported_not_hidden() {
+        let spec = spec();
+        let c = change(Area::ServerSettings, "shared_buffers").restart(true);
+        let s = from_outcome(&input(&spec, None, at(0)), &applied(vec![c]));
+        assert_eq!(cond(&s, READY).reason, "RestartRequired");
+        assert_eq!(cond(&s, "ServerSettingsReady").reason, "RestartRequired");
+        assert_eq!(
+            s.server_settings.unwrap().restart_required,
+            vec!["shared_buffers".to_string()]
+        );
+    }
+
+    #[test]
+    fn skipped_areas_do_not_block_ready_but_are_said() {
+        let spec = DatabasePolicySpec {
+            partitions: Some(Default::default()),
+            ..Default::default()
+        };
+        let outcome = Outcome {
+            plan: Plan {
+                areas: vec![AreaPlan::skipped(Area::Partitions, "not yet")],
+            },
+            report: Some(ApplyReport::default()),
+        };
+        let s = from_outcome(&input(&spec, None, at(0)), &outcome);
+        assert_eq!(cond(&s, READY).status, "True");
+        assert!(cond(&s, READY).message.contains("partitions"));
+        assert_eq!(cond(&s, "PartitionsReady").status, "Unknown");
+        assert_eq!(cond(&s, "PartitionsReady").reason, "NotReconciled");
+    }
+
+    #[test]
+    fn drift_after_convergence_is_reported_and_kept_for_an_interval() {
+        let spec = spec();
+        let converged = from_outcome(&input(&spec, None, at(0)), &applied(vec![]));
+        let repaired = from_outcome(
+            &input(&spec, Some(&converged), at(300)),
+            &applied(vec![change(Area::FeatureFlags, "f")]),
+        );
+        let d = cond(&repaired, DRIFTED);
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "DriftRepaired"));
+        assert!(d.message.contains("featureFlags 1"), "{}", d.message);
+        assert_eq!(d.last_transition_time, at(300));
+        assert_eq!(cond(&repaired, READY).status, "True");
+        // The status write wakes the controller at once: the repair stays visible.
+        let soon = from_outcome(&input(&spec, Some(&repaired), at(301)), &applied(vec![]));
+        assert_eq!(cond(&soon, DRIFTED), d);
+        // One interval later, a clean check clears it.
+        let later = from_outcome(&input(&spec, Some(&soon), at(600)), &applied(vec![]));
+        assert_eq!(cond(&later, DRIFTED).status, "False");
+        assert_eq!(cond(&later, DRIFTED).reason, "InSync");
+        assert_eq!(
+            drifted_areas(
+                &input(&spec, Some(&later), at(900)),
+                &applied(vec![change(Area::ServerSettings, "x")]),
+                Mode::Apply
+            ),
+            vec![Area::ServerSettings]
+        );
+    }
+
+    #[test]
+    fn suspend_keeps_what_was_seen() {
+        let spec = spec();
+        let ok = from_outcome(&input(&spec, None, at(0)), &applied(vec![]));
+        let s = suspended(&input(&spec, Some(&ok), at(60)));
+        assert_eq!(cond(&s, READY).reason, "Suspended");
+        assert_eq!(cond(&s, READY).status, "False");
+        assert_eq!(cond(&s, "FeatureFlagsReady"), cond(&ok, "FeatureFlagsReady"));
+        let fresh = suspended(&input(&spec, None, at(0)));
+        assert_eq!(fresh.conditions.len(), 1);
+    }
+
+    #[test]
+    fn long_messages_are_bounded() {
+        let spec = spec();
+        let s = from_error(&input(&spec, None, at(0)), "X", &"é".repeat(5000));
+        assert!(cond(&s, READY).message.len() <= MAX_MESSAGE + 3);
+    }
+
+    #[test]
+    fn counts_note_reads_well() {
+        let outcome = applied(vec![
+            change(Area::FeatureFlags, "a"),
+            change(Area::FeatureFlags, "b"),
+            change(Area::ServerSettings, "c"),
+        ]);
+        assert_eq!(
+            counts_note(&applied_by_area(&outcome)),
+            "serverSettings 1, featureFlags 2"
+        );
+    }
+}

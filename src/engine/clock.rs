@@ -1,0 +1,21 @@
+//! The engine's clock, read once per reconcile. `DBPOLICY_NOW` (RFC 3339, e.g.
+//! `2024-03-15T00:00:00Z`) replaces it, for tests that move time (partition premake and
+//! retention); it is not meant for production and is logged when set.
+
+use chrono::{DateTime, Utc};
+
+pub const NOW_ENV: &str = "DBPOLICY_NOW";
+
+/// Now, or the instant `DBPOLICY_NOW` says.
+pub fn now() -> Result<DateTime<Utc>, String> {
+    match std::env::var(NOW_ENV) {
+        Ok(v) if !v.is_empty() => {
+            let t = DateTime::parse_from_rfc3339(&v)
+                .map_err(|e| format!("{NOW_ENV}={v:?} is not an RFC 3339 instant: {e}"))?
+                .with_timezone(&Utc);
+            tracing::warn!("{NOW_ENV} is set: the clock reads {t} (for testing only)");
+            Ok(t)
+        }
+        _ => Ok(Utc::now()),
+    }
+}

@@ -1,0 +1,290 @@
+//! A real Kubernetes API server per test, started through `hack/envtest.sh` (etcd + the
+//! upstream CRD server, or the full kube-apiserver 1.20), with `kubectl` helpers.
+//!
+//! Each [`Envtest`] has its own run directory and random loopback ports, and is stopped
+//! when dropped; the script's watchdog also stops it if the test process dies. Binaries
+//! come from `hack/envtest.sh setup` (the warm cache in `../shared/envtest-bin`, or a build
+//! from Debian's packages); when they cannot be had, the test fails and says why: these
+//! tests are never skipped.
+//!
+//! Environment variables:
+//! - `DBPOLICY_ENVTEST_CACHE`: where the binaries are cached (default
+//!   `${XDG_CACHE_HOME:-$HOME/.cache}/dbpolicy-envtest`).
+//! - `DBPOLICY_KEEP_ENVTEST=1`: leave the servers' run directories (logs, kubeconfig) in
+//!   place and print where they are.
+
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Which API server to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiServer {
+    /// Upstream apiextensions-apiserver 1.36: CRDs and custom resources only; CEL rules,
+    /// strict field validation, status subresource, SSA, watch.
+    Crd,
+    /// The full kube-apiserver 1.20: Namespaces, Secrets, Events, Leases, RBAC; no CEL, no
+    /// server-side field validation, SSA beta, CronJob only as batch/v1beta1.
+    Kube,
+}
+
+impl ApiServer {
+    fn env_value(self) -> &'static str {
+        match self {
+            ApiServer::Crd => "crd",
+            ApiServer::Kube => "kube",
+        }
+    }
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script() -> PathBuf {
+    repo_root().join("hack/envtest.sh")
+}
+
+fn keep() -> bool {
+    std::env::var("DBPOLICY_KEEP_ENVTEST").is_ok_and(|v| v == "1" || v == "true")
+}
+
+/// `hack/envtest.sh setup` once per test binary (the script itself serialises concurrent
+/// binaries with a lock). Its progress goes straight to the test's stderr.
+fn setup(kind: ApiServer) {
+    static DONE: OnceLock<Mutex<Vec<ApiServer>>> = OnceLock::new();
+    let done = DONE.get_or_init(|| Mutex::new(Vec::new()));
+    let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&kind) {
+        return;
+    }
+    let mut cmd = Command::new("bash");
+    cmd.arg(script()).arg("setup");
+    if kind == ApiServer::Crd {
+        cmd.arg("--crd-only");
+    }
+    let started = Instant::now();
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", script().display()));
+    assert!(
+        status.success(),
+        "`hack/envtest.sh setup` failed ({status}) after {:?}: the e2e tests need etcd and \
+         the Kubernetes API server binaries. They come from ../shared/envtest-bin beside the \
+         repository when present, else they are built from Debian's packages (needs apt-get, \
+         dpkg, xz, openssl, curl; see the script's header and docs/testing-e2e.md). This test \
+         is not skipped on purpose.",
+        started.elapsed()
+    );
+    done.push(kind);
+}
+
+/// A running API server (and its etcd), stopped on drop.
+pub struct Envtest {
+    kind: ApiServer,
+    run_dir: PathBuf,
+    // Deleted on drop unless DBPOLICY_KEEP_ENVTEST=1.
+    _tmp: Option<tempfile::TempDir>,
+    kubeconfig: PathBuf,
+}
+
+impl Envtest {
+    pub fn start(kind: ApiServer) -> Envtest {
+        setup(kind);
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("dbpolicy-envtest-{}-", kind.env_value()))
+            .tempdir()
+            .expect("create a run directory");
+        let (run_dir, tmp) = if keep() {
+            (tmp.keep(), None)
+        } else {
+            (tmp.path().to_path_buf(), Some(tmp))
+        };
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(&run_dir)
+            .env("APISERVER", kind.env_value())
+            .env("ENVTEST_WATCH_PID", std::process::id().to_string())
+            .env("READY_TIMEOUT", "120")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("could not run {}: {e}", script().display()));
+        let kubeconfig = run_dir.join("kubeconfig");
+        let env = Envtest {
+            kind,
+            run_dir,
+            _tmp: tmp,
+            kubeconfig,
+        };
+        assert!(
+            out.status.success(),
+            "`hack/envtest.sh start` ({kind:?}) failed: {}\n{}",
+            out.status,
+            text(&out)
+        );
+        env
+    }
+
+    pub fn kind(&self) -> ApiServer {
+        self.kind
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The last `max_bytes` of the API server's log, for failure messages.
+    pub fn log_tail(&self, max_bytes: usize) -> String {
+        let log = std::fs::read_to_string(self.run_dir.join("apiserver.log")).unwrap_or_default();
+        let start = log.len().saturating_sub(max_bytes);
+        let start = (start..log.len())
+            .find(|i| log.is_char_boundary(*i))
+            .unwrap_or(log.len());
+        log[start..].to_owned()
+    }
+
+    /// A `kubectl` command against this server.
+    pub fn kubectl_cmd(&self) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env_remove("KUBECTL_EXTERNAL_DIFF")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Run `kubectl args…` (with `stdin` piped in when given) and return its output.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = self.kubectl_cmd();
+        cmd.args(args);
+        if stdin.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not run kubectl (is it installed?): {e}"));
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("kubectl stdin");
+            pipe.write_all(input.as_bytes()).expect("write kubectl stdin");
+        }
+        child.wait_with_output().expect("wait for kubectl")
+    }
+
+    /// `kubectl args…` that must succeed; returns stdout.
+    #[track_caller]
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed ({}):\n{}",
+            args.join(" "),
+            out.status,
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl args…` that must fail; returns stderr (and stdout) for message checks.
+    #[track_caller]
+    pub fn kubectl_err(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(
+            !out.status.success(),
+            "kubectl {} unexpectedly succeeded:\n{}",
+            args.join(" "),
+            text(&out)
+        );
+        text(&out)
+    }
+
+    /// Install everything in the repository's `crds/` and wait until each CRD is
+    /// Established.
+    pub fn install_crds(&self) {
+        let dir = repo_root().join("crds");
+        let dir = dir.to_str().expect("utf-8 path");
+        self.kubectl_ok(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=dbpolicy-e2e",
+                "-f",
+                dir,
+            ],
+            None,
+        );
+        self.kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "-f",
+                dir,
+            ],
+            None,
+        );
+    }
+}
+
+impl Drop for Envtest {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&self.run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if keep() {
+            eprintln!(
+                "kept the API server's run directory: {} (kubeconfig, logs)",
+                self.run_dir.display()
+            );
+        }
+    }
+}
+
+/// stdout and stderr of a finished command, for messages.
+pub fn text(out: &Output) -> String {
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !err.is_empty() {
+        if !s.is_empty() {
+            s.push('\n');
+        }
+        s.push_str(&err);
+    }
+    s
+}
+
+/// Poll `f` (blocking) until it returns `Ok`, backing off from 50 ms to 500 ms; panic with
+/// the last error after `timeout`.
+#[track_caller]
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => {
+                if Instant::now() >= deadline {
+                    panic!("{what}: not done within {timeout:?}; last: {last}");
+                }
+            }
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
