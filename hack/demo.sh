@@ -226,7 +226,7 @@ if [ "$rls" = t ]; then
             GRANT SELECT, INSERT, UPDATE ON user_progress, problem_reports TO certquiz_app;
             GRANT SELECT ON users TO certquiz_app"
     APP_URL="postgres://certquiz_app@127.0.0.1:$PORT/certquiz"
-    sql -c "SELECT tablename, policyname, cmd, qual FROM pg_policies ORDER BY tablename, policyname"
+    sql -c "SELECT tablename, policyname, cmd, qual AS using, with_check FROM pg_policies ORDER BY tablename, policyname"
     info "as certquiz_app with app.current_user_id = Alice:"
     "$PSQL" "$APP_URL" -X -q -v ON_ERROR_STOP=1 \
         -c "SET app.current_user_id = '$ALICE'" \
@@ -240,6 +240,17 @@ if [ "$rls" = t ]; then
         -c "SELECT count(*) FROM user_progress WHERE user_id <> '$ALICE'")"
     [ "$others" = 0 ] || die "certquiz_app acting as Alice sees $others row(s) of other users"
     ok "a non-superuser sees only its own rows"
+    info "as Alice, filing a problem report in Bob's name is refused by the WITH CHECK policy:"
+    if "$PSQL" "$APP_URL" -X -q -v ON_ERROR_STOP=1 \
+        -c "SET app.current_user_id = '$ALICE'" \
+        -c "INSERT INTO problem_reports (user_id, question_id, reason) VALUES ('$BOB', 1, 'typo')" 2>"$WORK/rls.err"; then
+        die "certquiz_app acting as Alice could insert a row for Bob"
+    fi
+    info "$(head -n 1 "$WORK/rls.err")"
+    "$PSQL" "$APP_URL" -X -q -v ON_ERROR_STOP=1 \
+        -c "SET app.current_user_id = '$ALICE'" \
+        -c "INSERT INTO problem_reports (user_id, question_id, reason) VALUES ('$ALICE', 1, 'typo')"
+    ok "her own report is accepted"
 else
     info "rowLevelSecurity is not reconciled by this build (the plan above says 'skipped'): nothing to show yet."
 fi

@@ -15,6 +15,21 @@ PACKAGES=(
     postgresql-client   # psql, pg_dump, pg_restore, pg_isready
 )
 
+# pg_partman, only for the partitions benchmark (cargo run --release --example
+# bench_partitions), built per server major version: postgresql-<major>-partman.
+pg_major() {
+    local v
+    v="$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)"
+    if [ -z "$v" ] && command -v apt-cache >/dev/null 2>&1; then
+        # postgresql not installed yet: the major version its metapackage depends on.
+        v="$(apt-cache depends postgresql 2>/dev/null | sed -n 's/.*Depends: postgresql-\([0-9][0-9]*\)$/\1/p' | head -1)"
+    fi
+    printf '%s' "$v"
+}
+if [ -n "$(pg_major)" ]; then
+    PACKAGES+=("postgresql-$(pg_major)-partman")
+fi
+
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 
 if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then

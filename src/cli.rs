@@ -41,6 +41,10 @@ pub enum Command {
     Apply(TargetArgs),
     /// Print the CustomResourceDefinition.
     Crd,
+    /// Refresh materialized views (what the refresh CronJob runs).
+    Refresh(crate::jobs::refresh::RefreshArgs),
+    /// Run the operator: reconcile DatabasePolicies in the cluster until SIGTERM.
+    Run(crate::controller::RunArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -130,7 +134,15 @@ pub async fn run(cli: Cli) -> ExitCode {
             EXIT_OK
         }
         Command::Plan(args) => run_target(args, Mode::Plan).await,
+        Command::Refresh(args) => crate::jobs::refresh::run(args).await,
         Command::Apply(args) => run_target(args, Mode::Apply).await,
+        Command::Run(args) => match crate::controller::run(args).await {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "operator stopped");
+                EXIT_ERROR
+            }
+        },
     };
     ExitCode::from(code)
 }

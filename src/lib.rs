@@ -5,7 +5,9 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod duration;
 pub mod engine;
+pub mod jobs;
 pub mod pg;

@@ -61,8 +61,10 @@ fn at<'a>(mut value: &'a mut serde_yaml::Value, path: &str) -> &'a mut serde_yam
     value
 }
 
-fn yaml(v: &serde_yaml::Value) -> String {
-    serde_yaml::to_string(v).expect("serialise")
+/// As JSON for kubectl: re-emitted YAML would be read by kubectl's YAML 1.1 parser, which
+/// turns an unquoted `on` (a string to serde_yaml) into a boolean.
+fn json(v: &serde_yaml::Value) -> String {
+    serde_json::to_string(v).expect("serialise")
 }
 
 fn apply(env: &Envtest, doc: &str) -> std::process::Output {
@@ -137,7 +139,7 @@ fn certquiz_example_is_accepted_and_printer_columns_fill_from_status() {
         .filter(|v: &serde_yaml::Value| v["kind"] == "DatabasePolicy")
         .collect();
     assert_eq!(policies.len(), 1, "certquiz/policy.yaml holds one DatabasePolicy");
-    let doc = yaml(&policies[0]);
+    let doc = json(&policies[0]);
     // Client-side apply with kubectl's default strict server-side field validation, then
     // the same document by server-side apply: both accept it unchanged.
     let out = apply(&env, &doc);
@@ -326,7 +328,7 @@ fn invalid_policies_are_rejected_with_messages_naming_the_field() {
         let mut doc = base();
         doc["metadata"]["name"] = format!("bad-{i}").into();
         *at(&mut doc, case.path) = serde_yaml::from_str(case.value).expect("case value");
-        let out = apply(&env, &yaml(&doc));
+        let out = apply(&env, &json(&doc));
         let msg = support_envtest::text(&out);
         if out.status.success() {
             failures.push(format!("{}: accepted\n{msg}", case.what));

@@ -180,7 +180,41 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
             }),
         );
     }
+    if let Some(rls) = &spec.row_level_security {
+        for (i, t) in rls.tables.iter().enumerate() {
+            for (j, p) in t.policies.iter().enumerate() {
+                for (field, e) in [("using", &p.using), ("withCheck", &p.with_check)] {
+                    if let Some(e) = e {
+                        if let Err(why) = self_contained(e) {
+                            errors.push(err(format!("rowLevelSecurity.tables[{i}].policies[{j}].{field}"), why));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(m) = &spec.materialized_views {
+        for (i, v) in m.views.iter().enumerate() {
+            if let Some(d) = &v.definition {
+                if let Err(why) = self_contained(d.trim().trim_end_matches(';')) {
+                    errors.push(err(format!("materializedViews.views[{i}].definition"), why));
+                }
+            }
+        }
+    }
     if let Some(ix) = &spec.indexes {
+        for (i, idx) in ix.indexes.iter().enumerate() {
+            for (j, c) in idx.columns.iter().enumerate() {
+                if let Err(why) = self_contained(c) {
+                    errors.push(err(format!("indexes.indexes[{i}].columns[{j}]"), why));
+                }
+            }
+            if let Some(w) = &idx.where_clause {
+                if let Err(why) = self_contained(w) {
+                    errors.push(err(format!("indexes.indexes[{i}].where"), why));
+                }
+            }
+        }
         unique(
             &mut errors,
             "indexes.indexes",
@@ -202,6 +236,47 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
         }
     }
     errors
+}
+
+/// An SQL fragment the policy author wrote (an expression, a query) must stand on its own:
+/// parentheses balanced outside quotes and no `;`, so it cannot close the statement it is
+/// placed in and continue with another clause or statement. PostgreSQL checks the rest.
+pub fn self_contained(sql: &str) -> Result<(), String> {
+    let mut depth = 0i32;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                // Doubled quotes inside a quoted run are the escape; scanning to the next
+                // quote and continuing handles them as two runs.
+                if !chars.by_ref().any(|x| x == c) {
+                    return Err("unterminated quote".into());
+                }
+            }
+            '$' => {
+                // Dollar quoting ($tag$…$tag$) could hide anything: not allowed here.
+                let tag: String = chars.clone().take_while(|x| x.is_alphanumeric() || *x == '_').collect();
+                if chars.clone().nth(tag.chars().count()) == Some('$') {
+                    return Err("dollar-quoted strings are not allowed here".into());
+                }
+            }
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err("unbalanced ')'".into());
+                }
+            }
+            ';' => return Err("';' is not allowed: one expression, not statements".into()),
+            '-' if chars.peek() == Some(&'-') => return Err("SQL comments are not allowed here".into()),
+            '/' if chars.peek() == Some(&'*') => return Err("SQL comments are not allowed here".into()),
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err("unbalanced '('".into());
+    }
+    Ok(())
 }
 
 fn unique(errors: &mut Vec<ValidationError>, path: &str, names: impl Iterator<Item = String>) {
@@ -297,6 +372,16 @@ rowLevelSecurity:
 "#,
         );
         assert_eq!(validate_spec(&s).len(), 3);
+    }
+
+    #[test]
+    fn fragments_must_be_self_contained() {
+        for ok in ["a = b", "(x->>'a')::numeric", "name = 'it''s (odd'", "\"we;ird\" > 0", "$1", "a IN ('x', 'y')"] {
+            assert_eq!(self_contained(ok), Ok(()), "{ok}");
+        }
+        for bad in ["code) WHERE (true", "true); DROP TABLE t; --", "(a", "'open", "a -- c", "a /* c */", "$x$ ; $x$", "a;"] {
+            assert!(self_contained(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

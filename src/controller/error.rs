@@ -16,7 +16,9 @@ pub enum Error {
         key: String,
     },
 
-    #[error("Secret {namespace}/{name} has no key {key:?} (spec.database.connectionSecretRef.key)")]
+    #[error(
+        "Secret {namespace}/{name} has no key {key:?} (spec.database.connectionSecretRef.key)"
+    )]
     SecretKeyNotFound {
         namespace: String,
         name: String,
@@ -60,6 +62,10 @@ pub enum Error {
     #[error("applying failed: {message}")]
     ApplyFailed { reason: String, message: String },
 
+    /// The engine's thread panicked or was cancelled.
+    #[error("the engine task failed: {0}")]
+    EngineTask(String),
+
     #[error("writing status: {0}")]
     PatchStatus(#[source] kube::Error),
 
@@ -83,13 +89,11 @@ impl Error {
             Error::SecretNotUtf8 { .. } => "secret_not_utf8",
             Error::SecretRead { .. } => "secret_read",
             Error::Connect(_) => "connect",
-            Error::Engine(_) => "engine",
+            Error::Engine(_) | Error::EngineTask(_) => "engine",
             Error::PlanErrors { .. } => "plan",
             Error::ApplyFailed { .. } => "apply",
             Error::PatchStatus(_) => "patch_status",
-            Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
-                "finalizer"
-            }
+            Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => "finalizer",
         }
     }
 
@@ -103,6 +107,7 @@ impl Error {
             Error::SecretRead { .. } => "SecretReadFailed",
             Error::Connect(e) => e.reason(),
             Error::Engine(e) => e.reason(),
+            Error::EngineTask(_) => "InternalError",
             Error::PlanErrors { reason, .. } => reason,
             Error::ApplyFailed { reason, .. } => reason,
             Error::PatchStatus(_) => "StatusPatchFailed",

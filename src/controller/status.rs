@@ -345,12 +345,7 @@ pub fn drifted_areas(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Vec<Ar
 fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condition {
     let drifted = drifted_areas(input, outcome, mode);
     if !drifted.is_empty() {
-        let counts = count_by_area(
-            outcome
-                .plan
-                .changes()
-                .filter(|c| drifted.contains(&c.area)),
-        );
+        let counts = count_by_area(outcome.plan.changes().filter(|c| drifted.contains(&c.area)));
         let all_applied = mode == Mode::Apply
             && outcome
                 .report
@@ -421,7 +416,10 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
         .iter()
         .filter(|s| s.status == Status::False)
         .collect();
-    let ready = match failing.iter().max_by_key(|s| (severity(s), std::cmp::Reverse(s.area))) {
+    let ready = match failing
+        .iter()
+        .max_by_key(|s| (severity(s), std::cmp::Reverse(s.area)))
+    {
         Some(worst) => {
             let more = failing.len() - 1;
             let message = if more == 0 {
@@ -499,6 +497,7 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
         ServerSettingsStatus { restart_required }
     });
 
+    // Replicas and backups are observed by their own loops (not the engine's run): kept.
     let previous = input.previous.cloned().unwrap_or_default();
     DatabasePolicyStatus {
         observed_generation: input.generation,
@@ -507,11 +506,10 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
         pending_changes: Some(pending.len() as u32),
         pending_plan,
         server_settings,
-        // Filled by the areas' own observers as they arrive; kept as last written.
-        partitions: previous.partitions,
+        partitions: outcome.facts.partitions.clone(),
+        materialized_views: outcome.facts.materialized_views.clone(),
         replicas: previous.replicas,
         backups: previous.backups,
-        materialized_views: previous.materialized_views,
     }
 }
 
@@ -577,6 +575,7 @@ mod tests {
 
     fn applied(changes: Vec<Change>) -> Outcome {
         Outcome {
+            facts: Default::default(),
             plan: plan(changes.clone()),
             report: Some(ApplyReport {
                 applied: changes,
@@ -609,10 +608,18 @@ mod tests {
         let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(
             types,
-            ["Ready", "ServerSettingsReady", "FeatureFlagsReady", "Drifted"]
+            [
+                "Ready",
+                "ServerSettingsReady",
+                "FeatureFlagsReady",
+                "Drifted"
+            ]
         );
         let ready = cond(&s, READY);
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Reconciled"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Reconciled")
+        );
         assert_eq!(ready.observed_generation, Some(1));
         // The first application is the spec arriving, not drift.
         assert_eq!(cond(&s, DRIFTED).status, "False");
@@ -630,11 +637,19 @@ mod tests {
         let first = from_outcome(&input(&spec, None, at(0)), &applied(vec![]));
         let second = from_outcome(&input(&spec, Some(&first), at(60)), &applied(vec![]));
         assert_eq!(first, second, "a steady state writes the same status");
-        let failed = from_error(&input(&spec, Some(&second), at(120)), "ConnectionFailed", "x");
+        let failed = from_error(
+            &input(&spec, Some(&second), at(120)),
+            "ConnectionFailed",
+            "x",
+        );
         assert_eq!(cond(&failed, READY).last_transition_time, at(120));
         assert_eq!(cond(&failed, READY).reason, "ConnectionFailed");
         assert_eq!(cond(&failed, "FeatureFlagsReady").status, "Unknown");
-        let again = from_error(&input(&spec, Some(&failed), at(180)), "ConnectionFailed", "y");
+        let again = from_error(
+            &input(&spec, Some(&failed), at(180)),
+            "ConnectionFailed",
+            "y",
+        );
         assert_eq!(cond(&again, READY).last_transition_time, at(120));
         assert_eq!(cond(&again, READY).message, "y");
     }
@@ -644,6 +659,7 @@ mod tests {
         let mut spec = spec();
         spec.mode = Some(Mode::Plan);
         let outcome = Outcome {
+            facts: Default::default(),
             plan: plan(vec![
                 change(Area::FeatureFlags, "a"),
                 change(Area::FeatureFlags, "b").hazard(Hazard::Destructive),
@@ -668,6 +684,7 @@ mod tests {
         let spec = spec();
         let drop = change(Area::FeatureFlags, "old").hazard(Hazard::Destructive);
         let outcome = Outcome {
+            facts: Default::default(),
             plan: plan(vec![drop.clone()]),
             report: Some(ApplyReport {
                 refused: vec![drop],
@@ -689,6 +706,7 @@ mod tests {
         let s = from_outcome(
             &input(&spec, None, at(0)),
             &Outcome {
+                facts: Default::default(),
                 plan: p,
                 report: None,
             },
@@ -702,6 +720,7 @@ mod tests {
             change(Area::FeatureFlags, "f"),
         );
         let outcome = Outcome {
+            facts: Default::default(),
             plan: plan(vec![a.clone(), b.clone()]),
             report: Some(ApplyReport {
                 failure: Some(ApplyFailure {
@@ -742,6 +761,7 @@ mod tests {
             ..Default::default()
         };
         let outcome = Outcome {
+            facts: Default::default(),
             plan: Plan {
                 areas: vec![AreaPlan::skipped(Area::Partitions, "not yet")],
             },
@@ -763,7 +783,10 @@ mod tests {
             &applied(vec![change(Area::FeatureFlags, "f")]),
         );
         let d = cond(&repaired, DRIFTED);
-        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "DriftRepaired"));
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "DriftRepaired")
+        );
         assert!(d.message.contains("featureFlags 1"), "{}", d.message);
         assert_eq!(d.last_transition_time, at(300));
         assert_eq!(cond(&repaired, READY).status, "True");
@@ -791,7 +814,10 @@ mod tests {
         let s = suspended(&input(&spec, Some(&ok), at(60)));
         assert_eq!(cond(&s, READY).reason, "Suspended");
         assert_eq!(cond(&s, READY).status, "False");
-        assert_eq!(cond(&s, "FeatureFlagsReady"), cond(&ok, "FeatureFlagsReady"));
+        assert_eq!(
+            cond(&s, "FeatureFlagsReady"),
+            cond(&ok, "FeatureFlagsReady")
+        );
         let fresh = suspended(&input(&spec, None, at(0)));
         assert_eq!(fresh.conditions.len(), 1);
     }

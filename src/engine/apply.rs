@@ -70,9 +70,15 @@ pub async fn execute(
     policy: &str,
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
-    let (runnable, refused): (Vec<&Change>, Vec<&Change>) = plan
+    let refused_bundles: std::collections::BTreeSet<&str> = plan
         .changes()
-        .partition(|c| allow_destructive || c.hazard != Hazard::Destructive);
+        .filter(|c| !allow_destructive && c.hazard == Hazard::Destructive)
+        .filter_map(|c| c.bundle.as_deref())
+        .collect();
+    let (runnable, refused): (Vec<&Change>, Vec<&Change>) = plan.changes().partition(|c| {
+        let refused_bundle = c.bundle.as_deref().is_some_and(|b| refused_bundles.contains(b));
+        (allow_destructive || c.hazard != Hazard::Destructive) && !refused_bundle
+    });
     report.refused = refused.into_iter().cloned().collect();
 
     if runnable.iter().any(|c| !c.ledger.is_empty()) {

@@ -8,6 +8,7 @@ pub mod areas;
 pub mod clock;
 pub mod ledger;
 pub mod plan;
+pub mod scratch;
 
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ pub struct Observed {
     pub server_settings: Option<areas::server_settings::Observed>,
     pub feature_flags: Option<areas::feature_flags::Observed>,
     pub partitions: Option<areas::partitions::Observed>,
+    pub rls: Option<areas::rls::Observed>,
+    pub materialized_views: Option<areas::matviews::Observed>,
+    pub indexes: Option<areas::indexes::Observed>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +133,27 @@ pub async fn observe(
                 .map_err(observe_err("partitions"))?,
         );
     }
+    if let Some(s) = &spec.materialized_views {
+        observed.materialized_views = Some(
+            areas::matviews::observe(conn, s)
+                .await
+                .map_err(observe_err("materializedViews"))?,
+        );
+    }
+    if let Some(s) = &spec.indexes {
+        observed.indexes = Some(
+            areas::indexes::observe(conn, s, &ledger)
+                .await
+                .map_err(observe_err("indexes"))?,
+        );
+    }
+    if let Some(s) = &spec.row_level_security {
+        observed.rls = Some(
+            areas::rls::observe(conn, s)
+                .await
+                .map_err(observe_err("rowLevelSecurity"))?,
+        );
+    }
     if let Some(s) = &spec.feature_flags {
         observed.feature_flags = Some(
             areas::feature_flags::observe(conn, s)
@@ -166,16 +191,17 @@ pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
     if let (Some(s), Some(o)) = (&spec.partitions, &observed.partitions) {
         plan.areas.push(areas::partitions::plan(s, o));
     }
-    if spec.indexes.is_some() {
-        plan.areas.push(AreaPlan::skipped(Area::Indexes, NOT_YET));
+    let mut index_context = areas::indexes::Context::default();
+    if let (Some(s), Some(o)) = (&spec.materialized_views, &observed.materialized_views) {
+        let views = areas::matviews::plan(s, spec.indexes.as_ref(), o);
+        index_context.recreated = areas::matviews::recreated(&views, spec.allow_destructive());
+        plan.areas.push(views);
     }
-    if spec.materialized_views.is_some() {
-        plan.areas
-            .push(AreaPlan::skipped(Area::MaterializedViews, NOT_YET));
+    if let (Some(s), Some(o)) = (&spec.indexes, &observed.indexes) {
+        plan.areas.push(areas::indexes::plan(s, o, ledger, &index_context));
     }
-    if spec.row_level_security.is_some() {
-        plan.areas
-            .push(AreaPlan::skipped(Area::RowLevelSecurity, NOT_YET));
+    if let (Some(s), Some(o)) = (&spec.row_level_security, &observed.rls) {
+        plan.areas.push(areas::rls::plan(s, o, ledger));
     }
     if let (Some(s), Some(o)) = (&spec.feature_flags, &observed.feature_flags) {
         plan.areas.push(areas::feature_flags::plan(s, o));
@@ -221,6 +247,34 @@ pub struct Outcome {
     pub plan: Plan,
     /// None in Plan mode, and when the plan had errors (nothing was applied).
     pub report: Option<ApplyReport>,
+    /// What was observed that status reports per area (as observed before applying).
+    pub facts: Facts,
+}
+
+/// Per-area details for status, derived from what was observed.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<crate::api::PartitionTableStatus>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub materialized_views: Option<Vec<crate::api::MaterializedViewStatus>>,
+}
+
+/// The status details of what was observed.
+pub fn facts(spec: &DatabasePolicySpec, observed: &Observed) -> Facts {
+    Facts {
+        partitions: spec
+            .partitions
+            .as_ref()
+            .zip(observed.partitions.as_ref())
+            .map(|(s, o)| areas::partitions::status(s, o)),
+        materialized_views: spec
+            .materialized_views
+            .as_ref()
+            .zip(observed.materialized_views.as_ref())
+            .map(|(s, o)| areas::matviews::status(s, o)),
+    }
 }
 
 /// Observe, plan and (in Apply mode, when the plan is valid) apply, under the policy lock.
@@ -266,12 +320,13 @@ pub async fn run(
         .map_err(session)?;
         let observed = observe(conn, spec, policy).await?;
         let plan = plan(spec, &observed);
+        let facts = facts(spec, &observed);
         let report = if mode == Mode::Apply && !plan.has_errors() {
             Some(apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await)
         } else {
             None
         };
-        Ok(Outcome { plan, report })
+        Ok(Outcome { plan, report, facts })
     }
     .await;
     // A broken connection releases the lock by itself; otherwise release it now.

@@ -9,16 +9,16 @@ use serde::Serialize;
 use crate::api::{PendingChange, PendingPlanSummary, MAX_PENDING_IN_STATUS};
 
 /// The areas of a policy, in the order the executor applies them: settings first (they
-/// may matter to what follows), then structure (partitions, indexes, views) before the
-/// policies that read it, data last.
+/// may matter to what follows), then structure (partitions, views, then the indexes that
+/// may sit on those views) before the policies that read it, data last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Area {
     ServerSettings,
     Autovacuum,
     Partitions,
-    Indexes,
     MaterializedViews,
+    Indexes,
     RowLevelSecurity,
     FeatureFlags,
     Replicas,
@@ -30,8 +30,8 @@ impl Area {
         Area::ServerSettings,
         Area::Autovacuum,
         Area::Partitions,
-        Area::Indexes,
         Area::MaterializedViews,
+        Area::Indexes,
         Area::RowLevelSecurity,
         Area::FeatureFlags,
         Area::Replicas,
@@ -140,6 +140,10 @@ pub struct Change {
     /// Set by the executor on applied changes that report rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows_affected: Option<u64>,
+    /// Changes that only make sense together (build new, drop old, rename): when one is
+    /// refused as destructive, the executor refuses the whole bundle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
 }
 
 impl Change {
@@ -160,7 +164,12 @@ impl Change {
             ledger: Vec::new(),
             reports_rows: false,
             rows_affected: None,
+            bundle: None,
         }
+    }
+    pub fn bundle(mut self, key: impl Into<String>) -> Self {
+        self.bundle = Some(key.into());
+        self
     }
     pub fn hazard(mut self, hazard: Hazard) -> Self {
         self.hazard = hazard;

@@ -3,5 +3,8 @@
 
 pub mod autovacuum;
 pub mod feature_flags;
+pub mod indexes;
+pub mod matviews;
 pub mod partitions;
+pub mod rls;
 pub mod server_settings;

@@ -97,7 +97,9 @@ pub fn parse_suffix(interval: PartitionInterval, s: &str) -> Option<NaiveDate> {
             num(w.strip_prefix('w')?)?,
             chrono::Weekday::Mon,
         )?,
-        (PartitionInterval::Monthly, [y, m]) => NaiveDate::from_ymd_opt(num(y)? as i32, num(m)?, 1)?,
+        (PartitionInterval::Monthly, [y, m]) => {
+            NaiveDate::from_ymd_opt(num(y)? as i32, num(m)?, 1)?
+        }
         (PartitionInterval::Quarterly, [y, q]) => {
             let q = num(q.strip_prefix('q')?)?;
             if !(1..=4).contains(&q) {
@@ -355,11 +357,13 @@ pub async fn observe(
 ) -> Result<Observed, sqlx::Error> {
     let mut observed = Observed::new(now);
     let names: Vec<QualifiedName> = spec.tables.iter().map(|t| t.qualified()).collect();
-    let schemas: Vec<&str> = names.iter().map(|q| q.schema.as_str()).collect();
-    let tables: Vec<&str> = names.iter().map(|q| q.name.as_str()).collect();
-    let prefixes: Vec<&str> = names
+    // Owned strings: borrowed ones bound across an await make the engine's future lose
+    // `Send` for the controller.
+    let schemas: Vec<String> = names.iter().map(|q| q.schema.clone()).collect();
+    let tables: Vec<String> = names.iter().map(|q| q.name.clone()).collect();
+    let prefixes: Vec<String> = names
         .iter()
-        .map(|q| prefix(&q.name, LONGEST_SUFFIX - 1))
+        .map(|q| prefix(&q.name, LONGEST_SUFFIX - 1).to_string())
         .collect();
     let rows = sqlx::query(CATALOG_SQL)
         .bind(&schemas)
@@ -369,7 +373,10 @@ pub async fn observe(
         .await?;
     observed.queries += 1;
     for row in rows {
-        let name = QualifiedName::new(row.try_get::<String, _>("schema")?, row.try_get::<String, _>("name")?);
+        let name = QualifiedName::new(
+            row.try_get::<String, _>("schema")?,
+            row.try_get::<String, _>("name")?,
+        );
         observed.server_version = row.try_get("version")?;
         observed.current_user = row.try_get("me")?;
         let state = observed.tables.entry(name).or_default();
@@ -380,7 +387,10 @@ pub async fn observe(
         state.key_type = row.try_get("key_type")?;
         state.owner = row.try_get("owner")?;
         state.columns = row.try_get("columns")?;
-        state.other_relations = row.try_get::<Vec<String>, _>("others")?.into_iter().collect();
+        state.other_relations = row
+            .try_get::<Vec<String>, _>("others")?
+            .into_iter()
+            .collect();
         let child_name: Option<String> = row.try_get("child_name")?;
         let Some(child_name) = child_name else {
             continue;
@@ -467,7 +477,12 @@ async fn count_default_rows(
         .map(|b| format!("({b})"))
         .collect::<Vec<_>>()
         .join("\nUNION ALL\n");
-    let rows = sqlx::raw_sql(&sql).fetch_all(&mut *conn).await?;
+    // Not prepared-and-cached: the text changes with the ranges (and `raw_sql`'s fetch
+    // would make the engine's future lose `Send`).
+    let rows = sqlx::query(&sql)
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await?;
     observed.queries += 1;
     for (name, _) in &thresholds_of {
         if let Some(s) = observed.tables.get_mut(name) {
@@ -590,19 +605,19 @@ fn layout(
     for _ in 0..t.premake.unwrap_or(DEFAULT_PREMAKE) {
         last = next(interval, last);
     }
-    let mut first = match &t.start_date {
-        Some(d) => {
-            let d = NaiveDate::parse_from_str(d, "%Y-%m-%d")
-                .map_err(|_| ("InvalidStartDate", format!("startDate {d:?} is not a date YYYY-MM-DD")))?;
-            floor(interval, d)
-        }
-        None => current,
+    let start_date = match &t.start_date {
+        Some(d) => Some(NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|_| {
+            (
+                "InvalidStartDate",
+                format!("startDate {d:?} is not a date YYYY-MM-DD"),
+            )
+        })?),
+        None => None,
     };
-    if let Some(r) = &t.retention {
-        let r = parse_retention(r).map_err(|e| ("InvalidRetention", e))?;
-        // Never create what retention would retire at once: that would never converge.
-        first = first.max(floor(interval, cutoff(observed.now, r).date()));
-    }
+    let retention = match &t.retention {
+        Some(r) => Some(parse_retention(r).map_err(|e| ("InvalidRetention", e))?),
+        None => None,
+    };
     let mut out = Layout::default();
     for c in &state.children {
         match &c.bound {
@@ -623,6 +638,16 @@ fn layout(
             }
             Bound::Other(_) => out.foreign.push(c.clone()),
         }
+    }
+    // From startDate on; without one, from our oldest partition on (so a gap left while
+    // nothing ran is filled, and rows for it do not pile up in the default), or now.
+    let mut first = match start_date {
+        Some(d) => floor(interval, d),
+        None => out.ours.keys().next().map_or(current, |o| current.min(*o)),
+    };
+    if let Some(r) = retention {
+        // Never create what retention would retire at once: that would never converge.
+        first = first.max(floor(interval, cutoff(observed.now, r).date()));
     }
     let mut start = first;
     let mut count = 0usize;
@@ -670,7 +695,10 @@ fn layout(
         }
         let pname = partition_name(&name.name, interval, range.start);
         if state.other_relations.contains(&pname)
-            || state.children.iter().any(|c| c.name.name == pname && c.name.schema == name.schema)
+            || state
+                .children
+                .iter()
+                .any(|c| c.name.name == pname && c.name.schema == name.schema)
         {
             if range.end <= today {
                 out.name_taken.push((range, pname));
@@ -712,7 +740,9 @@ fn describe_micros(m: i64) -> String {
 fn describe_bound(b: &Bound) -> String {
     match b {
         Bound::Default => "DEFAULT".into(),
-        Bound::Range { from, to } => format!("[{}, {})", describe_micros(*from), describe_micros(*to)),
+        Bound::Range { from, to } => {
+            format!("[{}, {})", describe_micros(*from), describe_micros(*to))
+        }
         Bound::Other(s) => s.clone(),
     }
 }
@@ -772,7 +802,11 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
     for t in &spec.tables {
         let name = t.qualified();
         let Some(state) = observed.tables.get(&name) else {
-            plan.error(name.to_string(), "TableNotFound", format!("table {name} does not exist"));
+            plan.error(
+                name.to_string(),
+                "TableNotFound",
+                format!("table {name} does not exist"),
+            );
             continue;
         };
         let valid = match validate_table(t, state) {
@@ -794,7 +828,7 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
                 name.to_string(),
                 "PartitionNotManaged",
                 format!(
-                    "partition {} {} is not named by this policy ({}); left alone",
+                    "partition {} {} is not named by this policy (ours are named like {}); left alone",
                     f.name,
                     describe_bound(&f.bound),
                     partition_name(&name.name, t.interval, floor(t.interval, observed.now.date_naive()))
@@ -940,14 +974,22 @@ fn in_schema(table: &QualifiedName, name: &str) -> QualifiedName {
     QualifiedName::new(table.schema.clone(), name)
 }
 
-fn owner_change(table: &QualifiedName, partition: &QualifiedName, owner: &Option<String>) -> Option<Change> {
+fn owner_change(
+    table: &QualifiedName,
+    partition: &QualifiedName,
+    owner: &Option<String>,
+) -> Option<Change> {
     // Partitions are owned by whoever creates them, not by the parent's owner.
     owner.as_ref().map(|o| {
         Change::new(
             AREA,
             table.to_string(),
             format!("give {} to the table's owner {o}", partition.name),
-            format!("ALTER TABLE {} OWNER TO {}", partition.quoted(), quote_ident(o)),
+            format!(
+                "ALTER TABLE {} OWNER TO {}",
+                partition.quoted(),
+                quote_ident(o)
+            ),
         )
         .hazard(Hazard::Locking)
     })
@@ -967,7 +1009,10 @@ pub fn render(op: &Op) -> Vec<Change> {
             let mut out = vec![Change::new(
                 AREA,
                 table.to_string(),
-                format!("create partition {partition} for [{}, {})", range.start, range.end),
+                format!(
+                    "create partition {partition} for [{}, {})",
+                    range.start, range.end
+                ),
                 format!(
                     "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})",
                     p.quoted(),
@@ -1003,7 +1048,11 @@ pub fn render(op: &Op) -> Vec<Change> {
             let p = in_schema(table, partition);
             let lo = key_type.literal(range.start);
             let hi = key_type.literal(range.end);
-            let cols = columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+            let cols = columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
             let key = quote_ident(column);
             let mut out = vec![
                 Change::new(
@@ -1059,7 +1108,11 @@ pub fn render(op: &Op) -> Vec<Change> {
                 AREA,
                 table.to_string(),
                 format!("create default partition {partition}"),
-                format!("CREATE TABLE {} PARTITION OF {} DEFAULT", p.quoted(), table.quoted()),
+                format!(
+                    "CREATE TABLE {} PARTITION OF {} DEFAULT",
+                    p.quoted(),
+                    table.quoted()
+                ),
             )
             .hazard(Hazard::Locking)];
             out.extend(owner_change(table, &p, owner));
@@ -1080,7 +1133,11 @@ pub fn render(op: &Op) -> Vec<Change> {
                     AREA,
                     table.to_string(),
                     summary + " (concurrently)",
-                    format!("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY", table.quoted(), partition.quoted()),
+                    format!(
+                        "ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY",
+                        table.quoted(),
+                        partition.quoted()
+                    ),
                 )
                 // SHARE UPDATE EXCLUSIVE only; not allowed in a transaction block.
                 .autonomous()]
@@ -1091,7 +1148,11 @@ pub fn render(op: &Op) -> Vec<Change> {
                     AREA,
                     table.to_string(),
                     summary,
-                    format!("ALTER TABLE {} DETACH PARTITION {}", table.quoted(), partition.quoted()),
+                    format!(
+                        "ALTER TABLE {} DETACH PARTITION {}",
+                        table.quoted(),
+                        partition.quoted()
+                    ),
                 )
                 .hazard(Hazard::Locking)]
             }
@@ -1100,7 +1161,11 @@ pub fn render(op: &Op) -> Vec<Change> {
             AREA,
             table.to_string(),
             format!("finish the interrupted detach of {}", partition.name),
-            format!("ALTER TABLE {} DETACH PARTITION {} FINALIZE", table.quoted(), partition.quoted()),
+            format!(
+                "ALTER TABLE {} DETACH PARTITION {} FINALIZE",
+                table.quoted(),
+                partition.quoted()
+            ),
         )
         .autonomous()],
         Op::Drop {
@@ -1217,7 +1282,9 @@ pub fn status(spec: &PartitionsSpec, observed: &Observed) -> Vec<PartitionTableS
             layout(t, state, observed),
         ) {
             if let Some(start) = l.ours.keys().next() {
-                let end = next(t.interval, *start).and_hms_opt(0, 0, 0).expect("midnight");
+                let end = next(t.interval, *start)
+                    .and_hms_opt(0, 0, 0)
+                    .expect("midnight");
                 let due = match r {
                     Retention::Days(n) => end + chrono::Duration::days(n as i64),
                     Retention::Weeks(n) => end + chrono::Duration::weeks(n as i64),

@@ -1,0 +1,144 @@
+//! What every reconcile shares: the API client, the event recorder, the metrics and the per-policy retry backoff.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+
+use super::error::Error;
+use super::metrics::Metrics;
+use crate::api::DatabasePolicy;
+
+/// The field manager of every server-side apply the operator sends (status, children).
+pub const FIELD_MANAGER: &str = "dbpolicy";
+/// Name of the controller in Events' `reportingController`.
+pub const CONTROLLER_NAME: &str = "dbpolicy.dev/controller";
+/// The finalizer the operator puts on every policy it reconciles.
+pub const FINALIZER: &str = "dbpolicy.dev/cleanup";
+
+/// First retry after a failure; doubled per consecutive failure up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_secs(5);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Events notes are limited to 1 KiB by the API.
+const MAX_NOTE: usize = 1000;
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Consecutive failures per policy (`namespace/name`), for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, instance: Option<String>, metrics: Metrics) -> Self {
+        let reporter = Reporter {
+            controller: CONTROLLER_NAME.into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The delay before retrying a policy that just failed: 5s, 10s, 20s, … up to 5m.
+    pub fn next_backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        let delay = MIN_BACKOFF
+            .saturating_mul(1u32 << (*n).min(16))
+            .min(MAX_BACKOFF);
+        *n = n.saturating_add(1);
+        delay
+    }
+
+    pub fn reset_backoff(&self, key: &str) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures.remove(key);
+    }
+
+    /// Publishes an Event about `policy`. A failure to publish is logged, never fatal:
+    /// the status already says what the event says.
+    pub async fn publish(
+        &self,
+        policy: &DatabasePolicy,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(bounded(note)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &policy.object_ref(&())).await {
+            tracing::warn!(policy = %key(policy), reason, error = %e, "could not publish event");
+        }
+    }
+
+    /// The one place a failure is counted and told as a Warning event.
+    pub async fn report_failure(&self, policy: &DatabasePolicy, error: &Error) {
+        self.metrics.reconcile_failed(error);
+        self.publish(
+            policy,
+            EventType::Warning,
+            error.reason(),
+            "Reconcile",
+            error.to_string(),
+        )
+        .await;
+    }
+}
+
+/// `namespace/name`, the key of a policy in logs, backoff and the ledger.
+pub fn key(policy: &DatabasePolicy) -> String {
+    format!(
+        "{}/{}",
+        policy.namespace().unwrap_or_default(),
+        policy.name_any()
+    )
+}
+
+fn bounded(note: String) -> String {
+    if note.len() <= MAX_NOTE {
+        return note;
+    }
+    let mut end = MAX_NOTE;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn backoff_doubles_and_resets() {
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let ctx = Context::new(
+            Client::new(service, "default"),
+            Some("t".into()),
+            Metrics::default(),
+        );
+        let delays: Vec<u64> = (0..8).map(|_| ctx.next_backoff("a/b").as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(ctx.next_backoff("a/c").as_secs(), 5);
+        ctx.reset_backoff("a/b");
+        assert_eq!(ctx.next_backoff("a/b").as_secs(), 5);
+        assert!(bounded("x".repeat(5000)).len() <= MAX_NOTE + 3);
+    }
+}

@@ -1,0 +1,190 @@
+//! Test fixtures: a mocked API server (tower-test) that plays a scenario of expected requests, checks each one and records what was sent.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::client::Body;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use super::context::Context;
+use super::metrics::Metrics;
+use crate::api::{DatabasePolicy, DatabasePolicySpec};
+
+type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// A request the reconciler sent, as the API server received it.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// `METHOD /path?query`
+    pub request: String,
+    pub body: Value,
+}
+
+/// One expected request and the answer the mocked API server gives.
+#[derive(Debug, Clone)]
+pub enum Expect {
+    /// The JSON patch that adds the finalizer.
+    AddFinalizer,
+    /// The JSON patch that removes it.
+    RemoveFinalizer,
+    /// GET of the connection Secret, answered with it (or 404 when None).
+    GetSecret(Option<Box<Secret>>),
+    /// Server-side apply on /status.
+    PatchStatus,
+    /// An Event created through the Recorder.
+    CreateEvent,
+}
+
+/// The expected requests, in order.
+pub type Scenario = Vec<Expect>;
+
+pub struct ApiServerVerifier(ApiServerHandle);
+
+pub const NS: &str = "default";
+pub const NAME: &str = "test";
+pub const SECRET: &str = "test-db";
+
+fn policy_path() -> String {
+    format!("/apis/dbpolicy.dev/v1alpha1/namespaces/{NS}/databasepolicies/{NAME}")
+}
+
+impl ApiServerVerifier {
+    /// Plays `scenario` against the reconciler; the task returns every request sent and
+    /// fails on an unexpected one, or when a request is missing or one too many.
+    pub fn run(
+        self,
+        policy: DatabasePolicy,
+        scenario: Scenario,
+    ) -> tokio::task::JoinHandle<Vec<Sent>> {
+        tokio::spawn(async move {
+            let mut handle = self.0;
+            let mut sent = Vec::new();
+            for expect in scenario {
+                let (request, send) = handle
+                    .next_request()
+                    .await
+                    .unwrap_or_else(|| panic!("expected {expect:?}, but no request came"));
+                let what = format!("{} {}", request.method(), request.uri());
+                let bytes = request.into_body().collect_bytes().await.unwrap();
+                let body: Value = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&bytes).unwrap()
+                };
+                let (status, reply) = match &expect {
+                    Expect::AddFinalizer => {
+                        assert_eq!(what, format!("PATCH {}?", policy_path()));
+                        let mut p = policy.clone();
+                        p.finalizers_mut().push(super::FINALIZER.into());
+                        (StatusCode::OK, serde_json::to_value(p).unwrap())
+                    }
+                    Expect::RemoveFinalizer => {
+                        assert_eq!(what, format!("PATCH {}?", policy_path()));
+                        let mut p = policy.clone();
+                        p.finalizers_mut().clear();
+                        (StatusCode::OK, serde_json::to_value(p).unwrap())
+                    }
+                    Expect::GetSecret(secret) => {
+                        assert_eq!(
+                            what,
+                            format!("GET /api/v1/namespaces/{NS}/secrets/{SECRET}")
+                        );
+                        match secret {
+                            Some(s) => (StatusCode::OK, serde_json::to_value(s).unwrap()),
+                            None => (
+                                StatusCode::NOT_FOUND,
+                                json!({
+                                    "kind": "Status", "apiVersion": "v1", "metadata": {},
+                                    "status": "Failure", "reason": "NotFound", "code": 404,
+                                    "message": format!("secrets \"{SECRET}\" not found"),
+                                }),
+                            ),
+                        }
+                    }
+                    Expect::PatchStatus => {
+                        assert_eq!(
+                            what,
+                            format!(
+                                "PATCH {}/status?&force=true&fieldManager=dbpolicy",
+                                policy_path()
+                            )
+                        );
+                        let mut p = serde_json::to_value(&policy).unwrap();
+                        p["status"] = body["status"].clone();
+                        (StatusCode::OK, p)
+                    }
+                    Expect::CreateEvent => {
+                        assert_eq!(
+                            what,
+                            format!("POST /apis/events.k8s.io/v1/namespaces/{NS}/events?")
+                        );
+                        (StatusCode::CREATED, body.clone())
+                    }
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+                sent.push(Sent {
+                    request: what,
+                    body,
+                });
+            }
+            // Every client clone is gone once the test drops the context: nothing else may
+            // have been sent.
+            if let Some((request, _)) = handle.next_request().await {
+                panic!(
+                    "unexpected request after the scenario: {} {}",
+                    request.method(),
+                    request.uri()
+                );
+            }
+            sent
+        })
+    }
+}
+
+/// A context whose client talks to the mocked API server.
+pub fn test_context() -> (Arc<Context>, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NS);
+    let ctx = Context::new(client, Some("test-instance".into()), Metrics::default());
+    (Arc::new(ctx), ApiServerVerifier(handle))
+}
+
+/// A policy named `default/test` reading Secret `test-db`, with the operator's finalizer
+/// (so that Apply runs) unless `finalized` is false.
+pub fn test_policy(spec_yaml: &str, finalized: bool) -> DatabasePolicy {
+    let mut spec: DatabasePolicySpec = serde_yaml::from_str(spec_yaml).unwrap();
+    spec.database.connection_secret_ref.name = SECRET.into();
+    let mut p = DatabasePolicy::new(NAME, spec);
+    p.meta_mut().namespace = Some(NS.into());
+    p.meta_mut().generation = Some(1);
+    p.meta_mut().uid = Some("7c1c4b6e-0000-4000-8000-000000000001".into());
+    p.meta_mut().resource_version = Some("1".into());
+    if finalized {
+        p.finalizers_mut().push(super::FINALIZER.into());
+    }
+    p
+}
+
+pub fn test_secret(uri: &str) -> Box<Secret> {
+    let mut s = Secret::default();
+    s.metadata.name = Some(SECRET.into());
+    s.metadata.namespace = Some(NS.into());
+    s.data = Some([("uri".to_string(), ByteString(uri.as_bytes().to_vec()))].into());
+    Box::new(s)
+}
+
+/// The condition of `type_` in a status patch body.
+pub fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no condition {type_} in {status_patch:#}"))
+}

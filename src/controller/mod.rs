@@ -1,0 +1,298 @@
+//! The operator (`dbpolicy run`): a kube-runtime `Controller` on `DatabasePolicy`, re-triggered by the Secrets policies reference, behind a leader Lease, with an admin server.
+
+pub mod admin;
+pub mod context;
+pub mod error;
+pub mod lease;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+
+#[cfg(test)]
+mod fixtures;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ListParams;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::api::DatabasePolicy;
+pub use context::{Context, FIELD_MANAGER, FINALIZER};
+pub use error::Error;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Reconcile only policies matching this label selector (e.g. `team=quiz,tier!=dev`).
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Most policies reconciled at once (each holds one database connection).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Address of the admin server: /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Name of the coordination.k8s.io/v1 Lease that elects the active replica.
+    #[arg(long, default_value = "dbpolicy-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the client's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's identity in the Lease (default: hostname and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub lease_identity: Option<String>,
+    /// Run without a Lease. Only for a single replica (local development, tests).
+    #[arg(long)]
+    pub no_leader_election: bool,
+}
+
+/// The policies in `secret`'s namespace that read it, from the controller's cache.
+pub fn policies_for_secret(
+    policies: &[Arc<DatabasePolicy>],
+    secret: &Secret,
+) -> Vec<ObjectRef<DatabasePolicy>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    policies
+        .iter()
+        .filter(|p| p.namespace() == ns && p.spec.database.connection_secret_ref.name == name)
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// A future that resolves on SIGTERM or ctrl-c, shareable by every part that stops.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested: finishing running reconciles");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn stopped(
+    rx: &watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Runs the operator until SIGTERM/ctrl-c (Ok) or until the leader Lease is lost (Err, so
+/// the process exits and restarts as a candidate: reconciles must never overlap).
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (in-cluster service account or KUBECONFIG)")?;
+    let policies: Api<DatabasePolicy> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    policies
+        .list(&ListParams::default().limit(1))
+        .await
+        .context("cannot list DatabasePolicies: is the CRD installed (`dbpolicy crd | kubectl apply -f -`) and may this account list them?")?;
+
+    let mut registry = Registry::with_prefix("dbpolicy");
+    let metrics = metrics::Metrics::default().register(&mut registry);
+    let ready = admin::Readiness::default();
+    let stop = shutdown_signal();
+    let admin_task = admin::serve(
+        args.admin_addr,
+        Arc::new(registry),
+        ready.clone(),
+        stopped(&stop),
+    )
+    .await
+    .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
+
+    let identity = args
+        .lease_identity
+        .clone()
+        .unwrap_or_else(lease::default_identity);
+    let leadership = if args.no_leader_election {
+        None
+    } else {
+        let config = lease::LeaseConfig {
+            name: args.lease_name.clone(),
+            namespace: args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string()),
+            identity: identity.clone(),
+        };
+        let mut leadership = lease::start(client.clone(), &config)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot get or create Lease {}/{} (RBAC: leases get, create, patch)",
+                    config.namespace, config.name
+                )
+            })?;
+        // A standby replica is ready too: were readiness to wait for the Lease, a rolling
+        // update would wait forever for a new pod while the old one holds it.
+        ready.set(true);
+        tracing::info!(lease = %config.name, namespace = %config.namespace, %identity, "waiting for the leader lease");
+        let mut stop_rx = stop.clone();
+        tokio::select! {
+            acquired = leadership.acquired() => {
+                if !acquired {
+                    anyhow::bail!("leader election ended before the lease was acquired");
+                }
+            }
+            _ = stop_rx.wait_for(|s| *s) => {
+                leadership.release().await;
+                let _ = admin_task.await;
+                return Ok(());
+            }
+        }
+        tracing::info!(%identity, "acquired the leader lease");
+        Some(leadership)
+    };
+    metrics.leader.set(1);
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Some(identity),
+        metrics.clone(),
+    ));
+    let mut wc = watcher::Config::default();
+    if let Some(sel) = &args.selector {
+        wc = wc.labels(sel);
+    }
+    let secrets: Api<Secret> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let controller = Controller::new(policies, wc);
+    let store = controller.store();
+    let lost = leadership.as_ref().map(|l| l.lost());
+    let controller = controller
+        .watches(secrets, watcher::Config::default(), move |secret| {
+            policies_for_secret(&store.state(), &secret)
+        })
+        .with_config(ControllerConfig::default().concurrency(args.concurrency))
+        .graceful_shutdown_on(stopped(&stop));
+    let controller = match lost {
+        Some(lost) => controller.graceful_shutdown_on(lost),
+        None => controller,
+    };
+    ready.set(true);
+    tracing::info!(
+        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        concurrency = args.concurrency,
+        "controller running"
+    );
+    controller
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(policy = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    metrics.leader.set(0);
+    ready.set(false);
+
+    let lost_lease = leadership.as_ref().is_some_and(|l| !l.is_leader()) && !*stop.borrow();
+    if let Some(l) = leadership {
+        l.release().await;
+    }
+    if lost_lease {
+        anyhow::bail!("lost the leader lease: exiting so that reconciles never overlap");
+    }
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::fixtures::{test_policy, test_secret, NS};
+
+    #[test]
+    fn a_secret_change_maps_to_the_policies_that_read_it() {
+        let spec = "database: {connectionSecretRef: {name: x}}\n";
+        let reader = Arc::new(test_policy(spec, true));
+        let mut elsewhere = test_policy(spec, true);
+        elsewhere.metadata.namespace = Some("other".into());
+        let mut other_secret = test_policy(spec, true);
+        other_secret.metadata.name = Some("b".into());
+        other_secret.spec.database.connection_secret_ref.name = "another".into();
+        let all = vec![reader.clone(), Arc::new(elsewhere), Arc::new(other_secret)];
+        let refs = policies_for_secret(&all, &test_secret("postgres://x"));
+        assert_eq!(refs, vec![ObjectRef::from_obj(reader.as_ref())]);
+        assert_eq!(refs[0].namespace.as_deref(), Some(NS));
+    }
+
+    #[test]
+    fn run_flags_parse_with_their_defaults() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(["dbpolicy", "run"]).unwrap();
+        let crate::cli::Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.concurrency, 4);
+        assert_eq!(args.admin_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(args.lease_name, "dbpolicy-controller");
+        assert!(!args.no_leader_election);
+        let cli = crate::cli::Cli::try_parse_from([
+            "dbpolicy",
+            "run",
+            "--namespace",
+            "apps",
+            "-l",
+            "team=quiz",
+            "--concurrency",
+            "2",
+            "--admin-addr",
+            "127.0.0.1:9090",
+            "--no-leader-election",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let crate::cli::Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.namespace.as_deref(), Some("apps"));
+        assert_eq!(args.selector.as_deref(), Some("team=quiz"));
+        assert_eq!(args.concurrency, 2);
+        assert!(args.no_leader_election);
+        assert!(
+            crate::cli::Cli::try_parse_from(["dbpolicy", "run", "--concurrency", "0"]).is_err()
+        );
+    }
+}

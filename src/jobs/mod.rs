@@ -1,0 +1,4 @@
+//! The commands the operator's CronJobs run (`dbpolicy refresh`, later `dbpolicy backup`).
+
+pub mod cronjob;
+pub mod refresh;

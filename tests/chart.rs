@@ -1,0 +1,313 @@
+//! The Helm chart in `charts/dbpolicy`: its CRD copy is current, its templates render
+//! (with a small Go-template renderer, `tests/support_chart`) into manifests with restricted
+//! pod security and exactly the RBAC the controller needs, its values schema holds, and the
+//! rendered manifests are accepted by a real kube-apiserver whose RBAC then grants the
+//! operator's ServiceAccount what it needs and nothing more.
+
+mod support_chart;
+mod support_envtest;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use support_chart::{check_schema, Chart, Release};
+use support_envtest::{ApiServer, Envtest};
+
+/// What `dbpolicy run` does against the API: (API group, resource, verb). Keep in step
+/// with src/controller (watches, SSA patches, finalizer, Events, Lease, child objects).
+const REQUIRED_RBAC: &[(&str, &str, &[&str])] = &[
+    ("dbpolicy.dev", "databasepolicies", &["get", "list", "watch", "patch", "update"]),
+    ("dbpolicy.dev", "databasepolicies/status", &["get", "patch", "update"]),
+    // ownerReferences with blockOwnerDeletion on children need update on /finalizers.
+    ("dbpolicy.dev", "databasepolicies/finalizers", &["update"]),
+    // Connection Secrets are read and watched; the replicas area writes the read-endpoint
+    // Secret.
+    ("", "secrets", &["get", "list", "watch", "create", "update", "patch"]),
+    ("batch", "cronjobs", &["get", "list", "watch", "create", "patch", "update", "delete"]),
+    ("batch", "jobs", &["get", "list", "watch", "create", "patch", "update", "delete"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+    ("coordination.k8s.io", "leases", &["get", "create", "update"]),
+];
+
+const RELEASE: Release = Release {
+    name: "dbpolicy",
+    namespace: "dbpolicy-system",
+};
+
+fn chart_dir() -> PathBuf {
+    support_envtest::repo_root().join("charts/dbpolicy")
+}
+
+fn chart() -> Chart {
+    Chart::load(&chart_dir()).unwrap_or_else(|e| panic!("loading the chart: {e}"))
+}
+
+fn manifests(overrides: Value) -> Vec<Value> {
+    chart()
+        .manifests(&RELEASE, &overrides)
+        .unwrap_or_else(|e| panic!("rendering the chart: {e}"))
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    let mut k: Vec<String> = docs.iter().map(|d| d["kind"].as_str().unwrap().to_owned()).collect();
+    k.sort();
+    k
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<_> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "expected one {kind}, got {}", found.len());
+    found[0]
+}
+
+fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
+    let role = one(docs, "ClusterRole");
+    let mut set = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        let list = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_array()
+                .unwrap_or_else(|| panic!("rule without {k}: {rule}"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        for g in list("apiGroups") {
+            for r in list("resources") {
+                for v in list("verbs") {
+                    set.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+        assert!(rule.get("resourceNames").is_none() || rule["resourceNames"].is_array());
+    }
+    set
+}
+
+fn required() -> BTreeSet<(String, String, String)> {
+    REQUIRED_RBAC
+        .iter()
+        .flat_map(|(g, r, verbs)| verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string())))
+        .collect()
+}
+
+#[test]
+fn chart_crd_is_a_copy_of_crds_dir() {
+    let root = support_envtest::repo_root();
+    let src = std::fs::read_to_string(root.join("crds/databasepolicy.yaml")).unwrap();
+    let copy = std::fs::read_to_string(chart_dir().join("crds/databasepolicy.yaml"))
+        .expect("charts/dbpolicy/crds/databasepolicy.yaml");
+    assert!(
+        src == copy,
+        "charts/dbpolicy/crds/databasepolicy.yaml differs from crds/databasepolicy.yaml: \
+         cp crds/databasepolicy.yaml charts/dbpolicy/crds/"
+    );
+    let entries: Vec<_> = std::fs::read_dir(chart_dir().join("crds"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries, ["databasepolicy.yaml"], "only the generated CRD in the chart's crds/");
+}
+
+#[test]
+fn default_values_render_a_restricted_deployment() {
+    let docs = manifests(json!({}));
+    assert_eq!(
+        kinds(&docs),
+        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    );
+    let dep = one(&docs, "Deployment");
+    assert_eq!(dep["metadata"]["name"], "dbpolicy");
+    assert_eq!(dep["metadata"]["namespace"], "dbpolicy-system");
+    let pod = &dep["spec"]["template"];
+    let spec = &pod["spec"];
+    assert_eq!(spec["serviceAccountName"], "dbpolicy");
+
+    // Restricted Pod Security Standard.
+    let psc = &spec["securityContext"];
+    assert_eq!(psc["runAsNonRoot"], true);
+    assert_eq!(psc["runAsUser"], 65532);
+    assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault");
+    let containers = spec["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert!(sc.get("privileged").is_none());
+
+    assert_eq!(c["image"], "dbpolicy/dbpolicy:0.1.0", "tag defaults to appVersion");
+    assert_eq!(c["args"], json!(["run", "--log-format=json", "--admin-addr=0.0.0.0:8080"]));
+    let env: Vec<&str> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(env, ["RUST_LOG", "POD_NAME", "POD_NAMESPACE"]);
+    assert_eq!(c["env"][1]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(c["env"][2]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "http");
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    // A read-only root filesystem needs a writable /tmp for pg_dump.
+    assert_eq!(c["volumeMounts"][0]["mountPath"], "/tmp");
+    assert!(spec["volumes"][0]["emptyDir"].is_object());
+
+    // Selectors match what they select.
+    let pod_labels = pod["metadata"]["labels"].as_object().unwrap();
+    for (k, v) in dep["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(pod_labels.get(k), Some(v), "Deployment selector {k}");
+    }
+    let svc = one(&docs, "Service");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http");
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(pod_labels.get(k), Some(v), "Service selector {k}");
+    }
+    let crb = one(&docs, "ClusterRoleBinding");
+    assert_eq!(crb["roleRef"]["name"], one(&docs, "ClusterRole")["metadata"]["name"]);
+    assert_eq!(
+        crb["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "dbpolicy", "namespace": "dbpolicy-system"}])
+    );
+    assert_eq!(one(&docs, "ServiceAccount")["metadata"]["name"], "dbpolicy");
+}
+
+#[test]
+fn overrides_render_service_monitor_namespace_and_extras() {
+    let docs = manifests(json!({
+        "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prom"}}},
+        "watchNamespace": "apps",
+        "image": {"tag": "1.2.3"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "extraEnv": [{"name": "EXTRA", "value": "1"}],
+        "podAnnotations": {"a": "b"},
+    }));
+    assert_eq!(
+        kinds(&docs),
+        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "ServiceMonitor"]
+    );
+    let sm = one(&docs, "ServiceMonitor");
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prom");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "http");
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    assert_eq!(sm["spec"]["endpoints"][0]["interval"], "30s");
+    let svc = one(&docs, "Service");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(svc["metadata"]["labels"][k], *v, "ServiceMonitor selects the Service by {k}");
+    }
+
+    let dep = one(&docs, "Deployment");
+    let spec = &dep["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    assert_eq!(
+        c["args"],
+        json!(["run", "--log-format=json", "--admin-addr=0.0.0.0:8080", "--namespace=apps"])
+    );
+    assert_eq!(c["image"], "dbpolicy/dbpolicy:1.2.3");
+    assert_eq!(c["env"][3], json!({"name": "EXTRA", "value": "1"}));
+    assert_eq!(spec["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
+    assert_eq!(dep["spec"]["template"]["metadata"]["annotations"], json!({"a": "b"}));
+
+    // RBAC and ServiceAccount can be left to the cluster's owners.
+    let docs = manifests(json!({"rbac": {"create": false}, "serviceAccount": {"create": false, "name": "ops"},
+                                "metrics": {"service": {"enabled": false}}}));
+    assert_eq!(kinds(&docs), ["Deployment"]);
+    assert_eq!(docs[0]["spec"]["template"]["spec"]["serviceAccountName"], "ops");
+
+    // A ServiceMonitor without its Service is refused, as `helm template` would.
+    let err = chart()
+        .manifests(&RELEASE, &json!({"metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true}}}))
+        .unwrap_err();
+    assert!(err.contains("needs metrics.service.enabled"), "{err}");
+}
+
+#[test]
+fn cluster_role_grants_exactly_what_the_controller_needs() {
+    let docs = manifests(json!({}));
+    let granted = granted(&docs);
+    let required = required();
+    let missing: Vec<_> = required.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&required).collect();
+    assert!(missing.is_empty(), "the ClusterRole lacks {missing:?}");
+    assert!(extra.is_empty(), "the ClusterRole grants more than needed: {extra:?}");
+    assert!(granted.iter().all(|(g, r, v)| g != "*" && r != "*" && v != "*"));
+}
+
+#[test]
+fn values_schema_accepts_the_defaults_and_rejects_bad_values() {
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap())
+            .expect("values.schema.json parses");
+    let chart = chart();
+    let check = |over: Value| {
+        let mut v = chart.values.clone();
+        support_chart::merge(&mut v, &over);
+        let mut errors = Vec::new();
+        check_schema(&schema, &v, "values", &mut errors);
+        errors
+    };
+    assert_eq!(check(json!({})), Vec::<String>::new());
+    assert_eq!(check(json!({"metrics": {"serviceMonitor": {"enabled": true}}})), Vec::<String>::new());
+    for (bad, expect) in [
+        (json!({"replicaCount": "two"}), "values.replicaCount: expected integer"),
+        (json!({"image": {"pullPolicy": "Sometimes"}}), "values.image.pullPolicy"),
+        (json!({"logFormat": "xml"}), "values.logFormat"),
+        (json!({"metrics": {"port": 70000}}), "values.metrics.port"),
+        (json!({"metrics": {"servicemonitor": {"enabled": true}}}), "values.metrics.servicemonitor: not allowed"),
+        (json!({"replicas": 2}), "values.replicas: not allowed"),
+    ] {
+        let errors = check(bad.clone());
+        assert!(errors.iter().any(|e| e.contains(expect)), "{bad}: {errors:?}");
+    }
+}
+
+/// The rendered manifests against the full kube-apiserver 1.20: accepted (schema of
+/// Deployment, Service, RBAC), and the ClusterRole authorises the ServiceAccount for every
+/// required action and no neighbouring one (SubjectAccessReview via `kubectl auth can-i`).
+#[test]
+fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
+    let env = Envtest::start(ApiServer::Kube);
+    env.install_crds();
+    env.kubectl_ok(&["create", "namespace", RELEASE.namespace], None);
+    let docs = manifests(json!({}));
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
+    env.kubectl_ok(&["apply", "-f", "-"], Some(&list.to_string()));
+
+    let sa = format!("system:serviceaccount:{}:dbpolicy", RELEASE.namespace);
+    let can = |verb: &str, group: &str, resource: &str| -> bool {
+        let res = if group.is_empty() {
+            resource.to_owned()
+        } else {
+            // kubectl auth can-i takes resource.group; a subresource goes after the group.
+            match resource.split_once('/') {
+                Some((r, sub)) => format!("{r}.{group}/{sub}"),
+                None => format!("{resource}.{group}"),
+            }
+        };
+        let out = env.kubectl(&["auth", "can-i", verb, &res, "-n", "apps", "--as", &sa], None);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    let mut wrong = Vec::new();
+    for (g, r, v) in required() {
+        if !can(&v, &g, &r) {
+            wrong.push(format!("denied {v} {r}.{g}"));
+        }
+    }
+    for (v, g, r) in [
+        ("delete", "", "secrets"),
+        ("get", "", "configmaps"),
+        ("delete", "dbpolicy.dev", "databasepolicies"),
+        ("create", "dbpolicy.dev", "databasepolicies"),
+        ("delete", "coordination.k8s.io", "leases"),
+        ("create", "", "pods"),
+        ("update", "", "namespaces"),
+    ] {
+        if can(v, g, r) {
+            wrong.push(format!("allowed {v} {r}.{g}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
