@@ -34,19 +34,18 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-async fn time<F, Fut, T>(runs: usize, mut f: F) -> (Duration, T)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = T>,
-{
-    let mut times = Vec::with_capacity(runs);
-    let mut last = None;
-    for _ in 0..runs {
-        let start = Instant::now();
-        last = Some(f().await);
-        times.push(start.elapsed());
-    }
-    (median(times), last.expect("at least one run"))
+/// (median duration, last value) of `runs` evaluations of `$e` (which may `.await`).
+macro_rules! time {
+    ($runs:expr, $e:expr) => {{
+        let mut times = Vec::with_capacity($runs);
+        let mut last = None;
+        for _ in 0..$runs {
+            let start = Instant::now();
+            last = Some($e);
+            times.push(start.elapsed());
+        }
+        (median(times), last.expect("at least one run"))
+    }};
 }
 
 fn spec_yaml(tables: usize, reader: &str, variant: &str) -> String {
@@ -151,16 +150,18 @@ async fn bench(
     );
 
     let runs = 7;
-    let (select1, _) = time(201, || async {
+    let (select1, _) = time!(
+        201,
         sqlx::query_scalar::<_, i32>("SELECT 1")
             .fetch_one(&mut conn)
-            .await
-            .unwrap()
-    })
-    .await;
+            .await?
+    );
 
     let before = trips();
-    let (noop, outcome) = time(runs, || engine::run(&mut conn, &base, Mode::Plan, &policy)).await;
+    let (noop, outcome) = time!(
+        runs,
+        engine::run(&mut conn, &base, Mode::Plan, &policy).await
+    );
     let noop_trips = (trips() - before) / runs as u64;
     let outcome = outcome?;
     anyhow::ensure!(
@@ -170,10 +171,10 @@ async fn bench(
     );
 
     let before = trips();
-    let (one, outcome) = time(runs, || {
-        engine::run(&mut conn, &changed, Mode::Plan, &policy)
-    })
-    .await;
+    let (one, outcome) = time!(
+        runs,
+        engine::run(&mut conn, &changed, Mode::Plan, &policy).await
+    );
     let one_trips = (trips() - before) / runs as u64;
     let pending = outcome?.plan.changes().count();
     anyhow::ensure!(pending == 1, "expected 1 pending change, got {pending}");
@@ -181,11 +182,11 @@ async fn bench(
     // The area alone: its observer (catalog, roles, normalisation) and its pure planner.
     let rls_spec: &RowLevelSecuritySpec = base.row_level_security.as_ref().expect("section");
     let before = trips();
-    let (observe, observed) = time(runs, || rls::observe(&mut conn, rls_spec)).await;
+    let (observe, observed) = time!(runs, rls::observe(&mut conn, rls_spec).await);
     let observe_trips = (trips() - before) / runs as u64;
     let observed = observed?;
     let ledger = Ledger::for_policy(&policy.0);
-    let (pure, _) = time(runs, || async { rls::plan(rls_spec, &observed, &ledger) }).await;
+    let (pure, _) = time!(runs, rls::plan(rls_spec, &observed, &ledger));
 
     let ratio = |d: Duration| d.as_secs_f64() / select1.as_secs_f64();
     println!();

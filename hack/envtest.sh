@@ -70,16 +70,17 @@ cmd_setup() {
   case "$cache/" in "$ROOT"/*) die "CACHE_DIR $cache is inside the repository; use a directory outside it" ;; esac
   BIN=$cache/bin; W=$cache/work
   mkdir -p "$BIN"
-  # Several test binaries may run setup at once: one builds, the others wait.
-  exec 9>"$cache/.lock"
-  flock -w 1800 9 || die "timed out waiting for another setup holding $cache/.lock"
-
   local wanted=(etcd crd-apiserver) missing=() b
   [ $crd_only = 1 ] || wanted+=(kube-apiserver)
+  have_all() { for b in "${wanted[@]}"; do [ -x "$BIN/$b" ] || return 1; done; }
+  # binaries are moved into place whole, so a present one is complete: no lock needed
+  if have_all; then log "binaries ready in $BIN"; return 0; fi
+  # Several test binaries may run setup at once: one builds, the others wait.
+  exec 9>"$cache/.lock"
+  log "waiting for the lock on $cache (another setup may be building)"
+  flock -w 1800 9 || die "timed out waiting for another setup holding $cache/.lock"
+  if have_all; then log "binaries ready in $BIN"; return 0; fi
   for b in "${wanted[@]}"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
-  if [ ${#missing[@]} = 0 ]; then
-    log "binaries ready in $BIN"; return 0
-  fi
   log "need: ${missing[*]} (cache $BIN)"
 
   if [ $warm = 1 ]; then

@@ -13,6 +13,10 @@ set -euo pipefail
 PACKAGES=(
     postgresql          # server binaries: initdb, pg_ctl, pg_basebackup (/usr/lib/postgresql/<v>/bin)
     postgresql-client   # psql, pg_dump, pg_restore, pg_isready
+    xz-utils            # hack/envtest.sh: unpacks the warm cache of API server binaries
+    openssl             # hack/envtest.sh: certificates of the test API servers
+    curl                # hack/envtest.sh: waits for the API server's /readyz
+    debian-archive-keyring  # hack/envtest.sh setup: builds the API servers from Debian's packages when there is no warm cache
 )
 
 # pg_partman, only for the partitions benchmark (cargo run --release --example

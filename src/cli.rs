@@ -43,6 +43,8 @@ pub enum Command {
     Crd,
     /// Refresh materialized views (what the refresh CronJob runs).
     Refresh(crate::jobs::refresh::RefreshArgs),
+    /// Backups: run, list, verify, prune (what the backup CronJob runs).
+    Backup(crate::backup::BackupArgs),
     /// Run the operator: reconcile DatabasePolicies in the cluster until SIGTERM.
     Run(crate::controller::RunArgs),
 }
@@ -57,6 +59,15 @@ pub struct TargetArgs {
     pub database_url: Option<String>,
     #[arg(short, long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// A replica's libpq URI for its health check, `NAME=URL` (repeatable); else
+    /// `DBPOLICY_REPLICA_<NAME>_URL`. spec.replicas[].connectionSecretRef is read by the
+    /// operator only.
+    #[arg(long = "replica-url", value_name = "NAME=URL")]
+    pub replica_urls: Vec<String>,
+    /// Bound on each replica health check (connect and query; replicas are checked
+    /// concurrently).
+    #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
+    pub replica_timeout: std::time::Duration,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +146,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Plan(args) => run_target(args, Mode::Plan).await,
         Command::Refresh(args) => crate::jobs::refresh::run(args).await,
+        Command::Backup(args) => crate::backup::run(args).await,
         Command::Apply(args) => run_target(args, Mode::Apply).await,
         Command::Run(args) => match crate::controller::run(args).await {
             Ok(()) => EXIT_OK,
@@ -166,11 +178,21 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
     let Some(url) = args.database_url.as_deref() else {
         return fail("no database: pass --database-url or set DATABASE_URL (spec.database.connectionSecretRef is read by the operator only)".into());
     };
+    let mut flagged = std::collections::BTreeMap::new();
+    for arg in &args.replica_urls {
+        match engine::replica_health::parse_name_url(arg) {
+            Ok((name, url)) => {
+                flagged.insert(name, url);
+            }
+            Err(e) => return fail(format!("--replica-url: {e}")),
+        }
+    }
     let mut worst = EXIT_OK;
     let mut json = Vec::new();
     for policy in &policies {
         let id = policy_id(policy);
-        let code = match run_one(url, policy, &id, mode).await {
+        let options = run_options(policy, &id, &flagged, args.replica_timeout);
+        let code = match run_one(url, policy, &id, mode, &options).await {
             Ok(outcome) => {
                 let code = exit_code(&outcome, mode);
                 match args.output {
@@ -218,16 +240,56 @@ fn worse(a: u8, b: u8) -> u8 {
     }
 }
 
+/// The replicas' URLs for one policy: `--replica-url` first, then the environment.
+fn run_options(
+    policy: &DatabasePolicy,
+    id: &PolicyId,
+    flagged: &std::collections::BTreeMap<String, String>,
+    timeout: std::time::Duration,
+) -> engine::RunOptions {
+    let mut targets = engine::replica_health::ReplicaTargets {
+        timeout,
+        ..Default::default()
+    };
+    let replicas = policy.spec.replicas.iter().flat_map(|r| r.replicas.iter());
+    for r in replicas {
+        let var = engine::replica_health::env_var_name(&r.name);
+        match flagged
+            .get(&r.name)
+            .cloned()
+            .or_else(|| std::env::var(&var).ok())
+        {
+            Some(url) => {
+                targets.urls.insert(r.name.clone(), url);
+            }
+            None => eprintln!(
+                "note: {}: replica {} is not checked: pass --replica-url {}=URL or set {var}",
+                id.0, r.name, r.name
+            ),
+        }
+    }
+    for name in flagged.keys() {
+        if !targets.urls.contains_key(name) {
+            eprintln!(
+                "note: {}: --replica-url {name}: the policy declares no replica {name}",
+                id.0
+            );
+        }
+    }
+    engine::RunOptions { replicas: targets }
+}
+
 async fn run_one(
     url: &str,
     policy: &DatabasePolicy,
     id: &PolicyId,
     mode: Mode,
+    options: &engine::RunOptions,
 ) -> Result<Outcome, String> {
     let mut conn = crate::pg::connect_one(url)
         .await
         .map_err(|e| e.to_string())?;
-    let result = engine::run(&mut conn, &policy.spec, mode, id)
+    let result = engine::run_with(&mut conn, &policy.spec, mode, id, options)
         .await
         .map_err(|e| e.to_string());
     let _ = conn.close().await;
@@ -261,6 +323,23 @@ fn print_text(id: &PolicyId, outcome: &Outcome, mode: Mode) {
     }
     for e in plan.errors() {
         println!("# ERROR {e}");
+    }
+    for r in outcome.facts.replicas.iter().flatten() {
+        let mut line = format!("# replica {}: {}", r.name, r.state);
+        let lag: Vec<String> = [
+            r.lag_seconds.map(|s| format!("{s:.3}s")),
+            r.lag_bytes.map(|b| format!("{b} bytes")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !lag.is_empty() {
+            line.push_str(&format!(", lag {}", lag.join(" / ")));
+        }
+        if let Some(slot) = &r.slot {
+            line.push_str(&format!(", slot {slot}"));
+        }
+        println!("{line}");
     }
     match &outcome.report {
         None => {

@@ -4,6 +4,7 @@
 //! ([`cli`]), the Kubernetes controller and the backup job.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -67,10 +67,10 @@ fn health_check_matches_every_case() {
         used.insert(case.input_path.clone());
         statuses.insert(case.health_status.status.clone());
         let path = dir().join(&case.input_path);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let obj: serde_json::Value = serde_yaml::from_str(&text)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let obj: serde_json::Value =
+            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         match health(&script, &obj) {
             Ok(got) if got == case.health_status => {}
             Ok(got) => failures.push(format!(
@@ -87,7 +87,10 @@ fn health_check_matches_every_case() {
         .unwrap()
         .map(|e| format!("testdata/{}", e.unwrap().file_name().to_string_lossy()))
         .collect();
-    assert_eq!(files, used, "testdata files without a case (or cases without a file)");
+    assert_eq!(
+        files, used,
+        "testdata files without a case (or cases without a file)"
+    );
     let all: BTreeSet<String> = ["Healthy", "Progressing", "Degraded", "Suspended"]
         .map(String::from)
         .into();
@@ -102,7 +105,12 @@ fn case_inputs_are_database_policies() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
         let parsed: Result<dbpolicy::api::DatabasePolicy, _> = serde_yaml::from_str(&text);
-        assert!(parsed.is_ok(), "{}: {}", path.display(), parsed.unwrap_err());
+        assert!(
+            parsed.is_ok(),
+            "{}: {}",
+            path.display(),
+            parsed.unwrap_err()
+        );
     }
 }
 

@@ -17,17 +17,45 @@ use support_envtest::{ApiServer, Envtest};
 /// What `dbpolicy run` does against the API: (API group, resource, verb). Keep in step
 /// with src/controller (watches, SSA patches, finalizer, Events, Lease, child objects).
 const REQUIRED_RBAC: &[(&str, &str, &[&str])] = &[
-    ("dbpolicy.dev", "databasepolicies", &["get", "list", "watch", "patch", "update"]),
-    ("dbpolicy.dev", "databasepolicies/status", &["get", "patch", "update"]),
+    (
+        "dbpolicy.dev",
+        "databasepolicies",
+        &["get", "list", "watch", "patch", "update"],
+    ),
+    (
+        "dbpolicy.dev",
+        "databasepolicies/status",
+        &["get", "patch", "update"],
+    ),
     // ownerReferences with blockOwnerDeletion on children need update on /finalizers.
     ("dbpolicy.dev", "databasepolicies/finalizers", &["update"]),
     // Connection Secrets are read and watched; the replicas area writes the read-endpoint
     // Secret.
-    ("", "secrets", &["get", "list", "watch", "create", "update", "patch"]),
-    ("batch", "cronjobs", &["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ("batch", "jobs", &["get", "list", "watch", "create", "patch", "update", "delete"]),
+    (
+        "",
+        "secrets",
+        &["get", "list", "watch", "create", "update", "patch"],
+    ),
+    (
+        "batch",
+        "cronjobs",
+        &[
+            "get", "list", "watch", "create", "patch", "update", "delete",
+        ],
+    ),
+    (
+        "batch",
+        "jobs",
+        &[
+            "get", "list", "watch", "create", "patch", "update", "delete",
+        ],
+    ),
     ("events.k8s.io", "events", &["create", "patch"]),
-    ("coordination.k8s.io", "leases", &["get", "create", "update"]),
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"],
+    ),
 ];
 
 const RELEASE: Release = Release {
@@ -50,7 +78,10 @@ fn manifests(overrides: Value) -> Vec<Value> {
 }
 
 fn kinds(docs: &[Value]) -> Vec<String> {
-    let mut k: Vec<String> = docs.iter().map(|d| d["kind"].as_str().unwrap().to_owned()).collect();
+    let mut k: Vec<String> = docs
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect();
     k.sort();
     k
 }
@@ -88,7 +119,11 @@ fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
 fn required() -> BTreeSet<(String, String, String)> {
     REQUIRED_RBAC
         .iter()
-        .flat_map(|(g, r, verbs)| verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string())))
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .iter()
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+        })
         .collect()
 }
 
@@ -107,7 +142,11 @@ fn chart_crd_is_a_copy_of_crds_dir() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(entries, ["databasepolicy.yaml"], "only the generated CRD in the chart's crds/");
+    assert_eq!(
+        entries,
+        ["databasepolicy.yaml"],
+        "only the generated CRD in the chart's crds/"
+    );
 }
 
 #[test]
@@ -115,7 +154,13 @@ fn default_values_render_a_restricted_deployment() {
     let docs = manifests(json!({}));
     assert_eq!(
         kinds(&docs),
-        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "ServiceAccount"
+        ]
     );
     let dep = one(&docs, "Deployment");
     assert_eq!(dep["metadata"]["name"], "dbpolicy");
@@ -139,12 +184,29 @@ fn default_values_render_a_restricted_deployment() {
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     assert!(sc.get("privileged").is_none());
 
-    assert_eq!(c["image"], "dbpolicy/dbpolicy:0.1.0", "tag defaults to appVersion");
-    assert_eq!(c["args"], json!(["run", "--log-format=json", "--admin-addr=0.0.0.0:8080"]));
-    let env: Vec<&str> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        c["image"], "dbpolicy/dbpolicy:0.1.0",
+        "tag defaults to appVersion"
+    );
+    assert_eq!(
+        c["args"],
+        json!(["run", "--log-format=json", "--admin-addr=0.0.0.0:8080"])
+    );
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
     assert_eq!(env, ["RUST_LOG", "POD_NAME", "POD_NAMESPACE"]);
-    assert_eq!(c["env"][1]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
-    assert_eq!(c["env"][2]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(
+        c["env"][1]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        c["env"][2]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
     assert_eq!(c["ports"][0]["containerPort"], 8080);
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
@@ -166,7 +228,10 @@ fn default_values_render_a_restricted_deployment() {
         assert_eq!(pod_labels.get(k), Some(v), "Service selector {k}");
     }
     let crb = one(&docs, "ClusterRoleBinding");
-    assert_eq!(crb["roleRef"]["name"], one(&docs, "ClusterRole")["metadata"]["name"]);
+    assert_eq!(
+        crb["roleRef"]["name"],
+        one(&docs, "ClusterRole")["metadata"]["name"]
+    );
     assert_eq!(
         crb["subjects"],
         json!([{"kind": "ServiceAccount", "name": "dbpolicy", "namespace": "dbpolicy-system"}])
@@ -186,7 +251,14 @@ fn overrides_render_service_monitor_namespace_and_extras() {
     }));
     assert_eq!(
         kinds(&docs),
-        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "ServiceMonitor"]
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor"
+        ]
     );
     let sm = one(&docs, "ServiceMonitor");
     assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
@@ -196,7 +268,10 @@ fn overrides_render_service_monitor_namespace_and_extras() {
     assert_eq!(sm["spec"]["endpoints"][0]["interval"], "30s");
     let svc = one(&docs, "Service");
     for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
-        assert_eq!(svc["metadata"]["labels"][k], *v, "ServiceMonitor selects the Service by {k}");
+        assert_eq!(
+            svc["metadata"]["labels"][k], *v,
+            "ServiceMonitor selects the Service by {k}"
+        );
     }
 
     let dep = one(&docs, "Deployment");
@@ -204,18 +279,31 @@ fn overrides_render_service_monitor_namespace_and_extras() {
     let c = &spec["containers"][0];
     assert_eq!(
         c["args"],
-        json!(["run", "--log-format=json", "--admin-addr=0.0.0.0:8080", "--namespace=apps"])
+        json!([
+            "run",
+            "--log-format=json",
+            "--admin-addr=0.0.0.0:8080",
+            "--namespace=apps"
+        ])
     );
     assert_eq!(c["image"], "dbpolicy/dbpolicy:1.2.3");
     assert_eq!(c["env"][3], json!({"name": "EXTRA", "value": "1"}));
     assert_eq!(spec["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
-    assert_eq!(dep["spec"]["template"]["metadata"]["annotations"], json!({"a": "b"}));
+    assert_eq!(
+        dep["spec"]["template"]["metadata"]["annotations"],
+        json!({"a": "b"})
+    );
 
     // RBAC and ServiceAccount can be left to the cluster's owners.
-    let docs = manifests(json!({"rbac": {"create": false}, "serviceAccount": {"create": false, "name": "ops"},
-                                "metrics": {"service": {"enabled": false}}}));
+    let docs = manifests(
+        json!({"rbac": {"create": false}, "serviceAccount": {"create": false, "name": "ops"},
+                                "metrics": {"service": {"enabled": false}}}),
+    );
     assert_eq!(kinds(&docs), ["Deployment"]);
-    assert_eq!(docs[0]["spec"]["template"]["spec"]["serviceAccountName"], "ops");
+    assert_eq!(
+        docs[0]["spec"]["template"]["spec"]["serviceAccountName"],
+        "ops"
+    );
 
     // A ServiceMonitor without its Service is refused, as `helm template` would.
     let err = chart()
@@ -232,15 +320,21 @@ fn cluster_role_grants_exactly_what_the_controller_needs() {
     let missing: Vec<_> = required.difference(&granted).collect();
     let extra: Vec<_> = granted.difference(&required).collect();
     assert!(missing.is_empty(), "the ClusterRole lacks {missing:?}");
-    assert!(extra.is_empty(), "the ClusterRole grants more than needed: {extra:?}");
-    assert!(granted.iter().all(|(g, r, v)| g != "*" && r != "*" && v != "*"));
+    assert!(
+        extra.is_empty(),
+        "the ClusterRole grants more than needed: {extra:?}"
+    );
+    assert!(granted
+        .iter()
+        .all(|(g, r, v)| g != "*" && r != "*" && v != "*"));
 }
 
 #[test]
 fn values_schema_accepts_the_defaults_and_rejects_bad_values() {
-    let schema: Value =
-        serde_json::from_str(&std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap())
-            .expect("values.schema.json parses");
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap(),
+    )
+    .expect("values.schema.json parses");
     let chart = chart();
     let check = |over: Value| {
         let mut v = chart.values.clone();
@@ -250,17 +344,32 @@ fn values_schema_accepts_the_defaults_and_rejects_bad_values() {
         errors
     };
     assert_eq!(check(json!({})), Vec::<String>::new());
-    assert_eq!(check(json!({"metrics": {"serviceMonitor": {"enabled": true}}})), Vec::<String>::new());
+    assert_eq!(
+        check(json!({"metrics": {"serviceMonitor": {"enabled": true}}})),
+        Vec::<String>::new()
+    );
     for (bad, expect) in [
-        (json!({"replicaCount": "two"}), "values.replicaCount: expected integer"),
-        (json!({"image": {"pullPolicy": "Sometimes"}}), "values.image.pullPolicy"),
+        (
+            json!({"replicaCount": "two"}),
+            "values.replicaCount: expected integer",
+        ),
+        (
+            json!({"image": {"pullPolicy": "Sometimes"}}),
+            "values.image.pullPolicy",
+        ),
         (json!({"logFormat": "xml"}), "values.logFormat"),
         (json!({"metrics": {"port": 70000}}), "values.metrics.port"),
-        (json!({"metrics": {"servicemonitor": {"enabled": true}}}), "values.metrics.servicemonitor: not allowed"),
+        (
+            json!({"metrics": {"servicemonitor": {"enabled": true}}}),
+            "values.metrics.servicemonitor: not allowed",
+        ),
         (json!({"replicas": 2}), "values.replicas: not allowed"),
     ] {
         let errors = check(bad.clone());
-        assert!(errors.iter().any(|e| e.contains(expect)), "{bad}: {errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains(expect)),
+            "{bad}: {errors:?}"
+        );
     }
 }
 
@@ -287,7 +396,10 @@ fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
                 None => format!("{resource}.{group}"),
             }
         };
-        let out = env.kubectl(&["auth", "can-i", verb, &res, "-n", "apps", "--as", &sa], None);
+        let out = env.kubectl(
+            &["auth", "can-i", verb, &res, "-n", "apps", "--as", &sa],
+            None,
+        );
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
     let mut wrong = Vec::new();

@@ -104,12 +104,24 @@ fn crd_is_established_with_names_short_names_and_category() {
         .lines()
         .find(|l| l.starts_with("databasepolicies"))
         .unwrap_or_else(|| panic!("databasepolicies not discovered:\n{resources}"));
-    for want in ["dbpol,dbp", "dbpolicy.dev/v1alpha1", "true", "DatabasePolicy", "dbpolicy"] {
+    for want in [
+        "dbpol,dbp",
+        "dbpolicy.dev/v1alpha1",
+        "true",
+        "DatabasePolicy",
+        "dbpolicy",
+    ] {
         assert!(row.contains(want), "{want:?} missing from {row:?}");
     }
 
     // Every name kubectl offers resolves: plural, singular, kind, short names, category.
-    for name in ["databasepolicies", "databasepolicy", "DatabasePolicy", "dbpol", "dbp"] {
+    for name in [
+        "databasepolicies",
+        "databasepolicy",
+        "DatabasePolicy",
+        "dbpol",
+        "dbp",
+    ] {
         let out = env.kubectl(&["get", name, "-A"], None);
         assert!(
             out.status.success(),
@@ -138,7 +150,11 @@ fn certquiz_example_is_accepted_and_printer_columns_fill_from_status() {
         .map(|d| serde::Deserialize::deserialize(d).expect("certquiz YAML parses"))
         .filter(|v: &serde_yaml::Value| v["kind"] == "DatabasePolicy")
         .collect();
-    assert_eq!(policies.len(), 1, "certquiz/policy.yaml holds one DatabasePolicy");
+    assert_eq!(
+        policies.len(),
+        1,
+        "certquiz/policy.yaml holds one DatabasePolicy"
+    );
     let doc = json(&policies[0]);
     // Client-side apply with kubectl's default strict server-side field validation, then
     // the same document by server-side apply: both accept it unchanged.
@@ -149,7 +165,14 @@ fn certquiz_example_is_accepted_and_printer_columns_fill_from_status() {
         support_envtest::text(&out)
     );
     env.kubectl_ok(
-        &["apply", "--server-side", "--field-manager=e2e", "--force-conflicts", "-f", "-"],
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=e2e",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
         Some(&doc),
     );
     let stored = get_json(&env, &["get", "dbpol", "certquiz", "-n", "default"]);
@@ -186,18 +209,41 @@ fn certquiz_example_is_accepted_and_printer_columns_fill_from_status() {
     }});
     env.kubectl_ok(
         &[
-            "patch", "dbpol", "certquiz", "-n", "default", "--subresource=status",
-            "--type=merge", "-p", &status.to_string(),
+            "patch",
+            "dbpol",
+            "certquiz",
+            "-n",
+            "default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
         ],
         None,
     );
     let wide = env.kubectl_ok(
-        &["get", "dbpol", "certquiz", "-n", "default", "-o", "wide", "--no-headers"],
+        &[
+            "get",
+            "dbpol",
+            "certquiz",
+            "-n",
+            "default",
+            "-o",
+            "wide",
+            "--no-headers",
+        ],
         None,
     );
     let cols: Vec<&str> = wide.split_whitespace().collect();
-    assert_eq!(&cols[..5], ["certquiz", "False", "RestartRequired", "Apply", "3"], "{wide}");
-    assert!(wide.contains("shared_buffers waits for a restart"), "{wide}");
+    assert_eq!(
+        &cols[..5],
+        ["certquiz", "False", "RestartRequired", "Apply", "3"],
+        "{wide}"
+    );
+    assert!(
+        wide.contains("shared_buffers waits for a restart"),
+        "{wide}"
+    );
     // Last Backup is a date column: kubectl shows its age, not the raw timestamp.
     assert!(!wide.contains("2026-01-02"), "{wide}");
     assert!(cols[5].ends_with('d') || cols[5].contains('y'), "{wide}");
@@ -207,7 +253,13 @@ fn certquiz_example_is_accepted_and_printer_columns_fill_from_status() {
     assert_eq!(obj["metadata"]["generation"], 1);
     env.kubectl_ok(
         &[
-            "patch", "dbpol", "certquiz", "-n", "default", "--type=merge", "-p",
+            "patch",
+            "dbpol",
+            "certquiz",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
             r#"{"spec":{"mode":"Plan"}}"#,
         ],
         None,
@@ -231,13 +283,19 @@ const BAD: &[Bad] = &[
         what: "backups storage with both pvc and s3",
         path: "spec.backups.storage.s3",
         value: "{bucket: dumps, credentialsSecretRef: {name: s3-creds}}",
-        expect: &["spec.backups.storage", "storage needs exactly one of pvc or s3"],
+        expect: &[
+            "spec.backups.storage",
+            "storage needs exactly one of pvc or s3",
+        ],
     },
     Bad {
         what: "backups storage with neither pvc nor s3",
         path: "spec.backups.storage",
         value: "{}",
-        expect: &["spec.backups.storage", "storage needs exactly one of pvc or s3"],
+        expect: &[
+            "spec.backups.storage",
+            "storage needs exactly one of pvc or s3",
+        ],
     },
     Bad {
         what: "RLS Insert policy with using",
@@ -258,7 +316,10 @@ const BAD: &[Bad] = &[
         what: "lockTimeout that is not a duration",
         path: "spec.safety.lockTimeout",
         value: "soon",
-        expect: &["spec.safety.lockTimeout", "must be a duration such as 500ms, 5s or 1m"],
+        expect: &[
+            "spec.safety.lockTimeout",
+            "must be a duration such as 500ms, 5s or 1m",
+        ],
     },
     Bad {
         what: "unknown field (strict field validation)",
@@ -285,31 +346,48 @@ const BAD: &[Bad] = &[
         what: "mode outside the enum",
         path: "spec.mode",
         value: "Foo",
-        expect: &["spec.mode", "Unsupported value: \"Foo\"", "\"Apply\"", "\"Plan\""],
+        expect: &[
+            "spec.mode",
+            "Unsupported value: \"Foo\"",
+            "\"Apply\"",
+            "\"Plan\"",
+        ],
     },
     Bad {
         what: "backup schedule that is not cron",
         path: "spec.backups.schedule",
         value: "nightly",
-        expect: &["spec.backups.schedule", "must be a 5-field cron expression or a @macro"],
+        expect: &[
+            "spec.backups.schedule",
+            "must be a 5-field cron expression or a @macro",
+        ],
     },
     Bad {
         what: "empty backup retention",
         path: "spec.backups.retention",
         value: "{}",
-        expect: &["spec.backups.retention", "retention needs days, count or both"],
+        expect: &[
+            "spec.backups.retention",
+            "retention needs days, count or both",
+        ],
     },
     Bad {
         what: "empty Secret name",
         path: "spec.database.connectionSecretRef.name",
         value: "\"\"",
-        expect: &["spec.database.connectionSecretRef.name", "at least 1 chars long"],
+        expect: &[
+            "spec.database.connectionSecretRef.name",
+            "at least 1 chars long",
+        ],
     },
     Bad {
         what: "bad flag name",
         path: "spec.featureFlags.flags.0.name",
         value: "no spaces please",
-        expect: &["spec.featureFlags.flags[0].name", "flag names are letters, digits"],
+        expect: &[
+            "spec.featureFlags.flags[0].name",
+            "flag names are letters, digits",
+        ],
     },
 ];
 
@@ -320,7 +398,11 @@ fn invalid_policies_are_rejected_with_messages_naming_the_field() {
 
     // The base is valid: every failure below comes from the one change the case makes.
     let out = apply(&env, BASE);
-    assert!(out.status.success(), "BASE rejected:\n{}", support_envtest::text(&out));
+    assert!(
+        out.status.success(),
+        "BASE rejected:\n{}",
+        support_envtest::text(&out)
+    );
     env.kubectl_ok(&["delete", "dbpol", "base", "-n", "default"], None);
 
     let mut failures = Vec::new();
@@ -343,7 +425,11 @@ fn invalid_policies_are_rejected_with_messages_naming_the_field() {
 
     // Nothing was stored.
     let list = get_json(&env, &["get", "dbpol", "-A"]);
-    assert_eq!(list["items"], serde_json::json!([]), "bad policies were stored");
+    assert_eq!(
+        list["items"],
+        serde_json::json!([]),
+        "bad policies were stored"
+    );
 }
 
 #[test]
@@ -353,18 +439,33 @@ fn finalizer_holds_deletion_until_removed() {
     apply(&env, BASE);
     env.kubectl_ok(
         &[
-            "patch", "dbpol", "base", "-n", "default", "--type=merge", "-p",
+            "patch",
+            "dbpol",
+            "base",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
             r#"{"metadata":{"finalizers":["dbpolicy.dev/cleanup"]}}"#,
         ],
         None,
     );
-    env.kubectl_ok(&["delete", "dbpol", "base", "-n", "default", "--wait=false"], None);
+    env.kubectl_ok(
+        &["delete", "dbpol", "base", "-n", "default", "--wait=false"],
+        None,
+    );
     // The finalizer holds the object: deletionTimestamp set, object still there.
     let obj = get_json(&env, &["get", "dbpol", "base", "-n", "default"]);
     assert!(obj["metadata"]["deletionTimestamp"].is_string(), "{obj}");
     env.kubectl_ok(
         &[
-            "patch", "dbpol", "base", "-n", "default", "--type=merge", "-p",
+            "patch",
+            "dbpol",
+            "base",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
             r#"{"metadata":{"finalizers":null}}"#,
         ],
         None,

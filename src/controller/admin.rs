@@ -1,6 +1,5 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process serves) and `/readyz` (false until the controller or its standby loop runs).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -56,25 +55,26 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` (failing fast, so a taken port is reported at startup) and serves until
+/// Serves on `listener` (bound by the caller, so a taken port fails at startup) until
 /// `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
+pub fn serve(
+    listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     ready: Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "admin server listening");
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin server listening");
+    }
     let app = router(registry, ready);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
         {
             tracing::error!(error = %e, "admin server failed");
         }
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -82,7 +82,7 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn get(addr: SocketAddr, path: &str) -> String {
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(
             format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
@@ -100,14 +100,11 @@ mod tests {
         let _m = super::super::metrics::Metrics::default().register(&mut registry);
         let ready = Readiness::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let task = serve(addr, Arc::new(registry), ready.clone(), async {
+        let task = serve(listener, Arc::new(registry), ready.clone(), async {
             let _ = rx.await;
-        })
-        .await
-        .unwrap();
+        });
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         ready.set(true);

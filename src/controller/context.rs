@@ -27,7 +27,11 @@ const MAX_NOTE: usize = 1000;
 
 pub struct Context {
     pub client: Client,
+    /// Repeats of one event (same type, reason, action, object) within minutes become a
+    /// series on the first Event, keeping the first note: right for a failure that
+    /// repeats, wrong for change sets, which each get their own Event (see `publish`).
     pub recorder: Recorder,
+    reporter: Reporter,
     pub metrics: Metrics,
     /// Consecutive failures per policy (`namespace/name`), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -40,7 +44,8 @@ impl Context {
             instance,
         };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             metrics,
             failures: Mutex::new(HashMap::new()),
@@ -64,7 +69,9 @@ impl Context {
     }
 
     /// Publishes an Event about `policy`. A failure to publish is logged, never fatal:
-    /// the status already says what the event says.
+    /// the status already says what the event says. `distinct` events (applied change
+    /// sets, whose notes differ) go through a fresh Recorder, so that they are never folded
+    /// into the series of an earlier one.
     pub async fn publish(
         &self,
         policy: &DatabasePolicy,
@@ -72,6 +79,7 @@ impl Context {
         reason: &str,
         action: &str,
         note: String,
+        distinct: bool,
     ) {
         let event = Event {
             type_,
@@ -80,7 +88,14 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &policy.object_ref(&())).await {
+        let fresh;
+        let recorder = if distinct {
+            fresh = Recorder::new(self.client.clone(), self.reporter.clone());
+            &fresh
+        } else {
+            &self.recorder
+        };
+        if let Err(e) = recorder.publish(&event, &policy.object_ref(&())).await {
             tracing::warn!(policy = %key(policy), reason, error = %e, "could not publish event");
         }
     }
@@ -94,6 +109,7 @@ impl Context {
             error.reason(),
             "Reconcile",
             error.to_string(),
+            false,
         )
         .await;
     }

@@ -127,14 +127,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = metrics::Metrics::default().register(&mut registry);
     let ready = admin::Readiness::default();
     let stop = shutdown_signal();
-    let admin_task = admin::serve(
-        args.admin_addr,
-        Arc::new(registry),
-        ready.clone(),
-        stopped(&stop),
-    )
-    .await
-    .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
+    let admin_task = admin::serve(listener, Arc::new(registry), ready.clone(), stopped(&stop));
 
     let identity = args
         .lease_identity

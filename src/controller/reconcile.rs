@@ -133,6 +133,7 @@ async fn apply(
                 "applied {total} change(s): {}",
                 status::counts_note(&applied)
             ),
+            true,
         )
         .await;
     }
@@ -153,6 +154,7 @@ async fn apply(
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
+                false,
             )
             .await;
         }
@@ -199,6 +201,7 @@ async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
         "Released",
         "Cleanup",
         "finalizer removed; what the policy set in the database is left in place (recorded in dbpolicy.managed)".into(),
+        false,
     )
     .await;
     Ok(Action::await_change())

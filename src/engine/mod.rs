@@ -8,6 +8,7 @@ pub mod areas;
 pub mod clock;
 pub mod ledger;
 pub mod plan;
+pub mod replica_health;
 pub mod scratch;
 
 use std::time::Duration;
@@ -40,6 +41,7 @@ pub struct Observed {
     pub rls: Option<areas::rls::Observed>,
     pub materialized_views: Option<areas::matviews::Observed>,
     pub indexes: Option<areas::indexes::Observed>,
+    pub replicas: Option<areas::replicas::Observed>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,12 +163,17 @@ pub async fn observe(
                 .map_err(observe_err("featureFlags"))?,
         );
     }
+    if spec.replicas.is_some() || ledger.items(Area::Replicas).next().is_some() {
+        // Replica probes are I/O on other servers: `run_with` adds them.
+        observed.replicas = Some(
+            areas::replicas::observe(conn)
+                .await
+                .map_err(observe_err("replicas"))?,
+        );
+    }
     observed.ledger = ledger;
     Ok(observed)
 }
-
-/// Why an area present in the spec is not reconciled by this version. Said, never silent.
-const NOT_YET: &str = "not reconciled by this version of dbpolicy yet";
 
 /// The plan: pure, from the spec and what was observed.
 pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
@@ -206,8 +213,13 @@ pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
     if let (Some(s), Some(o)) = (&spec.feature_flags, &observed.feature_flags) {
         plan.areas.push(areas::feature_flags::plan(s, o));
     }
-    if spec.replicas.is_some() {
-        plan.areas.push(AreaPlan::skipped(Area::Replicas, NOT_YET));
+    if let Some(o) = &observed.replicas {
+        let empty = Default::default();
+        plan.areas.push(areas::replicas::plan(
+            spec.replicas.as_ref().unwrap_or(&empty),
+            o,
+            ledger,
+        ));
     }
     if spec.backups.is_some() {
         plan.areas.push(AreaPlan::skipped(
@@ -259,6 +271,9 @@ pub struct Facts {
     pub partitions: Option<Vec<crate::api::PartitionTableStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub materialized_views: Option<Vec<crate::api::MaterializedViewStatus>>,
+    /// Health and lag of each declared replica (`Unknown` when it could not be checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Vec<crate::api::ReplicaStatus>>,
 }
 
 /// The status details of what was observed.
@@ -274,15 +289,40 @@ pub fn facts(spec: &DatabasePolicySpec, observed: &Observed) -> Facts {
             .as_ref()
             .zip(observed.materialized_views.as_ref())
             .map(|(s, o)| areas::matviews::status(s, o)),
+        replicas: spec
+            .replicas
+            .as_ref()
+            .zip(observed.replicas.as_ref())
+            .map(|(s, o)| areas::replicas::status(s, o)),
     }
 }
 
+/// What a run needs besides the primary's connection.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// How to reach the replicas of `spec.replicas`; a replica without a URL is reported
+    /// as not checked.
+    pub replicas: replica_health::ReplicaTargets,
+}
+
 /// Observe, plan and (in Apply mode, when the plan is valid) apply, under the policy lock.
+/// Replicas are not checked (no URLs): see [`run_with`].
 pub async fn run(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
     mode: Mode,
     policy: &PolicyId,
+) -> Result<Outcome, EngineError> {
+    run_with(conn, spec, mode, policy, &RunOptions::default()).await
+}
+
+/// [`run`], with replica health checked through `options.replicas`.
+pub async fn run_with(
+    conn: &mut PgConnection,
+    spec: &DatabasePolicySpec,
+    mode: Mode,
+    policy: &PolicyId,
+    options: &RunOptions,
 ) -> Result<Outcome, EngineError> {
     let errors = validate_spec(spec);
     if !errors.is_empty() {
@@ -291,6 +331,12 @@ pub async fn run(
     let lock_ms = pg_millis(spec.lock_timeout()).map_err(EngineError::Session)?;
     let statement_ms = pg_millis(spec.statement_timeout()).map_err(EngineError::Session)?;
     let session = |e: sqlx::Error| EngineError::Session(crate::pg::error_summary(&e));
+    // Replicas are checked while this run waits for the lock and observes the primary:
+    // each check is bounded, and none needs the lock.
+    let probes = spec.replicas.clone().map(|replicas| {
+        let targets = options.replicas.clone();
+        tokio::spawn(async move { replica_health::probe_all(Some(&replicas), &targets).await })
+    });
 
     // Waiting for another run: as long as one statement may take, not the lock_timeout
     // meant for production tables.
@@ -318,7 +364,10 @@ pub async fn run(
         .execute(&mut *conn)
         .await
         .map_err(session)?;
-        let observed = observe(conn, spec, policy).await?;
+        let mut observed = observe(conn, spec, policy).await?;
+        if let (Some(replicas), Some(probes)) = (observed.replicas.as_mut(), probes) {
+            replicas.probes = probes.await.unwrap_or_default();
+        }
         let plan = plan(spec, &observed);
         let facts = facts(spec, &observed);
         let report = if mode == Mode::Apply && !plan.has_errors() {

@@ -11,13 +11,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
-    SecretKeySelector, SecurityContext,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{DatabasePolicy, MaterializedView, DEFAULT_SCHEMA};
+use crate::api::{DatabasePolicy, DumpFormat, MaterializedView, DEFAULT_SCHEMA};
 use crate::duration::parse_duration;
 use crate::engine::areas::matviews::DEFAULT_REFRESH_TIMEOUT;
 
@@ -153,6 +154,144 @@ pub fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
         .collect()
 }
 
+/// Where the backup job mounts the PersistentVolumeClaim of `storage.pvc`.
+pub const BACKUP_MOUNT: &str = "/backups";
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The CronJob running `dbpolicy backup run` for the policy; None without `spec.backups`.
+///
+/// Storage settings are flags (nothing secret, and `kubectl describe` shows them); the
+/// database URL and S3 keys come from Secrets as environment variables. The root file
+/// system is read-only, so `/tmp` (where `--verify` downloads the dump) is an emptyDir.
+/// No active deadline: a dump takes as long as the database is big.
+pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
+    let spec = policy.spec.backups.as_ref()?;
+    let mut args = vec![
+        "backup".to_string(),
+        "run".into(),
+        "--compression".into(),
+        spec.compression.unwrap_or(6).to_string(),
+    ];
+    if spec.format == Some(DumpFormat::Directory) {
+        // Refused by `backup run` with a clear message, rather than silently dumping
+        // another format than the policy says.
+        args.extend(["--format".into(), "directory".into()]);
+    }
+    let mut env = Vec::new();
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    }];
+    if let Some(pvc) = &spec.storage.pvc {
+        let sub = pvc.path.as_deref().unwrap_or("").trim_matches('/');
+        let dir = if sub.is_empty() {
+            BACKUP_MOUNT.to_string()
+        } else {
+            format!("{BACKUP_MOUNT}/{sub}")
+        };
+        args.extend(["--dir".into(), dir]);
+        volumes.push(Volume {
+            name: "backups".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "backups".into(),
+            mount_path: BACKUP_MOUNT.into(),
+            ..Default::default()
+        });
+    }
+    if let Some(s3) = &spec.storage.s3 {
+        args.extend(["--s3-bucket".into(), s3.bucket.clone()]);
+        for (flag, value) in [
+            ("--s3-endpoint", &s3.endpoint),
+            ("--s3-region", &s3.region),
+            ("--s3-prefix", &s3.prefix),
+        ] {
+            if let Some(v) = value {
+                args.extend([flag.to_string(), v.clone()]);
+            }
+        }
+        let secret = &s3.credentials_secret_ref.name;
+        env.push(secret_env("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"));
+        env.push(secret_env("AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"));
+    }
+    if let Some(r) = &spec.retention {
+        if let Some(days) = r.days {
+            args.extend(["--retention-days".into(), days.to_string()]);
+        }
+        if let Some(count) = r.count {
+            args.extend(["--retention-count".into(), count.to_string()]);
+        }
+    }
+    if spec.verify.unwrap_or(false) {
+        args.push("--verify".into());
+    }
+    env.push(EnvVar {
+        name: "TMPDIR".into(),
+        value: Some("/tmp".into()),
+        ..Default::default()
+    });
+
+    let image = spec.image.as_deref().unwrap_or(image);
+    let mut template = job_template(policy, image, args, None, "backup");
+    if let Some(pod) = template.spec.as_mut().and_then(|j| j.template.spec.as_mut()) {
+        // Files written to the volume belong to the job's group, whoever owns the claim.
+        if let Some(sc) = pod.security_context.as_mut() {
+            sc.fs_group = Some(65532);
+            sc.fs_group_change_policy = Some("OnRootMismatch".into());
+        }
+        pod.volumes = Some(volumes);
+        let container = &mut pod.containers[0];
+        container.env.get_or_insert_with(Vec::new).extend(env);
+        container.volume_mounts = Some(mounts);
+        container.resources = spec.resources.clone();
+    }
+    Some(CronJob {
+        metadata: ObjectMeta {
+            name: Some(child_name(&policy.name_any(), "backup")),
+            namespace: policy.namespace(),
+            labels: Some(labels(policy, "backup")),
+            owner_references: policy.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(CronJobSpec {
+            schedule: spec.schedule.clone(),
+            concurrency_policy: Some("Forbid".into()),
+            successful_jobs_history_limit: Some(3),
+            failed_jobs_history_limit: Some(3),
+            starting_deadline_seconds: Some(300),
+            suspend: Some(policy.spec.is_suspended() || spec.suspend.unwrap_or(false)),
+            job_template: template,
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +338,216 @@ mod tests {
         assert!(long.len() <= MAX_NAME, "{long}");
         assert_eq!(long, child_name("a-very-long-policy-name-for-the-quiz-application", "refresh-category_statistics_by_month"));
         assert_ne!(long, child_name("a-very-long-policy-name-for-the-quiz-application", "refresh-category_statistics_by_week"));
+    }
+}
+
+#[cfg(test)]
+mod backup_tests {
+    use super::*;
+    use serde_json::Value;
+
+    const IMAGE: &str = "ghcr.io/dbpolicy/dbpolicy:0.1.0";
+
+    fn policy(backups: &str) -> DatabasePolicy {
+        let mut p: DatabasePolicy = serde_yaml::from_str(&format!(
+            "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {{name: certquiz, namespace: quiz}}\nspec:\n  database: {{connectionSecretRef: {{name: certquiz-db}}}}\n{backups}"
+        ))
+        .unwrap();
+        p.metadata.uid = Some("1234-5678".into());
+        p
+    }
+
+    fn pvc_policy() -> DatabasePolicy {
+        policy(
+            "  backups:\n    schedule: '0 3 * * *'\n    retention: {days: 30}\n    storage: {pvc: {claimName: certquiz-backups, path: /nightly/}}\n    compression: 9\n    verify: true\n    resources: {requests: {cpu: 100m, memory: 256Mi}, limits: {memory: 1Gi}}\n",
+        )
+    }
+
+    fn s3_policy() -> DatabasePolicy {
+        policy(
+            "  backups:\n    schedule: '@daily'\n    retention: {days: 7, count: 10}\n    storage:\n      s3: {bucket: quiz-backups, endpoint: 'https://minio.storage:9000', region: eu-west-1, prefix: certquiz, credentialsSecretRef: {name: s3-creds}}\n    image: registry.local/dbpolicy:dev\n    suspend: true\n",
+        )
+    }
+
+    fn pod(cj: &CronJob) -> &PodSpec {
+        cj.spec.as_ref().unwrap().job_template.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    fn env_secret(c: &Container, name: &str) -> (String, String) {
+        let e = c.env.as_ref().unwrap().iter().find(|e| e.name == name).unwrap_or_else(|| panic!("no env {name}"));
+        assert!(e.value.is_none(), "{name} must come from a Secret");
+        let s = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        (s.name.clone(), s.key.clone())
+    }
+
+    #[test]
+    fn no_backups_section_no_cronjob() {
+        assert!(backup_cronjob(&policy(""), IMAGE).is_none());
+    }
+
+    #[test]
+    fn pvc_backup_cronjob() {
+        let cj = backup_cronjob(&pvc_policy(), IMAGE).unwrap();
+        assert_eq!(cj.metadata.name.as_deref(), Some("certquiz-backup"));
+        assert_eq!(cj.metadata.namespace.as_deref(), Some("quiz"));
+        let owner = &cj.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("DatabasePolicy", "certquiz", Some(true)));
+        assert_eq!(cj.metadata.labels.as_ref().unwrap()[ROLE_LABEL], "backup");
+        let spec = cj.spec.as_ref().unwrap();
+        assert_eq!(spec.schedule, "0 3 * * *");
+        assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
+        assert_eq!((spec.successful_jobs_history_limit, spec.failed_jobs_history_limit), (Some(3), Some(3)));
+        assert_eq!(spec.suspend, Some(false));
+        assert_eq!(spec.job_template.spec.as_ref().unwrap().active_deadline_seconds, None);
+        let pod = pod(&cj);
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some(IMAGE));
+        assert_eq!(
+            c.args.as_ref().unwrap(),
+            &["backup", "run", "--compression", "9", "--dir", "/backups/nightly", "--retention-days", "30", "--verify"]
+        );
+        assert_eq!(env_secret(c, "DATABASE_URL"), ("certquiz-db".into(), "uri".into()));
+        assert!(!c.env.as_ref().unwrap().iter().any(|e| e.name.starts_with("AWS_")));
+        let volumes = pod.volumes.as_ref().unwrap();
+        assert_eq!(volumes[0].name, "tmp");
+        assert!(volumes[0].empty_dir.is_some());
+        assert_eq!(volumes[1].persistent_volume_claim.as_ref().unwrap().claim_name, "certquiz-backups");
+        let mounts: Vec<(&str, &str)> =
+            c.volume_mounts.as_ref().unwrap().iter().map(|m| (m.name.as_str(), m.mount_path.as_str())).collect();
+        assert_eq!(mounts, [("tmp", "/tmp"), ("backups", "/backups")]);
+        let resources = c.resources.as_ref().unwrap();
+        assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "1Gi");
+        // Restricted pod security, and a group that can write to the claim.
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!((psc.run_as_non_root, psc.fs_group), (Some(true), Some(65532)));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+    }
+
+    #[test]
+    fn s3_backup_cronjob() {
+        let cj = backup_cronjob(&s3_policy(), IMAGE).unwrap();
+        let spec = cj.spec.as_ref().unwrap();
+        assert_eq!(spec.suspend, Some(true), "backups.suspend pauses the schedule");
+        let pod = pod(&cj);
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.local/dbpolicy:dev"));
+        assert_eq!(
+            c.args.as_ref().unwrap(),
+            &[
+                "backup", "run", "--compression", "6", "--s3-bucket", "quiz-backups", "--s3-endpoint",
+                "https://minio.storage:9000", "--s3-region", "eu-west-1", "--s3-prefix", "certquiz",
+                "--retention-days", "7", "--retention-count", "10"
+            ]
+        );
+        assert_eq!(env_secret(c, "AWS_ACCESS_KEY_ID"), ("s3-creds".into(), "AWS_ACCESS_KEY_ID".into()));
+        assert_eq!(env_secret(c, "AWS_SECRET_ACCESS_KEY"), ("s3-creds".into(), "AWS_SECRET_ACCESS_KEY".into()));
+        assert_eq!(pod.volumes.as_ref().unwrap().len(), 1, "only /tmp without a claim");
+        // A suspended policy suspends its backups too.
+        let mut p = pvc_policy();
+        p.spec.suspend = Some(true);
+        assert_eq!(backup_cronjob(&p, IMAGE).unwrap().spec.unwrap().suspend, Some(true));
+    }
+
+    #[test]
+    fn the_args_parse_as_the_cli_expects() {
+        use clap::Parser;
+        for p in [pvc_policy(), s3_policy()] {
+            let cj = backup_cronjob(&p, IMAGE).unwrap();
+            let args = pod(&cj).containers[0].args.clone().unwrap();
+            let cli = crate::cli::Cli::try_parse_from(std::iter::once("dbpolicy".to_string()).chain(args))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(matches!(cli.command, crate::cli::Command::Backup(_)));
+        }
+    }
+
+    /// Required properties of the types used, from the published Kubernetes 1.33 OpenAPI
+    /// definitions (`io.k8s.api.batch.v1.CronJobSpec` etc.).
+    fn check_required(path: &str, v: &Value, errors: &mut Vec<String>) {
+        let Some(obj) = v.as_object() else {
+            if let Some(items) = v.as_array() {
+                for (i, item) in items.iter().enumerate() {
+                    check_required(&format!("{path}[{i}]"), item, errors);
+                }
+            }
+            return;
+        };
+        let field = path.rsplit('.').next().unwrap_or("").split('[').next().unwrap_or("");
+        let required: &[&str] = match field {
+            "" => &["apiVersion", "kind", "metadata", "spec"],
+            "spec" if path == ".spec" => &["schedule", "jobTemplate"],
+            "spec" if path.ends_with("jobTemplate.spec") => &["template"],
+            "spec" if path.ends_with("template.spec") => &["containers"],
+            "containers" => &["name", "image"],
+            "env" => &["name"],
+            "secretKeyRef" => &["key", "name"],
+            "volumes" => &["name"],
+            "volumeMounts" => &["name", "mountPath"],
+            "persistentVolumeClaim" => &["claimName"],
+            "ownerReferences" => &["apiVersion", "kind", "name", "uid"],
+            "seccompProfile" => &["type"],
+            _ => &[],
+        };
+        for r in required {
+            if obj.get(*r).is_none_or(|x| x.is_null()) {
+                errors.push(format!("{path}: required field {r} is missing"));
+            }
+        }
+        for (k, child) in obj {
+            check_required(&format!("{path}.{k}"), child, errors);
+        }
+    }
+
+    fn dns_label(s: &str, max: usize) -> bool {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    }
+
+    #[test]
+    fn manifest_is_a_valid_batch_v1_cronjob() {
+        for p in [pvc_policy(), s3_policy()] {
+            let cj = backup_cronjob(&p, IMAGE).unwrap();
+            let value = serde_json::to_value(&cj).unwrap();
+            assert_eq!(value["apiVersion"], "batch/v1");
+            assert_eq!(value["kind"], "CronJob");
+            let mut errors = Vec::new();
+            check_required("", &value, &mut errors);
+            assert!(errors.is_empty(), "{errors:#?}");
+            // Enumerations of the schema.
+            let spec = &value["spec"];
+            assert!(["Allow", "Forbid", "Replace"].contains(&spec["concurrencyPolicy"].as_str().unwrap()));
+            let pod = &spec["jobTemplate"]["spec"]["template"]["spec"];
+            assert!(["Never", "OnFailure"].contains(&pod["restartPolicy"].as_str().unwrap()), "Job pods never restart Always");
+            assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+            assert!(["Always", "OnRootMismatch"].contains(&pod["securityContext"]["fsGroupChangePolicy"].as_str().unwrap()));
+            // Names: a CronJob name of at most 52 characters; DNS labels for containers and volumes.
+            assert!(dns_label(value["metadata"]["name"].as_str().unwrap(), 52));
+            for c in pod["containers"].as_array().unwrap() {
+                assert!(dns_label(c["name"].as_str().unwrap(), 63));
+            }
+            for v in pod["volumes"].as_array().unwrap() {
+                assert!(dns_label(v["name"].as_str().unwrap(), 63));
+            }
+            for (k, v) in value["metadata"]["labels"].as_object().unwrap() {
+                assert!(k.len() <= 63 + 254 && v.as_str().unwrap().len() <= 63, "{k}={v}");
+            }
+            // Every mount names a volume of the pod.
+            let volumes: Vec<&str> = pod["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+            for m in pod["containers"][0]["volumeMounts"].as_array().unwrap() {
+                assert!(volumes.contains(&m["name"].as_str().unwrap()));
+            }
+            // Round trip through the batch/v1 type: an unknown or misspelt field would be
+            // dropped here and the documents would differ.
+            let back: CronJob = serde_json::from_value(value.clone()).unwrap();
+            assert_eq!(back, cj);
+            assert_eq!(serde_json::to_value(&back).unwrap(), value);
+            let yaml = serde_yaml::to_string(&cj).unwrap();
+            let from_yaml: CronJob = serde_yaml::from_str(&yaml).unwrap();
+            assert_eq!(from_yaml, cj);
+        }
     }
 }

@@ -97,7 +97,8 @@ fn parse_nodes(
                 }
                 match kw.as_str() {
                     "define" => {
-                        let dname = unquote(&rest).ok_or_else(|| format!("{name}: bad define {rest}"))?;
+                        let dname =
+                            unquote(&rest).ok_or_else(|| format!("{name}: bad define {rest}"))?;
                         let (body, _) = expect_end(toks, pos, defines, name)?;
                         defines.insert(dname, body);
                     }
@@ -185,7 +186,8 @@ pub struct Release<'a> {
 
 impl Chart {
     pub fn load(dir: &Path) -> Result<Chart, String> {
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+        let read =
+            |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
         let chart_yaml: Value = serde_yaml::from_str(&read(&dir.join("Chart.yaml"))?)
             .map_err(|e| format!("Chart.yaml: {e}"))?;
         let values: Value = serde_yaml::from_str(&read(&dir.join("values.yaml"))?)
@@ -194,7 +196,12 @@ impl Chart {
         let mut chart = Map::new();
         for (k, v) in chart_yaml.as_object().ok_or("Chart.yaml is not a map")? {
             let mut c = k.chars();
-            let cap: String = c.next().map(|f| f.to_ascii_uppercase()).into_iter().chain(c).collect();
+            let cap: String = c
+                .next()
+                .map(|f| f.to_ascii_uppercase())
+                .into_iter()
+                .chain(c)
+                .collect();
             chart.insert(cap, v.clone());
         }
         let mut paths: Vec<_> = std::fs::read_dir(dir.join("templates"))
@@ -245,7 +252,11 @@ impl Chart {
                 continue;
             }
             let mut s = String::new();
-            let ctx = Ctx { chart: self, root: &root, file: name };
+            let ctx = Ctx {
+                chart: self,
+                root: &root,
+                file: name,
+            };
             ctx.exec(nodes, &root, &mut s)?;
             out.push((name.clone(), s));
         }
@@ -380,7 +391,9 @@ impl Ctx<'_> {
     }
 
     fn command(&self, args: &[Arg], piped: Option<Value>, dot: &Value) -> Result<Value, String> {
-        let (first, rest) = args.split_first().ok_or_else(|| self.err("empty command"))?;
+        let (first, rest) = args
+            .split_first()
+            .ok_or_else(|| self.err("empty command"))?;
         if let Arg::Ident(f) = first {
             let mut vals = rest
                 .iter()
@@ -495,23 +508,29 @@ impl Ctx<'_> {
             }
         };
         let s = |v: &Value| display(v);
-        let int = |v: &Value| v.as_i64().ok_or_else(|| self.err(format!("{f}: {v} is not an integer")));
+        let int = |v: &Value| {
+            v.as_i64()
+                .ok_or_else(|| self.err(format!("{f}: {v} is not an integer")))
+        };
         Ok(match f {
             "include" => {
                 want(2)?;
                 let name = s(&a[0]);
-                let body = self
-                    .chart
-                    .defines
-                    .get(&name)
-                    .ok_or_else(|| self.err(format!("include of undefined template {name:?}")))?;
+                let body =
+                    self.chart.defines.get(&name).ok_or_else(|| {
+                        self.err(format!("include of undefined template {name:?}"))
+                    })?;
                 let mut out = String::new();
                 self.exec(body, &a[1], &mut out)?;
                 Value::String(out)
             }
             "default" => {
                 want(2)?;
-                if truthy(&a[1]) { a[1].clone() } else { a[0].clone() }
+                if truthy(&a[1]) {
+                    a[1].clone()
+                } else {
+                    a[0].clone()
+                }
             }
             "quote" => {
                 want(1)?;
@@ -530,7 +549,11 @@ impl Ctx<'_> {
                     .map(|l| format!("{pad}{l}"))
                     .collect::<Vec<_>>()
                     .join("\n");
-                Value::String(if f == "nindent" { format!("\n{body}") } else { body })
+                Value::String(if f == "nindent" {
+                    format!("\n{body}")
+                } else {
+                    body
+                })
             }
             "trunc" => {
                 want(2)?;
@@ -581,8 +604,18 @@ impl Ctx<'_> {
                 want(2)?;
                 Value::Bool(a[0] != a[1])
             }
-            "and" => a.iter().find(|v| !truthy(v)).or(a.last()).cloned().unwrap_or(Value::Null),
-            "or" => a.iter().find(|v| truthy(v)).or(a.last()).cloned().unwrap_or(Value::Null),
+            "and" => a
+                .iter()
+                .find(|v| !truthy(v))
+                .or(a.last())
+                .cloned()
+                .unwrap_or(Value::Null),
+            "or" => a
+                .iter()
+                .find(|v| truthy(v))
+                .or(a.last())
+                .cloned()
+                .unwrap_or(Value::Null),
             "fail" => return Err(self.err(format!("fail: {}", s(&a[0])))),
             "required" => {
                 want(2)?;
@@ -593,7 +626,9 @@ impl Ctx<'_> {
             }
             _ => {
                 let _ = dot;
-                return Err(self.err(format!("function {f:?} is not supported by the test renderer")));
+                return Err(self.err(format!(
+                    "function {f:?} is not supported by the test renderer"
+                )));
             }
         })
     }
@@ -669,7 +704,12 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
     }
     if let Some(obj) = v.as_object() {
         let props = schema.get("properties").and_then(Value::as_object);
-        for r in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+        for r in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let r = r.as_str().unwrap_or_default();
             if !obj.contains_key(r) {
                 errors.push(format!("{path}: missing required {r}"));

@@ -177,7 +177,8 @@ impl Envtest {
             .unwrap_or_else(|e| panic!("could not run kubectl (is it installed?): {e}"));
         if let Some(input) = stdin {
             let mut pipe = child.stdin.take().expect("kubectl stdin");
-            pipe.write_all(input.as_bytes()).expect("write kubectl stdin");
+            pipe.write_all(input.as_bytes())
+                .expect("write kubectl stdin");
         }
         child.wait_with_output().expect("wait for kubectl")
     }
@@ -213,7 +214,7 @@ impl Envtest {
     /// is Established. On the kube-apiserver 1.20 the CRD is adapted first (see
     /// [`adapt_crd_for_1_20`]); the CRD server checks the real thing.
     pub fn install_crds(&self) {
-        let dir = std::env::var_os("TMP_CRDS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("crds"));
+        let dir = repo_root().join("crds");
         let mut names = Vec::new();
         let mut paths: Vec<_> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -228,9 +229,18 @@ impl Envtest {
             if self.kind == ApiServer::Kube {
                 adapt_crd_for_1_20(&mut crd);
             }
-            names.push(format!("crd/{}", crd["metadata"]["name"].as_str().expect("CRD name")));
+            names.push(format!(
+                "crd/{}",
+                crd["metadata"]["name"].as_str().expect("CRD name")
+            ));
             let args: &[&str] = match self.kind {
-                ApiServer::Crd => &["apply", "--server-side", "--field-manager=dbpolicy-e2e", "-f", "-"],
+                ApiServer::Crd => &[
+                    "apply",
+                    "--server-side",
+                    "--field-manager=dbpolicy-e2e",
+                    "-f",
+                    "-",
+                ],
                 // 1.20's beta server-side apply mangles a CRD ("per-version schemas may not
                 // all be set to identical values"), so client-side apply there. It has no
                 // server-side field validation either: kubectl checks against the server's

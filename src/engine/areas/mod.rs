@@ -6,5 +6,6 @@ pub mod feature_flags;
 pub mod indexes;
 pub mod matviews;
 pub mod partitions;
+pub mod replicas;
 pub mod rls;
 pub mod server_settings;

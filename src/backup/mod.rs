@@ -1,0 +1,347 @@
+//! Backups: `dbpolicy backup run | list | verify | prune`, what the backup CronJob runs and
+//! what people run by hand. `pg_dump` custom-format dumps streamed to a local directory or
+//! an S3-compatible bucket ([`store`]), each committed by a manifest written last
+//! ([`manifest`]), pruned by retention rules ([`prune`]) and proven by a restore into a
+//! scratch database ([`verify`]).
+//!
+//! Exit status: 0 when everything asked for succeeded, 1 otherwise; errors on stderr name
+//! the step that failed.
+
+pub mod list;
+pub mod manifest;
+pub mod prune;
+pub mod run;
+pub mod store;
+pub mod tools;
+pub mod verify;
+
+use std::path::PathBuf;
+
+use chrono::Utc;
+use clap::{Args, Subcommand, ValueEnum};
+
+use self::list::human_bytes;
+use self::prune::Retention;
+use self::store::{S3Config, Store, StoreConfig, StoreError};
+
+/// Environment variables the CronJob sets instead of flags (flags win).
+pub const ENV_DIR: &str = "DBPOLICY_BACKUP_DIR";
+pub const ENV_S3_BUCKET: &str = "DBPOLICY_BACKUP_S3_BUCKET";
+pub const ENV_S3_ENDPOINT: &str = "DBPOLICY_BACKUP_S3_ENDPOINT";
+pub const ENV_S3_REGION: &str = "DBPOLICY_BACKUP_S3_REGION";
+pub const ENV_S3_PREFIX: &str = "DBPOLICY_BACKUP_S3_PREFIX";
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: BackupCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Dump the database into the store (then prune and verify when asked).
+    Run(RunArgs),
+    /// Show the backups in the store.
+    List(ListArgs),
+    /// Restore a backup (the newest by default) into a scratch database and check it.
+    Verify(VerifyArgs),
+    /// Delete backups the retention rules no longer keep (never the newest).
+    Prune(PruneArgs),
+}
+
+/// Where backups are stored: a directory, or an S3-compatible bucket.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// Local directory (the PersistentVolumeClaim's mount in the CronJob).
+    #[arg(long, env = ENV_DIR, conflicts_with = "s3_bucket")]
+    pub dir: Option<PathBuf>,
+    /// S3 bucket; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = ENV_S3_BUCKET)]
+    pub s3_bucket: Option<String>,
+    /// Endpoint of an S3-compatible server (default: AWS).
+    #[arg(long, env = ENV_S3_ENDPOINT, requires = "s3_bucket")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = ENV_S3_REGION, requires = "s3_bucket")]
+    pub s3_region: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, env = ENV_S3_PREFIX, requires = "s3_bucket")]
+    pub s3_prefix: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn config(&self) -> Result<StoreConfig, String> {
+        match (&self.dir, &self.s3_bucket) {
+            (Some(dir), None) => Ok(StoreConfig::Dir(dir.clone())),
+            (None, Some(bucket)) => Ok(StoreConfig::S3(S3Config {
+                bucket: bucket.clone(),
+                endpoint: self.s3_endpoint.clone().filter(|s| !s.is_empty()),
+                region: self.s3_region.clone().filter(|s| !s.is_empty()),
+                prefix: self.s3_prefix.clone().filter(|s| !s.is_empty()),
+            })),
+            (Some(_), Some(_)) => Err("pass either --dir or --s3-bucket, not both".into()),
+            (None, None) => Err(format!(
+                "no backup store: pass --dir PATH or --s3-bucket NAME (or set {ENV_DIR} / {ENV_S3_BUCKET})"
+            )),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RetentionArgs {
+    /// Keep backups finished within this many days.
+    #[arg(long, env = "DBPOLICY_BACKUP_RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+    /// Keep this many newest backups.
+    #[arg(long, env = "DBPOLICY_BACKUP_RETENTION_COUNT")]
+    pub retention_count: Option<u32>,
+}
+
+impl RetentionArgs {
+    fn retention(&self) -> Retention {
+        Retention { days: self.retention_days, count: self.retention_count }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Custom,
+    Directory,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// pg_dump compression level, 0-9.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub compression: u8,
+    /// Dump format; only `custom` can be streamed to the store.
+    #[arg(long, value_enum, default_value_t = Format::Custom)]
+    pub format: Format,
+    /// After the dump, restore it into a scratch database and check it.
+    #[arg(long)]
+    pub verify: bool,
+    /// The pg_dump to run (default: the newest in PATH or /usr/lib/postgresql/*/bin).
+    #[arg(long, env = "DBPOLICY_PG_DUMP")]
+    pub pg_dump: Option<PathBuf>,
+    /// The pg_restore that --verify runs.
+    #[arg(long, env = "DBPOLICY_PG_RESTORE")]
+    pub pg_restore: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Only this database's backups.
+    #[arg(long)]
+    pub database: Option<String>,
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Server to restore into (a scratch database is created and dropped there); its
+    /// database's backups are checked unless --database says otherwise.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Backup id (as `backup list` shows it); default: the newest.
+    #[arg(long)]
+    pub backup: Option<String>,
+    #[arg(long)]
+    pub database: Option<String>,
+    #[arg(long, env = "DBPOLICY_PG_RESTORE")]
+    pub pg_restore: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// Only this database's backups (default: every database in the store).
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Print what would be deleted, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// One variant per step; the message names what failed and, where it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("connect: {0}")]
+    Connect(#[from] crate::pg::ConnectError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Tool(String),
+    #[error("source database: {0}")]
+    Source(String),
+    #[error("pg_dump failed ({status}); nothing was stored:\n{stderr}")]
+    PgDump { status: String, stderr: String },
+    #[error("upload of {key} failed; nothing was stored: {reason}")]
+    Upload { key: String, reason: String },
+    #[error("no {what} in {store}")]
+    NotFound { what: String, store: String },
+    #[error("backup {backup} is corrupt: {reason}")]
+    Corrupt { backup: String, reason: String },
+    #[error("pg_restore failed ({status}):\n{stderr}")]
+    PgRestore { status: String, stderr: String },
+    #[error("backup {backup} restored, but differs from its manifest:\n  {}", problems.join("\n  "))]
+    Mismatch { backup: String, problems: Vec<String> },
+    #[error("scratch database: {0}")]
+    Scratch(String),
+}
+
+impl BackupError {
+    /// CamelCase reason, for conditions and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BackupError::Usage(_) => "InvalidArguments",
+            BackupError::Connect(e) => e.reason(),
+            BackupError::Store(_) => "StoreFailed",
+            BackupError::Tool(_) => "ToolFailed",
+            BackupError::Source(_) => "SourceReadFailed",
+            BackupError::PgDump { .. } => "DumpFailed",
+            BackupError::Upload { .. } => "UploadFailed",
+            BackupError::NotFound { .. } => "BackupNotFound",
+            BackupError::Corrupt { .. } => "BackupCorrupt",
+            BackupError::PgRestore { .. } => "RestoreFailed",
+            BackupError::Mismatch { .. } => "RestoreMismatch",
+            BackupError::Scratch(_) => "ScratchDatabaseFailed",
+        }
+    }
+}
+
+/// Runs a `dbpolicy backup` command; the exit status.
+pub async fn run(args: BackupArgs) -> u8 {
+    let (what, result) = match args.command {
+        BackupCommand::Run(a) => ("backup run", cmd_run(a).await),
+        BackupCommand::List(a) => ("backup list", cmd_list(a).await),
+        BackupCommand::Verify(a) => ("backup verify", cmd_verify(a).await),
+        BackupCommand::Prune(a) => ("backup prune", cmd_prune(a).await),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {what}: {e} [{}]", e.reason());
+            1
+        }
+    }
+}
+
+fn open(store: &StoreArgs) -> Result<Store, BackupError> {
+    let config = store.config().map_err(BackupError::Usage)?;
+    Ok(Store::open(&config)?)
+}
+
+fn need_url(url: Option<String>) -> Result<String, BackupError> {
+    url.filter(|u| !u.is_empty())
+        .ok_or_else(|| BackupError::Usage("no database: pass --database-url or set DATABASE_URL".into()))
+}
+
+async fn cmd_run(a: RunArgs) -> Result<(), BackupError> {
+    if a.format != Format::Custom {
+        return Err(BackupError::Usage(
+            "--format directory is not supported: a directory-format dump cannot be streamed to the store; use custom".into(),
+        ));
+    }
+    let retention = a.retention.retention();
+    if retention.is_set() {
+        retention.validate().map_err(BackupError::Usage)?;
+    }
+    let url = need_url(a.database_url)?;
+    let store = open(&a.store)?;
+    let opts = run::RunOptions { compression: a.compression, pg_dump: a.pg_dump };
+    let done = run::run(&store, &url, &opts).await?;
+    let m = &done.manifest;
+    println!(
+        "backed up {}/{}: {} in {:.1}s, {} table(s), {} row(s), sha256 {}",
+        done.database_dir,
+        m.id,
+        human_bytes(m.size_bytes),
+        m.duration_seconds,
+        m.tables.len(),
+        m.total_rows(),
+        m.sha256
+    );
+    if a.verify {
+        let opts = verify::VerifyOptions {
+            backup: Some(m.id.clone()),
+            database: Some(m.database.clone()),
+            pg_restore: a.pg_restore,
+        };
+        print_verified(verify::verify(&store, &url, &opts).await?);
+    }
+    if retention.is_set() {
+        let report = prune::prune(&store, Some(&m.database), retention, Utc::now(), false).await?;
+        print_pruned(&report, false);
+    }
+    Ok(())
+}
+
+async fn cmd_list(a: ListArgs) -> Result<(), BackupError> {
+    let store = open(&a.store)?;
+    let listing = list::scan(&store, a.database.as_deref()).await?;
+    match a.output {
+        Output::Text => print!("{}", list::render_text(&listing)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&listing).unwrap_or_default()),
+    }
+    Ok(())
+}
+
+async fn cmd_verify(a: VerifyArgs) -> Result<(), BackupError> {
+    let url = need_url(a.database_url)?;
+    let store = open(&a.store)?;
+    let opts = verify::VerifyOptions { backup: a.backup, database: a.database, pg_restore: a.pg_restore };
+    print_verified(verify::verify(&store, &url, &opts).await?);
+    Ok(())
+}
+
+async fn cmd_prune(a: PruneArgs) -> Result<(), BackupError> {
+    let store = open(&a.store)?;
+    let report = prune::prune(&store, a.database.as_deref(), a.retention.retention(), Utc::now(), a.dry_run).await?;
+    print_pruned(&report, a.dry_run);
+    Ok(())
+}
+
+fn print_verified(v: verify::Verified) {
+    println!(
+        "verified {}/{}: restored in {:.1}s, {} table(s) and {} row(s) match the manifest",
+        v.database, v.id, v.restore_seconds, v.tables, v.rows
+    );
+}
+
+fn print_pruned(report: &prune::PruneReport, dry_run: bool) {
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    for d in &report.deleted {
+        println!("{verb} {d}");
+    }
+    for d in &report.leftovers_deleted {
+        println!("{verb} leftover {d}");
+    }
+    println!(
+        "pruned: {} backup(s) {verb}, {} kept, {} leftover(s) {verb}",
+        report.deleted.len(),
+        report.kept.len(),
+        report.leftovers_deleted.len()
+    );
+}

@@ -1,0 +1,389 @@
+//! The operator (`dbpolicy run`) against the full kube-apiserver 1.20 (Namespaces, Secrets,
+//! Events, Leases) started by `hack/envtest.sh`, and a fresh database on the test
+//! PostgreSQL server.
+//!
+//! Covered here: leader election through a Lease, `kubectl wait --for=condition=Ready`,
+//! the `kubectl get dbpol` columns filled from status, drift repaired after a manual change
+//! in the database, Plan mode reporting without changing, suspend, a broken policy (bad
+//! credentials) reported without its password and without stalling the others, Events,
+//! /metrics, /healthz, /readyz, and deletion through the finalizer. 1.20 has no CEL and
+//! no server-side field validation (`e2e_crd.rs` covers those against the CRD server), and
+//! its server-side apply is beta: the operator writes status through it here.
+
+mod support;
+mod support_envtest;
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{eventually, TestDb};
+use support_envtest::{wait_for, ApiServer, Envtest};
+
+const NS: &str = "e2e";
+
+/// `dbpolicy run` as a child process, killed on drop; its log is shown when a test fails.
+struct Operator {
+    child: Child,
+    log: PathBuf,
+    admin: String,
+}
+
+impl Operator {
+    fn start(env: &Envtest) -> Operator {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let admin = format!("127.0.0.1:{port}");
+        let log = env.run_dir().join("operator.log");
+        let file = std::fs::File::create(&log).expect("operator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_dbpolicy"))
+            .args([
+                "run",
+                "--admin-addr",
+                &admin,
+                "--lease-namespace",
+                NS,
+                "--lease-identity",
+            ])
+            .arg("e2e-operator")
+            .env("KUBECONFIG", env.kubeconfig())
+            .env("RUST_LOG", "info,dbpolicy=debug")
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start dbpolicy run");
+        Operator { child, log, admin }
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// GET `path` from the admin server: (status code, body).
+    fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let mut s = TcpStream::connect(&self.admin).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("bad response: {out}"))?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of the operator's log ({}):\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+    }
+}
+
+fn policy(name: &str, secret: &str, extra: Value) -> String {
+    let mut spec = json!({
+        "database": {"connectionSecretRef": {"name": secret}},
+        "driftCheckInterval": "2s",
+        "featureFlags": {"flags": [
+            {"name": "new_engine", "enabled": true, "rolloutPercentage": 25},
+        ]},
+    });
+    merge_json(&mut spec, &extra);
+    json!({
+        "apiVersion": "dbpolicy.dev/v1alpha1", "kind": "DatabasePolicy",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    })
+    .to_string()
+}
+
+fn merge_json(base: &mut Value, over: &Value) {
+    if let (Value::Object(b), Value::Object(o)) = (&mut *base, over) {
+        for (k, v) in o {
+            match b.get_mut(k) {
+                Some(bv) if bv.is_object() && v.is_object() => merge_json(bv, v),
+                _ => {
+                    b.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    } else {
+        *base = over.clone();
+    }
+}
+
+fn get(env: &Envtest, name: &str) -> Value {
+    serde_json::from_str(&env.kubectl_ok(&["get", "dbpol", name, "-n", NS, "-o", "json"], None))
+        .expect("json")
+}
+
+fn condition(obj: &Value, ty: &str) -> Option<Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == ty)
+        .cloned()
+}
+
+/// Waits until the status describes the current generation and Ready has `status` (and
+/// `reason`, when given); returns the object.
+#[track_caller]
+fn wait_ready(env: &Envtest, name: &str, status: &str, reason: Option<&str>) -> Value {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{name}: Ready={status} {reason:?}"),
+        || {
+            let obj = get(env, name);
+            let generation = &obj["metadata"]["generation"];
+            let ready = condition(&obj, "Ready");
+            let ok = obj["status"]["observedGeneration"] == *generation
+                && ready.as_ref().is_some_and(|r| {
+                    r["status"] == status && reason.is_none_or(|want| r["reason"] == want)
+                });
+            if ok {
+                Ok(obj)
+            } else {
+                Err(format!("generation {generation}, status {}", obj["status"]))
+            }
+        },
+    )
+}
+
+fn patch(env: &Envtest, name: &str, patch: Value) {
+    env.kubectl_ok(
+        &[
+            "patch",
+            "dbpol",
+            name,
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        None,
+    );
+}
+
+async fn rollout(db: &TestDb, flag: &str) -> Option<i32> {
+    let rows: Vec<i32> = db
+        .query_column(&format!(
+            "SELECT rollout_percentage FROM public.feature_flags WHERE name = '{flag}'"
+        ))
+        .await;
+    rows.first().copied()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
+    let db = TestDb::new().await;
+    let env = Envtest::start(ApiServer::Kube);
+    env.install_crds();
+    env.kubectl_ok(&["create", "namespace", NS], None);
+    env.kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "app-db",
+            "-n",
+            NS,
+            &format!("--from-literal=uri={}", db.url()),
+        ],
+        None,
+    );
+    // A Secret whose database refuses connections, with a password that must never show.
+    env.kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "broken-db",
+            "-n",
+            NS,
+            "--from-literal=uri=postgres://app:Sup3rSecretPw@127.0.0.1:1/nope?connect_timeout=2",
+        ],
+        None,
+    );
+    // 1.20 has no server-side field validation: kubectl would check against the CRD's
+    // published OpenAPI, whose nullable enums it cannot read.
+    let apply = |doc: &str| env.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(doc));
+    apply(&policy("flags", "app-db", json!({})));
+    apply(&policy("broken", "broken-db", json!({})));
+
+    let op = Operator::start(&env);
+
+    // Ready, through kubectl wait as a user would.
+    env.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "dbpol/flags",
+            "-n",
+            NS,
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let obj = wait_ready(&env, "flags", "True", None);
+    assert_eq!(rollout(&db, "new_engine").await, Some(25));
+    assert!(
+        obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.contains(&json!("dbpolicy.dev/cleanup"))),
+        "finalizer: {}",
+        obj["metadata"]
+    );
+    let row = env.kubectl_ok(&["get", "dbpol", "flags", "-n", NS, "--no-headers"], None);
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // NAME READY REASON MODE PENDING [LAST BACKUP is empty: no backups section] AGE
+    assert_eq!(
+        &cols[..5],
+        ["flags", "True", obj_reason(&obj).as_str(), "Apply", "0"],
+        "{row}"
+    );
+
+    // The broken policy fails on its own, says why, and never shows the password.
+    let broken = wait_ready(&env, "broken", "False", Some("ConnectionFailed"));
+    let text = broken["status"].to_string();
+    assert!(
+        !text.contains("Sup3rSecretPw"),
+        "password in status: {text}"
+    );
+    let events = env.kubectl_ok(&["get", "events", "-n", NS, "-o", "json"], None);
+    assert!(!events.contains("Sup3rSecretPw"), "password in an event");
+    assert!(
+        !op.log_tail().contains("Sup3rSecretPw"),
+        "password in the operator's log"
+    );
+
+    // Leader election, Events, admin endpoints.
+    let lease: Value = serde_json::from_str(&env.kubectl_ok(
+        &[
+            "get",
+            "lease",
+            "dbpolicy-controller",
+            "-n",
+            NS,
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "e2e-operator");
+    let events: Value = serde_json::from_str(&events).unwrap();
+    let about_flags: Vec<&Value> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["involvedObject"]["name"] == "flags")
+        .collect();
+    assert!(
+        !about_flags.is_empty(),
+        "no Event about the applied change set: {events}"
+    );
+    assert_eq!(op.get("/healthz").map(|r| r.0), Ok(200));
+    assert_eq!(op.get("/readyz").map(|r| r.0), Ok(200));
+    let (code, metrics) = op.get("/metrics").expect("/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("dbpolicy_"), "{metrics}");
+
+    // Drift: a manual change in the database is repaired on the next drift check.
+    db.exec("UPDATE public.feature_flags SET rollout_percentage = 99 WHERE name = 'new_engine'")
+        .await;
+    eventually(Duration::from_secs(60), || async {
+        match rollout(&db, "new_engine").await {
+            Some(25) => Ok(()),
+            other => Err(format!("rollout {other:?}")),
+        }
+    })
+    .await;
+
+    // Plan mode: the new flag is reported as pending, not created.
+    patch(
+        &env,
+        "flags",
+        json!({"spec": {"mode": "Plan", "featureFlags": {"flags": [
+            {"name": "new_engine", "enabled": true, "rolloutPercentage": 25},
+            {"name": "beta_ui", "enabled": false},
+        ]}}}),
+    );
+    let planned = wait_ready(&env, "flags", "False", Some("PlanPending"));
+    assert!(
+        planned["status"]["pendingChanges"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        planned["status"]
+    );
+    assert_eq!(planned["status"]["mode"], "Plan");
+    assert_eq!(
+        rollout(&db, "beta_ui").await,
+        None,
+        "Plan mode changed the database"
+    );
+    let row = env.kubectl_ok(&["get", "dbpol", "flags", "-n", NS, "--no-headers"], None);
+    assert!(row.split_whitespace().any(|c| c == "Plan"), "{row}");
+
+    // Back to Apply: kubectl wait works after the edit.
+    patch(&env, "flags", json!({"spec": {"mode": "Apply"}}));
+    wait_ready(&env, "flags", "True", None);
+    assert_eq!(rollout(&db, "beta_ui").await, Some(100));
+
+    // Suspend: said so in a condition, and drift is left alone while suspended.
+    patch(&env, "flags", json!({"spec": {"suspend": true}}));
+    wait_ready(&env, "flags", "False", Some("Suspended"));
+    db.exec("UPDATE public.feature_flags SET rollout_percentage = 42 WHERE name = 'new_engine'")
+        .await;
+    // Three drift-check intervals: a running reconciler would have repaired it by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        rollout(&db, "new_engine").await,
+        Some(42),
+        "a suspended policy was reconciled"
+    );
+    patch(&env, "flags", json!({"spec": {"suspend": false}}));
+    wait_ready(&env, "flags", "True", None);
+    assert_eq!(rollout(&db, "new_engine").await, Some(25));
+
+    // Deletion: the operator releases its finalizer; the database keeps what was set.
+    env.kubectl_ok(
+        &["delete", "dbpol", "flags", "-n", NS, "--timeout=60s"],
+        None,
+    );
+    let out = env.kubectl(&["get", "dbpol", "flags", "-n", NS], None);
+    assert!(!out.status.success(), "flags still exists after delete");
+    assert_eq!(rollout(&db, "new_engine").await, Some(25));
+    env.kubectl_ok(
+        &["delete", "dbpol", "broken", "-n", NS, "--timeout=60s"],
+        None,
+    );
+    drop(op);
+}
+
+fn obj_reason(obj: &Value) -> String {
+    condition(obj, "Ready")
+        .map(|r| r["reason"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
