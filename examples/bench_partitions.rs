@@ -141,9 +141,13 @@ async fn main() -> Res<()> {
         .await?;
     let url = with_db(&admin_url, &db);
     let result = bench(&url, partman.as_deref(), &version).await;
-    let _ = sqlx::raw_sql(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await;
+    if std::env::var_os("DBPOLICY_BENCH_KEEP").is_some() {
+        eprintln!("DBPOLICY_BENCH_KEEP: kept database {db}");
+    } else {
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
     result
 }
 
@@ -237,9 +241,14 @@ async fn bench(url: &str, partman: Option<&str>, version: &str) -> Res<()> {
             .await?
             .queries
     };
+    let started = Instant::now();
     let all = partitions::observe(&mut conn, maintain.partitions.as_ref().unwrap(), Utc::now())
         .await?
         .queries;
+    eprintln!(
+        "(observe of {TABLES} tables before maintenance: {:.1} ms)",
+        ms(started.elapsed())
+    );
 
     // First maintenance: dbpolicy, then pg_partman.
     let (ours_first, changes) = ours(&mut conn, &maintain).await?;

@@ -15,17 +15,50 @@ use std::time::{Duration, Instant};
 
 use dbpolicy::api::{DatabasePolicySpec, Mode, RowLevelSecuritySpec};
 use dbpolicy::engine::{self, areas::rls, Ledger, PolicyId};
-use sqlx::{Connection, PgConnection};
-use tracing_subscriber::layer::SubscriberExt;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 
-/// Counts the statements sqlx sends (one event per round trip, `sqlx::query` target).
-struct RoundTrips(Arc<AtomicU64>);
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RoundTrips {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if event.metadata().target().starts_with("sqlx::query") {
-            self.0.fetch_add(1, Ordering::Relaxed);
+/// A TCP proxy in front of the server that counts round trips: the frontend messages that
+/// make the server answer and wait (`Q` simple query, `S` sync of an extended query).
+async fn counting_proxy(upstream: String) -> anyhow::Result<(u16, Arc<AtomicU64>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            tokio::spawn(relay(client, server, counter.clone()));
         }
+    });
+    Ok((port, count))
+}
+
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    count: Arc<AtomicU64>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
+    // The startup message has no type byte; every later one has.
+    let mut typed = false;
+    loop {
+        let mut head = vec![0u8; if typed { 5 } else { 4 }];
+        from_client.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes(head[head.len() - 4..].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        from_client.read_exact(&mut body).await?;
+        if typed && matches!(head[0], b'Q' | b'S') {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        to_server.write_all(&head).await?;
+        to_server.write_all(&body).await?;
+        typed = true;
     }
 }
 
@@ -75,60 +108,65 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(1000);
-    let counter = Arc::new(AtomicU64::new(0));
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(RoundTrips(counter.clone())),
-    )?;
-    let trips = || counter.load(Ordering::Relaxed);
-
     let admin_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let pid = std::process::id();
     let db = format!("dbpolicy_bench_rls_{pid}");
     let reader = format!("dbpolicy_bench_reader_{pid}");
-    let mut admin = PgConnection::connect(&admin_url).await?;
-    sqlx::raw_sql(&format!("CREATE DATABASE {db}; CREATE ROLE {reader}"))
-        .execute(&mut admin)
-        .await?;
-    let url = match admin_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => anyhow::bail!("DATABASE_URL has no database path"),
-    };
-    let result = bench(&url, tables, &reader, &trips).await;
-    sqlx::raw_sql(&format!(
-        "DROP DATABASE {db} WITH (FORCE); DROP ROLE {reader}"
-    ))
-    .execute(&mut admin)
-    .await?;
+    let admin_opts: PgConnectOptions = admin_url.parse()?;
+    let mut admin = PgConnection::connect_with(&admin_opts).await?;
+    // One statement each: CREATE/DROP DATABASE refuse the implicit transaction of a batch.
+    for sql in [
+        format!("CREATE DATABASE {db}"),
+        format!("CREATE ROLE {reader}"),
+    ] {
+        sqlx::raw_sql(&sql).execute(&mut admin).await?;
+    }
+    let result = bench(admin_opts.clone().database(&db), tables, &reader).await;
+    for sql in [
+        format!("DROP DATABASE {db} WITH (FORCE)"),
+        format!("DROP ROLE {reader}"),
+    ] {
+        sqlx::raw_sql(&sql).execute(&mut admin).await?;
+    }
     result
 }
 
-async fn bench(
-    url: &str,
-    tables: usize,
-    reader: &str,
-    trips: &dyn Fn() -> u64,
-) -> anyhow::Result<()> {
-    let mut conn = dbpolicy::pg::connect_one(url).await?;
+async fn bench(opts: PgConnectOptions, tables: usize, reader: &str) -> anyhow::Result<()> {
+    let mut conn = PgConnection::connect_with(&opts).await?;
+    // A second session through the counting proxy (no TLS, so the proxy can read it).
+    let (port, trips) = counting_proxy(format!("{}:{}", opts.get_host(), opts.get_port())).await?;
+    let mut counted = PgConnection::connect_with(
+        &opts
+            .clone()
+            .host("127.0.0.1")
+            .port(port)
+            .ssl_mode(PgSslMode::Disable)
+            .log_statements(tracing::log::LevelFilter::Off),
+    )
+    .await?;
+    let trips = || trips.load(Ordering::Relaxed);
+
     let started = Instant::now();
-    let mut ddl = String::from("CREATE TABLE orgs (id int PRIMARY KEY);\n");
-    for i in 0..tables {
-        ddl.push_str(&format!(
-            "CREATE TABLE t{i:04} (id bigint PRIMARY KEY, user_id uuid NOT NULL, org int NOT NULL, body text NOT NULL DEFAULT '');\n"
-        ));
+    sqlx::raw_sql("CREATE TABLE orgs (id int PRIMARY KEY)")
+        .execute(&mut conn)
+        .await?;
+    // A hundred tables per transaction: one transaction for all would run out of lock slots.
+    for chunk in (0..tables).collect::<Vec<_>>().chunks(100) {
+        let ddl: String = chunk
+            .iter()
+            .map(|i| format!("CREATE TABLE t{i:04} (id bigint PRIMARY KEY, user_id uuid NOT NULL, org int NOT NULL, body text NOT NULL DEFAULT '');\n"))
+            .collect();
+        sqlx::raw_sql(&ddl).execute(&mut conn).await?;
     }
-    sqlx::raw_sql(&ddl).execute(&mut conn).await?;
     println!(
-        "setup: {tables} tables created in {:.2?}",
+        "setup:  {tables} tables created in {:.2?}",
         started.elapsed()
     );
 
     let policy = PolicyId("bench/rls".into());
-    let base: DatabasePolicySpec = serde_yaml::from_str(&spec_yaml(
-        tables,
-        reader,
-        "user_id = current_setting('app.current_user_id')::uuid",
-    ))?;
+    let own = "user_id = current_setting('app.current_user_id')::uuid";
+    let base: DatabasePolicySpec = serde_yaml::from_str(&spec_yaml(tables, reader, own))?;
     let changed: DatabasePolicySpec = serde_yaml::from_str(&spec_yaml(
         tables,
         reader,
@@ -137,12 +175,12 @@ async fn bench(
 
     let start = Instant::now();
     let outcome = engine::run(&mut conn, &base, Mode::Apply, &policy).await?;
-    let applied = outcome.report.as_ref().map_or(0, |r| r.applied.len());
     anyhow::ensure!(
         outcome.report.as_ref().is_some_and(|r| r.succeeded()) && !outcome.plan.has_errors(),
         "apply failed: {:?}",
         outcome.plan.errors().collect::<Vec<_>>()
     );
+    let applied = outcome.report.as_ref().map_or(0, |r| r.applied.len());
     println!(
         "apply:  {applied} changes ({} policies) in {:.2?}",
         tables * 3,
@@ -157,60 +195,73 @@ async fn bench(
             .await?
     );
 
-    let before = trips();
     let (noop, outcome) = time!(
         runs,
         engine::run(&mut conn, &base, Mode::Plan, &policy).await
     );
-    let noop_trips = (trips() - before) / runs as u64;
     let outcome = outcome?;
     anyhow::ensure!(
         outcome.plan.is_empty(),
         "no-op plan is not empty:\n{}",
         outcome.plan.render_sql()
     );
-
-    let before = trips();
     let (one, outcome) = time!(
         runs,
         engine::run(&mut conn, &changed, Mode::Plan, &policy).await
     );
-    let one_trips = (trips() - before) / runs as u64;
     let pending = outcome?.plan.changes().count();
     anyhow::ensure!(pending == 1, "expected 1 pending change, got {pending}");
 
+    // The engine's two steps, without the session setup and the lock.
+    let (eng_observe, observed_all) = time!(runs, engine::observe(&mut conn, &base, &policy).await);
+    let observed_all = observed_all?;
+    let (eng_plan, _) = time!(runs, engine::plan(&base, &observed_all));
+
     // The area alone: its observer (catalog, roles, normalisation) and its pure planner.
     let rls_spec: &RowLevelSecuritySpec = base.row_level_security.as_ref().expect("section");
-    let before = trips();
     let (observe, observed) = time!(runs, rls::observe(&mut conn, rls_spec).await);
-    let observe_trips = (trips() - before) / runs as u64;
     let observed = observed?;
     let ledger = Ledger::for_policy(&policy.0);
     let (pure, _) = time!(runs, rls::plan(rls_spec, &observed, &ledger));
+
+    // Round trips, once each, on the counted session.
+    let count = |before: u64| trips() - before;
+    let b = trips();
+    engine::run(&mut counted, &base, Mode::Plan, &policy).await?;
+    let noop_trips = count(b);
+    let b = trips();
+    engine::run(&mut counted, &changed, Mode::Plan, &policy).await?;
+    let one_trips = count(b);
+    let b = trips();
+    engine::observe(&mut counted, &base, &policy).await?;
+    let eng_observe_trips = count(b);
+    let b = trips();
+    rls::observe(&mut counted, rls_spec).await?;
+    let observe_trips = count(b);
 
     let ratio = |d: Duration| d.as_secs_f64() / select1.as_secs_f64();
     println!();
     println!(
         "{tables} tables x 3 policies, median of {runs} runs; SELECT 1 round trip = {select1:.2?}"
     );
-    println!("| measurement                        |       time |  x SELECT 1 | round trips |");
-    println!("|------------------------------------|-----------:|------------:|------------:|");
-    let row = |what: &str, d: Duration, n: Option<u64>| {
+    println!("| measurement                          |       time |  x SELECT 1 | round trips |");
+    println!("|--------------------------------------|-----------:|------------:|------------:|");
+    let row = |what: &str, d: Duration, n: u64| {
         println!(
-            "| {what:<34} | {:>10} | {:>11.0} | {:>11} |",
+            "| {what:<36} | {:>10} | {:>11.0} | {n:>11} |",
             format!("{d:.2?}"),
             ratio(d),
-            n.map_or("-".to_string(), |n| n.to_string())
         )
     };
-    row("dbpolicy plan, no change", noop, Some(noop_trips));
-    row("dbpolicy plan, one policy changed", one, Some(one_trips));
+    row("dbpolicy plan, no change", noop, noop_trips);
+    row("dbpolicy plan, one policy changed", one, one_trips);
     row(
-        "rls observe (catalog+roles+normal.)",
+        "rls observe (catalog, roles, normal.)",
         observe,
-        Some(observe_trips),
+        observe_trips,
     );
-    row("rls plan (pure)", pure, Some(0));
+    row("rls plan (pure)", pure, 0);
     conn.close().await?;
+    counted.close().await?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 #
 #   hack/envtest.sh setup [CACHE_DIR] [--crd-only] [--no-warm-cache] [--clean]
 #   eval "$(APISERVER=crd hack/envtest.sh start RUN_DIR)"     # or APISERVER=kube
+#   hack/envtest.sh install-crds RUN_DIR                     # crds/, adapted for 1.20 if need be
 #   kubectl get crd                                          # KUBECONFIG points at RUN_DIR
 #   hack/envtest.sh stop RUN_DIR [--purge]
 #
@@ -49,7 +50,7 @@ log() { echo "[envtest $(( $(date +%s) - T0 ))s] $*" >&2; }
 die() { echo "envtest: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -77,8 +78,10 @@ cmd_setup() {
   if have_all; then log "binaries ready in $BIN"; return 0; fi
   # Several test binaries may run setup at once: one builds, the others wait.
   exec 9>"$cache/.lock"
-  log "waiting for the lock on $cache (another setup may be building)"
-  flock -w 1800 9 || die "timed out waiting for another setup holding $cache/.lock"
+  if ! flock -n 9; then
+    log "another setup is working on $cache: waiting for it"
+    flock -w 1800 9 || die "timed out waiting for another setup holding $cache/.lock"
+  fi
   if have_all; then log "binaries ready in $BIN"; return 0; fi
   for b in "${wanted[@]}"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
   log "need: ${missing[*]} (cache $BIN)"
@@ -367,6 +370,45 @@ EOF
   echo "export KUBECONFIG=$RUN/kubeconfig"
 }
 
+# ================================================================ install-crds
+# Applies the repository's crds/ to the server of RUN_DIR and waits until they are
+# Established. The CRD server takes them as they are (server-side apply). The
+# kube-apiserver 1.20 cannot hold two things in them, which are removed on the way:
+# CEL rules (x-kubernetes-validations, from 1.25 on; the CRD server checks them) and the
+# null member of nullable enums, which 1.20's conversion to its internal CRD type trips
+# over ("per-version schemas may not all be set to identical values"). 1.20's beta
+# server-side apply mangles CRDs the same way, so client-side apply there, without
+# kubectl's client-side validation (1.20 has no server-side field validation, and kubectl
+# cannot read nullable enums from its OpenAPI).
+cmd_install_crds() {
+  local RUN=${1:?usage: envtest.sh install-crds RUN_DIR}
+  [ -f "$RUN/env" ] || die "no $RUN/env: start a server first (envtest.sh start $RUN)"
+  local APISERVER KUBECONFIG
+  APISERVER=$(sed -n 's/^APISERVER=//p' "$RUN/env"); KUBECONFIG=$(sed -n 's/^KUBECONFIG=//p' "$RUN/env")
+  export KUBECONFIG
+  if [ "$APISERVER" = crd ]; then
+    kubectl apply --server-side --field-manager=dbpolicy-envtest -f "$ROOT/crds/"
+  else
+    command -v python3 >/dev/null || die "install-crds on kube-apiserver 1.20 needs python3"
+    kubectl create --dry-run=client --validate=false -o json -f "$ROOT/crds/" | python3 -c '
+import json, sys
+def adapt(v):
+    if isinstance(v, dict):
+        v.pop("x-kubernetes-validations", None)
+        if isinstance(v.get("enum"), list):
+            v["enum"] = [m for m in v["enum"] if m is not None]
+        for x in v.values():
+            adapt(x)
+    elif isinstance(v, list):
+        for x in v:
+            adapt(x)
+    return v
+json.dump(adapt(json.load(sys.stdin)), sys.stdout)
+' | kubectl apply --validate=false -f -
+  fi
+  kubectl wait --for=condition=Established --timeout=60s crd --all
+}
+
 # ================================================================ stop
 cmd_stop() {
   local RUN=${1:?usage: envtest.sh stop RUN_DIR [--purge]} n f pid
@@ -388,6 +430,7 @@ case ${1:-} in
   setup) shift; cmd_setup "$@" ;;
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
+  install-crds) shift; cmd_install_crds "$@" ;;
   -h|--help|help|"") usage ;;
   *) echo "envtest: unknown command $1" >&2; usage ;;
 esac

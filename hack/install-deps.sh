@@ -16,7 +16,9 @@ PACKAGES=(
     xz-utils            # hack/envtest.sh: unpacks the warm cache of API server binaries
     openssl             # hack/envtest.sh: certificates of the test API servers
     curl                # hack/envtest.sh: waits for the API server's /readyz
+    python3             # hack/envtest.sh: free ports, and the CRD adapted for kube-apiserver 1.20
     debian-archive-keyring  # hack/envtest.sh setup: builds the API servers from Debian's packages when there is no warm cache
+    python3-venv        # tests/backup.rs: the venv moto_server is installed into (below)
 )
 
 # pg_partman, only for the partitions benchmark (cargo run --release --example
@@ -35,6 +37,21 @@ if [ -n "$(pg_major)" ]; then
 fi
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+# moto's S3-compatible server (PyPI: moto[server]) for tests/backup.rs, in a venv of its
+# own so that neither pip's externally-managed-environment guard nor PATH matter; the test
+# looks there. Runs when the script exits successfully, since the package step below ends
+# the script early when nothing is missing.
+MOTO_VENV="${DBPOLICY_TOOLS_DIR:-/opt/dbpolicy-tools}/moto"
+install_moto() {
+    if [ -x "$MOTO_VENV/bin/moto_server" ]; then
+        log "moto_server present: $MOTO_VENV/bin/moto_server"
+        return 0
+    fi
+    log "installing moto[server] from PyPI into $MOTO_VENV"
+    python3 -m venv "$MOTO_VENV" && "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
+}
+trap 'rc=$?; if [ "$rc" -eq 0 ]; then install_moto || { log "moto[server] could not be installed: tests/backup.rs will fail"; exit 1; }; fi' EXIT
 
 if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     log "this is not a Debian/Ubuntu system (no dpkg/apt-get). Install these yourself: ${PACKAGES[*]}"

@@ -14,48 +14,38 @@ use serde_json::{json, Value};
 use support_chart::{check_schema, Chart, Release};
 use support_envtest::{ApiServer, Envtest};
 
-/// What `dbpolicy run` does against the API: (API group, resource, verb). Keep in step
-/// with src/controller (watches, SSA patches, finalizer, Events, Lease, child objects).
+/// What `dbpolicy run` does against the API: (API group, resource, verbs). The same list
+/// as docs/operator.md's RBAC table: keep both in step with src/controller. The chart's
+/// ClusterRole must grant exactly this.
 const REQUIRED_RBAC: &[(&str, &str, &[&str])] = &[
+    // The controller's watch; the finalizer is added and removed by JSON patch.
     (
         "dbpolicy.dev",
         "databasepolicies",
-        &["get", "list", "watch", "patch", "update"],
+        &["get", "list", "watch", "patch"],
     ),
-    (
-        "dbpolicy.dev",
-        "databasepolicies/status",
-        &["get", "patch", "update"],
-    ),
-    // ownerReferences with blockOwnerDeletion on children need update on /finalizers.
+    // Status by server-side apply.
+    ("dbpolicy.dev", "databasepolicies/status", &["patch"]),
+    // Owner references with blockOwnerDeletion on child objects.
     ("dbpolicy.dev", "databasepolicies/finalizers", &["update"]),
-    // Connection Secrets are read and watched; the replicas area writes the read-endpoint
-    // Secret.
-    (
-        "",
-        "secrets",
-        &["get", "list", "watch", "create", "update", "patch"],
-    ),
+    // Connection Secrets, watched so that a changed Secret re-triggers its policies.
+    // (The replicas area's read-endpoint Secret will add create, update, patch.)
+    ("", "secrets", &["get", "list", "watch"]),
+    // Backup and refresh CronJobs and their Jobs.
     (
         "batch",
         "cronjobs",
-        &[
-            "get", "list", "watch", "create", "patch", "update", "delete",
-        ],
+        &["get", "list", "watch", "create", "patch", "delete"],
     ),
     (
         "batch",
         "jobs",
-        &[
-            "get", "list", "watch", "create", "patch", "update", "delete",
-        ],
+        &["get", "list", "watch", "create", "patch", "delete"],
     ),
+    // Events through kube's Recorder (patch: repeats become a series).
     ("events.k8s.io", "events", &["create", "patch"]),
-    (
-        "coordination.k8s.io",
-        "leases",
-        &["get", "create", "update"],
-    ),
+    // kube-lease-manager gets, creates and patches its Lease (never replaces or deletes it).
+    ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
 ];
 
 const RELEASE: Release = Release {
@@ -387,19 +377,21 @@ fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
 
     let sa = format!("system:serviceaccount:{}:dbpolicy", RELEASE.namespace);
     let can = |verb: &str, group: &str, resource: &str| -> bool {
+        // kubectl auth can-i takes resource.group, and a subresource as a flag (a
+        // `resource/x` argument would name an object).
+        let (resource, sub) = match resource.split_once('/') {
+            Some((r, sub)) => (r, Some(sub)),
+            None => (resource, None),
+        };
         let res = if group.is_empty() {
             resource.to_owned()
         } else {
-            // kubectl auth can-i takes resource.group; a subresource goes after the group.
-            match resource.split_once('/') {
-                Some((r, sub)) => format!("{r}.{group}/{sub}"),
-                None => format!("{resource}.{group}"),
-            }
+            format!("{resource}.{group}")
         };
-        let out = env.kubectl(
-            &["auth", "can-i", verb, &res, "-n", "apps", "--as", &sa],
-            None,
-        );
+        let mut args = vec!["auth", "can-i", verb, &res, "-n", "apps", "--as", &sa];
+        let sub_flag = sub.map(|s| format!("--subresource={s}"));
+        args.extend(sub_flag.as_deref());
+        let out = env.kubectl(&args, None);
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
     let mut wrong = Vec::new();
@@ -410,6 +402,10 @@ fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
     }
     for (v, g, r) in [
         ("delete", "", "secrets"),
+        ("create", "", "secrets"),
+        ("update", "dbpolicy.dev", "databasepolicies"),
+        ("update", "dbpolicy.dev", "databasepolicies/status"),
+        ("patch", "dbpolicy.dev", "databasepolicies/finalizers"),
         ("get", "", "configmaps"),
         ("delete", "dbpolicy.dev", "databasepolicies"),
         ("create", "dbpolicy.dev", "databasepolicies"),

@@ -11,6 +11,7 @@
 //! its server-side apply is beta: the operator writes status through it here.
 
 mod support;
+mod support_chart;
 mod support_envtest;
 
 use std::io::{Read as _, Write as _};
@@ -33,7 +34,10 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(env: &Envtest) -> Operator {
+    /// Runs as the chart's ServiceAccount, bound by the chart's ClusterRole: the operator
+    /// gets exactly the RBAC a Helm install gives it. Its leader Lease is in `lease_ns`.
+    fn start(env: &Envtest, lease_ns: &str) -> Operator {
+        let kubeconfig = install_chart_rbac(env);
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -47,11 +51,11 @@ impl Operator {
                 "--admin-addr",
                 &admin,
                 "--lease-namespace",
-                NS,
+                lease_ns,
                 "--lease-identity",
             ])
             .arg("e2e-operator")
-            .env("KUBECONFIG", env.kubeconfig())
+            .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info,dbpolicy=debug")
             .env_remove("DATABASE_URL")
             .stdin(Stdio::null())
@@ -102,6 +106,33 @@ impl Drop for Operator {
     }
 }
 
+/// The chart's ServiceAccount, ClusterRole and ClusterRoleBinding (rendered from
+/// charts/dbpolicy with default values) applied to the server; returns a kubeconfig that
+/// acts as that ServiceAccount.
+fn install_chart_rbac(env: &Envtest) -> PathBuf {
+    const RELEASE_NS: &str = "dbpolicy-system";
+    let chart = support_chart::Chart::load(&support_envtest::repo_root().join("charts/dbpolicy"))
+        .expect("load the chart");
+    let release = support_chart::Release {
+        name: "dbpolicy",
+        namespace: RELEASE_NS,
+    };
+    let rbac: Vec<Value> = chart
+        .manifests(&release, &json!({}))
+        .expect("render the chart")
+        .into_iter()
+        .filter(|d| {
+            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+                .contains(&d["kind"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(rbac.len(), 3, "the chart's RBAC objects");
+    env.kubectl_ok(&["create", "namespace", RELEASE_NS], None);
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    env.kubectl_ok(&["apply", "-f", "-"], Some(&list.to_string()));
+    env.kubeconfig_for_service_account(RELEASE_NS, "dbpolicy")
+}
+
 fn policy(name: &str, secret: &str, extra: Value) -> String {
     let mut spec = json!({
         "database": {"connectionSecretRef": {"name": secret}},
@@ -110,7 +141,7 @@ fn policy(name: &str, secret: &str, extra: Value) -> String {
             {"name": "new_engine", "enabled": true, "rolloutPercentage": 25},
         ]},
     });
-    merge_json(&mut spec, &extra);
+    support_chart::merge(&mut spec, &extra);
     json!({
         "apiVersion": "dbpolicy.dev/v1alpha1", "kind": "DatabasePolicy",
         "metadata": {"name": name, "namespace": NS},
@@ -119,23 +150,8 @@ fn policy(name: &str, secret: &str, extra: Value) -> String {
     .to_string()
 }
 
-fn merge_json(base: &mut Value, over: &Value) {
-    if let (Value::Object(b), Value::Object(o)) = (&mut *base, over) {
-        for (k, v) in o {
-            match b.get_mut(k) {
-                Some(bv) if bv.is_object() && v.is_object() => merge_json(bv, v),
-                _ => {
-                    b.insert(k.clone(), v.clone());
-                }
-            }
-        }
-    } else {
-        *base = over.clone();
-    }
-}
-
-fn get(env: &Envtest, name: &str) -> Value {
-    serde_json::from_str(&env.kubectl_ok(&["get", "dbpol", name, "-n", NS, "-o", "json"], None))
+fn get(env: &Envtest, ns: &str, name: &str) -> Value {
+    serde_json::from_str(&env.kubectl_ok(&["get", "dbpol", name, "-n", ns, "-o", "json"], None))
         .expect("json")
 }
 
@@ -150,12 +166,22 @@ fn condition(obj: &Value, ty: &str) -> Option<Value> {
 /// Waits until the status describes the current generation and Ready has `status` (and
 /// `reason`, when given); returns the object.
 #[track_caller]
-fn wait_ready(env: &Envtest, name: &str, status: &str, reason: Option<&str>) -> Value {
+fn wait_ready(
+    env: &Envtest,
+    op: &mut Operator,
+    ns: &str,
+    name: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> Value {
     wait_for(
         Duration::from_secs(60),
-        &format!("{name}: Ready={status} {reason:?}"),
+        &format!("{ns}/{name}: Ready={status} {reason:?}"),
         || {
-            let obj = get(env, name);
+            if let Ok(Some(exit)) = op.child.try_wait() {
+                panic!("the operator exited ({exit})");
+            }
+            let obj = get(env, ns, name);
             let generation = &obj["metadata"]["generation"];
             let ready = condition(&obj, "Ready");
             let ok = obj["status"]["observedGeneration"] == *generation
@@ -233,9 +259,10 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
     apply(&policy("flags", "app-db", json!({})));
     apply(&policy("broken", "broken-db", json!({})));
 
-    let op = Operator::start(&env);
+    let mut op = Operator::start(&env, NS);
 
-    // Ready, through kubectl wait as a user would.
+    let obj = wait_ready(&env, &mut op, NS, "flags", "True", None);
+    // ... and through kubectl wait, as a user would.
     env.kubectl_ok(
         &[
             "wait",
@@ -247,7 +274,6 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
         ],
         None,
     );
-    let obj = wait_ready(&env, "flags", "True", None);
     assert_eq!(rollout(&db, "new_engine").await, Some(25));
     assert!(
         obj["metadata"]["finalizers"]
@@ -266,7 +292,14 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
     );
 
     // The broken policy fails on its own, says why, and never shows the password.
-    let broken = wait_ready(&env, "broken", "False", Some("ConnectionFailed"));
+    let broken = wait_ready(
+        &env,
+        &mut op,
+        NS,
+        "broken",
+        "False",
+        Some("ConnectionFailed"),
+    );
     let text = broken["status"].to_string();
     assert!(
         !text.contains("Sup3rSecretPw"),
@@ -331,7 +364,7 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
             {"name": "beta_ui", "enabled": false},
         ]}}}),
     );
-    let planned = wait_ready(&env, "flags", "False", Some("PlanPending"));
+    let planned = wait_ready(&env, &mut op, NS, "flags", "False", Some("PlanPending"));
     assert!(
         planned["status"]["pendingChanges"].as_u64().unwrap_or(0) >= 1,
         "{}",
@@ -348,12 +381,12 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
 
     // Back to Apply: kubectl wait works after the edit.
     patch(&env, "flags", json!({"spec": {"mode": "Apply"}}));
-    wait_ready(&env, "flags", "True", None);
+    wait_ready(&env, &mut op, NS, "flags", "True", None);
     assert_eq!(rollout(&db, "beta_ui").await, Some(100));
 
     // Suspend: said so in a condition, and drift is left alone while suspended.
     patch(&env, "flags", json!({"spec": {"suspend": true}}));
-    wait_ready(&env, "flags", "False", Some("Suspended"));
+    wait_ready(&env, &mut op, NS, "flags", "False", Some("Suspended"));
     db.exec("UPDATE public.feature_flags SET rollout_percentage = 42 WHERE name = 'new_engine'")
         .await;
     // Three drift-check intervals: a running reconciler would have repaired it by now.
@@ -364,7 +397,7 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
         "a suspended policy was reconciled"
     );
     patch(&env, "flags", json!({"spec": {"suspend": false}}));
-    wait_ready(&env, "flags", "True", None);
+    wait_ready(&env, &mut op, NS, "flags", "True", None);
     assert_eq!(rollout(&db, "new_engine").await, Some(25));
 
     // Deletion: the operator releases its finalizer; the database keeps what was set.
@@ -386,4 +419,57 @@ fn obj_reason(obj: &Value) -> String {
     condition(obj, "Ready")
         .map(|r| r["reason"].as_str().unwrap_or("").to_owned())
         .unwrap_or_default()
+}
+
+/// The README's path: the certquiz schema in a fresh database, its Secret and
+/// `examples/certquiz/policy.yaml` as shipped, the operator, `kubectl get dbpol` Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certquiz_example_becomes_ready() {
+    let db = TestDb::new().await;
+    let root = support_envtest::repo_root();
+    let schema = std::fs::read_to_string(root.join("examples/certquiz/schema.sql")).unwrap();
+    db.exec(&schema).await;
+    let env = Envtest::start(ApiServer::Kube);
+    env.install_crds();
+    env.kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "certquiz-db",
+            "-n",
+            "default",
+            &format!("--from-literal=uri={}", db.url()),
+        ],
+        None,
+    );
+    let policy = root.join("examples/certquiz/policy.yaml");
+    env.kubectl_ok(
+        &["apply", "--validate=false", "-f", policy.to_str().unwrap()],
+        None,
+    );
+    let mut op = Operator::start(&env, "default");
+    wait_ready(&env, &mut op, "default", "certquiz", "True", None);
+    env.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "dbpol/certquiz",
+            "-n",
+            "default",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let table = env.kubectl_ok(&["get", "dbpol", "-n", "default"], None);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        &row[..5],
+        ["certquiz", "True", "Reconciled", "Apply", "0"],
+        "{table}"
+    );
+    let flags: i64 = db
+        .query_scalar("SELECT count(*) FROM public.feature_flags")
+        .await;
+    assert_eq!(flags, 3, "the certquiz flags were applied");
 }

@@ -385,8 +385,26 @@ async fn a_replica_down_or_not_in_recovery_is_unhealthy() {
         .any(|(reason, target, _)| reason == "ReplicaNotInRecovery" && target == "wrong"));
 
     standby.stop();
+    // With a password in the URL this time: it must appear nowhere.
+    let urls = [
+        (
+            "r1",
+            format!(
+                "postgres://postgres:hunter2@127.0.0.1:{}/{}",
+                standby.port(),
+                db.name()
+            ),
+        ),
+        ("wrong", db.url().to_string()),
+    ];
     let started = std::time::Instant::now();
     let out = run("plan", &db, &p, &urls);
+    assert!(
+        !out.stdout.contains("hunter2") && !out.stderr.contains("hunter2"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "a down replica must not hold up the run"

@@ -139,6 +139,7 @@ pub struct PartitionedTable {
     pub premake: Option<u32>,
     /// Create partitions from this date on (YYYY-MM-DD); default: the current interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 10))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]{4}-[0-9]{2}-[0-9]{2}$')").message("must be a date YYYY-MM-DD"))]
     pub start_date: Option<String>,
     /// Keep a DEFAULT partition for rows outside every range (default true).
@@ -146,6 +147,7 @@ pub struct PartitionedTable {
     pub default_partition: Option<bool>,
     /// Partitions entirely older than this are retired, e.g. `30d`, `12w`, `6mo`, `2y`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(d|w|mo|y)$')").message("must be a retention such as 30d, 12w, 6mo or 2y"))]
     pub retention: Option<String>,
     /// What retiring means: Detach (default) or Drop (needs `allowDestructive`).
@@ -279,6 +281,7 @@ pub struct ReplicaSpec {
     pub connection_secret_ref: crate::api::SecretKeyRef,
     /// Physical replication slot kept on the primary for this replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9_]{1,63}$')").message("slot names are lower-case letters, digits and underscores"))]
     pub slot: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +298,7 @@ pub struct ReplicaSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackupsSpec {
     /// Cron schedule of the backup CronJob, e.g. `0 3 * * *`.
+    #[schemars(length(max = 100))]
     #[x_kube(validation = Rule::new("self.split(' ').size() == 5 || self.startsWith('@')").message("must be a 5-field cron expression or a @macro"))]
     pub schedule: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,6 +410,7 @@ pub struct FeatureFlagsSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FeatureFlag {
+    #[schemars(length(max = 128))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$')").message("flag names are letters, digits and _ . : - (at most 128)"))]
     pub name: String,
     pub enabled: bool,
@@ -442,6 +447,7 @@ pub struct MaterializedView {
     pub definition: Option<String>,
     /// Cron schedule of refreshes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
     #[x_kube(validation = Rule::new("self.split(' ').size() == 5 || self.startsWith('@')").message("must be a 5-field cron expression or a @macro"))]
     pub schedule: Option<String>,
     /// `REFRESH … CONCURRENTLY` (needs a unique index on the view; default false).
@@ -449,6 +455,7 @@ pub struct MaterializedView {
     pub concurrently: Option<bool>,
     /// statement_timeout of one refresh (default 30m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
     pub timeout: Option<String>,
 }

@@ -56,6 +56,7 @@ pub struct DatabasePolicySpec {
     pub suspend: Option<bool>,
     /// How often the live database is compared with the policy (default 5m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
     pub drift_check_interval: Option<String>,
     /// Timeouts and the opt-in for destructive changes.
@@ -120,10 +121,12 @@ pub enum Mode {
 pub struct Safety {
     /// `lock_timeout` for every statement (default 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 500ms, 5s or 1m"))]
     pub lock_timeout: Option<String>,
     /// `statement_timeout` for every statement (default 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
     pub statement_timeout: Option<String>,
     /// Allow changes that drop or delete what the operator did not create in this run

@@ -246,13 +246,12 @@ pub fn self_contained(sql: &str) -> Result<(), String> {
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '\'' | '"' => {
-                // Doubled quotes inside a quoted run are the escape; scanning to the next
-                // quote and continuing handles them as two runs.
-                if !chars.by_ref().any(|x| x == c) {
-                    return Err("unterminated quote".into());
-                }
+            // Doubled quotes inside a quoted run are the escape; scanning to the next quote
+            // and continuing handles them as two runs.
+            '\'' | '"' if !chars.by_ref().any(|x| x == c) => {
+                return Err("unterminated quote".into());
             }
+            '\'' | '"' => {}
             '$' => {
                 // Dollar quoting ($tag$…$tag$) could hide anything: not allowed here.
                 let tag: String = chars.clone().take_while(|x| x.is_alphanumeric() || *x == '_').collect();

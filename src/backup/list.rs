@@ -80,7 +80,9 @@ impl Listing {
     }
 
     pub fn find(&self, database_dir: &str, id: &str) -> Option<&Backup> {
-        let id = id.trim_end_matches(DUMP_SUFFIX).trim_end_matches(MANIFEST_SUFFIX);
+        let id = id
+            .trim_end_matches(DUMP_SUFFIX)
+            .trim_end_matches(MANIFEST_SUFFIX);
         self.backups
             .iter()
             .find(|b| b.database_dir == database_dir && b.id == id)
@@ -135,7 +137,9 @@ pub async fn scan(store: &Store, database: Option<&str>) -> Result<Listing, Back
             }
         }
     }
-    listing.backups.sort_by(|a, b| (&a.database_dir, &a.id).cmp(&(&b.database_dir, &b.id)));
+    listing
+        .backups
+        .sort_by(|a, b| (&a.database_dir, &a.id).cmp(&(&b.database_dir, &b.id)));
     Ok(listing)
 }
 
@@ -179,10 +183,16 @@ pub fn render_text(listing: &Listing) -> String {
             b.status(),
         ]);
     }
-    let widths: Vec<usize> = (0..8).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in &rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -190,10 +200,16 @@ pub fn render_text(listing: &Listing) -> String {
         out.push_str("# no backups\n");
     }
     for l in &listing.leftovers {
-        out.push_str(&format!("# leftover {}/{}: {}\n", l.database_dir, l.file, l.why));
+        out.push_str(&format!(
+            "# leftover {}/{}: {}\n",
+            l.database_dir, l.file, l.why
+        ));
     }
     for u in &listing.unreadable {
-        out.push_str(&format!("# unreadable manifest {}/{}: {}\n", u.database_dir, u.file, u.reason));
+        out.push_str(&format!(
+            "# unreadable manifest {}/{}: {}\n",
+            u.database_dir, u.file, u.reason
+        ));
     }
     out
 }

@@ -82,8 +82,14 @@ pub fn backup_id(started: DateTime<Utc>) -> String {
 pub fn compare_tables(expected: &[TableRows], actual: &[TableRows]) -> Vec<String> {
     let mut problems = Vec::new();
     for e in expected {
-        match actual.iter().find(|a| a.schema == e.schema && a.table == e.table) {
-            None => problems.push(format!("table {}.{} is missing from the restore", e.schema, e.table)),
+        match actual
+            .iter()
+            .find(|a| a.schema == e.schema && a.table == e.table)
+        {
+            None => problems.push(format!(
+                "table {}.{} is missing from the restore",
+                e.schema, e.table
+            )),
             Some(a) if a.rows != e.rows => problems.push(format!(
                 "table {}.{} has {} row(s) in the restore, {} at dump time",
                 e.schema, e.table, a.rows, e.rows
@@ -92,7 +98,10 @@ pub fn compare_tables(expected: &[TableRows], actual: &[TableRows]) -> Vec<Strin
         }
     }
     for a in actual {
-        if !expected.iter().any(|e| e.schema == a.schema && e.table == a.table) {
+        if !expected
+            .iter()
+            .any(|e| e.schema == a.schema && e.table == a.table)
+        {
             problems.push(format!(
                 "table {}.{} is in the restore but not in the manifest",
                 a.schema, a.table
@@ -125,7 +134,11 @@ mod tests {
             format: "custom".into(),
             compression: 6,
             dbpolicy_version: "0.1.0".into(),
-            tables: vec![TableRows { schema: "public".into(), table: "users".into(), rows: 3 }],
+            tables: vec![TableRows {
+                schema: "public".into(),
+                table: "users".into(),
+                rows: 3,
+            }],
         }
     }
 
@@ -134,7 +147,10 @@ mod tests {
         let m = sample();
         let json = m.to_json();
         let text = String::from_utf8(json.clone()).unwrap();
-        assert!(text.contains("\"serverVersion\"") && text.contains("\"sha256\""), "{text}");
+        assert!(
+            text.contains("\"serverVersion\"") && text.contains("\"sha256\""),
+            "{text}"
+        );
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
         assert_eq!(m.id, "20261125T030000.000Z");
     }
@@ -148,12 +164,18 @@ mod tests {
         assert!(Manifest::from_json(b"{").is_err());
         v["manifestVersion"] = 1.into();
         v["sizeBytes"] = "big".into();
-        assert!(Manifest::from_json(v.to_string().as_bytes()).unwrap_err().contains("sizeBytes"));
+        assert!(Manifest::from_json(v.to_string().as_bytes())
+            .unwrap_err()
+            .contains("sizeBytes"));
     }
 
     #[test]
     fn compares_tables() {
-        let t = |table: &str, rows| TableRows { schema: "public".into(), table: table.into(), rows };
+        let t = |table: &str, rows| TableRows {
+            schema: "public".into(),
+            table: table.into(),
+            rows,
+        };
         assert!(compare_tables(&[t("a", 1), t("b", 2)], &[t("b", 2), t("a", 1)]).is_empty());
         let p = compare_tables(&[t("a", 1), t("b", 2)], &[t("a", 0), t("c", 5)]);
         assert_eq!(p.len(), 3, "{p:?}");

@@ -61,6 +61,7 @@ pub struct StoreArgs {
     /// Endpoint of an S3-compatible server (default: AWS).
     #[arg(long, env = ENV_S3_ENDPOINT, requires = "s3_bucket")]
     pub s3_endpoint: Option<String>,
+    /// Region of the bucket (default us-east-1).
     #[arg(long, env = ENV_S3_REGION, requires = "s3_bucket")]
     pub s3_region: Option<String>,
     /// Key prefix inside the bucket.
@@ -98,7 +99,10 @@ pub struct RetentionArgs {
 
 impl RetentionArgs {
     fn retention(&self) -> Retention {
-        Retention { days: self.retention_days, count: self.retention_count }
+        Retention {
+            days: self.retention_days,
+            count: self.retention_count,
+        }
     }
 }
 
@@ -111,6 +115,8 @@ pub enum Format {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// libpq URI of the database to dump; pg_dump gets it through its environment, never
+    /// its arguments.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     #[command(flatten)]
@@ -126,6 +132,9 @@ pub struct RunArgs {
     /// After the dump, restore it into a scratch database and check it.
     #[arg(long)]
     pub verify: bool,
+    /// Give up when a table lock cannot be had within this long (e.g. 30s, 10m).
+    #[arg(long, default_value = "10m", value_parser = crate::duration::parse_duration)]
+    pub lock_wait_timeout: std::time::Duration,
     /// The pg_dump to run (default: the newest in PATH or /usr/lib/postgresql/*/bin).
     #[arg(long, env = "DBPOLICY_PG_DUMP")]
     pub pg_dump: Option<PathBuf>,
@@ -162,8 +171,10 @@ pub struct VerifyArgs {
     /// Backup id (as `backup list` shows it); default: the newest.
     #[arg(long)]
     pub backup: Option<String>,
+    /// Check this database's backups (default: the one in --database-url).
     #[arg(long)]
     pub database: Option<String>,
+    /// The pg_restore to run (default: the newest in PATH or /usr/lib/postgresql/*/bin).
     #[arg(long, env = "DBPOLICY_PG_RESTORE")]
     pub pg_restore: Option<PathBuf>,
 }
@@ -206,9 +217,14 @@ pub enum BackupError {
     #[error("pg_restore failed ({status}):\n{stderr}")]
     PgRestore { status: String, stderr: String },
     #[error("backup {backup} restored, but differs from its manifest:\n  {}", problems.join("\n  "))]
-    Mismatch { backup: String, problems: Vec<String> },
+    Mismatch {
+        backup: String,
+        problems: Vec<String>,
+    },
     #[error("scratch database: {0}")]
     Scratch(String),
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
 }
 
 impl BackupError {
@@ -227,6 +243,7 @@ impl BackupError {
             BackupError::PgRestore { .. } => "RestoreFailed",
             BackupError::Mismatch { .. } => "RestoreMismatch",
             BackupError::Scratch(_) => "ScratchDatabaseFailed",
+            BackupError::Interrupted(_) => "Interrupted",
         }
     }
 }
@@ -248,14 +265,15 @@ pub async fn run(args: BackupArgs) -> u8 {
     }
 }
 
-fn open(store: &StoreArgs) -> Result<Store, BackupError> {
+fn open(store: &StoreArgs, create: bool) -> Result<Store, BackupError> {
     let config = store.config().map_err(BackupError::Usage)?;
-    Ok(Store::open(&config)?)
+    Ok(Store::open(&config, create)?)
 }
 
 fn need_url(url: Option<String>) -> Result<String, BackupError> {
-    url.filter(|u| !u.is_empty())
-        .ok_or_else(|| BackupError::Usage("no database: pass --database-url or set DATABASE_URL".into()))
+    url.filter(|u| !u.is_empty()).ok_or_else(|| {
+        BackupError::Usage("no database: pass --database-url or set DATABASE_URL".into())
+    })
 }
 
 async fn cmd_run(a: RunArgs) -> Result<(), BackupError> {
@@ -269,8 +287,12 @@ async fn cmd_run(a: RunArgs) -> Result<(), BackupError> {
         retention.validate().map_err(BackupError::Usage)?;
     }
     let url = need_url(a.database_url)?;
-    let store = open(&a.store)?;
-    let opts = run::RunOptions { compression: a.compression, pg_dump: a.pg_dump };
+    let store = open(&a.store, true)?;
+    let opts = run::RunOptions {
+        compression: a.compression,
+        pg_dump: a.pg_dump,
+        lock_wait_timeout: a.lock_wait_timeout,
+    };
     let done = run::run(&store, &url, &opts).await?;
     let m = &done.manifest;
     println!(
@@ -299,26 +321,40 @@ async fn cmd_run(a: RunArgs) -> Result<(), BackupError> {
 }
 
 async fn cmd_list(a: ListArgs) -> Result<(), BackupError> {
-    let store = open(&a.store)?;
+    let store = open(&a.store, false)?;
     let listing = list::scan(&store, a.database.as_deref()).await?;
     match a.output {
         Output::Text => print!("{}", list::render_text(&listing)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&listing).unwrap_or_default()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&listing).unwrap_or_default()
+        ),
     }
     Ok(())
 }
 
 async fn cmd_verify(a: VerifyArgs) -> Result<(), BackupError> {
     let url = need_url(a.database_url)?;
-    let store = open(&a.store)?;
-    let opts = verify::VerifyOptions { backup: a.backup, database: a.database, pg_restore: a.pg_restore };
+    let store = open(&a.store, false)?;
+    let opts = verify::VerifyOptions {
+        backup: a.backup,
+        database: a.database,
+        pg_restore: a.pg_restore,
+    };
     print_verified(verify::verify(&store, &url, &opts).await?);
     Ok(())
 }
 
 async fn cmd_prune(a: PruneArgs) -> Result<(), BackupError> {
-    let store = open(&a.store)?;
-    let report = prune::prune(&store, a.database.as_deref(), a.retention.retention(), Utc::now(), a.dry_run).await?;
+    let store = open(&a.store, false)?;
+    let report = prune::prune(
+        &store,
+        a.database.as_deref(),
+        a.retention.retention(),
+        Utc::now(),
+        a.dry_run,
+    )
+    .await?;
     print_pruned(&report, a.dry_run);
     Ok(())
 }

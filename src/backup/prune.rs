@@ -30,7 +30,9 @@ pub struct Retention {
 impl Retention {
     pub fn validate(&self) -> Result<(), String> {
         match (self.days, self.count) {
-            (None, None) => Err("no retention rule: pass --retention-days, --retention-count or both".into()),
+            (None, None) => {
+                Err("no retention rule: pass --retention-days, --retention-count or both".into())
+            }
             (Some(0), _) => Err("--retention-days must be at least 1".into()),
             (_, Some(0)) => Err("--retention-count must be at least 1".into()),
             _ => Ok(()),
@@ -65,17 +67,25 @@ impl Verdict {
 
 /// The verdict on every candidate, newest first. Ties on `finished_at` are broken by id so
 /// that the result does not depend on input order.
-pub fn select(candidates: &[Candidate], retention: Retention, now: DateTime<Utc>) -> Vec<(Candidate, Verdict)> {
+pub fn select(
+    candidates: &[Candidate],
+    retention: Retention,
+    now: DateTime<Utc>,
+) -> Vec<(Candidate, Verdict)> {
     let mut sorted = candidates.to_vec();
-    sorted.sort_by(|a, b| b.finished_at.cmp(&a.finished_at).then_with(|| b.id.cmp(&a.id)));
+    sorted.sort_by(|a, b| {
+        b.finished_at
+            .cmp(&a.finished_at)
+            .then_with(|| b.id.cmp(&a.id))
+    });
     sorted
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
             let within_count = retention.count.is_some_and(|n| i < n as usize);
-            let within_days = retention
-                .days
-                .is_some_and(|d| now.signed_duration_since(c.finished_at) <= Duration::days(i64::from(d)));
+            let within_days = retention.days.is_some_and(|d| {
+                now.signed_duration_since(c.finished_at) <= Duration::days(i64::from(d))
+            });
             let verdict = if i == 0 {
                 Verdict::KeepNewest
             } else if within_count {
@@ -115,7 +125,11 @@ pub async fn prune(
     retention.validate().map_err(BackupError::Usage)?;
     let listing: Listing = list::scan(store, database).await?;
     let mut report = PruneReport::default();
-    let mut databases: Vec<&str> = listing.backups.iter().map(|b| b.database_dir.as_str()).collect();
+    let mut databases: Vec<&str> = listing
+        .backups
+        .iter()
+        .map(|b| b.database_dir.as_str())
+        .collect();
     databases.sort();
     databases.dedup();
     for db in databases {
@@ -123,7 +137,10 @@ pub async fn prune(
             .backups
             .iter()
             .filter(|b| b.database_dir == db && b.is_intact())
-            .map(|b| Candidate { id: b.id.clone(), finished_at: b.manifest.finished_at })
+            .map(|b| Candidate {
+                id: b.id.clone(),
+                finished_at: b.manifest.finished_at,
+            })
             .collect();
         for (c, verdict) in select(&candidates, retention, now) {
             let name = format!("{db}/{}", c.id);
@@ -132,9 +149,16 @@ pub async fn prune(
                 continue;
             }
             if !dry_run {
-                eprintln!("backup: deleting {name} (finished {})", c.finished_at.to_rfc3339());
-                store.delete(db, &format!("{}{}", c.id, super::manifest::MANIFEST_SUFFIX)).await?;
-                store.delete(db, &format!("{}{}", c.id, super::manifest::DUMP_SUFFIX)).await?;
+                eprintln!(
+                    "backup: deleting {name} (finished {})",
+                    c.finished_at.to_rfc3339()
+                );
+                store
+                    .delete(db, &format!("{}{}", c.id, super::manifest::MANIFEST_SUFFIX))
+                    .await?;
+                store
+                    .delete(db, &format!("{}{}", c.id, super::manifest::DUMP_SUFFIX))
+                    .await?;
             }
             report.deleted.push(name);
         }
@@ -147,6 +171,19 @@ pub async fn prune(
         if !dry_run {
             eprintln!("backup: deleting leftover {name} ({})", leftover.why);
             store.delete(&leftover.database_dir, &leftover.file).await?;
+        }
+        report.leftovers_deleted.push(name);
+    }
+    let dir = database.map(Store::database_dir);
+    let grace = LEFTOVER_GRACE.to_std().unwrap_or_default();
+    for staged in store.stale_staging_files(dir.as_deref(), grace) {
+        let name = staged.display().to_string();
+        if !dry_run {
+            eprintln!(
+                "backup: deleting leftover {name} (staging file of an upload that never completed)"
+            );
+            std::fs::remove_file(&staged)
+                .map_err(|e| BackupError::Tool(format!("deleting {name}: {e}")))?;
         }
         report.leftovers_deleted.push(name);
     }
@@ -165,12 +202,19 @@ mod tests {
     /// Backups finished `ages` days before now, named by age.
     fn backups(ages: &[i64]) -> Vec<Candidate> {
         ages.iter()
-            .map(|&d| Candidate { id: format!("age{d:03}"), finished_at: now() - Duration::days(d) })
+            .map(|&d| Candidate {
+                id: format!("age{d:03}"),
+                finished_at: now() - Duration::days(d),
+            })
             .collect()
     }
 
     fn deleted(c: &[Candidate], r: Retention) -> Vec<String> {
-        select(c, r, now()).into_iter().filter(|(_, v)| !v.keep()).map(|(c, _)| c.id).collect()
+        select(c, r, now())
+            .into_iter()
+            .filter(|(_, v)| !v.keep())
+            .map(|(c, _)| c.id)
+            .collect()
     }
 
     fn r(days: Option<u32>, count: Option<u32>) -> Retention {
@@ -185,10 +229,16 @@ mod tests {
     #[test]
     fn count_keeps_the_newest_n() {
         let c = backups(&[0, 1, 2, 3, 4]);
-        assert_eq!(deleted(&c, r(None, Some(2))), ["age002", "age003", "age004"]);
+        assert_eq!(
+            deleted(&c, r(None, Some(2))),
+            ["age002", "age003", "age004"]
+        );
         assert_eq!(deleted(&c, r(None, Some(5))), Vec::<String>::new());
         assert_eq!(deleted(&c, r(None, Some(50))), Vec::<String>::new());
-        assert_eq!(deleted(&c, r(None, Some(1))), ["age001", "age002", "age003", "age004"]);
+        assert_eq!(
+            deleted(&c, r(None, Some(1))),
+            ["age001", "age002", "age003", "age004"]
+        );
     }
 
     #[test]
@@ -206,7 +256,10 @@ mod tests {
         assert_eq!(v[0].1, Verdict::KeepNewest);
         assert_eq!(v[0].0.id, "age040");
         // A single old backup survives any rule.
-        assert_eq!(deleted(&backups(&[400]), r(Some(1), Some(1))), Vec::<String>::new());
+        assert_eq!(
+            deleted(&backups(&[400]), r(Some(1), Some(1))),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -239,9 +292,18 @@ mod tests {
         assert_eq!(deleted(&c, r(None, Some(2))), a);
         let t = now() - Duration::days(1);
         let tied = vec![
-            Candidate { id: "b".into(), finished_at: t },
-            Candidate { id: "a".into(), finished_at: t },
-            Candidate { id: "c".into(), finished_at: t },
+            Candidate {
+                id: "b".into(),
+                finished_at: t,
+            },
+            Candidate {
+                id: "a".into(),
+                finished_at: t,
+            },
+            Candidate {
+                id: "c".into(),
+                finished_at: t,
+            },
         ];
         assert_eq!(deleted(&tied, r(None, Some(1))), ["b", "a"]);
     }
@@ -249,16 +311,28 @@ mod tests {
     #[test]
     fn future_timestamps_count_as_recent() {
         let c = vec![
-            Candidate { id: "future".into(), finished_at: now() + Duration::days(2) },
-            Candidate { id: "old".into(), finished_at: now() - Duration::days(9) },
-            Candidate { id: "older".into(), finished_at: now() - Duration::days(10) },
+            Candidate {
+                id: "future".into(),
+                finished_at: now() + Duration::days(2),
+            },
+            Candidate {
+                id: "old".into(),
+                finished_at: now() - Duration::days(9),
+            },
+            Candidate {
+                id: "older".into(),
+                finished_at: now() - Duration::days(10),
+            },
         ];
         assert_eq!(deleted(&c, r(Some(5), None)), ["old", "older"]);
     }
 
     #[test]
     fn without_a_rule_nothing_is_deleted() {
-        assert_eq!(deleted(&backups(&[0, 100, 200]), r(None, None)), Vec::<String>::new());
+        assert_eq!(
+            deleted(&backups(&[0, 100, 200]), r(None, None)),
+            Vec::<String>::new()
+        );
         assert!(r(None, None).validate().is_err());
         assert!(r(Some(0), None).validate().is_err());
         assert!(r(None, Some(0)).validate().is_err());
@@ -270,20 +344,32 @@ mod tests {
     fn invariants_hold_for_every_small_case() {
         let ages: Vec<i64> = (0..8).map(|i| i * 3).collect();
         for mask in 0u32..(1 << ages.len()) {
-            let present: Vec<i64> = ages.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, a)| *a).collect();
+            let present: Vec<i64> = ages
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, a)| *a)
+                .collect();
             let c = backups(&present);
             for days in [None, Some(1), Some(5), Some(10), Some(30)] {
                 for count in [None, Some(1), Some(2), Some(3), Some(8)] {
                     let rule = r(days, count);
                     let v = select(&c, rule, now());
                     assert_eq!(v.len(), c.len());
-                    let kept: Vec<&Candidate> = v.iter().filter(|(_, v)| v.keep()).map(|(c, _)| c).collect();
+                    let kept: Vec<&Candidate> =
+                        v.iter().filter(|(_, v)| v.keep()).map(|(c, _)| c).collect();
                     if !c.is_empty() {
                         let newest = c.iter().min_by_key(|c| now() - c.finished_at).unwrap();
-                        assert!(kept.contains(&newest), "newest deleted: {present:?} {rule:?}");
+                        assert!(
+                            kept.contains(&newest),
+                            "newest deleted: {present:?} {rule:?}"
+                        );
                     }
                     if let Some(n) = count {
-                        assert!(kept.len() >= (n as usize).min(c.len()), "{present:?} {rule:?}");
+                        assert!(
+                            kept.len() >= (n as usize).min(c.len()),
+                            "{present:?} {rule:?}"
+                        );
                     }
                     for (cand, verdict) in &v {
                         let age = (now() - cand.finished_at).num_days();

@@ -16,7 +16,9 @@ use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::list::human_bytes;
-use super::manifest::{backup_id, Manifest, TableRows, DUMP_SUFFIX, MANIFEST_SUFFIX, MANIFEST_VERSION};
+use super::manifest::{
+    backup_id, Manifest, TableRows, DUMP_SUFFIX, MANIFEST_SUFFIX, MANIFEST_VERSION,
+};
 use super::store::Store;
 use super::tools::{self, LibpqEnv};
 use super::BackupError;
@@ -33,6 +35,9 @@ pub struct RunOptions {
     pub compression: u8,
     /// A specific pg_dump binary instead of the newest one found.
     pub pg_dump: Option<PathBuf>,
+    /// How long to wait for a table lock (a migration holding one) before failing, rather
+    /// than hanging a scheduled job for ever.
+    pub lock_wait_timeout: Duration,
 }
 
 /// Tables whose rows a dump holds: ordinary and partition tables of user schemas, not
@@ -56,9 +61,16 @@ pub async fn table_rows(conn: &mut PgConnection) -> Result<Vec<TableRows>, sqlx:
     let tables: Vec<(String, String)> = sqlx::query_as(TABLES_SQL).fetch_all(&mut *conn).await?;
     let mut out = Vec::with_capacity(tables.len());
     for (schema, table) in tables {
-        let sql = format!("SELECT count(*) FROM ONLY {}", QualifiedName::new(&schema, &table).quoted());
+        let sql = format!(
+            "SELECT count(*) FROM ONLY {}",
+            QualifiedName::new(&schema, &table).quoted()
+        );
         let rows: i64 = sqlx::query_scalar(&sql).fetch_one(&mut *conn).await?;
-        out.push(TableRows { schema, table, rows });
+        out.push(TableRows {
+            schema,
+            table,
+            rows,
+        });
     }
     Ok(out)
 }
@@ -72,26 +84,40 @@ pub struct Done {
 
 pub async fn run(store: &Store, url: &str, opts: &RunOptions) -> Result<Done, BackupError> {
     let env = LibpqEnv::from_url(url).map_err(BackupError::Usage)?;
-    let mut conn = crate::pg::connect_one(url).await.map_err(BackupError::Connect)?;
+    let mut conn = tools::connect(url).await.map_err(BackupError::Connect)?;
     let result = run_on(store, &env, &mut conn, opts).await;
     let _ = conn.close().await;
     result
 }
 
-async fn run_on(store: &Store, env: &LibpqEnv, conn: &mut PgConnection, opts: &RunOptions) -> Result<Done, BackupError> {
-    let source = |what: &'static str| move |e: sqlx::Error| BackupError::Source(format!("{what}: {}", error_summary(&e)));
+async fn run_on(
+    store: &Store,
+    env: &LibpqEnv,
+    conn: &mut PgConnection,
+    opts: &RunOptions,
+) -> Result<Done, BackupError> {
+    let source = |what: &'static str| {
+        move |e: sqlx::Error| BackupError::Source(format!("{what}: {}", error_summary(&e)))
+    };
     let (database, server_version, version_num): (String, String, i32) = sqlx::query_as(
         "SELECT current_database()::text, current_setting('server_version'), current_setting('server_version_num')::int",
     )
     .fetch_one(&mut *conn)
     .await
     .map_err(source("reading the server version"))?;
-    let pg_dump = tools::find("pg_dump", opts.pg_dump.as_deref(), Some(tools::server_major(version_num)))
-        .await
-        .map_err(BackupError::Tool)?;
+    let pg_dump = tools::find(
+        "pg_dump",
+        opts.pg_dump.as_deref(),
+        Some(tools::server_major(version_num)),
+    )
+    .await
+    .map_err(BackupError::Tool)?;
 
-    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL row_security = off")
-        .execute(&mut *conn)
+    let lock_ms = opts.lock_wait_timeout.as_millis();
+    sqlx::raw_sql(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL row_security = off; SET LOCAL lock_timeout = {lock_ms}"
+    ))
+    .execute(&mut *conn)
         .await
         .map_err(source("starting the snapshot transaction"))?;
     let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
@@ -113,6 +139,7 @@ async fn run_on(store: &Store, env: &LibpqEnv, conn: &mut PgConnection, opts: &R
     cmd.arg("--format=custom")
         .arg(format!("--compress={}", opts.compression))
         .arg(format!("--snapshot={snapshot}"))
+        .arg(format!("--lock-wait-timeout={lock_ms}"))
         .arg("--no-password");
     // The connection, password included, goes through the environment, never argv.
     env.with_database(&database).apply(&mut cmd);
@@ -164,14 +191,31 @@ async fn run_on(store: &Store, env: &LibpqEnv, conn: &mut PgConnection, opts: &R
         }
         Ok::<_, String>((size, hex(&hasher.finalize())))
     };
-    let (streamed, counted) = tokio::join!(stream, table_rows(conn));
+    // SIGTERM (the Job deleted, the node drained) and Ctrl-C abort the upload cleanly
+    // instead of leaving its parts behind.
+    let joined = tokio::select! {
+        j = async { tokio::join!(stream, table_rows(&mut *conn)) } => Ok(j),
+        signal = tools::interrupted() => Err(signal),
+    };
+    let (streamed, counted) = match joined {
+        Ok(j) => j,
+        Err(signal) => {
+            let _ = child.start_kill();
+            let _ = writer.abort().await;
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            return Err(BackupError::Interrupted(signal));
+        }
+    };
 
     let outcome: Result<((u64, String), Vec<TableRows>), BackupError> = async {
         let streamed = match streamed {
             Ok(s) => s,
             Err(reason) => {
                 let _ = child.start_kill();
-                return Err(BackupError::Upload { key: key.clone(), reason });
+                return Err(BackupError::Upload {
+                    key: key.clone(),
+                    reason,
+                });
             }
         };
         let status = child
@@ -180,9 +224,13 @@ async fn run_on(store: &Store, env: &LibpqEnv, conn: &mut PgConnection, opts: &R
             .map_err(|e| BackupError::Tool(format!("waiting for pg_dump: {e}")))?;
         let stderr_bytes = stderr_task.await.unwrap_or_default();
         if !status.success() {
-            return Err(BackupError::PgDump { status: status.to_string(), stderr: tools::tail(&stderr_bytes, STDERR_TAIL) });
+            return Err(BackupError::PgDump {
+                status: status.to_string(),
+                stderr: tools::tail(&stderr_bytes, STDERR_TAIL),
+            });
         }
-        let counted = counted.map_err(|e| BackupError::Source(format!("counting rows: {}", error_summary(&e))))?;
+        let counted = counted
+            .map_err(|e| BackupError::Source(format!("counting rows: {}", error_summary(&e))))?;
         Ok((streamed, counted))
     }
     .await;
@@ -196,10 +244,10 @@ async fn run_on(store: &Store, env: &LibpqEnv, conn: &mut PgConnection, opts: &R
         }
     };
     // Completing the multipart upload is what makes the dump visible.
-    writer
-        .shutdown()
-        .await
-        .map_err(|e| BackupError::Upload { key: key.clone(), reason: e.to_string() })?;
+    writer.shutdown().await.map_err(|e| BackupError::Upload {
+        key: key.clone(),
+        reason: e.to_string(),
+    })?;
     let _ = sqlx::raw_sql("COMMIT").execute(&mut *conn).await;
     let finished = Utc::now();
 
@@ -223,17 +271,26 @@ async fn run_on(store: &Store, env: &LibpqEnv, conn: &mut PgConnection, opts: &R
     };
     // The commit point: from here on the backup exists.
     store
-        .put(&database_dir, &format!("{id}{MANIFEST_SUFFIX}"), manifest.to_json())
+        .put(
+            &database_dir,
+            &format!("{id}{MANIFEST_SUFFIX}"),
+            manifest.to_json(),
+        )
         .await?;
-    Ok(Done { database_dir, manifest })
+    Ok(Done {
+        database_dir,
+        manifest,
+    })
 }
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]

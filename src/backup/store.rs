@@ -72,6 +72,8 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: Path,
     description: String,
+    /// The directory of a local store.
+    local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -81,7 +83,10 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+    /// Opens the store; a missing local directory is created only when `create` (a run),
+    /// so that a mistyped `--dir` for list, verify or prune is an error, not a new empty
+    /// store.
+    pub fn open(config: &StoreConfig, create: bool) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Dir(dir) => {
                 let description = format!("directory {}", dir.display());
@@ -89,7 +94,11 @@ impl Store {
                     store: description.clone(),
                     reason,
                 };
-                std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+                if create {
+                    std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+                } else if !dir.is_dir() {
+                    return Err(open_err("no such directory".into()));
+                }
                 let dir = dir.canonicalize().map_err(|e| open_err(e.to_string()))?;
                 let fs = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| open_err(e.to_string()))?
@@ -98,6 +107,7 @@ impl Store {
                     inner: Arc::new(fs),
                     prefix: Path::default(),
                     description,
+                    local_root: Some(dir),
                 })
             }
             StoreConfig::S3(s3) => {
@@ -133,6 +143,7 @@ impl Store {
                     inner: Arc::new(s3_store),
                     prefix: Path::from(prefix),
                     description,
+                    local_root: None,
                 })
             }
         }
@@ -156,7 +167,12 @@ impl Store {
         path
     }
 
-    fn object_err(&self, action: &'static str, key: &Path, source: object_store::Error) -> StoreError {
+    fn object_err(
+        &self,
+        action: &'static str,
+        key: &Path,
+        source: object_store::Error,
+    ) -> StoreError {
         StoreError::Object {
             store: self.description.clone(),
             action,
@@ -176,7 +192,12 @@ impl Store {
         )
     }
 
-    pub async fn put(&self, database_dir: &str, file: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+    pub async fn put(
+        &self,
+        database_dir: &str,
+        file: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
         let key = self.key(database_dir, file);
         self.inner
             .put(&key, PutPayload::from(bytes))
@@ -200,7 +221,12 @@ impl Store {
     }
 
     /// Streams an object: each chunk is passed to `sink` as it arrives.
-    pub async fn get_stream<F>(&self, database_dir: &str, file: &str, mut sink: F) -> Result<u64, StoreError>
+    pub async fn get_stream<F>(
+        &self,
+        database_dir: &str,
+        file: &str,
+        mut sink: F,
+    ) -> Result<u64, StoreError>
     where
         F: FnMut(&[u8]) -> std::io::Result<()>,
     {
@@ -238,6 +264,47 @@ impl Store {
             .delete(&key)
             .await
             .map_err(|e| self.object_err("deleting", &key, e))
+    }
+
+    /// Staging files (`<name>#<digits>`) of uploads a killed run never completed, older
+    /// than `age`, in a local store; `object_store` hides them from listings. (S3 keeps
+    /// such parts under an upload id: a bucket lifecycle rule aborting incomplete
+    /// multipart uploads removes those.)
+    pub fn stale_staging_files(&self, database_dir: Option<&str>, age: Duration) -> Vec<PathBuf> {
+        let Some(root) = &self.local_root else {
+            return Vec::new();
+        };
+        let dirs: Vec<PathBuf> = match database_dir {
+            Some(db) => vec![root.join(db)],
+            None => std::fs::read_dir(root)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let mut out = Vec::new();
+        for dir in dirs {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let staged = name
+                    .rsplit_once('#')
+                    .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|e| e >= age);
+                if staged && old {
+                    out.push(entry.path());
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Every `<database>/<file>` under the prefix (of one database when given); other
@@ -286,7 +353,8 @@ mod tests {
     #[tokio::test]
     async fn local_store_commits_on_completion_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreConfig::Dir(dir.path().join("backups"))).unwrap();
+        let store = Store::open(&StoreConfig::Dir(dir.path().join("backups")), true).unwrap();
+        assert!(Store::open(&StoreConfig::Dir(dir.path().join("typo")), false).is_err());
         let db = Store::database_dir("app");
         let (mut w, key) = store.writer(&db, "1.dump");
         assert_eq!(key, "app/1.dump");
@@ -295,16 +363,56 @@ mod tests {
         assert!(store.list(None).await.unwrap().is_empty());
         w.shutdown().await.unwrap();
         let (mut aborted, _) = store.writer(&db, "2.dump");
-        aborted.write_all(&vec![1u8; 9 * 1024 * 1024]).await.unwrap();
+        aborted
+            .write_all(&vec![1u8; 9 * 1024 * 1024])
+            .await
+            .unwrap();
         aborted.abort().await.unwrap();
-        store.put(&db, "1.manifest.json", b"{}".to_vec()).await.unwrap();
+        store
+            .put(&db, "1.manifest.json", b"{}".to_vec())
+            .await
+            .unwrap();
         let entries = store.list(None).await.unwrap();
-        let files: Vec<_> = entries.iter().map(|e| (e.database.as_str(), e.file.as_str(), e.size)).collect();
-        assert_eq!(files, [("app", "1.dump", 9 * 1024 * 1024), ("app", "1.manifest.json", 2)]);
+        let files: Vec<_> = entries
+            .iter()
+            .map(|e| (e.database.as_str(), e.file.as_str(), e.size))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("app", "1.dump", 9 * 1024 * 1024),
+                ("app", "1.manifest.json", 2)
+            ]
+        );
         assert_eq!(store.list(Some("other")).await.unwrap(), []);
         assert_eq!(store.get(&db, "1.manifest.json").await.unwrap(), b"{}");
         store.delete(&db, "1.dump").await.unwrap();
         assert_eq!(store.list(Some("app")).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn finds_stale_staging_files_of_killed_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreConfig::Dir(dir.path().to_path_buf()), false).unwrap();
+        std::fs::create_dir(dir.path().join("app")).unwrap();
+        for f in ["1.dump#3", "1.dump", "1.manifest.json", "odd#name"] {
+            std::fs::write(dir.path().join("app").join(f), b"x").unwrap();
+        }
+        let found = store.stale_staging_files(None, Duration::ZERO);
+        assert_eq!(
+            found,
+            [dir.path().canonicalize().unwrap().join("app/1.dump#3")]
+        );
+        assert_eq!(
+            store.stale_staging_files(Some("app"), Duration::ZERO).len(),
+            1
+        );
+        assert!(store
+            .stale_staging_files(None, Duration::from_secs(3600))
+            .is_empty());
+        assert!(store
+            .stale_staging_files(Some("other"), Duration::ZERO)
+            .is_empty());
     }
 
     #[test]

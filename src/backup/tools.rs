@@ -71,7 +71,12 @@ impl LibpqEnv {
             }
         };
         if let Some(host) = parsed.host_str() {
-            set("PGHOST", host.trim_start_matches('[').trim_end_matches(']').to_string());
+            set(
+                "PGHOST",
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            );
         }
         if let Some(port) = parsed.port() {
             set("PGPORT", port.to_string());
@@ -80,7 +85,10 @@ impl LibpqEnv {
         if let Some(password) = parsed.password() {
             set("PGPASSWORD", percent_decode(password)?);
         }
-        set("PGDATABASE", percent_decode(parsed.path().trim_start_matches('/'))?);
+        set(
+            "PGDATABASE",
+            percent_decode(parsed.path().trim_start_matches('/'))?,
+        );
         for (key, value) in parsed.query_pairs() {
             let Some((_, var)) = PARAMS.iter().find(|(p, _)| *p == key) else {
                 return Err(format!(
@@ -209,7 +217,11 @@ pub fn server_major(version_num: i32) -> u32 {
 
 /// Finds `name` (`pg_dump`, `pg_restore`): `explicit` when given, otherwise every copy in
 /// `PATH` and in `/usr/lib/postgresql/<v>/bin`, the newest chosen.
-pub async fn find(name: &str, explicit: Option<&Path>, min_major: Option<u32>) -> Result<Tool, String> {
+pub async fn find(
+    name: &str,
+    explicit: Option<&Path>,
+    min_major: Option<u32>,
+) -> Result<Tool, String> {
     let mut paths: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         paths.push(p.to_path_buf());
@@ -229,9 +241,16 @@ pub async fn find(name: &str, explicit: Option<&Path>, min_major: Option<u32>) -
     for path in paths {
         match version_of(&path).await {
             Ok(version) => match parse_major(&version) {
-                Some(major) => found.push(Tool { path, major, version }),
+                Some(major) => found.push(Tool {
+                    path,
+                    major,
+                    version,
+                }),
                 None if explicit.is_some() => {
-                    return Err(format!("{}: cannot read its version from {version:?}", path.display()))
+                    return Err(format!(
+                        "{}: cannot read its version from {version:?}",
+                        path.display()
+                    ))
                 }
                 None => {}
             },
@@ -263,6 +282,57 @@ async fn version_of(path: &Path) -> Result<String, String> {
         return Err(format!("{} --version: {}", path.display(), out.status));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Resolves on Ctrl-C or SIGTERM (a Job being deleted), with the signal's name.
+pub async fn interrupted() -> &'static str {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term => "SIGTERM",
+    }
+}
+
+/// One connection, like [`crate::pg::connect_one`], without sqlx's slow-statement
+/// warnings: counting the rows of a big table takes seconds by nature.
+pub async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::ConnectError> {
+    use crate::pg::ConnectError;
+    use sqlx::{ConnectOptions, Connection};
+    let opts: sqlx::postgres::PgConnectOptions =
+        url.parse().map_err(|_| ConnectError::InvalidUrl)?;
+    let target = format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("(default)")
+    );
+    let opts = opts
+        .application_name("dbpolicy-backup")
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::MAX);
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        sqlx::PgConnection::connect_with(&opts),
+    )
+    .await
+    {
+        Err(_) => Err(ConnectError::Failed {
+            target,
+            reason: "timed out after 15s".into(),
+        }),
+        Ok(Err(e)) => Err(ConnectError::Failed {
+            target,
+            reason: crate::pg::error_summary(&e),
+        }),
+        Ok(Ok(conn)) => Ok(conn),
+    }
 }
 
 /// The last `max` bytes of a program's stderr, for error messages.
@@ -318,7 +388,10 @@ mod tests {
 
     #[test]
     fn versions() {
-        assert_eq!(parse_major("pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"), Some(15));
+        assert_eq!(
+            parse_major("pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"),
+            Some(15)
+        );
         assert_eq!(parse_major("pg_restore (PostgreSQL) 17beta2"), Some(17));
         assert_eq!(parse_major("pg_dump (PostgreSQL) 9.6.24"), Some(906));
         assert_eq!(parse_major("nonsense"), None);

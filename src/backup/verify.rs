@@ -43,9 +43,13 @@ pub struct Verified {
     pub restore_seconds: f64,
 }
 
-pub async fn verify(store: &Store, url: &str, opts: &VerifyOptions) -> Result<Verified, BackupError> {
+pub async fn verify(
+    store: &Store,
+    url: &str,
+    opts: &VerifyOptions,
+) -> Result<Verified, BackupError> {
     let env = LibpqEnv::from_url(url).map_err(BackupError::Usage)?;
-    let mut conn = crate::pg::connect_one(url).await.map_err(BackupError::Connect)?;
+    let mut conn = tools::connect(url).await.map_err(BackupError::Connect)?;
     let result = verify_on(store, url, &env, &mut conn, opts).await;
     let _ = conn.close().await;
     result
@@ -58,23 +62,28 @@ async fn verify_on(
     conn: &mut PgConnection,
     opts: &VerifyOptions,
 ) -> Result<Verified, BackupError> {
-    let source = |what: &'static str| move |e: sqlx::Error| BackupError::Source(format!("{what}: {}", error_summary(&e)));
-    let (current, version_num, encoding, collate, ctype): (String, i32, String, String, String) = sqlx::query_as(
-        "SELECT current_database()::text, current_setting('server_version_num')::int, \
+    let source = |what: &'static str| {
+        move |e: sqlx::Error| BackupError::Source(format!("{what}: {}", error_summary(&e)))
+    };
+    let (current, version_num, encoding, collate, ctype): (String, i32, String, String, String) =
+        sqlx::query_as(
+            "SELECT current_database()::text, current_setting('server_version_num')::int, \
          pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text \
          FROM pg_database WHERE datname = current_database()",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(source("reading the server"))?;
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(source("reading the server"))?;
     let database = opts.database.clone().unwrap_or(current);
     let listing = list::scan(store, Some(&database)).await?;
     let dir = Store::database_dir(&database);
     let backup: &Backup = match &opts.backup {
-        Some(id) => listing.find(&dir, id).ok_or_else(|| BackupError::NotFound {
-            what: format!("backup {id} of database {database}"),
-            store: store.describe().to_string(),
-        })?,
+        Some(id) => listing
+            .find(&dir, id)
+            .ok_or_else(|| BackupError::NotFound {
+                what: format!("backup {id} of database {database}"),
+                store: store.describe().to_string(),
+            })?,
         None => listing.newest(&dir).ok_or_else(|| BackupError::NotFound {
             what: format!("backup of database {database}"),
             store: store.describe().to_string(),
@@ -85,14 +94,25 @@ async fn verify_on(
 
     // 1. The bytes: size and checksum before anything reads them.
     if backup.dump_size.is_none() {
-        return Err(BackupError::Corrupt { backup: name, reason: "the dump is missing from the store".into() });
+        return Err(BackupError::Corrupt {
+            backup: name,
+            reason: "the dump is missing from the store".into(),
+        });
     }
     let tmp = tempfile::Builder::new()
         .prefix("dbpolicy-verify-")
         .suffix(".dump")
         .tempfile()
-        .map_err(|e| BackupError::Tool(format!("creating a temporary file in {}: {e}", std::env::temp_dir().display())))?;
-    let mut file = tmp.as_file().try_clone().map_err(|e| BackupError::Tool(e.to_string()))?;
+        .map_err(|e| {
+            BackupError::Tool(format!(
+                "creating a temporary file in {}: {e}",
+                std::env::temp_dir().display()
+            ))
+        })?;
+    let mut file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| BackupError::Tool(e.to_string()))?;
     let mut hasher = Sha256::new();
     let size = store
         .get_stream(&backup.database_dir, &backup.dump_file(), |chunk| {
@@ -106,21 +126,31 @@ async fn verify_on(
     if size != m.size_bytes {
         return Err(BackupError::Corrupt {
             backup: name,
-            reason: format!("the dump is {size} bytes, the manifest recorded {} (truncated or overwritten)", m.size_bytes),
+            reason: format!(
+                "the dump is {size} bytes, the manifest recorded {} (truncated or overwritten)",
+                m.size_bytes
+            ),
         });
     }
     if sha256 != m.sha256 {
         return Err(BackupError::Corrupt {
             backup: name,
-            reason: format!("SHA-256 of the dump is {sha256}, the manifest recorded {}", m.sha256),
+            reason: format!(
+                "SHA-256 of the dump is {sha256}, the manifest recorded {}",
+                m.sha256
+            ),
         });
     }
-    eprintln!("backup: {name}: {} , checksum ok", human_bytes(size));
+    eprintln!("backup: {name}: {}, checksum ok", human_bytes(size));
 
     // 2. A restore into a scratch database, always dropped.
-    let pg_restore = tools::find("pg_restore", opts.pg_restore.as_deref(), tools::parse_major(&m.pg_dump_version))
-        .await
-        .map_err(BackupError::Tool)?;
+    let pg_restore = tools::find(
+        "pg_restore",
+        opts.pg_restore.as_deref(),
+        tools::parse_major(&m.pg_dump_version),
+    )
+    .await
+    .map_err(BackupError::Tool)?;
     let scratch = scratch_name();
     let create = format!(
         "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
@@ -132,21 +162,32 @@ async fn verify_on(
     sqlx::raw_sql(&create)
         .execute(&mut *conn)
         .await
-        .map_err(|e| BackupError::Scratch(format!("CREATE DATABASE {scratch}: {}", error_summary(&e))))?;
+        .map_err(|e| {
+            BackupError::Scratch(format!("CREATE DATABASE {scratch}: {}", error_summary(&e)))
+        })?;
     let started = Instant::now();
     let restore = restore_and_count(url, env, &scratch, &pg_restore, tmp.path());
     let outcome = tokio::select! {
         r = restore => r,
-        s = interrupted() => Err(BackupError::Tool(format!("interrupted by {s}"))),
+        s = tools::interrupted() => Err(BackupError::Interrupted(s)),
     };
     let restore_seconds = started.elapsed().as_secs_f64();
     // `WITH (FORCE)` (PostgreSQL 13+) also ends a pg_restore an interruption left behind.
     let drop_sql = if version_num >= 130000 {
-        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&scratch))
+        format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&scratch)
+        )
     } else {
         format!("DROP DATABASE IF EXISTS {}", quote_ident(&scratch))
     };
     let dropped = sqlx::raw_sql(&drop_sql).execute(&mut *conn).await;
+    if let (Err(e), Err(_)) = (&dropped, &outcome) {
+        eprintln!(
+            "backup: warning: dropping scratch database {scratch} failed too: {} (drop it by hand)",
+            error_summary(e)
+        );
+    }
     let restored = outcome?;
     if let Err(e) = dropped {
         return Err(BackupError::Scratch(format!(
@@ -156,7 +197,10 @@ async fn verify_on(
     }
     let problems = compare_tables(&m.tables, &restored);
     if !problems.is_empty() {
-        return Err(BackupError::Mismatch { backup: name, problems });
+        return Err(BackupError::Mismatch {
+            backup: name,
+            problems,
+        });
     }
     Ok(Verified {
         database: m.database.clone(),
@@ -174,19 +218,31 @@ async fn restore_and_count(
     pg_restore: &tools::Tool,
     dump: &std::path::Path,
 ) -> Result<Vec<super::manifest::TableRows>, BackupError> {
-    eprintln!("backup: restoring into scratch database {scratch} with {}", pg_restore.path.display());
+    eprintln!(
+        "backup: restoring into scratch database {scratch} with {}",
+        pg_restore.path.display()
+    );
     let mut cmd = tokio::process::Command::new(&pg_restore.path);
     // Owners and grants name roles the scratch database's server may not have; what is
     // checked is that the data comes back.
-    cmd.args(["--exit-on-error", "--no-owner", "--no-privileges", "--no-password"]).arg(dump);
+    // pg_restore insists on --dbname; the scratch name is no secret, the rest of the
+    // connection comes from the environment.
+    cmd.args([
+        "--exit-on-error",
+        "--no-owner",
+        "--no-privileges",
+        "--no-password",
+    ])
+    .arg(format!("--dbname={scratch}"))
+    .arg(dump);
     env.with_database(scratch).apply(&mut cmd);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| BackupError::Tool(format!("cannot start {}: {e}", pg_restore.path.display())))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        BackupError::Tool(format!("cannot start {}: {e}", pg_restore.path.display()))
+    })?;
     let mut stderr = child.stderr.take().expect("piped stderr");
     let mut err_bytes = Vec::new();
     let _ = stderr.read_to_end(&mut err_bytes).await;
@@ -195,19 +251,32 @@ async fn restore_and_count(
         .await
         .map_err(|e| BackupError::Tool(format!("waiting for pg_restore: {e}")))?;
     if !status.success() {
-        return Err(BackupError::PgRestore { status: status.to_string(), stderr: tools::tail(&err_bytes, STDERR_TAIL) });
+        return Err(BackupError::PgRestore {
+            status: status.to_string(),
+            stderr: tools::tail(&err_bytes, STDERR_TAIL),
+        });
     }
-    let opts: PgConnectOptions = url.parse().map_err(|_| BackupError::Usage("the database URL is not a valid postgres:// URI".into()))?;
-    let opts = opts.database(scratch).application_name("dbpolicy-verify").log_statements(tracing::log::LevelFilter::Debug);
-    let mut conn = PgConnection::connect_with(&opts)
-        .await
-        .map_err(|e| BackupError::Scratch(format!("connecting to {scratch}: {}", error_summary(&e))))?;
+    let opts: PgConnectOptions = url.parse().map_err(|_| {
+        BackupError::Usage("the database URL is not a valid postgres:// URI".into())
+    })?;
+    let opts = opts
+        .database(scratch)
+        .application_name("dbpolicy-verify")
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::MAX);
+    let mut conn = PgConnection::connect_with(&opts).await.map_err(|e| {
+        BackupError::Scratch(format!("connecting to {scratch}: {}", error_summary(&e)))
+    })?;
     let counted = async {
-        sqlx::raw_sql("SET row_security = off").execute(&mut conn).await?;
+        sqlx::raw_sql("SET row_security = off")
+            .execute(&mut conn)
+            .await?;
         table_rows(&mut conn).await
     }
     .await
-    .map_err(|e| BackupError::Scratch(format!("counting rows in {scratch}: {}", error_summary(&e))));
+    .map_err(|e| {
+        BackupError::Scratch(format!("counting rows in {scratch}: {}", error_summary(&e)))
+    });
     let _ = conn.close().await;
     counted
 }
@@ -216,25 +285,14 @@ async fn restore_and_count(
 fn scratch_name() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     h.write_u32(std::process::id());
     format!("dbpolicy_verify_{:016x}", h.finish())
-}
-
-/// Resolves on Ctrl-C or SIGTERM (a Job being deleted), with the signal's name.
-async fn interrupted() -> &'static str {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term => "SIGTERM",
-    }
 }
 
 #[cfg(test)]
@@ -246,7 +304,9 @@ mod tests {
         let a = scratch_name();
         let b = scratch_name();
         assert!(a.starts_with("dbpolicy_verify_") && a.len() == 32, "{a}");
-        assert!(a.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
         assert_ne!(a, b);
     }
 }

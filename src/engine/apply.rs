@@ -1,5 +1,6 @@
 //! The executor: runs a plan on one connection that already holds the policy lock.
-//! Consecutive transactional changes of an area share one transaction (all or nothing);
+//! Consecutive transactional changes of an area (and of one group, when the area splits
+//! its work, see `Change::group`) share one transaction (all or nothing);
 //! statements PostgreSQL refuses inside a transaction run alone, their ledger entries
 //! written right after. Destructive changes are refused unless the policy allows them.
 //! The first failure stops the run: what follows may depend on it.
@@ -92,10 +93,11 @@ pub async fn execute(
 
     let mut rest = runnable.as_slice();
     while let Some(first) = rest.first() {
-        // A group: consecutive transactional changes of one area, or one autonomous change.
+        // A group: consecutive transactional changes of one area and group, or one
+        // autonomous change.
         let len = if first.transactional {
             rest.iter()
-                .take_while(|c| c.transactional && c.area == first.area)
+                .take_while(|c| c.transactional && c.area == first.area && c.group == first.group)
                 .count()
         } else {
             1

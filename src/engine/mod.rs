@@ -211,7 +211,7 @@ pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
         plan.areas.push(areas::rls::plan(s, o, ledger));
     }
     if let (Some(s), Some(o)) = (&spec.feature_flags, &observed.feature_flags) {
-        plan.areas.push(areas::feature_flags::plan(s, o));
+        plan.areas.push(areas::feature_flags::plan(s, o, ledger));
     }
     if let Some(o) = &observed.replicas {
         let empty = Default::default();

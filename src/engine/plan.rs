@@ -144,6 +144,11 @@ pub struct Change {
     /// refused as destructive, the executor refuses the whole bundle.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bundle: Option<String>,
+    /// Splits an area's transaction: consecutive transactional changes share one only when
+    /// their groups are equal too (partitions: per table, so a run over many tables does
+    /// not hold thousands of locks at once and exhaust the lock table).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Change {
@@ -165,6 +170,7 @@ impl Change {
             reports_rows: false,
             rows_affected: None,
             bundle: None,
+            group: None,
         }
     }
     pub fn bundle(mut self, key: impl Into<String>) -> Self {
@@ -177,6 +183,11 @@ impl Change {
     }
     pub fn autonomous(mut self) -> Self {
         self.transactional = false;
+        self
+    }
+    /// Puts the change in a transaction group of its area (see [`Change::group`]).
+    pub fn in_group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
         self
     }
     /// Asks the executor to report the rows the statement affected.

@@ -65,6 +65,7 @@ fn keep_servers() -> bool {
 pub struct PgServerOptions {
     settings: Vec<(String, String)>,
     replication: bool,
+    password_auth: bool,
 }
 
 impl PgServerOptions {
@@ -84,6 +85,13 @@ impl PgServerOptions {
     /// and of settings a test adds.
     pub fn replication(mut self) -> Self {
         self.replication = true;
+        self
+    }
+
+    /// Require a password (`scram-sha-256`) for TCP connections of every role except the
+    /// superuser the harness itself connects as, e.g. to test wrong passwords.
+    pub fn password_auth(mut self) -> Self {
+        self.password_auth = true;
         self
     }
 
@@ -146,6 +154,9 @@ impl PgServer {
             .arg("--no-locale");
         run_checked(&mut initdb, "initdb");
         server.ensure_replication_hba();
+        if opts.password_auth {
+            server.require_passwords();
+        }
         server.append_settings(&opts.all_settings());
         server.launch();
         server
@@ -405,6 +416,16 @@ impl PgServer {
         if !present {
             append(&hba, "host replication all 127.0.0.1/32 trust\n");
         }
+    }
+
+    /// pg_hba.conf takes the first matching line: these go before initdb's trust lines.
+    fn require_passwords(&self) {
+        let hba = self.data.join("pg_hba.conf");
+        let text = fs::read_to_string(&hba).expect("read pg_hba.conf");
+        let lines = format!(
+            "host all {SUPERUSER} 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        );
+        fs::write(&hba, lines + &text).expect("write pg_hba.conf");
     }
 
     fn append_settings(&self, settings: &[(String, String)]) {

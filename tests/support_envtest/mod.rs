@@ -79,7 +79,7 @@ fn setup(kind: ApiServer) {
         "`hack/envtest.sh setup` failed ({status}) after {:?}: the e2e tests need etcd and \
          the Kubernetes API server binaries. They come from ../shared/envtest-bin beside the \
          repository when present, else they are built from Debian's packages (needs apt-get, \
-         dpkg, xz, openssl, curl; see the script's header and docs/testing-e2e.md). This test \
+         dpkg, xz, openssl, curl, python3: hack/install-deps.sh; see the script's header and docs/testing-e2e.md). This test \
          is not skipped on purpose.",
         started.elapsed()
     );
@@ -210,68 +210,44 @@ impl Envtest {
         text(&out)
     }
 
-    /// Install every CRD in the repository's `crds/` (server-side apply) and wait until each
-    /// is Established. On the kube-apiserver 1.20 the CRD is adapted first (see
-    /// [`adapt_crd_for_1_20`]); the CRD server checks the real thing.
-    pub fn install_crds(&self) {
-        let dir = repo_root().join("crds");
-        let mut names = Vec::new();
-        let mut paths: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|e| e.expect("dir entry").path())
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-            .collect();
-        paths.sort();
-        for path in paths {
-            let text = std::fs::read_to_string(&path).expect("read CRD");
-            let mut crd: serde_json::Value =
-                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            if self.kind == ApiServer::Kube {
-                adapt_crd_for_1_20(&mut crd);
-            }
-            names.push(format!(
-                "crd/{}",
-                crd["metadata"]["name"].as_str().expect("CRD name")
-            ));
-            let args: &[&str] = match self.kind {
-                ApiServer::Crd => &[
-                    "apply",
-                    "--server-side",
-                    "--field-manager=dbpolicy-e2e",
-                    "-f",
-                    "-",
-                ],
-                // 1.20's beta server-side apply mangles a CRD ("per-version schemas may not
-                // all be set to identical values"), so client-side apply there. It has no
-                // server-side field validation either: kubectl checks against the server's
-                // OpenAPI itself and trips over the `null` member of nullable enums, which
-                // the server accepts.
-                ApiServer::Kube => &["apply", "--validate=false", "-f", "-"],
-            };
-            self.kubectl_ok(args, Some(&crd.to_string()));
-        }
-        assert!(!names.is_empty(), "no CRDs in {}", dir.display());
-        let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
-        args.extend(names.iter().map(String::as_str));
-        self.kubectl_ok(&args, None);
+    /// A kubeconfig that acts as ServiceAccount `ns/name` (a TokenRequest token; needs the
+    /// full kube-apiserver), written into the run directory.
+    pub fn kubeconfig_for_service_account(&self, ns: &str, name: &str) -> PathBuf {
+        let token = self.kubectl_ok(&["create", "token", name, "-n", ns, "--duration=2h"], None);
+        let env = std::fs::read_to_string(self.run_dir.join("env")).expect("RUN_DIR/env");
+        let url = env
+            .lines()
+            .find_map(|l| l.strip_prefix("API_URL="))
+            .expect("API_URL in RUN_DIR/env");
+        let path = self.run_dir.join(format!("kubeconfig-{ns}-{name}"));
+        let ca = self.run_dir.join("ca.crt");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: envtest\n  cluster:\n    server: {url}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {}\ncontexts:\n- name: {name}\n  context: {{cluster: envtest, user: {name}, namespace: {ns}}}\ncurrent-context: {name}\n",
+            ca.display(),
+            token.trim()
+        );
+        std::fs::write(&path, text).expect("write the ServiceAccount kubeconfig");
+        path
     }
-}
 
-/// What the kube-apiserver 1.20 cannot hold: CEL rules (`x-kubernetes-validations`, from
-/// 1.25 on) are removed, and so is the `null` member of nullable enums, which 1.20's
-/// conversion to its internal CRD type trips over ("per-version schemas may not all be set
-/// to identical values"). The CRD server 1.36 takes the CRD unchanged.
-pub fn adapt_crd_for_1_20(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(map) => {
-            map.remove("x-kubernetes-validations");
-            if let Some(serde_json::Value::Array(members)) = map.get_mut("enum") {
-                members.retain(|m| !m.is_null());
-            }
-            map.values_mut().for_each(adapt_crd_for_1_20);
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(adapt_crd_for_1_20),
-        _ => {}
+    /// `hack/envtest.sh install-crds`: the repository's `crds/`, Established. On the
+    /// kube-apiserver 1.20 the script leaves out what 1.20 cannot hold (CEL rules, `null`
+    /// enum members); the CRD server gets the CRD unchanged.
+    pub fn install_crds(&self) {
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("install-crds")
+            .arg(&self.run_dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("could not run {}: {e}", script().display()));
+        assert!(
+            out.status.success(),
+            "`hack/envtest.sh install-crds` ({:?}) failed: {}\n{}",
+            self.kind,
+            out.status,
+            text(&out)
+        );
     }
 }
 

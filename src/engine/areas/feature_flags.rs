@@ -8,12 +8,16 @@ use std::collections::BTreeMap;
 use sqlx::PgConnection;
 
 use crate::api::{FeatureFlag, FeatureFlagsSpec, DEFAULT_SCHEMA};
-use crate::engine::plan::{Area, AreaPlan, Change};
+use crate::engine::ledger::Ledger;
+use crate::engine::plan::{Area, AreaPlan, Change, LedgerOp};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
 
 const AREA: Area = Area::FeatureFlags;
 pub const DEFAULT_TABLE: &str = "feature_flags";
 pub const FUNCTION: &str = "feature_enabled";
+/// Ledger item under the flags table's name: the policy that manages its rows. Two
+/// policies sharing one flags table would delete each other's flags on every run.
+pub const OWNED_TABLE: &str = "table";
 
 pub fn table_name(spec: &FeatureFlagsSpec) -> QualifiedName {
     QualifiedName::new(
@@ -229,11 +233,30 @@ ON CONFLICT (name) DO UPDATE SET enabled = EXCLUDED.enabled, rollout_percentage 
     }
 }
 
-pub fn plan(spec: &FeatureFlagsSpec, observed: &Observed) -> AreaPlan {
+pub fn plan(spec: &FeatureFlagsSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
     let mut plan = AreaPlan::new(AREA);
     let table = table_name(spec);
+    let target = table.to_string();
+    if let Some(owner) = ledger.owned_by_other(AREA, &target, OWNED_TABLE) {
+        plan.error(
+            &target,
+            "OwnershipConflict",
+            format!("the flags table {target} is managed by policy {owner}: give this policy its own featureFlags.table"),
+        );
+        return plan;
+    }
     let ops = diff(spec, observed, &mut plan);
     plan.changes = ops.iter().map(|op| render(&table, op)).collect();
+    // The first change claims the table, in the same transaction as the change.
+    if let Some(first) = plan.changes.first_mut() {
+        if !ledger.contains(AREA, &target, OWNED_TABLE) {
+            first.ledger.push(LedgerOp::Record {
+                area: AREA,
+                target,
+                item: OWNED_TABLE.into(),
+            });
+        }
+    }
     plan
 }
 
@@ -291,6 +314,7 @@ mod tests {
                 schema_exists: true,
                 ..Default::default()
             },
+            &Ledger::default(),
         );
         let summaries: Vec<&str> = p.changes.iter().map(|c| c.summary.as_str()).collect();
         assert_eq!(
@@ -316,7 +340,7 @@ mod tests {
             FlagRow::from(&flag("a", true, Some(100))),
             FlagRow::from(&flag("old", false, None)),
         ];
-        let p = plan(&spec, &existing(&rows));
+        let p = plan(&spec, &existing(&rows), &Ledger::default());
         assert_eq!(p.changes.len(), 1);
         assert_eq!(
             p.changes[0].sql,
@@ -335,6 +359,7 @@ mod tests {
         let p = plan(
             &spec,
             &existing(&[FlagRow::from(&flag("a", true, Some(10)))]),
+            &Ledger::default(),
         );
         assert!(p.changes[0]
             .sql
@@ -348,7 +373,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            plan(&spec, &Observed::default()).errors[0].reason,
+            plan(&spec, &Observed::default(), &Ledger::default()).errors[0].reason,
             "SchemaNotFound"
         );
         let o = Observed {
@@ -356,7 +381,7 @@ mod tests {
             ..existing(&[])
         };
         assert_eq!(
-            plan(&FeatureFlagsSpec::default(), &o).errors[0].reason,
+            plan(&FeatureFlagsSpec::default(), &o, &Ledger::default()).errors[0].reason,
             "IncompatibleFlagsTable"
         );
     }
@@ -368,9 +393,39 @@ mod tests {
             ..existing(&[])
         };
         assert_eq!(
-            plan(&FeatureFlagsSpec::default(), &o).changes[0].summary,
+            plan(&FeatureFlagsSpec::default(), &o, &Ledger::default()).changes[0].summary,
             "create or replace feature_enabled(flag, subject)"
         );
+    }
+
+    #[test]
+    fn the_first_change_claims_the_table_and_another_policy_is_refused() {
+        let spec = FeatureFlagsSpec {
+            flags: vec![flag("a", true, None)],
+            ..Default::default()
+        };
+        let mut ledger = Ledger::for_policy("ns/a");
+        let p = plan(&spec, &existing(&[]), &ledger);
+        let claim = LedgerOp::Record {
+            area: AREA,
+            target: "public.feature_flags".into(),
+            item: OWNED_TABLE.into(),
+        };
+        assert_eq!(p.changes[0].ledger, vec![claim]);
+        ledger.apply_ops(&p.changes[0].ledger);
+        let again = plan(
+            &FeatureFlagsSpec::default(),
+            &existing(&[FlagRow::from(&flag("a", true, None))]),
+            &ledger,
+        );
+        assert!(again.changes[0].ledger.is_empty(), "claimed once");
+
+        let mut other = Ledger::for_policy("ns/b");
+        other.insert(AREA, "public.feature_flags", OWNED_TABLE, "ns/a");
+        let refused = plan(&spec, &existing(&[]), &other);
+        assert!(refused.changes.is_empty());
+        assert_eq!(refused.errors[0].reason, "OwnershipConflict");
+        assert!(refused.errors[0].message.contains("ns/a"));
     }
 
     proptest! {

@@ -289,52 +289,69 @@ impl Observed {
     }
 }
 
-/// The one catalog query: every declared table, its key, owner, columns, partitions with
-/// their bounds turned into epoch seconds by PostgreSQL itself (so neither `DateStyle` nor
-/// `TimeZone` of the session matters), and relations named like ours that are not its
-/// partitions. One row per partition (or one row with NULL partition columns).
+/// The one catalog query: every declared table (one row each: key, owner, columns,
+/// relations named like ours that are not its partitions), then every partition (one row
+/// each) with its bound turned into epoch seconds by PostgreSQL itself (the literal cast
+/// back to the key's type), so neither `DateStyle` nor `TimeZone` of the session matters.
+/// The per-table part is materialized: computed once per table, not once per partition.
 const CATALOG_SQL: &str = r#"
-SELECT d.schema, d.name, c.relkind::text AS relkind, pt.partstrat::text AS strategy,
-       coalesce(pt.partnatts, 0)::int4 AS key_columns, a.attname::text AS key_column,
-       a.atttypid::regtype::text AS key_type, pg_get_userbyid(c.relowner)::text AS owner,
+WITH t AS MATERIALIZED (
+    SELECT d.schema, d.name, c.oid, c.relkind::text AS relkind, pt.partstrat::text AS strategy,
+           coalesce(pt.partnatts, 0)::int4 AS key_columns, a.attname::text AS key_column,
+           a.atttypid, a.atttypid::regtype::text AS key_type,
+           pg_get_userbyid(c.relowner)::text AS owner,
+           ARRAY(SELECT x.attname::text FROM pg_attribute x
+                 WHERE x.attrelid = c.oid AND x.attnum > 0 AND NOT x.attisdropped
+                   AND x.attgenerated = '' ORDER BY x.attnum) AS columns,
+           ARRAY(SELECT o.relname::text FROM pg_class o
+                 WHERE o.relnamespace = c.relnamespace
+                   AND o.relname >= (d.prefix || '_')::name AND o.relname < (d.prefix || '`')::name
+                   AND o.relkind IN ('r', 'p', 'f')
+                   AND NOT EXISTS (SELECT 1 FROM pg_inherits oi
+                                   WHERE oi.inhrelid = o.oid AND oi.inhparent = c.oid)) AS others
+    FROM unnest($1::text[], $2::text[], $3::text[]) AS d(schema, name, prefix)
+    JOIN pg_namespace n ON n.nspname = d.schema
+    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name
+    LEFT JOIN pg_partitioned_table pt ON pt.partrelid = c.oid
+    LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND pt.partnatts = 1 AND a.attnum = pt.partattrs[0]
+)
+SELECT t.schema, t.name, t.relkind, t.strategy, t.key_columns, t.key_column, t.key_type, t.owner,
        current_user::text AS me, current_setting('server_version_num')::int4 AS version,
-       ARRAY(SELECT x.attname::text FROM pg_attribute x
-             WHERE x.attrelid = c.oid AND x.attnum > 0 AND NOT x.attisdropped
-               AND x.attgenerated = '' ORDER BY x.attnum) AS columns,
-       ARRAY(SELECT o.relname::text FROM pg_class o
-             WHERE o.relnamespace = c.relnamespace
-               AND o.relname >= (d.prefix || '_')::name AND o.relname < (d.prefix || '`')::name
-               AND o.relkind IN ('r', 'p', 'f')
-               AND NOT EXISTS (SELECT 1 FROM pg_inherits oi
-                               WHERE oi.inhrelid = o.oid AND oi.inhparent = c.oid)) AS others,
-       ch.schema AS child_schema, ch.name AS child_name, ch.pending, ch.bound,
+       t.columns, t.others, NULL::text AS child_schema, NULL::text AS child_name,
+       NULL::bool AS pending, NULL::text AS bound, NULL::float8 AS lo, NULL::float8 AS hi
+FROM t
+UNION ALL
+SELECT t.schema, t.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       ch.schema, ch.name, ch.pending, ch.bound,
        CASE WHEN ch.lo = 'MINVALUE' THEN '-Infinity'::float8
             WHEN ch.lo = 'MAXVALUE' THEN 'Infinity'::float8
-            WHEN a.atttypid = 'timestamptz'::regtype
+            WHEN t.atttypid = 'timestamptz'::regtype
               THEN extract(epoch FROM btrim(ch.lo, '''')::timestamptz)::float8
-            WHEN a.atttypid IN ('timestamp'::regtype, 'date'::regtype)
-              THEN extract(epoch FROM btrim(ch.lo, '''')::timestamp)::float8 END AS lo,
+            WHEN t.atttypid IN ('timestamp'::regtype, 'date'::regtype)
+              THEN extract(epoch FROM btrim(ch.lo, '''')::timestamp)::float8 END,
        CASE WHEN ch.hi = 'MINVALUE' THEN '-Infinity'::float8
             WHEN ch.hi = 'MAXVALUE' THEN 'Infinity'::float8
-            WHEN a.atttypid = 'timestamptz'::regtype
+            WHEN t.atttypid = 'timestamptz'::regtype
               THEN extract(epoch FROM btrim(ch.hi, '''')::timestamptz)::float8
-            WHEN a.atttypid IN ('timestamp'::regtype, 'date'::regtype)
-              THEN extract(epoch FROM btrim(ch.hi, '''')::timestamp)::float8 END AS hi
-FROM unnest($1::text[], $2::text[], $3::text[]) AS d(schema, name, prefix)
-JOIN pg_namespace n ON n.nspname = d.schema
-JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name
-LEFT JOIN pg_partitioned_table pt ON pt.partrelid = c.oid
-LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND pt.partnatts = 1 AND a.attnum = pt.partattrs[0]
-LEFT JOIN LATERAL (
-    SELECT cn.nspname::text AS schema, cc.relname::text AS name,
-           coalesce((to_jsonb(i) ->> 'inhdetachpending')::bool, false) AS pending,
-           b.bound, m[1] AS lo, m[2] AS hi
-    FROM pg_inherits i
-    JOIN pg_class cc ON cc.oid = i.inhrelid
-    JOIN pg_namespace cn ON cn.oid = cc.relnamespace
-    CROSS JOIN LATERAL (SELECT pg_get_expr(cc.relpartbound, cc.oid) AS bound) b
-    LEFT JOIN LATERAL regexp_match(b.bound, '^FOR VALUES FROM \((.+)\) TO \((.+)\)$') m ON true
-    WHERE i.inhparent = c.oid
+            WHEN t.atttypid IN ('timestamp'::regtype, 'date'::regtype)
+              THEN extract(epoch FROM btrim(ch.hi, '''')::timestamp)::float8 END
+FROM t
+JOIN LATERAL (
+    -- `FOR VALUES FROM (<lo>) TO (<hi>)` cut with string functions (cheaper than a regexp
+    -- per partition); <lo> and <hi> are one literal each, or MINVALUE/MAXVALUE.
+    SELECT b.schema, b.name, b.pending, b.bound,
+           CASE WHEN b.bound LIKE 'FOR VALUES FROM (%) TO (%)'
+                THEN substr(split_part(b.bound, ') TO (', 1), 18) END AS lo,
+           CASE WHEN b.bound LIKE 'FOR VALUES FROM (%) TO (%)'
+                THEN left(split_part(b.bound, ') TO (', 2), -1) END AS hi
+    FROM (SELECT cn.nspname::text AS schema, cc.relname::text AS name,
+                 coalesce((to_jsonb(i) ->> 'inhdetachpending')::bool, false) AS pending,
+                 pg_get_expr(cc.relpartbound, cc.oid) AS bound
+          FROM pg_inherits i
+          JOIN pg_class cc ON cc.oid = i.inhrelid
+          JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+          WHERE i.inhparent = t.oid
+          OFFSET 0) b -- not flattened: pg_get_expr (the costly part) runs once per partition
 ) ch ON true
 "#;
 
@@ -377,22 +394,23 @@ pub async fn observe(
             row.try_get::<String, _>("schema")?,
             row.try_get::<String, _>("name")?,
         );
-        observed.server_version = row.try_get("version")?;
-        observed.current_user = row.try_get("me")?;
         let state = observed.tables.entry(name).or_default();
-        state.relkind = row.try_get("relkind")?;
-        state.strategy = row.try_get("strategy")?;
-        state.key_columns = row.try_get("key_columns")?;
-        state.key_column = row.try_get("key_column")?;
-        state.key_type = row.try_get("key_type")?;
-        state.owner = row.try_get("owner")?;
-        state.columns = row.try_get("columns")?;
-        state.other_relations = row
-            .try_get::<Vec<String>, _>("others")?
-            .into_iter()
-            .collect();
         let child_name: Option<String> = row.try_get("child_name")?;
         let Some(child_name) = child_name else {
+            // The table's own row.
+            observed.server_version = row.try_get("version")?;
+            observed.current_user = row.try_get("me")?;
+            state.relkind = row.try_get("relkind")?;
+            state.strategy = row.try_get("strategy")?;
+            state.key_columns = row.try_get("key_columns")?;
+            state.key_column = row.try_get("key_column")?;
+            state.key_type = row.try_get("key_type")?;
+            state.owner = row.try_get("owner")?;
+            state.columns = row.try_get("columns")?;
+            state.other_relations = row
+                .try_get::<Vec<String>, _>("others")?
+                .into_iter()
+                .collect();
             continue;
         };
         let bound_text: Option<String> = row.try_get("bound")?;
@@ -797,9 +815,11 @@ pub enum Op {
 /// The differences between spec and catalog at `observed.now`, and the problems that
 /// block them. A table with an error gets no op.
 pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> Vec<Op> {
-    let mut creates = Vec::new();
-    let mut retires = Vec::new();
+    let mut out = Vec::new();
+    let mut late = Vec::new();
     for t in &spec.tables {
+        let mut creates = Vec::new();
+        let mut retires = Vec::new();
         let name = t.qualified();
         let Some(state) = observed.tables.get(&name) else {
             plan.error(
@@ -885,7 +905,6 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
                     "NameTaken",
                     format!("a relation named {partition} already exists in schema {} and is not the default partition of {name}", name.schema),
                 );
-                creates.retain(|op| op_table(op) != &name);
                 continue;
             }
             creates.push(Op::CreateDefault {
@@ -938,15 +957,17 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
                 },
             });
         }
+        // A table's transactional ops stay together (its transaction, see `plan`); the
+        // statements PostgreSQL refuses in a transaction (DETACH … CONCURRENTLY,
+        // FINALIZE) come after every table's, each on its own.
+        let (autonomous, transactional): (Vec<Op>, Vec<Op>) =
+            retires.into_iter().partition(is_autonomous);
+        out.extend(creates);
+        out.extend(transactional);
+        late.extend(autonomous);
     }
-    // Transactional changes first, so the area's one transaction is not split; the
-    // statements PostgreSQL refuses in a transaction (DETACH … CONCURRENTLY, FINALIZE)
-    // come last, each on its own.
-    let (autonomous, transactional): (Vec<Op>, Vec<Op>) =
-        retires.into_iter().partition(is_autonomous);
-    creates.extend(transactional);
-    creates.extend(autonomous);
-    creates
+    out.extend(late);
+    out
 }
 
 fn op_table(op: &Op) -> &QualifiedName {
@@ -1185,10 +1206,33 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
+/// Most ops of one table in one transaction. Each takes a few locks (the new partition,
+/// its indexes, the parent) held to the end of its transaction: a whole run in one would
+/// exhaust the server's lock table (`max_locks_per_transaction`) on a large policy.
+pub const OPS_PER_TRANSACTION: usize = 50;
+
 pub fn plan(spec: &PartitionsSpec, observed: &Observed) -> AreaPlan {
     let mut plan = AreaPlan::new(AREA);
     let ops = diff(spec, observed, &mut plan);
-    plan.changes = ops.iter().flat_map(render).collect();
+    // One transaction per table (per OPS_PER_TRANSACTION of its ops): a table's creates,
+    // row moves and detaches are all or nothing, and locks are let go table by table.
+    let mut group = 0usize;
+    let mut in_group = 0usize;
+    let mut last: Option<&QualifiedName> = None;
+    for op in &ops {
+        let table = op_table(op);
+        if last != Some(table) || in_group == OPS_PER_TRANSACTION {
+            group += 1;
+            in_group = 0;
+            last = Some(table);
+        }
+        in_group += 1;
+        plan.changes.extend(
+            render(op)
+                .into_iter()
+                .map(|c| c.in_group(format!("{table}#{group}"))),
+        );
+    }
     plan
 }
 

@@ -311,7 +311,9 @@ type Measured<T> = Option<(T, LagSource)>;
 
 /// Lag in time and bytes, preferring what the primary measured: `replay_lag` comes from
 /// the standby's own replies and does not grow while an idle primary writes nothing,
-/// whereas the replica's last replay timestamp does.
+/// whereas the replica's last replay timestamp does. One exception: `replay_lag` is only
+/// re-measured when replay moves, so while replay is paused behind received WAL it shows
+/// the last (small) value; there the replica's replay age is the truth.
 fn measure(
     sender: Option<&Sender>,
     side: Option<&ReplicaSide>,
@@ -319,19 +321,25 @@ fn measure(
 ) -> (Measured<f64>, Measured<i64>) {
     let caught_up_on_primary =
         sender.is_some_and(|s| matches!((s.replay_lsn, primary_lsn), (Some(r), Some(p)) if r >= p));
+    let on_replica = side.and_then(|r| match (r.receive_lsn, r.replay_lsn) {
+        // Everything received is replayed: behind only by what has not arrived, which
+        // the byte lag shows; the replay timestamp would only measure idleness.
+        (Some(recv), Some(replay)) if replay >= recv => Some((0.0, LagSource::Replica)),
+        _ => r
+            .last_replay_age_seconds
+            .map(|v| (v.max(0.0), LagSource::Replica)),
+    });
+    let paused_behind = side.is_some_and(|r| {
+        r.replay_paused == Some(true)
+            && matches!((r.receive_lsn, r.replay_lsn), (Some(recv), Some(replay)) if replay < recv)
+    });
     let seconds = match sender {
+        _ if paused_behind && on_replica.is_some() => on_replica,
         Some(s) if s.replay_lag_seconds.is_some() => s
             .replay_lag_seconds
             .map(|v| (v.max(0.0), LagSource::Primary)),
         Some(_) if caught_up_on_primary => Some((0.0, LagSource::Primary)),
-        _ => side.and_then(|r| match (r.receive_lsn, r.replay_lsn) {
-            // Everything received is replayed: behind only by what has not arrived, which
-            // the byte lag shows; the replay timestamp would only measure idleness.
-            (Some(recv), Some(replay)) if replay >= recv => Some((0.0, LagSource::Replica)),
-            _ => r
-                .last_replay_age_seconds
-                .map(|v| (v.max(0.0), LagSource::Replica)),
-        }),
+        _ => on_replica,
     };
     let bytes = match sender.and_then(|s| s.replay_lag_bytes) {
         Some(b) => Some((b.max(0), LagSource::Primary)),
@@ -454,6 +462,79 @@ pub fn to_status(h: &ReplicaHealth) -> ReplicaStatus {
         slot: h.slot.clone(),
         last_check_time: h.checked_at.clone(),
     }
+}
+
+/// What the `ReplicasReady` condition says: `Ok` when every replica is healthy, else the
+/// reason of the worst state (`ReplicaNotInRecovery` > `ReplicaUnreachable` >
+/// `ReplicaLagging` > `ReplicaNotChecked`) and a message naming every unhealthy replica.
+pub fn readiness(statuses: &[ReplicaStatus]) -> Result<(), (&'static str, String)> {
+    let unhealthy: Vec<(ReplicaState, &ReplicaStatus)> = statuses
+        .iter()
+        .map(|s| (parse_state(&s.state), s))
+        .filter(|(state, _)| *state != ReplicaState::Healthy)
+        .collect();
+    let rank = |s: ReplicaState| match s {
+        ReplicaState::NotInRecovery => 4,
+        ReplicaState::Unreachable => 3,
+        ReplicaState::Lagging => 2,
+        ReplicaState::Unknown => 1,
+        ReplicaState::Healthy => 0,
+    };
+    let Some(worst) = unhealthy.iter().map(|(s, _)| *s).max_by_key(|s| rank(*s)) else {
+        return Ok(());
+    };
+    let message = unhealthy
+        .iter()
+        .map(|(state, s)| format!("{} is {}", s.name, state.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err((worst.reason().unwrap_or("ReplicaNotChecked"), message))
+}
+
+fn parse_state(s: &str) -> ReplicaState {
+    [
+        ReplicaState::Healthy,
+        ReplicaState::Lagging,
+        ReplicaState::Unreachable,
+        ReplicaState::NotInRecovery,
+    ]
+    .into_iter()
+    .find(|st| st.as_str() == s)
+    .unwrap_or(ReplicaState::Unknown)
+}
+
+/// A replica whose state changed between two checks (for Events: "crossed its lag limit",
+/// "unreachable", "healthy again").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub name: String,
+    /// None when the replica was not in the previous status.
+    pub from: Option<String>,
+    pub to: String,
+    /// Whether it became healthy (a Normal event) or stopped being (a Warning).
+    pub healthy: bool,
+}
+
+/// The replicas whose state changed from `previous` to `current`. A replica first seen
+/// is a transition only when it is not healthy (nothing to tell about a healthy start).
+pub fn transitions(previous: &[ReplicaStatus], current: &[ReplicaStatus]) -> Vec<Transition> {
+    current
+        .iter()
+        .filter_map(|now| {
+            let before = previous.iter().find(|p| p.name == now.name);
+            let healthy = now.state == ReplicaState::Healthy.as_str();
+            match before {
+                Some(b) if b.state == now.state => None,
+                None if healthy => None,
+                _ => Some(Transition {
+                    name: now.name.clone(),
+                    from: before.map(|b| b.state.clone()),
+                    to: now.state.clone(),
+                    healthy,
+                }),
+            }
+        })
+        .collect()
 }
 
 fn human_bytes(n: i64) -> String {
@@ -1061,6 +1142,21 @@ mod tests {
     }
 
     #[test]
+    fn paused_replay_is_measured_on_the_replica() {
+        // The primary's replay_lag is stale while replay does not move.
+        let mut obs = with_sender(primary_at(1000), "s", Some(0.001), 900);
+        let mut probe = reached(100, 1000, 75.0);
+        if let ProbeResult::Reached(side) = &mut probe.result {
+            side.replay_paused = Some(true);
+        }
+        obs.probes.insert("r".into(), probe);
+        let h = &health(&spec(vec![replica("r", Some("s"))]), &obs)[0];
+        assert_eq!(h.lag_seconds, Some(75.0));
+        assert_eq!(h.lag_seconds_source, Some(LagSource::Replica));
+        assert_eq!(h.lag_bytes_source, Some(LagSource::Primary));
+    }
+
+    #[test]
     fn caught_up_sender_without_replay_lag_is_zero() {
         let mut obs = with_sender(primary_at(1000), "s", None, 0);
         obs.probes.insert("r".into(), reached(1000, 1000, 3600.0));
@@ -1196,6 +1292,43 @@ mod tests {
             state: state.as_str().into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn readiness_names_the_worst_state_and_every_unhealthy_replica() {
+        assert_eq!(readiness(&[st("a", ReplicaState::Healthy)]), Ok(()));
+        assert_eq!(readiness(&[]), Ok(()));
+        let (reason, message) = readiness(&[
+            st("a", ReplicaState::Lagging),
+            st("b", ReplicaState::Healthy),
+            st("c", ReplicaState::Unreachable),
+        ])
+        .unwrap_err();
+        assert_eq!(reason, "ReplicaUnreachable");
+        assert_eq!(message, "a is Lagging, c is Unreachable");
+    }
+
+    #[test]
+    fn transitions_are_state_changes() {
+        let before = [
+            st("a", ReplicaState::Healthy),
+            st("b", ReplicaState::Lagging),
+        ];
+        let after = [
+            st("a", ReplicaState::Lagging),
+            st("b", ReplicaState::Healthy),
+            st("c", ReplicaState::Healthy),
+            st("d", ReplicaState::Unreachable),
+        ];
+        let t = transitions(&before, &after);
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            (t[0].name.as_str(), t[0].from.as_deref(), t[0].healthy),
+            ("a", Some("Healthy"), false)
+        );
+        assert_eq!((t[1].name.as_str(), t[1].healthy), ("b", true));
+        assert_eq!((t[2].name.as_str(), t[2].from.as_deref()), ("d", None));
+        assert!(transitions(&after, &after).is_empty());
     }
 
     fn urls() -> BTreeMap<String, String> {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, Executor, PgConnection, Row};
 
 use crate::api::{
     PolicyCommand, PolicyKind, RlsPolicy, RlsTable, RowLevelSecuritySpec, TableTarget,
@@ -101,7 +101,7 @@ JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name
 LEFT JOIN pg_policy p ON p.polrelid = c.oid";
 
 /// Reads the spec's tables and policies (one query), the roles they name (one query), and
-/// normalises the desired expressions (one rolled-back transaction of four round trips),
+/// normalises the desired expressions (one rolled-back transaction of three round trips),
 /// whatever the number of tables and policies.
 pub async fn observe(
     conn: &mut PgConnection,
@@ -179,7 +179,7 @@ fn command_from_catalog(polcmd: &str) -> PolicyCommand {
     }
 }
 
-/// The normalisation functions, created in `pg_temp` inside the rolled-back transaction.
+/// The normalisation function, created in `pg_temp` inside the rolled-back transaction.
 ///
 /// Each spec table gets a temporary twin of the same name (`CREATE TEMP TABLE … (LIKE …)`,
 /// which only takes ACCESS SHARE on the real table: a policy on the real table would take
@@ -188,77 +188,73 @@ fn command_from_catalog(polcmd: &str) -> PolicyCommand {
 /// `pg_temp` goes last in the search path so that names in the expression resolve as they
 /// do for the real table; the deparsed text is therefore the one the real policy shows.
 ///
-/// The first pass runs without per-policy subtransactions (thousands of them would
-/// overflow the subtransaction cache that every other session's snapshots consult); only
-/// when something is invalid does the careful pass run, one subtransaction per policy, to
-/// name every bad one. Lock timeouts are re-raised, not blamed on an expression;
-/// statement timeouts cannot be caught in PL/pgSQL.
+/// Each table's work runs in a subtransaction that is always rolled back (by raising
+/// `DBPRB` once the results are read): the twin, its catalog rows and every lock taken
+/// for it go away at once, so a thousand tables never hold thousands of locks (the shared
+/// lock table is sized for 64 per connection) and aborted subtransactions leave nothing in
+/// the subtransaction cache that other sessions' snapshots consult. Inside it, the
+/// table's policies are created together; only when one is invalid are they created
+/// again one subtransaction each, to name every bad one. Lock timeouts are re-raised, not
+/// blamed on an expression; statement timeouts cannot be caught in PL/pgSQL at all.
 const NORMALIZE_FUNCTIONS_SQL: &str = r#"
-CREATE FUNCTION pg_temp.dbpolicy_rls_normalize_pass(input jsonb, careful boolean) RETURNS jsonb
+CREATE FUNCTION pg_temp.dbpolicy_rls_normalize(input jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $dbpolicy$
 DECLARE
     t jsonb;
     p jsonb;
     twin text;
-    statement text;
+    one_by_one boolean;
+    found jsonb;
     result jsonb := '[]';
-BEGIN
-    FOR t IN SELECT value FROM jsonb_array_elements(input) LOOP
-        twin := 'pg_temp.' || quote_ident(t->>'table');
-        statement := format('CREATE TEMP TABLE %I (LIKE %I.%I)', t->>'table', t->>'schema', t->>'table');
-        IF careful THEN
-            BEGIN
-                EXECUTE statement;
-            EXCEPTION
-                WHEN lock_not_available THEN RAISE;
-                WHEN OTHERS THEN
-                    result := result || jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
-                        'sqlstate', SQLSTATE, 'message', SQLERRM);
-                    CONTINUE;
-            END;
-        ELSE
-            EXECUTE statement;
-        END IF;
-        FOR p IN SELECT value FROM jsonb_array_elements(t->'policies') LOOP
-            statement := format('CREATE POLICY %I ON %s FOR %s', p->>'name', twin, p->>'command')
-                || (p->>'clauses');
-            IF careful THEN
-                BEGIN
-                    EXECUTE statement;
-                EXCEPTION
-                    WHEN lock_not_available THEN RAISE;
-                    WHEN OTHERS THEN
-                        result := result || jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
-                            'policy', p->>'name', 'sqlstate', SQLSTATE, 'message', SQLERRM);
-                END;
-            ELSE
-                EXECUTE statement;
-            END IF;
-        END LOOP;
-        result := result || coalesce((
-            SELECT jsonb_agg(jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
-                       'policy', polname, 'using', pg_get_expr(polqual, polrelid),
-                       'withCheck', pg_get_expr(polwithcheck, polrelid)))
-            FROM pg_policy WHERE polrelid = twin::regclass), '[]');
-        EXECUTE 'DROP TABLE ' || twin;
-    END LOOP;
-    RETURN result;
-END
-$dbpolicy$;
-
-CREATE FUNCTION pg_temp.dbpolicy_rls_normalize(input jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $dbpolicy$
 BEGIN
     PERFORM set_config('search_path',
         CASE WHEN current_setting('search_path') = '' THEN 'pg_temp'
              ELSE current_setting('search_path') || ', pg_temp' END, true);
-    BEGIN
-        RETURN pg_temp.dbpolicy_rls_normalize_pass(input, false);
-    EXCEPTION
-        WHEN lock_not_available THEN RAISE;
-        WHEN OTHERS THEN NULL;
-    END;
-    RETURN pg_temp.dbpolicy_rls_normalize_pass(input, true);
+    FOR t IN SELECT value FROM jsonb_array_elements(input) LOOP
+        twin := 'pg_temp.' || quote_ident(t->>'table');
+        found := '[]';
+        BEGIN
+            EXECUTE format('CREATE TEMP TABLE %I (LIKE %I.%I)', t->>'table', t->>'schema', t->>'table');
+            one_by_one := false;
+            BEGIN
+                FOR p IN SELECT value FROM jsonb_array_elements(t->'policies') LOOP
+                    EXECUTE format('CREATE POLICY %I ON %s FOR %s', p->>'name', twin, p->>'command')
+                        || (p->>'clauses');
+                END LOOP;
+            EXCEPTION
+                WHEN lock_not_available THEN RAISE;
+                WHEN OTHERS THEN one_by_one := true;
+            END;
+            IF one_by_one THEN
+                FOR p IN SELECT value FROM jsonb_array_elements(t->'policies') LOOP
+                    BEGIN
+                        EXECUTE format('CREATE POLICY %I ON %s FOR %s', p->>'name', twin, p->>'command')
+                            || (p->>'clauses');
+                    EXCEPTION
+                        WHEN lock_not_available THEN RAISE;
+                        WHEN OTHERS THEN
+                            found := found || jsonb_build_object('schema', t->>'schema',
+                                'table', t->>'table', 'policy', p->>'name',
+                                'sqlstate', SQLSTATE, 'message', SQLERRM);
+                    END;
+                END LOOP;
+            END IF;
+            found := found || coalesce((
+                SELECT jsonb_agg(jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
+                           'policy', polname, 'using', pg_get_expr(polqual, polrelid),
+                           'withCheck', pg_get_expr(polwithcheck, polrelid)))
+                FROM pg_policy WHERE polrelid = twin::regclass), '[]');
+            RAISE EXCEPTION USING ERRCODE = 'DBPRB', MESSAGE = 'dbpolicy: discard the twin';
+        EXCEPTION
+            WHEN lock_not_available THEN RAISE;
+            WHEN SQLSTATE 'DBPRB' THEN NULL;
+            WHEN OTHERS THEN
+                found := found || jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
+                    'sqlstate', SQLSTATE, 'message', SQLERRM);
+        END;
+        result := result || found;
+    END LOOP;
+    RETURN result;
 END
 $dbpolicy$;
 "#;
@@ -375,17 +371,24 @@ async fn normalize(
     Ok(out)
 }
 
-/// The two round trips inside the normalisation transaction.
+/// The one round trip inside the normalisation transaction: the function and the call, as
+/// one simple-protocol batch (PostgreSQL analyses each statement of a batch after running
+/// the ones before it, so the call sees the function). The input is a dollar-quoted
+/// literal with a tag it does not contain, whatever `standard_conforming_strings` is.
 async fn normalize_in(tx: &mut PgConnection, input: &str) -> Result<String, sqlx::Error> {
-    // A plain string runs as a simple query (both functions in one round trip); unlike
-    // `raw_sql`, the boxed future it returns keeps the engine's future `Send`.
-    tx.execute(NORMALIZE_FUNCTIONS_SQL).await?;
-    // Not prepared: the function is new in every transaction.
-    sqlx::query_scalar::<_, String>("SELECT pg_temp.dbpolicy_rls_normalize($1::jsonb)::text")
-        .bind(input)
-        .persistent(false)
-        .fetch_one(&mut *tx)
-        .await
+    let mut tag = "$dbpolicy_input$".to_string();
+    let mut n = 0;
+    while input.contains(&tag) {
+        n += 1;
+        tag = format!("$dbpolicy_input{n}$");
+    }
+    let batch = format!(
+        "{NORMALIZE_FUNCTIONS_SQL}\nSELECT pg_temp.dbpolicy_rls_normalize({tag}{input}{tag}::jsonb)::text"
+    );
+    // A plain string runs as a simple query; unlike `raw_sql`, the boxed future it
+    // returns keeps the engine's future `Send`.
+    let row = tx.fetch_one(batch.as_str()).await?;
+    row.try_get(0)
 }
 
 // ---------------------------------------------------------------------- expressions (pure)
@@ -980,7 +983,9 @@ pub fn render(op: &Op) -> Vec<Change> {
                 format!("alter policy {name}: {}", what.join(", ")),
                 sql,
             )
-            .hazard(Hazard::Locking)]
+            .hazard(Hazard::Locking)
+            // Claims the policy, so a second policy altering it is refused as a conflict.
+            .record(name.as_str())]
         }
         Op::Drop { table, name } => vec![Change::new(
             AREA,

@@ -753,3 +753,63 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn one_transaction_per_table_and_never_too_many_locks_in_one() {
+    let mut a = spec_table("a", PartitionInterval::Daily);
+    a.start_date = Some("2024-01-01".into());
+    a.premake = Some(0);
+    let b = spec_table("b", PartitionInterval::Monthly);
+    let o = observed(
+        "2024-04-30T00:00:00Z",
+        vec![("a", state("date")), ("b", state("date"))],
+    );
+    let p = plan(&spec(vec![a, b]), &o);
+    let mut groups: Vec<(&str, &str, usize)> = Vec::new();
+    for c in &p.changes {
+        let g = c.group.as_deref().unwrap();
+        match groups.last_mut() {
+            Some((t, last, n)) if *last == g && *t == c.target => *n += 1,
+            _ => groups.push((&c.target, g, 1)),
+        }
+    }
+    // 121 days + a default for a: 50 + 50 + 22; 3 months + a default for b.
+    let sizes: Vec<(&str, usize)> = groups.iter().map(|(t, _, n)| (*t, *n)).collect();
+    assert_eq!(
+        sizes,
+        vec![
+            ("public.a", 50),
+            ("public.a", 50),
+            ("public.a", 22),
+            ("public.b", 4)
+        ]
+    );
+    let distinct: BTreeSet<&str> = groups.iter().map(|(_, g, _)| *g).collect();
+    assert_eq!(distinct.len(), 4);
+}
+
+#[test]
+fn concurrent_detaches_come_after_every_tables_transaction() {
+    let (s1, o1) = daily_with_history(false);
+    let (s2, _) = daily_with_history(true);
+    let mut s = s1.clone();
+    let mut with_default = s2.tables[0].clone();
+    with_default.table = "u".into();
+    s.tables.push(with_default);
+    let mut o = o1.clone();
+    let mut u = o1.tables[&qn("t")].clone();
+    for c in &mut u.children {
+        c.name.name = c.name.name.replacen("t_", "u_", 1);
+    }
+    u.children.push(default_child("u"));
+    u.default_rows = Some(DefaultRows::default());
+    o.tables.insert(qn("u"), u);
+    let p = plan(&s, &o);
+    let first_autonomous = p.changes.iter().position(|c| !c.transactional).unwrap();
+    assert!(p.changes[first_autonomous..]
+        .iter()
+        .all(|c| !c.transactional));
+    assert!(p.changes[..first_autonomous]
+        .iter()
+        .all(|c| c.target == "public.u"));
+}
