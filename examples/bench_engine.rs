@@ -31,7 +31,14 @@ use dbpolicy::engine::{self, PolicyId};
 
 const SIZES: [usize; 4] = [1, 100, 1_000, 5_000];
 const PARTITIONED: usize = 100;
-const NOOP_RUNS: usize = 7;
+/// Runs of the no-op plan per size (median): fewer at the sizes where one run takes seconds.
+fn noop_runs(tables: usize) -> usize {
+    if tables >= 1_000 {
+        3
+    } else {
+        7
+    }
+}
 const CERTQUIZ_RUNS: usize = 3;
 
 const CERTQUIZ_SCHEMA: &str = include_str!("certquiz/schema.sql");
@@ -58,7 +65,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn with_db(url: &str, db: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let cut = base
         .rfind('/')
         .filter(|i| *i > base.find("://").map_or(0, |s| s + 2))
@@ -96,7 +105,7 @@ fn spec(tables: usize) -> Res<DatabasePolicySpec> {
     Ok(serde_yaml::from_str(&y)?)
 }
 
-/// One size: (initial apply, changes applied, no-op median, round trips per no-op run).
+/// One size: the converging apply, the no-op plan, and where the no-op time goes.
 struct SizeResult {
     tables: usize,
     apply: Duration,
@@ -104,17 +113,26 @@ struct SizeResult {
     noop: Duration,
     trips: u64,
     select1: Duration,
+    /// Median time of each area's observer alone (with the ledger read), and of the pure plan.
+    breakdown: Vec<(&'static str, Duration)>,
 }
 
 async fn create_db(admin: &mut PgConnection, name: &str) -> Res<()> {
     // Two statements, two round trips: neither may run inside a (multi-statement) transaction.
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut *admin).await?;
-    sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE template0")).execute(&mut *admin).await?;
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut *admin)
+        .await?;
+    sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE template0"))
+        .execute(&mut *admin)
+        .await?;
     Ok(())
 }
 
 async fn drop_db(admin: &mut PgConnection, name: &str) {
-    if let Err(e) = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin).await {
+    if let Err(e) = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(admin)
+        .await
+    {
         eprintln!("warning: could not drop {name}: {e}");
     }
 }
@@ -123,7 +141,9 @@ async fn select1(conn: &mut PgConnection) -> Res<Duration> {
     let mut times = Vec::with_capacity(201);
     for _ in 0..201 {
         let start = Instant::now();
-        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut *conn).await?;
+        sqlx::query_scalar::<_, i32>("SELECT 1")
+            .fetch_one(&mut *conn)
+            .await?;
         times.push(start.elapsed());
     }
     Ok(median(times))
@@ -148,7 +168,10 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
     for batch in ddl.chunks(200) {
         sqlx::raw_sql(&batch.concat()).execute(&mut conn).await?;
     }
-    eprintln!("  {tables} tables + {PARTITIONED} partitioned tables created in {:.1?}", started.elapsed());
+    eprintln!(
+        "  {tables} tables + {PARTITIONED} partitioned tables created in {:.1?}",
+        started.elapsed()
+    );
 
     let spec = spec(tables)?;
     let policy = PolicyId("bench/engine".into());
@@ -158,16 +181,22 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
     if let Some(e) = outcome.plan.errors().next() {
         anyhow::bail!("{tables} tables: plan error: {e}");
     }
-    let report = outcome.report.ok_or_else(|| anyhow::anyhow!("nothing applied"))?;
+    let report = outcome
+        .report
+        .ok_or_else(|| anyhow::anyhow!("nothing applied"))?;
     if let Some(f) = &report.failure {
         anyhow::bail!("{tables} tables: apply failed: {f}");
     }
-    eprintln!("  converged with {} changes in {apply:.1?}", report.applied.len());
+    eprintln!(
+        "  converged with {} changes in {apply:.1?}",
+        report.applied.len()
+    );
 
     let select1 = select1(&mut conn).await?;
-    let mut times = Vec::with_capacity(NOOP_RUNS);
+    let runs = noop_runs(tables);
+    let mut times = Vec::with_capacity(runs);
     let before = trips();
-    for _ in 0..NOOP_RUNS {
+    for _ in 0..runs {
         let start = Instant::now();
         let outcome = engine::run(&mut conn, &spec, Mode::Plan, &policy).await?;
         times.push(start.elapsed());
@@ -177,7 +206,54 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
             outcome.plan.render_sql()
         );
     }
-    let per_run = (trips() - before) / NOOP_RUNS as u64;
+    let per_run = (trips() - before) / runs as u64;
+
+    // Where the time goes: each area observed alone, then the pure plan.
+    let mut breakdown = Vec::new();
+    let areas: [(&'static str, DatabasePolicySpec); 3] = [
+        (
+            "rowLevelSecurity observe",
+            DatabasePolicySpec {
+                autovacuum: None,
+                partitions: None,
+                ..spec.clone()
+            },
+        ),
+        (
+            "autovacuum observe",
+            DatabasePolicySpec {
+                row_level_security: None,
+                partitions: None,
+                ..spec.clone()
+            },
+        ),
+        (
+            "partitions observe",
+            DatabasePolicySpec {
+                row_level_security: None,
+                autovacuum: None,
+                ..spec.clone()
+            },
+        ),
+    ];
+    for (what, only) in &areas {
+        let mut t = Vec::new();
+        for _ in 0..runs {
+            let start = Instant::now();
+            engine::observe(&mut conn, only, &policy).await?;
+            t.push(start.elapsed());
+        }
+        breakdown.push((*what, median(t)));
+    }
+    let observed = engine::observe(&mut conn, &spec, &policy).await?;
+    let mut t = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let plan = engine::plan(&spec, &observed);
+        t.push(start.elapsed());
+        anyhow::ensure!(plan.is_empty(), "the pure plan is not empty");
+    }
+    breakdown.push(("plan (pure)", median(t)));
     conn.close().await?;
     Ok(SizeResult {
         tables,
@@ -186,12 +262,18 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
         noop: median(times),
         trips: per_run,
         select1,
+        breakdown,
     })
 }
 
 /// certquiz from empty: (median apply, changes, round trips of one apply, SELECT 1).
-async fn bench_certquiz(admin: &mut PgConnection, admin_url: &str, trips: &dyn Fn() -> u64) -> Res<(Duration, usize, u64, Duration)> {
-    let (policies, _) = dbpolicy::cli::parse_policies(CERTQUIZ_POLICY).map_err(anyhow::Error::msg)?;
+async fn bench_certquiz(
+    admin: &mut PgConnection,
+    admin_url: &str,
+    trips: &dyn Fn() -> u64,
+) -> Res<(Duration, usize, u64, Duration)> {
+    let (policies, _) =
+        dbpolicy::cli::parse_policies(CERTQUIZ_POLICY).map_err(anyhow::Error::msg)?;
     let mut spec = policies.into_iter().next().expect("one policy").spec;
     spec.server_settings = None;
     spec.replicas = None;
@@ -208,19 +290,37 @@ async fn bench_certquiz(admin: &mut PgConnection, admin_url: &str, trips: &dyn F
             one = select1(&mut conn).await?;
             let before = trips();
             let start = Instant::now();
-            let outcome = engine::run(&mut conn, &spec, Mode::Apply, &PolicyId("default/certquiz".into())).await?;
+            let outcome = engine::run(
+                &mut conn,
+                &spec,
+                Mode::Apply,
+                &PolicyId("default/certquiz".into()),
+            )
+            .await?;
             let took = start.elapsed();
             round_trips = trips() - before;
             if let Some(e) = outcome.plan.errors().next() {
                 anyhow::bail!("certquiz: plan error: {e}");
             }
-            let report = outcome.report.ok_or_else(|| anyhow::anyhow!("certquiz: nothing applied"))?;
+            let report = outcome
+                .report
+                .ok_or_else(|| anyhow::anyhow!("certquiz: nothing applied"))?;
             if let Some(f) = &report.failure {
                 anyhow::bail!("certquiz: apply failed: {f}");
             }
             changes = report.applied.len();
-            let again = engine::run(&mut conn, &spec, Mode::Plan, &PolicyId("default/certquiz".into())).await?;
-            anyhow::ensure!(again.plan.is_empty(), "certquiz did not converge:\n{}", again.plan.render_sql());
+            let again = engine::run(
+                &mut conn,
+                &spec,
+                Mode::Plan,
+                &PolicyId("default/certquiz".into()),
+            )
+            .await?;
+            anyhow::ensure!(
+                again.plan.is_empty(),
+                "certquiz did not converge:\n{}",
+                again.plan.render_sql()
+            );
             conn.close().await?;
             Ok(took)
         }
@@ -250,18 +350,30 @@ fn machine() -> String {
 }
 
 fn binary_size() -> String {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string());
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string());
     let path = std::path::Path::new(&target).join("release/dbpolicy");
     match std::fs::metadata(&path) {
-        Ok(m) => format!("{:.1} MiB ({} bytes, {})", m.len() as f64 / 1024.0 / 1024.0, m.len(), path.display()),
-        Err(_) => format!("not built ({} missing: cargo build --release)", path.display()),
+        Ok(m) => format!(
+            "{:.1} MiB ({} bytes, {})",
+            m.len() as f64 / 1024.0 / 1024.0,
+            m.len(),
+            path.display()
+        ),
+        Err(_) => format!(
+            "not built ({} missing: cargo build --release)",
+            path.display()
+        ),
     }
 }
 
 #[tokio::main]
 async fn main() -> Res<()> {
     let sizes: Vec<usize> = {
-        let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+        let args: Vec<usize> = std::env::args()
+            .skip(1)
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()?;
         if args.is_empty() {
             SIZES.to_vec()
         } else {
@@ -269,13 +381,17 @@ async fn main() -> Res<()> {
         }
     };
     let counter = Arc::new(AtomicU64::new(0));
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(RoundTrips(counter.clone())))?;
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(RoundTrips(counter.clone())),
+    )?;
     let trips = || counter.load(Ordering::Relaxed);
 
     let admin_url = std::env::var("DBPOLICY_BENCH_ADMIN_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let mut admin = PgConnection::connect(&admin_url).await?;
-    let version: String = sqlx::query_scalar("SELECT version()").fetch_one(&mut admin).await?;
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&mut admin)
+        .await?;
     let settings: String = sqlx::query_scalar(
         "SELECT string_agg(name || '=' || current_setting(name), ', ' ORDER BY name) FROM pg_settings
           WHERE name IN ('shared_buffers', 'max_locks_per_transaction', 'fsync', 'synchronous_commit')",
@@ -306,7 +422,7 @@ async fn main() -> Res<()> {
     admin.close().await?;
 
     println!();
-    println!("Observe + plan with nothing to change (median of {NOOP_RUNS}); `SELECT 1` = one trivial round trip on the same connection, same run.");
+    println!("Observe + plan with nothing to change (`dbpolicy plan` on a converged database: session setup, advisory lock, observe, plan; median of 7 runs, 3 from 1,000 tables on); `SELECT 1` = one trivial round trip on the same connection, same run.");
     println!();
     println!("| tables (2 RLS policies + autovacuum each) | partitioned tables | observe + plan, no change | × `SELECT 1` | SQL round trips | converging apply (changes) |");
     println!("|---:|---:|---:|---:|---:|---:|");
@@ -325,11 +441,34 @@ async fn main() -> Res<()> {
                     r.applied
                 );
             }
-            Err((tables, e)) => println!("| {tables} | {PARTITIONED} | FAILED: {} | | | |", e.replace('\n', " ").replace('|', "\\|")),
+            Err((tables, e)) => println!(
+                "| {tables} | {PARTITIONED} | FAILED: {} | | | |",
+                e.replace('\n', " ").replace('|', "\\|")
+            ),
+        }
+    }
+    let ok: Vec<&SizeResult> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    if let Some(first) = ok.first() {
+        println!();
+        print!("| where the no-op time goes |");
+        for r in &ok {
+            print!(" {} tables |", r.tables);
+        }
+        println!();
+        println!("|---|{}", "---:|".repeat(ok.len()));
+        for (i, (what, _)) in first.breakdown.iter().enumerate() {
+            print!("| {what} |");
+            for r in &ok {
+                print!(" {:.1} ms |", r.breakdown[i].1.as_secs_f64() * 1000.0);
+            }
+            println!();
         }
     }
     if let Some(Ok(r)) = results.first() {
-        println!("\n`SELECT 1` round trip: {:.1} µs (median of 201)", r.select1.as_secs_f64() * 1e6);
+        println!(
+            "\n`SELECT 1` round trip: {:.1} µs (median of 201)",
+            r.select1.as_secs_f64() * 1e6
+        );
     }
     let constant = trip_counts.windows(2).all(|w| w[0] == w[1]);
     println!(

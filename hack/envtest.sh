@@ -123,15 +123,12 @@ from_warm_cache() {
       rm -f "$tmp"; log "warm cache: checksum mismatch for $b ($sum != $want), not used"; continue
     fi
     chmod 755 "$tmp"; mv "$tmp" "$BIN/$b"
+    { grep "^$b " "$WARM/VERSIONS" 2>/dev/null || echo "$b"; } | sed 's/$/ [warm cache]/' > "$BIN/VERSIONS.$b"
     log "installed $b from the warm cache (sha256 verified)"
   done
-  if [ -f "$WARM/VERSIONS" ]; then
-    grep -E '^(crd-apiserver|etcd) ' "$WARM/VERSIONS" > "$BIN/VERSIONS.crd" || true
-    grep -E '^kube-apiserver ' "$WARM/VERSIONS" > "$BIN/VERSIONS.kube" || true
-  fi
 }
 
-write_versions() { cat "$BIN"/VERSIONS.* > "$BIN/VERSIONS" 2>/dev/null || true; }
+write_versions() { cat "$BIN"/VERSIONS.* 2>/dev/null | sort -u > "$BIN/VERSIONS" || true; }
 
 # ---------------------------------------------------------------- private apt config
 apt_setup() {
@@ -200,8 +197,8 @@ build_crd_apiserver() {
     cd "$W" && "$GOROOT/bin/go" build -trimpath -ldflags="$ld" -o "$BIN/crd-apiserver.tmp" envtest/crd-apiserver )
   mv "$BIN/crd-apiserver.tmp" "$BIN/crd-apiserver"
   cp "$R/usr/bin/etcd" "$BIN/etcd.tmp" && mv "$BIN/etcd.tmp" "$BIN/etcd"
-  { echo "crd-apiserver $k8s_ver (golang-k8s-apiextensions-apiserver-dev $apiext_ver, $gopkg $(dpkg-deb -f "$(ls "$W"/debs/"${gopkg}"_*.deb | tail -1)" Version))"
-    echo "etcd $etcd_ver (etcd-server .deb)"; } > "$BIN/VERSIONS.crd"
+  echo "crd-apiserver $k8s_ver (golang-k8s-apiextensions-apiserver-dev $apiext_ver, $gopkg $(dpkg-deb -f "$(ls "$W"/debs/"${gopkg}"_*.deb | tail -1)" Version))" > "$BIN/VERSIONS.crd-apiserver"
+  echo "etcd $etcd_ver (etcd-server .deb)" > "$BIN/VERSIONS.etcd"
 }
 
 # ---------------------------------------------------------------- kube-apiserver 1.20.2
@@ -244,7 +241,7 @@ build_kube_apiserver() {
            GOCACHE="$W/gocache119" GOPATH="$W/gopath119"
     cd "$W/gopath119/src/k8s.io/kubernetes" && "$GOROOT/bin/go" build -ldflags="$ld" -o "$BIN/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver )
   mv "$BIN/kube-apiserver.tmp" "$BIN/kube-apiserver"
-  echo "kube-apiserver $V (bookworm kubernetes 1.20.5+really1.20.2-1.1+deb12u1 orig tarball, golang-1.19-go, reflect2 1.0.2)" > "$BIN/VERSIONS.kube"
+  echo "kube-apiserver $V (bookworm kubernetes 1.20.5+really1.20.2-1.1+deb12u1 orig tarball, golang-1.19-go, reflect2 1.0.2)" > "$BIN/VERSIONS.kube-apiserver"
 }
 
 # ================================================================ start

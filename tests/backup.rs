@@ -119,12 +119,14 @@ async fn run_list_verify_prune_with_a_local_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let store = dir_args(&tmp.path().join("backups"));
 
+    let term = tmp.path().join("termination-log");
+    let term_env = [("DBPOLICY_TERMINATION_LOG", term.to_str().unwrap())];
     let mut ids = Vec::new();
     for round in 0..3 {
         let out = run_args(
             &with(&["backup", "run", "--compression", "9"], &store),
             Some(db.url()),
-            &[],
+            &term_env,
         );
         expect_code(&out, 0);
         assert!(out.stdout.starts_with("backed up "), "{}", out.stdout);
@@ -142,6 +144,12 @@ async fn run_list_verify_prune_with_a_local_directory() {
         ))
         .await;
     }
+
+    // The outcome for the controller, in the container's termination message.
+    let message: Value = serde_json::from_slice(&fs::read(&term).unwrap()).unwrap();
+    assert_eq!(message["result"], "Succeeded", "{message}");
+    assert_eq!(message["backup"], ids[2].as_str());
+    assert!(message["sizeBytes"].as_u64().unwrap() > 0);
 
     // The manifest: what was dumped, from where, how big, and row counts at dump time.
     let listing = list_json(&store, &[]);
@@ -434,8 +442,16 @@ async fn failed_and_interrupted_runs_leave_nothing_that_lists_as_a_backup() {
 
     // A database that does not exist: the connection fails, nothing is written.
     let bad_url = support::url_with_database(db.url(), &format!("{}_missing", db.name()));
-    let out = run_args(&with(&["backup", "run"], &store), Some(&bad_url), &[]);
+    let term = tmp.path().join("termination-log");
+    let out = run_args(
+        &with(&["backup", "run"], &store),
+        Some(&bad_url),
+        &[("DBPOLICY_TERMINATION_LOG", term.to_str().unwrap())],
+    );
     expect_code(&out, 1);
+    let message: Value = serde_json::from_slice(&fs::read(&term).unwrap()).unwrap();
+    assert_eq!(message["result"], "Failed", "{message}");
+    assert_eq!(message["reason"], "ConnectionFailed", "{message}");
     assert!(
         out.stderr.contains("connect") && out.stderr.contains("backup run"),
         "{}",
@@ -722,7 +738,12 @@ impl Moto {
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .spawn()
-            .unwrap_or_else(|e| panic!("could not start {}: {e}", bin.display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "could not start {}: {e}; the S3 backup test needs moto[server]: run hack/install-deps.sh (or set MOTO_SERVER)",
+                    bin.display()
+                )
+            });
         let mut moto = Moto { child, port };
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {

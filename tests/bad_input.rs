@@ -7,7 +7,10 @@ mod support;
 
 use std::sync::OnceLock;
 
-use support::{cli, expect_code, policy, run_dbpolicy, write_policy, PgServer, PgServerOptions, RunOutput, TestDb};
+use support::{
+    cli, expect_code, policy, run_dbpolicy, write_policy, PgServer, PgServerOptions, RunOutput,
+    TestDb,
+};
 
 /// In every URL given to the CLI; must never come back in its output.
 const SECRET: &str = "s3cret-pw-4711";
@@ -127,10 +130,17 @@ async fn bad_policies_fail_clearly_and_change_nothing() {
             assert_no_secret(&out, &[SECRET]);
             let text = format!("{}\n{}", out.stdout, out.stderr);
             if out.code != 1 || !text.contains(needle) {
-                failures.push(format!("{what} ({verb}): exit {}, expected {needle:?} in:\n{text}", out.code));
+                failures.push(format!(
+                    "{what} ({verb}): exit {}, expected {needle:?} in:\n{text}",
+                    out.code
+                ));
             }
         }
-        assert_eq!(fingerprint(&db).await, before, "{what}: the database changed");
+        assert_eq!(
+            fingerprint(&db).await,
+            before,
+            "{what}: the database changed"
+        );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
@@ -150,9 +160,14 @@ async fn injection_attempts_in_values_are_stored_as_data() {
     let out = cli("apply", &with_secret(db.url()), &yaml);
     expect_code(&out, 0);
     assert_no_secret(&out, &[SECRET]);
-    let stored = db.query_scalar::<String>("SELECT description FROM \"ff\"\"; DROP TABLE victim; --\"").await;
+    let stored = db
+        .query_scalar::<String>("SELECT description FROM \"ff\"\"; DROP TABLE victim; --\"")
+        .await;
     assert_eq!(stored, description, "the description is stored verbatim");
-    assert!(db.query_scalar::<bool>("SELECT to_regclass('victim') IS NOT NULL").await);
+    assert!(
+        db.query_scalar::<bool>("SELECT to_regclass('victim') IS NOT NULL")
+            .await
+    );
     expect_code(&cli("plan", db.url(), &yaml), 0);
 }
 
@@ -170,8 +185,16 @@ async fn an_enormous_spec_of_5000_flags_applies_and_converges() {
     let yaml = policy("huge", &body);
     let out = cli("apply", db.url(), &yaml);
     expect_code(&out, 0);
-    assert!(out.stdout.contains("applied 5002 change(s)"), "{}", &out.stdout[out.stdout.len().saturating_sub(500)..]);
-    assert_eq!(db.query_scalar::<i64>("SELECT count(*) FROM feature_flags").await, 5000);
+    assert!(
+        out.stdout.contains("applied 5002 change(s)"),
+        "{}",
+        &out.stdout[out.stdout.len().saturating_sub(500)..]
+    );
+    assert_eq!(
+        db.query_scalar::<i64>("SELECT count(*) FROM feature_flags")
+            .await,
+        5000
+    );
     expect_code(&cli("plan", db.url(), &yaml), 0);
 }
 
@@ -183,14 +206,36 @@ async fn setting_values_with_injections_are_refused_by_postgresql() {
     let settings = "SELECT coalesce(string_agg(name || '=' || setting, ','), '') FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'";
     let before = db.query_scalar::<String>(settings).await;
     db.exec("CREATE TABLE victim (id int)").await;
-    for value in ["1MB'; DROP TABLE victim; --", "'; DROP TABLE victim; --", "1MB\nlisten_addresses = '*'"] {
-        let yaml = policy("settings", &format!("  serverSettings:\n    parameters:\n      work_mem: {}\n", serde_json::to_string(value).unwrap()));
+    for value in [
+        "1MB'; DROP TABLE victim; --",
+        "'; DROP TABLE victim; --",
+        "1MB\nlisten_addresses = '*'",
+    ] {
+        let yaml = policy(
+            "settings",
+            &format!(
+                "  serverSettings:\n    parameters:\n      work_mem: {}\n",
+                serde_json::to_string(value).unwrap()
+            ),
+        );
         let out = cli("apply", &with_secret(db.url()), &yaml);
         expect_code(&out, 1);
         assert_no_secret(&out, &[SECRET]);
-        assert!(out.stdout.contains("work_mem"), "{value:?}: the error names the parameter:\n{}\n{}", out.stdout, out.stderr);
-        assert_eq!(db.query_scalar::<String>(settings).await, before, "{value:?}: postgresql.auto.conf unchanged");
-        assert!(db.query_scalar::<bool>("SELECT to_regclass('victim') IS NOT NULL").await);
+        assert!(
+            out.stdout.contains("work_mem"),
+            "{value:?}: the error names the parameter:\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        assert_eq!(
+            db.query_scalar::<String>(settings).await,
+            before,
+            "{value:?}: postgresql.auto.conf unchanged"
+        );
+        assert!(
+            db.query_scalar::<bool>("SELECT to_regclass('victim') IS NOT NULL")
+                .await
+        );
     }
 }
 
@@ -199,15 +244,27 @@ async fn wrong_password_fails_clearly_without_any_password_in_the_output() {
     let server = password_server();
     let db = TestDb::on(server).await;
     let role = db.unique_role("app");
-    db.exec(&format!("CREATE ROLE {role} LOGIN PASSWORD 'right-pw-0815'")).await;
-    let yaml = policy("pw", "  featureFlags:\n    flags: [{name: a, enabled: true}]\n");
-    let url = |pw: &str| db.url_as(&role).replacen(&format!("{role}@"), &format!("{role}:{pw}@"), 1);
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'right-pw-0815'"
+    ))
+    .await;
+    let yaml = policy(
+        "pw",
+        "  featureFlags:\n    flags: [{name: a, enabled: true}]\n",
+    );
+    let url = |pw: &str| {
+        db.url_as(&role)
+            .replacen(&format!("{role}@"), &format!("{role}:{pw}@"), 1)
+    };
     let before = fingerprint_or_empty(&db).await;
 
     for output in ["text", "json"] {
         let file = write_policy(&yaml);
         let path = file.path().to_str().unwrap();
-        let out = run_dbpolicy(["apply", "-f", path, "--output", output], Some(&url(SECRET)));
+        let out = run_dbpolicy(
+            ["apply", "-f", path, "--output", output],
+            Some(&url(SECRET)),
+        );
         expect_code(&out, 1);
         assert_no_secret(&out, &[SECRET, "right-pw-0815"]);
         assert!(
@@ -215,7 +272,12 @@ async fn wrong_password_fails_clearly_without_any_password_in_the_output() {
             "{output}: {}",
             out.stderr
         );
-        assert!(out.stderr.contains(&format!("127.0.0.1:{}/{}", server.port(), db.name())), "names the target: {}", out.stderr);
+        assert!(
+            out.stderr
+                .contains(&format!("127.0.0.1:{}/{}", server.port(), db.name())),
+            "names the target: {}",
+            out.stderr
+        );
     }
     assert_eq!(fingerprint_or_empty(&db).await, before);
     // The right password gets in (and the plan has something to do).
@@ -236,11 +298,27 @@ async fn tls_required_but_not_offered_fails_clearly() {
     let server = password_server();
     let db = TestDb::on(server).await;
     let url = format!("{}?sslmode=require", with_secret(db.url()));
-    let out = cli("apply", &url, &policy("tls", "  featureFlags:\n    flags: [{name: a, enabled: true}]\n"));
+    let out = cli(
+        "apply",
+        &url,
+        &policy(
+            "tls",
+            "  featureFlags:\n    flags: [{name: a, enabled: true}]\n",
+        ),
+    );
     expect_code(&out, 1);
     assert_no_secret(&out, &[SECRET]);
-    assert!(out.stderr.contains("TLS") || out.stderr.contains("SSL"), "{}", out.stderr);
-    assert!(out.stderr.contains(&format!("cannot connect to 127.0.0.1:{}", server.port())), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("TLS") || out.stderr.contains("SSL"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("cannot connect to 127.0.0.1:{}", server.port())),
+        "{}",
+        out.stderr
+    );
     assert_eq!(fingerprint_or_empty(&db).await, "");
 }
 
@@ -248,9 +326,18 @@ async fn tls_required_but_not_offered_fails_clearly() {
 fn unreachable_hosts_fail_clearly() {
     let yaml = policy("gone", "  featureFlags:\n    flags: []\n");
     for (url, needle) in [
-        (format!("postgres://app:{SECRET}@127.0.0.1:1/db"), "cannot connect to 127.0.0.1:1/db"),
-        (format!("postgres://app:{SECRET}@db.nonexistent.invalid:5432/db"), "cannot connect to db.nonexistent.invalid:5432/db"),
-        (format!("postgres://app:{SECRET}@127.0.0.1:notaport/db"), "not a valid postgres:// URI"),
+        (
+            format!("postgres://app:{SECRET}@127.0.0.1:1/db"),
+            "cannot connect to 127.0.0.1:1/db",
+        ),
+        (
+            format!("postgres://app:{SECRET}@db.nonexistent.invalid:5432/db"),
+            "cannot connect to db.nonexistent.invalid:5432/db",
+        ),
+        (
+            format!("postgres://app:{SECRET}@127.0.0.1:notaport/db"),
+            "not a valid postgres:// URI",
+        ),
     ] {
         let out = cli("plan", &url, &yaml);
         expect_code(&out, 1);

@@ -8,17 +8,24 @@ mod support;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
-use support::{cli, eventually, expect_code, policy, run_dbpolicy_async, write_policy, PgServer, TestDb};
+use support::{
+    cli, eventually, expect_code, policy, run_dbpolicy_async, write_policy, PgServer, TestDb,
+};
 
 /// Everything the areas tested here can change, as one comparable value: relations and
 /// their options and RLS flags, policies, indexes, functions, schemas, and the entries of
 /// the ledger. The ledger's own (empty) table is left out: an apply creates it before its
 /// first change, and it stays when that change fails.
 async fn fingerprint(db: &TestDb) -> String {
-    let ledger = if db.query_scalar::<bool>("SELECT to_regclass('dbpolicy.managed') IS NOT NULL").await {
-        db.query_column::<String>("SELECT concat_ws(' ', area, target, item, policy) FROM dbpolicy.managed ORDER BY 1")
-            .await
-            .join("|")
+    let ledger = if db
+        .query_scalar::<bool>("SELECT to_regclass('dbpolicy.managed') IS NOT NULL")
+        .await
+    {
+        db.query_column::<String>(
+            "SELECT concat_ws(' ', area, target, item, policy) FROM dbpolicy.managed ORDER BY 1",
+        )
+        .await
+        .join("|")
     } else {
         String::new()
     };
@@ -80,7 +87,10 @@ async fn a_restart_in_the_middle_of_an_apply_rolls_back_and_the_next_apply_conve
     let server = PgServer::start();
     let db = TestDb::on(&server).await;
     db.exec("CREATE TABLE hot (id int)").await;
-    expect_code(&cli("apply", db.url(), &policy("restart", &flags(200, false))), 0);
+    expect_code(
+        &cli("apply", db.url(), &policy("restart", &flags(200, false))),
+        0,
+    );
 
     // v2 changes autovacuum (its own transaction, first) and all 200 flags (one
     // transaction). A row lock on f100 holds the flags transaction after 100 upserts.
@@ -100,10 +110,17 @@ async fn a_restart_in_the_middle_of_an_apply_rolls_back_and_the_next_apply_conve
     let path = file.path().to_str().unwrap().to_string();
     let url = db.url().to_string();
     let apply = tokio::spawn(async move {
-        run_dbpolicy_async(["apply", "-f", path.as_str()], Some(&url), Duration::from_secs(120)).await
+        run_dbpolicy_async(
+            ["apply", "-f", path.as_str()],
+            Some(&url),
+            Duration::from_secs(120),
+        )
+        .await
     });
     dbpolicy_waiting_on_a_lock(&db).await;
-    let in_flight = db.query_scalar::<i64>("SELECT count(*) FROM feature_flags WHERE enabled").await;
+    let in_flight = db
+        .query_scalar::<i64>("SELECT count(*) FROM feature_flags WHERE enabled")
+        .await;
     assert_eq!(in_flight, 0, "uncommitted upserts are invisible to others");
 
     let started = Instant::now();
@@ -112,28 +129,50 @@ async fn a_restart_in_the_middle_of_an_apply_rolls_back_and_the_next_apply_conve
     expect_code(&out, 1);
     assert!(
         out.stdout.contains("FAILED featureFlags: f100")
-            && ["57P01", "ServerShutdown", "ConnectionFailed", "connection"].iter().any(|s| out.stdout.contains(s)),
+            && ["57P01", "ServerShutdown", "ConnectionFailed", "connection"]
+                .iter()
+                .any(|s| out.stdout.contains(s)),
         "the CLI says which change failed and why\n{}\n{}",
         out.stdout,
         out.stderr
     );
     assert!(out.stdout.contains("not attempted"), "{}", out.stdout);
-    assert!(started.elapsed() < Duration::from_secs(60), "the CLI did not hang on the dead connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the CLI did not hang on the dead connection"
+    );
     drop(holder);
 
     // The flags transaction rolled back whole; the autovacuum one, committed before, stays.
-    let enabled = db.query_scalar::<i64>("SELECT count(*) FROM feature_flags WHERE enabled").await;
+    let enabled = db
+        .query_scalar::<i64>("SELECT count(*) FROM feature_flags WHERE enabled")
+        .await;
     assert_eq!(enabled, 0, "nothing of the interrupted transaction is left");
-    let opts = db.query_scalar::<Option<Vec<String>>>("SELECT reloptions FROM pg_class WHERE relname = 'hot'").await;
-    assert_eq!(opts, Some(vec!["autovacuum_vacuum_threshold=42".to_string()]));
+    let opts = db
+        .query_scalar::<Option<Vec<String>>>(
+            "SELECT reloptions FROM pg_class WHERE relname = 'hot'",
+        )
+        .await;
+    assert_eq!(
+        opts,
+        Some(vec!["autovacuum_vacuum_threshold=42".to_string()])
+    );
 
     let again = cli("apply", db.url(), &v2);
     expect_code(&again, 0);
-    assert!(again.stdout.contains("applied 200 change(s)"), "{}", again.stdout);
+    assert!(
+        again.stdout.contains("applied 200 change(s)"),
+        "{}",
+        again.stdout
+    );
     let plan = cli("plan", db.url(), &v2);
     expect_code(&plan, 0);
     assert!(plan.stdout.contains("nothing to change"), "{}", plan.stdout);
-    assert_eq!(db.query_scalar::<i64>("SELECT count(*) FROM feature_flags WHERE enabled").await, 200);
+    assert_eq!(
+        db.query_scalar::<i64>("SELECT count(*) FROM feature_flags WHERE enabled")
+            .await,
+        200
+    );
 }
 
 /// One area's change and a lock a long-running transaction holds that the change needs.
@@ -192,20 +231,49 @@ async fn every_area_gives_up_at_the_lock_timeout_and_changes_nothing() {
         db.exec(case.setup).await;
         let before = fingerprint(&db).await;
         let mut holder = db.connect().await;
-        sqlx::raw_sql(&format!("BEGIN; {}", case.holder)).execute(&mut holder).await.unwrap();
+        sqlx::raw_sql(&format!("BEGIN; {}", case.holder))
+            .execute(&mut holder)
+            .await
+            .unwrap();
 
-        let yaml = policy("locked", &format!("  safety: {{lockTimeout: 300ms, statementTimeout: 2min}}\n{}", case.spec));
+        let yaml = policy(
+            "locked",
+            &format!(
+                "  safety: {{lockTimeout: 300ms, statementTimeout: 2min}}\n{}",
+                case.spec
+            ),
+        );
         let started = Instant::now();
         let out = cli("apply", db.url(), &yaml);
         let elapsed = started.elapsed();
         expect_code(&out, 1);
         let text = format!("{}{}", out.stdout, out.stderr);
-        assert!(text.contains("LockTimeout") && text.contains("55P03"), "{}: {text}", case.area);
-        assert!(text.contains(case.area), "{}: the failure names the area: {text}", case.area);
+        assert!(
+            text.contains("LockTimeout") && text.contains("55P03"),
+            "{}: {text}",
+            case.area
+        );
+        assert!(
+            text.contains(case.area),
+            "{}: the failure names the area: {text}",
+            case.area
+        );
         // Far below the 2 minute statement timeout: the lock timeout ended the wait.
-        assert!(elapsed < lock_timeout + Duration::from_secs(10), "{}: took {elapsed:?}", case.area);
-        sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
-        assert_eq!(fingerprint(&db).await, before, "{}: nothing changed", case.area);
+        assert!(
+            elapsed < lock_timeout + Duration::from_secs(10),
+            "{}: took {elapsed:?}",
+            case.area
+        );
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        assert_eq!(
+            fingerprint(&db).await,
+            before,
+            "{}: nothing changed",
+            case.area
+        );
         holder.close().await.unwrap();
 
         // Once the lock is released the same policy converges.
@@ -217,11 +285,15 @@ async fn every_area_gives_up_at_the_lock_timeout_and_changes_nothing() {
 #[tokio::test]
 async fn a_writer_queued_behind_a_blocked_change_waits_no_longer_than_the_lock_timeout() {
     let db = TestDb::new().await;
-    db.exec("CREATE TABLE orders (id serial PRIMARY KEY, owner int NOT NULL)").await;
+    db.exec("CREATE TABLE orders (id serial PRIMARY KEY, owner int NOT NULL)")
+        .await;
     // A long report holds ACCESS SHARE; ENABLE ROW LEVEL SECURITY needs ACCESS EXCLUSIVE and
     // queues behind it, and every writer that comes later queues behind that request.
     let mut report = db.connect().await;
-    sqlx::raw_sql("BEGIN; SELECT count(*) FROM orders").execute(&mut report).await.unwrap();
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM orders")
+        .execute(&mut report)
+        .await
+        .unwrap();
 
     let lock_timeout = Duration::from_secs(2);
     let yaml = policy(
@@ -232,16 +304,26 @@ async fn a_writer_queued_behind_a_blocked_change_waits_no_longer_than_the_lock_t
     let path = file.path().to_str().unwrap().to_string();
     let url = db.url().to_string();
     let apply = tokio::spawn(async move {
-        run_dbpolicy_async(["apply", "-f", path.as_str()], Some(&url), Duration::from_secs(60)).await
+        run_dbpolicy_async(
+            ["apply", "-f", path.as_str()],
+            Some(&url),
+            Duration::from_secs(60),
+        )
+        .await
     });
     let ours = dbpolicy_waiting_on_a_lock(&db).await;
 
     // Production traffic: an INSERT, which conflicts with the queued ACCESS EXCLUSIVE.
     let mut writer = db.connect().await;
-    let writer_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut writer).await.unwrap();
+    let writer_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut writer)
+        .await
+        .unwrap();
     let insert = async {
         let started = Instant::now();
-        let result = sqlx::raw_sql("INSERT INTO orders (owner) VALUES (1)").execute(&mut writer).await;
+        let result = sqlx::raw_sql("INSERT INTO orders (owner) VALUES (1)")
+            .execute(&mut writer)
+            .await;
         (result, started.elapsed())
     };
     // The writer really queued behind our ALTER (not behind the report, which it does not
@@ -267,7 +349,9 @@ async fn a_writer_queued_behind_a_blocked_change_waits_no_longer_than_the_lock_t
     let out = apply.await.unwrap();
     expect_code(&out, 1);
     assert!(out.stdout.contains("LockTimeout"), "{}", out.stdout);
-    let rls = db.query_scalar::<bool>("SELECT relrowsecurity FROM pg_class WHERE relname = 'orders'").await;
+    let rls = db
+        .query_scalar::<bool>("SELECT relrowsecurity FROM pg_class WHERE relname = 'orders'")
+        .await;
     assert!(!rls, "nothing applied");
     sqlx::raw_sql("COMMIT").execute(&mut report).await.unwrap();
     report.close().await.unwrap();
@@ -275,7 +359,10 @@ async fn a_writer_queued_behind_a_blocked_change_waits_no_longer_than_the_lock_t
 }
 
 async fn ledger_owners(db: &TestDb) -> Vec<String> {
-    db.query_column::<String>("SELECT DISTINCT area || ' ' || policy FROM dbpolicy.managed ORDER BY 1").await
+    db.query_column::<String>(
+        "SELECT DISTINCT area || ' ' || policy FROM dbpolicy.managed ORDER BY 1",
+    )
+    .await
 }
 
 #[tokio::test]
@@ -297,31 +384,65 @@ async fn two_policies_on_one_database_are_reported_as_a_conflict_never_fought_ov
     let b = policy("b", &spec(20, "owner = 2", "owner", "16MB", "from_b"));
     expect_code(&cli("apply", db.url(), &a), 0);
     let before = fingerprint(&db).await;
-    let flags_before = db.query_column::<String>("SELECT name FROM feature_flags").await;
+    let flags_before = db
+        .query_column::<String>("SELECT name FROM feature_flags")
+        .await;
     let settings = "SELECT string_agg(name || '=' || setting, ',' ORDER BY name) FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'";
     let settings_before = db.query_scalar::<String>(settings).await;
 
     for verb in ["plan", "apply"] {
         let out = cli(verb, db.url(), &b);
         expect_code(&out, 1);
-        for area in ["autovacuum", "rowLevelSecurity", "indexes", "serverSettings", "featureFlags"] {
-            let line = out.stdout.lines().find(|l| l.contains("OwnershipConflict") && l.contains(area));
-            let line = line.unwrap_or_else(|| panic!("{verb}: no conflict reported for {area}:\n{}", out.stdout));
-            assert!(line.contains("tests/a"), "the conflict names the owner: {line}");
+        for area in [
+            "autovacuum",
+            "rowLevelSecurity",
+            "indexes",
+            "serverSettings",
+            "featureFlags",
+        ] {
+            let line = out
+                .stdout
+                .lines()
+                .find(|l| l.contains("OwnershipConflict") && l.contains(area));
+            let line = line.unwrap_or_else(|| {
+                panic!("{verb}: no conflict reported for {area}:\n{}", out.stdout)
+            });
+            assert!(
+                line.contains("tests/a"),
+                "the conflict names the owner: {line}"
+            );
         }
-        assert!(out.stdout.contains("nothing was applied") || verb == "plan", "{}", out.stdout);
+        assert!(
+            out.stdout.contains("nothing was applied") || verb == "plan",
+            "{}",
+            out.stdout
+        );
     }
     assert_eq!(fingerprint(&db).await, before, "policy b changed nothing");
-    assert_eq!(db.query_column::<String>("SELECT name FROM feature_flags").await, flags_before);
+    assert_eq!(
+        db.query_column::<String>("SELECT name FROM feature_flags")
+            .await,
+        flags_before
+    );
     assert_eq!(db.query_scalar::<String>(settings).await, settings_before);
     // Policy a still sees its database as it left it: nothing to fight back over.
     let again = cli("plan", db.url(), &a);
     expect_code(&again, 0);
-    assert!(ledger_owners(&db).await.iter().all(|o| o.ends_with("tests/a")), "{:?}", ledger_owners(&db).await);
+    assert!(
+        ledger_owners(&db)
+            .await
+            .iter()
+            .all(|o| o.ends_with("tests/a")),
+        "{:?}",
+        ledger_owners(&db).await
+    );
 
     // A second policy with its own flags table is no conflict.
     db.exec("CREATE SCHEMA other").await;
-    let c = policy("c", "  featureFlags:\n    schema: other\n    flags: [{name: from_c, enabled: true}]\n");
+    let c = policy(
+        "c",
+        "  featureFlags:\n    schema: other\n    flags: [{name: from_c, enabled: true}]\n",
+    );
     expect_code(&cli("apply", db.url(), &c), 0);
     expect_code(&cli("plan", db.url(), &a), 0);
 }
@@ -342,7 +463,12 @@ async fn a_connection_lost_before_the_apply_leaves_nothing_behind() {
     let path = file.path().to_str().unwrap().to_string();
     let url = db.url().to_string();
     let apply = tokio::spawn(async move {
-        run_dbpolicy_async(["apply", "-f", path.as_str()], Some(&url), Duration::from_secs(60)).await
+        run_dbpolicy_async(
+            ["apply", "-f", path.as_str()],
+            Some(&url),
+            Duration::from_secs(60),
+        )
+        .await
     });
     let pid = eventually(Duration::from_secs(30), || async {
         let pids = db
@@ -354,10 +480,17 @@ async fn a_connection_lost_before_the_apply_leaves_nothing_behind() {
         pids.first().copied().ok_or("not waiting yet")
     })
     .await;
-    assert!(db.query_scalar::<bool>(&format!("SELECT pg_terminate_backend({pid})")).await);
+    assert!(
+        db.query_scalar::<bool>(&format!("SELECT pg_terminate_backend({pid})"))
+            .await
+    );
     let out = apply.await.unwrap();
     expect_code(&out, 1);
-    assert!(out.stderr.contains("error: tests/killed:"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("error: tests/killed:"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(fingerprint(&db).await, before);
     other.close().await.unwrap();
 }

@@ -12,12 +12,15 @@ use serde_json::{json, Value};
 
 use dbpolicy::api::{validate_spec, DatabasePolicySpec, PolicyCommand, PolicyKind};
 use dbpolicy::cli::parse_policies;
-use dbpolicy::engine::areas::{autovacuum, feature_flags, indexes, matviews, partitions, rls, server_settings};
+use dbpolicy::engine::areas::{
+    autovacuum, feature_flags, indexes, matviews, partitions, rls, server_settings,
+};
 use dbpolicy::engine::{self, Area, Ledger, Observed};
 use dbpolicy::pg::QualifiedName;
 
 const CERTQUIZ: &str = include_str!("../examples/certquiz/policy.yaml");
-const HEADER: &str = "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: fuzz}\n";
+const HEADER: &str =
+    "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: fuzz}\n";
 
 // ------------------------------------------------------------------------------- parser
 
@@ -135,9 +138,27 @@ fn yaml_value() -> impl Strategy<Value = serde_yaml::Value> {
         any::<f64>().prop_map(serde_yaml::Value::from),
         "[a-zA-Z]{0,12}".prop_map(serde_yaml::Value::from),
         prop::sample::select(vec![
-            "database", "connectionSecretRef", "name", "tables", "table", "policies", "flags",
-            "parameters", "autovacuum", "rowLevelSecurity", "featureFlags", "partitions", "indexes",
-            "Apply", "Plan", "Monthly", "Insert", "5s", "30d", "enabled", "using",
+            "database",
+            "connectionSecretRef",
+            "name",
+            "tables",
+            "table",
+            "policies",
+            "flags",
+            "parameters",
+            "autovacuum",
+            "rowLevelSecurity",
+            "featureFlags",
+            "partitions",
+            "indexes",
+            "Apply",
+            "Plan",
+            "Monthly",
+            "Insert",
+            "5s",
+            "30d",
+            "enabled",
+            "using",
         ])
         .prop_map(serde_yaml::Value::from),
     ];
@@ -147,12 +168,43 @@ fn yaml_value() -> impl Strategy<Value = serde_yaml::Value> {
             prop::collection::vec(
                 (
                     prop::sample::select(vec![
-                        "database", "connectionSecretRef", "name", "key", "mode", "safety", "lockTimeout",
-                        "autovacuum", "tables", "table", "schema", "vacuumThreshold", "rowLevelSecurity",
-                        "policies", "using", "withCheck", "command", "featureFlags", "flags", "enabled",
-                        "rolloutPercentage", "partitions", "interval", "premake", "retention",
-                        "serverSettings", "parameters", "indexes", "columns", "where", "materializedViews",
-                        "views", "definition", "backups", "storage", "replicas", "unknown",
+                        "database",
+                        "connectionSecretRef",
+                        "name",
+                        "key",
+                        "mode",
+                        "safety",
+                        "lockTimeout",
+                        "autovacuum",
+                        "tables",
+                        "table",
+                        "schema",
+                        "vacuumThreshold",
+                        "rowLevelSecurity",
+                        "policies",
+                        "using",
+                        "withCheck",
+                        "command",
+                        "featureFlags",
+                        "flags",
+                        "enabled",
+                        "rolloutPercentage",
+                        "partitions",
+                        "interval",
+                        "premake",
+                        "retention",
+                        "serverSettings",
+                        "parameters",
+                        "indexes",
+                        "columns",
+                        "where",
+                        "materializedViews",
+                        "views",
+                        "definition",
+                        "backups",
+                        "storage",
+                        "replicas",
+                        "unknown",
                     ]),
                     inner,
                 ),
@@ -206,14 +258,20 @@ proptest! {
 #[test]
 fn deep_nesting_is_refused() {
     // Deep nesting: a recursion limit, not a stack overflow.
-    let deep = format!("{HEADER}spec: {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    let deep = format!(
+        "{HEADER}spec: {}{}\n",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
     assert!(parse_policies(&deep).is_err());
 }
 
 #[test]
 fn alias_bombs_are_refused_quickly() {
     // "Billion laughs": aliases expanding exponentially.
-    let mut laughs = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+    let mut laughs = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
     for (i, name) in "bcdefghi".chars().enumerate() {
         let prev = (b'a' + i as u8) as char;
         laughs.push_str(&format!("{name}: &{name} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
@@ -223,13 +281,23 @@ fn alias_bombs_are_refused_quickly() {
     assert!(parse_policies(&doc).is_err());
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // Not UTF-8 cannot reach the parser (the CLI reads a String); NUL and control characters can.
-    parse_never_panics(&format!("{HEADER}spec:\n  database: {{connectionSecretRef: {{name: \"\0\u{7}\"}}}}\n"));
+    parse_never_panics(&format!(
+        "{HEADER}spec:\n  database: {{connectionSecretRef: {{name: \"\0\u{7}\"}}}}\n"
+    ));
 }
 
 // ------------------------------------------------------------------------------- planners
 
 fn name() -> impl Strategy<Value = String> {
-    prop::sample::select(vec!["t", "u", "Odd\"Name", "semi;colon", "ünï", "feature_flags"]).prop_map(str::to_string)
+    prop::sample::select(vec![
+        "t",
+        "u",
+        "Odd\"Name",
+        "semi;colon",
+        "ünï",
+        "feature_flags",
+    ])
+    .prop_map(str::to_string)
 }
 
 fn schema() -> impl Strategy<Value = Option<String>> {
@@ -237,14 +305,24 @@ fn schema() -> impl Strategy<Value = Option<String>> {
 }
 
 fn qualified() -> impl Strategy<Value = QualifiedName> {
-    (schema(), name()).prop_map(|(s, n)| QualifiedName::new(s.unwrap_or_else(|| "public".into()), n))
+    (schema(), name())
+        .prop_map(|(s, n)| QualifiedName::new(s.unwrap_or_else(|| "public".into()), n))
 }
 
 fn expr() -> impl Strategy<Value = String> {
-    prop::sample::select(vec!["true", "owner = 1", "(owner = 1)", "owner = current_user", "x'"]).prop_map(str::to_string)
+    prop::sample::select(vec![
+        "true",
+        "owner = 1",
+        "(owner = 1)",
+        "owner = current_user",
+        "x'",
+    ])
+    .prop_map(str::to_string)
 }
 
-fn maybe<T: std::fmt::Debug + Clone>(s: impl Strategy<Value = T>) -> impl Strategy<Value = Option<T>> {
+fn maybe<T: std::fmt::Debug + Clone>(
+    s: impl Strategy<Value = T>,
+) -> impl Strategy<Value = Option<T>> {
     prop::option::of(s)
 }
 
@@ -257,7 +335,13 @@ fn put(obj: &mut Value, key: &str, value: Option<Value>) {
 
 fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
     let autovacuum = prop::collection::vec(
-        (schema(), name(), maybe(0i64..1000), maybe(0.0f64..1.0), maybe(any::<bool>())),
+        (
+            schema(),
+            name(),
+            maybe(0i64..1000),
+            maybe(0.0f64..1.0),
+            maybe(any::<bool>()),
+        ),
         0..4,
     )
     .prop_map(|tables| {
@@ -276,9 +360,14 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
     });
     let policy = (
         prop::sample::select(vec!["p", "q", "Odd\"P"]),
-        maybe(prop::sample::select(vec!["All", "Select", "Insert", "Update", "Delete"])),
+        maybe(prop::sample::select(vec![
+            "All", "Select", "Insert", "Update", "Delete",
+        ])),
         maybe(prop::sample::select(vec!["Permissive", "Restrictive"])),
-        maybe(prop::collection::vec(prop::sample::select(vec!["app", "public", "Odd\"Role"]), 0..3)),
+        maybe(prop::collection::vec(
+            prop::sample::select(vec!["app", "public", "Odd\"Role"]),
+            0..3,
+        )),
         maybe(expr()),
         maybe(expr()),
     )
@@ -292,7 +381,14 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
             o
         });
     let rls = prop::collection::vec(
-        (schema(), name(), maybe(any::<bool>()), maybe(any::<bool>()), maybe(any::<bool>()), prop::collection::vec(policy, 0..3)),
+        (
+            schema(),
+            name(),
+            maybe(any::<bool>()),
+            maybe(any::<bool>()),
+            maybe(any::<bool>()),
+            prop::collection::vec(policy, 0..3),
+        ),
         0..3,
     )
     .prop_map(|tables| {
@@ -313,7 +409,12 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
         schema(),
         maybe(name()),
         prop::collection::vec(
-            (prop::sample::select(vec!["a", "b", "new_quiz", "x.y:z-1"]), any::<bool>(), maybe(0u8..=100), maybe("[ -~]{0,12}")),
+            (
+                prop::sample::select(vec!["a", "b", "new_quiz", "x.y:z-1"]),
+                any::<bool>(),
+                maybe(0u8..=100),
+                maybe("[ -~]{0,12}"),
+            ),
             0..4,
         ),
     )
@@ -333,8 +434,16 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
             o
         });
     let settings = prop::collection::btree_map(
-        prop::sample::select(vec!["work_mem", "log_min_duration_statement", "shared_buffers", "max_connections", "custom.thing"]),
-        prop::sample::select(vec!["4MB", "500ms", "-1", "on", "100", "", "'; DROP", "1e99"]),
+        prop::sample::select(vec![
+            "work_mem",
+            "log_min_duration_statement",
+            "shared_buffers",
+            "max_connections",
+            "custom.thing",
+        ]),
+        prop::sample::select(vec![
+            "4MB", "500ms", "-1", "on", "100", "", "'; DROP", "1e99",
+        ]),
         0..4,
     )
     .prop_map(|p| json!({ "parameters": p }));
@@ -342,7 +451,10 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
         prop::sample::select(vec!["ix", "iy", "Odd\"Ix"]),
         schema(),
         name(),
-        prop::collection::vec(prop::sample::select(vec!["id", "owner", "(lower(name))"]), 1..3),
+        prop::collection::vec(
+            prop::sample::select(vec!["id", "owner", "(lower(name))"]),
+            1..3,
+        ),
         maybe(prop::sample::select(vec!["id > 0", "owner IS NOT NULL"])),
         maybe(any::<bool>()),
     )
@@ -353,13 +465,21 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
             put(&mut o, "unique", unique.map(Value::from));
             o
         });
-    let indexes = (prop::collection::vec(index, 0..3), maybe(any::<bool>())).prop_map(|(ix, prune)| {
-        let mut o = json!({ "indexes": ix });
-        put(&mut o, "prune", prune.map(Value::from));
-        o
-    });
+    let indexes =
+        (prop::collection::vec(index, 0..3), maybe(any::<bool>())).prop_map(|(ix, prune)| {
+            let mut o = json!({ "indexes": ix });
+            put(&mut o, "prune", prune.map(Value::from));
+            o
+        });
     let views = prop::collection::vec(
-        (name(), maybe(prop::sample::select(vec!["SELECT 1 AS one", "SELECT id FROM t"])), maybe(any::<bool>())),
+        (
+            name(),
+            maybe(prop::sample::select(vec![
+                "SELECT 1 AS one",
+                "SELECT id FROM t",
+            ])),
+            maybe(any::<bool>()),
+        ),
         0..3,
     )
     .prop_map(|views| {
@@ -380,26 +500,35 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
             name(),
             prop::sample::select(vec!["Daily", "Weekly", "Monthly", "Quarterly", "Yearly"]),
             maybe(0u32..40),
-            maybe(prop::sample::select(vec!["1d", "30d", "12w", "6mo", "2y", "0d"])),
+            maybe(prop::sample::select(vec![
+                "1d", "30d", "12w", "6mo", "2y", "0d",
+            ])),
             maybe(prop::sample::select(vec!["Detach", "Drop"])),
             maybe(any::<bool>()),
-            maybe(prop::sample::select(vec!["1970-01-01", "2024-02-29", "2099-12-31", "2026-01-31"])),
+            maybe(prop::sample::select(vec![
+                "1970-01-01",
+                "2024-02-29",
+                "2099-12-31",
+                "2026-01-31",
+            ])),
         ),
         0..3,
     )
     .prop_map(|tables| {
         let tables: Vec<Value> = tables
             .into_iter()
-            .map(|(s, t, interval, premake, retention, policy, default, start)| {
-                let mut o = json!({ "table": t, "interval": interval });
-                put(&mut o, "schema", s.map(Value::from));
-                put(&mut o, "premake", premake.map(Value::from));
-                put(&mut o, "retention", retention.map(Value::from));
-                put(&mut o, "retentionPolicy", policy.map(Value::from));
-                put(&mut o, "defaultPartition", default.map(Value::from));
-                put(&mut o, "startDate", start.map(Value::from));
-                o
-            })
+            .map(
+                |(s, t, interval, premake, retention, policy, default, start)| {
+                    let mut o = json!({ "table": t, "interval": interval });
+                    put(&mut o, "schema", s.map(Value::from));
+                    put(&mut o, "premake", premake.map(Value::from));
+                    put(&mut o, "retention", retention.map(Value::from));
+                    put(&mut o, "retentionPolicy", policy.map(Value::from));
+                    put(&mut o, "defaultPartition", default.map(Value::from));
+                    put(&mut o, "startDate", start.map(Value::from));
+                    o
+                },
+            )
             .collect();
         json!({ "tables": tables })
     });
@@ -422,7 +551,11 @@ fn spec() -> impl Strategy<Value = DatabasePolicySpec> {
             put(&mut spec, "indexes", ix);
             put(&mut spec, "materializedViews", mv);
             put(&mut spec, "partitions", parts);
-            put(&mut spec, "safety", destructive.map(|d| json!({ "allowDestructive": d })));
+            put(
+                &mut spec,
+                "safety",
+                destructive.map(|d| json!({ "allowDestructive": d })),
+            );
             serde_json::from_value(spec).expect("the generator writes well-typed specs")
         })
 }
@@ -444,7 +577,8 @@ fn observed_autovacuum() -> impl Strategy<Value = autovacuum::Observed> {
                     "fillfactor",
                 ])
                 .prop_map(str::to_string),
-                prop::sample::select(vec!["10", "0.2", "true", "false", "junk", ""]).prop_map(str::to_string),
+                prop::sample::select(vec!["10", "0.2", "true", "false", "junk", ""])
+                    .prop_map(str::to_string),
                 0..3,
             ),
         ),
@@ -470,29 +604,67 @@ fn observed_rls() -> impl Strategy<Value = rls::Observed> {
     let state = (
         command,
         kind,
-        prop::collection::btree_set(prop::sample::select(vec!["public", "app", "Odd\"Role"]).prop_map(str::to_string), 0..3),
+        prop::collection::btree_set(
+            prop::sample::select(vec!["public", "app", "Odd\"Role"]).prop_map(str::to_string),
+            0..3,
+        ),
         maybe(expr()),
         maybe(expr()),
     )
-        .prop_map(|(command, kind, roles, using, with_check)| rls::PolicyState { command, kind, roles, using, with_check });
+        .prop_map(
+            |(command, kind, roles, using, with_check)| rls::PolicyState {
+                command,
+                kind,
+                roles,
+                using,
+                with_check,
+            },
+        );
     let table = (
         relkind(),
         any::<bool>(),
         any::<bool>(),
-        prop::collection::btree_map(prop::sample::select(vec!["p", "q", "other"]).prop_map(str::to_string), state, 0..3),
+        prop::collection::btree_map(
+            prop::sample::select(vec!["p", "q", "other"]).prop_map(str::to_string),
+            state,
+            0..3,
+        ),
     )
-        .prop_map(|(relkind, enabled, force, policies)| rls::TableState { relkind, enabled, force, policies });
+        .prop_map(|(relkind, enabled, force, policies)| rls::TableState {
+            relkind,
+            enabled,
+            force,
+            policies,
+        });
     let normalized = prop_oneof![
-        (maybe(expr()), maybe(expr())).prop_map(|(using, with_check)| Ok(rls::Normalized { using, with_check })),
-        (maybe(prop::sample::select(vec!["42601", "42703"]).prop_map(str::to_string)), "[a-z ]{0,20}")
+        (maybe(expr()), maybe(expr()))
+            .prop_map(|(using, with_check)| Ok(rls::Normalized { using, with_check })),
+        (
+            maybe(prop::sample::select(vec!["42601", "42703"]).prop_map(str::to_string)),
+            "[a-z ]{0,20}"
+        )
             .prop_map(|(sqlstate, message)| Err(rls::ExpressionError { sqlstate, message })),
     ];
     (
         prop::collection::btree_map(qualified(), table, 0..4),
-        prop::collection::btree_set(prop::sample::select(vec!["app", "public"]).prop_map(str::to_string), 0..2),
-        prop::collection::btree_map((qualified(), prop::sample::select(vec!["p", "q"]).prop_map(str::to_string)), normalized, 0..4),
+        prop::collection::btree_set(
+            prop::sample::select(vec!["app", "public"]).prop_map(str::to_string),
+            0..2,
+        ),
+        prop::collection::btree_map(
+            (
+                qualified(),
+                prop::sample::select(vec!["p", "q"]).prop_map(str::to_string),
+            ),
+            normalized,
+            0..4,
+        ),
     )
-        .prop_map(|(tables, roles, normalized)| rls::Observed { tables, roles, normalized })
+        .prop_map(|(tables, roles, normalized)| rls::Observed {
+            tables,
+            roles,
+            normalized,
+        })
 }
 
 fn observed_flags() -> impl Strategy<Value = feature_flags::Observed> {
@@ -507,35 +679,61 @@ fn observed_flags() -> impl Strategy<Value = feature_flags::Observed> {
         ),
         maybe("[a-z ]{0,12}"),
     )
-        .prop_map(|(schema_exists, table_exists, function_body, rows, incompatible)| feature_flags::Observed {
-            schema_exists,
-            table_exists,
-            function_body,
-            rows: rows
-                .into_iter()
-                .map(|(name, (enabled, rollout_percentage, description))| {
-                    let row = feature_flags::FlagRow { name: name.clone(), enabled, rollout_percentage, description };
-                    (name, row)
-                })
-                .collect(),
-            incompatible,
-        })
+        .prop_map(
+            |(schema_exists, table_exists, function_body, rows, incompatible)| {
+                feature_flags::Observed {
+                    schema_exists,
+                    table_exists,
+                    function_body,
+                    rows: rows
+                        .into_iter()
+                        .map(|(name, (enabled, rollout_percentage, description))| {
+                            let row = feature_flags::FlagRow {
+                                name: name.clone(),
+                                enabled,
+                                rollout_percentage,
+                                description,
+                            };
+                            (name, row)
+                        })
+                        .collect(),
+                    incompatible,
+                }
+            },
+        )
 }
 
 fn observed_settings() -> impl Strategy<Value = server_settings::Observed> {
     let meta = (
         maybe(prop::sample::select(vec!["4096", "500", "-1", "on"]).prop_map(str::to_string)),
         maybe(prop::sample::select(vec!["kB", "ms", "8kB", "s"]).prop_map(str::to_string)),
-        prop::sample::select(vec!["integer", "bool", "string", "enum", "real"]).prop_map(str::to_string),
-        prop::sample::select(vec!["user", "sighup", "postmaster", "internal", "superuser"]).prop_map(str::to_string),
+        prop::sample::select(vec!["integer", "bool", "string", "enum", "real"])
+            .prop_map(str::to_string),
+        prop::sample::select(vec![
+            "user",
+            "sighup",
+            "postmaster",
+            "internal",
+            "superuser",
+        ])
+        .prop_map(str::to_string),
         maybe(prop::sample::select(vec!["-1", "0", "64"]).prop_map(str::to_string)),
         maybe(prop::sample::select(vec!["2147483647", "100"]).prop_map(str::to_string)),
-        maybe(prop::collection::vec(prop::sample::select(vec!["on", "off", "debug"]).prop_map(str::to_string), 0..3)),
+        maybe(prop::collection::vec(
+            prop::sample::select(vec!["on", "off", "debug"]).prop_map(str::to_string),
+            0..3,
+        )),
         any::<bool>(),
     );
     (
         prop::collection::btree_map(
-            prop::sample::select(vec!["work_mem", "log_min_duration_statement", "shared_buffers", "max_connections"]).prop_map(str::to_string),
+            prop::sample::select(vec![
+                "work_mem",
+                "log_min_duration_statement",
+                "shared_buffers",
+                "max_connections",
+            ])
+            .prop_map(str::to_string),
             meta,
             0..4,
         ),
@@ -553,20 +751,34 @@ fn observed_settings() -> impl Strategy<Value = server_settings::Observed> {
         .prop_map(|(meta, auto_conf, file_errors)| server_settings::Observed {
             meta: meta
                 .into_iter()
-                .map(|(name, (setting, unit, vartype, context, min_val, max_val, enumvals, pending_restart))| {
-                    let m = server_settings::SettingMeta {
-                        name: name.clone(),
-                        setting,
-                        unit,
-                        vartype,
-                        context,
-                        min_val,
-                        max_val,
-                        enumvals,
-                        pending_restart,
-                    };
-                    (name, m)
-                })
+                .map(
+                    |(
+                        name,
+                        (
+                            setting,
+                            unit,
+                            vartype,
+                            context,
+                            min_val,
+                            max_val,
+                            enumvals,
+                            pending_restart,
+                        ),
+                    )| {
+                        let m = server_settings::SettingMeta {
+                            name: name.clone(),
+                            setting,
+                            unit,
+                            vartype,
+                            context,
+                            min_val,
+                            max_val,
+                            enumvals,
+                            pending_restart,
+                        };
+                        (name, m)
+                    },
+                )
                 .collect(),
             auto_conf,
             file_errors,
@@ -595,26 +807,45 @@ fn observed_indexes() -> impl Strategy<Value = indexes::Observed> {
         prop::collection::btree_map(qualified(), relkind(), 0..4),
         prop::collection::btree_map(
             qualified(),
-            (qualified(), definition(), any::<bool>()).prop_map(|(table, definition, valid)| indexes::IndexState { table, definition, valid }),
+            (qualified(), definition(), any::<bool>()).prop_map(|(table, definition, valid)| {
+                indexes::IndexState {
+                    table,
+                    definition,
+                    valid,
+                }
+            }),
             0..3,
         ),
         prop::collection::btree_map(qualified(), normalized(), 0..3),
     )
-        .prop_map(|(relkinds, indexes, normalized)| indexes::Observed { relkinds, indexes, normalized })
+        .prop_map(|(relkinds, indexes, normalized)| indexes::Observed {
+            relkinds,
+            indexes,
+            normalized,
+        })
 }
 
 fn observed_views() -> impl Strategy<Value = matviews::Observed> {
     (
         prop::collection::btree_map(
             qualified(),
-            (relkind(), maybe(definition()), any::<bool>(), any::<bool>()).prop_map(|(relkind, definition, populated, has_unique_index)| {
-                matviews::ViewState { relkind, definition, populated, has_unique_index }
-            }),
+            (relkind(), maybe(definition()), any::<bool>(), any::<bool>()).prop_map(
+                |(relkind, definition, populated, has_unique_index)| matviews::ViewState {
+                    relkind,
+                    definition,
+                    populated,
+                    has_unique_index,
+                },
+            ),
             0..3,
         ),
         prop::collection::btree_map(qualified(), normalized(), 0..3),
     )
-        .prop_map(|(views, normalized)| matviews::Observed { views, normalized, refreshes: BTreeMap::new() })
+        .prop_map(|(views, normalized)| matviews::Observed {
+            views,
+            normalized,
+            refreshes: BTreeMap::new(),
+        })
 }
 
 /// Microseconds that PostgreSQL can report as a bound: ordinary dates, and the extremes
@@ -634,34 +865,60 @@ fn observed_partitions() -> impl Strategy<Value = partitions::Observed> {
         (micros(), micros()).prop_map(|(from, to)| partitions::Bound::Range { from, to }),
         "[a-z ]{0,12}".prop_map(partitions::Bound::Other),
     ];
-    let child = (qualified(), bound, any::<bool>()).prop_map(|(name, bound, detach_pending)| partitions::Child { name, bound, detach_pending });
+    let child = (qualified(), bound, any::<bool>()).prop_map(|(name, bound, detach_pending)| {
+        partitions::Child {
+            name,
+            bound,
+            detach_pending,
+        }
+    });
     let table = (
         relkind(),
         maybe(prop::sample::select(vec!["r", "l", "h"]).prop_map(str::to_string)),
         0i32..3,
         maybe(prop::sample::select(vec!["at", "created_at"]).prop_map(str::to_string)),
         maybe(
-            prop::sample::select(vec!["date", "timestamp without time zone", "timestamp with time zone", "integer"])
-                .prop_map(str::to_string),
+            prop::sample::select(vec![
+                "date",
+                "timestamp without time zone",
+                "timestamp with time zone",
+                "integer",
+            ])
+            .prop_map(str::to_string),
         ),
         prop::collection::vec(child, 0..6),
         prop::collection::btree_set("t_p[0-9]{4}".prop_map(|s: String| s), 0..2),
-        maybe((0i64..1000, prop::collection::btree_map(micros(), 0i64..100, 0..3))),
+        maybe((
+            0i64..1000,
+            prop::collection::btree_map(micros(), 0i64..100, 0..3),
+        )),
     )
-        .prop_map(|(relkind, strategy, key_columns, key_column, key_type, children, other_relations, default_rows)| {
-            partitions::TableState {
+        .prop_map(
+            |(
                 relkind,
                 strategy,
                 key_columns,
                 key_column,
                 key_type,
-                owner: "postgres".into(),
-                columns: vec!["id".into(), "at".into()],
                 children,
-                other_relations: other_relations.into_iter().collect::<BTreeSet<_>>(),
-                default_rows: default_rows.map(|(total, in_range)| partitions::DefaultRows { total, in_range }),
-            }
-        });
+                other_relations,
+                default_rows,
+            )| {
+                partitions::TableState {
+                    relkind,
+                    strategy,
+                    key_columns,
+                    key_column,
+                    key_type,
+                    owner: "postgres".into(),
+                    columns: vec!["id".into(), "at".into()],
+                    children,
+                    other_relations: other_relations.into_iter().collect::<BTreeSet<_>>(),
+                    default_rows: default_rows
+                        .map(|(total, in_range)| partitions::DefaultRows { total, in_range }),
+                }
+            },
+        );
     (
         // 1970 to 2100.
         0i64..4_102_444_800,
@@ -678,12 +935,30 @@ fn observed_partitions() -> impl Strategy<Value = partitions::Observed> {
 }
 
 fn ledger() -> impl Strategy<Value = Ledger> {
-    let area = prop::sample::select(vec![Area::Autovacuum, Area::RowLevelSecurity, Area::Indexes, Area::ServerSettings, Area::FeatureFlags]);
+    let area = prop::sample::select(vec![
+        Area::Autovacuum,
+        Area::RowLevelSecurity,
+        Area::Indexes,
+        Area::ServerSettings,
+        Area::FeatureFlags,
+    ]);
     prop::collection::vec(
         (
             area,
-            prop::sample::select(vec!["public.t", "public.u", "public.ix", "public.feature_flags", "server"]),
-            prop::sample::select(vec!["p", "index", "table", "work_mem", "autovacuum_vacuum_threshold"]),
+            prop::sample::select(vec![
+                "public.t",
+                "public.u",
+                "public.ix",
+                "public.feature_flags",
+                "server",
+            ]),
+            prop::sample::select(vec![
+                "p",
+                "index",
+                "table",
+                "work_mem",
+                "autovacuum_vacuum_threshold",
+            ]),
             prop::sample::select(vec!["me", "someone/else"]),
         ),
         0..6,
@@ -708,17 +983,28 @@ fn observed() -> impl Strategy<Value = Observed> {
         maybe(observed_views()),
         maybe(observed_indexes()),
     )
-        .prop_map(|(ledger, autovacuum, server_settings, feature_flags, partitions, rls, materialized_views, indexes)| Observed {
-            ledger,
-            autovacuum,
-            server_settings,
-            feature_flags,
-            partitions,
-            rls,
-            materialized_views,
-            indexes,
-            ..Observed::default()
-        })
+        .prop_map(
+            |(
+                ledger,
+                autovacuum,
+                server_settings,
+                feature_flags,
+                partitions,
+                rls,
+                materialized_views,
+                indexes,
+            )| Observed {
+                ledger,
+                autovacuum,
+                server_settings,
+                feature_flags,
+                partitions,
+                rls,
+                materialized_views,
+                indexes,
+                ..Observed::default()
+            },
+        )
 }
 
 proptest! {

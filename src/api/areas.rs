@@ -304,7 +304,7 @@ pub struct BackupsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<BackupRetention>,
     pub storage: BackupStorage,
-    /// pg_dump format: Custom (default, compressed) or Directory.
+    /// pg_dump format: Custom (the default and only one: compressed, streamable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DumpFormat>,
     /// Compression level 0-9 for pg_dump (default 6).
@@ -382,10 +382,11 @@ pub struct LocalObjectRef {
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
 )]
+/// Only the custom format: it is compressed, streams to any store, and restores
+/// selectively. (A directory-format dump cannot be streamed to object storage.)
 pub enum DumpFormat {
     #[default]
     Custom,
-    Directory,
 }
 
 // ---------------------------------------------------------------- feature flags

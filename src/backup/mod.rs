@@ -276,7 +276,60 @@ fn need_url(url: Option<String>) -> Result<String, BackupError> {
     })
 }
 
+/// Where `backup run` leaves its outcome for the operator: `DBPOLICY_TERMINATION_LOG`, or
+/// the container's `/dev/termination-log` when there is one. Kubernetes copies the file
+/// into the pod status (`state.terminated.message`, at most 4096 bytes), so the
+/// controller learns the newest backup's size or the failure's reason without reading
+/// the store or the logs.
+fn termination_log() -> Option<PathBuf> {
+    match std::env::var_os("DBPOLICY_TERMINATION_LOG") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => Some(PathBuf::from("/dev/termination-log")).filter(|p| p.exists()),
+    }
+}
+
+/// The termination message: one small JSON object.
+pub fn termination_message(
+    stored: Option<&manifest::Manifest>,
+    error: Option<&BackupError>,
+) -> String {
+    let mut doc = serde_json::Map::new();
+    doc.insert(
+        "result".into(),
+        if error.is_none() {
+            "Succeeded"
+        } else {
+            "Failed"
+        }
+        .into(),
+    );
+    if let Some(m) = stored {
+        doc.insert("database".into(), m.database.clone().into());
+        doc.insert("backup".into(), m.id.clone().into());
+        doc.insert("sizeBytes".into(), m.size_bytes.into());
+        doc.insert("finishedAt".into(), m.finished_at.to_rfc3339().into());
+    }
+    if let Some(e) = error {
+        doc.insert("reason".into(), e.reason().into());
+        let message: String = e.to_string().chars().take(1500).collect();
+        doc.insert("message".into(), message.into());
+    }
+    serde_json::Value::Object(doc).to_string()
+}
+
 async fn cmd_run(a: RunArgs) -> Result<(), BackupError> {
+    let mut stored = None;
+    let result = run_steps(a, &mut stored).await;
+    if let Some(path) = termination_log() {
+        let message = termination_message(stored.as_ref(), result.as_ref().err());
+        if let Err(e) = std::fs::write(&path, message) {
+            eprintln!("backup: warning: writing {}: {e}", path.display());
+        }
+    }
+    result
+}
+
+async fn run_steps(a: RunArgs, stored: &mut Option<manifest::Manifest>) -> Result<(), BackupError> {
     if a.format != Format::Custom {
         return Err(BackupError::Usage(
             "--format directory is not supported: a directory-format dump cannot be streamed to the store; use custom".into(),
@@ -294,7 +347,7 @@ async fn cmd_run(a: RunArgs) -> Result<(), BackupError> {
         lock_wait_timeout: a.lock_wait_timeout,
     };
     let done = run::run(&store, &url, &opts).await?;
-    let m = &done.manifest;
+    let m = stored.insert(done.manifest);
     println!(
         "backed up {}/{}: {} in {:.1}s, {} table(s), {} row(s), sha256 {}",
         done.database_dir,
@@ -380,4 +433,27 @@ fn print_pruned(report: &prune::PruneReport, dry_run: bool) {
         report.kept.len(),
         report.leftovers_deleted.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn termination_messages_are_small_json_without_secrets() {
+        let e = BackupError::PgDump {
+            status: "exit status: 1".into(),
+            stderr: "x".repeat(10_000),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&termination_message(None, Some(&e))).unwrap();
+        assert_eq!(v["result"], "Failed");
+        assert_eq!(v["reason"], "DumpFailed");
+        assert!(
+            v.to_string().len() < 4096,
+            "Kubernetes keeps at most 4096 bytes"
+        );
+        let ok: serde_json::Value = serde_json::from_str(&termination_message(None, None)).unwrap();
+        assert_eq!(ok["result"], "Succeeded");
+    }
 }

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{DatabasePolicy, DumpFormat, MaterializedView, DEFAULT_SCHEMA};
+use crate::api::{DatabasePolicy, MaterializedView, DEFAULT_SCHEMA};
 use crate::duration::parse_duration;
 use crate::engine::areas::matviews::DEFAULT_REFRESH_TIMEOUT;
 
@@ -186,11 +186,6 @@ pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
         "--compression".into(),
         spec.compression.unwrap_or(6).to_string(),
     ];
-    if spec.format == Some(DumpFormat::Directory) {
-        // Refused by `backup run` with a clear message, rather than silently dumping
-        // another format than the policy says.
-        args.extend(["--format".into(), "directory".into()]);
-    }
     let mut env = Vec::new();
     let mut volumes = vec![Volume {
         name: "tmp".into(),
@@ -269,6 +264,9 @@ pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
         container.env.get_or_insert_with(Vec::new).extend(env);
         container.volume_mounts = Some(mounts);
         container.resources = spec.resources.clone();
+        // `backup run` writes its outcome (newest size, or the failure's reason) to
+        // /dev/termination-log for the controller; a crash before that leaves the log tail.
+        container.termination_message_policy = Some("FallbackToLogsOnError".into());
     }
     Some(CronJob {
         metadata: ObjectMeta {
@@ -423,6 +421,7 @@ mod backup_tests {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
         assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(c.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
     }
 
     #[test]
@@ -524,6 +523,7 @@ mod backup_tests {
             assert!(["Never", "OnFailure"].contains(&pod["restartPolicy"].as_str().unwrap()), "Job pods never restart Always");
             assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
             assert!(["Always", "OnRootMismatch"].contains(&pod["securityContext"]["fsGroupChangePolicy"].as_str().unwrap()));
+            assert!(["File", "FallbackToLogsOnError"].contains(&pod["containers"][0]["terminationMessagePolicy"].as_str().unwrap()));
             // Names: a CronJob name of at most 52 characters; DNS labels for containers and volumes.
             assert!(dns_label(value["metadata"]["name"].as_str().unwrap(), 52));
             for c in pod["containers"].as_array().unwrap() {

@@ -98,39 +98,50 @@ pub struct Envtest {
 impl Envtest {
     pub fn start(kind: ApiServer) -> Envtest {
         setup(kind);
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("dbpolicy-envtest-{}-", kind.env_value()))
-            .tempdir()
-            .expect("create a run directory");
-        let (run_dir, tmp) = if keep() {
-            (tmp.keep(), None)
-        } else {
-            (tmp.path().to_path_buf(), Some(tmp))
-        };
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&run_dir)
-            .env("APISERVER", kind.env_value())
-            .env("ENVTEST_WATCH_PID", std::process::id().to_string())
-            .env("READY_TIMEOUT", "120")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("could not run {}: {e}", script().display()));
-        let kubeconfig = run_dir.join("kubeconfig");
-        let env = Envtest {
-            kind,
-            run_dir,
-            _tmp: tmp,
-            kubeconfig,
-        };
-        assert!(
-            out.status.success(),
-            "`hack/envtest.sh start` ({kind:?}) failed: {}\n{}",
-            out.status,
-            text(&out)
-        );
-        env
+        // The script picks free ports, but another process can take one before etcd or the
+        // API server binds it: a start that lost such a race is retried in a new run dir.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("dbpolicy-envtest-{}-", kind.env_value()))
+                .tempdir()
+                .expect("create a run directory");
+            let (run_dir, tmp) = if keep() {
+                (tmp.keep(), None)
+            } else {
+                (tmp.path().to_path_buf(), Some(tmp))
+            };
+            let out = Command::new("bash")
+                .arg(script())
+                .arg("start")
+                .arg(&run_dir)
+                .env("APISERVER", kind.env_value())
+                .env("ENVTEST_WATCH_PID", std::process::id().to_string())
+                .env("READY_TIMEOUT", "120")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("could not run {}: {e}", script().display()));
+            let kubeconfig = run_dir.join("kubeconfig");
+            let env = Envtest {
+                kind,
+                run_dir,
+                _tmp: tmp,
+                kubeconfig,
+            };
+            if out.status.success() {
+                return env;
+            }
+            let msg = text(&out);
+            if attempt < ATTEMPTS && msg.contains("address already in use") {
+                eprintln!("envtest: a port was taken during start-up, retrying:\n{msg}");
+                continue;
+            }
+            panic!(
+                "`hack/envtest.sh start` ({kind:?}) failed: {}\n{msg}",
+                out.status
+            );
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     pub fn kind(&self) -> ApiServer {
