@@ -22,6 +22,10 @@ pub const FINALIZER: &str = "dbpolicy.dev/cleanup";
 pub const MIN_BACKOFF: Duration = Duration::from_secs(5);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// The image of the backup and refresh Jobs unless `--job-image` / `DBPOLICY_IMAGE` says
+/// otherwise: the operator's own, at its own version.
+pub const DEFAULT_JOB_IMAGE: &str = concat!("ghcr.io/dbpolicy/dbpolicy:", env!("CARGO_PKG_VERSION"));
+
 /// Events notes are limited to 1 KiB by the API.
 const MAX_NOTE: usize = 1000;
 
@@ -35,6 +39,10 @@ pub struct Context {
     pub metrics: Metrics,
     /// Consecutive failures per policy (`namespace/name`), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Image of the backup and refresh CronJobs.
+    pub job_image: String,
+    /// Whether the API server serves `batch/v1` CronJobs (discovered at start-up).
+    pub cronjobs_supported: bool,
 }
 
 impl Context {
@@ -49,7 +57,16 @@ impl Context {
             client,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            job_image: DEFAULT_JOB_IMAGE.to_string(),
+            cronjobs_supported: true,
         }
+    }
+
+    /// The image of the CronJobs, and whether the API server can hold them.
+    pub fn with_jobs(mut self, image: impl Into<String>, cronjobs_supported: bool) -> Self {
+        self.job_image = image.into();
+        self.cronjobs_supported = cronjobs_supported;
+        self
     }
 
     /// The delay before retrying a policy that just failed: 5s, 10s, 20s, … up to 5m.

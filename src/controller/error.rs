@@ -69,6 +69,27 @@ pub enum Error {
     #[error("writing status: {0}")]
     PatchStatus(#[source] kube::Error),
 
+    /// Listing, applying or deleting the policy's CronJobs failed (status says so first).
+    #[error("{action} CronJob(s) of the policy: {source}")]
+    CronJobs {
+        action: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// Reading the backup CronJob's Jobs or their pods failed.
+    #[error("reading the backup Jobs and their pods: {0}")]
+    BackupJobs(#[source] kube::Error),
+
+    /// Publishing the read-endpoint Secret failed. kube's error names the request, never
+    /// the Secret's data.
+    #[error("publishing the read-endpoint Secret {name}: {source}")]
+    ReadEndpoint {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
     #[error("adding the finalizer: {0}")]
     AddFinalizer(#[source] kube::Error),
 
@@ -93,6 +114,9 @@ impl Error {
             Error::PlanErrors { .. } => "plan",
             Error::ApplyFailed { .. } => "apply",
             Error::PatchStatus(_) => "patch_status",
+            Error::CronJobs { .. } => "cronjobs",
+            Error::BackupJobs(_) => "backup_jobs",
+            Error::ReadEndpoint { .. } => "read_endpoint",
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => "finalizer",
         }
     }
@@ -111,6 +135,9 @@ impl Error {
             Error::PlanErrors { reason, .. } => reason,
             Error::ApplyFailed { reason, .. } => reason,
             Error::PatchStatus(_) => "StatusPatchFailed",
+            Error::CronJobs { .. } => "CronJobSyncFailed",
+            Error::BackupJobs(_) => "BackupStatusFailed",
+            Error::ReadEndpoint { .. } => "ReadEndpointFailed",
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
                 "FinalizerFailed"
             }

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::{DatabasePolicySpec, DatabasePolicyStatus, Mode, ServerSettingsStatus};
+use crate::api::{
+    BackupStatus, DatabasePolicySpec, DatabasePolicyStatus, Mode, ReplicaStatus,
+    ServerSettingsStatus,
+};
 use crate::engine::{Area, AreaPlan, Change, Outcome, Plan};
 
 pub const READY: &str = "Ready";
@@ -142,16 +145,40 @@ pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
 /// A failure before or while observing the database (Secret, connection, engine): the
 /// areas and drift are Unknown, the pending plan of the last check is kept.
 pub fn from_error(input: &Input<'_>, reason: &str, message: &str) -> DatabasePolicyStatus {
+    from_error_with(input, reason, message, &Children::default())
+}
+
+/// [`from_error`], with what was found outside the database (backups) kept as found:
+/// only the areas the engine decides become Unknown.
+pub fn from_error_with(
+    input: &Input<'_>,
+    reason: &str,
+    message: &str,
+    children: &Children,
+) -> DatabasePolicyStatus {
     let mut status = input.previous.cloned().unwrap_or_default();
     let mut conditions = vec![condition(input, READY, Status::False, reason, message)];
     for area in spec_areas(input.spec) {
-        conditions.push(condition(
-            input,
-            area.condition_type(),
-            Status::Unknown,
-            reason,
-            "not checked: the database could not be observed (see Ready)",
-        ));
+        let found = children
+            .areas
+            .iter()
+            .find(|a| a.area == area && area == Area::Backups);
+        conditions.push(match found {
+            Some(a) => condition(input, area.condition_type(), a.status, &a.reason, &a.message),
+            None => condition(
+                input,
+                area.condition_type(),
+                Status::Unknown,
+                reason,
+                "not checked: the database could not be observed (see Ready)",
+            ),
+        });
+    }
+    if children.backups.is_some() {
+        status.backups = children.backups.clone();
+    }
+    if input.spec.backups.is_none() {
+        status.backups = None;
     }
     conditions.push(condition(
         input,
@@ -168,11 +195,38 @@ pub fn from_error(input: &Input<'_>, reason: &str, message: &str) -> DatabasePol
 
 /// The state of one area after a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct AreaState {
-    area: Area,
-    status: Status,
-    reason: String,
-    message: String,
+pub struct AreaState {
+    pub area: Area,
+    pub status: Status,
+    pub reason: String,
+    pub message: String,
+}
+
+/// What the controller found outside the engine's run: replica health, backups, the
+/// CronJobs and the read-endpoint Secret.
+#[derive(Debug, Clone, Default)]
+pub struct Children {
+    /// Area states decided outside the engine (replica health, backups, CronJobs): each
+    /// replaces the engine's state of its area, unless that one is a worse failure.
+    pub areas: Vec<AreaState>,
+    /// Changes to child objects not carried out (Plan mode).
+    pub pending: Vec<Change>,
+    /// `status.replicas` (None: keep the previous one).
+    pub replicas: Option<Vec<ReplicaStatus>>,
+    /// `status.backups` (None: keep the previous one, unless the spec has no backups).
+    pub backups: Option<BackupStatus>,
+}
+
+/// Puts `overrides` over `states`: an override wins unless the area already fails worse.
+fn overlay(states: &mut Vec<AreaState>, overrides: &[AreaState]) {
+    for o in overrides {
+        match states.iter_mut().find(|s| s.area == o.area) {
+            Some(s) if s.status != Status::False || severity(o) > severity(s) => *s = o.clone(),
+            Some(_) => {}
+            None => states.push(o.clone()),
+        }
+    }
+    states.sort_by_key(|s| s.area);
 }
 
 /// How bad a failing reason is, to pick the one `Ready` shows.
@@ -400,6 +454,15 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
 /// The status after the engine ran: `Ready`, one condition per area of the spec, `Drifted`,
 /// the pending plan.
 pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatus {
+    from_outcome_with(input, outcome, &Children::default())
+}
+
+/// [`from_outcome`], with the areas and pending changes found outside the engine.
+pub fn from_outcome_with(
+    input: &Input<'_>,
+    outcome: &Outcome,
+    children: &Children,
+) -> DatabasePolicyStatus {
     let mode = input.spec.effective_mode();
     let in_spec = spec_areas(input.spec);
     // Areas removed from the spec still count while the engine resets what they set.
@@ -407,10 +470,11 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
     areas.extend(outcome.plan.areas.iter().map(|a| a.area));
     areas.sort();
     areas.dedup();
-    let states: Vec<AreaState> = areas
+    let mut states: Vec<AreaState> = areas
         .iter()
         .map(|a| area_state(*a, outcome.plan.area(*a), outcome, mode))
         .collect();
+    overlay(&mut states, &children.areas);
 
     let failing: Vec<&AreaState> = states
         .iter()
@@ -433,16 +497,16 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
             condition(input, READY, Status::False, &worst.reason, &message)
         }
         None => {
-            let skipped: Vec<&str> = states
+            let skipped: Vec<String> = states
                 .iter()
                 .filter(|s| s.status == Status::Unknown)
-                .map(|s| s.area.as_str())
+                .map(|s| format!("{} ({})", s.area, s.reason))
                 .collect();
             let message = if skipped.is_empty() {
                 "the database matches the policy".to_string()
             } else {
                 format!(
-                    "the database matches the policy; not reconciled by this version: {}",
+                    "the database matches the policy; not checked: {}",
                     skipped.join(", ")
                 )
             };
@@ -462,7 +526,8 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
     }
     conditions.push(drifted_condition(input, outcome, mode));
 
-    let pending = pending_changes(outcome, mode);
+    let mut pending = pending_changes(outcome, mode);
+    pending.extend(children.pending.iter().cloned());
     let pending_plan = (!pending.is_empty()).then(|| {
         let mut plan = Plan::default();
         for c in &pending {
@@ -497,8 +562,18 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
         ServerSettingsStatus { restart_required }
     });
 
-    // Replicas and backups are observed by their own loops (not the engine's run): kept.
+    // Replica health and backups come from the controller; kept when it found nothing new.
     let previous = input.previous.cloned().unwrap_or_default();
+    let replicas = match (&input.spec.replicas, &children.replicas) {
+        (None, _) => None,
+        (Some(_), Some(r)) => Some(r.clone()),
+        (Some(_), None) => previous.replicas,
+    };
+    let backups = match (&input.spec.backups, &children.backups) {
+        (None, _) => None,
+        (Some(_), Some(b)) => Some(b.clone()),
+        (Some(_), None) => previous.backups,
+    };
     DatabasePolicyStatus {
         observed_generation: input.generation,
         mode: Some(mode),
@@ -508,8 +583,8 @@ pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatu
         server_settings,
         partitions: outcome.facts.partitions.clone(),
         materialized_views: outcome.facts.materialized_views.clone(),
-        replicas: previous.replicas,
-        backups: previous.backups,
+        replicas,
+        backups,
     }
 }
 

@@ -777,7 +777,7 @@ pub enum Op {
         owner: Option<String>,
     },
     /// The default holds rows of the range: create the partition standalone, move the
-    /// rows into it, attach it; all in the area's one transaction.
+    /// rows into it, attach it; all in the table's one transaction.
     CreateMovingRows {
         table: QualifiedName,
         partition: String,
@@ -1164,7 +1164,7 @@ pub fn render(op: &Op) -> Vec<Change> {
                 .autonomous()]
             } else {
                 // With a default partition PostgreSQL refuses CONCURRENTLY; the plain
-                // form takes ACCESS EXCLUSIVE briefly, inside the area's transaction.
+                // form takes ACCESS EXCLUSIVE briefly, inside the table's transaction.
                 vec![Change::new(
                     AREA,
                     table.to_string(),

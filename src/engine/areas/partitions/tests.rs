@@ -313,8 +313,9 @@ fn rows_in_the_default_are_moved_in_one_transaction() {
         "move 7 row(s) from t_default into t_2024_04"
     );
     assert!(p.changes[2].reports_rows);
-    // All in the area's one transaction.
+    // All in the table's one transaction.
     assert!(p.changes.iter().all(|c| c.transactional));
+    assert!(p.changes.iter().all(|c| c.group == p.changes[0].group));
     let after = simulate(&o, &diff(&s, &o, &mut AreaPlan::new(AREA)));
     assert_eq!(
         after.tables[&qn("t")].default_rows.as_ref().unwrap().total,
