@@ -39,14 +39,17 @@ step() { printf '\n## %s\n\n' "$*"; }
 
   step "build (release)"
   cargo build --release --bin dbpolicy --example bench_engine --example bench_rls --example bench_partitions 2>&1 | tail -n 1
+  # The binaries just built, not `cargo run`: a source edited meanwhile must not trigger a
+  # rebuild in the middle of the measurements.
+  BIN="${CARGO_TARGET_DIR:-target}/release"
 
   step "bench_engine"
-  cargo run --quiet --release --example bench_engine
+  "$BIN/examples/bench_engine"
 
   step "bench_rls"
   # bench_rls reads the server from DATABASE_URL.
-  DATABASE_URL="$ADMIN_URL" cargo run --quiet --release --example bench_rls
+  DATABASE_URL="$ADMIN_URL" "$BIN/examples/bench_rls"
 
   step "bench_partitions"
-  cargo run --quiet --release --example bench_partitions
+  "$BIN/examples/bench_partitions"
 } 2>&1 | tee "$OUT"

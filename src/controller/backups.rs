@@ -209,7 +209,10 @@ pub fn readiness(
         );
     }
     if let Some(f) = failure.filter(|f| success.is_none_or(|s| *f > s)) {
-        let reason = status.last_failure_reason.as_deref().unwrap_or("BackupFailed");
+        let reason = status
+            .last_failure_reason
+            .as_deref()
+            .unwrap_or("BackupFailed");
         let detail = last_failure_message
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
@@ -226,9 +229,7 @@ pub fn readiness(
             format!("spec.backups.schedule {schedule:?} is not a cron schedule this operator can evaluate"),
         );
     };
-    let since = |t: Timestamp| {
-        Duration::try_from(now.duration_since(t)).unwrap_or(Duration::ZERO)
-    };
+    let since = |t: Timestamp| Duration::try_from(now.duration_since(t)).unwrap_or(Duration::ZERO);
     match success {
         Some(s) if since(s) <= window => ready(
             Status::True,
@@ -271,7 +272,12 @@ pub fn readiness(
 /// The message of the newest failed run, for the condition (the status field keeps the
 /// reason only).
 pub fn last_failure_message(runs: &[Run]) -> Option<String> {
-    let m = runs.iter().rev().find(|r| !r.succeeded)?.message.as_deref()?;
+    let m = runs
+        .iter()
+        .rev()
+        .find(|r| !r.succeeded)?
+        .message
+        .as_deref()?;
     Some(m.chars().take(512).collect())
 }
 
@@ -348,19 +354,41 @@ mod tests {
         let jobs = vec![
             succeeded("b-1", "2026-11-23T03:05:00Z"),
             failed("b-2", "2026-11-24T03:02:00Z"),
-            job("b-3", json!({"active": 1, "startTime": "2026-11-25T03:00:00Z"})),
+            job(
+                "b-3",
+                json!({"active": 1, "startTime": "2026-11-25T03:00:00Z"}),
+            ),
         ];
         let pods = vec![
-            pod("b-1", "2026-11-23T03:05:00Z", r#"{"result":"Succeeded","sizeBytes":1048576,"backup":"x"}"#),
-            pod("b-2", "2026-11-24T03:01:00Z", r#"{"result":"Failed","reason":"ConnectionFailed","message":"first try"}"#),
-            pod("b-2", "2026-11-24T03:02:00Z", r#"{"result":"Failed","reason":"DumpFailed","message":"pg_dump: error: permission denied"}"#),
+            pod(
+                "b-1",
+                "2026-11-23T03:05:00Z",
+                r#"{"result":"Succeeded","sizeBytes":1048576,"backup":"x"}"#,
+            ),
+            pod(
+                "b-2",
+                "2026-11-24T03:01:00Z",
+                r#"{"result":"Failed","reason":"ConnectionFailed","message":"first try"}"#,
+            ),
+            pod(
+                "b-2",
+                "2026-11-24T03:02:00Z",
+                r#"{"result":"Failed","reason":"DumpFailed","message":"pg_dump: error: permission denied"}"#,
+            ),
         ];
         let runs = runs(&jobs, &pods);
         assert_eq!(runs.len(), 2, "the running Job is not a run yet");
         assert_eq!(runs[0].size_bytes, Some(1048576));
         assert!(runs[0].succeeded);
-        assert_eq!(runs[1].reason.as_deref(), Some("DumpFailed"), "the newest pod's account");
-        assert_eq!(last_failure_message(&runs).as_deref(), Some("pg_dump: error: permission denied"));
+        assert_eq!(
+            runs[1].reason.as_deref(),
+            Some("DumpFailed"),
+            "the newest pod's account"
+        );
+        assert_eq!(
+            last_failure_message(&runs).as_deref(),
+            Some("pg_dump: error: permission denied")
+        );
         // Without a termination message (the pod is gone), the Job's reason.
         let runs = super::runs(&jobs[1..2], &[]);
         assert_eq!(runs[0].reason.as_deref(), Some("BackoffLimitExceeded"));
@@ -372,8 +400,16 @@ mod tests {
             succeeded("b-1", "2026-11-23T03:05:00Z"),
             failed("b-2", "2026-11-24T03:02:00Z"),
         ];
-        let pods = vec![pod("b-1", "2026-11-23T03:05:00Z", r#"{"result":"Succeeded","sizeBytes":2048}"#)];
-        let s = backup_status(None, Some(&cronjob("2026-11-24T03:00:00Z")), &runs(&jobs, &pods));
+        let pods = vec![pod(
+            "b-1",
+            "2026-11-23T03:05:00Z",
+            r#"{"result":"Succeeded","sizeBytes":2048}"#,
+        )];
+        let s = backup_status(
+            None,
+            Some(&cronjob("2026-11-24T03:00:00Z")),
+            &runs(&jobs, &pods),
+        );
         assert_eq!(
             s,
             BackupStatus {
@@ -388,9 +424,16 @@ mod tests {
         assert_eq!(backup_status(Some(&s), None, &[]), s);
         // A newer success moves the time and the size; an older one never moves them back.
         let newer = vec![succeeded("b-4", "2026-11-25T03:04:00Z")];
-        let pods = vec![pod("b-4", "2026-11-25T03:04:00Z", r#"{"result":"Succeeded","sizeBytes":4096}"#)];
+        let pods = vec![pod(
+            "b-4",
+            "2026-11-25T03:04:00Z",
+            r#"{"result":"Succeeded","sizeBytes":4096}"#,
+        )];
         let s2 = backup_status(Some(&s), None, &runs(&newer, &pods));
-        assert_eq!(s2.last_success_time.as_deref(), Some("2026-11-25T03:04:00Z"));
+        assert_eq!(
+            s2.last_success_time.as_deref(),
+            Some("2026-11-25T03:04:00Z")
+        );
         assert_eq!(s2.newest_backup_bytes, Some(4096));
         assert_eq!(backup_status(Some(&s2), None, &runs(&jobs, &[])), s2);
     }
@@ -415,7 +458,14 @@ mod tests {
             last_success_time: Some("2026-11-24T03:04:00Z".into()),
             ..ok.clone()
         };
-        let r = readiness("0 3 * * *", false, &failed, Some("pg_dump: error"), None, now);
+        let r = readiness(
+            "0 3 * * *",
+            false,
+            &failed,
+            Some("pg_dump: error"),
+            None,
+            now,
+        );
         assert_eq!((r.status, r.reason), (Status::False, "BackupFailed"));
         assert!(r.message.contains("DumpFailed") && r.message.contains("pg_dump: error"));
 
@@ -424,18 +474,42 @@ mod tests {
             last_failure_time: Some("2026-11-24T03:10:00Z".into()),
             ..ok.clone()
         };
-        assert_eq!(readiness("0 3 * * *", false, &recovered, None, None, now).status, Status::True);
+        assert_eq!(
+            readiness("0 3 * * *", false, &recovered, None, None, now).status,
+            Status::True
+        );
 
         // No success within 48 hours of a daily schedule: overdue.
-        let r = readiness("0 3 * * *", false, &ok, None, None, at("2026-11-27T04:00:00Z"));
+        let r = readiness(
+            "0 3 * * *",
+            false,
+            &ok,
+            None,
+            None,
+            at("2026-11-27T04:00:00Z"),
+        );
         assert_eq!((r.status, r.reason), (Status::False, "BackupOverdue"));
         assert!(r.message.contains("2d"), "{}", r.message);
 
         // Before the first run; and a CronJob that never succeeded for a whole window.
         let none = BackupStatus::default();
-        let r = readiness("0 3 * * *", false, &none, None, Some(at("2026-11-25T10:00:00Z")), now);
+        let r = readiness(
+            "0 3 * * *",
+            false,
+            &none,
+            None,
+            Some(at("2026-11-25T10:00:00Z")),
+            now,
+        );
         assert_eq!((r.status, r.reason), (Status::Unknown, "NoBackupYet"));
-        let r = readiness("0 3 * * *", false, &none, None, Some(at("2026-11-20T10:00:00Z")), now);
+        let r = readiness(
+            "0 3 * * *",
+            false,
+            &none,
+            None,
+            Some(at("2026-11-20T10:00:00Z")),
+            now,
+        );
         assert_eq!((r.status, r.reason), (Status::False, "BackupOverdue"));
 
         let r = readiness("0 3 * * *", true, &failed, None, None, now);
@@ -443,7 +517,14 @@ mod tests {
 
         // The message does not change while time passes within the window.
         let a = readiness("0 3 * * *", false, &ok, None, None, now);
-        let b = readiness("0 3 * * *", false, &ok, None, None, at("2026-11-25T16:00:00Z"));
+        let b = readiness(
+            "0 3 * * *",
+            false,
+            &ok,
+            None,
+            None,
+            at("2026-11-25T16:00:00Z"),
+        );
         assert_eq!(a, b);
     }
 }

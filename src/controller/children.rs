@@ -14,7 +14,9 @@ use super::context::FIELD_MANAGER;
 use super::error::{Error, Result};
 use crate::api::{DatabasePolicy, Mode};
 use crate::engine::{Area, Change};
-use crate::jobs::cronjob::{backup_cronjob, refresh_cronjobs, MANAGED_BY, POLICY_LABEL, ROLE_LABEL};
+use crate::jobs::cronjob::{
+    backup_cronjob, refresh_cronjobs, MANAGED_BY, POLICY_LABEL, ROLE_LABEL,
+};
 
 /// Every CronJob the policy asks for: one per scheduled view, one for backups.
 pub fn desired_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
@@ -216,7 +218,10 @@ pub fn read_endpoint_secret(
             name: Some(name.to_string()),
             namespace: policy.namespace(),
             labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    MANAGED_BY.to_string(),
+                ),
                 (POLICY_LABEL.to_string(), policy.name_any()),
             ])),
             owner_references: policy.controller_owner_ref(&()).map(|o| vec![o]),
@@ -269,13 +274,25 @@ materializedViews: {views: [{name: stats, schedule: '*/15 * * * *'}, {name: manu
     fn plan_mode_reports_creations_updates_and_deletions() {
         let p = policy(SPEC);
         let desired = desired_cronjobs(&p, "img:1");
-        assert_eq!(desired.iter().map(name).collect::<Vec<_>>(), ["certquiz-refresh-stats", "certquiz-backup"]);
+        assert_eq!(
+            desired.iter().map(name).collect::<Vec<_>>(),
+            ["certquiz-refresh-stats", "certquiz-backup"]
+        );
         let created = pending_cronjobs(&desired, &[]);
         assert_eq!(
-            created.iter().map(|c| (c.area, c.summary.as_str())).collect::<Vec<_>>(),
+            created
+                .iter()
+                .map(|c| (c.area, c.summary.as_str()))
+                .collect::<Vec<_>>(),
             [
-                (Area::MaterializedViews, "create CronJob certquiz-refresh-stats (schedule */15 * * * *)"),
-                (Area::Backups, "create CronJob certquiz-backup (schedule 0 3 * * *)"),
+                (
+                    Area::MaterializedViews,
+                    "create CronJob certquiz-refresh-stats (schedule */15 * * * *)"
+                ),
+                (
+                    Area::Backups,
+                    "create CronJob certquiz-backup (schedule 0 3 * * *)"
+                ),
             ]
         );
         // What the API server returns has defaults and status added: still in place.
@@ -316,10 +333,20 @@ materializedViews: {views: [{name: stats, schedule: '*/15 * * * *'}, {name: manu
     #[test]
     fn read_endpoint_secret_is_owned_and_named() {
         let p = policy("database: {connectionSecretRef: {name: x}}\nreplicas: {replicas: []}\n");
-        assert_eq!(read_endpoint_secret_name(&p).as_deref(), Some("certquiz-read"));
-        let s = read_endpoint_secret(&p, "certquiz-read", BTreeMap::from([("K".into(), "v".into())]));
+        assert_eq!(
+            read_endpoint_secret_name(&p).as_deref(),
+            Some("certquiz-read")
+        );
+        let s = read_endpoint_secret(
+            &p,
+            "certquiz-read",
+            BTreeMap::from([("K".into(), "v".into())]),
+        );
         let owner = &s.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.controller), ("DatabasePolicy", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("DatabasePolicy", Some(true))
+        );
         assert_eq!(s.data.unwrap()["K"].0, b"v");
     }
 }

@@ -24,7 +24,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The image of the backup and refresh Jobs unless `--job-image` / `DBPOLICY_IMAGE` says
 /// otherwise: the operator's own, at its own version.
-pub const DEFAULT_JOB_IMAGE: &str = concat!("ghcr.io/dbpolicy/dbpolicy:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_JOB_IMAGE: &str =
+    concat!("ghcr.io/dbpolicy/dbpolicy:", env!("CARGO_PKG_VERSION"));
 
 /// Events notes are limited to 1 KiB by the API.
 const MAX_NOTE: usize = 1000;

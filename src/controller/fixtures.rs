@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::ByteString;
 use kube::client::Body;
 use kube::{Client, Resource, ResourceExt};
@@ -36,6 +37,21 @@ pub enum Expect {
     PatchStatus,
     /// An Event created through the Recorder.
     CreateEvent,
+    /// LIST of the policy's CronJobs (by label selector), answered with these.
+    ListCronJobs(Vec<CronJob>),
+    /// Server-side apply of the CronJob of this name; the answer is what was sent, with a
+    /// creation time.
+    ApplyCronJob(String),
+    /// DELETE of the CronJob of this name, with its Jobs (background propagation).
+    DeleteCronJob(String),
+    /// LIST of the backup Jobs of the policy, answered with these.
+    ListBackupJobs(Vec<Job>),
+    /// LIST of their pods, answered with these.
+    ListBackupPods(Vec<Pod>),
+    /// GET of the Secret of this name (a replica's), answered with it (or 404 when None).
+    GetNamedSecret(String, Option<Box<Secret>>),
+    /// Server-side apply of the Secret of this name (the read endpoint).
+    ApplySecret(String),
 }
 
 /// The expected requests, in order.
@@ -46,6 +62,34 @@ pub struct ApiServerVerifier(ApiServerHandle);
 pub const NS: &str = "default";
 pub const NAME: &str = "test";
 pub const SECRET: &str = "test-db";
+
+fn not_found(what: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "NotFound", "code": 404,
+            "message": format!("{what} not found"),
+        }),
+    )
+}
+
+fn list(api_version: &str, kind: &str, items: Value) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+/// `METHOD path?query` with the query decoded, for readable assertions.
+fn decoded(what: &str) -> String {
+    match what.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => what.to_string(),
+    }
+}
 
 fn policy_path() -> String {
     format!("/apis/dbpolicy.dev/v1alpha1/namespaces/{NS}/databasepolicies/{NAME}")
@@ -123,6 +167,73 @@ impl ApiServerVerifier {
                         );
                         (StatusCode::CREATED, body.clone())
                     }
+                    Expect::ListCronJobs(items) => {
+                        assert_eq!(
+                            decoded(&what),
+                            format!("GET /apis/batch/v1/namespaces/{NS}/cronjobs?labelSelector=app.kubernetes.io/managed-by=dbpolicy,dbpolicy.dev/policy={NAME}")
+                        );
+                        (
+                            StatusCode::OK,
+                            list(
+                                "batch/v1",
+                                "CronJobList",
+                                serde_json::to_value(items).unwrap(),
+                            ),
+                        )
+                    }
+                    Expect::ApplyCronJob(name) => {
+                        assert_eq!(
+                            what,
+                            format!("PATCH /apis/batch/v1/namespaces/{NS}/cronjobs/{name}?&force=true&fieldManager=dbpolicy")
+                        );
+                        let mut reply = body.clone();
+                        reply["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                        (StatusCode::OK, reply)
+                    }
+                    Expect::DeleteCronJob(name) => {
+                        assert_eq!(
+                            what,
+                            format!("DELETE /apis/batch/v1/namespaces/{NS}/cronjobs/{name}?")
+                        );
+                        (
+                            StatusCode::OK,
+                            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                        )
+                    }
+                    Expect::ListBackupJobs(items) => {
+                        assert_eq!(
+                            decoded(&what),
+                            format!("GET /apis/batch/v1/namespaces/{NS}/jobs?labelSelector=dbpolicy.dev/policy={NAME},dbpolicy.dev/job=backup")
+                        );
+                        (
+                            StatusCode::OK,
+                            list("batch/v1", "JobList", serde_json::to_value(items).unwrap()),
+                        )
+                    }
+                    Expect::ListBackupPods(items) => {
+                        assert_eq!(
+                            decoded(&what),
+                            format!("GET /api/v1/namespaces/{NS}/pods?labelSelector=dbpolicy.dev/policy={NAME},dbpolicy.dev/job=backup")
+                        );
+                        (
+                            StatusCode::OK,
+                            list("v1", "PodList", serde_json::to_value(items).unwrap()),
+                        )
+                    }
+                    Expect::GetNamedSecret(name, secret) => {
+                        assert_eq!(what, format!("GET /api/v1/namespaces/{NS}/secrets/{name}"));
+                        match secret {
+                            Some(s) => (StatusCode::OK, serde_json::to_value(s).unwrap()),
+                            None => not_found(&format!("secrets \"{name}\"")),
+                        }
+                    }
+                    Expect::ApplySecret(name) => {
+                        assert_eq!(
+                            what,
+                            format!("PATCH /api/v1/namespaces/{NS}/secrets/{name}?&force=true&fieldManager=dbpolicy")
+                        );
+                        (StatusCode::OK, body.clone())
+                    }
                 };
                 send.send_response(
                     Response::builder()
@@ -150,10 +261,13 @@ impl ApiServerVerifier {
 }
 
 /// A context whose client talks to the mocked API server.
-pub fn test_context() -> (Arc<Context>, ApiServerVerifier) {
+///
+/// A context on an API server that serves batch/v1 CronJobs or not.
+pub fn test_context_with(cronjobs: bool) -> (Arc<Context>, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, NS);
-    let ctx = Context::new(client, Some("test-instance".into()), Metrics::default());
+    let ctx = Context::new(client, Some("test-instance".into()), Metrics::default())
+        .with_jobs(super::context::DEFAULT_JOB_IMAGE, cronjobs);
     (Arc::new(ctx), ApiServerVerifier(handle))
 }
 
@@ -174,8 +288,13 @@ pub fn test_policy(spec_yaml: &str, finalized: bool) -> DatabasePolicy {
 }
 
 pub fn test_secret(uri: &str) -> Box<Secret> {
+    named_secret(SECRET, uri)
+}
+
+/// A Secret `name` with key `uri`.
+pub fn named_secret(name: &str, uri: &str) -> Box<Secret> {
     let mut s = Secret::default();
-    s.metadata.name = Some(SECRET.into());
+    s.metadata.name = Some(name.into());
     s.metadata.namespace = Some(NS.into());
     s.data = Some([("uri".to_string(), ByteString(uri.as_bytes().to_vec()))].into());
     Box::new(s)

@@ -1,11 +1,14 @@
 //! The operator (`dbpolicy run`): a kube-runtime `Controller` on `DatabasePolicy`, re-triggered by the Secrets policies reference, behind a leader Lease, with an admin server.
 
 pub mod admin;
+pub mod backups;
+pub mod children;
 pub mod context;
 pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;
+pub mod replicas;
 pub mod status;
 
 #[cfg(test)]
@@ -16,6 +19,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -26,6 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::api::DatabasePolicy;
+use crate::jobs;
 pub use context::{Context, FIELD_MANAGER, FINALIZER};
 pub use error::Error;
 
@@ -55,6 +60,27 @@ pub struct RunArgs {
     /// Run without a Lease. Only for a single replica (local development, tests).
     #[arg(long)]
     pub no_leader_election: bool,
+    /// Image of the backup and refresh CronJobs (the operator's own image).
+    #[arg(long, env = "DBPOLICY_IMAGE", default_value = context::DEFAULT_JOB_IMAGE)]
+    pub job_image: String,
+}
+
+/// Whether the API server serves `batch/v1` CronJobs (Kubernetes 1.21+). Discovery is
+/// open to every authenticated client; an error counts as "no", with its reason logged.
+pub async fn cronjobs_served(client: &Client) -> bool {
+    match client.list_api_group_resources("batch/v1").await {
+        Ok(list) => list.resources.iter().any(|r| r.name == "cronjobs"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot discover batch/v1");
+            false
+        }
+    }
+}
+
+/// The policy a backup Job belongs to, from its labels (its owner is the CronJob).
+pub fn policy_for_job(job: &Job) -> Option<ObjectRef<DatabasePolicy>> {
+    let name = job.labels().get(jobs::cronjob::POLICY_LABEL)?;
+    Some(ObjectRef::new(name).within(&job.namespace()?))
 }
 
 /// The policies in `secret`'s namespace that read it, from the controller's cache.
@@ -177,11 +203,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     metrics.leader.set(1);
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Some(identity),
-        metrics.clone(),
-    ));
+    let cronjobs = cronjobs_served(&client).await;
+    if !cronjobs {
+        tracing::warn!(
+            "this API server does not serve batch/v1 CronJob (Kubernetes 1.21+): running without the backup and refresh CronJobs; policies that need them say CronJobsUnsupported"
+        );
+    }
+    let ctx = Arc::new(
+        Context::new(client.clone(), Some(identity), metrics.clone())
+            .with_jobs(args.job_image.clone(), cronjobs),
+    );
     let mut wc = watcher::Config::default();
     if let Some(sel) = &args.selector {
         wc = wc.labels(sel);
@@ -197,8 +228,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .watches(secrets, watcher::Config::default(), move |secret| {
             policies_for_secret(&store.state(), &secret)
         })
-        .with_config(ControllerConfig::default().concurrency(args.concurrency))
-        .graceful_shutdown_on(stopped(&stop));
+        .with_config(ControllerConfig::default().concurrency(args.concurrency));
+    // Children: a CronJob changed or deleted by hand is put back; a finished backup Job
+    // updates status.backups at once.
+    let controller = if cronjobs {
+        let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=dbpolicy");
+        let backup_jobs = watcher::Config::default().labels("dbpolicy.dev/job=backup");
+        let (cronjobs, jobs): (Api<CronJob>, Api<Job>) = match &args.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+        controller
+            .owns(cronjobs, managed)
+            .watches(jobs, backup_jobs, |job| policy_for_job(&job))
+    } else {
+        controller
+    };
+    let controller = controller.graceful_shutdown_on(stopped(&stop));
     let controller = match lost {
         Some(lost) => controller.graceful_shutdown_on(lost),
         None => controller,

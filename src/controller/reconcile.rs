@@ -1,5 +1,6 @@
 //! The reconciler: `finalizer()` as the single top-level step; Apply reads the Secret, runs the engine and writes status by server-side apply; Cleanup releases the policy.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +16,14 @@ use tracing::{info, instrument, warn};
 
 use super::context::{key, Context, FIELD_MANAGER, FINALIZER};
 use super::error::{Error, Result};
-use super::status::{self, Input};
+use super::status::{self, AreaState, Children, Input, Status};
+use super::{backups, children, replicas};
 use crate::api::{
-    DatabasePolicy, DatabasePolicyStatus, SecretKeyRef, DEFAULT_DRIFT_CHECK_INTERVAL,
+    DatabasePolicy, DatabasePolicyStatus, Mode, SecretKeyRef, DEFAULT_DRIFT_CHECK_INTERVAL,
 };
 use crate::duration::parse_duration;
-use crate::engine::{self, Outcome, PolicyId};
+use crate::engine::replica_health::ReplicaTargets;
+use crate::engine::{self, Area, Outcome, PolicyId, RunOptions};
 
 /// Entry point for the `Controller`: the finalizer decides between Apply and Cleanup.
 /// Failures are counted and published here, once; `error_policy` only schedules the retry.
@@ -85,33 +88,82 @@ async fn apply(
         now: Time(k8s_openapi::jiff::Timestamp::now()),
         drift_interval: interval,
     };
+    let mode = spec.effective_mode();
 
     if spec.is_suspended() {
         // Suspended: no Secret read, no database access, no requeue until the spec changes.
+        // The CronJobs are paused too (the builders set `suspend`); Plan mode changes nothing.
+        let paused = if mode == Mode::Apply && ctx.cronjobs_supported {
+            children::sync_cronjobs(&ctx.client, &policy, &ctx.job_image, mode)
+                .await
+                .err()
+        } else {
+            None
+        };
         patch_status(api, &name, &status::suspended(&input)).await?;
-        return Ok(Action::await_change());
+        return match paused {
+            Some(e) => Err(e),
+            None => Ok(Action::await_change()),
+        };
     }
+
+    // Kubernetes objects first: they do not depend on the database being reachable.
+    let (mut found, mut child_error) = cronjobs_and_backups(ctx, &policy, &input).await;
 
     let outcome = async {
         let url = read_connection_uri(ctx, &ns, &spec.database.connection_secret_ref).await?;
-        run_engine(url, &policy, PolicyId(key(&policy))).await
+        let (replica_urls, notes) = read_replica_urls(ctx, &ns, &policy).await;
+        let options = RunOptions {
+            replicas: ReplicaTargets {
+                urls: replica_urls.clone(),
+                ..Default::default()
+            },
+        };
+        let outcome = run_engine(url.clone(), &policy, PolicyId(key(&policy)), options).await?;
+        Ok::<_, Error>((outcome, url, replica_urls, notes))
     }
     .await;
-    let outcome = match outcome {
+    let (outcome, url, replica_urls, notes) = match outcome {
         Ok(o) => o,
         Err(e) => {
             patch_status(
                 api,
                 &name,
-                &status::from_error(&input, e.reason(), &e.to_string()),
+                &status::from_error_with(&input, e.reason(), &e.to_string(), &found),
             )
             .await?;
             return Err(e);
         }
     };
 
-    let mode = spec.effective_mode();
-    let new_status = status::from_outcome(&input, &outcome);
+    // Replicas: health into status, the read endpoint published (Apply mode only).
+    let mut replica_events = Vec::new();
+    if let (Some(rspec), Some(current)) = (&spec.replicas, &outcome.facts.replicas) {
+        let previous = policy.status.as_ref().and_then(|s| s.replicas.as_deref());
+        replica_events = replicas::replica_events(previous.unwrap_or(&[]), current);
+        found.areas.extend(replicas::replicas_area(current, &notes));
+        found.replicas = Some(replicas::stable_statuses(rspec, previous, current.clone()));
+        if mode == Mode::Apply {
+            let secret_name = children::read_endpoint_secret_name(&policy)
+                .unwrap_or_else(|| format!("{name}-read"));
+            let endpoint =
+                engine::areas::replicas::read_endpoint(rspec, current, &url, &replica_urls);
+            let secret =
+                children::read_endpoint_secret(&policy, &secret_name, endpoint.secret_data());
+            if let Err(e) = children::publish_read_endpoint(&ctx.client, &secret).await {
+                found.areas.push(AreaState {
+                    area: Area::Replicas,
+                    status: Status::False,
+                    reason: e.reason().to_string(),
+                    message: e.to_string(),
+                });
+                child_error.get_or_insert(e);
+            }
+        }
+    }
+    drop(url);
+
+    let new_status = status::from_outcome_with(&input, &outcome, &found);
     for area in status::drifted_areas(&input, &outcome, mode) {
         ctx.metrics.drifted(area);
     }
@@ -159,8 +211,147 @@ async fn apply(
             .await;
         }
     }
+    for (type_, reason, note) in replica_events {
+        ctx.publish(&policy, type_, reason, "CheckReplicas", note, true)
+            .await;
+    }
     failure_of(&outcome)?;
+    if let Some(e) = child_error {
+        return Err(e);
+    }
     Ok(Action::requeue(interval))
+}
+
+/// The CronJobs (applied, or pending in Plan mode) and the backups' status and condition.
+/// A failure is said in the areas it concerns and returned, to be retried once status
+/// is written.
+async fn cronjobs_and_backups(
+    ctx: &Context,
+    policy: &DatabasePolicy,
+    input: &Input<'_>,
+) -> (Children, Option<Error>) {
+    let mut found = Children::default();
+    let spec = &policy.spec;
+    let mode = spec.effective_mode();
+    let desired = children::desired_cronjobs(policy, &ctx.job_image);
+    let needing: Vec<Area> = {
+        let mut a: Vec<Area> = desired.iter().map(children::area_of).collect();
+        a.dedup();
+        a
+    };
+    let state = |area, status, reason: &str, message: String| AreaState {
+        area,
+        status,
+        reason: reason.to_string(),
+        message,
+    };
+    if !ctx.cronjobs_supported {
+        for area in needing {
+            let what = match area {
+                Area::Backups => "spec.backups runs as a batch/v1 CronJob: no backup is taken",
+                _ => "the refresh schedules run as batch/v1 CronJobs: the views are reconciled but not refreshed on schedule",
+            };
+            found.areas.push(state(
+                area,
+                Status::Unknown,
+                "CronJobsUnsupported",
+                format!("{what}; this API server does not serve batch/v1 CronJob (Kubernetes 1.21 or later does)"),
+            ));
+        }
+        return (found, None);
+    }
+    let sync = match children::sync_cronjobs(&ctx.client, policy, &ctx.job_image, mode).await {
+        Ok(s) => s,
+        Err(e) => {
+            for area in needing {
+                found
+                    .areas
+                    .push(state(area, Status::False, e.reason(), e.to_string()));
+            }
+            return (found, Some(e));
+        }
+    };
+    let mut error = None;
+    if let Some(b) = &spec.backups {
+        match children::backup_jobs(&ctx.client, policy).await {
+            Ok((jobs, pods)) => {
+                let runs = backups::runs(&jobs, &pods);
+                let previous = input.previous.and_then(|s| s.backups.as_ref());
+                let status = backups::backup_status(previous, sync.backup.as_ref(), &runs);
+                let created = sync
+                    .backup
+                    .as_ref()
+                    .and_then(|c| c.metadata.creation_timestamp.as_ref())
+                    .map(|t| t.0);
+                let r = backups::readiness(
+                    &b.schedule,
+                    spec.is_suspended() || b.suspend.unwrap_or(false),
+                    &status,
+                    backups::last_failure_message(&runs).as_deref(),
+                    created,
+                    input.now.0,
+                );
+                found
+                    .areas
+                    .push(state(Area::Backups, r.status, r.reason, r.message));
+                found.backups = Some(status);
+            }
+            Err(e) => {
+                found.areas.push(state(
+                    Area::Backups,
+                    Status::Unknown,
+                    e.reason(),
+                    e.to_string(),
+                ));
+                error = Some(e);
+            }
+        }
+    }
+    let mut pending_areas: Vec<Area> = sync.pending.iter().map(|c| c.area).collect();
+    pending_areas.sort();
+    pending_areas.dedup();
+    for area in pending_areas {
+        let n = sync.pending.iter().filter(|c| c.area == area).count();
+        found.areas.push(state(
+            area,
+            Status::False,
+            "PlanPending",
+            format!("{n} CronJob change(s) pending (spec.mode is Plan; see status.pendingPlan)"),
+        ));
+    }
+    found.pending = sync.pending;
+    (found, error)
+}
+
+/// Each replica's URL from its `connectionSecretRef` (same namespace). A replica whose
+/// Secret cannot be read is left out (reported as not checked, with the note saying why):
+/// it never fails the whole reconcile.
+async fn read_replica_urls(
+    ctx: &Context,
+    ns: &str,
+    policy: &DatabasePolicy,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut urls = BTreeMap::new();
+    let mut notes = BTreeMap::new();
+    for r in policy.spec.replicas.iter().flat_map(|r| &r.replicas) {
+        match read_connection_uri(ctx, ns, &r.connection_secret_ref).await {
+            Ok(url) => {
+                urls.insert(r.name.clone(), url);
+            }
+            Err(e) => {
+                let s = &r.connection_secret_ref;
+                let why = match e {
+                    Error::SecretNotFound { .. } => format!("Secret {ns}/{} not found", s.name),
+                    Error::SecretKeyNotFound { key, .. } => {
+                        format!("Secret {ns}/{} has no key {key:?}", s.name)
+                    }
+                    other => other.to_string(),
+                };
+                notes.insert(r.name.clone(), why);
+            }
+        }
+    }
+    (urls, notes)
 }
 
 /// A plan with errors or a failed statement is a failure: retried with backoff, told as
@@ -248,13 +439,19 @@ async fn read_connection_uri(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Resul
 /// its futures are not provably `Send` (`sqlx::raw_sql(..).execute(conn)` trips rustc's
 /// "not general enough" limitation), and the controller's reconcilers must be. At most
 /// `--concurrency` such threads exist at once.
-async fn run_engine(url: String, policy: &DatabasePolicy, id: PolicyId) -> Result<Outcome> {
+async fn run_engine(
+    url: String,
+    policy: &DatabasePolicy,
+    id: PolicyId,
+    options: RunOptions,
+) -> Result<Outcome> {
     let spec = policy.spec.clone();
     let handle = tokio::runtime::Handle::current();
     let task = tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
             let mut conn = crate::pg::connect_one(&url).await?;
-            let result = engine::run(&mut conn, &spec, spec.effective_mode(), &id).await;
+            let result =
+                engine::run_with(&mut conn, &spec, spec.effective_mode(), &id, &options).await;
             let _ = conn.close().await;
             Ok(result?)
         })
@@ -288,9 +485,13 @@ async fn patch_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::context::DEFAULT_JOB_IMAGE;
     use crate::controller::fixtures::{
-        condition, test_context, test_policy, test_secret, Expect, Sent,
+        condition, named_secret, test_context_with, test_policy, test_secret, Expect, Sent,
     };
+    use crate::jobs::cronjob::{backup_cronjob, refresh_cronjobs};
+    use k8s_openapi::api::batch::v1::{CronJob, Job};
+    use k8s_openapi::api::core::v1::Pod;
     use serde_json::{json, Value};
 
     const SPEC: &str = "database: {connectionSecretRef: {name: x}}\n";
@@ -300,7 +501,16 @@ mod tests {
         policy: DatabasePolicy,
         scenario: Vec<Expect>,
     ) -> (Result<Action>, Vec<Sent>) {
-        let (ctx, server) = test_context();
+        reconcile_on(true, policy, scenario).await
+    }
+
+    /// [`reconcile_with`], on an API server that serves batch/v1 CronJobs or not.
+    async fn reconcile_on(
+        cronjobs: bool,
+        policy: DatabasePolicy,
+        scenario: Vec<Expect>,
+    ) -> (Result<Action>, Vec<Sent>) {
+        let (ctx, server) = test_context_with(cronjobs);
         let verifier = server.run(policy.clone(), scenario);
         let result = reconcile(Arc::new(policy), ctx.clone()).await;
         drop(ctx);
@@ -335,6 +545,7 @@ mod tests {
         let (result, sent) = reconcile_with(
             test_policy(spec, true),
             vec![
+                Expect::ListCronJobs(vec![]),
                 Expect::GetSecret(None),
                 Expect::PatchStatus,
                 Expect::CreateEvent,
@@ -348,9 +559,9 @@ mod tests {
             sent.iter()
                 .map(|s| s.request.split(' ').next().unwrap())
                 .collect::<Vec<_>>(),
-            ["GET", "PATCH", "POST"]
+            ["GET", "GET", "PATCH", "POST"]
         );
-        let patch = &sent[1].body;
+        let patch = &sent[2].body;
         assert_eq!(patch["apiVersion"], "dbpolicy.dev/v1alpha1");
         assert_eq!(patch["kind"], "DatabasePolicy");
         assert_eq!(patch["status"]["observedGeneration"], 1);
@@ -363,7 +574,7 @@ mod tests {
             .contains("default/test-db"));
         assert_eq!(condition(patch, "FeatureFlagsReady")["status"], "Unknown");
         assert_eq!(condition(patch, "Drifted")["status"], "Unknown");
-        let event = &sent[2].body;
+        let event = &sent[3].body;
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["reason"], "SecretNotFound");
         assert_eq!(event["action"], "Reconcile");
@@ -391,6 +602,7 @@ mod tests {
         let (result, sent) = reconcile_with(
             test_policy(SPEC, true),
             vec![
+                Expect::ListCronJobs(vec![]),
                 Expect::GetSecret(Some(test_secret(
                     "postgres://app:hunter2@127.0.0.1:1/certquiz\n",
                 ))),
@@ -403,14 +615,14 @@ mod tests {
         assert_eq!(err.reason(), "ConnectionFailed");
         assert_eq!(err.metric_label(), "connect");
         assert!(!err.to_string().contains("hunter2"));
-        let ready = condition(&sent[1].body, "Ready");
+        let ready = condition(&sent[2].body, "Ready");
         assert_eq!(ready["reason"], "ConnectionFailed");
         assert!(ready["message"]
             .as_str()
             .unwrap()
             .contains("127.0.0.1:1/certquiz"));
-        assert_eq!(sent[2].body["type"], "Warning");
-        assert_eq!(sent[2].body["reason"], "ConnectionFailed");
+        assert_eq!(sent[3].body["type"], "Warning");
+        assert_eq!(sent[3].body["reason"], "ConnectionFailed");
         let everything = all_bodies(&sent);
         assert!(!everything.contains("hunter2"), "{everything}");
     }
@@ -479,6 +691,7 @@ featureFlags:
         let (result, sent) = reconcile_with(
             test_policy(FLAGS, true),
             vec![
+                Expect::ListCronJobs(vec![]),
                 Expect::GetSecret(Some(test_secret(&url))),
                 Expect::PatchStatus,
                 Expect::CreateEvent,
@@ -487,7 +700,7 @@ featureFlags:
         .await;
         drop_database(&name).await;
         assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
-        let patch = &sent[1].body;
+        let patch = &sent[2].body;
         let ready = condition(patch, "Ready");
         assert_eq!(ready["status"], "True", "{patch:#}");
         assert_eq!(ready["reason"], "Reconciled");
@@ -497,7 +710,7 @@ featureFlags:
         assert_eq!(patch["status"]["pendingChanges"], 0);
         assert_eq!(patch["status"]["mode"], "Apply");
         assert!(patch["status"].get("pendingPlan").is_none());
-        let event = &sent[2].body;
+        let event = &sent[3].body;
         assert_eq!(event["type"], "Normal");
         assert_eq!(event["reason"], "Applied");
         assert_eq!(event["action"], "Apply");
@@ -515,6 +728,7 @@ featureFlags:
         let (result, sent) = reconcile_with(
             test_policy(&spec, true),
             vec![
+                Expect::ListCronJobs(vec![]),
                 Expect::GetSecret(Some(test_secret(&url))),
                 Expect::PatchStatus,
             ],
@@ -531,7 +745,7 @@ featureFlags:
         drop_database(&name).await;
         assert_eq!(tables, 0, "Plan mode created something");
         assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
-        let patch = &sent[1].body;
+        let patch = &sent[2].body;
         let ready = condition(patch, "Ready");
         assert_eq!(
             (&ready["status"], &ready["reason"]),
@@ -557,24 +771,32 @@ featureFlags:
         let secret = || Expect::GetSecret(Some(test_secret(&url)));
         let (first, sent) = reconcile_with(
             policy.clone(),
-            vec![secret(), Expect::PatchStatus, Expect::CreateEvent],
+            vec![
+                Expect::ListCronJobs(vec![]),
+                secret(),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
         )
         .await;
         first.unwrap();
         // The status write wakes the controller: a converged check writes the same status.
-        let policy = with_status(policy, &sent[1].body);
-        let (second, sent) =
-            reconcile_with(policy.clone(), vec![secret(), Expect::PatchStatus]).await;
+        let policy = with_status(policy, &sent[2].body);
+        let (second, sent) = reconcile_with(
+            policy.clone(),
+            vec![Expect::ListCronJobs(vec![]), secret(), Expect::PatchStatus],
+        )
+        .await;
         second.unwrap();
         let before = policy.status.as_ref().unwrap();
-        let ready = condition(&sent[1].body, "Ready");
+        let ready = condition(&sent[2].body, "Ready");
         assert_eq!(
             serde_json::to_value(&before.conditions[0]).unwrap(),
             *ready,
             "Ready, with its lastTransitionTime, is unchanged"
         );
-        let policy = with_status(policy, &sent[1].body);
-        assert_eq!(condition(&sent[1].body, "Drifted")["reason"], "InSync");
+        let policy = with_status(policy, &sent[2].body);
+        assert_eq!(condition(&sent[2].body, "Drifted")["reason"], "InSync");
 
         let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
         sqlx::query(
@@ -587,19 +809,294 @@ featureFlags:
 
         let (third, sent) = reconcile_with(
             policy,
-            vec![secret(), Expect::PatchStatus, Expect::CreateEvent],
+            vec![
+                Expect::ListCronJobs(vec![]),
+                secret(),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
         )
         .await;
         drop_database(&name).await;
         third.unwrap();
-        let drifted = condition(&sent[1].body, "Drifted");
-        assert_eq!(drifted["status"], "True", "{:#}", sent[1].body);
+        let drifted = condition(&sent[2].body, "Drifted");
+        assert_eq!(drifted["status"], "True", "{:#}", sent[2].body);
         assert_eq!(drifted["reason"], "DriftRepaired");
         assert!(drifted["message"]
             .as_str()
             .unwrap()
             .contains("featureFlags"));
-        assert_eq!(condition(&sent[1].body, "Ready")["status"], "True");
-        assert_eq!(sent[2].body["reason"], "Applied");
+        assert_eq!(condition(&sent[2].body, "Ready")["status"], "True");
+        assert_eq!(sent[3].body["reason"], "Applied");
+    }
+
+    const CHILDREN: &str = "database: {connectionSecretRef: {name: x}}
+backups:
+  schedule: '0 3 * * *'
+  retention: {days: 30}
+  storage: {pvc: {claimName: backups}}
+materializedViews:
+  views:
+    - {name: stats, schedule: '*/15 * * * *', concurrently: true}
+    - {name: manual}
+";
+
+    fn rfc3339(secs_ago: i64) -> String {
+        k8s_openapi::jiff::Timestamp::from_second(
+            k8s_openapi::jiff::Timestamp::now().as_second() - secs_ago,
+        )
+        .unwrap()
+        .to_string()
+    }
+
+    #[tokio::test]
+    async fn cronjobs_are_applied_and_backups_read_back_even_when_the_database_is_not_reachable() {
+        let policy = test_policy(CHILDREN, true);
+        let finished = rfc3339(3600);
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"name": "test-backup-1", "namespace": "default", "uid": "job-1",
+                "labels": {"dbpolicy.dev/policy": "test", "dbpolicy.dev/job": "backup"}},
+            "status": {"succeeded": 1, "startTime": finished, "completionTime": finished},
+        }))
+        .unwrap();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "test-backup-1-abcde", "namespace": "default",
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "test-backup-1", "uid": "job-1"}]},
+            "status": {"containerStatuses": [{"name": "backup", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 0, "finishedAt": finished,
+                "message": "{\"result\":\"Succeeded\",\"sizeBytes\":123456}"}}}]},
+        }))
+        .unwrap();
+        let (result, sent) = reconcile_with(
+            policy.clone(),
+            vec![
+                Expect::ListCronJobs(vec![]),
+                Expect::ApplyCronJob("test-refresh-stats".into()),
+                Expect::ApplyCronJob("test-backup".into()),
+                Expect::ListBackupJobs(vec![job]),
+                Expect::ListBackupPods(vec![pod]),
+                Expect::GetSecret(None),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        assert_eq!(result.unwrap_err().reason(), "SecretNotFound");
+        // Exactly what the builders make, image from --job-image's default.
+        let refresh = refresh_cronjobs(&policy, DEFAULT_JOB_IMAGE);
+        assert_eq!(sent[1].body, serde_json::to_value(&refresh[0]).unwrap());
+        let backup = backup_cronjob(&policy, DEFAULT_JOB_IMAGE).unwrap();
+        assert_eq!(sent[2].body, serde_json::to_value(&backup).unwrap());
+        assert_eq!(sent[2].body["apiVersion"], "batch/v1");
+        assert_eq!(sent[2].body["kind"], "CronJob");
+        assert_eq!(
+            sent[2].body["metadata"]["ownerReferences"][0]["kind"],
+            "DatabasePolicy"
+        );
+        assert_eq!(
+            sent[2].body["metadata"]["ownerReferences"][0]["controller"],
+            true
+        );
+        assert_eq!(
+            sent[2].body["metadata"]["labels"],
+            json!({"app.kubernetes.io/managed-by": "dbpolicy", "dbpolicy.dev/policy": "test", "dbpolicy.dev/job": "backup"})
+        );
+        assert_eq!(
+            sent[2].body["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+                ["image"],
+            format!("ghcr.io/dbpolicy/dbpolicy:{}", env!("CARGO_PKG_VERSION"))
+        );
+        // Backups are reported although the database could not be reached.
+        let patch = &sent[6].body;
+        assert_eq!(condition(patch, "Ready")["reason"], "SecretNotFound");
+        let backups = condition(patch, "BackupsReady");
+        assert_eq!(
+            (&backups["status"], &backups["reason"]),
+            (&json!("True"), &json!("BackupSucceeded"))
+        );
+        assert_eq!(
+            patch["status"]["backups"]["lastSuccessTime"],
+            json!(finished)
+        );
+        assert_eq!(patch["status"]["backups"]["newestBackupBytes"], 123456);
+        assert_eq!(
+            condition(patch, "MaterializedViewsReady")["status"],
+            "Unknown"
+        );
+    }
+
+    fn owned_cronjob(spec: &str, name: &str) -> CronJob {
+        let with = test_policy(spec, true);
+        let mut jobs = refresh_cronjobs(&with, DEFAULT_JOB_IMAGE);
+        jobs.extend(backup_cronjob(&with, DEFAULT_JOB_IMAGE));
+        jobs.into_iter()
+            .find(|c| c.metadata.name.as_deref() == Some(name))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn cronjobs_no_longer_in_the_spec_are_deleted_and_only_those() {
+        // The backups section was removed and the view unscheduled; one CronJob with our
+        // labels but no owner reference (made by hand) is left alone.
+        let spec = "database: {connectionSecretRef: {name: x}}
+materializedViews:
+  views:
+    - {name: stats}
+";
+        let mut by_hand = owned_cronjob(CHILDREN, "test-refresh-stats");
+        by_hand.metadata.name = Some("test-by-hand".into());
+        by_hand.metadata.owner_references = None;
+        let (result, sent) = reconcile_with(
+            test_policy(spec, true),
+            vec![
+                Expect::ListCronJobs(vec![
+                    owned_cronjob(CHILDREN, "test-refresh-stats"),
+                    owned_cronjob(CHILDREN, "test-backup"),
+                    by_hand,
+                ]),
+                Expect::DeleteCronJob("test-refresh-stats".into()),
+                Expect::DeleteCronJob("test-backup".into()),
+                Expect::GetSecret(None),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        assert_eq!(result.unwrap_err().reason(), "SecretNotFound");
+        for d in &sent[1..3] {
+            assert_eq!(
+                d.body,
+                json!({"propagationPolicy": "Background"}),
+                "its Jobs go with it"
+            );
+        }
+        let patch = &sent[4].body;
+        assert!(patch["status"].get("backups").is_none());
+        assert!(condition_opt(patch, "BackupsReady").is_none());
+    }
+
+    fn condition_opt<'a>(patch: &'a Value, type_: &str) -> Option<&'a Value> {
+        patch["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+    }
+
+    #[tokio::test]
+    async fn without_batch_v1_cronjobs_the_spec_that_needs_them_says_so() {
+        let (result, sent) = reconcile_on(
+            false,
+            test_policy(CHILDREN, true),
+            vec![
+                Expect::GetSecret(None),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        assert_eq!(result.unwrap_err().reason(), "SecretNotFound");
+        let backups = condition(&sent[1].body, "BackupsReady");
+        assert_eq!(backups["status"], "Unknown");
+        assert_eq!(backups["reason"], "CronJobsUnsupported");
+        assert!(backups["message"].as_str().unwrap().contains("batch/v1"));
+    }
+
+    #[tokio::test]
+    async fn replicas_publish_the_read_endpoint_and_a_missing_secret_is_one_unknown_replica() {
+        let (url, name) = create_database().await;
+        // r1 points at the primary itself (not in recovery); r2's Secret does not exist.
+        let spec = "database: {connectionSecretRef: {name: x}}
+replicas:
+  replicas:
+    - {name: r1, connectionSecretRef: {name: r1-db}, maxLagSeconds: 30}
+    - {name: r2, connectionSecretRef: {name: r2-db}}
+  fallbackToPrimary: true
+";
+        let (result, sent) = reconcile_with(
+            test_policy(spec, true),
+            vec![
+                Expect::ListCronJobs(vec![]),
+                Expect::GetSecret(Some(test_secret(&url))),
+                Expect::GetNamedSecret("r1-db".into(), Some(named_secret("r1-db", &url))),
+                Expect::GetNamedSecret("r2-db".into(), None),
+                Expect::ApplySecret("test-read".into()),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        drop_database(&name).await;
+        assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+        let secret = &sent[4].body;
+        assert_eq!(secret["apiVersion"], "v1");
+        assert_eq!(secret["kind"], "Secret");
+        assert_eq!(secret["type"], "Opaque");
+        assert_eq!(secret["metadata"]["name"], "test-read");
+        assert_eq!(secret["metadata"]["namespace"], "default");
+        assert_eq!(
+            secret["metadata"]["ownerReferences"][0]["kind"],
+            "DatabasePolicy"
+        );
+        assert_eq!(secret["metadata"]["ownerReferences"][0]["name"], "test");
+        let data: BTreeMap<String, String> = secret["data"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let b: k8s_openapi::ByteString = serde_json::from_value(v.clone()).unwrap();
+                (k.clone(), String::from_utf8(b.0).unwrap())
+            })
+            .collect();
+        assert_eq!(
+            data,
+            BTreeMap::from([
+                ("DATABASE_READ_URL".to_string(), url.clone()),
+                ("DATABASE_READ_URLS".to_string(), url.clone()),
+                ("DATABASE_READ_SOURCE".to_string(), "primary".to_string()),
+            ]),
+            "no replica is healthy: the primary, as fallbackToPrimary says"
+        );
+        let patch = &sent[5].body;
+        let replicas = &patch["status"]["replicas"];
+        assert_eq!(replicas[0]["name"], "r1");
+        assert_eq!(replicas[0]["state"], "NotInRecovery");
+        assert_eq!(replicas[1]["state"], "Unknown");
+        let ready = condition(patch, "ReplicasReady");
+        assert_eq!(
+            (&ready["status"], &ready["reason"]),
+            (&json!("False"), &json!("ReplicaNotInRecovery"))
+        );
+        assert!(
+            ready["message"]
+                .as_str()
+                .unwrap()
+                .contains("r2: Secret default/r2-db not found"),
+            "{ready}"
+        );
+        assert_eq!(condition(patch, "Ready")["reason"], "ReplicaNotInRecovery");
+        let events: Vec<(&Value, &Value)> = sent[6..]
+            .iter()
+            .map(|s| (&s.body["type"], &s.body["reason"]))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (&json!("Warning"), &json!("ReplicaNotInRecovery")),
+                (&json!("Warning"), &json!("ReplicaNotChecked")),
+            ]
+        );
+        // The URLs are in the Secret and nowhere else.
+        for s in sent
+            .iter()
+            .filter(|s| !s.request.contains("/secrets/test-read"))
+        {
+            assert!(
+                !s.body.to_string().contains(&url),
+                "{}: {}",
+                s.request,
+                s.body
+            );
+        }
     }
 }

@@ -164,7 +164,13 @@ pub fn from_error_with(
             .iter()
             .find(|a| a.area == area && area == Area::Backups);
         conditions.push(match found {
-            Some(a) => condition(input, area.condition_type(), a.status, &a.reason, &a.message),
+            Some(a) => condition(
+                input,
+                area.condition_type(),
+                a.status,
+                &a.reason,
+                &a.message,
+            ),
             None => condition(
                 input,
                 area.condition_type(),

@@ -30,3 +30,53 @@ pub async fn rolled_back(
     rolled_back?;
     serde_json::from_str(&text).map_err(|e| sqlx::Error::Protocol(format!("scratch result: {e}")))
 }
+
+/// What the scratch transaction made of one item: PostgreSQL's form of it, or the
+/// SQLSTATE and message PostgreSQL refused it with.
+pub type Normalized = Result<String, (Option<String>, String)>;
+
+#[derive(serde::Deserialize)]
+struct Row {
+    schema: String,
+    name: String,
+    def: Option<String>,
+    sqlstate: Option<String>,
+    message: Option<String>,
+}
+
+/// Reads a scratch function's `[{schema, name, def | sqlstate, message}]` result.
+pub fn parse_rows(
+    value: serde_json::Value,
+) -> Result<std::collections::BTreeMap<crate::pg::QualifiedName, Normalized>, sqlx::Error> {
+    let rows: Vec<Row> = serde_json::from_value(value)
+        .map_err(|e| sqlx::Error::Protocol(format!("scratch result: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let value = match (r.def, r.message) {
+                (Some(def), _) => Ok(def),
+                (None, message) => Err((r.sqlstate, message.unwrap_or_default())),
+            };
+            (crate::pg::QualifiedName::new(r.schema, r.name), value)
+        })
+        .collect())
+}
+
+/// The normalised text of an item, or the reason and message of the plan error for it:
+/// PostgreSQL's SQLSTATE decides the reason, `fallback` when it says nothing specific.
+pub fn checked<'a>(
+    item: Option<&'a Normalized>,
+    fallback: &'static str,
+) -> Result<&'a str, (&'static str, String)> {
+    match item {
+        Some(Ok(text)) => Ok(text),
+        Some(Err((code, message))) => {
+            let reason = match crate::pg::reason_for_sqlstate(code.as_deref()) {
+                "ApplyFailed" => fallback,
+                r => r,
+            };
+            Err((reason, message.clone()))
+        }
+        None => Err((fallback, "could not be checked".into())),
+    }
+}

@@ -6,14 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::api::{IndexMethod, IndexSpec, IndexesSpec, TableTarget};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
-use crate::pg::{quote_ident, reason_for_sqlstate, QualifiedName};
+use crate::pg::{quote_ident, QualifiedName};
 
 const AREA: Area = Area::Indexes;
 /// The ledger item under which an index the policy created is recorded.
@@ -39,8 +38,13 @@ fn method(m: Option<IndexMethod>) -> &'static str {
 /// class) is SQL the policy author wrote and is passed as written — PostgreSQL checks it
 /// in the scratch transaction before anything is applied.
 fn render_key(key: &str) -> String {
-    let plain = key.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let plain = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if plain {
         quote_ident(key)
     } else {
@@ -61,7 +65,11 @@ pub fn definition_tail(ix: &IndexSpec) -> String {
 fn create_sql(ix: &IndexSpec, name: &str, concurrently: bool) -> String {
     format!(
         "CREATE {}INDEX {}{} ON {} {}",
-        if ix.unique.unwrap_or(false) { "UNIQUE " } else { "" },
+        if ix.unique.unwrap_or(false) {
+            "UNIQUE "
+        } else {
+            ""
+        },
         if concurrently { "CONCURRENTLY " } else { "" },
         quote_ident(name),
         ix.qualified().quoted(),
@@ -73,7 +81,10 @@ fn create_sql(ix: &IndexSpec, name: &str, concurrently: bool) -> String {
 /// regardless of their names and of `ON ONLY` for partitioned tables.
 pub fn canonical(def: &str) -> (bool, String) {
     let unique = def.starts_with("CREATE UNIQUE INDEX");
-    let tail = def.find(" USING ").map(|i| def[i + 1..].to_string()).unwrap_or_else(|| def.to_string());
+    let tail = def
+        .find(" USING ")
+        .map(|i| def[i + 1..].to_string())
+        .unwrap_or_else(|| def.to_string());
     (unique, tail)
 }
 
@@ -90,16 +101,7 @@ pub struct Observed {
     pub relkinds: BTreeMap<QualifiedName, String>,
     pub indexes: BTreeMap<QualifiedName, IndexState>,
     /// The desired definition as PostgreSQL writes it, or its error (SQLSTATE, message).
-    pub normalized: BTreeMap<QualifiedName, Result<String, (Option<String>, String)>>,
-}
-
-#[derive(Deserialize)]
-struct ScratchRow {
-    schema: String,
-    name: String,
-    def: Option<String>,
-    sqlstate: Option<String>,
-    message: Option<String>,
+    pub normalized: BTreeMap<QualifiedName, scratch::Normalized>,
 }
 
 const SCRATCH_SQL: &str = r#"
@@ -133,18 +135,35 @@ $dbpolicy$;
 
 /// Ledger targets are `schema.name` as written by [`QualifiedName`]'s Display.
 fn parse_target(target: &str) -> Option<QualifiedName> {
-    target.split_once('.').map(|(s, t)| QualifiedName::new(s, t))
+    target
+        .split_once('.')
+        .map(|(s, t)| QualifiedName::new(s, t))
 }
 
-pub async fn observe(conn: &mut PgConnection, spec: &IndexesSpec, ledger: &Ledger) -> Result<Observed, sqlx::Error> {
+pub async fn observe(
+    conn: &mut PgConnection,
+    spec: &IndexesSpec,
+    ledger: &Ledger,
+) -> Result<Observed, sqlx::Error> {
     let mut names: BTreeSet<QualifiedName> = BTreeSet::new();
     for ix in &spec.indexes {
         names.insert(index_name(ix));
         names.insert(ix.qualified());
     }
     names.extend(ledger.items(AREA).filter_map(|(t, _)| parse_target(t)));
-    let (schemas, rels): (Vec<String>, Vec<String>) = names.iter().map(|q| (q.schema.clone(), q.name.clone())).unzip();
-    type Row = (String, String, String, Option<String>, Option<bool>, Option<String>, Option<String>);
+    let (schemas, rels): (Vec<String>, Vec<String>) = names
+        .iter()
+        .map(|q| (q.schema.clone(), q.name.clone()))
+        .unzip();
+    type Row = (
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<bool>,
+        Option<String>,
+        Option<String>,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text, c.relkind::text,
                 CASE WHEN c.relkind IN ('i', 'I') THEN pg_get_indexdef(c.oid) END,
@@ -164,7 +183,14 @@ pub async fn observe(conn: &mut PgConnection, spec: &IndexesSpec, ledger: &Ledge
     for (schema, name, relkind, def, valid, tschema, tname) in rows {
         let q = QualifiedName::new(schema, name);
         if let (Some(definition), Some(ts), Some(tn)) = (def, tschema, tname) {
-            observed.indexes.insert(q.clone(), IndexState { table: QualifiedName::new(ts, tn), definition, valid: valid.unwrap_or(false) });
+            observed.indexes.insert(
+                q.clone(),
+                IndexState {
+                    table: QualifiedName::new(ts, tn),
+                    definition,
+                    valid: valid.unwrap_or(false),
+                },
+            );
         }
         observed.relkinds.insert(q, relkind);
     }
@@ -183,15 +209,14 @@ pub async fn observe(conn: &mut PgConnection, spec: &IndexesSpec, ledger: &Ledge
         })
         .collect();
     if !items.is_empty() {
-        let out = scratch::rolled_back(conn, SCRATCH_SQL, "SELECT pg_temp.dbpolicy_index_twins($1::jsonb)::text", &serde_json::Value::Array(items)).await?;
-        let rows: Vec<ScratchRow> = serde_json::from_value(out).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        for r in rows {
-            let value = match (r.def, r.message) {
-                (Some(def), _) => Ok(def),
-                (None, message) => Err((r.sqlstate, message.unwrap_or_default())),
-            };
-            observed.normalized.insert(QualifiedName::new(r.schema, r.name), value);
-        }
+        let out = scratch::rolled_back(
+            conn,
+            SCRATCH_SQL,
+            "SELECT pg_temp.dbpolicy_index_twins($1::jsonb)::text",
+            &serde_json::Value::Array(items),
+        )
+        .await?;
+        observed.normalized = scratch::parse_rows(out)?;
     }
     Ok(observed)
 }
@@ -206,64 +231,97 @@ pub struct Context {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Create { spec: IndexSpec, concurrently: bool },
+    Create {
+        spec: IndexSpec,
+        concurrently: bool,
+    },
     /// A failed concurrent build left it invalid: drop it and build again.
-    Rebuild { spec: IndexSpec },
+    Rebuild {
+        spec: IndexSpec,
+    },
     /// The definition changed: build the new one beside it, then swap.
-    Replace { spec: IndexSpec, owned: bool },
-    Drop { index: QualifiedName },
+    Replace {
+        spec: IndexSpec,
+        owned: bool,
+    },
+    Drop {
+        index: QualifiedName,
+    },
 }
 
-pub fn diff(spec: &IndexesSpec, observed: &Observed, ledger: &Ledger, ctx: &Context, plan: &mut AreaPlan) -> Vec<Op> {
+pub fn diff(
+    spec: &IndexesSpec,
+    observed: &Observed,
+    ledger: &Ledger,
+    ctx: &Context,
+    plan: &mut AreaPlan,
+) -> Vec<Op> {
     let mut ops = Vec::new();
     for ix in &spec.indexes {
         let name = index_name(ix);
         let table = ix.qualified();
         let target = name.to_string();
         if ctx.recreated.contains(&table) {
-            ops.push(Op::Create { spec: ix.clone(), concurrently: false });
+            ops.push(Op::Create {
+                spec: ix.clone(),
+                concurrently: false,
+            });
             continue;
         }
         let Some(relkind) = observed.relkinds.get(&table) else {
-            plan.error(target, "TableNotFound", format!("table {table} of index {name} does not exist"));
+            plan.error(
+                target,
+                "TableNotFound",
+                format!("table {table} of index {name} does not exist"),
+            );
             continue;
         };
         let partitioned = relkind == "p";
-        match observed.normalized.get(&name) {
-            Some(Err((code, message))) => {
-                let reason = match reason_for_sqlstate(code.as_deref()) {
-                    "ApplyFailed" => "InvalidIndexDefinition",
-                    r => r,
-                };
-                plan.error(target, reason, format!("index {name} on {table}: {message}"));
-                continue;
-            }
-            None => {
-                plan.error(target, "InvalidIndexDefinition", format!("index {name} on {table} could not be checked"));
-                continue;
-            }
-            Some(Ok(desired)) => match observed.indexes.get(&name) {
-                None if observed.relkinds.contains_key(&name) => {
-                    plan.error(target, "NameInUse", format!("{name} exists and is not an index"));
+        let desired =
+            match scratch::checked(observed.normalized.get(&name), "InvalidIndexDefinition") {
+                Ok(d) => d,
+                Err((reason, message)) => {
+                    plan.error(
+                        target,
+                        reason,
+                        format!("index {name} on {table}: {message}"),
+                    );
+                    continue;
                 }
-                None => ops.push(Op::Create { spec: ix.clone(), concurrently: !partitioned }),
-                Some(state) if state.table != table => plan.error(
+            };
+        match observed.indexes.get(&name) {
+            None if observed.relkinds.contains_key(&name) => {
+                plan.error(
                     target,
                     "NameInUse",
-                    format!("index {name} exists on {}, not on {table}", state.table),
-                ),
-                Some(state) if canonical(&state.definition) != canonical(desired) => {
-                    ops.push(Op::Replace { spec: ix.clone(), owned: ledger.contains(AREA, &name.to_string(), OWNED) })
-                }
-                Some(state) if !state.valid => ops.push(Op::Rebuild { spec: ix.clone() }),
-                Some(_) => {}
-            },
+                    format!("{name} exists and is not an index"),
+                );
+            }
+            None => ops.push(Op::Create {
+                spec: ix.clone(),
+                concurrently: !partitioned,
+            }),
+            Some(state) if state.table != table => plan.error(
+                target,
+                "NameInUse",
+                format!("index {name} exists on {}, not on {table}", state.table),
+            ),
+            Some(state) if canonical(&state.definition) != canonical(desired) => {
+                ops.push(Op::Replace {
+                    spec: ix.clone(),
+                    owned: ledger.contains(AREA, &name.to_string(), OWNED),
+                })
+            }
+            Some(state) if !state.valid => ops.push(Op::Rebuild { spec: ix.clone() }),
+            Some(_) => {}
         }
     }
     if spec.prune.unwrap_or(false) {
         let listed: BTreeSet<QualifiedName> = spec.indexes.iter().map(index_name).collect();
         for (target, _) in ledger.items(AREA) {
-            let Some(name) = parse_target(target) else { continue };
+            let Some(name) = parse_target(target) else {
+                continue;
+            };
             if !listed.contains(&name) && observed.indexes.contains_key(&name) {
                 ops.push(Op::Drop { index: name });
             }
@@ -276,46 +334,96 @@ pub fn render(op: &Op) -> Vec<Change> {
     match op {
         Op::Create { spec, concurrently } => {
             let name = index_name(spec);
-            let c = Change::new(AREA, name.to_string(), format!("create index on {}", spec.qualified()), create_sql(spec, &spec.name, *concurrently))
-                .record(OWNED);
+            let c = Change::new(
+                AREA,
+                name.to_string(),
+                format!("create index on {}", spec.qualified()),
+                create_sql(spec, &spec.name, *concurrently),
+            )
+            .record(OWNED);
             // Partitioned tables (and views created in this run) cannot be indexed
             // concurrently: a plain build inside a transaction, under lock_timeout.
-            vec![if *concurrently { c.autonomous() } else { c.hazard(Hazard::Locking) }]
+            vec![if *concurrently {
+                c.autonomous()
+            } else {
+                c.hazard(Hazard::Locking)
+            }]
         }
         Op::Rebuild { spec } => {
             let name = index_name(spec);
             vec![
-                Change::new(AREA, name.to_string(), "drop the invalid index a failed build left", format!("DROP INDEX CONCURRENTLY IF EXISTS {}", name.quoted()))
-                    .autonomous(),
-                Change::new(AREA, name.to_string(), format!("rebuild index on {}", spec.qualified()), create_sql(spec, &spec.name, true))
-                    .autonomous()
-                    .record(OWNED),
+                Change::new(
+                    AREA,
+                    name.to_string(),
+                    "drop the invalid index a failed build left",
+                    format!("DROP INDEX CONCURRENTLY IF EXISTS {}", name.quoted()),
+                )
+                .autonomous(),
+                Change::new(
+                    AREA,
+                    name.to_string(),
+                    format!("rebuild index on {}", spec.qualified()),
+                    create_sql(spec, &spec.name, true),
+                )
+                .autonomous()
+                .record(OWNED),
             ]
         }
         Op::Replace { spec, owned } => {
             let name = index_name(spec);
-            let temp = format!("{}_dbpolicy_new", spec.name.chars().take(48).collect::<String>());
+            let temp = format!(
+                "{}_dbpolicy_new",
+                spec.name.chars().take(48).collect::<String>()
+            );
             let temp_q = QualifiedName::new(&name.schema, &temp);
             // Replacing an index the policy did not create drops someone else's work.
-            let drop_hazard = if *owned { Hazard::Safe } else { Hazard::Destructive };
+            let drop_hazard = if *owned {
+                Hazard::Safe
+            } else {
+                Hazard::Destructive
+            };
             vec![
-                Change::new(AREA, name.to_string(), "build the new definition beside the old", create_sql(spec, &temp, true))
-                    .autonomous()
-                    .bundle(format!("replace index {name}")),
-                Change::new(AREA, name.to_string(), "drop the old definition", format!("DROP INDEX CONCURRENTLY {}", name.quoted()))
-                    .autonomous()
-                    .hazard(drop_hazard)
-                    .bundle(format!("replace index {name}")),
-                Change::new(AREA, name.to_string(), "rename the new index into place", format!("ALTER INDEX {} RENAME TO {}", temp_q.quoted(), quote_ident(&spec.name)))
-                    .hazard(Hazard::Locking)
-                    .record(OWNED)
-                    .bundle(format!("replace index {name}")),
+                Change::new(
+                    AREA,
+                    name.to_string(),
+                    "build the new definition beside the old",
+                    create_sql(spec, &temp, true),
+                )
+                .autonomous()
+                .bundle(format!("replace index {name}")),
+                Change::new(
+                    AREA,
+                    name.to_string(),
+                    "drop the old definition",
+                    format!("DROP INDEX CONCURRENTLY {}", name.quoted()),
+                )
+                .autonomous()
+                .hazard(drop_hazard)
+                .bundle(format!("replace index {name}")),
+                Change::new(
+                    AREA,
+                    name.to_string(),
+                    "rename the new index into place",
+                    format!(
+                        "ALTER INDEX {} RENAME TO {}",
+                        temp_q.quoted(),
+                        quote_ident(&spec.name)
+                    ),
+                )
+                .hazard(Hazard::Locking)
+                .record(OWNED)
+                .bundle(format!("replace index {name}")),
             ]
         }
-        Op::Drop { index } => vec![Change::new(AREA, index.to_string(), "drop index no longer in the spec (prune)", format!("DROP INDEX CONCURRENTLY {}", index.quoted()))
-            .autonomous()
-            .hazard(Hazard::Destructive)
-            .forget(OWNED)],
+        Op::Drop { index } => vec![Change::new(
+            AREA,
+            index.to_string(),
+            "drop index no longer in the spec (prune)",
+            format!("DROP INDEX CONCURRENTLY {}", index.quoted()),
+        )
+        .autonomous()
+        .hazard(Hazard::Destructive)
+        .forget(OWNED)],
     }
 }
 
@@ -332,9 +440,20 @@ pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
         match op {
             Op::Create { spec, .. } | Op::Rebuild { spec } | Op::Replace { spec, .. } => {
                 let name = index_name(spec);
-                let def = next.normalized.get(&name).and_then(|r| r.clone().ok()).unwrap_or_default();
+                let def = next
+                    .normalized
+                    .get(&name)
+                    .and_then(|r| r.clone().ok())
+                    .unwrap_or_default();
                 next.relkinds.insert(name.clone(), "i".into());
-                next.indexes.insert(name, IndexState { table: spec.qualified(), definition: def, valid: true });
+                next.indexes.insert(
+                    name,
+                    IndexState {
+                        table: spec.qualified(),
+                        definition: def,
+                        valid: true,
+                    },
+                );
             }
             Op::Drop { index } => {
                 next.indexes.remove(index);
@@ -351,29 +470,52 @@ mod tests {
     use proptest::prelude::*;
 
     fn ix(name: &str, table: &str, cols: &[&str]) -> IndexSpec {
-        IndexSpec { name: name.into(), table: table.into(), columns: cols.iter().map(|c| c.to_string()).collect(), ..Default::default() }
+        IndexSpec {
+            name: name.into(),
+            table: table.into(),
+            columns: cols.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     fn def(name: &str, table: &str, tail: &str) -> String {
         format!("CREATE INDEX {name} ON public.{table} {tail}")
     }
 
-    fn observed_with(table_kind: &str, normalized: &[(&str, &str)], existing: &[(&str, &str, bool)]) -> Observed {
+    fn observed_with(
+        table_kind: &str,
+        normalized: &[(&str, &str)],
+        existing: &[(&str, &str, bool)],
+    ) -> Observed {
         let mut o = Observed::default();
-        o.relkinds.insert(QualifiedName::new("public", "t"), table_kind.into());
+        o.relkinds
+            .insert(QualifiedName::new("public", "t"), table_kind.into());
         for (n, d) in normalized {
-            o.normalized.insert(QualifiedName::new("public", *n), Ok(d.to_string()));
+            o.normalized
+                .insert(QualifiedName::new("public", *n), Ok(d.to_string()));
         }
         for (n, d, valid) in existing {
-            o.relkinds.insert(QualifiedName::new("public", *n), "i".into());
-            o.indexes.insert(QualifiedName::new("public", *n), IndexState { table: QualifiedName::new("public", "t"), definition: d.to_string(), valid: *valid });
+            o.relkinds
+                .insert(QualifiedName::new("public", *n), "i".into());
+            o.indexes.insert(
+                QualifiedName::new("public", *n),
+                IndexState {
+                    table: QualifiedName::new("public", "t"),
+                    definition: d.to_string(),
+                    valid: *valid,
+                },
+            );
         }
         o
     }
 
     #[test]
     fn renders_concurrent_expression_and_partial_indexes() {
-        let mut i = ix("idx", "t", &["action", "created_at DESC", "((stats->>'x')::numeric)"]);
+        let mut i = ix(
+            "idx",
+            "t",
+            &["action", "created_at DESC", "((stats->>'x')::numeric)"],
+        );
         i.where_clause = Some("action IN ('login', 'logout')".into());
         i.unique = Some(true);
         assert_eq!(
@@ -386,14 +528,22 @@ mod tests {
     fn canonical_ignores_names_and_only() {
         assert_eq!(
             canonical("CREATE INDEX a ON ONLY public.p USING btree (x)"),
-            canonical("CREATE INDEX dbpolicy_twin_0_ix ON pg_temp_3.dbpolicy_twin_0 USING btree (x)")
+            canonical(
+                "CREATE INDEX dbpolicy_twin_0_ix ON pg_temp_3.dbpolicy_twin_0 USING btree (x)"
+            )
         );
-        assert_ne!(canonical("CREATE UNIQUE INDEX a ON t USING btree (x)"), canonical("CREATE INDEX a ON t USING btree (x)"));
+        assert_ne!(
+            canonical("CREATE UNIQUE INDEX a ON t USING btree (x)"),
+            canonical("CREATE INDEX a ON t USING btree (x)")
+        );
     }
 
     #[test]
     fn missing_index_is_created_concurrently_outside_a_transaction() {
-        let spec = IndexesSpec { indexes: vec![ix("i", "t", &["a"])], prune: None };
+        let spec = IndexesSpec {
+            indexes: vec![ix("i", "t", &["a"])],
+            prune: None,
+        };
         let o = observed_with("r", &[("i", &def("x", "t", "USING btree (a)"))], &[]);
         let p = plan(&spec, &o, &Ledger::default(), &Context::default());
         assert_eq!(p.changes.len(), 1);
@@ -404,7 +554,10 @@ mod tests {
 
     #[test]
     fn partitioned_tables_get_a_plain_build() {
-        let spec = IndexesSpec { indexes: vec![ix("i", "t", &["a"])], prune: None };
+        let spec = IndexesSpec {
+            indexes: vec![ix("i", "t", &["a"])],
+            prune: None,
+        };
         let o = observed_with("p", &[("i", &def("x", "t", "USING btree (a)"))], &[]);
         let p = plan(&spec, &o, &Ledger::default(), &Context::default());
         assert!(p.changes[0].sql.starts_with("CREATE INDEX \"i\""));
@@ -414,53 +567,117 @@ mod tests {
 
     #[test]
     fn same_normalised_definition_is_no_change() {
-        let spec = IndexesSpec { indexes: vec![ix("i", "t", &["lower(email)"])], prune: None };
-        let o = observed_with("r", &[("i", &def("twin", "t", "USING btree (lower(email))"))], &[("i", &def("i", "t", "USING btree (lower(email))"), true)]);
-        assert!(plan(&spec, &o, &Ledger::default(), &Context::default()).changes.is_empty());
+        let spec = IndexesSpec {
+            indexes: vec![ix("i", "t", &["lower(email)"])],
+            prune: None,
+        };
+        let o = observed_with(
+            "r",
+            &[("i", &def("twin", "t", "USING btree (lower(email))"))],
+            &[("i", &def("i", "t", "USING btree (lower(email))"), true)],
+        );
+        assert!(plan(&spec, &o, &Ledger::default(), &Context::default())
+            .changes
+            .is_empty());
     }
 
     #[test]
     fn invalid_index_is_rebuilt() {
-        let spec = IndexesSpec { indexes: vec![ix("i", "t", &["a"])], prune: None };
-        let o = observed_with("r", &[("i", &def("twin", "t", "USING btree (a)"))], &[("i", &def("i", "t", "USING btree (a)"), false)]);
+        let spec = IndexesSpec {
+            indexes: vec![ix("i", "t", &["a"])],
+            prune: None,
+        };
+        let o = observed_with(
+            "r",
+            &[("i", &def("twin", "t", "USING btree (a)"))],
+            &[("i", &def("i", "t", "USING btree (a)"), false)],
+        );
         let p = plan(&spec, &o, &Ledger::default(), &Context::default());
         assert_eq!(p.changes.len(), 2);
-        assert_eq!(p.changes[0].sql, r#"DROP INDEX CONCURRENTLY IF EXISTS "public"."i""#);
-        assert!(p.changes.iter().all(|c| c.hazard == Hazard::Safe && !c.transactional));
+        assert_eq!(
+            p.changes[0].sql,
+            r#"DROP INDEX CONCURRENTLY IF EXISTS "public"."i""#
+        );
+        assert!(p
+            .changes
+            .iter()
+            .all(|c| c.hazard == Hazard::Safe && !c.transactional));
     }
 
     #[test]
     fn changed_definition_is_swapped_and_destructive_unless_owned() {
-        let spec = IndexesSpec { indexes: vec![ix("i", "t", &["a", "b"])], prune: None };
-        let o = observed_with("r", &[("i", &def("twin", "t", "USING btree (a, b)"))], &[("i", &def("i", "t", "USING btree (a)"), true)]);
+        let spec = IndexesSpec {
+            indexes: vec![ix("i", "t", &["a", "b"])],
+            prune: None,
+        };
+        let o = observed_with(
+            "r",
+            &[("i", &def("twin", "t", "USING btree (a, b)"))],
+            &[("i", &def("i", "t", "USING btree (a)"), true)],
+        );
         let p = plan(&spec, &o, &Ledger::default(), &Context::default());
         assert_eq!(p.changes.len(), 3);
         assert_eq!(p.changes[1].hazard, Hazard::Destructive);
         assert!(p.changes[2].sql.contains(r#"RENAME TO "i""#));
         let mut ledger = Ledger::for_policy("p");
         ledger.insert(AREA, "public.i", OWNED, "p");
-        assert_eq!(plan(&spec, &o, &ledger, &Context::default()).changes[1].hazard, Hazard::Safe);
+        assert_eq!(
+            plan(&spec, &o, &ledger, &Context::default()).changes[1].hazard,
+            Hazard::Safe
+        );
     }
 
     #[test]
     fn prune_drops_only_owned_indexes_and_is_destructive() {
-        let spec = IndexesSpec { indexes: vec![], prune: Some(true) };
-        let o = observed_with("r", &[], &[("mine", "CREATE INDEX mine ON public.t USING btree (a)", true), ("theirs", "CREATE INDEX theirs ON public.t USING btree (b)", true)]);
+        let spec = IndexesSpec {
+            indexes: vec![],
+            prune: Some(true),
+        };
+        let o = observed_with(
+            "r",
+            &[],
+            &[
+                (
+                    "mine",
+                    "CREATE INDEX mine ON public.t USING btree (a)",
+                    true,
+                ),
+                (
+                    "theirs",
+                    "CREATE INDEX theirs ON public.t USING btree (b)",
+                    true,
+                ),
+            ],
+        );
         let mut ledger = Ledger::for_policy("p");
         ledger.insert(AREA, "public.mine", OWNED, "p");
         let p = plan(&spec, &o, &ledger, &Context::default());
         assert_eq!(p.changes.len(), 1);
         assert_eq!(p.changes[0].hazard, Hazard::Destructive);
         assert!(p.changes[0].sql.ends_with(r#""public"."mine""#));
-        let no_prune = IndexesSpec { indexes: vec![], prune: None };
-        assert!(plan(&no_prune, &o, &ledger, &Context::default()).changes.is_empty());
+        let no_prune = IndexesSpec {
+            indexes: vec![],
+            prune: None,
+        };
+        assert!(plan(&no_prune, &o, &ledger, &Context::default())
+            .changes
+            .is_empty());
     }
 
     #[test]
     fn errors_name_the_index() {
-        let spec = IndexesSpec { indexes: vec![ix("i", "nope", &["a"]), ix("j", "t", &["nope"])], prune: None };
+        let spec = IndexesSpec {
+            indexes: vec![ix("i", "nope", &["a"]), ix("j", "t", &["nope"])],
+            prune: None,
+        };
         let mut o = observed_with("r", &[], &[]);
-        o.normalized.insert(QualifiedName::new("public", "j"), Err((Some("42703".into()), "column \"nope\" does not exist".into())));
+        o.normalized.insert(
+            QualifiedName::new("public", "j"),
+            Err((
+                Some("42703".into()),
+                "column \"nope\" does not exist".into(),
+            )),
+        );
         let p = plan(&spec, &o, &Ledger::default(), &Context::default());
         assert_eq!(p.errors[0].reason, "TableNotFound");
         assert_eq!(p.errors[1].reason, "ColumnNotFound");
@@ -469,11 +686,19 @@ mod tests {
 
     #[test]
     fn indexes_on_a_view_recreated_in_this_run_are_planned_now() {
-        let spec = IndexesSpec { indexes: vec![ix("v_key", "v", &["k"])], prune: None };
-        let ctx = Context { recreated: [QualifiedName::new("public", "v")].into() };
+        let spec = IndexesSpec {
+            indexes: vec![ix("v_key", "v", &["k"])],
+            prune: None,
+        };
+        let ctx = Context {
+            recreated: [QualifiedName::new("public", "v")].into(),
+        };
         let p = plan(&spec, &Observed::default(), &Ledger::default(), &ctx);
         assert!(p.errors.is_empty());
-        assert!(p.changes[0].transactional, "a new view: plain build, no need for CONCURRENTLY");
+        assert!(
+            p.changes[0].transactional,
+            "a new view: plain build, no need for CONCURRENTLY"
+        );
     }
 
     proptest! {

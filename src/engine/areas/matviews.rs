@@ -7,10 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use sqlx::PgConnection;
 
-use crate::api::{IndexesSpec, MaterializedView, MaterializedViewsSpec, TableTarget, DEFAULT_SCHEMA};
+use crate::api::{
+    IndexesSpec, MaterializedView, MaterializedViewsSpec, TableTarget, DEFAULT_SCHEMA,
+};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
 use crate::pg::{reason_for_sqlstate, QualifiedName};
@@ -45,7 +46,7 @@ pub struct LastRefresh {
 pub struct Observed {
     pub views: BTreeMap<QualifiedName, ViewState>,
     /// Desired definitions as PostgreSQL writes them, or (SQLSTATE, message).
-    pub normalized: BTreeMap<QualifiedName, Result<String, (Option<String>, String)>>,
+    pub normalized: BTreeMap<QualifiedName, scratch::Normalized>,
     pub refreshes: BTreeMap<QualifiedName, LastRefresh>,
 }
 
@@ -75,23 +76,20 @@ END
 $dbpolicy$;
 "#;
 
-#[derive(Deserialize)]
-struct ScratchRow {
-    schema: String,
-    name: String,
-    def: Option<String>,
-    sqlstate: Option<String>,
-    message: Option<String>,
-}
-
 /// A definition as a statement body: no trailing semicolon.
 fn body(definition: &str) -> &str {
     definition.trim().trim_end_matches(';').trim_end()
 }
 
-pub async fn observe(conn: &mut PgConnection, spec: &MaterializedViewsSpec) -> Result<Observed, sqlx::Error> {
+pub async fn observe(
+    conn: &mut PgConnection,
+    spec: &MaterializedViewsSpec,
+) -> Result<Observed, sqlx::Error> {
     let names: Vec<QualifiedName> = spec.views.iter().map(view_name).collect();
-    let (schemas, rels): (Vec<String>, Vec<String>) = names.iter().map(|q| (q.schema.clone(), q.name.clone())).unzip();
+    let (schemas, rels): (Vec<String>, Vec<String>) = names
+        .iter()
+        .map(|q| (q.schema.clone(), q.name.clone()))
+        .unzip();
     let rows: Vec<(String, String, String, Option<String>, bool, bool)> = sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text, c.relkind::text,
                 CASE WHEN c.relkind = 'm' THEN pg_get_viewdef(c.oid) END,
@@ -108,7 +106,15 @@ pub async fn observe(conn: &mut PgConnection, spec: &MaterializedViewsSpec) -> R
     .await?;
     let mut observed = Observed::default();
     for (schema, name, relkind, definition, populated, has_unique_index) in rows {
-        observed.views.insert(QualifiedName::new(schema, name), ViewState { relkind, definition, populated, has_unique_index });
+        observed.views.insert(
+            QualifiedName::new(schema, name),
+            ViewState {
+                relkind,
+                definition,
+                populated,
+                has_unique_index,
+            },
+        );
     }
     let items: Vec<serde_json::Value> = spec
         .views
@@ -121,30 +127,44 @@ pub async fn observe(conn: &mut PgConnection, spec: &MaterializedViewsSpec) -> R
         })
         .collect();
     if !items.is_empty() {
-        let out = scratch::rolled_back(conn, SCRATCH_SQL, "SELECT pg_temp.dbpolicy_view_twins($1::jsonb)::text", &serde_json::Value::Array(items)).await?;
-        let rows: Vec<ScratchRow> = serde_json::from_value(out).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        for r in rows {
-            let value = match (r.def, r.message) {
-                (Some(def), _) => Ok(def),
-                (None, message) => Err((r.sqlstate, message.unwrap_or_default())),
-            };
-            observed.normalized.insert(QualifiedName::new(r.schema, r.name), value);
-        }
+        let out = scratch::rolled_back(
+            conn,
+            SCRATCH_SQL,
+            "SELECT pg_temp.dbpolicy_view_twins($1::jsonb)::text",
+            &serde_json::Value::Array(items),
+        )
+        .await?;
+        observed.normalized = scratch::parse_rows(out)?;
     }
     observed.refreshes = observe_refreshes(conn).await?;
     Ok(observed)
 }
 
-async fn observe_refreshes(conn: &mut PgConnection) -> Result<BTreeMap<QualifiedName, LastRefresh>, sqlx::Error> {
+async fn observe_refreshes(
+    conn: &mut PgConnection,
+) -> Result<BTreeMap<QualifiedName, LastRefresh>, sqlx::Error> {
     let rows: Vec<(String, chrono::DateTime<chrono::Utc>, f64)> =
-        match sqlx::query_as("SELECT view, refreshed_at, seconds FROM dbpolicy.refreshes").fetch_all(&mut *conn).await {
+        match sqlx::query_as("SELECT view, refreshed_at, seconds FROM dbpolicy.refreshes")
+            .fetch_all(&mut *conn)
+            .await
+        {
             Ok(rows) => rows,
-            Err(e) if matches!(crate::pg::sqlstate(&e).as_deref(), Some("42P01") | Some("3F000")) => Vec::new(),
+            Err(e)
+                if matches!(
+                    crate::pg::sqlstate(&e).as_deref(),
+                    Some("42P01") | Some("3F000")
+                ) =>
+            {
+                Vec::new()
+            }
             Err(e) => return Err(e),
         };
     Ok(rows
         .into_iter()
-        .filter_map(|(view, at, seconds)| view.split_once('.').map(|(s, n)| (QualifiedName::new(s, n), LastRefresh { at, seconds })))
+        .filter_map(|(view, at, seconds)| {
+            view.split_once('.')
+                .map(|(s, n)| (QualifiedName::new(s, n), LastRefresh { at, seconds }))
+        })
         .collect())
 }
 
@@ -159,20 +179,37 @@ pub fn recreated(plan: &AreaPlan, allow_destructive: bool) -> BTreeSet<Qualified
         .collect();
     plan.changes
         .iter()
-        .filter(|c| c.sql.starts_with("CREATE MATERIALIZED VIEW") && !refused.contains(c.target.as_str()))
-        .filter_map(|c| c.target.split_once('.').map(|(s, n)| QualifiedName::new(s, n)))
+        .filter(|c| {
+            c.sql.starts_with("CREATE MATERIALIZED VIEW") && !refused.contains(c.target.as_str())
+        })
+        .filter_map(|c| {
+            c.target
+                .split_once('.')
+                .map(|(s, n)| QualifiedName::new(s, n))
+        })
         .collect()
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Create { name: QualifiedName, definition: String },
-    Replace { name: QualifiedName, definition: String },
+    Create {
+        name: QualifiedName,
+        definition: String,
+    },
+    Replace {
+        name: QualifiedName,
+        definition: String,
+    },
 }
 
 /// `indexes` is the spec's indexes section: a unique index declared there counts for
 /// `concurrently` even before it is built.
-pub fn diff(spec: &MaterializedViewsSpec, indexes: Option<&IndexesSpec>, observed: &Observed, plan: &mut AreaPlan) -> Vec<Op> {
+pub fn diff(
+    spec: &MaterializedViewsSpec,
+    indexes: Option<&IndexesSpec>,
+    observed: &Observed,
+    plan: &mut AreaPlan,
+) -> Vec<Op> {
     let mut ops = Vec::new();
     for v in &spec.views {
         let name = view_name(v);
@@ -180,44 +217,55 @@ pub fn diff(spec: &MaterializedViewsSpec, indexes: Option<&IndexesSpec>, observe
         let state = observed.views.get(&name);
         if let Some(s) = state {
             if s.relkind != "m" {
-                plan.error(target, "NotAMaterializedView", format!("{name} exists and is not a materialized view"));
+                plan.error(
+                    target,
+                    "NotAMaterializedView",
+                    format!("{name} exists and is not a materialized view"),
+                );
                 continue;
             }
         }
         let mut will_exist = state.is_some();
         if let Some(definition) = &v.definition {
-            match observed.normalized.get(&name) {
-                Some(Err((code, message))) => {
-                    let reason = match reason_for_sqlstate(code.as_deref()) {
-                        "ApplyFailed" => "InvalidViewDefinition",
-                        r => r,
-                    };
-                    plan.error(target, reason, format!("definition of {name}: {message}"));
-                    continue;
-                }
-                None => {
-                    plan.error(target, "InvalidViewDefinition", format!("definition of {name} could not be checked"));
-                    continue;
-                }
-                Some(Ok(desired)) => match state {
-                    None => ops.push(Op::Create { name: name.clone(), definition: body(definition).to_string() }),
-                    Some(s) if s.definition.as_deref().map(str::trim) != Some(desired.trim()) => {
-                        ops.push(Op::Replace { name: name.clone(), definition: body(definition).to_string() })
+            let desired =
+                match scratch::checked(observed.normalized.get(&name), "InvalidViewDefinition") {
+                    Ok(d) => d,
+                    Err((reason, message)) => {
+                        plan.error(target, reason, format!("definition of {name}: {message}"));
+                        continue;
                     }
-                    Some(_) => {}
-                },
+                };
+            match state {
+                None => ops.push(Op::Create {
+                    name: name.clone(),
+                    definition: body(definition).to_string(),
+                }),
+                Some(s) if s.definition.as_deref().map(str::trim) != Some(desired.trim()) => ops
+                    .push(Op::Replace {
+                        name: name.clone(),
+                        definition: body(definition).to_string(),
+                    }),
+                Some(_) => {}
             }
             will_exist = true;
         }
         if !will_exist {
-            plan.error(target, "MaterializedViewNotFound", format!("{name} does not exist and the spec gives no definition to create it"));
+            plan.error(
+                target,
+                "MaterializedViewNotFound",
+                format!("{name} does not exist and the spec gives no definition to create it"),
+            );
             continue;
         }
         if v.concurrently.unwrap_or(false) {
             let declared_unique = indexes.is_some_and(|ix| {
-                ix.indexes.iter().any(|i| i.unique.unwrap_or(false) && i.where_clause.is_none() && i.qualified() == name)
+                ix.indexes.iter().any(|i| {
+                    i.unique.unwrap_or(false) && i.where_clause.is_none() && i.qualified() == name
+                })
             });
-            let replaced = ops.iter().any(|op| matches!(op, Op::Replace { name: n, .. } if *n == name));
+            let replaced = ops
+                .iter()
+                .any(|op| matches!(op, Op::Replace { name: n, .. } if *n == name));
             let has_unique = state.is_some_and(|s| s.has_unique_index) && !replaced;
             if !declared_unique && !has_unique {
                 plan.error(
@@ -243,18 +291,32 @@ pub fn render(op: &Op) -> Vec<Change> {
         // Drop and create in one transaction: readers wait on the lock (bounded by
         // lock_timeout) rather than ever finding the view missing.
         Op::Replace { name, definition } => vec![
-            Change::new(AREA, name.to_string(), "drop the view to replace its definition", format!("DROP MATERIALIZED VIEW {}", name.quoted()))
-                .hazard(Hazard::Destructive)
-                .bundle(format!("replace view {name}")),
-            Change::new(AREA, name.to_string(), "create the materialized view with the new definition", format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()))
-                .hazard(Hazard::Locking)
-                .record(OWNED)
-                .bundle(format!("replace view {name}")),
+            Change::new(
+                AREA,
+                name.to_string(),
+                "drop the view to replace its definition",
+                format!("DROP MATERIALIZED VIEW {}", name.quoted()),
+            )
+            .hazard(Hazard::Destructive)
+            .bundle(format!("replace view {name}")),
+            Change::new(
+                AREA,
+                name.to_string(),
+                "create the materialized view with the new definition",
+                format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
+            )
+            .hazard(Hazard::Locking)
+            .record(OWNED)
+            .bundle(format!("replace view {name}")),
         ],
     }
 }
 
-pub fn plan(spec: &MaterializedViewsSpec, indexes: Option<&IndexesSpec>, observed: &Observed) -> AreaPlan {
+pub fn plan(
+    spec: &MaterializedViewsSpec,
+    indexes: Option<&IndexesSpec>,
+    observed: &Observed,
+) -> AreaPlan {
     let mut plan = AreaPlan::new(AREA);
     let ops = diff(spec, indexes, observed, &mut plan);
     plan.changes = ops.iter().flat_map(render).collect();
@@ -262,7 +324,10 @@ pub fn plan(spec: &MaterializedViewsSpec, indexes: Option<&IndexesSpec>, observe
 }
 
 /// Last refresh per declared view, for status.
-pub fn status(spec: &MaterializedViewsSpec, observed: &Observed) -> Vec<crate::api::MaterializedViewStatus> {
+pub fn status(
+    spec: &MaterializedViewsSpec,
+    observed: &Observed,
+) -> Vec<crate::api::MaterializedViewStatus> {
     spec.views
         .iter()
         .map(|v| {
@@ -270,7 +335,8 @@ pub fn status(spec: &MaterializedViewsSpec, observed: &Observed) -> Vec<crate::a
             let last = observed.refreshes.get(&name);
             crate::api::MaterializedViewStatus {
                 name: name.to_string(),
-                last_refresh_time: last.map(|r| r.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                last_refresh_time: last
+                    .map(|r| r.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
                 last_refresh_seconds: last.map(|r| (r.seconds * 1000.0).round() / 1000.0),
             }
         })
@@ -297,14 +363,28 @@ pub struct RefreshOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error("{view}: {message}")]
-    NotRefreshable { view: String, reason: &'static str, message: String },
+    NotRefreshable {
+        view: String,
+        reason: &'static str,
+        message: String,
+    },
     #[error("{view}: {message}")]
-    Failed { view: String, reason: &'static str, message: String },
+    Failed {
+        view: String,
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// Refreshes one view: `CONCURRENTLY` when asked and possible (populated, unique index),
 /// under its own statement timeout, and records when and how long in `dbpolicy.refreshes`.
-pub async fn refresh(conn: &mut PgConnection, view: &QualifiedName, concurrently: bool, timeout: Duration, lock_timeout: Duration) -> Result<RefreshOutcome, RefreshError> {
+pub async fn refresh(
+    conn: &mut PgConnection,
+    view: &QualifiedName,
+    concurrently: bool,
+    timeout: Duration,
+    lock_timeout: Duration,
+) -> Result<RefreshOutcome, RefreshError> {
     let failed = |e: sqlx::Error| RefreshError::Failed {
         view: view.to_string(),
         reason: reason_for_sqlstate(crate::pg::sqlstate(&e).as_deref()),
@@ -321,10 +401,18 @@ pub async fn refresh(conn: &mut PgConnection, view: &QualifiedName, concurrently
     .await
     .map_err(failed)?;
     let Some((relkind, populated, unique)) = state else {
-        return Err(RefreshError::NotRefreshable { view: view.to_string(), reason: "MaterializedViewNotFound", message: "does not exist".into() });
+        return Err(RefreshError::NotRefreshable {
+            view: view.to_string(),
+            reason: "MaterializedViewNotFound",
+            message: "does not exist".into(),
+        });
     };
     if relkind != "m" {
-        return Err(RefreshError::NotRefreshable { view: view.to_string(), reason: "NotAMaterializedView", message: "is not a materialized view".into() });
+        return Err(RefreshError::NotRefreshable {
+            view: view.to_string(),
+            reason: "NotAMaterializedView",
+            message: "is not a materialized view".into(),
+        });
     }
     if concurrently && !unique {
         return Err(RefreshError::NotRefreshable {
@@ -335,15 +423,29 @@ pub async fn refresh(conn: &mut PgConnection, view: &QualifiedName, concurrently
     }
     // A never-populated view cannot be refreshed concurrently; the first refresh fills it.
     let concurrently = concurrently && populated;
-    sqlx::raw_sql(&format!("SET statement_timeout = {}; SET lock_timeout = {}", timeout.as_millis(), lock_timeout.as_millis()))
+    sqlx::raw_sql(&format!(
+        "SET statement_timeout = {}; SET lock_timeout = {}",
+        timeout.as_millis(),
+        lock_timeout.as_millis()
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(failed)?;
+    let started = Instant::now();
+    let sql = format!(
+        "REFRESH MATERIALIZED VIEW {}{}",
+        if concurrently { "CONCURRENTLY " } else { "" },
+        view.quoted()
+    );
+    sqlx::raw_sql(&sql)
         .execute(&mut *conn)
         .await
         .map_err(failed)?;
-    let started = Instant::now();
-    let sql = format!("REFRESH MATERIALIZED VIEW {}{}", if concurrently { "CONCURRENTLY " } else { "" }, view.quoted());
-    sqlx::raw_sql(&sql).execute(&mut *conn).await.map_err(failed)?;
     let seconds = started.elapsed().as_secs_f64();
-    sqlx::raw_sql(REFRESHES_BOOTSTRAP_SQL).execute(&mut *conn).await.map_err(failed)?;
+    sqlx::raw_sql(REFRESHES_BOOTSTRAP_SQL)
+        .execute(&mut *conn)
+        .await
+        .map_err(failed)?;
     sqlx::query(
         "INSERT INTO dbpolicy.refreshes (view, refreshed_at, seconds, was_concurrent) VALUES ($1, now(), $2, $3)
          ON CONFLICT (view) DO UPDATE SET refreshed_at = EXCLUDED.refreshed_at, seconds = EXCLUDED.seconds,
@@ -355,7 +457,11 @@ pub async fn refresh(conn: &mut PgConnection, view: &QualifiedName, concurrently
     .execute(&mut *conn)
     .await
     .map_err(failed)?;
-    Ok(RefreshOutcome { view: view.to_string(), concurrently, seconds })
+    Ok(RefreshOutcome {
+        view: view.to_string(),
+        concurrently,
+        seconds,
+    })
 }
 
 #[cfg(test)]
@@ -364,39 +470,81 @@ mod tests {
     use crate::api::IndexSpec;
 
     fn view(name: &str, def: Option<&str>, concurrently: bool) -> MaterializedView {
-        MaterializedView { name: name.into(), definition: def.map(String::from), concurrently: Some(concurrently), ..Default::default() }
+        MaterializedView {
+            name: name.into(),
+            definition: def.map(String::from),
+            concurrently: Some(concurrently),
+            ..Default::default()
+        }
     }
 
     fn observed(views: &[(&str, &str, bool)], normalized: &[(&str, &str)]) -> Observed {
         let mut o = Observed::default();
         for (n, def, unique) in views {
-            o.views.insert(QualifiedName::new("public", *n), ViewState { relkind: "m".into(), definition: Some(def.to_string()), populated: true, has_unique_index: *unique });
+            o.views.insert(
+                QualifiedName::new("public", *n),
+                ViewState {
+                    relkind: "m".into(),
+                    definition: Some(def.to_string()),
+                    populated: true,
+                    has_unique_index: *unique,
+                },
+            );
         }
         for (n, d) in normalized {
-            o.normalized.insert(QualifiedName::new("public", *n), Ok(d.to_string()));
+            o.normalized
+                .insert(QualifiedName::new("public", *n), Ok(d.to_string()));
         }
         o
     }
 
     #[test]
     fn missing_view_is_created_and_recorded() {
-        let spec = MaterializedViewsSpec { views: vec![view("v", Some("SELECT 1 AS k;"), false)] };
+        let spec = MaterializedViewsSpec {
+            views: vec![view("v", Some("SELECT 1 AS k;"), false)],
+        };
         let p = plan(&spec, None, &observed(&[], &[("v", " SELECT 1 AS k;")]));
         assert_eq!(p.changes.len(), 1);
-        assert_eq!(p.changes[0].sql, r#"CREATE MATERIALIZED VIEW "public"."v" AS SELECT 1 AS k"#);
-        assert_eq!(recreated(&p, false), [QualifiedName::new("public", "v")].into());
+        assert_eq!(
+            p.changes[0].sql,
+            r#"CREATE MATERIALIZED VIEW "public"."v" AS SELECT 1 AS k"#
+        );
+        assert_eq!(
+            recreated(&p, false),
+            [QualifiedName::new("public", "v")].into()
+        );
     }
 
     #[test]
     fn same_normalised_definition_is_no_change() {
-        let spec = MaterializedViewsSpec { views: vec![view("v", Some("select 1 as k"), false)] };
-        assert!(plan(&spec, None, &observed(&[("v", " SELECT 1 AS k;", false)], &[("v", " SELECT 1 AS k;")])).changes.is_empty());
+        let spec = MaterializedViewsSpec {
+            views: vec![view("v", Some("select 1 as k"), false)],
+        };
+        assert!(plan(
+            &spec,
+            None,
+            &observed(
+                &[("v", " SELECT 1 AS k;", false)],
+                &[("v", " SELECT 1 AS k;")]
+            )
+        )
+        .changes
+        .is_empty());
     }
 
     #[test]
     fn changed_definition_is_a_destructive_replace_in_one_transaction() {
-        let spec = MaterializedViewsSpec { views: vec![view("v", Some("select 2 as k"), false)] };
-        let p = plan(&spec, None, &observed(&[("v", " SELECT 1 AS k;", false)], &[("v", " SELECT 2 AS k;")]));
+        let spec = MaterializedViewsSpec {
+            views: vec![view("v", Some("select 2 as k"), false)],
+        };
+        let p = plan(
+            &spec,
+            None,
+            &observed(
+                &[("v", " SELECT 1 AS k;", false)],
+                &[("v", " SELECT 2 AS k;")],
+            ),
+        );
         assert_eq!(p.changes.len(), 2);
         assert_eq!(p.changes[0].hazard, Hazard::Destructive);
         assert!(p.changes.iter().all(|c| c.transactional));
@@ -404,19 +552,45 @@ mod tests {
 
     #[test]
     fn concurrently_needs_a_unique_index_existing_or_declared() {
-        let spec = MaterializedViewsSpec { views: vec![view("v", None, true)] };
+        let spec = MaterializedViewsSpec {
+            views: vec![view("v", None, true)],
+        };
         let p = plan(&spec, None, &observed(&[("v", "x", false)], &[]));
         assert_eq!(p.errors[0].reason, "RequiresUniqueIndex");
-        assert!(plan(&spec, None, &observed(&[("v", "x", true)], &[])).errors.is_empty());
-        let ix = IndexesSpec { indexes: vec![IndexSpec { name: "k".into(), table: "v".into(), columns: vec!["k".into()], unique: Some(true), ..Default::default() }], prune: None };
-        assert!(plan(&spec, Some(&ix), &observed(&[("v", "x", false)], &[])).errors.is_empty());
+        assert!(plan(&spec, None, &observed(&[("v", "x", true)], &[]))
+            .errors
+            .is_empty());
+        let ix = IndexesSpec {
+            indexes: vec![IndexSpec {
+                name: "k".into(),
+                table: "v".into(),
+                columns: vec!["k".into()],
+                unique: Some(true),
+                ..Default::default()
+            }],
+            prune: None,
+        };
+        assert!(plan(&spec, Some(&ix), &observed(&[("v", "x", false)], &[]))
+            .errors
+            .is_empty());
     }
 
     #[test]
     fn missing_view_without_definition_and_bad_definitions_are_errors() {
-        let spec = MaterializedViewsSpec { views: vec![view("nope", None, false), view("bad", Some("SELECT nope FROM t"), false)] };
+        let spec = MaterializedViewsSpec {
+            views: vec![
+                view("nope", None, false),
+                view("bad", Some("SELECT nope FROM t"), false),
+            ],
+        };
         let mut o = observed(&[], &[]);
-        o.normalized.insert(QualifiedName::new("public", "bad"), Err((Some("42703".into()), "column \"nope\" does not exist".into())));
+        o.normalized.insert(
+            QualifiedName::new("public", "bad"),
+            Err((
+                Some("42703".into()),
+                "column \"nope\" does not exist".into(),
+            )),
+        );
         let p = plan(&spec, None, &o);
         assert_eq!(p.errors[0].reason, "MaterializedViewNotFound");
         assert_eq!(p.errors[1].reason, "ColumnNotFound");

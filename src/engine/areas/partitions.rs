@@ -788,6 +788,8 @@ pub enum Op {
         default: QualifiedName,
         rows: i64,
         owner: Option<String>,
+        /// `LIKE … INCLUDING COMPRESSION` exists from PostgreSQL 14 on.
+        compression: bool,
     },
     CreateDefault {
         table: QualifiedName,
@@ -885,6 +887,7 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
                     default: default.name.clone(),
                     rows,
                     owner: owner.clone(),
+                    compression: observed.server_version >= 140_000,
                 },
                 _ => Op::Create {
                     table: name.clone(),
@@ -1057,6 +1060,7 @@ pub fn render(op: &Op) -> Vec<Change> {
             default,
             rows,
             owner,
+            compression,
         } => {
             // PostgreSQL refuses a new partition while the default holds rows of its range.
             // In one transaction: lock the default first (ATTACH needs ACCESS EXCLUSIVE on
@@ -1088,9 +1092,10 @@ pub fn render(op: &Op) -> Vec<Change> {
                     table.to_string(),
                     format!("create {partition} for [{}, {}) as a standalone table", range.start, range.end),
                     format!(
-                        "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING STORAGE INCLUDING COMPRESSION)",
+                        "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING STORAGE{})",
                         p.quoted(),
-                        table.quoted()
+                        table.quoted(),
+                        if *compression { " INCLUDING COMPRESSION" } else { "" }
                     ),
                 ),
                 Change::new(

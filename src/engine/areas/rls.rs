@@ -207,7 +207,9 @@ DECLARE
     twin text;
     one_by_one boolean;
     found jsonb;
-    result jsonb := '[]';
+    e jsonb;
+    -- An array variable grows in place; a jsonb value would be copied on every append.
+    result jsonb[] := '{}';
 BEGIN
     PERFORM set_config('search_path',
         CASE WHEN current_setting('search_path') = '' THEN 'pg_temp'
@@ -255,9 +257,11 @@ BEGIN
                 found := found || jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
                     'sqlstate', SQLSTATE, 'message', SQLERRM);
         END;
-        result := result || found;
+        FOR e IN SELECT value FROM jsonb_array_elements(found) LOOP
+            result := array_append(result, e);
+        END LOOP;
     END LOOP;
-    RETURN result;
+    RETURN to_jsonb(result);
 END
 $dbpolicy$;
 "#;
