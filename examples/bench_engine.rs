@@ -422,19 +422,20 @@ async fn main() -> Res<()> {
     admin.close().await?;
 
     println!();
-    println!("Observe + plan with nothing to change (`dbpolicy plan` on a converged database: session setup, advisory lock, observe, plan; median of 7 runs, 3 from 1,000 tables on); `SELECT 1` = one trivial round trip on the same connection, same run.");
+    println!("Observe + plan with nothing to change (`dbpolicy plan` on a converged database: session setup, advisory lock, observe, plan; median of 7 runs, 3 from 1,000 tables on); `SELECT 1` = one trivial round trip on the same connection, same run (median of 201); ratio = observe + plan / `SELECT 1`.");
     println!();
-    println!("| tables (2 RLS policies + autovacuum each) | partitioned tables | observe + plan, no change | × `SELECT 1` | SQL round trips | converging apply (changes) |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| tables (2 RLS policies + autovacuum each) | partitioned tables | observe + plan, no change | `SELECT 1` | ratio | SQL round trips | converging apply (changes) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut trip_counts = Vec::new();
     for r in &results {
         match r {
             Ok(r) => {
                 trip_counts.push(r.trips);
                 println!(
-                    "| {} | {PARTITIONED} | {:.1} ms | {:.0} | {} | {:.1} s ({}) |",
+                    "| {} | {PARTITIONED} | {:.1} ms | {:.1} µs | {:.0} | {} | {:.1} s ({}) |",
                     r.tables,
                     r.noop.as_secs_f64() * 1000.0,
+                    r.select1.as_secs_f64() * 1e6,
                     r.noop.as_secs_f64() / r.select1.as_secs_f64(),
                     r.trips,
                     r.apply.as_secs_f64(),
@@ -442,7 +443,7 @@ async fn main() -> Res<()> {
                 );
             }
             Err((tables, e)) => println!(
-                "| {tables} | {PARTITIONED} | FAILED: {} | | | |",
+                "| {tables} | {PARTITIONED} | FAILED: {} | | | | |",
                 e.replace('\n', " ").replace('|', "\\|")
             ),
         }
@@ -464,12 +465,7 @@ async fn main() -> Res<()> {
             println!();
         }
     }
-    if let Some(Ok(r)) = results.first() {
-        println!(
-            "\n`SELECT 1` round trip: {:.1} µs (median of 201)",
-            r.select1.as_secs_f64() * 1e6
-        );
-    }
+    println!();
     let constant = trip_counts.windows(2).all(|w| w[0] == w[1]);
     println!(
         "round trips constant across sizes: {} ({trip_counts:?})",

@@ -126,11 +126,14 @@ async fn main() -> anyhow::Result<()> {
         sqlx::raw_sql(&sql).execute(&mut admin).await?;
     }
     let result = bench(admin_opts.clone().database(&db), tables, &reader).await;
+    // Cleanup runs whatever happened, and reports rather than hides a failure.
     for sql in [
         format!("DROP DATABASE {db} WITH (FORCE)"),
         format!("DROP ROLE {reader}"),
     ] {
-        sqlx::raw_sql(&sql).execute(&mut admin).await?;
+        if let Err(e) = sqlx::raw_sql(&sql).execute(&mut admin).await {
+            eprintln!("cleanup: {sql}: {e}");
+        }
     }
     result
 }
@@ -227,7 +230,9 @@ async fn bench(opts: PgConnectOptions, tables: usize, reader: &str) -> anyhow::R
     let ledger = Ledger::for_policy(&policy.0);
     let (pure, _) = time!(runs, rls::plan(rls_spec, &observed, &ledger));
 
-    // Round trips, once each, on the counted session.
+    // Round trips, once each, on the counted session, after one run to warm it up (the
+    // first use of a statement on a session costs one more round trip to prepare it).
+    engine::run(&mut counted, &base, Mode::Plan, &policy).await?;
     let count = |before: u64| trips() - before;
     let b = trips();
     engine::run(&mut counted, &base, Mode::Plan, &policy).await?;

@@ -28,9 +28,11 @@ const REQUIRED_RBAC: &[(&str, &str, &[&str])] = &[
     ("dbpolicy.dev", "databasepolicies/status", &["patch"]),
     // Owner references with blockOwnerDeletion on child objects.
     ("dbpolicy.dev", "databasepolicies/finalizers", &["update"]),
-    // Connection Secrets, watched so that a changed Secret re-triggers its policies.
-    // (The replicas area's read-endpoint Secret will add create, update, patch.)
-    ("", "secrets", &["get", "list", "watch"]),
+    // Connection Secrets, watched so that a changed Secret re-triggers its policies; the
+    // replicas' read-endpoint Secret by server-side apply (create: when it is new).
+    ("", "secrets", &["get", "list", "watch", "create", "patch"]),
+    // Backup pods' termination messages.
+    ("", "pods", &["list"]),
     // Backup and refresh CronJobs and their Jobs.
     (
         "batch",
@@ -402,7 +404,7 @@ fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
     }
     for (v, g, r) in [
         ("delete", "", "secrets"),
-        ("create", "", "secrets"),
+        ("update", "", "secrets"),
         ("update", "dbpolicy.dev", "databasepolicies"),
         ("update", "dbpolicy.dev", "databasepolicies/status"),
         ("patch", "dbpolicy.dev", "databasepolicies/finalizers"),

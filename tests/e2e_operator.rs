@@ -447,7 +447,38 @@ async fn certquiz_example_becomes_ready() {
         None,
     );
     let mut op = Operator::start(&env, "default");
-    wait_ready(&env, &mut op, "default", "certquiz", "True", None);
+    let obj = wait_ready(&env, &mut op, "default", "certquiz", "True", None);
+    // kube-apiserver 1.20 has no batch/v1 CronJob: said, without blocking Ready.
+    let backups = condition(&obj, "BackupsReady").expect("BackupsReady");
+    assert_eq!(
+        (&backups["status"], &backups["reason"]),
+        (&json!("Unknown"), &json!("CronJobsUnsupported")),
+        "{backups}"
+    );
+    // The replica's Secret does not exist: not checked, named; the read endpoint falls
+    // back to the primary (fallbackToPrimary), published by server-side apply.
+    let replicas = condition(&obj, "ReplicasReady").expect("ReplicasReady");
+    assert_eq!(replicas["reason"], "ReplicaNotChecked", "{replicas}");
+    assert!(
+        replicas["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret default/certquiz-replica-1-db not found"),
+        "{replicas}"
+    );
+    let source = env.kubectl_ok(
+        &[
+            "get",
+            "secret",
+            "certquiz-read",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.data.DATABASE_READ_SOURCE}",
+        ],
+        None,
+    );
+    assert_eq!(source.trim(), "cHJpbWFyeQ==", "base64 of \"primary\"");
     env.kubectl_ok(
         &[
             "wait",

@@ -239,43 +239,14 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
 }
 
 /// An SQL fragment the policy author wrote (an expression, a query) must stand on its own:
-/// parentheses balanced outside quotes and no `;`, so it cannot close the statement it is
-/// placed in and continue with another clause or statement. PostgreSQL checks the rest.
+/// parentheses balanced outside quotes, no `;`, `$` or comments, so it cannot close the
+/// statement it is placed in and continue with another clause or statement. PostgreSQL
+/// checks the rest, in a rolled-back transaction, before anything is applied.
 pub fn self_contained(sql: &str) -> Result<(), String> {
-    let mut depth = 0i32;
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            // Doubled quotes inside a quoted run are the escape; scanning to the next quote
-            // and continuing handles them as two runs.
-            '\'' | '"' if !chars.by_ref().any(|x| x == c) => {
-                return Err("unterminated quote".into());
-            }
-            '\'' | '"' => {}
-            '$' => {
-                // Dollar quoting ($tag$…$tag$) could hide anything: not allowed here.
-                let tag: String = chars.clone().take_while(|x| x.is_alphanumeric() || *x == '_').collect();
-                if chars.clone().nth(tag.chars().count()) == Some('$') {
-                    return Err("dollar-quoted strings are not allowed here".into());
-                }
-            }
-            '(' => depth += 1,
-            ')' => {
-                depth -= 1;
-                if depth < 0 {
-                    return Err("unbalanced ')'".into());
-                }
-            }
-            ';' => return Err("';' is not allowed: one expression, not statements".into()),
-            '-' if chars.peek() == Some(&'-') => return Err("SQL comments are not allowed here".into()),
-            '/' if chars.peek() == Some(&'*') => return Err("SQL comments are not allowed here".into()),
-            _ => {}
-        }
+    match crate::pg::lexer::check_expression(sql)? {
+        l if l.comment => Err("SQL comments are not allowed here".into()),
+        _ => Ok(()),
     }
-    if depth != 0 {
-        return Err("unbalanced '('".into());
-    }
-    Ok(())
 }
 
 fn unique(errors: &mut Vec<ValidationError>, path: &str, names: impl Iterator<Item = String>) {
@@ -375,10 +346,10 @@ rowLevelSecurity:
 
     #[test]
     fn fragments_must_be_self_contained() {
-        for ok in ["a = b", "(x->>'a')::numeric", "name = 'it''s (odd'", "\"we;ird\" > 0", "$1", "a IN ('x', 'y')"] {
+        for ok in ["a = b", "(x->>'a')::numeric", "name = 'it''s (odd'", "\"we;ird\" > 0", "a IN ('x', 'y')", "E'\\'' = b"] {
             assert_eq!(self_contained(ok), Ok(()), "{ok}");
         }
-        for bad in ["code) WHERE (true", "true); DROP TABLE t; --", "(a", "'open", "a -- c", "a /* c */", "$x$ ; $x$", "a;"] {
+        for bad in ["code) WHERE (true", "true); DROP TABLE t; --", "(a", "'open", "a -- c", "a /* c */", "$x$ ; $x$", "a;", "$1", "E'\\'' ; DROP TABLE up; SELECT '", ""] {
             assert!(self_contained(bad).is_err(), "{bad}");
         }
     }

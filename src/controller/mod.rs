@@ -303,6 +303,20 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_job_maps_to_its_policy() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "certquiz-backup-29000000", "namespace": "quiz",
+                "labels": {"dbpolicy.dev/policy": "certquiz", "dbpolicy.dev/job": "backup"}},
+        }))
+        .unwrap();
+        assert_eq!(
+            policy_for_job(&job),
+            Some(ObjectRef::new("certquiz").within("quiz"))
+        );
+        assert_eq!(policy_for_job(&Job::default()), None);
+    }
+
+    #[test]
     fn run_flags_parse_with_their_defaults() {
         use clap::Parser;
         let cli = crate::cli::Cli::try_parse_from(["dbpolicy", "run"]).unwrap();
@@ -313,6 +327,12 @@ mod tests {
         assert_eq!(args.admin_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(args.lease_name, "dbpolicy-controller");
         assert!(!args.no_leader_election);
+        if std::env::var_os("DBPOLICY_IMAGE").is_none() {
+            assert_eq!(
+                args.job_image,
+                format!("ghcr.io/dbpolicy/dbpolicy:{}", env!("CARGO_PKG_VERSION"))
+            );
+        }
         let cli = crate::cli::Cli::try_parse_from([
             "dbpolicy",
             "run",
@@ -327,6 +347,8 @@ mod tests {
             "--no-leader-election",
             "--log-format",
             "json",
+            "--job-image",
+            "registry.local/dbpolicy:dev",
         ])
         .unwrap();
         let crate::cli::Command::Run(args) = cli.command else {
@@ -336,6 +358,7 @@ mod tests {
         assert_eq!(args.selector.as_deref(), Some("team=quiz"));
         assert_eq!(args.concurrency, 2);
         assert!(args.no_leader_election);
+        assert_eq!(args.job_image, "registry.local/dbpolicy:dev");
         assert!(
             crate::cli::Cli::try_parse_from(["dbpolicy", "run", "--concurrency", "0"]).is_err()
         );

@@ -1099,4 +1099,38 @@ replicas:
             );
         }
     }
+
+    #[tokio::test]
+    async fn plan_mode_reports_cronjobs_as_pending_and_creates_none() {
+        let (url, name) = create_database().await;
+        let spec = "database: {connectionSecretRef: {name: x}}
+mode: Plan
+backups: {schedule: '0 3 * * *', storage: {pvc: {claimName: backups}}}
+";
+        let (result, sent) = reconcile_with(
+            test_policy(spec, true),
+            vec![
+                Expect::ListCronJobs(vec![]),
+                Expect::ListBackupJobs(vec![]),
+                Expect::GetSecret(Some(test_secret(&url))),
+                Expect::PatchStatus,
+            ],
+        )
+        .await;
+        drop_database(&name).await;
+        assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+        let patch = &sent[3].body;
+        assert_eq!(patch["status"]["pendingChanges"], 1);
+        let plan = &patch["status"]["pendingPlan"];
+        assert_eq!(plan["byArea"]["backups"], 1);
+        assert_eq!(plan["changes"][0]["target"], "CronJob/test-backup");
+        assert_eq!(
+            plan["changes"][0]["summary"],
+            "create CronJob test-backup (schedule 0 3 * * *)"
+        );
+        let backups = condition(patch, "BackupsReady");
+        assert_eq!(backups["reason"], "PlanPending", "{backups}");
+        assert_eq!(condition(patch, "Ready")["reason"], "PlanPending");
+        assert_eq!(patch["status"]["backups"], json!({}));
+    }
 }

@@ -904,6 +904,85 @@ mod tests {
     }
 
     #[test]
+    fn areas_found_outside_the_engine_take_part_in_ready() {
+        let spec = DatabasePolicySpec {
+            feature_flags: Some(FeatureFlagsSpec::default()),
+            backups: Some(Default::default()),
+            ..Default::default()
+        };
+        let mut outcome = applied(vec![]);
+        outcome
+            .plan
+            .areas
+            .push(AreaPlan::skipped(Area::Backups, "run as a CronJob"));
+        let failed = AreaState {
+            area: Area::Backups,
+            status: Status::False,
+            reason: "BackupFailed".into(),
+            message: "the last backup failed".into(),
+        };
+        let children = Children {
+            areas: vec![failed.clone()],
+            backups: Some(BackupStatus {
+                last_failure_reason: Some("DumpFailed".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = from_outcome_with(&input(&spec, None, at(0)), &outcome, &children);
+        assert_eq!(cond(&s, "BackupsReady").reason, "BackupFailed");
+        assert_eq!(cond(&s, READY).reason, "BackupFailed");
+        assert_eq!(s.backups, children.backups);
+        // A worse failure of the engine's own is not hidden by an override.
+        let mut p = plan(vec![]);
+        p.areas[1].error("f", "TableNotFound", "no table");
+        let outcome = Outcome {
+            facts: Default::default(),
+            plan: p,
+            report: None,
+        };
+        let pending = Children {
+            areas: vec![AreaState {
+                area: Area::FeatureFlags,
+                status: Status::False,
+                reason: "PlanPending".into(),
+                message: "x".into(),
+            }],
+            pending: vec![change(Area::Backups, "CronJob/test-backup")],
+            ..Default::default()
+        };
+        let s = from_outcome_with(&input(&spec, None, at(0)), &outcome, &pending);
+        assert_eq!(cond(&s, "FeatureFlagsReady").reason, "TableNotFound");
+        assert_eq!(s.pending_changes, Some(1), "child changes are pending too");
+        assert_eq!(s.pending_plan.unwrap().by_area["backups"], 1);
+        // Unknown areas do not block Ready, and are named with their reason.
+        let unknown = Children {
+            areas: vec![AreaState {
+                area: Area::Backups,
+                status: Status::Unknown,
+                reason: "CronJobsUnsupported".into(),
+                message: "no batch/v1".into(),
+            }],
+            ..Default::default()
+        };
+        let s = from_outcome_with(&input(&spec, None, at(0)), &applied(vec![]), &unknown);
+        assert_eq!(cond(&s, READY).status, "True");
+        assert!(cond(&s, READY)
+            .message
+            .contains("backups (CronJobsUnsupported)"));
+        // Without a backups section, no backups status is kept.
+        let previous = DatabasePolicyStatus {
+            backups: Some(BackupStatus::default()),
+            ..Default::default()
+        };
+        let s = from_outcome(
+            &input(&self::spec(), Some(&previous), at(0)),
+            &applied(vec![]),
+        );
+        assert_eq!(s.backups, None);
+    }
+
+    #[test]
     fn long_messages_are_bounded() {
         let spec = spec();
         let s = from_error(&input(&spec, None, at(0)), "X", &"é".repeat(5000));

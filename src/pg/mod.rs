@@ -1,6 +1,8 @@
 //! PostgreSQL plumbing: identifier and literal quoting, connections, and mapping of
 //! SQLSTATEs to the reasons users see (never by matching message text).
 
+pub mod lexer;
+
 use std::fmt;
 use std::time::Duration;
 

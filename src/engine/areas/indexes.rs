@@ -110,6 +110,7 @@ LANGUAGE plpgsql AS $dbpolicy$
 DECLARE
     item jsonb;
     twin text;
+    def text;
     result jsonb := '[]';
 BEGIN
     FOR item IN SELECT value FROM jsonb_array_elements(input) LOOP
@@ -119,13 +120,18 @@ BEGIN
             EXECUTE format('CREATE %s INDEX %I ON pg_temp.%I ',
                     CASE WHEN (item->>'unique')::boolean THEN 'UNIQUE' ELSE '' END, twin || '_ix', twin)
                 || (item->>'tail');
-            result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
-                'def', pg_get_indexdef(('pg_temp.' || quote_ident(twin || '_ix'))::regclass));
+            def := pg_get_indexdef(('pg_temp.' || quote_ident(twin || '_ix'))::regclass);
+            -- Roll this item's twin back now: its locks are released with it.
+            RAISE EXCEPTION 'dbpolicy: roll back this item';
         EXCEPTION
             WHEN lock_not_available OR query_canceled THEN RAISE;
             WHEN OTHERS THEN
-                result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
-                    'sqlstate', SQLSTATE, 'message', SQLERRM);
+                IF SQLERRM = 'dbpolicy: roll back this item' THEN
+                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name', 'def', def);
+                ELSE
+                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
+                        'sqlstate', SQLSTATE, 'message', SQLERRM);
+                END IF;
         END;
     END LOOP;
     RETURN result;

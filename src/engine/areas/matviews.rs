@@ -56,19 +56,25 @@ LANGUAGE plpgsql AS $dbpolicy$
 DECLARE
     item jsonb;
     twin text;
+    def text;
     result jsonb := '[]';
 BEGIN
     FOR item IN SELECT value FROM jsonb_array_elements(input) LOOP
         twin := 'dbpolicy_view_twin_' || (item->>'n');
         BEGIN
             EXECUTE format('CREATE TEMP VIEW %I AS ', twin) || (item->>'definition');
-            result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
-                'def', pg_get_viewdef(('pg_temp.' || quote_ident(twin))::regclass));
+            def := pg_get_viewdef(('pg_temp.' || quote_ident(twin))::regclass);
+            -- Roll this item's twin back now: its locks are released with it.
+            RAISE EXCEPTION 'dbpolicy: roll back this item';
         EXCEPTION
             WHEN lock_not_available OR query_canceled THEN RAISE;
             WHEN OTHERS THEN
-                result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
-                    'sqlstate', SQLSTATE, 'message', SQLERRM);
+                IF SQLERRM = 'dbpolicy: roll back this item' THEN
+                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name', 'def', def);
+                ELSE
+                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
+                        'sqlstate', SQLSTATE, 'message', SQLERRM);
+                END IF;
         END;
     END LOOP;
     RETURN result;
