@@ -77,7 +77,7 @@ pub struct RlsPolicy {
     pub kind: Option<PolicyKind>,
     /// Roles the policy applies to (default PUBLIC). Roles are not created by this area.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 100))]
+    #[schemars(length(min = 1, max = 100))]
     pub roles: Option<Vec<String>>,
     /// SQL boolean expression for rows visible to the command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
