@@ -10,22 +10,31 @@ async fn json_plan_for_machines_and_several_documents() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE t (id int)").await;
     let a = policy("a", "  autovacuum:\n    tables: [{table: t, vacuumThreshold: 10}]\n  rowLevelSecurity:\n    tables: []\n  backups: {schedule: '0 3 * * *', storage: {pvc: {claimName: x}}}\n");
-    let b = policy("b", "  featureFlags:\n    flags: [{name: x, enabled: true}]\n");
+    let b = policy(
+        "b",
+        "  featureFlags:\n    flags: [{name: x, enabled: true}]\n",
+    );
     let file = write_policy(&format!("{a}\n---\n{b}"));
     let path = file.path().to_str().unwrap();
 
     let out = run_dbpolicy(["plan", "-f", path, "--output", "json"], Some(db.url()));
     expect_code(&out, 2);
-    let doc: serde_json::Value = serde_json::from_str(&out.stdout).expect("plan --output json is JSON");
+    let doc: serde_json::Value =
+        serde_json::from_str(&out.stdout).expect("plan --output json is JSON");
     let runs = doc.as_array().expect("one entry per policy");
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[0]["policy"], "tests/a");
     let areas = runs[0]["outcome"]["plan"]["areas"].as_array().unwrap();
     let change = &areas.iter().find(|a| a["area"] == "autovacuum").unwrap()["changes"][0];
     assert_eq!(change["hazard"], "locking");
-    assert_eq!(change["sql"], "ALTER TABLE \"public\".\"t\" SET (autovacuum_vacuum_threshold = 10)");
+    assert_eq!(
+        change["sql"],
+        "ALTER TABLE \"public\".\"t\" SET (autovacuum_vacuum_threshold = 10)"
+    );
     // Areas this front does not reconcile are said, never silent.
-    assert!(areas.iter().any(|a| a["area"] == "backups" && a["skipped"].is_string()));
+    assert!(areas
+        .iter()
+        .any(|a| a["area"] == "backups" && a["skipped"].is_string()));
 
     expect_code(&run_dbpolicy(["apply", "-f", path], Some(db.url())), 0);
     let out = run_dbpolicy(["plan", "-f", path, "--output", "json"], Some(db.url()));
@@ -36,7 +45,11 @@ async fn json_plan_for_machines_and_several_documents() {
 fn crd_command_prints_the_checked_in_crd() {
     let out = run_dbpolicy(["crd"], None);
     expect_code(&out, 0);
-    let on_disk = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/databasepolicy.yaml")).unwrap();
+    let on_disk = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/databasepolicy.yaml"
+    ))
+    .unwrap();
     assert_eq!(out.stdout, on_disk);
 }
 
@@ -51,9 +64,16 @@ fn connection_errors_are_clear_and_never_show_the_password() {
     assert!(out.stderr.contains("--database-url"), "{}", out.stderr);
 
     // Nothing listens on port 1.
-    let out = run_dbpolicy(["plan", "-f", path], Some("postgres://app:s3cret-pw@127.0.0.1:1/db"));
+    let out = run_dbpolicy(
+        ["plan", "-f", path],
+        Some("postgres://app:s3cret-pw@127.0.0.1:1/db"),
+    );
     expect_code(&out, 1);
-    assert!(out.stderr.contains("cannot connect to 127.0.0.1:1/db"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot connect to 127.0.0.1:1/db"),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("s3cret-pw") && !out.stdout.contains("s3cret-pw"));
 
     let out = run_dbpolicy(["plan", "-f", path], Some("not a url s3cret-pw"));
@@ -65,10 +85,17 @@ fn connection_errors_are_clear_and_never_show_the_password() {
 async fn wrong_password_is_reported_without_it() {
     let db = TestDb::new().await;
     let role = db.unique_role("pw");
-    db.exec(&format!("CREATE ROLE {role} LOGIN PASSWORD 'right-pw'")).await;
+    db.exec(&format!("CREATE ROLE {role} LOGIN PASSWORD 'right-pw'"))
+        .await;
     // The shared server trusts 127.0.0.1, so a wrong password still gets in there; what
     // matters here is that no output ever carries it.
-    let url = db.url_as(&role).replacen(&format!("{role}@"), &format!("{role}:wrong-pw-123@"), 1);
-    let out = cli("plan", &url, &policy("pw", "  featureFlags:\n    flags: []\n"));
+    let url = db
+        .url_as(&role)
+        .replacen(&format!("{role}@"), &format!("{role}:wrong-pw-123@"), 1);
+    let out = cli(
+        "plan",
+        &url,
+        &policy("pw", "  featureFlags:\n    flags: []\n"),
+    );
     assert!(!out.stdout.contains("wrong-pw-123") && !out.stderr.contains("wrong-pw-123"));
 }

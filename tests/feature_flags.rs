@@ -36,13 +36,20 @@ async fn apply_from_empty_idempotence_and_bucketing() {
     expect_code(&cli("apply", db.url(), &p), 0);
     assert_eq!(
         flags(&db).await,
-        ["ai_explanations:false:100:", "category_stats_v2:true:100:", "new_quiz_engine:true:25:gradual"]
+        [
+            "ai_explanations:false:100:",
+            "category_stats_v2:true:100:",
+            "new_quiz_engine:true:25:gradual"
+        ]
     );
     expect_code(&cli("plan", db.url(), &p), 0);
 
     // 25% of subjects, the same ones every time; full and disabled flags as expected.
     let quarter = enabled_count(&db, "new_quiz_engine").await;
-    assert!((2200..=2800).contains(&quarter), "{quarter} of 10000 for a 25% roll-out");
+    assert!(
+        (2200..=2800).contains(&quarter),
+        "{quarter} of 10000 for a 25% roll-out"
+    );
     assert_eq!(enabled_count(&db, "new_quiz_engine").await, quarter);
     assert_eq!(enabled_count(&db, "category_stats_v2").await, 10000);
     assert_eq!(enabled_count(&db, "ai_explanations").await, 0);
@@ -53,7 +60,9 @@ async fn apply_from_empty_idempotence_and_bucketing() {
     let wider = spec("      - {name: new_quiz_engine, enabled: true, rolloutPercentage: 50, description: gradual}\n      - {name: category_stats_v2, enabled: true}\n      - {name: ai_explanations, enabled: false}\n");
     expect_code(&cli("apply", db.url(), &wider), 0);
     let lost = db
-        .query_scalar::<i64>("SELECT count(*) FROM early WHERE NOT feature_enabled('new_quiz_engine', 'user-' || i)")
+        .query_scalar::<i64>(
+            "SELECT count(*) FROM early WHERE NOT feature_enabled('new_quiz_engine', 'user-' || i)",
+        )
         .await;
     assert_eq!(lost, 0);
     let half = enabled_count(&db, "new_quiz_engine").await;
@@ -83,13 +92,26 @@ async fn drift_and_removal() {
 #[tokio::test]
 async fn application_roles_can_ask_without_reading_the_table() {
     let db = TestDb::new().await;
-    expect_code(&cli("apply", db.url(), &spec("      - {name: a, enabled: true}\n")), 0);
+    expect_code(
+        &cli(
+            "apply",
+            db.url(),
+            &spec("      - {name: a, enabled: true}\n"),
+        ),
+        0,
+    );
     let role = db.unique_role("app");
     db.exec(&format!("CREATE ROLE {role} LOGIN")).await;
     let mut conn = sqlx_connect(&db.url_as(&role)).await;
-    let on: bool = sqlx::query_scalar("SELECT feature_enabled('a', 'someone')").fetch_one(&mut conn).await.unwrap();
+    let on: bool = sqlx::query_scalar("SELECT feature_enabled('a', 'someone')")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert!(on);
-    let denied = sqlx::query("SELECT * FROM feature_flags").execute(&mut conn).await.unwrap_err();
+    let denied = sqlx::query("SELECT * FROM feature_flags")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
     assert_eq!(support::sqlstate(&denied).as_deref(), Some("42501"));
 }
 
@@ -102,23 +124,45 @@ async fn sqlx_connect(url: &str) -> sqlx::PgConnection {
 async fn bad_input_is_refused_and_changes_nothing() {
     let db = TestDb::new().await;
     for (flags, needle) in [
-        ("      - {name: \"bad name\", enabled: true}\n", "featureFlags.flags[0].name"),
-        ("      - {name: a, enabled: true, rolloutPercentage: 150}\n", "rolloutPercentage"),
+        (
+            "      - {name: \"bad name\", enabled: true}\n",
+            "featureFlags.flags[0].name",
+        ),
+        (
+            "      - {name: a, enabled: true, rolloutPercentage: 150}\n",
+            "rolloutPercentage",
+        ),
         ("      - {name: a, enabled: yes please}\n", "enabled"),
-        ("      - {name: a, enabled: true}\n      - {name: a, enabled: false}\n", "a is listed more than once"),
+        (
+            "      - {name: a, enabled: true}\n      - {name: a, enabled: false}\n",
+            "a is listed more than once",
+        ),
     ] {
         let out = cli("apply", db.url(), &spec(flags));
         expect_code(&out, 1);
         assert!(out.stderr.contains(needle), "{needle}: {}", out.stderr);
     }
-    let exists = db.query_scalar::<bool>("SELECT to_regclass('feature_flags') IS NOT NULL").await;
+    let exists = db
+        .query_scalar::<bool>("SELECT to_regclass('feature_flags') IS NOT NULL")
+        .await;
     assert!(!exists, "nothing was created");
 
     // A table of that name that is not a flags table is never touched.
     db.exec("CREATE TABLE feature_flags (id int)").await;
-    let out = cli("apply", db.url(), &spec("      - {name: a, enabled: true}\n"));
+    let out = cli(
+        "apply",
+        db.url(),
+        &spec("      - {name: a, enabled: true}\n"),
+    );
     expect_code(&out, 1);
-    assert!(out.stdout.contains("IncompatibleFlagsTable") && out.stdout.contains("public.feature_flags"), "{}", out.stdout);
-    let fn_exists = db.query_scalar::<bool>("SELECT to_regproc('feature_enabled') IS NOT NULL").await;
+    assert!(
+        out.stdout.contains("IncompatibleFlagsTable")
+            && out.stdout.contains("public.feature_flags"),
+        "{}",
+        out.stdout
+    );
+    let fn_exists = db
+        .query_scalar::<bool>("SELECT to_regproc('feature_enabled') IS NOT NULL")
+        .await;
     assert!(!fn_exists);
 }

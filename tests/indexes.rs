@@ -28,7 +28,8 @@ const CERTQUIZ_INDEXES: &str = "    indexes:
 ";
 
 async fn indexdef(db: &TestDb, name: &str) -> Option<String> {
-    db.query_scalar::<Option<String>>(&format!("SELECT pg_get_indexdef(to_regclass('{name}'))")).await
+    db.query_scalar::<Option<String>>(&format!("SELECT pg_get_indexdef(to_regclass('{name}'))"))
+        .await
 }
 
 #[tokio::test]
@@ -38,17 +39,39 @@ async fn expression_and_partial_indexes_converge() {
     let p = spec(CERTQUIZ_INDEXES, "");
     let plan = cli("plan", db.url(), &p);
     expect_code(&plan, 2);
-    assert!(plan.stdout.contains("CREATE INDEX CONCURRENTLY \"idx_user_progress_ospf_accuracy\""), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("CREATE INDEX CONCURRENTLY \"idx_user_progress_ospf_accuracy\""),
+        "{}",
+        plan.stdout
+    );
     // Partitioned tables cannot be indexed concurrently: a plain build, said to lock.
-    assert!(plan.stdout.contains("-- [locking] public.idx_audit_logs_action_time"), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("-- [locking] public.idx_audit_logs_action_time"),
+        "{}",
+        plan.stdout
+    );
 
     expect_code(&cli("apply", db.url(), &p), 0);
-    let def = indexdef(&db, "idx_user_progress_ospf_accuracy").await.unwrap();
-    assert!(def.contains("((((category_stats -> 'ospf'::text) ->> 'accuracy'::text))::numeric)"), "{def}");
+    let def = indexdef(&db, "idx_user_progress_ospf_accuracy")
+        .await
+        .unwrap();
+    assert!(
+        def.contains("((((category_stats -> 'ospf'::text) ->> 'accuracy'::text))::numeric)"),
+        "{def}"
+    );
     let partial = indexdef(&db, "idx_audit_logs_action_time").await.unwrap();
-    assert!(partial.contains("WHERE (action = ANY (ARRAY['login'::text, 'exam_submitted'::text]))"), "{partial}");
+    assert!(
+        partial.contains("WHERE (action = ANY (ARRAY['login'::text, 'exam_submitted'::text]))"),
+        "{partial}"
+    );
     // The partition got its own index from the parent.
-    let on_partition = db.query_scalar::<i64>("SELECT count(*) FROM pg_indexes WHERE tablename = 'audit_logs_2024_01'").await;
+    let on_partition = db
+        .query_scalar::<i64>(
+            "SELECT count(*) FROM pg_indexes WHERE tablename = 'audit_logs_2024_01'",
+        )
+        .await;
     assert_eq!(on_partition, 1);
 
     // PostgreSQL rewrote both expressions; comparing its own form means no drift.
@@ -67,10 +90,21 @@ async fn drift_is_repaired() {
     db.exec("DROP INDEX idx_user_progress_ospf_accuracy; CREATE INDEX idx_user_progress_ospf_accuracy ON user_progress (id)").await;
     let plan = cli("plan", db.url(), &p);
     expect_code(&plan, 2);
-    assert!(plan.stdout.contains("build the new definition beside the old"), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("build the new definition beside the old"),
+        "{}",
+        plan.stdout
+    );
     expect_code(&cli("apply", db.url(), &p), 0);
-    assert!(indexdef(&db, "idx_user_progress_ospf_accuracy").await.unwrap().contains("accuracy"));
-    assert!(indexdef(&db, "idx_user_progress_user").await.unwrap().contains("USING hash"));
+    assert!(indexdef(&db, "idx_user_progress_ospf_accuracy")
+        .await
+        .unwrap()
+        .contains("accuracy"));
+    assert!(indexdef(&db, "idx_user_progress_user")
+        .await
+        .unwrap()
+        .contains("USING hash"));
     expect_code(&cli("plan", db.url(), &p), 0);
 }
 
@@ -83,15 +117,27 @@ async fn an_invalid_index_left_by_a_failed_concurrent_build_is_rebuilt() {
     let out = cli("apply", db.url(), &p);
     expect_code(&out, 1);
     assert!(out.stdout.contains("23505"), "{}", out.stdout);
-    let valid = db.query_scalar::<bool>("SELECT indisvalid FROM pg_index WHERE indexrelid = 'codes_code_key'::regclass").await;
+    let valid = db
+        .query_scalar::<bool>(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'codes_code_key'::regclass",
+        )
+        .await;
     assert!(!valid, "the failed concurrent build left an invalid index");
 
     db.exec("DELETE FROM codes").await;
     let plan = cli("plan", db.url(), &p);
     expect_code(&plan, 2);
-    assert!(plan.stdout.contains("drop the invalid index"), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("drop the invalid index"),
+        "{}",
+        plan.stdout
+    );
     expect_code(&cli("apply", db.url(), &p), 0);
-    let valid = db.query_scalar::<bool>("SELECT indisvalid FROM pg_index WHERE indexrelid = 'codes_code_key'::regclass").await;
+    let valid = db
+        .query_scalar::<bool>(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'codes_code_key'::regclass",
+        )
+        .await;
     assert!(valid);
     expect_code(&cli("plan", db.url(), &p), 0);
 }
@@ -101,17 +147,42 @@ async fn prune_needs_ownership_and_allow_destructive() {
     let db = TestDb::new().await;
     db.exec(SCHEMA).await;
     db.exec("CREATE INDEX someone_elses ON codes (code)").await;
-    expect_code(&cli("apply", db.url(), &spec("    indexes:\n      - {name: mine, table: codes, columns: [code]}\n", "")), 0);
+    expect_code(
+        &cli(
+            "apply",
+            db.url(),
+            &spec(
+                "    indexes:\n      - {name: mine, table: codes, columns: [code]}\n",
+                "",
+            ),
+        ),
+        0,
+    );
 
     let pruned = "    prune: true\n    indexes: []\n";
     let out = cli("apply", db.url(), &spec(pruned, ""));
     expect_code(&out, 2);
-    assert!(out.stdout.contains("refused [destructive] indexes public.mine"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("refused [destructive] indexes public.mine"),
+        "{}",
+        out.stdout
+    );
     assert!(indexdef(&db, "mine").await.is_some());
 
-    expect_code(&cli("apply", db.url(), &spec(pruned, "  safety: {allowDestructive: true}\n")), 0);
+    expect_code(
+        &cli(
+            "apply",
+            db.url(),
+            &spec(pruned, "  safety: {allowDestructive: true}\n"),
+        ),
+        0,
+    );
     assert!(indexdef(&db, "mine").await.is_none());
-    assert!(indexdef(&db, "someone_elses").await.is_some(), "never created by the policy: never dropped");
+    assert!(
+        indexdef(&db, "someone_elses").await.is_some(),
+        "never created by the policy: never dropped"
+    );
 }
 
 #[tokio::test]

@@ -34,17 +34,31 @@ async fn view_and_its_unique_index_are_created_and_refresh_concurrently() {
     let plan = cli("plan", db.url(), &p);
     expect_code(&plan, 2);
     expect_code(&cli("apply", db.url(), &p), 0);
-    let rows = db.query_scalar::<i64>("SELECT count(*) FROM category_statistics").await;
+    let rows = db
+        .query_scalar::<i64>("SELECT count(*) FROM category_statistics")
+        .await;
     assert_eq!(rows, 2);
     // pg_get_viewdef rewrote the lower-case query; the comparison is in its form.
     expect_code(&cli("plan", db.url(), &p), 0);
 
     db.exec("INSERT INTO categories VALUES (3, 'mpls')").await;
     let file = write_policy(&p);
-    let out = run_dbpolicy(["refresh", "-f", file.path().to_str().unwrap()], Some(db.url()));
+    let out = run_dbpolicy(
+        ["refresh", "-f", file.path().to_str().unwrap()],
+        Some(db.url()),
+    );
     expect_code(&out, 0);
-    assert!(out.stdout.contains("refreshed public.category_statistics concurrently"), "{}", out.stdout);
-    assert_eq!(db.query_scalar::<i64>("SELECT count(*) FROM category_statistics").await, 3);
+    assert!(
+        out.stdout
+            .contains("refreshed public.category_statistics concurrently"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        db.query_scalar::<i64>("SELECT count(*) FROM category_statistics")
+            .await,
+        3
+    );
     let recorded = db.query_scalar::<bool>("SELECT was_concurrent FROM dbpolicy.refreshes WHERE view = 'public.category_statistics'").await;
     assert!(recorded);
 }
@@ -55,12 +69,25 @@ async fn concurrently_without_a_unique_index_is_said() {
     db.exec(SCHEMA).await;
     let out = cli("plan", db.url(), &policy("mv", VIEW));
     expect_code(&out, 1);
-    assert!(out.stdout.contains("RequiresUniqueIndex") && out.stdout.contains("public.category_statistics"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("RequiresUniqueIndex")
+            && out.stdout.contains("public.category_statistics"),
+        "{}",
+        out.stdout
+    );
 
-    db.exec("CREATE MATERIALIZED VIEW plain AS SELECT 1 AS k").await;
-    let out = run_dbpolicy(["refresh", "--view", "plain", "--concurrently"], Some(db.url()));
+    db.exec("CREATE MATERIALIZED VIEW plain AS SELECT 1 AS k")
+        .await;
+    let out = run_dbpolicy(
+        ["refresh", "--view", "plain", "--concurrently"],
+        Some(db.url()),
+    );
     expect_code(&out, 1);
-    assert!(out.stderr.contains("needs a unique index"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("needs a unique index"),
+        "{}",
+        out.stderr
+    );
     let out = run_dbpolicy(["refresh", "--view", "plain"], Some(db.url()));
     expect_code(&out, 0);
 }
@@ -69,17 +96,43 @@ async fn concurrently_without_a_unique_index_is_said() {
 async fn a_changed_definition_is_a_gated_replace_that_keeps_its_indexes() {
     let db = TestDb::new().await;
     db.exec(SCHEMA).await;
-    expect_code(&cli("apply", db.url(), &policy("mv", &format!("{VIEW}{UNIQUE}"))), 0);
+    expect_code(
+        &cli("apply", db.url(), &policy("mv", &format!("{VIEW}{UNIQUE}"))),
+        0,
+    );
 
-    let changed = VIEW.replace("c.id, c.name\n", "c.id, c.name\n          having count(p.user_id) > 0\n");
-    let out = cli("apply", db.url(), &policy("mv", &format!("{changed}{UNIQUE}")));
+    let changed = VIEW.replace(
+        "c.id, c.name\n",
+        "c.id, c.name\n          having count(p.user_id) > 0\n",
+    );
+    let out = cli(
+        "apply",
+        db.url(),
+        &policy("mv", &format!("{changed}{UNIQUE}")),
+    );
     expect_code(&out, 2);
-    assert!(out.stdout.contains("refused [destructive] materializedViews public.category_statistics"), "{}", out.stdout);
-    assert_eq!(db.query_scalar::<i64>("SELECT count(*) FROM category_statistics").await, 2);
+    assert!(
+        out.stdout
+            .contains("refused [destructive] materializedViews public.category_statistics"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        db.query_scalar::<i64>("SELECT count(*) FROM category_statistics")
+            .await,
+        2
+    );
 
-    let allowed = policy("mv", &format!("  safety: {{allowDestructive: true}}\n{changed}{UNIQUE}"));
+    let allowed = policy(
+        "mv",
+        &format!("  safety: {{allowDestructive: true}}\n{changed}{UNIQUE}"),
+    );
     expect_code(&cli("apply", db.url(), &allowed), 0);
-    let def = db.query_scalar::<String>("SELECT definition FROM pg_matviews WHERE matviewname = 'category_statistics'").await;
+    let def = db
+        .query_scalar::<String>(
+            "SELECT definition FROM pg_matviews WHERE matviewname = 'category_statistics'",
+        )
+        .await;
     assert!(def.contains("HAVING"), "{def}");
     // The unique index went with the old view and was rebuilt in the same run.
     expect_code(&cli("plan", db.url(), &allowed), 0);
@@ -92,7 +145,18 @@ async fn bad_definitions_and_missing_views_change_nothing() {
     let bad = "  materializedViews:\n    views:\n      - {name: ok, definition: select 1 as k}\n      - {name: bad, definition: select nope from categories}\n      - {name: missing}\n";
     let out = cli("apply", db.url(), &policy("mv", bad));
     expect_code(&out, 1);
-    assert!(out.stdout.contains("ColumnNotFound") && out.stdout.contains("public.bad"), "{}", out.stdout);
-    assert!(out.stdout.contains("MaterializedViewNotFound") && out.stdout.contains("public.missing"), "{}", out.stdout);
-    assert!(!db.query_scalar::<bool>("SELECT to_regclass('ok') IS NOT NULL").await);
+    assert!(
+        out.stdout.contains("ColumnNotFound") && out.stdout.contains("public.bad"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("MaterializedViewNotFound") && out.stdout.contains("public.missing"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !db.query_scalar::<bool>("SELECT to_regclass('ok') IS NOT NULL")
+            .await
+    );
 }

@@ -20,22 +20,48 @@ async fn a_held_table_lock_fails_within_lock_timeout_and_changes_nothing() {
     );
 
     let mut holder = db.connect().await;
-    sqlx::raw_sql("BEGIN; LOCK TABLE busy IN ACCESS EXCLUSIVE MODE").execute(&mut holder).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
 
     let started = Instant::now();
     let file = write_policy(&p);
-    let out = run_dbpolicy_async(["apply", "-f", file.path().to_str().unwrap()], Some(db.url()), Duration::from_secs(30)).await;
+    let out = run_dbpolicy_async(
+        ["apply", "-f", file.path().to_str().unwrap()],
+        Some(db.url()),
+        Duration::from_secs(30),
+    )
+    .await;
     let elapsed = started.elapsed();
     expect_code(&out, 1);
-    assert!(out.stdout.contains("LockTimeout") && out.stdout.contains("55P03"), "{}", out.stdout);
-    assert!(out.stdout.contains("statement: ALTER TABLE \"public\".\"busy\""), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("LockTimeout") && out.stdout.contains("55P03"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("statement: ALTER TABLE \"public\".\"busy\""),
+        "{}",
+        out.stdout
+    );
     // Far below the 60s statement timeout: the lock timeout is what ended the wait.
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
 
-    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
-    let opts = db.query_scalar::<Option<Vec<String>>>("SELECT reloptions FROM pg_class WHERE relname = 'busy'").await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let opts = db
+        .query_scalar::<Option<Vec<String>>>(
+            "SELECT reloptions FROM pg_class WHERE relname = 'busy'",
+        )
+        .await;
     assert_eq!(opts, None, "nothing changed on the table");
-    let flags = db.query_scalar::<bool>("SELECT to_regclass('feature_flags') IS NOT NULL").await;
+    let flags = db
+        .query_scalar::<bool>("SELECT to_regclass('feature_flags') IS NOT NULL")
+        .await;
     assert!(!flags, "later areas were not attempted");
 
     // Once the lock is gone the same policy applies.
@@ -45,15 +71,27 @@ async fn a_held_table_lock_fails_within_lock_timeout_and_changes_nothing() {
 #[tokio::test]
 async fn an_apply_waits_for_the_advisory_lock() {
     let db = TestDb::new().await;
-    let p = policy("waiting", "  featureFlags:\n    flags: [{name: a, enabled: true}]\n");
+    let p = policy(
+        "waiting",
+        "  featureFlags:\n    flags: [{name: a, enabled: true}]\n",
+    );
     let mut other = db.connect().await;
-    sqlx::query("SELECT pg_advisory_lock($1)").bind(LOCK_KEY).execute(&mut other).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut other)
+        .await
+        .unwrap();
 
     let file = write_policy(&p);
     let path = file.path().to_str().unwrap().to_string();
     let url = db.url().to_string();
     let apply = tokio::spawn(async move {
-        run_dbpolicy_async(["apply", "-f", path.as_str()], Some(&url), Duration::from_secs(60)).await
+        run_dbpolicy_async(
+            ["apply", "-f", path.as_str()],
+            Some(&url),
+            Duration::from_secs(60),
+        )
+        .await
     });
     // The CLI is connected and waiting on the advisory lock, having changed nothing.
     eventually(Duration::from_secs(15), || async {
@@ -67,9 +105,16 @@ async fn an_apply_waits_for_the_advisory_lock() {
         }
     })
     .await;
-    assert!(!db.query_scalar::<bool>("SELECT to_regclass('feature_flags') IS NOT NULL").await);
+    assert!(
+        !db.query_scalar::<bool>("SELECT to_regclass('feature_flags') IS NOT NULL")
+            .await
+    );
 
-    sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut other).await.unwrap();
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut other)
+        .await
+        .unwrap();
     let out = apply.await.unwrap();
     expect_code(&out, 0);
     other.close().await.unwrap();
@@ -80,14 +125,28 @@ async fn concurrent_applies_never_interleave() {
     // From empty, each run plans `CREATE TABLE feature_flags` (no IF NOT EXISTS): without
     // the lock, runs planning from the same state would collide and fail.
     let db = TestDb::new().await;
-    let flags: String = (0..200).map(|i| format!("      - {{name: f{i}, enabled: true, rolloutPercentage: {}}}\n", i % 100)).collect();
+    let flags: String = (0..200)
+        .map(|i| {
+            format!(
+                "      - {{name: f{i}, enabled: true, rolloutPercentage: {}}}\n",
+                i % 100
+            )
+        })
+        .collect();
     let p = policy("race", &format!("  featureFlags:\n    flags:\n{flags}"));
     let file = write_policy(&p);
     let path = file.path().to_str().unwrap().to_string();
     let runs: Vec<_> = (0..4)
         .map(|_| {
             let (path, url) = (path.clone(), db.url().to_string());
-            tokio::spawn(async move { run_dbpolicy_async(["apply", "-f", path.as_str()], Some(&url), Duration::from_secs(60)).await })
+            tokio::spawn(async move {
+                run_dbpolicy_async(
+                    ["apply", "-f", path.as_str()],
+                    Some(&url),
+                    Duration::from_secs(60),
+                )
+                .await
+            })
         })
         .collect();
     let mut created = 0;
@@ -98,7 +157,14 @@ async fn concurrent_applies_never_interleave() {
             created += 1;
         }
     }
-    assert_eq!(created, 1, "exactly one run created the table; the others saw it");
-    assert_eq!(db.query_scalar::<i64>("SELECT count(*) FROM feature_flags").await, 200);
+    assert_eq!(
+        created, 1,
+        "exactly one run created the table; the others saw it"
+    );
+    assert_eq!(
+        db.query_scalar::<i64>("SELECT count(*) FROM feature_flags")
+            .await,
+        200
+    );
     expect_code(&cli("plan", db.url(), &p), 0);
 }

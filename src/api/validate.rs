@@ -186,7 +186,10 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
                 for (field, e) in [("using", &p.using), ("withCheck", &p.with_check)] {
                     if let Some(e) = e {
                         if let Err(why) = self_contained(e) {
-                            errors.push(err(format!("rowLevelSecurity.tables[{i}].policies[{j}].{field}"), why));
+                            errors.push(err(
+                                format!("rowLevelSecurity.tables[{i}].policies[{j}].{field}"),
+                                why,
+                            ));
                         }
                     }
                 }
@@ -346,10 +349,29 @@ rowLevelSecurity:
 
     #[test]
     fn fragments_must_be_self_contained() {
-        for ok in ["a = b", "(x->>'a')::numeric", "name = 'it''s (odd'", "\"we;ird\" > 0", "a IN ('x', 'y')", "E'\\'' = b"] {
+        for ok in [
+            "a = b",
+            "(x->>'a')::numeric",
+            "name = 'it''s (odd'",
+            "\"we;ird\" > 0",
+            "a IN ('x', 'y')",
+            "E'\\'' = b",
+        ] {
             assert_eq!(self_contained(ok), Ok(()), "{ok}");
         }
-        for bad in ["code) WHERE (true", "true); DROP TABLE t; --", "(a", "'open", "a -- c", "a /* c */", "$x$ ; $x$", "a;", "$1", "E'\\'' ; DROP TABLE up; SELECT '", ""] {
+        for bad in [
+            "code) WHERE (true",
+            "true); DROP TABLE t; --",
+            "(a",
+            "'open",
+            "a -- c",
+            "a /* c */",
+            "$x$ ; $x$",
+            "a;",
+            "$1",
+            "E'\\'' ; DROP TABLE up; SELECT '",
+            "",
+        ] {
             assert!(self_contained(bad).is_err(), "{bad}");
         }
     }

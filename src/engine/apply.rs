@@ -77,7 +77,10 @@ pub async fn execute(
         .filter_map(|c| c.bundle.as_deref())
         .collect();
     let (runnable, refused): (Vec<&Change>, Vec<&Change>) = plan.changes().partition(|c| {
-        let refused_bundle = c.bundle.as_deref().is_some_and(|b| refused_bundles.contains(b));
+        let refused_bundle = c
+            .bundle
+            .as_deref()
+            .is_some_and(|b| refused_bundles.contains(b));
         (allow_destructive || c.hazard != Hazard::Destructive) && !refused_bundle
     });
     report.refused = refused.into_iter().cloned().collect();

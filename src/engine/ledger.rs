@@ -33,10 +33,17 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn for_policy(me: &str) -> Self {
-        Ledger { me: me.to_string(), ..Default::default() }
+        Ledger {
+            me: me.to_string(),
+            ..Default::default()
+        }
     }
     pub fn insert(&mut self, area: Area, target: &str, item: &str, policy: &str) {
-        let key = (area.as_str().to_string(), target.to_string(), item.to_string());
+        let key = (
+            area.as_str().to_string(),
+            target.to_string(),
+            item.to_string(),
+        );
         if policy == self.me {
             self.others.remove(&key);
             self.mine.entry(key.0).or_default().insert((key.1, key.2));
@@ -49,14 +56,26 @@ impl Ledger {
     }
     /// What this policy owns in `area`.
     pub fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
-        self.mine.get(area.as_str()).into_iter().flatten().map(|(t, i)| (t.as_str(), i.as_str()))
+        self.mine
+            .get(area.as_str())
+            .into_iter()
+            .flatten()
+            .map(|(t, i)| (t.as_str(), i.as_str()))
     }
     pub fn contains(&self, area: Area, target: &str, item: &str) -> bool {
-        self.mine.get(area.as_str()).is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
+        self.mine
+            .get(area.as_str())
+            .is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
     }
     /// The other policy that owns this item, if any.
     pub fn owned_by_other(&self, area: Area, target: &str, item: &str) -> Option<&str> {
-        self.others.get(&(area.as_str().to_string(), target.to_string(), item.to_string())).map(String::as_str)
+        self.others
+            .get(&(
+                area.as_str().to_string(),
+                target.to_string(),
+                item.to_string(),
+            ))
+            .map(String::as_str)
     }
     /// The ledger as it will be once `ops` are applied (for plan simulation in tests).
     pub fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>) {

@@ -91,7 +91,9 @@ pub async fn observe(
     spec: &DatabasePolicySpec,
     policy: &PolicyId,
 ) -> Result<Observed, EngineError> {
-    let ledger = ledger::observe(conn, &policy.0).await.map_err(observe_err("ledger"))?;
+    let ledger = ledger::observe(conn, &policy.0)
+        .await
+        .map_err(observe_err("ledger"))?;
     let mut observed = Observed::default();
     if let Some(s) = &spec.autovacuum {
         observed.autovacuum = Some(
@@ -205,7 +207,8 @@ pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
         plan.areas.push(views);
     }
     if let (Some(s), Some(o)) = (&spec.indexes, &observed.indexes) {
-        plan.areas.push(areas::indexes::plan(s, o, ledger, &index_context));
+        plan.areas
+            .push(areas::indexes::plan(s, o, ledger, &index_context));
     }
     if let (Some(s), Some(o)) = (&spec.row_level_security, &observed.rls) {
         plan.areas.push(areas::rls::plan(s, o, ledger));
@@ -241,7 +244,10 @@ fn refuse_conflicts(plan: &mut Plan, ledger: &Ledger) {
             for op in &change.ledger {
                 if let plan::LedgerOp::Record { area, target, item } = op {
                     if let Some(owner) = ledger.owned_by_other(*area, target, item) {
-                        conflicts.push((change.target.clone(), format!("{item} on {target} is owned by policy {owner}")));
+                        conflicts.push((
+                            change.target.clone(),
+                            format!("{item} on {target} is owned by policy {owner}"),
+                        ));
                     }
                 }
             }
@@ -375,7 +381,11 @@ pub async fn run_with(
         } else {
             None
         };
-        Ok(Outcome { plan, report, facts })
+        Ok(Outcome {
+            plan,
+            report,
+            facts,
+        })
     }
     .await;
     // A broken connection releases the lock by itself; otherwise release it now.

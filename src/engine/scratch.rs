@@ -8,7 +8,6 @@
 
 use sqlx::{Connection, Executor, PgConnection};
 
-
 /// Runs `functions_sql` (CREATE FUNCTION pg_temp.… statements) and then `call` (a query
 /// returning one jsonb, taking `input` as `$1::jsonb`) in a transaction that is rolled back.
 pub async fn rolled_back(

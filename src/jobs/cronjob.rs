@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -30,18 +30,29 @@ const MAX_NAME: usize = 52;
 
 /// `<policy>-<suffix>`, shortened with a stable hash when too long.
 pub fn child_name(policy: &str, suffix: &str) -> String {
-    let name = format!("{policy}-{suffix}").to_lowercase().replace(['_', '.'], "-");
+    let name = format!("{policy}-{suffix}")
+        .to_lowercase()
+        .replace(['_', '.'], "-");
     if name.len() <= MAX_NAME {
         return name;
     }
     // FNV-1a: stable across runs and versions, unlike std's hasher.
-    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    format!("{}-{:08x}", name[..MAX_NAME - 9].trim_end_matches('-'), hash as u32)
+    let hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    format!(
+        "{}-{:08x}",
+        name[..MAX_NAME - 9].trim_end_matches('-'),
+        hash as u32
+    )
 }
 
 pub fn labels(policy: &DatabasePolicy, role: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGED_BY.to_string(),
+        ),
         (POLICY_LABEL.to_string(), policy.name_any()),
         (ROLE_LABEL.to_string(), role.to_string()),
     ])
@@ -53,7 +64,11 @@ fn database_url_env(policy: &DatabasePolicy) -> EnvVar {
     EnvVar {
         name: "DATABASE_URL".into(),
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: r.name.clone(), key: r.effective_key().to_string(), optional: Some(false) }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: r.name.clone(),
+                key: r.effective_key().to_string(),
+                optional: Some(false),
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -61,15 +76,27 @@ fn database_url_env(policy: &DatabasePolicy) -> EnvVar {
 }
 
 /// A restricted-profile pod running `dbpolicy <args>` once.
-fn job_template(policy: &DatabasePolicy, image: &str, args: Vec<String>, deadline_seconds: Option<i64>, role: &str) -> JobTemplateSpec {
+fn job_template(
+    policy: &DatabasePolicy,
+    image: &str,
+    args: Vec<String>,
+    deadline_seconds: Option<i64>,
+    role: &str,
+) -> JobTemplateSpec {
     JobTemplateSpec {
-        metadata: Some(ObjectMeta { labels: Some(labels(policy, role)), ..Default::default() }),
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(policy, role)),
+            ..Default::default()
+        }),
         spec: Some(JobSpec {
             backoff_limit: Some(2),
             active_deadline_seconds: deadline_seconds,
             ttl_seconds_after_finished: Some(86400),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(policy, role)), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(policy, role)),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     automount_service_account_token: Some(false),
@@ -77,7 +104,10 @@ fn job_template(policy: &DatabasePolicy, image: &str, args: Vec<String>, deadlin
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
                         run_as_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }),
                     containers: vec![Container {
@@ -89,7 +119,10 @@ fn job_template(policy: &DatabasePolicy, image: &str, args: Vec<String>, deadlin
                             allow_privilege_escalation: Some(false),
                             read_only_root_filesystem: Some(true),
                             run_as_non_root: Some(true),
-                            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+                            capabilities: Some(Capabilities {
+                                drop: Some(vec!["ALL".into()]),
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -103,10 +136,21 @@ fn job_template(policy: &DatabasePolicy, image: &str, args: Vec<String>, deadlin
 }
 
 /// The CronJob refreshing one scheduled view; None when the view has no schedule.
-pub fn refresh_cronjob(policy: &DatabasePolicy, view: &MaterializedView, image: &str) -> Option<CronJob> {
+pub fn refresh_cronjob(
+    policy: &DatabasePolicy,
+    view: &MaterializedView,
+    image: &str,
+) -> Option<CronJob> {
     let schedule = view.schedule.clone()?;
-    let qualified = format!("{}.{}", view.schema.as_deref().unwrap_or(DEFAULT_SCHEMA), view.name);
-    let timeout = view.timeout.clone().unwrap_or_else(|| DEFAULT_REFRESH_TIMEOUT.into());
+    let qualified = format!(
+        "{}.{}",
+        view.schema.as_deref().unwrap_or(DEFAULT_SCHEMA),
+        view.name
+    );
+    let timeout = view
+        .timeout
+        .clone()
+        .unwrap_or_else(|| DEFAULT_REFRESH_TIMEOUT.into());
     let mut args = vec![
         "refresh".to_string(),
         "--view".into(),
@@ -120,10 +164,15 @@ pub fn refresh_cronjob(policy: &DatabasePolicy, view: &MaterializedView, image: 
         args.push("--concurrently".into());
     }
     // The pod may take a little longer than the statement it runs (start-up, connect).
-    let deadline = parse_duration(&timeout).ok().map(|d| d.as_secs() as i64 + 120);
+    let deadline = parse_duration(&timeout)
+        .ok()
+        .map(|d| d.as_secs() as i64 + 120);
     Some(CronJob {
         metadata: ObjectMeta {
-            name: Some(child_name(&policy.name_any(), &format!("refresh-{}", view.name))),
+            name: Some(child_name(
+                &policy.name_any(),
+                &format!("refresh-{}", view.name),
+            )),
             namespace: policy.namespace(),
             labels: Some(labels(policy, "refresh")),
             owner_references: policy.controller_owner_ref(&()).map(|o| vec![o]),
@@ -232,7 +281,11 @@ pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
         }
         let secret = &s3.credentials_secret_ref.name;
         env.push(secret_env("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"));
-        env.push(secret_env("AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"));
+        env.push(secret_env(
+            "AWS_SECRET_ACCESS_KEY",
+            secret,
+            "AWS_SECRET_ACCESS_KEY",
+        ));
     }
     if let Some(r) = &spec.retention {
         if let Some(days) = r.days {
@@ -253,7 +306,11 @@ pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
 
     let image = spec.image.as_deref().unwrap_or(image);
     let mut template = job_template(policy, image, args, None, "backup");
-    if let Some(pod) = template.spec.as_mut().and_then(|j| j.template.spec.as_mut()) {
+    if let Some(pod) = template
+        .spec
+        .as_mut()
+        .and_then(|j| j.template.spec.as_mut())
+    {
         // Files written to the volume belong to the job's group, whoever owns the claim.
         if let Some(sc) = pod.security_context.as_mut() {
             sc.fs_group = Some(65532);
@@ -308,34 +365,91 @@ mod tests {
         let jobs = refresh_cronjobs(&policy(), "ghcr.io/dbpolicy/dbpolicy:0.1.0");
         assert_eq!(jobs.len(), 1);
         let cj = &jobs[0];
-        assert_eq!(cj.metadata.name.as_deref(), Some("certquiz-refresh-category-statistics"));
+        assert_eq!(
+            cj.metadata.name.as_deref(),
+            Some("certquiz-refresh-category-statistics")
+        );
         assert_eq!(cj.metadata.namespace.as_deref(), Some("quiz"));
         let owner = &cj.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.controller), ("DatabasePolicy", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("DatabasePolicy", Some(true))
+        );
         let spec = cj.spec.as_ref().unwrap();
         assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
-        let pod = spec.job_template.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let pod = spec
+            .job_template
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
         let c = &pod.containers[0];
         assert_eq!(
             c.args.as_ref().unwrap(),
-            &["refresh", "--view", "public.category_statistics", "--timeout", "10m", "--lock-timeout", "5s", "--concurrently"]
+            &[
+                "refresh",
+                "--view",
+                "public.category_statistics",
+                "--timeout",
+                "10m",
+                "--lock-timeout",
+                "5s",
+                "--concurrently"
+            ]
         );
         let env = &c.env.as_ref().unwrap()[0];
         assert_eq!(env.name, "DATABASE_URL");
-        let secret = env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
-        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("certquiz-db", "uri"));
+        let secret = env
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("certquiz-db", "uri")
+        );
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
-        assert_eq!(spec.job_template.spec.as_ref().unwrap().active_deadline_seconds, Some(720));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        assert_eq!(
+            spec.job_template
+                .spec
+                .as_ref()
+                .unwrap()
+                .active_deadline_seconds,
+            Some(720)
+        );
     }
 
     #[test]
     fn long_names_are_shortened_stably() {
-        let long = child_name("a-very-long-policy-name-for-the-quiz-application", "refresh-category_statistics_by_month");
+        let long = child_name(
+            "a-very-long-policy-name-for-the-quiz-application",
+            "refresh-category_statistics_by_month",
+        );
         assert!(long.len() <= MAX_NAME, "{long}");
-        assert_eq!(long, child_name("a-very-long-policy-name-for-the-quiz-application", "refresh-category_statistics_by_month"));
-        assert_ne!(long, child_name("a-very-long-policy-name-for-the-quiz-application", "refresh-category_statistics_by_week"));
+        assert_eq!(
+            long,
+            child_name(
+                "a-very-long-policy-name-for-the-quiz-application",
+                "refresh-category_statistics_by_month"
+            )
+        );
+        assert_ne!(
+            long,
+            child_name(
+                "a-very-long-policy-name-for-the-quiz-application",
+                "refresh-category_statistics_by_week"
+            )
+        );
     }
 }
 
@@ -368,13 +482,35 @@ mod backup_tests {
     }
 
     fn pod(cj: &CronJob) -> &PodSpec {
-        cj.spec.as_ref().unwrap().job_template.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+        cj.spec
+            .as_ref()
+            .unwrap()
+            .job_template
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
     }
 
     fn env_secret(c: &Container, name: &str) -> (String, String) {
-        let e = c.env.as_ref().unwrap().iter().find(|e| e.name == name).unwrap_or_else(|| panic!("no env {name}"));
+        let e = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no env {name}"));
         assert!(e.value.is_none(), "{name} must come from a Secret");
-        let s = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        let s = e
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
         (s.name.clone(), s.key.clone())
     }
 
@@ -389,64 +525,149 @@ mod backup_tests {
         assert_eq!(cj.metadata.name.as_deref(), Some("certquiz-backup"));
         assert_eq!(cj.metadata.namespace.as_deref(), Some("quiz"));
         let owner = &cj.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("DatabasePolicy", "certquiz", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("DatabasePolicy", "certquiz", Some(true))
+        );
         assert_eq!(cj.metadata.labels.as_ref().unwrap()[ROLE_LABEL], "backup");
         let spec = cj.spec.as_ref().unwrap();
         assert_eq!(spec.schedule, "0 3 * * *");
         assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
-        assert_eq!((spec.successful_jobs_history_limit, spec.failed_jobs_history_limit), (Some(3), Some(3)));
+        assert_eq!(
+            (
+                spec.successful_jobs_history_limit,
+                spec.failed_jobs_history_limit
+            ),
+            (Some(3), Some(3))
+        );
         assert_eq!(spec.suspend, Some(false));
-        assert_eq!(spec.job_template.spec.as_ref().unwrap().active_deadline_seconds, None);
+        assert_eq!(
+            spec.job_template
+                .spec
+                .as_ref()
+                .unwrap()
+                .active_deadline_seconds,
+            None
+        );
         let pod = pod(&cj);
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some(IMAGE));
         assert_eq!(
             c.args.as_ref().unwrap(),
-            &["backup", "run", "--compression", "9", "--dir", "/backups/nightly", "--retention-days", "30", "--verify"]
+            &[
+                "backup",
+                "run",
+                "--compression",
+                "9",
+                "--dir",
+                "/backups/nightly",
+                "--retention-days",
+                "30",
+                "--verify"
+            ]
         );
-        assert_eq!(env_secret(c, "DATABASE_URL"), ("certquiz-db".into(), "uri".into()));
-        assert!(!c.env.as_ref().unwrap().iter().any(|e| e.name.starts_with("AWS_")));
+        assert_eq!(
+            env_secret(c, "DATABASE_URL"),
+            ("certquiz-db".into(), "uri".into())
+        );
+        assert!(!c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|e| e.name.starts_with("AWS_")));
         let volumes = pod.volumes.as_ref().unwrap();
         assert_eq!(volumes[0].name, "tmp");
         assert!(volumes[0].empty_dir.is_some());
-        assert_eq!(volumes[1].persistent_volume_claim.as_ref().unwrap().claim_name, "certquiz-backups");
-        let mounts: Vec<(&str, &str)> =
-            c.volume_mounts.as_ref().unwrap().iter().map(|m| (m.name.as_str(), m.mount_path.as_str())).collect();
+        assert_eq!(
+            volumes[1]
+                .persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name,
+            "certquiz-backups"
+        );
+        let mounts: Vec<(&str, &str)> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
         assert_eq!(mounts, [("tmp", "/tmp"), ("backups", "/backups")]);
         let resources = c.resources.as_ref().unwrap();
         assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "1Gi");
         // Restricted pod security, and a group that can write to the claim.
         let psc = pod.security_context.as_ref().unwrap();
-        assert_eq!((psc.run_as_non_root, psc.fs_group), (Some(true), Some(65532)));
+        assert_eq!(
+            (psc.run_as_non_root, psc.fs_group),
+            (Some(true), Some(65532))
+        );
         let sc = c.security_context.as_ref().unwrap();
-        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+        assert_eq!(
+            (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+            (Some(true), Some(false))
+        );
         assert_eq!(pod.automount_service_account_token, Some(false));
-        assert_eq!(c.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
+        assert_eq!(
+            c.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
     }
 
     #[test]
     fn s3_backup_cronjob() {
         let cj = backup_cronjob(&s3_policy(), IMAGE).unwrap();
         let spec = cj.spec.as_ref().unwrap();
-        assert_eq!(spec.suspend, Some(true), "backups.suspend pauses the schedule");
+        assert_eq!(
+            spec.suspend,
+            Some(true),
+            "backups.suspend pauses the schedule"
+        );
         let pod = pod(&cj);
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("registry.local/dbpolicy:dev"));
         assert_eq!(
             c.args.as_ref().unwrap(),
             &[
-                "backup", "run", "--compression", "6", "--s3-bucket", "quiz-backups", "--s3-endpoint",
-                "https://minio.storage:9000", "--s3-region", "eu-west-1", "--s3-prefix", "certquiz",
-                "--retention-days", "7", "--retention-count", "10"
+                "backup",
+                "run",
+                "--compression",
+                "6",
+                "--s3-bucket",
+                "quiz-backups",
+                "--s3-endpoint",
+                "https://minio.storage:9000",
+                "--s3-region",
+                "eu-west-1",
+                "--s3-prefix",
+                "certquiz",
+                "--retention-days",
+                "7",
+                "--retention-count",
+                "10"
             ]
         );
-        assert_eq!(env_secret(c, "AWS_ACCESS_KEY_ID"), ("s3-creds".into(), "AWS_ACCESS_KEY_ID".into()));
-        assert_eq!(env_secret(c, "AWS_SECRET_ACCESS_KEY"), ("s3-creds".into(), "AWS_SECRET_ACCESS_KEY".into()));
-        assert_eq!(pod.volumes.as_ref().unwrap().len(), 1, "only /tmp without a claim");
+        assert_eq!(
+            env_secret(c, "AWS_ACCESS_KEY_ID"),
+            ("s3-creds".into(), "AWS_ACCESS_KEY_ID".into())
+        );
+        assert_eq!(
+            env_secret(c, "AWS_SECRET_ACCESS_KEY"),
+            ("s3-creds".into(), "AWS_SECRET_ACCESS_KEY".into())
+        );
+        assert_eq!(
+            pod.volumes.as_ref().unwrap().len(),
+            1,
+            "only /tmp without a claim"
+        );
         // A suspended policy suspends its backups too.
         let mut p = pvc_policy();
         p.spec.suspend = Some(true);
-        assert_eq!(backup_cronjob(&p, IMAGE).unwrap().spec.unwrap().suspend, Some(true));
+        assert_eq!(
+            backup_cronjob(&p, IMAGE).unwrap().spec.unwrap().suspend,
+            Some(true)
+        );
     }
 
     #[test]
@@ -455,8 +676,10 @@ mod backup_tests {
         for p in [pvc_policy(), s3_policy()] {
             let cj = backup_cronjob(&p, IMAGE).unwrap();
             let args = pod(&cj).containers[0].args.clone().unwrap();
-            let cli = crate::cli::Cli::try_parse_from(std::iter::once("dbpolicy".to_string()).chain(args))
-                .unwrap_or_else(|e| panic!("{e}"));
+            let cli = crate::cli::Cli::try_parse_from(
+                std::iter::once("dbpolicy".to_string()).chain(args),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
             assert!(matches!(cli.command, crate::cli::Command::Backup(_)));
         }
     }
@@ -472,7 +695,13 @@ mod backup_tests {
             }
             return;
         };
-        let field = path.rsplit('.').next().unwrap_or("").split('[').next().unwrap_or("");
+        let field = path
+            .rsplit('.')
+            .next()
+            .unwrap_or("")
+            .split('[')
+            .next()
+            .unwrap_or("");
         let required: &[&str] = match field {
             "" => &["apiVersion", "kind", "metadata", "spec"],
             "spec" if path == ".spec" => &["schedule", "jobTemplate"],
@@ -501,7 +730,8 @@ mod backup_tests {
     fn dns_label(s: &str, max: usize) -> bool {
         !s.is_empty()
             && s.len() <= max
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !s.starts_with('-')
             && !s.ends_with('-')
     }
@@ -518,12 +748,27 @@ mod backup_tests {
             assert!(errors.is_empty(), "{errors:#?}");
             // Enumerations of the schema.
             let spec = &value["spec"];
-            assert!(["Allow", "Forbid", "Replace"].contains(&spec["concurrencyPolicy"].as_str().unwrap()));
+            assert!(["Allow", "Forbid", "Replace"]
+                .contains(&spec["concurrencyPolicy"].as_str().unwrap()));
             let pod = &spec["jobTemplate"]["spec"]["template"]["spec"];
-            assert!(["Never", "OnFailure"].contains(&pod["restartPolicy"].as_str().unwrap()), "Job pods never restart Always");
-            assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
-            assert!(["Always", "OnRootMismatch"].contains(&pod["securityContext"]["fsGroupChangePolicy"].as_str().unwrap()));
-            assert!(["File", "FallbackToLogsOnError"].contains(&pod["containers"][0]["terminationMessagePolicy"].as_str().unwrap()));
+            assert!(
+                ["Never", "OnFailure"].contains(&pod["restartPolicy"].as_str().unwrap()),
+                "Job pods never restart Always"
+            );
+            assert_eq!(
+                pod["securityContext"]["seccompProfile"]["type"],
+                "RuntimeDefault"
+            );
+            assert!(["Always", "OnRootMismatch"].contains(
+                &pod["securityContext"]["fsGroupChangePolicy"]
+                    .as_str()
+                    .unwrap()
+            ));
+            assert!(["File", "FallbackToLogsOnError"].contains(
+                &pod["containers"][0]["terminationMessagePolicy"]
+                    .as_str()
+                    .unwrap()
+            ));
             // Names: a CronJob name of at most 52 characters; DNS labels for containers and volumes.
             assert!(dns_label(value["metadata"]["name"].as_str().unwrap(), 52));
             for c in pod["containers"].as_array().unwrap() {
@@ -533,10 +778,18 @@ mod backup_tests {
                 assert!(dns_label(v["name"].as_str().unwrap(), 63));
             }
             for (k, v) in value["metadata"]["labels"].as_object().unwrap() {
-                assert!(k.len() <= 63 + 254 && v.as_str().unwrap().len() <= 63, "{k}={v}");
+                assert!(
+                    k.len() <= 63 + 254 && v.as_str().unwrap().len() <= 63,
+                    "{k}={v}"
+                );
             }
             // Every mount names a volume of the pod.
-            let volumes: Vec<&str> = pod["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+            let volumes: Vec<&str> = pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v["name"].as_str().unwrap())
+                .collect();
             for m in pod["containers"][0]["volumeMounts"].as_array().unwrap() {
                 assert!(volumes.contains(&m["name"].as_str().unwrap()));
             }

@@ -58,9 +58,18 @@ pub fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
         }
         let timeout = parse_duration(&args.timeout)?;
         let lock_timeout = parse_duration(&args.lock_timeout)?;
-        return Ok(wanted.into_iter().map(|view| Job { view, concurrently: args.concurrently, timeout, lock_timeout }).collect());
+        return Ok(wanted
+            .into_iter()
+            .map(|view| Job {
+                view,
+                concurrently: args.concurrently,
+                timeout,
+                lock_timeout,
+            })
+            .collect());
     };
-    let text = std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
     let (policies, _) = crate::cli::parse_policies(&text)?;
     let mut jobs = Vec::new();
     for p in &policies {
@@ -71,11 +80,18 @@ pub fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
                 continue;
             }
             let timeout = parse_duration(v.timeout.as_deref().unwrap_or(DEFAULT_REFRESH_TIMEOUT))?;
-            jobs.push(Job { view, concurrently: v.concurrently.unwrap_or(false), timeout, lock_timeout });
+            jobs.push(Job {
+                view,
+                concurrently: v.concurrently.unwrap_or(false),
+                timeout,
+                lock_timeout,
+            });
         }
     }
     if let Some(missing) = wanted.iter().find(|w| !jobs.iter().any(|j| &j.view == *w)) {
-        return Err(format!("{missing} is not a materialized view of the policy"));
+        return Err(format!(
+            "{missing} is not a materialized view of the policy"
+        ));
     }
     Ok(jobs)
 }
@@ -102,11 +118,23 @@ pub async fn run(args: RefreshArgs) -> u8 {
     };
     let mut code = 0;
     for job in jobs {
-        match matviews::refresh(&mut conn, &job.view, job.concurrently, job.timeout, job.lock_timeout).await {
+        match matviews::refresh(
+            &mut conn,
+            &job.view,
+            job.concurrently,
+            job.timeout,
+            job.lock_timeout,
+        )
+        .await
+        {
             Ok(done) => println!(
                 "refreshed {}{} in {:.3}s",
                 done.view,
-                if done.concurrently { " concurrently" } else { "" },
+                if done.concurrently {
+                    " concurrently"
+                } else {
+                    ""
+                },
                 done.seconds
             ),
             Err(e) => {
@@ -155,9 +183,19 @@ mod tests {
         .unwrap();
         let j = jobs(&args(Some(path.clone()), &[])).unwrap();
         assert_eq!(j.len(), 2);
-        assert_eq!(j[0], Job { view: QualifiedName::new("public", "a"), concurrently: true, timeout: Duration::from_secs(300), lock_timeout: Duration::from_secs(3) });
+        assert_eq!(
+            j[0],
+            Job {
+                view: QualifiedName::new("public", "a"),
+                concurrently: true,
+                timeout: Duration::from_secs(300),
+                lock_timeout: Duration::from_secs(3)
+            }
+        );
         assert!(!j[1].concurrently);
         assert_eq!(jobs(&args(Some(path.clone()), &["b"])).unwrap().len(), 1);
-        assert!(jobs(&args(Some(path), &["c"])).unwrap_err().contains("public.c"));
+        assert!(jobs(&args(Some(path), &["c"]))
+            .unwrap_err()
+            .contains("public.c"));
     }
 }

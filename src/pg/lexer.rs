@@ -109,7 +109,10 @@ pub fn check_expression(expr: &str) -> Result<Lexed, String> {
     if depth != 0 {
         return Err("the expression has a '(' that is not closed".into());
     }
-    Ok(Lexed { line_comment, comment })
+    Ok(Lexed {
+        line_comment,
+        comment,
+    })
 }
 
 /// The index after the closing quote of a literal whose body starts at `i`.
@@ -129,4 +132,3 @@ fn skip_quoted(b: &[u8], mut i: usize, quote: u8, backslash_escapes: bool) -> Op
     }
     None
 }
-

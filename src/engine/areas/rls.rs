@@ -1393,7 +1393,11 @@ mod tests {
             // With E, it does: this is one literal.
             ("note = e'\\') ; DROP TABLE up; --'", false),
         ] {
-            assert_eq!(check_expression(good).map(|l| l.line_comment), Ok(comment), "{good:?}");
+            assert_eq!(
+                check_expression(good).map(|l| l.line_comment),
+                Ok(comment),
+                "{good:?}"
+            );
         }
     }
 
