@@ -113,8 +113,9 @@ struct SizeResult {
     noop: Duration,
     trips: u64,
     select1: Duration,
-    /// Median time of each area's observer alone (with the ledger read), and of the pure plan.
-    breakdown: Vec<(&'static str, Duration)>,
+    /// Median time and round trips of each area's observer alone (with the ledger read), and
+    /// of the pure plan.
+    breakdown: Vec<(&'static str, Duration, u64)>,
 }
 
 async fn create_db(admin: &mut PgConnection, name: &str) -> Res<()> {
@@ -238,12 +239,13 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
     ];
     for (what, only) in &areas {
         let mut t = Vec::new();
+        let before = trips();
         for _ in 0..runs {
             let start = Instant::now();
             engine::observe(&mut conn, only, &policy).await?;
             t.push(start.elapsed());
         }
-        breakdown.push((*what, median(t)));
+        breakdown.push((*what, median(t), (trips() - before) / runs as u64));
     }
     let observed = engine::observe(&mut conn, &spec, &policy).await?;
     let mut t = Vec::new();
@@ -253,7 +255,7 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
         t.push(start.elapsed());
         anyhow::ensure!(plan.is_empty(), "the pure plan is not empty");
     }
-    breakdown.push(("plan (pure)", median(t)));
+    breakdown.push(("plan (pure)", median(t), 0));
     conn.close().await?;
     Ok(SizeResult {
         tables,
@@ -451,16 +453,17 @@ async fn main() -> Res<()> {
     let ok: Vec<&SizeResult> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     if let Some(first) = ok.first() {
         println!();
-        print!("| where the no-op time goes |");
+        print!("| where the no-op time goes (round trips) |");
         for r in &ok {
             print!(" {} tables |", r.tables);
         }
         println!();
         println!("|---|{}", "---:|".repeat(ok.len()));
-        for (i, (what, _)) in first.breakdown.iter().enumerate() {
+        for (i, (what, _, _)) in first.breakdown.iter().enumerate() {
             print!("| {what} |");
             for r in &ok {
-                print!(" {:.1} ms |", r.breakdown[i].1.as_secs_f64() * 1000.0);
+                let (_, took, n) = r.breakdown[i];
+                print!(" {:.1} ms ({n}) |", took.as_secs_f64() * 1000.0);
             }
             println!();
         }

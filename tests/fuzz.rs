@@ -22,6 +22,14 @@ const CERTQUIZ: &str = include_str!("../examples/certquiz/policy.yaml");
 const HEADER: &str =
     "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: fuzz}\n";
 
+/// `PROPTEST_CASES` when set (an explicit `cases` would otherwise override it), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 // ------------------------------------------------------------------------------- parser
 
 /// Parsing returns Ok or Err; an Ok policy can be validated and its spec planned against
@@ -222,7 +230,7 @@ fn yaml_value() -> impl Strategy<Value = serde_yaml::Value> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn the_parser_never_panics_on_arbitrary_text(text in "(?s).{0,400}") {
@@ -1008,7 +1016,7 @@ fn observed() -> impl Strategy<Value = Observed> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, max_global_rejects: 100_000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(512), max_global_rejects: 100_000, ..ProptestConfig::default() })]
 
     #[test]
     fn the_planners_never_panic_and_plans_stay_well_formed(spec in spec(), observed in observed()) {

@@ -241,6 +241,91 @@ impl Envtest {
         path
     }
 
+    /// The API server's process id (from `RUN_DIR/apiserver.pid`).
+    fn apiserver_pid(&self) -> u32 {
+        let pid = std::fs::read_to_string(self.run_dir.join("apiserver.pid"))
+            .expect("RUN_DIR/apiserver.pid: the API server was started by this Envtest");
+        pid.trim().parse().expect("a pid in RUN_DIR/apiserver.pid")
+    }
+
+    /// Stops the API server alone (SIGTERM, SIGKILL after 10 s, waiting until it is gone); etcd keeps running
+    /// with the data, so [`restart_apiserver`](Self::restart_apiserver) brings the same
+    /// cluster back on the same port. Its command line is kept in `RUN_DIR/apiserver.cmdline`;
+    /// the pid file stays, so the watchdog and `stop` go on watching this run directory.
+    pub fn stop_apiserver(&self) {
+        let pid = self.apiserver_pid();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_else(|e| panic!("the API server (pid {pid}) is not running: {e}"));
+        std::fs::write(self.run_dir.join("apiserver.cmdline"), cmdline)
+            .expect("write RUN_DIR/apiserver.cmdline");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}: {status}");
+        // As `envtest.sh stop`: ten seconds to drain its watches, then SIGKILL.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_running(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if process_running(pid) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        wait_for(Duration::from_secs(10), "the API server exits", || {
+            if process_running(pid) {
+                Err(format!("pid {pid} still running"))
+            } else {
+                Ok(())
+            }
+        });
+    }
+
+    /// Starts the API server again with the command line [`stop_apiserver`](Self::stop_apiserver)
+    /// saved (same port, certificates, etcd and tokens), appending to `apiserver.log`, and
+    /// waits until `/readyz` answers.
+    pub fn restart_apiserver(&self) {
+        let cmdline = std::fs::read(self.run_dir.join("apiserver.cmdline"))
+            .expect("RUN_DIR/apiserver.cmdline: call stop_apiserver first");
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        // Started in the background by a shell that exits at once, as `envtest.sh start`
+        // does, so the server is not this process's child and its pid goes into the pid file.
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(r#""$@" < /dev/null >> "$ENVTEST_LOG" 2>&1 & echo $!"#)
+            .arg("bash")
+            .args(&args)
+            .env("ENVTEST_LOG", self.run_dir.join("apiserver.log"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("restart the API server");
+        assert!(
+            out.status.success(),
+            "restart the API server: {}",
+            text(&out)
+        );
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        std::fs::write(self.run_dir.join("apiserver.pid"), format!("{pid}\n"))
+            .expect("write RUN_DIR/apiserver.pid");
+        wait_for(
+            Duration::from_secs(60),
+            "the restarted API server is ready",
+            || {
+                let out = self.kubectl(&["get", "--raw", "/readyz"], None);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(text(&out))
+                }
+            },
+        );
+    }
+
     /// `hack/envtest.sh install-crds`: the repository's `crds/`, Established. On the
     /// kube-apiserver 1.20 the script leaves out what 1.20 cannot hold (CEL rules, `null`
     /// enum members); the CRD server gets the CRD unchanged.
@@ -278,6 +363,17 @@ impl Drop for Envtest {
                 self.run_dir.display()
             );
         }
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // state is the field after the parenthesised command name
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
     }
 }
 
