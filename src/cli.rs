@@ -83,6 +83,7 @@ pub const EXIT_PENDING: u8 = 2;
 /// Reads every `DatabasePolicy` document of a YAML stream; other kinds are reported and
 /// skipped, never silently.
 pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), String> {
+    check_flow_depth(text)?;
     let mut policies = Vec::new();
     let mut skipped = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -119,6 +120,32 @@ pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), 
         return Err("no DatabasePolicy document found".into());
     }
     Ok((policies, skipped))
+}
+
+/// Deeper than this, `[` and `{` never make a policy (serde_yaml stops at 128 levels).
+const MAX_FLOW_DEPTH: usize = 1000;
+
+/// libyaml's scanner is quadratic in the nesting depth of flow collections: a few hundred
+/// kilobytes of `[` take minutes before serde_yaml's recursion limit refuses them. Counted
+/// naively (brackets inside strings count too), in linear time, before parsing.
+fn check_flow_depth(text: &str) -> Result<(), String> {
+    let mut depth = 0usize;
+    for (line, l) in text.lines().enumerate() {
+        for c in l.chars() {
+            match c {
+                '[' | '{' => depth += 1,
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if depth > MAX_FLOW_DEPTH {
+                return Err(format!(
+                    "line {}: more than {MAX_FLOW_DEPTH} nested [ or {{: not a DatabasePolicy",
+                    line + 1
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_file(path: &PathBuf) -> Result<String, String> {
