@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{eventually, TestDb};
+use support::{eventually, PgServer, TestDb};
 use support_envtest::{wait_for, ApiServer, Envtest};
 
 const NS: &str = "e2e";
@@ -423,7 +423,10 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
 /// `examples/certquiz/policy.yaml` as shipped, the operator, `kubectl get dbpol` Ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certquiz_example_becomes_ready() {
-    let db = TestDb::new().await;
+    // The policy changes the whole server (ALTER SYSTEM, a replication slot that retains
+    // WAL): a throwaway server of its own, never the shared one.
+    let server = PgServer::start();
+    let db = TestDb::on(&server).await;
     let root = support_envtest::repo_root();
     let schema = std::fs::read_to_string(root.join("examples/certquiz/schema.sql")).unwrap();
     db.exec(&schema).await;
