@@ -62,10 +62,6 @@ pub enum Error {
     #[error("applying failed: {message}")]
     ApplyFailed { reason: String, message: String },
 
-    /// The engine's thread panicked or was cancelled.
-    #[error("the engine task failed: {0}")]
-    EngineTask(String),
-
     #[error("writing status: {0}")]
     PatchStatus(#[source] kube::Error),
 
@@ -110,7 +106,7 @@ impl Error {
             Error::SecretNotUtf8 { .. } => "secret_not_utf8",
             Error::SecretRead { .. } => "secret_read",
             Error::Connect(_) => "connect",
-            Error::Engine(_) | Error::EngineTask(_) => "engine",
+            Error::Engine(_) => "engine",
             Error::PlanErrors { .. } => "plan",
             Error::ApplyFailed { .. } => "apply",
             Error::PatchStatus(_) => "patch_status",
@@ -131,7 +127,6 @@ impl Error {
             Error::SecretRead { .. } => "SecretReadFailed",
             Error::Connect(e) => e.reason(),
             Error::Engine(e) => e.reason(),
-            Error::EngineTask(_) => "InternalError",
             Error::PlanErrors { reason, .. } => reason,
             Error::ApplyFailed { reason, .. } => reason,
             Error::PatchStatus(_) => "StatusPatchFailed",

@@ -434,30 +434,18 @@ async fn read_connection_uri(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Resul
 }
 
 /// One connection per run: the engine's session settings and advisory lock belong to it.
-///
-/// The engine runs on a blocking-pool thread that drives it with the runtime's handle:
-/// its futures are not provably `Send` (`sqlx::raw_sql(..).execute(conn)` trips rustc's
-/// "not general enough" limitation), and the controller's reconcilers must be. At most
-/// `--concurrency` such threads exist at once.
+/// At most `--concurrency` runs are in flight at once.
 async fn run_engine(
     url: String,
     policy: &DatabasePolicy,
     id: PolicyId,
     options: RunOptions,
 ) -> Result<Outcome> {
-    let spec = policy.spec.clone();
-    let handle = tokio::runtime::Handle::current();
-    let task = tokio::task::spawn_blocking(move || {
-        handle.block_on(async move {
-            let mut conn = crate::pg::connect_one(&url).await?;
-            let result =
-                engine::run_with(&mut conn, &spec, spec.effective_mode(), &id, &options).await;
-            let _ = conn.close().await;
-            Ok(result?)
-        })
-    });
-    task.await
-        .unwrap_or_else(|e| Err(Error::EngineTask(e.to_string())))
+    let spec = &policy.spec;
+    let mut conn = crate::pg::connect_one(&url).await?;
+    let result = engine::run_with(&mut conn, spec, spec.effective_mode(), &id, &options).await;
+    let _ = conn.close().await;
+    Ok(result?)
 }
 
 /// Server-side apply of the whole status under the operator's field manager, on the

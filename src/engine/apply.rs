@@ -131,9 +131,7 @@ pub async fn execute(
 
 async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
-    sqlx::raw_sql(ledger::BOOTSTRAP_SQL)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::Executor::execute(&mut *tx, ledger::BOOTSTRAP_SQL).await?;
     tx.commit().await
 }
 
@@ -149,9 +147,9 @@ async fn run_transaction(
         .map_err(|e| ApplyFailure::from_sqlx(group[0], "BEGIN", &e))?;
     let mut rows = Vec::with_capacity(group.len());
     for change in group {
-        // raw_sql: the simple protocol, so DDL is not prepared and cached per connection.
-        let done = sqlx::raw_sql(&change.sql)
-            .execute(&mut *tx)
+        // A plain string runs as a simple query: DDL is not prepared and cached per
+        // connection, and (unlike `raw_sql`) the future stays `Send` for the controller.
+        let done = sqlx::Executor::execute(&mut *tx, change.sql.as_str())
             .await
             .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
         rows.push(done.rows_affected());
@@ -173,8 +171,7 @@ async fn run_autonomous(
     change: &Change,
     policy: &str,
 ) -> Result<Vec<u64>, ApplyFailure> {
-    let done = sqlx::raw_sql(&change.sql)
-        .execute(&mut *conn)
+    let done = sqlx::Executor::execute(&mut *conn, change.sql.as_str())
         .await
         .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
     for op in &change.ledger {

@@ -347,10 +347,9 @@ pub async fn run_with(
     // Waiting for another run: as long as one statement may take, not the lock_timeout
     // meant for production tables.
     let wait_ms = statement_ms.max(lock_ms);
-    sqlx::raw_sql(&format!(
+    sqlx::Executor::execute(&mut *conn, format!(
         "SET standard_conforming_strings = on; SET statement_timeout = {wait_ms}; SET lock_timeout = {wait_ms}"
-    ))
-    .execute(&mut *conn)
+    ).as_str())
     .await
     .map_err(session)?;
     if let Err(e) = sqlx::query("SELECT pg_advisory_lock($1)")
@@ -364,10 +363,11 @@ pub async fn run_with(
         });
     }
     let result = async {
-        sqlx::raw_sql(&format!(
-            "SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}"
-        ))
-        .execute(&mut *conn)
+        sqlx::Executor::execute(
+            &mut *conn,
+            format!("SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}")
+                .as_str(),
+        )
         .await
         .map_err(session)?;
         let mut observed = observe(conn, spec, policy).await?;
@@ -394,4 +394,13 @@ pub async fn run_with(
         .execute(&mut *conn)
         .await;
     result
+}
+
+/// The controller awaits the engine on its own runtime: the engine's future must be `Send`
+/// (checked at compile time).
+#[cfg(test)]
+#[allow(dead_code)]
+fn engine_future_is_send(conn: &mut PgConnection, spec: &DatabasePolicySpec, id: &PolicyId) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(run(conn, spec, Mode::Plan, id));
 }

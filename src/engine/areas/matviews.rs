@@ -429,12 +429,15 @@ pub async fn refresh(
     }
     // A never-populated view cannot be refreshed concurrently; the first refresh fills it.
     let concurrently = concurrently && populated;
-    sqlx::raw_sql(&format!(
-        "SET statement_timeout = {}; SET lock_timeout = {}",
-        timeout.as_millis(),
-        lock_timeout.as_millis()
-    ))
-    .execute(&mut *conn)
+    sqlx::Executor::execute(
+        &mut *conn,
+        format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}",
+            timeout.as_millis(),
+            lock_timeout.as_millis()
+        )
+        .as_str(),
+    )
     .await
     .map_err(failed)?;
     let started = Instant::now();
@@ -443,13 +446,11 @@ pub async fn refresh(
         if concurrently { "CONCURRENTLY " } else { "" },
         view.quoted()
     );
-    sqlx::raw_sql(&sql)
-        .execute(&mut *conn)
+    sqlx::Executor::execute(&mut *conn, sql.as_str())
         .await
         .map_err(failed)?;
     let seconds = started.elapsed().as_secs_f64();
-    sqlx::raw_sql(REFRESHES_BOOTSTRAP_SQL)
-        .execute(&mut *conn)
+    sqlx::Executor::execute(&mut *conn, REFRESHES_BOOTSTRAP_SQL)
         .await
         .map_err(failed)?;
     sqlx::query(
