@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -67,6 +68,31 @@ impl Leadership {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader lease failed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "leader election task failed"),
             Err(_) => tracing::warn!("releasing the leader lease timed out"),
+        }
+    }
+}
+
+/// How often a standby reads the Lease to notice that its holder released it.
+pub const RELEASE_POLL: Duration = Duration::from_secs(1);
+
+/// Resolves when the Lease has no holder: its holder released it (SIGTERM).
+/// kube-lease-manager's standby sleeps until the expiry of the lease it last read, so
+/// without this a released Lease would wait out the rest of its duration. Each read comes
+/// a second after the last, which leaves a fresh election the time to take a Lease that had
+/// no holder; read errors count as "still held".
+pub async fn released(client: Client, config: &LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    loop {
+        tokio::time::sleep(RELEASE_POLL).await;
+        let Ok(lease) = api.get(&config.name).await else {
+            continue;
+        };
+        if lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .is_none_or(|h| h.is_empty())
+        {
+            return;
         }
     }
 }

@@ -186,16 +186,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready.set(true);
         tracing::info!(lease = %config.name, namespace = %config.namespace, %identity, "waiting for the leader lease");
         let mut stop_rx = stop.clone();
-        tokio::select! {
-            acquired = leadership.acquired() => {
-                if !acquired {
-                    anyhow::bail!("leader election ended before the lease was acquired");
+        enum Wait {
+            Acquired(bool),
+            Released,
+            Stop,
+        }
+        loop {
+            let outcome = tokio::select! {
+                acquired = leadership.acquired() => Wait::Acquired(acquired),
+                _ = lease::released(client.clone(), &config) => Wait::Released,
+                _ = stop_rx.wait_for(|s| *s) => Wait::Stop,
+            };
+            match outcome {
+                Wait::Acquired(true) => break,
+                Wait::Acquired(false) => {
+                    anyhow::bail!("leader election ended before the lease was acquired")
                 }
-            }
-            _ = stop_rx.wait_for(|s| *s) => {
-                leadership.release().await;
-                let _ = admin_task.await;
-                return Ok(());
+                Wait::Stop => {
+                    leadership.release().await;
+                    let _ = admin_task.await;
+                    return Ok(());
+                }
+                // The holder released the Lease: a new election takes it at once, instead
+                // of sleeping until the expiry the old one last read.
+                Wait::Released => {
+                    tracing::info!(lease = %config.name, "the leader released the lease: competing for it now");
+                    leadership.release().await;
+                    leadership =
+                        lease::start(client.clone(), &config)
+                            .await
+                            .with_context(|| {
+                                format!("cannot get Lease {}/{}", config.namespace, config.name)
+                            })?;
+                }
             }
         }
         tracing::info!(%identity, "acquired the leader lease");

@@ -248,7 +248,7 @@ impl Envtest {
         pid.trim().parse().expect("a pid in RUN_DIR/apiserver.pid")
     }
 
-    /// Stops the API server alone (SIGTERM, SIGKILL after 10 s, waiting until it is gone); etcd keeps running
+    /// Stops the API server alone (SIGTERM, SIGKILL after 3 s, waiting until it is gone); etcd keeps running
     /// with the data, so [`restart_apiserver`](Self::restart_apiserver) brings the same
     /// cluster back on the same port. Its command line is kept in `RUN_DIR/apiserver.cmdline`;
     /// the pid file stays, so the watchdog and `stop` go on watching this run directory.
@@ -263,8 +263,8 @@ impl Envtest {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -TERM {pid}: {status}");
-        // As `envtest.sh stop`: ten seconds to drain its watches, then SIGKILL.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // It stops listening at once, then drains its watches: three seconds, then SIGKILL.
+        let deadline = Instant::now() + Duration::from_secs(3);
         while process_running(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
