@@ -6,6 +6,8 @@
 #   examples/bench_engine.rs      observe + plan at 1..5,000 tables, certquiz apply, binary size
 #   examples/bench_rls.rs         the row-level security area at 1,000 tables
 #   examples/bench_partitions.rs  partition maintenance against pg_partman
+#   hack/bench-operator.sh        the operator with 500 policies against a real API server
+#                                 (set DBPOLICY_BENCH_OPERATOR=0 to skip it)
 #
 # Usage: hack/bench.sh [output-file]      (default: print only; with a file, also tee to it)
 # Environment:
@@ -52,4 +54,9 @@ step() { printf '\n## %s\n\n' "$*"; }
 
   step "bench_partitions"
   "$BIN/examples/bench_partitions"
+
+  if [ "${DBPOLICY_BENCH_OPERATOR:-1}" != 0 ]; then
+    step "operator at scale (hack/bench-operator.sh)"
+    DBPOLICY_BIN="$PWD/$BIN/dbpolicy" hack/bench-operator.sh "${DBPOLICY_BENCH_POLICIES:-500}"
+  fi
 } 2>&1 | tee "$OUT"
