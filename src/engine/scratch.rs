@@ -6,24 +6,68 @@
 //! back as soon as its result is read (a sentinel exception), so the twins' locks
 //! never pile up, whatever the number of items.
 
+use std::collections::BTreeMap;
+
 use sqlx::{Connection, Executor, PgConnection};
 
-/// Runs `functions_sql` (CREATE FUNCTION pg_temp.… statements) and then `call` (a query
-/// returning one jsonb, taking `input` as `$1::jsonb`) in a transaction that is rolled back.
-pub async fn rolled_back(
+use crate::pg::QualifiedName;
+
+/// The function every area's twins go through: for each input item, `build` (PL/pgSQL that
+/// creates the twin named `twin` from `item` and sets `def` to what PostgreSQL reads back)
+/// runs in a subtransaction that is then rolled back on purpose, releasing its locks; a
+/// refusal is kept with its SQLSTATE and message.
+fn twins_function(build: &str) -> String {
+    format!(
+        r#"CREATE FUNCTION pg_temp.dbpolicy_twins(input jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $dbpolicy$
+DECLARE
+    item jsonb;
+    twin text;
+    def text;
+    result jsonb := '[]';
+BEGIN
+    FOR item IN SELECT value FROM jsonb_array_elements(input) LOOP
+        twin := 'dbpolicy_twin_' || (item->>'n');
+        BEGIN
+{build}
+            RAISE EXCEPTION 'dbpolicy: roll back this item';
+        EXCEPTION
+            WHEN lock_not_available OR query_canceled THEN RAISE;
+            WHEN OTHERS THEN
+                IF SQLERRM = 'dbpolicy: roll back this item' THEN
+                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name', 'def', def);
+                ELSE
+                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
+                        'sqlstate', SQLSTATE, 'message', SQLERRM);
+                END IF;
+        END;
+    END LOOP;
+    RETURN result;
+END
+$dbpolicy$;"#
+    )
+}
+
+/// Builds a twin of every item (`{n, schema, name, …}`) with `build` in a transaction that
+/// is rolled back, and returns PostgreSQL's form of each, or its refusal.
+pub async fn twins(
     conn: &mut PgConnection,
-    functions_sql: &str,
-    call: &str,
-    input: &serde_json::Value,
-) -> Result<serde_json::Value, sqlx::Error> {
+    build: &str,
+    items: Vec<serde_json::Value>,
+) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
+    if items.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let input = serde_json::Value::Array(items).to_string();
+    let functions = twins_function(build);
     let mut tx = conn.begin().await?;
     let result = async {
-        // A plain string runs as one simple query (several statements allowed) and, unlike
-        // `raw_sql`, keeps this future `Send` for the controller.
-        (&mut *tx).execute(functions_sql).await?;
+        // A plain string runs as one simple query and, unlike `raw_sql`, keeps this
+        // future `Send` for the controller.
+        (&mut *tx).execute(functions.as_str()).await?;
         // Not prepared: the function is new in every transaction.
-        sqlx::query_scalar::<_, String>(call)
-            .bind(input.to_string())
+        sqlx::query_scalar::<_, String>("SELECT pg_temp.dbpolicy_twins($1::jsonb)::text")
+            .bind(input)
             .persistent(false)
             .fetch_one(&mut *tx)
             .await
@@ -32,7 +76,9 @@ pub async fn rolled_back(
     let rolled_back = tx.rollback().await;
     let text = result?;
     rolled_back?;
-    serde_json::from_str(&text).map_err(|e| sqlx::Error::Protocol(format!("scratch result: {e}")))
+    let value = serde_json::from_str(&text)
+        .map_err(|e| sqlx::Error::Protocol(format!("scratch result: {e}")))?;
+    parse_rows(value)
 }
 
 /// What the scratch transaction made of one item: PostgreSQL's form of it, or the
@@ -61,7 +107,7 @@ pub fn parse_rows(
                 (Some(def), _) => Ok(def),
                 (None, message) => Err((r.sqlstate, message.unwrap_or_default())),
             };
-            (crate::pg::QualifiedName::new(r.schema, r.name), value)
+            (QualifiedName::new(r.schema, r.name), value)
         })
         .collect())
 }

@@ -104,40 +104,13 @@ pub struct Observed {
     pub normalized: BTreeMap<QualifiedName, scratch::Normalized>,
 }
 
-const SCRATCH_SQL: &str = r#"
-CREATE FUNCTION pg_temp.dbpolicy_index_twins(input jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $dbpolicy$
-DECLARE
-    item jsonb;
-    twin text;
-    def text;
-    result jsonb := '[]';
-BEGIN
-    FOR item IN SELECT value FROM jsonb_array_elements(input) LOOP
-        twin := 'dbpolicy_twin_' || (item->>'n');
-        BEGIN
+/// A twin index on an empty temporary copy of the table (LIKE takes only ACCESS SHARE).
+const TWIN_BUILD: &str = "
             EXECUTE format('CREATE TEMP TABLE %I (LIKE %I.%I)', twin, item->>'tschema', item->>'table');
             EXECUTE format('CREATE %s INDEX %I ON pg_temp.%I ',
                     CASE WHEN (item->>'unique')::boolean THEN 'UNIQUE' ELSE '' END, twin || '_ix', twin)
                 || (item->>'tail');
-            def := pg_get_indexdef(('pg_temp.' || quote_ident(twin || '_ix'))::regclass);
-            -- Roll this item's twin back now: its locks are released with it.
-            RAISE EXCEPTION 'dbpolicy: roll back this item';
-        EXCEPTION
-            WHEN lock_not_available OR query_canceled THEN RAISE;
-            WHEN OTHERS THEN
-                IF SQLERRM = 'dbpolicy: roll back this item' THEN
-                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name', 'def', def);
-                ELSE
-                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
-                        'sqlstate', SQLSTATE, 'message', SQLERRM);
-                END IF;
-        END;
-    END LOOP;
-    RETURN result;
-END
-$dbpolicy$;
-"#;
+            def := pg_get_indexdef(('pg_temp.' || quote_ident(twin || '_ix'))::regclass);";
 
 /// Ledger targets are `schema.name` as written by [`QualifiedName`]'s Display.
 fn parse_target(target: &str) -> Option<QualifiedName> {
@@ -214,16 +187,7 @@ pub async fn observe(
             })
         })
         .collect();
-    if !items.is_empty() {
-        let out = scratch::rolled_back(
-            conn,
-            SCRATCH_SQL,
-            "SELECT pg_temp.dbpolicy_index_twins($1::jsonb)::text",
-            &serde_json::Value::Array(items),
-        )
-        .await?;
-        observed.normalized = scratch::parse_rows(out)?;
-    }
+    observed.normalized = scratch::twins(conn, TWIN_BUILD, items).await?;
     Ok(observed)
 }
 

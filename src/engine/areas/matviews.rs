@@ -50,37 +50,10 @@ pub struct Observed {
     pub refreshes: BTreeMap<QualifiedName, LastRefresh>,
 }
 
-const SCRATCH_SQL: &str = r#"
-CREATE FUNCTION pg_temp.dbpolicy_view_twins(input jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $dbpolicy$
-DECLARE
-    item jsonb;
-    twin text;
-    def text;
-    result jsonb := '[]';
-BEGIN
-    FOR item IN SELECT value FROM jsonb_array_elements(input) LOOP
-        twin := 'dbpolicy_view_twin_' || (item->>'n');
-        BEGIN
+/// A twin temporary view of the same query.
+const TWIN_BUILD: &str = "
             EXECUTE format('CREATE TEMP VIEW %I AS ', twin) || (item->>'definition');
-            def := pg_get_viewdef(('pg_temp.' || quote_ident(twin))::regclass);
-            -- Roll this item's twin back now: its locks are released with it.
-            RAISE EXCEPTION 'dbpolicy: roll back this item';
-        EXCEPTION
-            WHEN lock_not_available OR query_canceled THEN RAISE;
-            WHEN OTHERS THEN
-                IF SQLERRM = 'dbpolicy: roll back this item' THEN
-                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name', 'def', def);
-                ELSE
-                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
-                        'sqlstate', SQLSTATE, 'message', SQLERRM);
-                END IF;
-        END;
-    END LOOP;
-    RETURN result;
-END
-$dbpolicy$;
-"#;
+            def := pg_get_viewdef(('pg_temp.' || quote_ident(twin))::regclass);";
 
 /// A definition as a statement body: no trailing semicolon.
 fn body(definition: &str) -> &str {
@@ -132,16 +105,7 @@ pub async fn observe(
             serde_json::json!({ "n": n, "schema": q.schema, "name": q.name, "definition": body(d) })
         })
         .collect();
-    if !items.is_empty() {
-        let out = scratch::rolled_back(
-            conn,
-            SCRATCH_SQL,
-            "SELECT pg_temp.dbpolicy_view_twins($1::jsonb)::text",
-            &serde_json::Value::Array(items),
-        )
-        .await?;
-        observed.normalized = scratch::parse_rows(out)?;
-    }
+    observed.normalized = scratch::twins(conn, TWIN_BUILD, items).await?;
     observed.refreshes = observe_refreshes(conn).await?;
     Ok(observed)
 }
