@@ -41,7 +41,7 @@ impl Operator {
     /// Runs as the chart's ServiceAccount, bound by the chart's ClusterRole: the operator
     /// gets exactly the RBAC a Helm install gives it. Its leader Lease is in `lease_ns`.
     fn start(env: &Envtest, lease_ns: &str) -> Operator {
-        let kubeconfig = install_chart_rbac(env);
+        let kubeconfig = support_chart::install_rbac(env);
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -108,33 +108,6 @@ impl Drop for Operator {
             );
         }
     }
-}
-
-/// The chart's ServiceAccount, ClusterRole and ClusterRoleBinding (rendered from
-/// charts/dbpolicy with default values) applied to the server; returns a kubeconfig that
-/// acts as that ServiceAccount.
-fn install_chart_rbac(env: &Envtest) -> PathBuf {
-    const RELEASE_NS: &str = "dbpolicy-system";
-    let chart = support_chart::Chart::load(&support_envtest::repo_root().join("charts/dbpolicy"))
-        .expect("load the chart");
-    let release = support_chart::Release {
-        name: "dbpolicy",
-        namespace: RELEASE_NS,
-    };
-    let rbac: Vec<Value> = chart
-        .manifests(&release, &json!({}))
-        .expect("render the chart")
-        .into_iter()
-        .filter(|d| {
-            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
-                .contains(&d["kind"].as_str().unwrap_or(""))
-        })
-        .collect();
-    assert_eq!(rbac.len(), 3, "the chart's RBAC objects");
-    env.kubectl_ok(&["create", "namespace", RELEASE_NS], None);
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
-    env.kubectl_ok(&["apply", "-f", "-"], Some(&list.to_string()));
-    env.kubeconfig_for_service_account(RELEASE_NS, "dbpolicy")
 }
 
 fn policy(name: &str, secret: &str, extra: Value) -> String {

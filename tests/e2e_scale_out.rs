@@ -239,34 +239,8 @@ fn cluster(db: &TestDb) -> (Envtest, PathBuf) {
         ],
         None,
     );
-    let kubeconfig = install_chart_rbac(&env);
+    let kubeconfig = support_chart::install_rbac(&env);
     (env, kubeconfig)
-}
-
-/// The chart's ServiceAccount, ClusterRole and ClusterRoleBinding (default values);
-/// returns a kubeconfig acting as that ServiceAccount.
-fn install_chart_rbac(env: &Envtest) -> PathBuf {
-    const RELEASE_NS: &str = "dbpolicy-system";
-    let chart = support_chart::Chart::load(&support_envtest::repo_root().join("charts/dbpolicy"))
-        .expect("load the chart");
-    let release = support_chart::Release {
-        name: "dbpolicy",
-        namespace: RELEASE_NS,
-    };
-    let rbac: Vec<Value> = chart
-        .manifests(&release, &json!({}))
-        .expect("render the chart")
-        .into_iter()
-        .filter(|d| {
-            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
-                .contains(&d["kind"].as_str().unwrap_or(""))
-        })
-        .collect();
-    assert_eq!(rbac.len(), 3, "the chart's RBAC objects");
-    env.kubectl_ok(&["create", "namespace", RELEASE_NS], None);
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
-    env.kubectl_ok(&["apply", "-f", "-"], Some(&list.to_string()));
-    env.kubeconfig_for_service_account(RELEASE_NS, "dbpolicy")
 }
 
 /// The schema a policy's flags table lives in: one per policy, so policies sharing the

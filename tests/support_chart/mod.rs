@@ -733,3 +733,30 @@ pub fn check_schema(schema: &Value, v: &Value, path: &str, errors: &mut Vec<Stri
         }
     }
 }
+
+/// The chart's ServiceAccount, ClusterRole and ClusterRoleBinding (rendered from
+/// charts/dbpolicy with default values) applied to the server; returns a kubeconfig that
+/// acts as that ServiceAccount.
+pub fn install_rbac(env: &crate::support_envtest::Envtest) -> std::path::PathBuf {
+    const RELEASE_NS: &str = "dbpolicy-system";
+    let chart = Chart::load(&crate::support_envtest::repo_root().join("charts/dbpolicy"))
+        .expect("load the chart");
+    let release = Release {
+        name: "dbpolicy",
+        namespace: RELEASE_NS,
+    };
+    let rbac: Vec<serde_json::Value> = chart
+        .manifests(&release, &serde_json::json!({}))
+        .expect("render the chart")
+        .into_iter()
+        .filter(|d| {
+            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+                .contains(&d["kind"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(rbac.len(), 3, "the chart's RBAC objects");
+    env.kubectl_ok(&["create", "namespace", RELEASE_NS], None);
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    env.kubectl_ok(&["apply", "-f", "-"], Some(&list.to_string()));
+    env.kubeconfig_for_service_account(RELEASE_NS, "dbpolicy")
+}
