@@ -12,8 +12,7 @@ mod support;
 mod support_chart;
 mod support_envtest;
 
-use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -97,21 +96,7 @@ impl Operator {
 
     /// GET `path` from the admin server: (status code, body).
     fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let mut s = TcpStream::connect(&self.admin).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("bad response: {out}"))?;
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
+        support_envtest::http_get(&self.admin, path)
     }
 
     /// The sum of every sample of metric `name` (all label sets) on `/metrics`.

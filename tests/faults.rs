@@ -8,9 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
-use support::{
-    cli, eventually, expect_code, policy, run_dbpolicy_async, write_policy, PgServer, TestDb,
-};
+use support::{cli, eventually, expect_code, policy, spawn_apply, PgServer, TestDb};
 
 /// Everything the areas tested here can change, as one comparable value: relations and
 /// their options and RLS flags, policies, indexes, functions, schemas, and the entries of
@@ -106,17 +104,7 @@ async fn a_restart_in_the_middle_of_an_apply_rolls_back_and_the_next_apply_conve
         .execute(&mut holder)
         .await
         .unwrap();
-    let file = write_policy(&v2);
-    let path = file.path().to_str().unwrap().to_string();
-    let url = db.url().to_string();
-    let apply = tokio::spawn(async move {
-        run_dbpolicy_async(
-            ["apply", "-f", path.as_str()],
-            Some(&url),
-            Duration::from_secs(120),
-        )
-        .await
-    });
+    let apply = spawn_apply(&v2, db.url(), Duration::from_secs(120));
     dbpolicy_waiting_on_a_lock(&db).await;
     let in_flight = db
         .query_scalar::<i64>("SELECT count(*) FROM feature_flags WHERE enabled")
@@ -300,17 +288,7 @@ async fn a_writer_queued_behind_a_blocked_change_waits_no_longer_than_the_lock_t
         "queue",
         "  safety: {lockTimeout: 2s, statementTimeout: 2min}\n  rowLevelSecurity:\n    tables: [{table: orders, policies: [{name: own, using: \"owner = 1\"}]}]\n",
     );
-    let file = write_policy(&yaml);
-    let path = file.path().to_str().unwrap().to_string();
-    let url = db.url().to_string();
-    let apply = tokio::spawn(async move {
-        run_dbpolicy_async(
-            ["apply", "-f", path.as_str()],
-            Some(&url),
-            Duration::from_secs(60),
-        )
-        .await
-    });
+    let apply = spawn_apply(&yaml, db.url(), Duration::from_secs(60));
     let ours = dbpolicy_waiting_on_a_lock(&db).await;
 
     // Production traffic: an INSERT, which conflicts with the queued ACCESS EXCLUSIVE.
@@ -459,17 +437,11 @@ async fn a_connection_lost_before_the_apply_leaves_nothing_behind() {
         .await
         .unwrap();
     let before = fingerprint(&db).await;
-    let file = write_policy(&policy("killed", &flags(3, true)));
-    let path = file.path().to_str().unwrap().to_string();
-    let url = db.url().to_string();
-    let apply = tokio::spawn(async move {
-        run_dbpolicy_async(
-            ["apply", "-f", path.as_str()],
-            Some(&url),
-            Duration::from_secs(60),
-        )
-        .await
-    });
+    let apply = spawn_apply(
+        &policy("killed", &flags(3, true)),
+        db.url(),
+        Duration::from_secs(60),
+    );
     let pid = eventually(Duration::from_secs(30), || async {
         let pids = db
             .query_column::<i32>(&format!(

@@ -6,7 +6,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
-use support::{cli, eventually, expect_code, policy, run_dbpolicy_async, write_policy, TestDb};
+use support::{
+    cli, eventually, expect_code, policy, run_dbpolicy_async, spawn_apply, write_policy, TestDb,
+};
 
 const LOCK_KEY: i64 = dbpolicy::engine::ADVISORY_LOCK_KEY;
 
@@ -82,17 +84,7 @@ async fn an_apply_waits_for_the_advisory_lock() {
         .await
         .unwrap();
 
-    let file = write_policy(&p);
-    let path = file.path().to_str().unwrap().to_string();
-    let url = db.url().to_string();
-    let apply = tokio::spawn(async move {
-        run_dbpolicy_async(
-            ["apply", "-f", path.as_str()],
-            Some(&url),
-            Duration::from_secs(60),
-        )
-        .await
-    });
+    let apply = spawn_apply(&p, db.url(), Duration::from_secs(60));
     // The CLI is connected and waiting on the advisory lock, having changed nothing.
     eventually(Duration::from_secs(15), || async {
         let waiting = db
@@ -134,20 +126,8 @@ async fn concurrent_applies_never_interleave() {
         })
         .collect();
     let p = policy("race", &format!("  featureFlags:\n    flags:\n{flags}"));
-    let file = write_policy(&p);
-    let path = file.path().to_str().unwrap().to_string();
     let runs: Vec<_> = (0..4)
-        .map(|_| {
-            let (path, url) = (path.clone(), db.url().to_string());
-            tokio::spawn(async move {
-                run_dbpolicy_async(
-                    ["apply", "-f", path.as_str()],
-                    Some(&url),
-                    Duration::from_secs(60),
-                )
-                .await
-            })
-        })
+        .map(|_| spawn_apply(&p, db.url(), Duration::from_secs(60)))
         .collect();
     let mut created = 0;
     for run in runs {

@@ -1180,3 +1180,18 @@ pub fn expect_code(out: &RunOutput, code: i32) {
         out.stdout, out.stderr
     );
 }
+
+/// `dbpolicy apply -f <policy>` against `url` in the background, killed after `timeout`;
+/// the policy file lives as long as the run.
+pub fn spawn_apply(
+    policy_yaml: &str,
+    url: &str,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<RunOutput> {
+    let file = write_policy(policy_yaml);
+    let url = url.to_string();
+    tokio::spawn(async move {
+        let path = file.path().to_str().expect("utf-8 temp path").to_string();
+        run_dbpolicy_async(["apply", "-f", path.as_str()], Some(&url), timeout).await
+    })
+}
