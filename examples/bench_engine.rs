@@ -64,20 +64,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn with_db(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let cut = base
-        .rfind('/')
-        .filter(|i| *i > base.find("://").map_or(0, |s| s + 2))
-        .unwrap_or(base.len());
-    match query {
-        Some(q) => format!("{}/{db}?{q}", &base[..cut]),
-        None => format!("{}/{db}", &base[..cut]),
-    }
-}
-
 fn spec(tables: usize) -> Res<DatabasePolicySpec> {
     let mut y = String::from(
         "database: {connectionSecretRef: {name: bench}}\nsafety: {lockTimeout: 5s, statementTimeout: 30m}\n",
@@ -284,7 +270,7 @@ async fn bench_certquiz(
     let (mut changes, mut round_trips, mut one) = (0, 0, Duration::ZERO);
     for _ in 0..CERTQUIZ_RUNS {
         create_db(admin, &db).await?;
-        let url = with_db(admin_url, &db);
+        let url = dbpolicy::pg::url_with_database(admin_url, &db);
         let result = async {
             let mut conn = dbpolicy::pg::connect_one(&url).await?;
             sqlx::raw_sql(CERTQUIZ_SCHEMA).execute(&mut conn).await?;
@@ -409,7 +395,12 @@ async fn main() -> Res<()> {
         eprintln!("{tables} tables:");
         let db = format!("dbpolicy_bench_engine_{}_{tables}", std::process::id());
         create_db(&mut admin, &db).await?;
-        let result = bench_size(&with_db(&admin_url, &db), tables, &trips).await;
+        let result = bench_size(
+            &dbpolicy::pg::url_with_database(&admin_url, &db),
+            tables,
+            &trips,
+        )
+        .await;
         drop_db(&mut admin, &db).await;
         match result {
             Ok(r) => results.push(Ok(r)),

@@ -24,20 +24,6 @@ const NOOP_ROUNDS: usize = 5;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn with_db(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let cut = base
-        .rfind('/')
-        .filter(|i| *i > base.find("://").map_or(0, |s| s + 2))
-        .unwrap_or(base.len());
-    match query {
-        Some(q) => format!("{}/{db}?{q}", &base[..cut]),
-        None => format!("{}/{db}", &base[..cut]),
-    }
-}
-
 fn spec(
     schema: &str,
     premake: u32,
@@ -139,7 +125,7 @@ async fn main() -> Res<()> {
     sqlx::raw_sql(&format!("CREATE DATABASE {db} TEMPLATE template0"))
         .execute(&mut admin)
         .await?;
-    let url = with_db(&admin_url, &db);
+    let url = dbpolicy::pg::url_with_database(&admin_url, &db);
     let result = bench(&url, partman.as_deref(), &version).await;
     if std::env::var_os("DBPOLICY_BENCH_KEEP").is_some() {
         eprintln!("DBPOLICY_BENCH_KEEP: kept database {db}");
