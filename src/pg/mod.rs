@@ -179,7 +179,8 @@ pub fn url_with_database(url: &str, db: &str) -> String {
     out
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes everything but unreserved characters, for URI parts.
+pub fn percent_encode(s: &str) -> String {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

@@ -970,6 +970,7 @@ pub fn quote_ident(ident: &str) -> String {
 }
 
 pub use dbpolicy::pg::url_with_database;
+use dbpolicy::pg::percent_encode;
 
 /// Replace the user (and drop any password) of a libpq URI.
 pub fn url_with_user(url: &str, user: &str) -> String {
@@ -988,17 +989,6 @@ pub fn url_with_user(url: &str, user: &str) -> String {
     )
 }
 
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
 
 // ---------------------------------------------------------------------------------------
 // The dbpolicy binary and its inputs
