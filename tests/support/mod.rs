@@ -969,8 +969,8 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-pub use dbpolicy::pg::url_with_database;
 use dbpolicy::pg::percent_encode;
+pub use dbpolicy::pg::url_with_database;
 
 /// Replace the user (and drop any password) of a libpq URI.
 pub fn url_with_user(url: &str, user: &str) -> String {
@@ -988,7 +988,6 @@ pub fn url_with_user(url: &str, user: &str) -> String {
         &url[host_start..]
     )
 }
-
 
 // ---------------------------------------------------------------------------------------
 // The dbpolicy binary and its inputs
