@@ -85,6 +85,20 @@ fn observe_err(area: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
     }
 }
 
+/// The area's section, or an empty one when the spec dropped it but the ledger says this
+/// policy still owns something there (what it set must still be reset).
+fn section_or_owned<'a, T: Default + Clone>(
+    section: &'a Option<T>,
+    ledger: &Ledger,
+    area: Area,
+) -> Option<std::borrow::Cow<'a, T>> {
+    match section {
+        Some(s) => Some(std::borrow::Cow::Borrowed(s)),
+        None if ledger.items(area).next().is_some() => Some(std::borrow::Cow::Owned(T::default())),
+        None => None,
+    }
+}
+
 /// Reads what every area of the spec needs: a constant number of queries per area.
 pub async fn observe(
     conn: &mut PgConnection,
@@ -95,31 +109,16 @@ pub async fn observe(
         .await
         .map_err(observe_err("ledger"))?;
     let mut observed = Observed::default();
-    if let Some(s) = &spec.autovacuum {
+    if let Some(s) = section_or_owned(&spec.autovacuum, &ledger, Area::Autovacuum) {
         observed.autovacuum = Some(
-            areas::autovacuum::observe(conn, s, &ledger)
-                .await
-                .map_err(observe_err("autovacuum"))?,
-        );
-    } else if ledger.items(Area::Autovacuum).next().is_some() {
-        // The section was removed: what it set must still be reset.
-        let empty = Default::default();
-        observed.autovacuum = Some(
-            areas::autovacuum::observe(conn, &empty, &ledger)
+            areas::autovacuum::observe(conn, &s, &ledger)
                 .await
                 .map_err(observe_err("autovacuum"))?,
         );
     }
-    if let Some(s) = &spec.server_settings {
+    if let Some(s) = section_or_owned(&spec.server_settings, &ledger, Area::ServerSettings) {
         observed.server_settings = Some(
-            areas::server_settings::observe(conn, s, &ledger)
-                .await
-                .map_err(observe_err("serverSettings"))?,
-        );
-    } else if ledger.items(Area::ServerSettings).next().is_some() {
-        let empty = Default::default();
-        observed.server_settings = Some(
-            areas::server_settings::observe(conn, &empty, &ledger)
+            areas::server_settings::observe(conn, &s, &ledger)
                 .await
                 .map_err(observe_err("serverSettings"))?,
         );
