@@ -34,6 +34,11 @@ impl QualifiedName {
             name: name.into(),
         }
     }
+    /// Reads back what [`Display`](fmt::Display) wrote (`schema.name`), split at the first
+    /// dot: how the ledger and `dbpolicy.refreshes` store names.
+    pub fn parse(text: &str) -> Option<Self> {
+        text.split_once('.').map(|(s, n)| Self::new(s, n))
+    }
     /// `"schema"."name"`, for SQL.
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))

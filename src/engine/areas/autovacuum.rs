@@ -110,7 +110,7 @@ pub async fn observe(
     names.extend(
         ledger
             .items(AREA)
-            .filter_map(|(target, _)| parse_target(target)),
+            .filter_map(|(target, _)| QualifiedName::parse(target)),
     );
     let (schemas, tables): (Vec<String>, Vec<String>) =
         names.into_iter().map(|q| (q.schema, q.name)).unzip();
@@ -138,14 +138,6 @@ pub async fn observe(
         );
     }
     Ok(observed)
-}
-
-/// Ledger targets are `schema.table` as written by [`QualifiedName`]'s Display; names with
-/// dots in them are split at the first dot, matching how they were written.
-fn parse_target(target: &str) -> Option<QualifiedName> {
-    target
-        .split_once('.')
-        .map(|(s, t)| QualifiedName::new(s, t))
 }
 
 /// A difference to close.
@@ -222,7 +214,7 @@ pub fn diff(
     // still there: reset them.
     let mut resets: BTreeMap<QualifiedName, Vec<String>> = BTreeMap::new();
     for (target, key) in ledger.items(AREA) {
-        let Some(table) = parse_target(target) else {
+        let Some(table) = QualifiedName::parse(target) else {
             continue;
         };
         let still_wanted = desired.get(&table).is_some_and(|d| d.contains_key(key));

@@ -112,13 +112,6 @@ const TWIN_BUILD: &str = "
                 || (item->>'tail');
             def := pg_get_indexdef(('pg_temp.' || quote_ident(twin || '_ix'))::regclass);";
 
-/// Ledger targets are `schema.name` as written by [`QualifiedName`]'s Display.
-fn parse_target(target: &str) -> Option<QualifiedName> {
-    target
-        .split_once('.')
-        .map(|(s, t)| QualifiedName::new(s, t))
-}
-
 pub async fn observe(
     conn: &mut PgConnection,
     spec: &IndexesSpec,
@@ -129,7 +122,11 @@ pub async fn observe(
         names.insert(index_name(ix));
         names.insert(ix.qualified());
     }
-    names.extend(ledger.items(AREA).filter_map(|(t, _)| parse_target(t)));
+    names.extend(
+        ledger
+            .items(AREA)
+            .filter_map(|(t, _)| QualifiedName::parse(t)),
+    );
     let (schemas, rels): (Vec<String>, Vec<String>) = names
         .iter()
         .map(|q| (q.schema.clone(), q.name.clone()))
@@ -289,7 +286,7 @@ pub fn diff(
     if spec.prune.unwrap_or(false) {
         let listed: BTreeSet<QualifiedName> = spec.indexes.iter().map(index_name).collect();
         for (target, _) in ledger.items(AREA) {
-            let Some(name) = parse_target(target) else {
+            let Some(name) = QualifiedName::parse(target) else {
                 continue;
             };
             if !listed.contains(&name) && observed.indexes.contains_key(&name) {

@@ -132,8 +132,7 @@ async fn observe_refreshes(
     Ok(rows
         .into_iter()
         .filter_map(|(view, at, seconds)| {
-            view.split_once('.')
-                .map(|(s, n)| (QualifiedName::new(s, n), LastRefresh { at, seconds }))
+            QualifiedName::parse(&view).map(|q| (q, LastRefresh { at, seconds }))
         })
         .collect())
 }
@@ -152,11 +151,7 @@ pub fn recreated(plan: &AreaPlan, allow_destructive: bool) -> BTreeSet<Qualified
         .filter(|c| {
             c.sql.starts_with("CREATE MATERIALIZED VIEW") && !refused.contains(c.target.as_str())
         })
-        .filter_map(|c| {
-            c.target
-                .split_once('.')
-                .map(|(s, n)| QualifiedName::new(s, n))
-        })
+        .filter_map(|c| QualifiedName::parse(&c.target))
         .collect()
 }
 
