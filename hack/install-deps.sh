@@ -19,6 +19,7 @@ PACKAGES=(
     python3             # hack/envtest.sh: free ports, and the CRD adapted for kube-apiserver 1.20
     debian-archive-keyring  # hack/envtest.sh setup: builds the API servers from Debian's packages when there is no warm cache
     python3-venv        # tests/backup.rs: the venv moto_server is installed into (below)
+    libclang-dev        # the pg_query crate (PostgreSQL's own parser): bindgen needs libclang
 )
 
 # pg_partman, only for the partitions benchmark (cargo run --release --example

@@ -403,6 +403,12 @@ pub struct FeatureFlagsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub table: Option<String>,
+    /// Role that owns the flags table and the SECURITY DEFINER function
+    /// `feature_enabled()`, which runs with its owner's rights. When omitted both belong to
+    /// the operator's database role (see docs/security.md). The role must exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub owner: Option<String>,
     #[serde(default)]
     #[schemars(length(max = 10000))]
     pub flags: Vec<FeatureFlag>,
@@ -451,6 +457,13 @@ pub struct MaterializedView {
     #[schemars(length(max = 100))]
     #[x_kube(validation = Rule::new("self.split(' ').size() == 5 || self.startsWith('@')").message("must be a 5-field cron expression or a @macro"))]
     pub schedule: Option<String>,
+    /// Role that owns the view. A materialized view's query runs with its owner's rights at
+    /// creation and at every refresh: name a role with only the privileges the query needs.
+    /// When omitted the view belongs to the operator's database role (see docs/security.md).
+    /// The role must exist; dbpolicy does not create roles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub owner: Option<String>,
     /// `REFRESH … CONCURRENTLY` (needs a unique index on the view; default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrently: Option<bool>,

@@ -10,7 +10,7 @@ use sqlx::{Connection, PgConnection};
 
 use super::ledger;
 use super::plan::{Area, Change, Hazard, Plan};
-use crate::pg::{error_summary, reason_for_sqlstate, sqlstate};
+use crate::pg::{error_summary, execute_one, reason_for_sqlstate, sqlstate};
 
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -147,9 +147,8 @@ async fn run_transaction(
         .map_err(|e| ApplyFailure::from_sqlx(group[0], "BEGIN", &e))?;
     let mut rows = Vec::with_capacity(group.len());
     for change in group {
-        // A plain string runs as a simple query: DDL is not prepared and cached per
-        // connection, and (unlike `raw_sql`) the future stays `Send` for the controller.
-        let done = sqlx::Executor::execute(&mut *tx, change.sql.as_str())
+        // One statement, alone in one extended-protocol message (see `execute_one`).
+        let done = execute_one(&mut tx, &change.sql)
             .await
             .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
         rows.push(done.rows_affected());
@@ -171,7 +170,7 @@ async fn run_autonomous(
     change: &Change,
     policy: &str,
 ) -> Result<Vec<u64>, ApplyFailure> {
-    let done = sqlx::Executor::execute(&mut *conn, change.sql.as_str())
+    let done = execute_one(&mut *conn, &change.sql)
         .await
         .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
     for op in &change.ledger {

@@ -1,116 +1,121 @@
 //! A scratch transaction that is always rolled back: PostgreSQL itself checks and
 //! normalises what the spec says (index definitions, view queries) on throwaway twins of
 //! the real tables, so the planner compares like with like and bad input is found before
-//! anything is applied. One function call for all items: a constant number of round trips
-//! however many items there are. Each item runs in its own subtransaction that is rolled
-//! back as soon as its result is read (a sentinel exception), so the twins' locks
-//! never pile up, whatever the number of items.
+//! anything is applied.
+//!
+//! Every statement carrying spec text is sent on its own, in one extended-protocol
+//! message ([`crate::pg::execute_one`]), never inside a function body or a
+//! multi-statement string, and only after [`crate::pg::grammar`] has accepted the
+//! fragment: a twin is built, never run, so nothing the spec says executes during a plan.
+//! Each item runs in its own savepoint, rolled back as soon as its result is read: the
+//! twins' locks never pile up, whatever the number of items.
 
 use std::collections::BTreeMap;
 
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
 
-use crate::pg::QualifiedName;
+use crate::pg::{execute_one, sqlstate, QualifiedName};
 
-/// The function every area's twins go through: for each input item, `build` (PL/pgSQL that
-/// creates the twin named `twin` from `item` and sets `def` to what PostgreSQL reads back)
-/// runs in a subtransaction that is then rolled back on purpose, releasing its locks; a
-/// refusal is kept with its SQLSTATE and message.
-fn twins_function(build: &str) -> String {
-    format!(
-        r#"CREATE FUNCTION pg_temp.dbpolicy_twins(input jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $dbpolicy$
-DECLARE
-    item jsonb;
-    twin text;
-    def text;
-    result jsonb := '[]';
-BEGIN
-    FOR item IN SELECT value FROM jsonb_array_elements(input) LOOP
-        twin := 'dbpolicy_twin_' || (item->>'n');
-        BEGIN
-{build}
-            RAISE EXCEPTION 'dbpolicy: roll back this item';
-        EXCEPTION
-            WHEN lock_not_available OR query_canceled THEN RAISE;
-            WHEN OTHERS THEN
-                IF SQLERRM = 'dbpolicy: roll back this item' THEN
-                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name', 'def', def);
-                ELSE
-                    result := result || jsonb_build_object('schema', item->>'schema', 'name', item->>'name',
-                        'sqlstate', SQLSTATE, 'message', SQLERRM);
-                END IF;
-        END;
-    END LOOP;
-    RETURN result;
-END
-$dbpolicy$;"#
-    )
+/// One item to normalise: the statements that build its twin (one statement each) and the
+/// query that reads PostgreSQL's form of it back (one text column, `$1` = `read_arg`).
+#[derive(Debug, Clone)]
+pub struct Twin {
+    pub item: QualifiedName,
+    pub build: Vec<String>,
+    pub read: &'static str,
+    pub read_arg: String,
 }
 
-/// Builds a twin of every item (`{n, schema, name, …}`) with `build` in a transaction that
-/// is rolled back, and returns PostgreSQL's form of each, or its refusal.
+/// The twin relation name of the `n`th item, in `pg_temp`.
+pub fn twin_name(n: usize) -> String {
+    format!("dbpolicy_twin_{n}")
+}
+
+/// Builds every twin in a transaction that is rolled back, and returns PostgreSQL's form of
+/// each item, or its refusal. Lock and statement timeouts are errors of the whole run, not
+/// of an item.
 pub async fn twins(
     conn: &mut PgConnection,
-    build: &str,
-    items: Vec<serde_json::Value>,
+    items: Vec<Twin>,
 ) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
+    let mut out = BTreeMap::new();
     if items.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(out);
     }
-    let input = serde_json::Value::Array(items).to_string();
-    let functions = twins_function(build);
     let mut tx = conn.begin().await?;
     let result = async {
-        // A plain string runs as one simple query and, unlike `raw_sql`, keeps this
-        // future `Send` for the controller.
-        (&mut *tx).execute(functions.as_str()).await?;
-        // Not prepared: the function is new in every transaction.
-        sqlx::query_scalar::<_, String>("SELECT pg_temp.dbpolicy_twins($1::jsonb)::text")
-            .bind(input)
-            .persistent(false)
-            .fetch_one(&mut *tx)
-            .await
+        for twin in &items {
+            savepoint(&mut tx).await?;
+            let built = build_and_read(&mut tx, twin).await;
+            release_savepoint(&mut tx).await?;
+            let value = match item_outcome(built)? {
+                Ok(Some(def)) => Ok(def),
+                Ok(None) => Err((None, "PostgreSQL did not read the twin back".into())),
+                Err(refusal) => Err(refusal),
+            };
+            out.insert(twin.item.clone(), value);
+        }
+        Ok::<_, sqlx::Error>(())
     }
     .await;
     let rolled_back = tx.rollback().await;
-    let text = result?;
+    result?;
     rolled_back?;
-    let value = serde_json::from_str(&text)
-        .map_err(|e| sqlx::Error::Protocol(format!("scratch result: {e}")))?;
-    parse_rows(value)
+    Ok(out)
+}
+
+/// What an item's work returned, or PostgreSQL's refusal of it (SQLSTATE, message).
+pub type ItemResult<T> = Result<T, (Option<String>, String)>;
+
+async fn build_and_read(
+    conn: &mut PgConnection,
+    twin: &Twin,
+) -> Result<Option<String>, sqlx::Error> {
+    for statement in &twin.build {
+        execute_one(&mut *conn, statement).await?;
+    }
+    sqlx::query_scalar::<_, Option<String>>(twin.read)
+        .bind(&twin.read_arg)
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// Opens the savepoint one scratch item runs in.
+pub async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(&mut *conn, "SAVEPOINT dbpolicy_item").await?;
+    Ok(())
+}
+
+/// Rolls the item's savepoint back and releases it, so savepoints do not nest item after
+/// item (fixed text: no spec text, so one simple-protocol round trip).
+pub async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(
+        &mut *conn,
+        "ROLLBACK TO SAVEPOINT dbpolicy_item; RELEASE SAVEPOINT dbpolicy_item",
+    )
+    .await?;
+    Ok(())
+}
+
+/// An item's result: a database error is the item's refusal; lock and statement timeouts
+/// and errors that are not PostgreSQL's abort the whole scratch run.
+pub fn item_outcome<T>(result: Result<T, sqlx::Error>) -> Result<ItemResult<T>, sqlx::Error> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(e) => match (&e, sqlstate(&e).as_deref()) {
+            (_, Some("55P03") | Some("57014")) => Err(e),
+            (sqlx::Error::Database(db), code) => {
+                Ok(Err((code.map(str::to_string), db.message().to_string())))
+            }
+            _ => Err(e),
+        },
+    }
 }
 
 /// What the scratch transaction made of one item: PostgreSQL's form of it, or the
 /// SQLSTATE and message PostgreSQL refused it with.
 pub type Normalized = Result<String, (Option<String>, String)>;
-
-#[derive(serde::Deserialize)]
-struct Row {
-    schema: String,
-    name: String,
-    def: Option<String>,
-    sqlstate: Option<String>,
-    message: Option<String>,
-}
-
-/// Reads a scratch function's `[{schema, name, def | sqlstate, message}]` result.
-pub fn parse_rows(
-    value: serde_json::Value,
-) -> Result<std::collections::BTreeMap<crate::pg::QualifiedName, Normalized>, sqlx::Error> {
-    let rows: Vec<Row> = serde_json::from_value(value)
-        .map_err(|e| sqlx::Error::Protocol(format!("scratch result: {e}")))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let value = match (r.def, r.message) {
-                (Some(def), _) => Ok(def),
-                (None, message) => Err((r.sqlstate, message.unwrap_or_default())),
-            };
-            (QualifiedName::new(r.schema, r.name), value)
-        })
-        .collect())
-}
 
 /// The normalised text of an item, or the reason and message of the plan error for it:
 /// PostgreSQL's SQLSTATE decides the reason, `fallback` when it says nothing specific.

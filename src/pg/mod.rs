@@ -1,7 +1,7 @@
 //! PostgreSQL plumbing: identifier and literal quoting, connections, and mapping of
 //! SQLSTATEs to the reasons users see (never by matching message text).
 
-pub mod lexer;
+pub mod grammar;
 
 use std::fmt;
 use std::time::Duration;
@@ -14,10 +14,31 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// `'literal'` with embedded quotes doubled. With `standard_conforming_strings` on (the
-/// default since 9.1, and the executor sets it) backslashes are not special.
+/// `'literal'` with embedded quotes doubled: every literal the engine emits goes through
+/// here. A value with a backslash becomes `E'…'` with backslashes doubled (as PostgreSQL's
+/// own `quote_literal` does), so the literal means the same whatever
+/// `standard_conforming_strings` is.
 pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    let quoted = value.replace('\'', "''");
+    if value.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
+/// Sends one statement on its own, in one extended-protocol message (Parse/Bind/Execute,
+/// unnamed and not cached): PostgreSQL refuses a second statement there, so even text that
+/// slipped past [`grammar`] could not smuggle one in. The statement is parsed with
+/// PostgreSQL's grammar first and refused unless it is exactly one.
+pub async fn execute_one(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    grammar::check_one_statement(sql).map_err(|e| {
+        sqlx::Error::InvalidArgument(format!("refusing to send a statement that {e}"))
+    })?;
+    sqlx::query(sql).persistent(false).execute(conn).await
 }
 
 /// A schema-qualified relation name.
@@ -210,6 +231,7 @@ mod tests {
             "\"a\"\"; DROP TABLE x; --\""
         );
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
         assert_eq!(QualifiedName::new("s", "T").quoted(), "\"s\".\"T\"");
         assert_eq!(QualifiedName::new("s", "T").to_string(), "s.T");
     }

@@ -139,15 +139,16 @@ SELECT coalesce((
 }
 
 /// SECURITY DEFINER so application roles and RLS policies can ask about a flag without
-/// reading the table; the fixed search_path keeps that safe.
+/// reading the table; the fixed search_path keeps that safe. The body is an ordinary
+/// quoted literal: no dollar-quote tag that a table name could end early.
 pub fn create_function_sql(table: &QualifiedName) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION {}.{}(flag text, subject text) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $dbpolicy${}$dbpolicy$",
+AS {}",
         quote_ident(&table.schema),
         quote_ident(FUNCTION),
-        function_body(table)
+        quote_literal(&function_body(table))
     )
 }
 

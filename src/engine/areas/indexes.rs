@@ -12,7 +12,7 @@ use crate::api::{IndexMethod, IndexSpec, IndexesSpec, TableTarget};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
-use crate::pg::{quote_ident, QualifiedName};
+use crate::pg::{grammar, quote_ident, QualifiedName};
 
 const AREA: Area = Area::Indexes;
 /// The ledger item under which an index the policy created is recorded.
@@ -105,12 +105,48 @@ pub struct Observed {
 }
 
 /// A twin index on an empty temporary copy of the table (LIKE takes only ACCESS SHARE).
-const TWIN_BUILD: &str = "
-            EXECUTE format('CREATE TEMP TABLE %I (LIKE %I.%I)', twin, item->>'tschema', item->>'table');
-            EXECUTE format('CREATE %s INDEX %I ON pg_temp.%I ',
-                    CASE WHEN (item->>'unique')::boolean THEN 'UNIQUE' ELSE '' END, twin || '_ix', twin)
-                || (item->>'tail');
-            def := pg_get_indexdef(('pg_temp.' || quote_ident(twin || '_ix'))::regclass);";
+/// The keys and predicate as PostgreSQL's grammar reads them: each key one index element,
+/// the predicate one expression. Nothing else is ever placed in a statement.
+pub fn check_fragments(ix: &IndexSpec) -> Result<(), String> {
+    for (j, key) in ix.columns.iter().enumerate() {
+        grammar::check_index_key(key).map_err(|e| format!("columns[{j}] {key:?} {e}"))?;
+    }
+    if let Some(w) = &ix.where_clause {
+        grammar::check_expression(w).map_err(|e| format!("where {e}"))?;
+    }
+    Ok(())
+}
+
+/// A twin of the table (no rows: nothing of the definition is evaluated) and the index on
+/// it, read back with `pg_get_indexdef`.
+fn twin(n: usize, ix: &IndexSpec) -> scratch::Twin {
+    let t = ix.qualified();
+    let twin = scratch::twin_name(n);
+    let index = format!("{twin}_ix");
+    scratch::Twin {
+        item: QualifiedName::new(t.schema.clone(), ix.name.clone()),
+        build: vec![
+            format!(
+                "CREATE TEMP TABLE {} (LIKE {})",
+                quote_ident(&twin),
+                t.quoted()
+            ),
+            format!(
+                "CREATE {}INDEX {} ON pg_temp.{} {}",
+                if ix.unique.unwrap_or(false) {
+                    "UNIQUE "
+                } else {
+                    ""
+                },
+                quote_ident(&index),
+                quote_ident(&twin),
+                definition_tail(ix)
+            ),
+        ],
+        read: "SELECT pg_get_indexdef(to_regclass($1))",
+        read_arg: format!("pg_temp.{}", quote_ident(&index)),
+    }
+}
 
 pub async fn observe(
     conn: &mut PgConnection,
@@ -171,20 +207,16 @@ pub async fn observe(
         observed.relkinds.insert(q, relkind);
     }
     // Twins only for indexes whose table exists now.
-    let items: Vec<serde_json::Value> = spec
+    // Only fragments PostgreSQL's grammar accepts reach the server (the plan reports the rest).
+    let items: Vec<scratch::Twin> = spec
         .indexes
         .iter()
         .enumerate()
         .filter(|(_, ix)| observed.relkinds.contains_key(&ix.qualified()))
-        .map(|(n, ix)| {
-            let t = ix.qualified();
-            serde_json::json!({
-                "n": n, "schema": t.schema, "name": ix.name, "tschema": t.schema, "table": t.name,
-                "unique": ix.unique.unwrap_or(false), "tail": definition_tail(ix),
-            })
-        })
+        .filter(|(_, ix)| check_fragments(ix).is_ok())
+        .map(|(n, ix)| twin(n, ix))
         .collect();
-    observed.normalized = scratch::twins(conn, TWIN_BUILD, items).await?;
+    observed.normalized = scratch::twins(conn, items).await?;
     Ok(observed)
 }
 
@@ -244,6 +276,14 @@ pub fn diff(
             continue;
         };
         let partitioned = relkind == "p";
+        if let Err(message) = check_fragments(ix) {
+            plan.error(
+                target,
+                "InvalidIndexDefinition",
+                format!("index {name} on {table}: {message}"),
+            );
+            continue;
+        }
         let desired =
             match scratch::checked(observed.normalized.get(&name), "InvalidIndexDefinition") {
                 Ok(d) => d,

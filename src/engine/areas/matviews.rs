@@ -14,7 +14,7 @@ use crate::api::{
 };
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
-use crate::pg::{reason_for_sqlstate, QualifiedName};
+use crate::pg::{grammar, quote_ident, reason_for_sqlstate, QualifiedName};
 
 const AREA: Area = Area::MaterializedViews;
 const OWNED: &str = "view";
@@ -33,6 +33,8 @@ pub struct ViewState {
     pub populated: bool,
     /// Has a valid unique index without predicate: `REFRESH … CONCURRENTLY` can run.
     pub has_unique_index: bool,
+    /// The role that owns it (its query runs with this role's rights).
+    pub owner: String,
 }
 
 /// One recorded refresh (`dbpolicy.refreshes`).
@@ -48,16 +50,26 @@ pub struct Observed {
     /// Desired definitions as PostgreSQL writes them, or (SQLSTATE, message).
     pub normalized: BTreeMap<QualifiedName, scratch::Normalized>,
     pub refreshes: BTreeMap<QualifiedName, LastRefresh>,
+    /// The `owner` roles of the spec that exist.
+    pub roles: BTreeSet<String>,
 }
 
-/// A twin temporary view of the same query.
-const TWIN_BUILD: &str = "
-            EXECUTE format('CREATE TEMP VIEW %I AS ', twin) || (item->>'definition');
-            def := pg_get_viewdef(('pg_temp.' || quote_ident(twin))::regclass);";
+/// A definition as a statement body, as PostgreSQL's grammar reads it: one plain query
+/// (a final `;` removed), or why it is not one.
+fn body(definition: &str) -> Result<&str, grammar::FragmentError> {
+    grammar::check_query(definition)
+}
 
-/// A definition as a statement body: no trailing semicolon.
-fn body(definition: &str) -> &str {
-    definition.trim().trim_end_matches(';').trim_end()
+/// A temporary view of the query (a view is never run when created), read back with
+/// `pg_get_viewdef`.
+fn twin(n: usize, name: QualifiedName, body: &str) -> scratch::Twin {
+    let twin = scratch::twin_name(n);
+    scratch::Twin {
+        item: name,
+        build: vec![format!("CREATE TEMP VIEW {} AS {body}", quote_ident(&twin))],
+        read: "SELECT pg_get_viewdef(to_regclass($1))",
+        read_arg: format!("pg_temp.{}", quote_ident(&twin)),
+    }
 }
 
 pub async fn observe(
@@ -69,12 +81,14 @@ pub async fn observe(
         .iter()
         .map(|q| (q.schema.clone(), q.name.clone()))
         .unzip();
-    let rows: Vec<(String, String, String, Option<String>, bool, bool)> = sqlx::query_as(
+    type Row = (String, String, String, Option<String>, bool, bool, String);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text, c.relkind::text,
                 CASE WHEN c.relkind = 'm' THEN pg_get_viewdef(c.oid) END,
                 c.relispopulated,
                 EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique
-                        AND i.indisvalid AND i.indpred IS NULL)
+                        AND i.indisvalid AND i.indpred IS NULL),
+                pg_get_userbyid(c.relowner)::text
          FROM unnest($1::text[], $2::text[]) AS d(schema, name)
          JOIN pg_namespace n ON n.nspname = d.schema
          JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name",
@@ -84,7 +98,7 @@ pub async fn observe(
     .fetch_all(&mut *conn)
     .await?;
     let mut observed = Observed::default();
-    for (schema, name, relkind, definition, populated, has_unique_index) in rows {
+    for (schema, name, relkind, definition, populated, has_unique_index, owner) in rows {
         observed.views.insert(
             QualifiedName::new(schema, name),
             ViewState {
@@ -92,20 +106,31 @@ pub async fn observe(
                 definition,
                 populated,
                 has_unique_index,
+                owner,
             },
         );
     }
-    let items: Vec<serde_json::Value> = spec
+    let items: Vec<scratch::Twin> = spec
         .views
         .iter()
         .enumerate()
-        .filter_map(|(n, v)| v.definition.as_ref().map(|d| (n, v, d)))
-        .map(|(n, v, d)| {
-            let q = view_name(v);
-            serde_json::json!({ "n": n, "schema": q.schema, "name": q.name, "definition": body(d) })
-        })
+        .filter_map(|(n, v)| v.definition.as_deref().map(|d| (n, v, d)))
+        .filter_map(|(n, v, d)| body(d).ok().map(|b| twin(n, view_name(v), b)))
         .collect();
-    observed.normalized = scratch::twins(conn, TWIN_BUILD, items).await?;
+    observed.normalized = scratch::twins(conn, items).await?;
+    let owners: Vec<&str> = spec
+        .views
+        .iter()
+        .filter_map(|v| v.owner.as_deref())
+        .collect();
+    if !owners.is_empty() {
+        let existing: Vec<String> =
+            sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)")
+                .bind(&owners)
+                .fetch_all(&mut *conn)
+                .await?;
+        observed.roles = existing.into_iter().collect();
+    }
     observed.refreshes = observe_refreshes(conn).await?;
     Ok(observed)
 }
@@ -160,11 +185,15 @@ pub enum Op {
     Create {
         name: QualifiedName,
         definition: String,
+        owner: Option<String>,
     },
     Replace {
         name: QualifiedName,
         definition: String,
+        owner: Option<String>,
     },
+    /// The view exists as desired but belongs to another role than `owner`.
+    SetOwner { name: QualifiedName, owner: String },
 }
 
 /// `indexes` is the spec's indexes section: a unique index declared there counts for
@@ -192,6 +221,17 @@ pub fn diff(
         }
         let mut will_exist = state.is_some();
         if let Some(definition) = &v.definition {
+            let definition = match body(definition) {
+                Ok(b) => b,
+                Err(e) => {
+                    plan.error(
+                        target,
+                        "InvalidViewDefinition",
+                        format!("definition of {name} {e}"),
+                    );
+                    continue;
+                }
+            };
             let desired =
                 match scratch::checked(observed.normalized.get(&name), "InvalidViewDefinition") {
                     Ok(d) => d,
@@ -200,17 +240,35 @@ pub fn diff(
                         continue;
                     }
                 };
+            if let Some(owner) = v.owner.as_deref().filter(|o| !observed.roles.contains(*o)) {
+                plan.error(
+                    target,
+                    "RoleNotFound",
+                    format!("owner {owner:?} of {name} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
+                );
+                continue;
+            }
+            let owner = v.owner.clone();
             match state {
                 None => ops.push(Op::Create {
                     name: name.clone(),
-                    definition: body(definition).to_string(),
+                    definition: definition.to_string(),
+                    owner,
                 }),
                 Some(s) if s.definition.as_deref().map(str::trim) != Some(desired.trim()) => ops
                     .push(Op::Replace {
                         name: name.clone(),
-                        definition: body(definition).to_string(),
+                        definition: definition.to_string(),
+                        owner,
                     }),
-                Some(_) => {}
+                Some(s) => {
+                    if let Some(owner) = owner.filter(|o| *o != s.owner) {
+                        ops.push(Op::SetOwner {
+                            name: name.clone(),
+                            owner,
+                        });
+                    }
+                }
             }
             will_exist = true;
         }
@@ -244,36 +302,96 @@ pub fn diff(
     ops
 }
 
-pub fn render(op: &Op) -> Vec<Change> {
-    match op {
-        Op::Create { name, definition } => vec![Change::new(
+/// Creating a view runs its query with the creating role's rights. With an `owner`, the
+/// view is created empty (nothing runs), handed to the owner, then filled by a refresh,
+/// which PostgreSQL runs with the owner's rights: the query never runs as the operator.
+fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Change> {
+    let target = name.to_string();
+    match owner {
+        None => vec![Change::new(
             AREA,
-            name.to_string(),
+            &target,
             "create the materialized view",
             format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
-        )
-        .record(OWNED)],
+        )],
+        Some(owner) => vec![
+            Change::new(
+                AREA,
+                &target,
+                "create the materialized view, empty",
+                format!(
+                    "CREATE MATERIALIZED VIEW {} AS {definition} WITH NO DATA",
+                    name.quoted()
+                ),
+            ),
+            Change::new(
+                AREA,
+                &target,
+                format!("hand it to its owner {owner}"),
+                format!(
+                    "ALTER MATERIALIZED VIEW {} OWNER TO {}",
+                    name.quoted(),
+                    quote_ident(owner)
+                ),
+            ),
+            Change::new(
+                AREA,
+                &target,
+                format!("fill it, with {owner}'s rights"),
+                format!("REFRESH MATERIALIZED VIEW {}", name.quoted()),
+            ),
+        ],
+    }
+}
+
+pub fn render(op: &Op) -> Vec<Change> {
+    match op {
+        Op::Create {
+            name,
+            definition,
+            owner,
+        } => {
+            let mut changes = create(name, definition, owner.as_deref());
+            if let Some(last) = changes.pop() {
+                changes.push(last.record(OWNED));
+            }
+            changes
+        }
         // Drop and create in one transaction: readers wait on the lock (bounded by
         // lock_timeout) rather than ever finding the view missing.
-        Op::Replace { name, definition } => vec![
-            Change::new(
+        Op::Replace {
+            name,
+            definition,
+            owner,
+        } => {
+            let bundle = format!("replace view {name}");
+            let mut changes = vec![Change::new(
                 AREA,
                 name.to_string(),
                 "drop the view to replace its definition",
                 format!("DROP MATERIALIZED VIEW {}", name.quoted()),
             )
             .hazard(Hazard::Destructive)
-            .bundle(format!("replace view {name}")),
-            Change::new(
-                AREA,
-                name.to_string(),
-                "create the materialized view with the new definition",
-                format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
-            )
-            .hazard(Hazard::Locking)
-            .record(OWNED)
-            .bundle(format!("replace view {name}")),
-        ],
+            .bundle(&bundle)];
+            let created = create(name, definition, owner.as_deref());
+            let n = created.len();
+            for (i, c) in created.into_iter().enumerate() {
+                let c = c.hazard(Hazard::Locking).bundle(&bundle);
+                changes.push(if i + 1 == n { c.record(OWNED) } else { c });
+            }
+            changes
+        }
+        Op::SetOwner { name, owner } => vec![Change::new(
+            AREA,
+            name.to_string(),
+            format!("hand the view to its owner {owner}"),
+            format!(
+                "ALTER MATERIALIZED VIEW {} OWNER TO {}",
+                name.quoted(),
+                quote_ident(owner)
+            ),
+        )
+        .hazard(Hazard::Locking)],
     }
 }
 
@@ -405,7 +523,7 @@ pub async fn refresh(
         if concurrently { "CONCURRENTLY " } else { "" },
         view.quoted()
     );
-    sqlx::Executor::execute(&mut *conn, sql.as_str())
+    crate::pg::execute_one(&mut *conn, &sql)
         .await
         .map_err(failed)?;
     let seconds = started.elapsed().as_secs_f64();

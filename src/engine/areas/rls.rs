@@ -6,16 +6,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-use sqlx::{Connection, Executor, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 use crate::api::{
     PolicyCommand, PolicyKind, RlsPolicy, RlsTable, RowLevelSecuritySpec, TableTarget,
 };
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
-use crate::pg::lexer::check_expression;
-use crate::pg::{quote_ident, QualifiedName};
+use crate::engine::scratch;
+use crate::pg::grammar::check_expression;
+use crate::pg::{execute_one, quote_ident, QualifiedName};
 
 const AREA: Area = Area::RowLevelSecurity;
 
@@ -180,7 +180,22 @@ fn command_from_catalog(polcmd: &str) -> PolicyCommand {
     }
 }
 
-/// The normalisation function, created in `pg_temp` inside the rolled-back transaction.
+/// One spec table's desired policies, as normalisation creates them on its twin.
+struct NormalizeTable<'a> {
+    name: QualifiedName,
+    policies: Vec<NormalizePolicy<'a>>,
+}
+
+struct NormalizePolicy<'a> {
+    name: &'a str,
+    command: &'static str,
+    clauses: String,
+}
+
+type NormalizedPolicies = BTreeMap<(QualifiedName, String), Result<Normalized, ExpressionError>>;
+
+/// Has PostgreSQL rewrite every desired expression of the spec's existing tables, in a
+/// transaction that is always rolled back: nothing is left behind, whatever happens.
 ///
 /// Each spec table gets a temporary twin of the same name (`CREATE TEMP TABLE … (LIKE …)`,
 /// which only takes ACCESS SHARE on the real table: a policy on the real table would take
@@ -190,123 +205,19 @@ fn command_from_catalog(polcmd: &str) -> PolicyCommand {
 /// do for the real table; the deparsed text is therefore the one the real policy shows.
 /// The twin is partitioned (by an extra column) only so that it has no storage: no file,
 /// no TOAST table, which makes it about fifteen times cheaper than a plain temporary table.
+/// Creating a policy never evaluates its expressions.
 ///
-/// Each table's work runs in a subtransaction that is always rolled back (by raising
-/// `DBPRB` once the results are read): the twin, its catalog rows and every lock taken
-/// for it go away at once, so a thousand tables never hold thousands of locks (the shared
-/// lock table is sized for 64 per connection) and aborted subtransactions leave nothing in
-/// the subtransaction cache that other sessions' snapshots consult. Inside it, the
-/// table's policies are created together; only when one is invalid are they created
-/// again one subtransaction each, to name every bad one. Lock timeouts are re-raised, not
-/// blamed on an expression; statement timeouts cannot be caught in PL/pgSQL at all.
-const NORMALIZE_FUNCTIONS_SQL: &str = r#"
-CREATE FUNCTION pg_temp.dbpolicy_rls_normalize(input jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $dbpolicy$
-DECLARE
-    t jsonb;
-    p jsonb;
-    twin text;
-    one_by_one boolean;
-    found jsonb;
-    e jsonb;
-    -- An array variable grows in place; a jsonb value would be copied on every append.
-    result jsonb[] := '{}';
-BEGIN
-    PERFORM set_config('search_path',
-        CASE WHEN current_setting('search_path') = '' THEN 'pg_temp'
-             ELSE current_setting('search_path') || ', pg_temp' END, true);
-    FOR t IN SELECT value FROM jsonb_array_elements(input) LOOP
-        twin := 'pg_temp.' || quote_ident(t->>'table');
-        found := '[]';
-        BEGIN
-            EXECUTE format('CREATE TEMP TABLE %I (LIKE %I.%I, "dbpolicy twin key" int)'
-                || ' PARTITION BY LIST ("dbpolicy twin key")', t->>'table', t->>'schema', t->>'table');
-            one_by_one := false;
-            BEGIN
-                FOR p IN SELECT value FROM jsonb_array_elements(t->'policies') LOOP
-                    EXECUTE format('CREATE POLICY %I ON %s FOR %s', p->>'name', twin, p->>'command')
-                        || (p->>'clauses');
-                END LOOP;
-            EXCEPTION
-                WHEN lock_not_available THEN RAISE;
-                WHEN OTHERS THEN one_by_one := true;
-            END;
-            IF one_by_one THEN
-                FOR p IN SELECT value FROM jsonb_array_elements(t->'policies') LOOP
-                    BEGIN
-                        EXECUTE format('CREATE POLICY %I ON %s FOR %s', p->>'name', twin, p->>'command')
-                            || (p->>'clauses');
-                    EXCEPTION
-                        WHEN lock_not_available THEN RAISE;
-                        WHEN OTHERS THEN
-                            found := found || jsonb_build_object('schema', t->>'schema',
-                                'table', t->>'table', 'policy', p->>'name',
-                                'sqlstate', SQLSTATE, 'message', SQLERRM);
-                    END;
-                END LOOP;
-            END IF;
-            found := found || coalesce((
-                SELECT jsonb_agg(jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
-                           'policy', polname, 'using', pg_get_expr(polqual, polrelid),
-                           'withCheck', pg_get_expr(polwithcheck, polrelid)))
-                FROM pg_policy WHERE polrelid = twin::regclass), '[]');
-            RAISE EXCEPTION USING ERRCODE = 'DBPRB', MESSAGE = 'dbpolicy: discard the twin';
-        EXCEPTION
-            WHEN lock_not_available THEN RAISE;
-            WHEN SQLSTATE 'DBPRB' THEN NULL;
-            WHEN OTHERS THEN
-                found := found || jsonb_build_object('schema', t->>'schema', 'table', t->>'table',
-                    'sqlstate', SQLSTATE, 'message', SQLERRM);
-        END;
-        FOR e IN SELECT value FROM jsonb_array_elements(found) LOOP
-            result := array_append(result, e);
-        END LOOP;
-    END LOOP;
-    RETURN to_jsonb(result);
-END
-$dbpolicy$;
-"#;
-
-#[derive(Serialize)]
-struct NormalizeTable<'a> {
-    schema: &'a str,
-    table: &'a str,
-    policies: Vec<NormalizePolicy<'a>>,
-}
-
-#[derive(Serialize)]
-struct NormalizePolicy<'a> {
-    name: &'a str,
-    command: &'static str,
-    clauses: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NormalizeRow {
-    schema: String,
-    table: String,
-    #[serde(default)]
-    policy: Option<String>,
-    #[serde(default)]
-    using: Option<String>,
-    #[serde(default)]
-    with_check: Option<String>,
-    #[serde(default)]
-    sqlstate: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-}
-
-/// Has PostgreSQL rewrite every desired expression of the spec's existing tables, in a
-/// transaction that is always rolled back: nothing is left behind, whatever happens.
+/// Every statement carrying an expression is sent alone (extended protocol), after
+/// [`check_expression`] accepted the expression. Each table's work runs in a savepoint
+/// that is always rolled back, so a thousand tables never hold thousands of locks. Inside
+/// it, the table's policies are created together; only when one is invalid are they
+/// created again one savepoint each, to name every bad one.
 async fn normalize(
     conn: &mut PgConnection,
     spec: &RowLevelSecuritySpec,
     tables: &BTreeMap<QualifiedName, TableState>,
-) -> Result<BTreeMap<(QualifiedName, String), Result<Normalized, ExpressionError>>, sqlx::Error> {
+) -> Result<NormalizedPolicies, sqlx::Error> {
     let mut input = Vec::new();
-    let mut names: Vec<(QualifiedName, Vec<&str>)> = Vec::new();
     for t in &spec.tables {
         let name = t.qualified();
         if !tables
@@ -326,89 +237,145 @@ async fn normalize(
                 clauses: clauses_sql(p.using.as_deref(), p.with_check.as_deref()),
             })
             .collect();
-        if policies.is_empty() {
-            continue;
+        if !policies.is_empty() {
+            input.push(NormalizeTable { name, policies });
         }
-        names.push((name, policies.iter().map(|p| p.name).collect()));
-        input.push(NormalizeTable {
-            schema: t.schema().unwrap_or(crate::api::DEFAULT_SCHEMA),
-            table: &t.table,
-            policies,
-        });
     }
     let mut out = BTreeMap::new();
     if input.is_empty() {
         return Ok(out);
     }
-    let input = serde_json::to_string(&input).expect("serialising strings cannot fail");
-
     let mut tx = conn.begin().await?;
-    let result = normalize_in(&mut tx, &input).await;
+    let result = normalize_in(&mut tx, &input, &mut out).await;
     let rolled_back = tx.rollback().await;
-    let text = result?;
+    result?;
     rolled_back?;
+    Ok(out)
+}
 
-    let rows: Vec<NormalizeRow> = serde_json::from_str(&text)
-        .map_err(|e| sqlx::Error::Protocol(format!("normalisation result: {e}")))?;
-    for row in rows {
-        let table = QualifiedName::new(row.schema, row.table);
-        let value = match (&row.message, row.sqlstate) {
-            (Some(message), sqlstate) => Err(ExpressionError {
-                sqlstate,
-                message: message.clone(),
-            }),
-            (None, _) => Ok(Normalized {
-                using: row.using,
-                with_check: row.with_check,
-            }),
+async fn normalize_in(
+    conn: &mut PgConnection,
+    input: &[NormalizeTable<'_>],
+    out: &mut NormalizedPolicies,
+) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(
+        &mut *conn,
+        "SELECT set_config('search_path',
+            CASE WHEN current_setting('search_path') = '' THEN 'pg_temp'
+                 ELSE current_setting('search_path') || ', pg_temp' END, true)",
+    )
+    .await?;
+    for t in input {
+        scratch::savepoint(conn).await?;
+        let mut result = twin_policies(conn, t, false).await;
+        if matches!(&result, Ok(errors) if !errors.is_empty()) || result.is_err() {
+            // Name every bad policy: again, one savepoint each.
+            scratch::release_savepoint(conn).await?;
+            scratch::savepoint(conn).await?;
+            result = twin_policies(conn, t, true).await;
+        }
+        let read = match result {
+            Ok(errors) => {
+                let read = read_twin(conn, &t.name).await;
+                read.map(|rows| (rows, errors))
+            }
+            Err(e) => Err(e),
         };
-        match row.policy {
-            Some(policy) => {
-                out.insert((table, policy), value);
+        scratch::release_savepoint(conn).await?;
+        match scratch::item_outcome(read)? {
+            Ok((rows, errors)) => {
+                for (policy, using, with_check) in rows {
+                    out.insert(
+                        (t.name.clone(), policy),
+                        Ok(Normalized { using, with_check }),
+                    );
+                }
+                for (policy, error) in errors {
+                    out.insert((t.name.clone(), policy), Err(error));
+                }
             }
             // The table itself failed (e.g. no SELECT privilege for LIKE): every policy.
-            None => {
-                if let Some((_, policies)) = names.iter().find(|(n, _)| *n == table) {
-                    for p in policies {
-                        out.insert((table.clone(), p.to_string()), value.clone());
-                    }
+            Err((sqlstate, message)) => {
+                for p in &t.policies {
+                    out.insert(
+                        (t.name.clone(), p.name.to_string()),
+                        Err(ExpressionError {
+                            sqlstate: sqlstate.clone(),
+                            message: message.clone(),
+                        }),
+                    );
                 }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-/// The one round trip inside the normalisation transaction: the function and the call, as
-/// one simple-protocol batch (PostgreSQL analyses each statement of a batch after running
-/// the ones before it, so the call sees the function). The input is a dollar-quoted
-/// literal with a tag it does not contain, whatever `standard_conforming_strings` is.
-async fn normalize_in(tx: &mut PgConnection, input: &str) -> Result<String, sqlx::Error> {
-    let mut tag = "$dbpolicy_input$".to_string();
-    let mut n = 0;
-    while input.contains(&tag) {
-        n += 1;
-        tag = format!("$dbpolicy_input{n}$");
+/// Creates the twin and its policies. With `one_by_one`, each policy gets a savepoint of
+/// its own and a refused one is returned with PostgreSQL's reason; without, the first
+/// refusal is an error (the caller then retries one by one).
+async fn twin_policies(
+    conn: &mut PgConnection,
+    t: &NormalizeTable<'_>,
+    one_by_one: bool,
+) -> Result<Vec<(String, ExpressionError)>, sqlx::Error> {
+    let twin = quote_ident(&t.name.name);
+    execute_one(
+        &mut *conn,
+        &format!(
+            "CREATE TEMP TABLE {twin} (LIKE {}, \"dbpolicy twin key\" int) PARTITION BY LIST (\"dbpolicy twin key\")",
+            t.name.quoted()
+        ),
+    )
+    .await?;
+    let mut refused = Vec::new();
+    for p in &t.policies {
+        let sql = format!(
+            "CREATE POLICY {} ON pg_temp.{twin} FOR {}{}",
+            quote_ident(p.name),
+            p.command,
+            p.clauses
+        );
+        if !one_by_one {
+            execute_one(&mut *conn, &sql).await?;
+            continue;
+        }
+        sqlx::Executor::execute(&mut *conn, "SAVEPOINT dbpolicy_policy").await?;
+        let created = execute_one(&mut *conn, &sql).await;
+        let rollback = if created.is_ok() {
+            "RELEASE SAVEPOINT dbpolicy_policy"
+        } else {
+            "ROLLBACK TO SAVEPOINT dbpolicy_policy; RELEASE SAVEPOINT dbpolicy_policy"
+        };
+        sqlx::Executor::execute(&mut *conn, rollback).await?;
+        if let Err((sqlstate, message)) = scratch::item_outcome(created)? {
+            refused.push((p.name.to_string(), ExpressionError { sqlstate, message }));
+        }
     }
-    let batch = format!(
-        "{NORMALIZE_FUNCTIONS_SQL}\nSELECT pg_temp.dbpolicy_rls_normalize({tag}{input}{tag}::jsonb)::text"
-    );
-    // A plain string runs as a simple query; unlike `raw_sql`, the boxed future it
-    // returns keeps the engine's future `Send`.
-    let row = tx.fetch_one(batch.as_str()).await?;
-    row.try_get(0)
+    Ok(refused)
+}
+
+type TwinPolicyRow = (String, Option<String>, Option<String>);
+
+async fn read_twin(
+    conn: &mut PgConnection,
+    table: &QualifiedName,
+) -> Result<Vec<TwinPolicyRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT polname::text, pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid)
+         FROM pg_policy WHERE polrelid = to_regclass($1)",
+    )
+    .bind(format!("pg_temp.{}", quote_ident(&table.name)))
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await
 }
 
 // ---------------------------------------------------------------------- expressions (pure)
 
-/// `(expr)`, with the closing parenthesis on its own line after a `--` comment.
+/// `(expr)`: [`check_expression`] has made sure the expression cannot leave it.
 fn parenthesized(expr: &str) -> String {
-    let expr = expr.trim();
-    if check_expression(expr).map_or(true, |l| l.line_comment) {
-        format!("({expr}\n)")
-    } else {
-        format!("({expr})")
-    }
+    format!("({})", expr.trim())
 }
 
 /// ` USING (…) WITH CHECK (…)`, as both the policy and its normalisation are written.
@@ -428,10 +395,10 @@ fn clauses_sql(using: Option<&str>, with_check: Option<&str>) -> String {
 /// The policy's expressions after [`check_expression`], or which one is not an expression.
 fn expressions(p: &RlsPolicy) -> Result<(), (&'static str, String)> {
     if let Some(u) = &p.using {
-        check_expression(u).map_err(|e| ("using", e))?;
+        check_expression(u).map_err(|e| ("using", e.to_string()))?;
     }
     if let Some(c) = &p.with_check {
-        check_expression(c).map_err(|e| ("withCheck", e))?;
+        check_expression(c).map_err(|e| ("withCheck", e.to_string()))?;
     }
     Ok(())
 }
@@ -1359,7 +1326,6 @@ mod tests {
             "true; DROP TABLE up",
             "(true",
             "true -- x\r); DROP TABLE up; --",
-            "$$ ) $$",
             "'unterminated",
             // Without E, a backslash does not escape: the quote ends the literal.
             "'\\') ; DROP TABLE up; --'",
@@ -1376,39 +1342,14 @@ mod tests {
     }
 
     #[test]
-    fn expression_lexer_accepts_what_is_one_expression() {
-        for (good, comment) in [
-            ("a = 1", false),
-            ("note = ')' AND note <> '('", false),
-            ("note = 'it''s ; fine'", false),
-            (r#""we)ird" = 1"#, false),
-            (r#""a""b" = 1"#, false),
-            ("note ~ '\\d+'", false),
-            ("note = E'\\')'", false),
-            ("note = e'x\\\\'", false),
-            ("/* a ( /* nested ) */ ; */ true", false),
-            ("true -- the owner (sees all)\n", true),
-            ("a = 1 AND (b = 2 OR (c = 3))", false),
-            ("name'x' IS NULL", false),
-            // With E, it does: this is one literal.
-            ("note = e'\\') ; DROP TABLE up; --'", false),
-        ] {
-            assert_eq!(
-                check_expression(good).map(|l| l.line_comment),
-                Ok(comment),
-                "{good:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_line_comment_keeps_the_closing_parenthesis_out_of_it() {
+    fn comments_are_refused() {
         let s = spec(vec![table(
             "up",
             vec![policy("own", None, Some("true -- all"))],
         )]);
         let p = run(&s, &observed(&[("up", vec![])]));
-        assert!(p.changes[0].sql.ends_with("USING (true -- all\n)"));
+        assert!(p.changes.is_empty());
+        assert_eq!(p.errors[0].reason, "InvalidPolicyExpression");
     }
 
     /// The controller's executor needs the engine's future to be `Send` for every
