@@ -100,7 +100,7 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("duplicate flags", p("  featureFlags:\n    flags: [{name: a, enabled: true}, {name: a, enabled: false}]\n"), "a is listed more than once"),
         ("two storages", p("  backups:\n    schedule: '0 3 * * *'\n    storage: {pvc: {claimName: x}, s3: {bucket: b, credentialsSecretRef: {name: s}}}\n"), "exactly one of pvc or s3"),
         // Invalid SQL: refused by the fragment check, or by PostgreSQL, before anything runs.
-        ("syntax error in using", p("  rowLevelSecurity:\n    tables: [{table: t, policies: [{name: a, using: \"owner = = 1\"}]}]\n"), "42601"),
+        ("syntax error in using", p("  rowLevelSecurity:\n    tables: [{table: t, policies: [{name: a, using: \"owner = = 1\"}]}]\n"), "spec.rowLevelSecurity.tables[0].policies[0].using: is not valid SQL: syntax error"),
         ("unknown column in using", p("  rowLevelSecurity:\n    tables: [{table: t, policies: [{name: a, using: \"nope = 1\"}]}]\n"), "42703"),
         ("non-boolean using", p("  rowLevelSecurity:\n    tables: [{table: t, policies: [{name: a, using: \"owner + 1\"}]}]\n"), "42804"),
         ("statement injected into using", p("  rowLevelSecurity:\n    tables: [{table: t, policies: [{name: a, using: \"true); DROP TABLE victim; --\"}]}]\n"), "spec.rowLevelSecurity.tables[0].policies[0].using"),

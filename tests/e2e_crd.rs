@@ -281,6 +281,12 @@ struct Bad {
 
 const BAD: &[Bad] = &[
     Bad {
+        what: "a name of 40 Cyrillic letters: 40 characters but 80 bytes",
+        path: "spec.rowLevelSecurity.tables.0.table",
+        value: "яяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяяя",
+        expect: &["spec.rowLevelSecurity.tables[0].table", "at most 63 bytes"],
+    },
+    Bad {
         what: "backups storage with both pvc and s3",
         path: "spec.backups.storage.s3",
         value: "{bucket: dumps, credentialsSecretRef: {name: s3-creds}}",

@@ -166,3 +166,41 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .await;
     assert!(!fn_exists);
 }
+
+/// With `owner`, the flags table and the SECURITY DEFINER `feature_enabled()` belong to that
+/// role (the function runs with its rights, not the operator's), and the plan converges.
+/// A table name holding the old fixed dollar-quote tag cannot end the function body.
+#[tokio::test]
+async fn owner_gets_the_table_and_the_security_definer_function() {
+    let db = TestDb::new().await;
+    let owner = db.unique_role("flags_owner");
+    db.exec(&format!("CREATE ROLE {owner} NOLOGIN")).await;
+    let p = policy(
+        "flags",
+        &format!(
+            "  featureFlags:\n    owner: {owner}\n    table: \"x$dbpolicy$flags\"\n    flags:\n      - {{name: a, enabled: true}}\n"
+        ),
+    );
+    expect_code(&cli("apply", db.url(), &p), 0);
+    expect_code(&cli("plan", db.url(), &p), 0);
+    let owners = db
+        .query_column::<String>(&format!(
+            "SELECT pg_get_userbyid(relowner)::text FROM pg_class WHERE relname = 'x$dbpolicy$flags'
+             UNION ALL
+             SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'feature_enabled'"
+        ))
+        .await;
+    assert_eq!(owners, [owner.clone(), owner.clone()]);
+    assert!(
+        db.query_scalar::<bool>("SELECT feature_enabled('a', 'u1')")
+            .await
+    );
+
+    let missing = policy(
+        "flags",
+        "  featureFlags:\n    owner: no_such_role_anywhere\n    flags: []\n",
+    );
+    let out = cli("plan", db.url(), &missing);
+    expect_code(&out, 1);
+    assert!(out.stdout.contains("RoleNotFound"), "{}", out.stdout);
+}

@@ -608,7 +608,16 @@ fn observed_autovacuum() -> impl Strategy<Value = autovacuum::Observed> {
     .prop_map(|tables| autovacuum::Observed {
         tables: tables
             .into_iter()
-            .map(|(q, (relkind, options))| (q, autovacuum::TableState { relkind, options }))
+            .map(|(q, (relkind, options))| {
+                (
+                    q,
+                    autovacuum::TableState {
+                        relkind,
+                        options,
+                        not_owned: false,
+                    },
+                )
+            })
             .collect(),
     })
 }
@@ -655,6 +664,7 @@ fn observed_rls() -> impl Strategy<Value = rls::Observed> {
             relkind,
             enabled,
             force,
+            not_owned: false,
             policies,
         });
     let normalized = prop_oneof![
@@ -706,6 +716,9 @@ fn observed_flags() -> impl Strategy<Value = feature_flags::Observed> {
                     schema_exists,
                     table_exists,
                     function_body,
+                    table_owner: None,
+                    function_owner: None,
+                    owner_exists: false,
                     rows: rows
                         .into_iter()
                         .map(|(name, (enabled, rollout_percentage, description))| {
@@ -856,6 +869,7 @@ fn observed_views() -> impl Strategy<Value = matviews::Observed> {
                     definition,
                     populated,
                     has_unique_index,
+                    owner: "postgres".into(),
                 },
             ),
             0..3,
@@ -866,6 +880,7 @@ fn observed_views() -> impl Strategy<Value = matviews::Observed> {
             views,
             normalized,
             refreshes: BTreeMap::new(),
+            roles: Default::default(),
         })
 }
 

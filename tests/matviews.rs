@@ -160,3 +160,60 @@ async fn bad_definitions_and_missing_views_change_nothing() {
             .await
     );
 }
+
+/// A view with an `owner` is created empty, handed over and filled by a refresh that runs
+/// with the owner's rights: a query over a table the owner may not read fails, and nothing
+/// is left; over one it may read, it succeeds and the view belongs to the owner.
+#[tokio::test]
+async fn an_owned_view_query_runs_with_its_owner_rights_never_the_operators() {
+    let db = TestDb::new().await;
+    let owner = db.unique_role("reporting");
+    db.exec(&format!(
+        "CREATE TABLE secrets (x int); INSERT INTO secrets VALUES (1);
+         CREATE TABLE stats (x int); INSERT INTO stats VALUES (7);
+         CREATE ROLE {owner} NOLOGIN; GRANT SELECT ON stats TO {owner}"
+    ))
+    .await;
+    let view = |name: &str, from: &str| {
+        policy(
+            "mv",
+            &format!(
+                "  materializedViews:\n    views:\n      - {{name: {name}, owner: {owner}, definition: \"SELECT x FROM {from}\"}}\n"
+            ),
+        )
+    };
+    // Not readable by the owner: the refresh fails with PostgreSQL's privilege error and
+    // the whole transaction (create, hand over, refresh) is rolled back.
+    let out = cli("apply", db.url(), &view("leak", "secrets"));
+    expect_code(&out, 1);
+    assert!(
+        out.stdout.contains("InsufficientPrivilege")
+            || out.stderr.contains("InsufficientPrivilege"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(
+        db.query_scalar::<i64>("SELECT count(*) FROM pg_matviews WHERE matviewname = 'leak'")
+            .await,
+        0
+    );
+    // Readable: created, owned by the role, filled, and converged.
+    let ok = view("fine", "stats");
+    expect_code(&cli("apply", db.url(), &ok), 0);
+    assert_eq!(
+        db.query_scalar::<String>(
+            "SELECT matviewowner::text FROM pg_matviews WHERE matviewname = 'fine'"
+        )
+        .await,
+        owner
+    );
+    assert_eq!(db.query_scalar::<i32>("SELECT x FROM fine").await, 7);
+    expect_code(&cli("plan", db.url(), &ok), 0);
+    // A hand-made change of owner is drift, handed back.
+    db.exec("ALTER MATERIALIZED VIEW fine OWNER TO postgres")
+        .await;
+    expect_code(&cli("plan", db.url(), &ok), 2);
+    expect_code(&cli("apply", db.url(), &ok), 0);
+    expect_code(&cli("plan", db.url(), &ok), 0);
+}

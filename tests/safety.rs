@@ -148,3 +148,49 @@ async fn concurrent_applies_never_interleave() {
     );
     expect_code(&cli("plan", db.url(), &p), 0);
 }
+
+/// A role that can read a table but does not own it: the plan names the missing privilege
+/// for every area that would alter the table, and apply changes nothing at all (before,
+/// autovacuum was committed and RLS then failed half-way).
+#[tokio::test]
+async fn a_role_that_does_not_own_the_table_gets_a_plan_error_and_nothing_changes() {
+    let db = TestDb::new().await;
+    let reader = db.unique_role("reader");
+    db.exec(&format!(
+        "CREATE TABLE t (id int, owner_id int);
+         CREATE ROLE {reader} LOGIN;
+         GRANT SELECT ON t TO {reader};
+         CREATE SCHEMA dbpolicy; GRANT ALL ON SCHEMA dbpolicy TO {reader}"
+    ))
+    .await;
+    let p = policy(
+        "notowner",
+        "  autovacuum:\n    tables: [{table: t, vacuumScaleFactor: 0.01}]\n  rowLevelSecurity:\n    tables:\n      - table: t\n        policies: [{name: own, using: \"owner_id = 1\"}]\n",
+    );
+    let url = db.url_as(&reader);
+    for verb in ["plan", "apply"] {
+        let out = cli(verb, &url, &p);
+        expect_code(&out, 1);
+        assert_eq!(
+            out.stdout.matches("InsufficientPrivilege").count(),
+            2,
+            "{verb}: one error per area\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    assert_eq!(
+        db.query_scalar::<String>(
+            "SELECT coalesce(array_to_string(reloptions, ','), '') || ' rls=' || relrowsecurity FROM pg_class WHERE relname = 't'"
+        )
+        .await,
+        " rls=false"
+    );
+    // Once the role owns it (and may create the ledger), the same policy applies.
+    db.exec(&format!(
+        "ALTER TABLE t OWNER TO {reader}; GRANT CREATE ON DATABASE \"{}\" TO {reader}",
+        db.name()
+    ))
+    .await;
+    expect_code(&cli("apply", &url, &p), 0);
+}

@@ -27,6 +27,8 @@ fn err(path: impl Into<String>, message: impl Into<String>) -> ValidationError {
 /// Every problem in the spec, in field order; empty when the spec is valid.
 pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
     let mut errors = Vec::new();
+    name_bytes(spec, &mut errors);
+    relation_names_shared(spec, &mut errors);
     let mut duration = |path: &str, value: Option<&str>| {
         if let Some(v) = value {
             if let Err(e) = parse_duration(v) {
@@ -248,6 +250,88 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
     errors
 }
 
+/// PostgreSQL names are at most 63 bytes (NAMEDATALEN - 1); a longer one is silently
+/// truncated, then never converges. The fields that are names are the ones whose schema
+/// says `maxLength: 63` (see `crd::name_byte_rules`, which gives the API server the same
+/// rule): this walks the spec beside its own schema, so a new name field is covered.
+fn name_bytes(spec: &DatabasePolicySpec, errors: &mut Vec<ValidationError>) {
+    static SCHEMA: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(|| {
+        let crd = serde_json::to_value(crate::crd::crd()).expect("the CRD serialises");
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+    });
+    let Ok(value) = serde_json::to_value(spec) else {
+        return;
+    };
+    walk_names(schema, &value, "", errors);
+}
+
+fn walk_names(
+    schema: &serde_json::Value,
+    value: &serde_json::Value,
+    path: &str,
+    errors: &mut Vec<ValidationError>,
+) {
+    use serde_json::Value;
+    match value {
+        Value::String(s)
+            if schema["maxLength"].as_u64() == Some(crate::crd::NAME_BYTES as u64)
+                && s.len() > crate::crd::NAME_BYTES =>
+        {
+            errors.push(err(
+                path,
+                format!(
+                    "{s:?} is {} bytes; PostgreSQL names are at most {} bytes (letters outside ASCII take 2 to 4 bytes each)",
+                    s.len(),
+                    crate::crd::NAME_BYTES
+                ),
+            ));
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                let sub = if schema["properties"].get(k).is_some() {
+                    &schema["properties"][k]
+                } else {
+                    &schema["additionalProperties"]
+                };
+                let at = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                walk_names(sub, v, &at, errors);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                walk_names(&schema["items"], v, &format!("{path}[{i}]"), errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Tables, views and indexes share one namespace per schema: a materialized view and an
+/// index of one name cannot both exist, and would half-apply.
+fn relation_names_shared(spec: &DatabasePolicySpec, errors: &mut Vec<ValidationError>) {
+    let (Some(views), Some(indexes)) = (&spec.materialized_views, &spec.indexes) else {
+        return;
+    };
+    for (i, ix) in indexes.indexes.iter().enumerate() {
+        let schema = ix.schema.as_deref().unwrap_or(DEFAULT_SCHEMA);
+        if views
+            .views
+            .iter()
+            .any(|v| v.name == ix.name && v.schema.as_deref().unwrap_or(DEFAULT_SCHEMA) == schema)
+        {
+            errors.push(err(
+                format!("indexes.indexes[{i}].name"),
+                format!("{schema}.{} is also the name of a materialized view of this policy; tables, views and indexes share one namespace per schema", ix.name),
+            ));
+        }
+    }
+}
+
 fn unique(errors: &mut Vec<ValidationError>, path: &str, names: impl Iterator<Item = String>) {
     let mut seen = HashSet::new();
     for name in names {
@@ -365,6 +449,34 @@ indexes:
         assert!(errors[1].starts_with("spec.materializedViews.views[0].definition: "));
         assert!(errors[2].starts_with("spec.indexes.indexes[0].columns[0]: "));
         assert!(errors[3].starts_with("spec.indexes.indexes[0].where: "));
+    }
+
+    #[test]
+    fn names_are_limited_in_bytes_and_views_and_indexes_share_names() {
+        let cyrillic = "я".repeat(40); // 40 characters, 80 bytes
+        let s = spec(&format!(
+            r#"
+database: {{connectionSecretRef: {{name: db}}}}
+autovacuum:
+  tables: [{{table: "{cyrillic}", vacuumScaleFactor: 0.1}}]
+materializedViews:
+  views: [{{name: stats, definition: "SELECT 1"}}]
+indexes:
+  indexes: [{{name: stats, table: t, columns: [a]}}, {{name: "{ok}", table: t, columns: [a]}}]
+"#,
+            ok = "я".repeat(31)
+        ));
+        let errors: Vec<String> = validate_spec(&s).iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("spec.autovacuum.tables[0].table: "),
+            "{errors:?}"
+        );
+        assert!(errors[0].contains("80 bytes"));
+        assert!(
+            errors[1].starts_with("spec.indexes.indexes[0].name: "),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -305,6 +305,27 @@ impl AreaPlan {
             message: message.into(),
         });
     }
+    /// Turns the changes to tables the connecting role may not alter into one
+    /// `InsufficientPrivilege` error per table, before anything runs: PostgreSQL lets only
+    /// a table's owner (or a member of the owner role) alter it, and finding out half-way
+    /// through an apply would leave earlier areas committed.
+    pub fn refuse_unowned(&mut self, not_owned: impl Fn(&str) -> bool) {
+        let mut refused = std::collections::BTreeSet::new();
+        self.changes.retain(|c| {
+            let keep = !not_owned(&c.target);
+            if !keep {
+                refused.insert(c.target.clone());
+            }
+            keep
+        });
+        for target in refused {
+            self.error(
+                &target,
+                "InsufficientPrivilege",
+                format!("the connecting role does not own {target}: only its owner (or a member of the owner role) may change it; GRANT the owner role to the connecting role, or connect as the owner"),
+            );
+        }
+    }
     pub fn notice(&mut self, target: impl Into<String>, reason: &str, message: impl Into<String>) {
         self.notices.push(Notice {
             area: self.area,

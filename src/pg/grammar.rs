@@ -36,6 +36,10 @@ pub const MAX_FRAGMENT_BYTES: usize = 100_000;
 /// One scalar SQL expression: an RLS `using` or `withCheck`, an index `where`.
 pub fn check_expression(text: &str) -> Result<(), FragmentError> {
     check_tokens(text)?;
+    if has_top_level_comma(text)? {
+        // `SELECT (a, b)` is a row, but `USING (a, b)` is not an expression at all.
+        return fail("is a list, not one SQL expression");
+    }
     let parsed = parse(&format!("SELECT ({text}\n)"))?;
     let select = match one_statement(&parsed)? {
         N::SelectStmt(s) => s,
@@ -95,10 +99,21 @@ pub fn check_query(text: &str) -> Result<&str, FragmentError> {
     if select.into_clause.is_some() {
         return fail("SELECT … INTO creates a table: a view definition is a plain SELECT");
     }
+    // Row locking anywhere, subqueries included: FOR followed by UPDATE, SHARE, NO (KEY
+    // UPDATE) or KEY (SHARE), read from PostgreSQL's tokens.
+    let tokens: Vec<Token> = scan(text)?
+        .iter()
+        .map(|t| Token::try_from(t.token).unwrap_or(Token::Nul))
+        .collect();
+    if !select.locking_clause.is_empty()
+        || tokens.windows(2).any(|w| {
+            w[0] == Token::For
+                && matches!(w[1], Token::Update | Token::Share | Token::No | Token::Key)
+        })
+    {
+        return fail("row locking (FOR UPDATE/SHARE) is not allowed in a view definition");
+    }
     for (node, ..) in parsed.protobuf.nodes() {
-        if matches!(node, NodeRef::LockingClause(_)) {
-            return fail("row locking (FOR UPDATE/SHARE) is not allowed in a view definition");
-        }
         if matches!(node, NodeRef::IntoClause(_)) {
             return fail("SELECT … INTO creates a table: a view definition is a plain SELECT");
         }
@@ -118,10 +133,8 @@ pub fn check_one_statement(sql: &str) -> Result<(), FragmentError> {
 fn strip_final_semicolon(text: &str) -> Result<&str, FragmentError> {
     let tokens = scan(text)?;
     match tokens.last() {
-        Some(last) if last.token == Token::Ascii59 as i32 => {
-            Ok(text[..last.start as usize].trim_end())
-        }
-        _ => Ok(text.trim_end()),
+        Some(last) if last.token == Token::Ascii59 as i32 => Ok(text[..last.start as usize].trim()),
+        _ => Ok(text.trim()),
     }
 }
 
@@ -135,7 +148,12 @@ fn scan(text: &str) -> Result<Vec<pg_query::protobuf::ScanToken>, FragmentError>
     if text.contains('\0') {
         return fail("contains a NUL byte");
     }
-    pg_query::scan_tokens(text)
+    if text.trim().is_empty() {
+        // No tokens (and `scan_tokens` would build a slice from a null pointer).
+        return Ok(Vec::new());
+    }
+    pg_query::scan(text)
+        .map(|r| r.tokens)
         .map_err(|e| FragmentError(format!("is not valid SQL: {}", message(e))))
 }
 
@@ -179,6 +197,19 @@ fn check_tokens(text: &str) -> Result<(), FragmentError> {
         return fail("has a '[' that is not closed");
     }
     Ok(())
+}
+
+fn has_top_level_comma(text: &str) -> Result<bool, FragmentError> {
+    let mut depth = 0;
+    for t in scan(text)? {
+        match Token::try_from(t.token).unwrap_or(Token::Nul) {
+            Token::Ascii40 | Token::Ascii91 => depth += 1,
+            Token::Ascii41 | Token::Ascii93 => depth -= 1,
+            Token::Ascii44 if depth == 0 => return Ok(true),
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 fn parse(sql: &str) -> Result<pg_query::ParseResult, FragmentError> {

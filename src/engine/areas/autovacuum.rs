@@ -92,6 +92,9 @@ pub struct TableState {
     /// `pg_class.relkind`: r (table), p (partitioned), m (materialized view), …
     pub relkind: String,
     pub options: BTreeMap<String, String>,
+    /// The connecting role neither owns the table nor is a member of its owner role, so it
+    /// may not change its storage parameters.
+    pub not_owned: bool,
 }
 
 /// Tables that exist, keyed by name; a name that is absent does not exist.
@@ -114,8 +117,9 @@ pub async fn observe(
     );
     let (schemas, tables): (Vec<String>, Vec<String>) =
         names.into_iter().map(|q| (q.schema, q.name)).unzip();
-    let rows: Vec<(String, String, String, Vec<String>)> = sqlx::query_as(
-        "SELECT n.nspname::text, c.relname::text, c.relkind::text, coalesce(c.reloptions, '{}')
+    let rows: Vec<(String, String, String, Vec<String>, bool)> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text, c.relkind::text, coalesce(c.reloptions, '{}'),
+                NOT pg_has_role(c.relowner, 'USAGE')
          FROM unnest($1::text[], $2::text[]) AS d(schema, name)
          JOIN pg_namespace n ON n.nspname = d.schema
          JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name",
@@ -125,7 +129,7 @@ pub async fn observe(
     .fetch_all(&mut *conn)
     .await?;
     let mut observed = Observed::default();
-    for (schema, name, relkind, opts) in rows {
+    for (schema, name, relkind, opts, not_owned) in rows {
         let options = opts
             .iter()
             .filter_map(|o| o.split_once('='))
@@ -134,7 +138,11 @@ pub async fn observe(
             .collect();
         observed.tables.insert(
             QualifiedName::new(schema, name),
-            TableState { relkind, options },
+            TableState {
+                relkind,
+                options,
+                not_owned,
+            },
         );
     }
     Ok(observed)
@@ -295,6 +303,11 @@ pub fn plan(spec: &AutovacuumSpec, observed: &Observed, ledger: &Ledger) -> Area
     let mut plan = AreaPlan::new(AREA);
     let ops = diff(spec, observed, ledger, &mut plan);
     plan.changes = ops.iter().map(render).collect();
+    plan.refuse_unowned(|target| {
+        QualifiedName::parse(target)
+            .and_then(|t| observed.tables.get(&t))
+            .is_some_and(|t| t.not_owned)
+    });
     plan
 }
 
@@ -348,6 +361,7 @@ mod tests {
                         TableState {
                             relkind: "r".into(),
                             options,
+                            not_owned: false,
                         },
                     )
                 })
@@ -525,6 +539,7 @@ mod tests {
                             TableState {
                                 relkind: "r".into(),
                                 options,
+                                not_owned: false,
                             },
                         )
                     })

@@ -55,6 +55,11 @@ pub struct Observed {
     pub rows: BTreeMap<String, FlagRow>,
     /// Set when a table of that name exists but is not a flags table.
     pub incompatible: Option<String>,
+    /// Owners of the table and of `feature_enabled(text, text)`, where they exist.
+    pub table_owner: Option<String>,
+    pub function_owner: Option<String>,
+    /// `spec.owner` names an existing role.
+    pub owner_exists: bool,
 }
 
 pub async fn observe(
@@ -62,23 +67,41 @@ pub async fn observe(
     spec: &FeatureFlagsSpec,
 ) -> Result<Observed, sqlx::Error> {
     let table = table_name(spec);
-    let (schema_exists, table_exists, function_body): (bool, bool, Option<String>) =
+    type Row = (
+        bool,
+        bool,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        bool,
+    );
+    let (schema_exists, table_exists, function_body, table_owner, function_owner, owner_exists): Row =
         sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
                 EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                         WHERE n.nspname = $1 AND c.relname = $2),
                 (SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                 WHERE n.nspname = $1 AND p.proname = $3 AND p.proargtypes = '25 25'::oidvector)",
+                 WHERE n.nspname = $1 AND p.proname = $3 AND p.proargtypes = '25 25'::oidvector),
+                (SELECT pg_get_userbyid(c.relowner)::text FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2),
+                (SELECT pg_get_userbyid(p.proowner)::text FROM pg_proc p
+                 JOIN pg_namespace n ON n.oid = p.pronamespace
+                 WHERE n.nspname = $1 AND p.proname = $3 AND p.proargtypes = '25 25'::oidvector),
+                EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $4)",
         )
         .bind(&table.schema)
         .bind(&table.name)
         .bind(FUNCTION)
+        .bind(spec.owner.as_deref().unwrap_or(""))
         .fetch_one(&mut *conn)
         .await?;
     let mut observed = Observed {
         schema_exists,
         table_exists,
         function_body,
+        table_owner,
+        function_owner,
+        owner_exists,
         ..Default::default()
     };
     if table_exists {
@@ -156,6 +179,11 @@ AS {}",
 pub enum Op {
     CreateTable,
     ReplaceFunction,
+    /// Hand the table to `spec.owner`.
+    SetTableOwner(String),
+    /// Hand `feature_enabled()` to `spec.owner`: a SECURITY DEFINER function runs with its
+    /// owner's rights, which should be no more than reading the flags table.
+    SetFunctionOwner(String),
     Upsert(FlagRow),
     Delete(String),
 }
@@ -185,6 +213,22 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
     if observed.function_body.as_deref() != Some(function_body(&table).as_str()) {
         ops.push(Op::ReplaceFunction);
     }
+    if let Some(owner) = &spec.owner {
+        if !observed.owner_exists {
+            plan.error(
+                table.to_string(),
+                "RoleNotFound",
+                format!("featureFlags.owner {owner:?} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
+            );
+            return Vec::new();
+        }
+        if observed.table_owner.as_ref() != Some(owner) {
+            ops.push(Op::SetTableOwner(owner.clone()));
+        }
+        if observed.function_owner.as_ref() != Some(owner) {
+            ops.push(Op::SetFunctionOwner(owner.clone()));
+        }
+    }
     for flag in &spec.flags {
         let want = FlagRow::from(flag);
         if observed.rows.get(&flag.name) != Some(&want) {
@@ -207,6 +251,23 @@ pub fn render(table: &QualifiedName, op: &Op) -> Change {
             format!("{}.{FUNCTION}", table.schema),
             "create or replace feature_enabled(flag, subject)",
             create_function_sql(table),
+        ),
+        Op::SetTableOwner(owner) => Change::new(
+            AREA,
+            table.to_string(),
+            format!("hand the flags table to {owner}"),
+            format!("ALTER TABLE {} OWNER TO {}", table.quoted(), quote_ident(owner)),
+        ),
+        Op::SetFunctionOwner(owner) => Change::new(
+            AREA,
+            format!("{}.{FUNCTION}", table.schema),
+            format!("hand feature_enabled(flag, subject) to {owner}"),
+            format!(
+                "ALTER FUNCTION {}.{}(text, text) OWNER TO {}",
+                quote_ident(&table.schema),
+                quote_ident(FUNCTION),
+                quote_ident(owner)
+            ),
         ),
         Op::Upsert(row) => Change::new(
             AREA,
@@ -265,8 +326,16 @@ pub fn simulate(spec: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Obs
     let mut next = observed.clone();
     for op in ops {
         match op {
-            Op::CreateTable => next.table_exists = true,
-            Op::ReplaceFunction => next.function_body = Some(function_body(&table_name(spec))),
+            Op::CreateTable => {
+                next.table_exists = true;
+                next.table_owner = Some("operator".into());
+            }
+            Op::SetTableOwner(o) => next.table_owner = Some(o.clone()),
+            Op::SetFunctionOwner(o) => next.function_owner = Some(o.clone()),
+            Op::ReplaceFunction => {
+                next.function_body = Some(function_body(&table_name(spec)));
+                next.function_owner.get_or_insert_with(|| "operator".into());
+            }
             Op::Upsert(row) => {
                 next.rows.insert(row.name.clone(), row.clone());
             }

@@ -562,6 +562,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_owned_view_is_created_empty_handed_over_then_filled() {
+        let mut v = view("v", Some("SELECT 1"), false);
+        v.owner = Some("reporting".into());
+        let spec = MaterializedViewsSpec { views: vec![v] };
+        let mut o = observed(&[], &[("v", "SELECT 1;")]);
+        o.roles.insert("reporting".into());
+        let p = plan(&spec, None, &o);
+        let sql: Vec<&str> = p.changes.iter().map(|c| c.sql.as_str()).collect();
+        assert_eq!(
+            sql,
+            [
+                "CREATE MATERIALIZED VIEW \"public\".\"v\" AS SELECT 1 WITH NO DATA",
+                "ALTER MATERIALIZED VIEW \"public\".\"v\" OWNER TO \"reporting\"",
+                "REFRESH MATERIALIZED VIEW \"public\".\"v\"",
+            ]
+        );
+        assert!(p.changes[2].ledger.len() == 1 && p.changes[0].ledger.is_empty());
+
+        // An existing view of another owner is handed over; a missing role is an error.
+        let o2 = observed(&[("v", "SELECT 1;", false)], &[("v", "SELECT 1;")]);
+        let p = plan(&spec, None, &o2);
+        assert_eq!(p.errors[0].reason, "RoleNotFound");
+        let mut o3 = o2.clone();
+        o3.roles.insert("reporting".into());
+        let p = plan(&spec, None, &o3);
+        assert_eq!(
+            p.changes[0].sql,
+            "ALTER MATERIALIZED VIEW \"public\".\"v\" OWNER TO \"reporting\""
+        );
+    }
+
     fn observed(views: &[(&str, &str, bool)], normalized: &[(&str, &str)]) -> Observed {
         let mut o = Observed::default();
         for (n, def, unique) in views {
@@ -572,6 +604,7 @@ mod tests {
                     definition: Some(def.to_string()),
                     populated: true,
                     has_unique_index: *unique,
+                    owner: "postgres".into(),
                 },
             );
         }

@@ -42,6 +42,9 @@ pub struct TableState {
     pub relkind: String,
     pub enabled: bool,
     pub force: bool,
+    /// The connecting role neither owns the table nor is a member of its owner role: it may
+    /// not create policies on it or enable RLS.
+    pub not_owned: bool,
     pub policies: BTreeMap<String, PolicyState>,
 }
 
@@ -80,6 +83,7 @@ type CatalogRow = (
     String,
     bool,
     bool,
+    bool,
     Option<String>,
     Option<String>,
     Option<bool>,
@@ -89,7 +93,7 @@ type CatalogRow = (
 );
 
 const CATALOG_SQL: &str = "SELECT n.nspname::text, c.relname::text, c.relkind::text,
-       c.relrowsecurity, c.relforcerowsecurity,
+       c.relrowsecurity, c.relforcerowsecurity, NOT pg_has_role(c.relowner, 'USAGE'),
        p.polname::text, p.polcmd::text, p.polpermissive,
        CASE WHEN p.oid IS NOT NULL THEN
          ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END
@@ -117,8 +121,20 @@ pub async fn observe(
         .fetch_all(&mut *conn)
         .await?;
     let mut observed = Observed::default();
-    for (schema, name, relkind, enabled, force, polname, polcmd, permissive, roles, using, check) in
-        rows
+    for (
+        schema,
+        name,
+        relkind,
+        enabled,
+        force,
+        not_owned,
+        polname,
+        polcmd,
+        permissive,
+        roles,
+        using,
+        check,
+    ) in rows
     {
         let table = observed
             .tables
@@ -127,6 +143,7 @@ pub async fn observe(
                 relkind,
                 enabled,
                 force,
+                not_owned,
                 policies: BTreeMap::new(),
             });
         if let Some(polname) = polname {
@@ -882,6 +899,11 @@ pub fn plan(spec: &RowLevelSecuritySpec, observed: &Observed, ledger: &Ledger) -
     let mut plan = AreaPlan::new(AREA);
     let ops = diff(spec, observed, ledger, &mut plan);
     plan.changes = ops.iter().flat_map(render).collect();
+    plan.refuse_unowned(|target| {
+        QualifiedName::parse(target)
+            .and_then(|t| observed.tables.get(&t))
+            .is_some_and(|t| t.not_owned)
+    });
     plan
 }
 
@@ -994,6 +1016,7 @@ mod tests {
                             relkind: "r".into(),
                             enabled: true,
                             force: false,
+                            not_owned: false,
                             policies: ps.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
                         },
                     )
@@ -1483,6 +1506,7 @@ mod tests {
                 relkind: "r".into(),
                 enabled,
                 force,
+                not_owned: false,
                 policies,
             });
         prop::collection::btree_map(prop::sample::select(vec!["a", "b"]), table, 0..3).prop_map(
