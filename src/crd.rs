@@ -22,13 +22,25 @@ pub fn crd() -> CustomResourceDefinition {
 pub const NAME_BYTES: usize = 63;
 
 /// Every string field whose `maxLength` is the name limit is a PostgreSQL name: the API
-/// server also checks its length in bytes (CEL `size(bytes(self))`), as the CLI does
-/// (`api::validate`).
+/// server also checks its length in bytes (CEL `size(bytes(self))`), as the CLI and the
+/// controller do (`api::validate`). The API server caps the estimated cost of each rule,
+/// which grows with the `maxItems` of the lists around the field: where a field can occur
+/// more than [`MAX_RULE_CARDINALITY`] times (an RLS policy's name: 5,000 tables × 100
+/// policies), the rule is left out and validation in the operator reports it instead.
 fn name_byte_rules(v: &mut serde_json::Value) {
+    name_byte_rules_in(v, 1);
+}
+
+/// The most occurrences of one field for which a CEL rule on it stays within the API
+/// server's per-rule cost budget.
+const MAX_RULE_CARDINALITY: u64 = 100_000;
+
+fn name_byte_rules_in(v: &mut serde_json::Value, cardinality: u64) {
     match v {
         serde_json::Value::Object(map) => {
             if map.get("type").and_then(|t| t.as_str()) == Some("string")
                 && map.get("maxLength").and_then(|m| m.as_u64()) == Some(NAME_BYTES as u64)
+                && cardinality <= MAX_RULE_CARDINALITY
             {
                 let rules = map
                     .entry("x-kubernetes-validations")
@@ -40,9 +52,23 @@ fn name_byte_rules(v: &mut serde_json::Value) {
                     }));
                 }
             }
-            map.values_mut().for_each(name_byte_rules);
+            let items = map
+                .get("maxItems")
+                .and_then(|m| m.as_u64())
+                .unwrap_or(1)
+                .max(1);
+            for (key, child) in map.iter_mut() {
+                let c = if key == "items" {
+                    cardinality.saturating_mul(items)
+                } else {
+                    cardinality
+                };
+                name_byte_rules_in(child, c);
+            }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(name_byte_rules),
+        serde_json::Value::Array(list) => list
+            .iter_mut()
+            .for_each(|item| name_byte_rules_in(item, cardinality)),
         _ => {}
     }
 }

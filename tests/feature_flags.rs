@@ -184,11 +184,11 @@ async fn owner_gets_the_table_and_the_security_definer_function() {
     expect_code(&cli("apply", db.url(), &p), 0);
     expect_code(&cli("plan", db.url(), &p), 0);
     let owners = db
-        .query_column::<String>(&format!(
+        .query_column::<String>(
             "SELECT pg_get_userbyid(relowner)::text FROM pg_class WHERE relname = 'x$dbpolicy$flags'
              UNION ALL
-             SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'feature_enabled'"
-        ))
+             SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'feature_enabled'",
+        )
         .await;
     assert_eq!(owners, [owner.clone(), owner.clone()]);
     assert!(

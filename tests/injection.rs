@@ -71,8 +71,11 @@ fn payloads(evil: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Builds the policy's sections around one payload.
+type SpecOf = fn(&str) -> Value;
+
 /// Every field that carries spec text into SQL, as a function from the payload to a spec.
-fn fields() -> Vec<(&'static str, fn(&str) -> Value)> {
+fn fields() -> Vec<(&'static str, SpecOf)> {
     vec![
         (
             "rowLevelSecurity…using",

@@ -369,6 +369,7 @@ mod tests {
             function_body: Some(function_body(&table_name(&spec))),
             rows: rows.iter().map(|r| (r.name.clone(), r.clone())).collect(),
             incompatible: None,
+            ..Default::default()
         }
     }
 
