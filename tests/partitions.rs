@@ -893,11 +893,6 @@ async fn a_live_writer_sees_no_error_while_rows_move() {
         ok += n;
         errors.extend(e);
     }
-    eprintln!(
-        "writer: {ok} ok, {} errors {:?}",
-        errors.len(),
-        errors.first()
-    );
     apply.expect(0);
     assert!(
         errors.is_empty(),
