@@ -952,6 +952,7 @@ fn observed_partitions() -> impl Strategy<Value = partitions::Observed> {
                     other_relations: other_relations.into_iter().collect::<BTreeSet<_>>(),
                     default_rows: default_rows
                         .map(|(total, in_range)| partitions::DefaultRows { total, in_range }),
+                    default_fires_on_delete: Vec::new(),
                 }
             },
         );
@@ -965,6 +966,7 @@ fn observed_partitions() -> impl Strategy<Value = partitions::Observed> {
             now: Utc.timestamp_opt(now, 0).single().expect("in range"),
             server_version,
             current_user: "postgres".into(),
+            can_set_replication_role: true,
             tables,
             queries: 1,
         })

@@ -5,8 +5,12 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
-use support::{dbpolicy_cmd, policy, write_policy, TestDb};
+use support::{dbpolicy_cmd, policy, write_policy, PgServer, TestDb};
 
 struct Run {
     code: i32,
@@ -601,4 +605,394 @@ async fn certquiz_audit_logs_monthly() {
         0
     );
     dbpolicy("plan", db.url(), "2025-04-15T00:00:00Z", &p, false).expect(0);
+}
+
+// ---------------------------------------------------------------- row moves (issue 13)
+
+/// `events` with a foreign key to `users`, identity and generated columns, its January
+/// partition and default made by the policy at 2024-01-15; then 3,000 February rows (in
+/// the default) and 5 January ones, each with one `event_details` row referencing it
+/// `ON DELETE <on_delete>`.
+async fn events_with_details(db: &TestDb, on_delete: &str) -> String {
+    db.exec(
+        "CREATE TABLE users (id int PRIMARY KEY);
+         INSERT INTO users SELECT generate_series(1, 10);
+         CREATE TABLE events (
+             id bigint GENERATED ALWAYS AS IDENTITY,
+             created_at timestamptz NOT NULL,
+             user_id int NOT NULL REFERENCES users,
+             payload text NOT NULL DEFAULT 'x',
+             n int GENERATED ALWAYS AS (length(payload)) STORED,
+             PRIMARY KEY (id, created_at)
+         ) PARTITION BY RANGE (created_at);",
+    )
+    .await;
+    let p = partitions_policy(
+        "      - {table: events, interval: Monthly, premake: 0}\n",
+        false,
+    );
+    dbpolicy("apply", db.url(), "2024-01-15T00:00:00Z", &p, false).expect(0);
+    db.exec(&format!(
+        "INSERT INTO events (created_at, user_id, payload)
+             SELECT '2024-02-01'::timestamptz + i * interval '13 minutes', 1 + i % 10, 'p' || i
+             FROM generate_series(0, 2999) i;
+         INSERT INTO events (created_at, user_id) SELECT '2024-01-20', 1 FROM generate_series(1, 5);
+         CREATE TABLE event_details (
+             id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             event_id bigint,
+             event_at timestamptz,
+             FOREIGN KEY (event_id, event_at) REFERENCES events ON DELETE {on_delete}
+         );
+         INSERT INTO event_details (event_id, event_at) SELECT id, created_at FROM events ORDER BY id;"
+    ))
+    .await;
+    assert_eq!(count(db, "SELECT count(*) FROM events_default").await, 3000);
+    partitions_policy(
+        "      - {table: events, interval: Monthly, premake: 0}\n",
+        false,
+    )
+}
+
+/// Every row of `events` and `event_details` (ids, keys, references, values), and the
+/// row counts: what a move must leave identical.
+async fn fingerprint(db: &TestDb) -> (i64, i64, String) {
+    let events = count(db, "SELECT count(*) FROM events").await;
+    let details = count(db, "SELECT count(*) FROM event_details").await;
+    let digest = db
+        .query_scalar::<String>(
+            "SELECT md5((SELECT string_agg(format('%s|%s|%s|%s|%s', id, created_at, user_id, payload, n), ',' ORDER BY id) FROM events)
+                     || '/' || (SELECT string_agg(format('%s|%s|%s', id, event_id, event_at), ',' ORDER BY id) FROM event_details))",
+        )
+        .await;
+    (events, details, digest)
+}
+
+/// Moves out of the default partition, then checks that nothing but the row's partition
+/// changed and that the foreign key still holds and still acts on the moved rows.
+async fn move_keeps_references(on_delete: &str) -> TestDb {
+    let db = TestDb::new().await;
+    let p = events_with_details(&db, on_delete).await;
+    let before = fingerprint(&db).await;
+    let now = "2024-02-10T00:00:00Z";
+    let plan = dbpolicy("plan", db.url(), now, &p, false);
+    plan.expect(2);
+    assert!(
+        plan.stdout
+            .contains("move 3000 row(s) from events_default into events_2024_02"),
+        "{}",
+        plan.stdout
+    );
+    dbpolicy("apply", db.url(), now, &p, false).expect(0);
+    assert_eq!(
+        fingerprint(&db).await,
+        before,
+        "ON DELETE {on_delete}: every event and every detail row is as before the move"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events_2024_02").await,
+        3000
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM events_default").await, 0);
+    // The foreign key still validates against the partitioned table, and still acts on
+    // the rows that moved (its triggers are on the new partition).
+    db.exec(
+        "ALTER TABLE event_details ADD CONSTRAINT details_recheck
+             FOREIGN KEY (event_id, event_at) REFERENCES events NOT VALID;
+         ALTER TABLE event_details VALIDATE CONSTRAINT details_recheck;
+         ALTER TABLE event_details DROP CONSTRAINT details_recheck;",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'event_details'::regclass AND NOT convalidated"
+        )
+        .await,
+        0
+    );
+    dbpolicy("plan", db.url(), now, &p, false).expect(0);
+    db
+}
+
+#[tokio::test]
+async fn moving_rows_fires_no_on_delete_cascade() {
+    let db = move_keeps_references("CASCADE").await;
+    // The cascade still works for a moved row deleted by the application.
+    db.exec("DELETE FROM events WHERE id = 1").await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM event_details WHERE event_id = 1").await,
+        0
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM event_details").await, 3004);
+}
+
+#[tokio::test]
+async fn moving_rows_fires_no_on_delete_set_null() {
+    let db = move_keeps_references("SET NULL").await;
+    db.exec("DELETE FROM events WHERE id = 1").await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM event_details WHERE event_id IS NULL"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_no_action_foreign_key_does_not_block_moving_rows() {
+    let db = move_keeps_references("NO ACTION").await;
+    let refused = db.try_exec("DELETE FROM events WHERE id = 1").await;
+    assert_eq!(
+        refused
+            .as_ref()
+            .err()
+            .and_then(support::sqlstate)
+            .as_deref(),
+        Some("23503"),
+        "the key still guards the moved row: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn moving_rows_fires_no_user_trigger_and_refuses_an_always_trigger() {
+    let db = TestDb::new().await;
+    let p = events_with_details(&db, "CASCADE").await;
+    db.exec(
+        "CREATE TABLE trigger_log (op text, event_id bigint);
+         CREATE FUNCTION log_event() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO trigger_log VALUES (TG_OP, CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END);
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER log_rows AFTER INSERT OR UPDATE OR DELETE ON events
+             FOR EACH ROW EXECUTE FUNCTION log_event();",
+    )
+    .await;
+    let before = fingerprint(&db).await;
+    let now = "2024-02-10T00:00:00Z";
+
+    // A trigger enabled ALWAYS fires whatever session_replication_role says: refused,
+    // named, and nothing changes.
+    db.exec("ALTER TABLE events ENABLE ALWAYS TRIGGER log_rows")
+        .await;
+    let refused = dbpolicy("apply", db.url(), now, &p, false);
+    refused.expect(1);
+    assert!(
+        refused.stdout.contains("(TriggerFiresOnMove)")
+            && refused.stdout.contains("log_rows")
+            && refused.stdout.contains("nothing was applied"),
+        "{}",
+        refused.stdout
+    );
+    assert_eq!(
+        names(&db, "events").await,
+        ["events_2024_01", "events_default"]
+    );
+    assert_eq!(fingerprint(&db).await, before);
+    assert_eq!(count(&db, "SELECT count(*) FROM trigger_log").await, 0);
+
+    // Enabled the ordinary way, it does not fire for the move.
+    db.exec("ALTER TABLE events ENABLE TRIGGER log_rows").await;
+    dbpolicy("apply", db.url(), now, &p, false).expect(0);
+    assert_eq!(fingerprint(&db).await, before);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM trigger_log").await,
+        0,
+        "no trigger fired for the moved rows"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events_2024_02").await,
+        3000
+    );
+    // And it fires for the application afterwards, on the new partition too.
+    db.exec("DELETE FROM event_details WHERE event_id = 1; DELETE FROM events WHERE id = 1")
+        .await;
+    assert_eq!(count(&db, "SELECT count(*) FROM trigger_log").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_writer_sees_no_error_while_rows_move() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE events (
+             id bigint GENERATED ALWAYS AS IDENTITY,
+             created_at timestamptz NOT NULL,
+             payload text NOT NULL DEFAULT 'x',
+             PRIMARY KEY (id, created_at)
+         ) PARTITION BY RANGE (created_at);",
+    )
+    .await;
+    let p = partitions_policy(
+        "      - {table: events, interval: Monthly, premake: 0}\n",
+        false,
+    );
+    dbpolicy("apply", db.url(), "2024-01-15T00:00:00Z", &p, false).expect(0);
+    // Enough February rows in the default that the move takes a while.
+    db.exec(
+        "INSERT INTO events (created_at) SELECT '2024-02-01'::timestamptz + i * interval '1 second'
+         FROM generate_series(0, 199999) i",
+    )
+    .await;
+    let initial = count(&db, "SELECT count(*) FROM events").await;
+
+    // The writer inserts through the parent, one row a statement: February rows (the range
+    // being moved), January rows (an existing partition) and 2030 rows (the default).
+    let done = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for dates in [
+        // Only rows of the range being moved: this writer is waiting when the move commits.
+        &["2024-02-15 12:00:00+00", "2024-02-29 23:59:59+00"][..],
+        // An existing partition and the default, for the rest.
+        &["2024-01-20 12:00:00+00", "2030-01-01 00:00:00+00"][..],
+    ] {
+        let done = done.clone();
+        let mut conn = db.connect().await;
+        writers.push(tokio::spawn(async move {
+            let (mut ok, mut errors) = (0i64, Vec::new());
+            // Bounded: the apply ends long before; the bound only turns a hang into a failure.
+            let deadline = Instant::now() + Duration::from_secs(300);
+            for at in dates.iter().cycle() {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the apply never ended");
+                // Not a cached prepared statement: parsed and planned afresh each time,
+                // as psql and many drivers send it.
+                let sql = format!("INSERT INTO events (created_at) VALUES ('{at}')");
+                match sqlx::query(&sql).persistent(false).execute(&mut conn).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => errors.push(support::describe(&e)),
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    // Let the writer get going before the apply starts.
+    let started = Instant::now();
+    while count(&db, "SELECT count(*) FROM events").await < initial + 30 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the writer never wrote"
+        );
+    }
+    let apply = dbpolicy_async("apply", db.url(), "2024-02-10T00:00:00Z", &p).await;
+    // A few more inserts after the commit, routed by the new partition.
+    let after = count(&db, "SELECT count(*) FROM events").await;
+    while count(&db, "SELECT count(*) FROM events").await < after + 30 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the writer stopped"
+        );
+    }
+    done.store(true, Ordering::SeqCst);
+    let (mut ok, mut errors) = (0, Vec::new());
+    for writer in writers {
+        let (n, e) = writer.await.expect("writer task");
+        ok += n;
+        errors.extend(e);
+    }
+    apply.expect(0);
+    assert!(
+        errors.is_empty(),
+        "{} of {} concurrent inserts failed, e.g. {:?}",
+        errors.len(),
+        ok + errors.len() as i64,
+        errors.first()
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events").await,
+        initial + ok
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM events_default WHERE created_at < '2024-03-01'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT id) FROM events").await,
+        initial + ok
+    );
+    dbpolicy("plan", db.url(), "2024-02-10T00:00:00Z", &p, false).expect(0);
+}
+
+/// `dbpolicy apply` as a child process the runtime can await while other tasks run.
+async fn dbpolicy_async(verb: &str, url: &str, now: &str, yaml: &str) -> Run {
+    let file = write_policy(yaml);
+    let mut cmd = tokio::process::Command::from(dbpolicy_cmd());
+    cmd.arg(verb)
+        .arg("-f")
+        .arg(file.path())
+        .env("DATABASE_URL", url)
+        .env("DBPOLICY_NOW", now)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("dbpolicy finished within 5 minutes")
+        .expect("run dbpolicy");
+    Run {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A role that may not set `session_replication_role` is refused before anything runs,
+/// with the grant that fixes it; after the grant the same apply moves the rows. On a
+/// throwaway server: the grant is server-wide.
+#[tokio::test]
+async fn a_role_that_may_not_set_session_replication_role_is_refused_and_nothing_changes() {
+    let server = PgServer::start();
+    let db = TestDb::on(&server).await;
+    db.exec(
+        "CREATE ROLE table_owner LOGIN;
+         CREATE TABLE events (created_at date NOT NULL, note text) PARTITION BY RANGE (created_at);
+         ALTER TABLE events OWNER TO table_owner;
+         GRANT CREATE ON SCHEMA public TO table_owner;",
+    )
+    .await;
+    let url = db.url_as("table_owner");
+    let p = partitions_policy(
+        "      - {table: events, interval: Monthly, premake: 0}\n",
+        false,
+    );
+    dbpolicy("apply", &url, "2024-01-15T00:00:00Z", &p, false).expect(0);
+    db.exec(
+        "INSERT INTO events SELECT '2024-02-01'::date + i, 'n' || i FROM generate_series(0, 9) i",
+    )
+    .await;
+    let rows =
+        "SELECT string_agg(format('%s %s', created_at, note), ',' ORDER BY note) FROM events";
+    let before: String = db.query_scalar(rows).await;
+
+    let now = "2024-02-10T00:00:00Z";
+    for verb in ["plan", "apply"] {
+        let refused = dbpolicy(verb, &url, now, &p, false);
+        refused.expect(1);
+        assert!(
+            refused.stdout.contains("(InsufficientPrivilege)")
+                && refused
+                    .stdout
+                    .contains("GRANT SET ON PARAMETER session_replication_role TO \"table_owner\""),
+            "{verb}: {}",
+            refused.stdout
+        );
+    }
+    assert_eq!(
+        names(&db, "events").await,
+        ["events_2024_01", "events_default"]
+    );
+    assert_eq!(db.query_scalar::<String>(rows).await, before);
+
+    db.exec("GRANT SET ON PARAMETER session_replication_role TO table_owner")
+        .await;
+    dbpolicy("apply", &url, now, &p, false).expect(0);
+    assert_eq!(count(&db, "SELECT count(*) FROM events_2024_02").await, 10);
+    assert_eq!(db.query_scalar::<String>(rows).await, before);
+    db.exec("REVOKE SET ON PARAMETER session_replication_role FROM table_owner")
+        .await;
 }

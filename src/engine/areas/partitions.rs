@@ -262,6 +262,10 @@ pub struct TableState {
     pub other_relations: BTreeSet<String>,
     /// Counted when the table has a default partition.
     pub default_rows: Option<DefaultRows>,
+    /// Triggers and rules of the default partition that fire on DELETE even under
+    /// `session_replication_role = replica` (`ENABLE ALWAYS` / `ENABLE REPLICA`), as
+    /// `trigger "name" (ENABLE ALWAYS)`: a row move would fire them, so it is refused.
+    pub default_fires_on_delete: Vec<String>,
 }
 
 /// What the observer saw, and when.
@@ -272,8 +276,13 @@ pub struct Observed {
     /// `server_version_num`.
     pub server_version: i32,
     pub current_user: String,
+    /// Whether `current_user` may `SET session_replication_role` (a superuser, or
+    /// `GRANT SET ON PARAMETER` on PostgreSQL 15+): row moves need it. Read only when
+    /// some rows are to move.
+    pub can_set_replication_role: bool,
     pub tables: BTreeMap<QualifiedName, TableState>,
-    /// Round trips the observer made (constant: 1, or 2 when a default partition exists).
+    /// Round trips the observer made (constant: 1; 2 when a default partition exists;
+    /// 3 when rows are to move).
     pub queries: usize,
 }
 
@@ -283,6 +292,7 @@ impl Observed {
             now,
             server_version: 150_000,
             current_user: "postgres".into(),
+            can_set_replication_role: true,
             tables: BTreeMap::new(),
             queries: 0,
         }
@@ -308,7 +318,20 @@ WITH t AS MATERIALIZED (
                    AND o.relname >= (d.prefix || '_')::name AND o.relname < (d.prefix || '`')::name
                    AND o.relkind IN ('r', 'p', 'f')
                    AND NOT EXISTS (SELECT 1 FROM pg_inherits oi
-                                   WHERE oi.inhrelid = o.oid AND oi.inhparent = c.oid)) AS others
+                                   WHERE oi.inhrelid = o.oid AND oi.inhparent = c.oid)) AS others,
+           -- What a DELETE on the default fires even under session_replication_role =
+           -- replica (TRIGGER_TYPE_DELETE is bit 3; rule event 4 is DELETE).
+           ARRAY(SELECT f FROM (
+                   SELECT format('trigger %I (%s)', tg.tgname,
+                                 CASE tg.tgenabled WHEN 'A' THEN 'ENABLE ALWAYS' ELSE 'ENABLE REPLICA' END) AS f
+                   FROM pg_trigger tg
+                   WHERE tg.tgrelid = pt.partdefid AND tg.tgenabled IN ('A', 'R') AND tg.tgtype & 8 <> 0
+                   UNION ALL
+                   SELECT format('rule %I (%s)', r.rulename,
+                                 CASE r.ev_enabled WHEN 'A' THEN 'ENABLE ALWAYS' ELSE 'ENABLE REPLICA' END)
+                   FROM pg_rewrite r
+                   WHERE r.ev_class = pt.partdefid AND r.ev_enabled IN ('A', 'R') AND r.ev_type = '4'
+                 ) fires ORDER BY f) AS fires
     FROM unnest($1::text[], $2::text[], $3::text[]) AS d(schema, name, prefix)
     JOIN pg_namespace n ON n.nspname = d.schema
     JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name
@@ -317,11 +340,11 @@ WITH t AS MATERIALIZED (
 )
 SELECT t.schema, t.name, t.relkind, t.strategy, t.key_columns, t.key_column, t.key_type, t.owner,
        current_user::text AS me, current_setting('server_version_num')::int4 AS version,
-       t.columns, t.others, NULL::text AS child_schema, NULL::text AS child_name,
+       t.columns, t.others, t.fires, NULL::text AS child_schema, NULL::text AS child_name,
        NULL::bool AS pending, NULL::text AS bound, NULL::float8 AS lo, NULL::float8 AS hi
 FROM t
 UNION ALL
-SELECT t.schema, t.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT t.schema, t.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        ch.schema, ch.name, ch.pending, ch.bound,
        CASE WHEN ch.lo = 'MINVALUE' THEN '-Infinity'::float8
             WHEN ch.lo = 'MAXVALUE' THEN 'Infinity'::float8
@@ -411,6 +434,7 @@ pub async fn observe(
                 .try_get::<Vec<String>, _>("others")?
                 .into_iter()
                 .collect();
+            state.default_fires_on_delete = row.try_get("fires")?;
             continue;
         };
         let bound_text: Option<String> = row.try_get("bound")?;
@@ -434,7 +458,34 @@ pub async fn observe(
         state.children.sort_by(|a, b| a.name.cmp(&b.name));
     }
     count_default_rows(conn, spec, &mut observed).await?;
+    observe_replication_role(conn, &mut observed).await?;
     Ok(observed)
+}
+
+/// Whether the role may set `session_replication_role`, asked only when rows are to
+/// move (a missing range has rows in a default partition).
+async fn observe_replication_role(
+    conn: &mut PgConnection,
+    observed: &mut Observed,
+) -> Result<(), sqlx::Error> {
+    let moving = observed.tables.values().any(|t| {
+        t.default_rows
+            .as_ref()
+            .is_some_and(|d| d.in_range.values().any(|n| *n > 0))
+    });
+    if !moving {
+        return Ok(());
+    }
+    // `has_parameter_privilege` (and GRANT SET ON PARAMETER) exist from PostgreSQL 15 on;
+    // before, only a superuser may set it. It answers true for a superuser.
+    let sql = if observed.server_version >= 150_000 {
+        "SELECT has_parameter_privilege('session_replication_role', 'SET')"
+    } else {
+        "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+    };
+    observed.can_set_replication_role = sqlx::query_scalar(sql).fetch_one(&mut *conn).await?;
+    observed.queries += 1;
+    Ok(())
 }
 
 /// One round trip for all default partitions: per default, a `GROUP BY width_bucket(key,
@@ -873,6 +924,19 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
                 .and_then(|d| d.in_range.get(&r.lo()).copied())
                 .unwrap_or(0)
         };
+        if let Some(default) = &layout.default {
+            if let Err((reason, message)) = check_moves(
+                &name,
+                default,
+                &layout.missing,
+                &default_count,
+                state,
+                observed,
+            ) {
+                plan.error(name.to_string(), reason, message);
+                continue;
+            }
+        }
         for range in &layout.missing {
             let partition = partition_name(&name.name, t.interval, range.start);
             let rows = default_count(range);
@@ -973,6 +1037,60 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
     out
 }
 
+/// Rows move with `session_replication_role = replica` (see [`render`]): refused up front,
+/// naming the fix, when the role may not set it or when the default partition has a
+/// trigger or rule that fires on DELETE even then.
+fn check_moves(
+    table: &QualifiedName,
+    default: &Child,
+    missing: &[Range],
+    rows_in: &dyn Fn(&Range) -> i64,
+    state: &TableState,
+    observed: &Observed,
+) -> Result<(), TableError> {
+    let moves: Vec<(&Range, i64)> = missing
+        .iter()
+        .map(|r| (r, rows_in(r)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let Some((first, _)) = moves.first() else {
+        return Ok(());
+    };
+    let rows: i64 = moves.iter().map(|(_, n)| n).sum();
+    let what = format!(
+        "{rows} row(s) of {} must move into new partitions (the first for [{}, {}))",
+        default.name, first.start, first.end
+    );
+    if !observed.can_set_replication_role {
+        let me = &observed.current_user;
+        let fix = if observed.server_version >= 150_000 {
+            format!(
+                "run GRANT SET ON PARAMETER session_replication_role TO {} as a superuser, or apply as a superuser",
+                quote_ident(me)
+            )
+        } else {
+            "apply as a superuser (before PostgreSQL 15 only a superuser may set it)".to_string()
+        };
+        return Err((
+            "InsufficientPrivilege",
+            format!(
+                "{table}: {what}; dbpolicy moves rows with session_replication_role = replica so that no foreign-key action or trigger fires, and role {me} may not set it: {fix}. Nothing was changed"
+            ),
+        ));
+    }
+    if !state.default_fires_on_delete.is_empty() {
+        return Err((
+            "TriggerFiresOnMove",
+            format!(
+                "{table}: {what}, but {} fires on DELETE of {} even under session_replication_role = replica, so the move would fire it: make it an ordinary trigger while the rows move (ALTER TABLE … ENABLE TRIGGER / ENABLE RULE), or move the rows yourself. Nothing was changed",
+                state.default_fires_on_delete.join(", "),
+                default.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn op_table(op: &Op) -> &QualifiedName {
     match op {
         Op::Create { table, .. }
@@ -1019,6 +1137,35 @@ fn owner_change(
     })
 }
 
+/// A lock on a partitioned table itself (ONLY: its partitions are locked as needed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParentLock {
+    /// Blocks writers (and other DDL), not readers: what a row move needs.
+    ShareRowExclusive,
+    /// What CREATE … PARTITION OF and DETACH take anyway.
+    AccessExclusive,
+}
+
+fn lock_parent(table: &QualifiedName, mode: ParentLock) -> Change {
+    let (mode, why) = match mode {
+        ParentLock::ShareRowExclusive => (
+            "SHARE ROW EXCLUSIVE",
+            "writers wait until the new partition is attached",
+        ),
+        ParentLock::AccessExclusive => (
+            "ACCESS EXCLUSIVE",
+            "the strongest lock this transaction needs, before any other",
+        ),
+    };
+    Change::new(
+        AREA,
+        table.to_string(),
+        format!("lock {} ({why})", table.name),
+        format!("LOCK TABLE ONLY {} IN {mode} MODE", table.quoted()),
+    )
+    .hazard(Hazard::Locking)
+}
+
 /// The statements of one op.
 pub fn render(op: &Op) -> Vec<Change> {
     match op {
@@ -1063,13 +1210,26 @@ pub fn render(op: &Op) -> Vec<Change> {
             compression,
         } => {
             // PostgreSQL refuses a new partition while the default holds rows of its range.
-            // In one transaction: lock the default first (ATTACH needs ACCESS EXCLUSIVE on
-            // it anyway; taking it first means no row can land there between the move
-            // and the attach, and no lock upgrade can deadlock), create the partition as a
-            // standalone copy of the parent's columns and constraints, move the rows with
-            // one DELETE … RETURNING feeding an INSERT, and attach it (ATTACH builds the
-            // parent's indexes on it and checks the bound). Any failure rolls all of it back:
-            // no row is ever lost or duplicated.
+            // In the table's transaction:
+            // 1. The parent, ONLY (not its partitions), in SHARE ROW EXCLUSIVE: no writer
+            //    can route a row through it until the new partition is attached and
+            //    committed, so none routes a row of the range to the default with the old
+            //    partition set and then fails its changed constraint. Readers go on.
+            //    Taken before any lock on a partition, as writers do (no deadlock), and
+            //    strong enough for ATTACH (SHARE UPDATE EXCLUSIVE): no upgrade later.
+            // 2. The default in ACCESS EXCLUSIVE, which ATTACH needs anyway.
+            // 3. The partition as a standalone copy of the parent's columns and CHECK
+            //    constraints (no trigger, no foreign key: LIKE copies neither).
+            // 4. The rows move with one DELETE … RETURNING feeding an INSERT under
+            //    session_replication_role = replica: neither the foreign-key actions of
+            //    tables referencing the parent (their triggers are on the default) nor any
+            //    ordinary user trigger or rule fires. The same rows with the same keys are
+            //    in the parent at commit, so every reference stays valid.
+            // 5. The role back to the session's own before ATTACH (DDL event triggers
+            //    see it), and SET LOCAL ends with the transaction in any case.
+            // 6. ATTACH: PostgreSQL checks the bound, builds the parent's indexes, adds
+            //    the parent's triggers and foreign keys (validating those it references).
+            // Any failure rolls all of it back: no row is ever lost or duplicated.
             let p = in_schema(table, partition);
             let lo = key_type.literal(range.start);
             let hi = key_type.literal(range.end);
@@ -1080,6 +1240,7 @@ pub fn render(op: &Op) -> Vec<Change> {
                 .join(", ");
             let key = quote_ident(column);
             let mut out = vec![
+                lock_parent(table, ParentLock::ShareRowExclusive),
                 Change::new(
                     AREA,
                     table.to_string(),
@@ -1101,6 +1262,12 @@ pub fn render(op: &Op) -> Vec<Change> {
                 Change::new(
                     AREA,
                     table.to_string(),
+                    "fire no foreign-key action or trigger for the rows moved (this transaction only)",
+                    "SET LOCAL session_replication_role = replica",
+                ),
+                Change::new(
+                    AREA,
+                    table.to_string(),
                     format!("move {rows} row(s) from {} into {partition}", default.name),
                     format!(
                         "WITH moved AS (DELETE FROM {} WHERE {key} >= {lo} AND {key} < {hi} RETURNING {cols}) INSERT INTO {} ({cols}) SELECT {cols} FROM moved",
@@ -1109,6 +1276,12 @@ pub fn render(op: &Op) -> Vec<Change> {
                     ),
                 )
                 .reports_rows(),
+                Change::new(
+                    AREA,
+                    table.to_string(),
+                    "back to the session's replication role",
+                    "SET LOCAL session_replication_role = DEFAULT",
+                ),
                 Change::new(
                     AREA,
                     table.to_string(),
@@ -1221,21 +1394,39 @@ pub fn plan(spec: &PartitionsSpec, observed: &Observed) -> AreaPlan {
     let ops = diff(spec, observed, &mut plan);
     // One transaction per table (per OPS_PER_TRANSACTION of its ops): a table's creates,
     // row moves and detaches are all or nothing, and locks are let go table by table.
-    let mut group = 0usize;
-    let mut in_group = 0usize;
+    let mut groups: Vec<Vec<&Op>> = Vec::new();
     let mut last: Option<&QualifiedName> = None;
     for op in &ops {
         let table = op_table(op);
-        if last != Some(table) || in_group == OPS_PER_TRANSACTION {
-            group += 1;
-            in_group = 0;
-            last = Some(table);
+        match groups.last_mut() {
+            Some(g) if last == Some(table) && g.len() < OPS_PER_TRANSACTION => g.push(op),
+            _ => groups.push(vec![op]),
         }
-        in_group += 1;
+        last = Some(table);
+    }
+    for (n, group) in groups.iter().enumerate() {
+        let table = op_table(group[0]);
+        let key = format!("{table}#{}", n + 1);
+        // A row move locks the parent SHARE ROW EXCLUSIVE first; the other ops of its
+        // transaction (CREATE … PARTITION OF, DETACH) take ACCESS EXCLUSIVE on it. Taking
+        // that one first, before any partition, means no lock upgrade in the middle, which
+        // could deadlock with a reader waiting behind the default partition's lock.
+        let moves = group
+            .iter()
+            .any(|o| matches!(o, Op::CreateMovingRows { .. }));
+        // (Autonomous ops run outside the transaction: they do not count.)
+        let others = group
+            .iter()
+            .any(|o| !matches!(o, Op::CreateMovingRows { .. }) && !is_autonomous(o));
+        if moves && others {
+            plan.changes
+                .push(lock_parent(table, ParentLock::AccessExclusive).in_group(key.clone()));
+        }
         plan.changes.extend(
-            render(op)
-                .into_iter()
-                .map(|c| c.in_group(format!("{table}#{group}"))),
+            group
+                .iter()
+                .flat_map(|op| render(op))
+                .map(|c| c.in_group(key.clone())),
         );
     }
     plan

@@ -285,35 +285,46 @@ fn identifiers_are_quoted() {
 
 // ------------------------------------------------------------ default partition rows
 
-#[test]
-fn rows_in_the_default_are_moved_in_one_transaction() {
-    let mut st = state("timestamp with time zone");
+fn with_rows_in_default(key_type: &str, rows: &[(&str, i64)]) -> TableState {
+    let mut st = state(key_type);
     st.children.push(default_child("t"));
     st.children
         .push(ours("t", PartitionInterval::Monthly, "2024-03-01"));
     st.default_rows = Some(DefaultRows {
         total: 10,
-        in_range: [(micros(date("2024-04-01")), 7)].into_iter().collect(),
+        in_range: rows.iter().map(|(d, n)| (micros(date(d)), *n)).collect(),
     });
+    st
+}
+
+const MOVE_APRIL: [&str; 8] = [
+    r#"LOCK TABLE ONLY "public"."t" IN SHARE ROW EXCLUSIVE MODE"#,
+    r#"LOCK TABLE "public"."t_default" IN ACCESS EXCLUSIVE MODE"#,
+    r#"CREATE TABLE "public"."t_2024_04" (LIKE "public"."t" INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING STORAGE INCLUDING COMPRESSION)"#,
+    "SET LOCAL session_replication_role = replica",
+    r#"WITH moved AS (DELETE FROM "public"."t_default" WHERE "created_at" >= '2024-04-01 00:00:00+00' AND "created_at" < '2024-05-01 00:00:00+00' RETURNING "id", "created_at") INSERT INTO "public"."t_2024_04" ("id", "created_at") SELECT "id", "created_at" FROM moved"#,
+    "SET LOCAL session_replication_role = DEFAULT",
+    r#"ALTER TABLE "public"."t" ATTACH PARTITION "public"."t_2024_04" FOR VALUES FROM ('2024-04-01 00:00:00+00') TO ('2024-05-01 00:00:00+00')"#,
+    r#"CREATE TABLE "public"."t_2024_05" PARTITION OF "public"."t" FOR VALUES FROM ('2024-05-01 00:00:00+00') TO ('2024-06-01 00:00:00+00')"#,
+];
+
+#[test]
+fn rows_in_the_default_are_moved_in_one_transaction() {
+    let st = with_rows_in_default("timestamp with time zone", &[("2024-04-01", 7)]);
     let s = spec(vec![spec_table("t", PartitionInterval::Monthly)]);
     let o = observed("2024-03-15T00:00:00Z", vec![("t", st)]);
     let p = plan(&s, &o);
+    // The move shares its transaction with a CREATE … PARTITION OF (ACCESS EXCLUSIVE on
+    // the parent): that lock comes first, so no lock is upgraded in the middle.
+    let mut want = vec![r#"LOCK TABLE ONLY "public"."t" IN ACCESS EXCLUSIVE MODE"#];
+    want.extend(MOVE_APRIL);
+    assert_eq!(sqls(&p), want);
     assert_eq!(
-        sqls(&p),
-        vec![
-            r#"LOCK TABLE "public"."t_default" IN ACCESS EXCLUSIVE MODE"#,
-            r#"CREATE TABLE "public"."t_2024_04" (LIKE "public"."t" INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING STORAGE INCLUDING COMPRESSION)"#,
-            r#"WITH moved AS (DELETE FROM "public"."t_default" WHERE "created_at" >= '2024-04-01 00:00:00+00' AND "created_at" < '2024-05-01 00:00:00+00' RETURNING "id", "created_at") INSERT INTO "public"."t_2024_04" ("id", "created_at") SELECT "id", "created_at" FROM moved"#,
-            r#"ALTER TABLE "public"."t" ATTACH PARTITION "public"."t_2024_04" FOR VALUES FROM ('2024-04-01 00:00:00+00') TO ('2024-05-01 00:00:00+00')"#,
-            r#"CREATE TABLE "public"."t_2024_05" PARTITION OF "public"."t" FOR VALUES FROM ('2024-05-01 00:00:00+00') TO ('2024-06-01 00:00:00+00')"#,
-        ]
-    );
-    assert_eq!(
-        p.changes[2].summary,
+        p.changes[5].summary,
         "move 7 row(s) from t_default into t_2024_04"
     );
-    assert!(p.changes[2].reports_rows);
-    // All in the table's one transaction.
+    assert!(p.changes[5].reports_rows);
+    // All in the table's one transaction: SET LOCAL never outlives it.
     assert!(p.changes.iter().all(|c| c.transactional));
     assert!(p.changes.iter().all(|c| c.group == p.changes[0].group));
     let after = simulate(&o, &diff(&s, &o, &mut AreaPlan::new(AREA)));
@@ -322,6 +333,90 @@ fn rows_in_the_default_are_moved_in_one_transaction() {
         3
     );
     assert!(plan(&s, &after).changes.is_empty());
+}
+
+#[test]
+fn a_move_alone_locks_the_parent_share_row_exclusive_first_and_fires_nothing() {
+    let st = with_rows_in_default("timestamp with time zone", &[("2024-04-01", 7)]);
+    let mut t = spec_table("t", PartitionInterval::Monthly);
+    t.premake = Some(1);
+    let o = observed("2024-03-15T00:00:00Z", vec![("t", st)]);
+    let p = plan(&spec(vec![t]), &o);
+    assert_eq!(sqls(&p), MOVE_APRIL[..7].to_vec());
+    // The replica role covers exactly the move: set right before, reset right after.
+    let sql = sqls(&p);
+    let at = sql
+        .iter()
+        .position(|s| s.starts_with("WITH moved"))
+        .unwrap();
+    assert_eq!(sql[at - 1], "SET LOCAL session_replication_role = replica");
+    assert_eq!(sql[at + 1], "SET LOCAL session_replication_role = DEFAULT");
+    // The executor sends each change alone: each is exactly one statement.
+    for c in &p.changes {
+        crate::pg::grammar::check_one_statement(&c.sql)
+            .unwrap_or_else(|e| panic!("{}: {e}", c.sql));
+        assert!(c.transactional);
+    }
+}
+
+#[test]
+fn a_role_that_may_not_set_the_replication_role_is_refused_with_the_grant_that_fixes_it() {
+    let st = with_rows_in_default("date", &[("2024-04-01", 7)]);
+    let s = spec(vec![spec_table("t", PartitionInterval::Monthly)]);
+    let mut o = observed("2024-03-15T00:00:00Z", vec![("t", st)]);
+    o.can_set_replication_role = false;
+    o.current_user = "app\"owner".into();
+    let p = plan(&s, &o);
+    assert!(p.changes.is_empty(), "{:?}", sqls(&p));
+    assert_eq!(p.errors.len(), 1);
+    let e = &p.errors[0];
+    assert_eq!(e.reason, "InsufficientPrivilege");
+    assert!(
+        e.message
+            .contains(r#"GRANT SET ON PARAMETER session_replication_role TO "app""owner""#),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("7 row(s) of public.t_default"),
+        "{}",
+        e.message
+    );
+    // Before PostgreSQL 15 there is no such grant: a superuser is needed.
+    o.server_version = 140_000;
+    let p = plan(&s, &o);
+    assert!(p.errors[0].message.contains("apply as a superuser"));
+    assert!(!p.errors[0].message.contains("GRANT"));
+    // Without rows to move the privilege is not needed.
+    let mut o = observed(
+        "2024-03-15T00:00:00Z",
+        vec![("t", with_rows_in_default("date", &[]))],
+    );
+    o.can_set_replication_role = false;
+    let p = plan(&s, &o);
+    assert!(p.errors.is_empty());
+    assert!(!p.changes.is_empty());
+}
+
+#[test]
+fn a_trigger_that_fires_even_for_replicas_refuses_the_move() {
+    let mut st = with_rows_in_default("date", &[("2024-05-01", 2)]);
+    st.default_fires_on_delete = vec![r#"trigger "audit" (ENABLE ALWAYS)"#.into()];
+    let s = spec(vec![spec_table("t", PartitionInterval::Monthly)]);
+    let p = plan(
+        &s,
+        &observed("2024-03-15T00:00:00Z", vec![("t", st.clone())]),
+    );
+    assert!(p.changes.is_empty());
+    assert_eq!(p.errors[0].reason, "TriggerFiresOnMove");
+    assert!(p.errors[0]
+        .message
+        .contains(r#"trigger "audit" (ENABLE ALWAYS)"#));
+    assert!(p.errors[0].message.contains("[2024-05-01, 2024-06-01)"));
+    // Such a trigger does not matter when nothing moves.
+    st.default_rows = Some(DefaultRows::default());
+    let p = plan(&s, &observed("2024-03-15T00:00:00Z", vec![("t", st)]));
+    assert!(p.errors.is_empty());
 }
 
 // ------------------------------------------------------------ retention
