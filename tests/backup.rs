@@ -195,8 +195,12 @@ async fn run_list_verify_prune_with_a_local_directory() {
     let out = run_args(&with(&["backup", "list"], &store), None, &[]);
     expect_code(&out, 0);
     assert!(out.stdout.starts_with("DATABASE"), "{}", out.stdout);
+    // Never verified yet: each backup says so, none claims to be fine.
     assert_eq!(
-        out.stdout.lines().filter(|l| l.ends_with("  ok")).count(),
+        out.stdout
+            .lines()
+            .filter(|l| l.ends_with("  unverified  -"))
+            .count(),
         3,
         "{}",
         out.stdout
@@ -352,7 +356,8 @@ async fn verify_fails_loudly_on_corrupted_and_truncated_dumps() {
     expect_code(&out, 1);
     assert!(out.stderr.contains("truncated"), "{}", out.stderr);
     let out = run_args(&with(&["backup", "list"], &store), None, &[]);
-    assert!(out.stdout.contains("BROKEN"), "{}", out.stdout);
+    assert!(out.stdout.contains("  incomplete  "), "{}", out.stdout);
+    assert!(out.stdout.contains("cut short"), "{}", out.stdout);
 
     // A truncated dump whose manifest was made to agree: pg_restore itself fails, and the
     // scratch database is dropped anyway.
@@ -855,9 +860,19 @@ async fn run_list_verify_prune_with_an_s3_compatible_store() {
         &creds,
     );
     expect_code(&out, 0);
-    let left = backup_ids(&list_json(&store, &creds));
-    assert_eq!(left.len(), 1);
-    assert_ne!(left[0], ids[0], "the newest stays");
+    // The newest stays, and so does the newest verified one (the first: the second run
+    // did not verify), whatever the count says.
+    let listing = list_json(&store, &creds);
+    let left = backup_ids(&listing);
+    assert_eq!(left.len(), 2, "{}", out.stdout);
+    assert_eq!(left[0], ids[0]);
+    assert_eq!(states(&listing), ["verified", "unverified"], "{listing:#}");
+    assert!(
+        out.stdout
+            .contains("(verified): the newest verified backup"),
+        "{}",
+        out.stdout
+    );
 
     // Wrong credentials: moto accepts any key, so check a missing bucket instead: a clear
     // error naming the store.
@@ -874,6 +889,373 @@ async fn run_list_verify_prune_with_an_s3_compatible_store() {
     let out = run_args(&with(&["backup", "list"], &other), None, &creds);
     expect_code(&out, 1);
     assert!(out.stderr.contains("no-such-bucket"), "{}", out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------
+// Verification state: list shows it, prune never keeps a damaged backup in place of a good one
+// ---------------------------------------------------------------------------------------
+
+/// Every backup's `state` in a JSON listing, oldest first.
+fn states(listing: &Value) -> Vec<String> {
+    listing["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            b["state"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a backup without a state: {b:#}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// Flips the byte in the middle: same size, different content.
+fn flip_middle_byte(bytes: &mut [u8]) {
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+}
+
+/// The line of `backup list`'s table for one backup.
+fn list_line<'a>(text: &'a str, id: &str) -> &'a str {
+    text.lines()
+        .find(|l| !l.starts_with('#') && l.contains(id))
+        .unwrap_or_else(|| panic!("{id} not listed:\n{text}"))
+}
+
+/// Three backups of `db` into `store`: the first two verified, the newest not; their ids.
+fn three_backups(db: &TestDb, store: &[String], env: &[(&str, &str)]) -> Vec<String> {
+    for verify in [true, true, false] {
+        let mut args = with(&["backup", "run", "--compression", "0"], store);
+        if verify {
+            args.push("--verify".into());
+        }
+        let out = run_args(&args, Some(db.url()), env);
+        expect_code(&out, 0);
+    }
+    let listing = list_json(store, env);
+    assert_eq!(
+        states(&listing),
+        ["verified", "verified", "unverified"],
+        "{listing:#}"
+    );
+    let text = run_args(&with(&["backup", "list"], store), None, env);
+    expect_code(&text, 0);
+    assert!(text.stdout.contains("STATE"), "{}", text.stdout);
+    backup_ids(&listing)
+}
+
+/// The case, against either store: the newest dump gets one byte flipped (same
+/// size), `verify` finds it and records it, `list` shows it, and `prune --retention-count 1`
+/// keeps the newest good backup instead of the corrupt one.
+fn corrupt_newest_is_recorded_and_not_retained(
+    db: &TestDb,
+    store: &[String],
+    env: &[(&str, &str)],
+    mut flip: impl FnMut(&str),
+) {
+    let ids = three_backups(db, store, env);
+    let name = |i: usize| format!("{}/{}", db.name(), ids[i]);
+    flip(&ids[2]);
+
+    // A same-size flip is invisible to the cheap check: never verified, and not claimed to be.
+    let listing = list_json(store, env);
+    assert_eq!(states(&listing)[2], "unverified", "{listing:#}");
+
+    let out = run_args(&with(&["backup", "verify"], store), Some(db.url()), env);
+    expect_code(&out, 1);
+    assert!(out.stderr.contains("[BackupCorrupt]"), "{}", out.stderr);
+    assert!(out.stderr.contains(&ids[2]), "{}", out.stderr);
+
+    // The result is recorded in the store: list shows it, with when it was checked.
+    let listing = list_json(store, env);
+    assert_eq!(
+        states(&listing),
+        ["verified", "verified", "corrupt"],
+        "{listing:#}"
+    );
+    let newest = &listing["backups"][2];
+    assert!(newest["checkedAt"].is_string(), "{newest:#}");
+    assert_eq!(
+        newest["verification"]["reason"], "BackupCorrupt",
+        "{newest:#}"
+    );
+    let text = run_args(&with(&["backup", "list"], store), None, env);
+    expect_code(&text, 0);
+    let line = list_line(&text.stdout, &ids[2]);
+    assert!(line.contains("corrupt"), "{}", text.stdout);
+    assert!(!line.contains(" ok"), "{}", text.stdout);
+    assert!(
+        list_line(&text.stdout, &ids[1]).contains("verified"),
+        "{}",
+        text.stdout
+    );
+
+    // What prune would do is printed and nothing is deleted.
+    let out = run_args(
+        &with(
+            &["backup", "prune", "--retention-count", "1", "--dry-run"],
+            store,
+        ),
+        None,
+        env,
+    );
+    expect_code(&out, 0);
+    assert!(
+        out.stdout.contains(&format!("would delete {}", name(0))),
+        "{}",
+        out.stdout
+    );
+    for kept in [1, 2] {
+        assert!(
+            !out.stdout.contains(&format!("would delete {}", name(kept))),
+            "{}",
+            out.stdout
+        );
+    }
+    assert_eq!(backup_ids(&list_json(store, env)), ids);
+
+    // The corrupt newest is not counted: the newest good backup is the one retained. The
+    // corrupt one stays listed (not counted, inside the retention window) as evidence.
+    let out = run_args(
+        &with(&["backup", "prune", "--retention-count", "1"], store),
+        None,
+        env,
+    );
+    expect_code(&out, 0);
+    assert!(
+        out.stdout.contains(&format!("deleted {}", name(0))),
+        "{}",
+        out.stdout
+    );
+    let listing = list_json(store, env);
+    assert_eq!(backup_ids(&listing), ids[1..], "{}", out.stdout);
+    assert_eq!(states(&listing), ["verified", "corrupt"], "{listing:#}");
+    // The good one still restores.
+    let out = run_args(
+        &with(&["backup", "verify", "--backup", &ids[1]], store),
+        Some(db.url()),
+        env,
+    );
+    expect_code(&out, 0);
+
+    // A new good backup: the corrupt one falls out of the window with the older good one.
+    let out = run_args(
+        &with(
+            &["backup", "run", "--verify", "--retention-count", "1"],
+            store,
+        ),
+        Some(db.url()),
+        env,
+    );
+    expect_code(&out, 0);
+    let listing = list_json(store, env);
+    assert_eq!(backup_ids(&listing).len(), 1, "{listing:#}");
+    assert!(!ids.contains(&backup_ids(&listing)[0]));
+    assert_eq!(states(&listing), ["verified"]);
+    assert!(
+        listing["leftovers"].as_array().unwrap().is_empty(),
+        "{listing:#}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_newest_backup_is_recorded_and_never_kept_in_place_of_good_ones() {
+    let db = TestDb::new().await;
+    db.exec(SCHEMA).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("backups");
+    let store = dir_args(&root);
+    corrupt_newest_is_recorded_and_not_retained(&db, &store, &[], |id| {
+        let path = dump_path(&root, &db, id);
+        let mut bytes = fs::read(&path).unwrap();
+        let size = bytes.len();
+        flip_middle_byte(&mut bytes);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len() as usize, size);
+    });
+}
+
+#[tokio::test]
+async fn killed_and_truncated_backups_are_never_counted() {
+    let db = TestDb::new().await;
+    db.exec(SCHEMA).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("backups");
+    let store = dir_args(&root);
+    let ids = three_backups(&db, &store, &[]);
+    let dir = root.join(db.name());
+
+    // The newest dump cut short under its manifest (a copy of the store, or an older
+    // writer, killed mid-file): incomplete, whatever was recorded before.
+    let newest = dump_path(&root, &db, &ids[2]);
+    let bytes = fs::read(&newest).unwrap();
+    fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    // A verified backup whose dump then shrank is not verified any more.
+    let middle = dump_path(&root, &db, &ids[1]);
+    let bytes = fs::read(&middle).unwrap();
+    fs::write(&middle, &bytes[..bytes.len() - 1]).unwrap();
+    // A run killed after its upload completed, before its manifest (the commit): a dump
+    // alone, newer than every backup.
+    let killed = "29991231T235959.999Z";
+    fs::copy(&newest, dir.join(format!("{killed}.dump"))).unwrap();
+
+    let listing = list_json(&store, &[]);
+    assert_eq!(backup_ids(&listing), ids, "{listing:#}");
+    assert_eq!(
+        states(&listing),
+        ["verified", "incomplete", "incomplete"],
+        "{listing:#}"
+    );
+    let leftovers = listing["leftovers"].as_array().unwrap();
+    assert_eq!(leftovers.len(), 1, "{listing:#}");
+    assert_eq!(leftovers[0]["file"], format!("{killed}.dump"));
+    let text = run_args(&with(&["backup", "list"], &store), None, &[]);
+    expect_code(&text, 0);
+    for id in &ids[1..] {
+        assert!(
+            list_line(&text.stdout, id).contains("incomplete"),
+            "{}",
+            text.stdout
+        );
+    }
+    assert!(
+        text.stdout
+            .lines()
+            .any(|l| l.starts_with('#') && l.contains(killed) && l.contains("incomplete")),
+        "{}",
+        text.stdout
+    );
+
+    // Verify of the newest says so, loudly.
+    let out = run_args(&with(&["backup", "verify"], &store), Some(db.url()), &[]);
+    expect_code(&out, 1);
+    assert!(out.stderr.contains("[BackupCorrupt]"), "{}", out.stderr);
+
+    // Prune counts none of them: the only good backup is the one retained, and nothing
+    // else is deleted (the damaged ones are inside the window; the killed run's dump is
+    // younger than the grace period).
+    let out = run_args(
+        &with(&["backup", "prune", "--retention-count", "1"], &store),
+        None,
+        &[],
+    );
+    expect_code(&out, 0);
+    assert!(
+        out.stdout.contains("pruned: 0 backup(s) deleted"),
+        "{}",
+        out.stdout
+    );
+    let listing = list_json(&store, &[]);
+    assert_eq!(backup_ids(&listing), ids, "{listing:#}");
+    assert_eq!(states(&listing)[0], "verified");
+    assert!(dir.join(format!("{killed}.dump")).exists());
+
+    // Once a good backup is newer, the damaged ones age out with the rest.
+    let out = run_args(
+        &with(&["backup", "run", "--retention-count", "1"], &store),
+        Some(db.url()),
+        &[],
+    );
+    expect_code(&out, 0);
+    let listing = list_json(&store, &[]);
+    // The newest good backup is kept, and so is the newest verified one.
+    assert_eq!(backup_ids(&listing)[0], ids[0], "{listing:#}");
+    assert_eq!(states(&listing), ["verified", "unverified"], "{listing:#}");
+    let newest = backup_ids(&listing)[1].clone();
+
+    // A prune killed after deleting a backup's manifest (its first step): what remains is
+    // leftovers, never a backup, and the next prune past the grace period removes them.
+    fs::remove_file(dir.join(format!("{}.manifest.json", ids[0]))).unwrap();
+    let listing = list_json(&store, &[]);
+    assert_eq!(backup_ids(&listing), [newest.as_str()], "{listing:#}");
+    let mut leftovers: Vec<String> = listing["leftovers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["file"].as_str().unwrap().to_string())
+        .collect();
+    leftovers.sort();
+    let expected = [
+        format!("{}.dump", ids[0]),
+        format!("{}.verify.json", ids[0]),
+        format!("{killed}.dump"),
+    ];
+    assert_eq!(leftovers, expected, "{listing:#}");
+    for file in &expected {
+        let status = Command::new("touch")
+            .args(["-d", "3 days ago"])
+            .arg(dir.join(file))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let out = run_args(
+        &with(&["backup", "prune", "--retention-count", "1"], &store),
+        None,
+        &[],
+    );
+    expect_code(&out, 0);
+    assert!(
+        out.stdout
+            .contains("pruned: 0 backup(s) deleted, 1 kept, 3 leftover(s) deleted"),
+        "{}",
+        out.stdout
+    );
+    let listing = list_json(&store, &[]);
+    assert_eq!(backup_ids(&listing), [newest], "{listing:#}");
+    assert!(
+        listing["leftovers"].as_array().unwrap().is_empty(),
+        "{listing:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_newest_backup_in_s3_is_recorded_and_never_kept_in_place_of_good_ones() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let moto = Moto::start();
+    moto.create_bucket("dbpolicy-verify");
+    let db = TestDb::new().await;
+    db.exec(SCHEMA).await;
+    let endpoint = moto.endpoint();
+    let store: Vec<String> = [
+        "--s3-bucket",
+        "dbpolicy-verify",
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-prefix",
+        "quiz",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ];
+    // The test's own client rewrites the object, as bit rot or a bad copy would.
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("dbpolicy-verify")
+        .with_region("us-east-1")
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    let db_name = db.name().to_string();
+    tokio::task::block_in_place(|| {
+        corrupt_newest_is_recorded_and_not_retained(&db, &store, &creds, |id| {
+            let key = object_store::path::Path::from(format!("quiz/{db_name}/{id}.dump"));
+            runtime.block_on(async {
+                let mut bytes = s3.get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+                flip_middle_byte(&mut bytes);
+                s3.put(&key, PutPayload::from(bytes)).await.unwrap();
+            });
+        })
+    });
 }
 
 // ---------------------------------------------------------------------------------------

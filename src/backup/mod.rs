@@ -1,8 +1,9 @@
 //! Backups: `dbpolicy backup run | list | verify | prune`, what the backup CronJob runs and
 //! what people run by hand. `pg_dump` custom-format dumps streamed to a local directory or
 //! an S3-compatible bucket ([`store`]), each committed by a manifest written last
-//! ([`manifest`]), pruned by retention rules ([`prune`]) and proven by a restore into a
-//! scratch database ([`verify`]).
+//! ([`manifest`]), proven by a restore into a scratch database ([`verify`]) whose
+//! conclusion is recorded beside it ([`state`]), and pruned by retention rules that count
+//! only backups known good ([`prune`]).
 //!
 //! Exit status: 0 when everything asked for succeeded, 1 otherwise; errors on stderr name
 //! the step that failed.
@@ -11,6 +12,7 @@ pub mod list;
 pub mod manifest;
 pub mod prune;
 pub mod run;
+pub mod state;
 pub mod store;
 pub mod tools;
 pub mod verify;
@@ -41,11 +43,12 @@ pub struct BackupArgs {
 pub enum BackupCommand {
     /// Dump the database into the store (then prune and verify when asked).
     Run(RunArgs),
-    /// Show the backups in the store.
+    /// Show the backups in the store, each with its verification state.
     List(ListArgs),
     /// Restore a backup (the newest by default) into a scratch database and check it.
     Verify(VerifyArgs),
-    /// Delete backups the retention rules no longer keep (never the newest).
+    /// Delete backups the retention rules no longer keep (never the newest good nor the
+    /// newest verified one; damaged ones are not counted).
     Prune(PruneArgs),
 }
 
@@ -367,8 +370,7 @@ async fn run_steps(a: RunArgs, stored: &mut Option<manifest::Manifest>) -> Resul
         print_verified(verify::verify(&store, &url, &opts).await?);
     }
     if retention.is_set() {
-        let report = prune::prune(&store, Some(&m.database), retention, Utc::now(), false).await?;
-        print_pruned(&report, false);
+        prune_and_print(&store, Some(&m.database), retention, false).await?;
     }
     Ok(())
 }
@@ -400,15 +402,53 @@ async fn cmd_verify(a: VerifyArgs) -> Result<(), BackupError> {
 
 async fn cmd_prune(a: PruneArgs) -> Result<(), BackupError> {
     let store = open(&a.store, false)?;
-    let report = prune::prune(
+    prune_and_print(
         &store,
         a.database.as_deref(),
         a.retention.retention(),
-        Utc::now(),
         a.dry_run,
     )
-    .await?;
-    print_pruned(&report, a.dry_run);
+    .await
+}
+
+/// Prints what prune will do (every backup with its state and the reason for its
+/// verdict) before it deletes anything, then each deletion as it completes.
+async fn prune_and_print(
+    store: &Store,
+    database: Option<&str>,
+    retention: Retention,
+    dry_run: bool,
+) -> Result<(), BackupError> {
+    let plan = prune::plan(store, database, retention, Utc::now()).await?;
+    let delete = if dry_run {
+        "would delete"
+    } else {
+        "will delete"
+    };
+    for d in &plan.decisions {
+        let verb = if d.keep { "keep" } else { delete };
+        println!("{verb} {} ({}): {}", d.name(), d.state, d.why);
+    }
+    for l in &plan.leftovers {
+        println!("{delete} leftover {}/{}: {}", l.database_dir, l.file, l.why);
+    }
+    for f in &plan.staging_files {
+        println!(
+            "{delete} leftover {}: staging file of an upload that never completed",
+            f.display()
+        );
+    }
+    let deleted = plan.decisions.iter().filter(|d| !d.keep).count();
+    let kept = plan.decisions.len() - deleted;
+    let leftovers = plan.leftovers.len() + plan.staging_files.len();
+    let verb = if dry_run {
+        "would be deleted"
+    } else {
+        let report = prune::execute(store, &plan, |line| println!("{line}")).await?;
+        debug_assert_eq!(report.deleted.len(), deleted);
+        "deleted"
+    };
+    println!("pruned: {deleted} backup(s) {verb}, {kept} kept, {leftovers} leftover(s) {verb}");
     Ok(())
 }
 
@@ -416,22 +456,6 @@ fn print_verified(v: verify::Verified) {
     println!(
         "verified {}/{}: restored in {:.1}s, {} table(s) and {} row(s) match the manifest",
         v.database, v.id, v.restore_seconds, v.tables, v.rows
-    );
-}
-
-fn print_pruned(report: &prune::PruneReport, dry_run: bool) {
-    let verb = if dry_run { "would delete" } else { "deleted" };
-    for d in &report.deleted {
-        println!("{verb} {d}");
-    }
-    for d in &report.leftovers_deleted {
-        println!("{verb} leftover {d}");
-    }
-    println!(
-        "pruned: {} backup(s) {verb}, {} kept, {} leftover(s) {verb}",
-        report.deleted.len(),
-        report.kept.len(),
-        report.leftovers_deleted.len()
     );
 }
 

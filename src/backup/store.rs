@@ -1,7 +1,10 @@
 //! Where backups live: a local directory (a PersistentVolumeClaim in the CronJob) or an
 //! S3-compatible bucket, both through the `object_store` crate.
 //!
-//! Layout: `<prefix>/<database>/<id>.dump` and `<prefix>/<database>/<id>.manifest.json`.
+//! Layout: `<prefix>/<database>/<id>.dump`, `<prefix>/<database>/<id>.manifest.json` and,
+//! once verified, `<prefix>/<database>/<id>.verify.json`. Small objects (manifests,
+//! verification records) are written in one atomic put: S3 shows an object whole or not
+//! at all, and the local store writes a staging file and renames it.
 //!
 //! Commit protocol: the dump is streamed as a multipart upload, which both stores keep
 //! invisible until it completes (S3 holds the parts under an upload id; the local store
@@ -66,6 +69,9 @@ pub struct Entry {
     pub file: String,
     pub size: u64,
     pub last_modified: DateTime<Utc>,
+    /// The store's ETag: with the size and time, what tells one version of an object
+    /// from another (a verification record names the version it read).
+    pub e_tag: Option<String>,
 }
 
 pub struct Store {
@@ -258,12 +264,14 @@ impl Store {
         Ok(total)
     }
 
+    /// Makes the object absent: one that is already gone (a prune that was killed and
+    /// re-run, two prunes at once) is no error.
     pub async fn delete(&self, database_dir: &str, file: &str) -> Result<(), StoreError> {
         let key = self.key(database_dir, file);
-        self.inner
-            .delete(&key)
-            .await
-            .map_err(|e| self.object_err("deleting", &key, e))
+        match self.inner.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.object_err("deleting", &key, e)),
+        }
     }
 
     /// Staging files (`<name>#<digits>`) of uploads a killed run never completed, older
@@ -337,6 +345,7 @@ impl Store {
                     file: file.clone(),
                     size: meta.size,
                     last_modified: meta.last_modified,
+                    e_tag: meta.e_tag,
                 });
             }
         }
@@ -388,6 +397,8 @@ mod tests {
         assert_eq!(store.get(&db, "1.manifest.json").await.unwrap(), b"{}");
         store.delete(&db, "1.dump").await.unwrap();
         assert_eq!(store.list(Some("app")).await.unwrap().len(), 1);
+        // Deleting what is gone is no error.
+        store.delete(&db, "1.dump").await.unwrap();
     }
 
     #[test]

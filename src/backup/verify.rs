@@ -4,6 +4,11 @@
 //! `dbpolicy_verify_<random>` on the same server, and every table's row count is compared
 //! with the manifest. The scratch database is dropped whatever happened, Ctrl-C and
 //! SIGTERM included.
+//!
+//! What a verify concluded about the backup (verified, corrupt bytes, or a restore that
+//! failed or differed) is recorded in the store as `<id>.verify.json`, one atomic put, for
+//! `list` and `prune` ([`super::state`]). A verify that could not reach a conclusion (no
+//! connection, no scratch database, interrupted) records nothing.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,6 +23,7 @@ use tokio::io::AsyncReadExt;
 use super::list::{self, human_bytes, Backup};
 use super::manifest::compare_tables;
 use super::run::{hex, table_rows};
+use super::state::{DumpObject, Outcome, VerifyRecord};
 use super::store::Store;
 use super::tools::{self, LibpqEnv};
 use super::BackupError;
@@ -91,14 +97,99 @@ async fn verify_on(
     };
     let name = format!("{}/{}", backup.database_dir, backup.id);
     eprintln!("backup: verifying {name} from {}", store.describe());
-
-    // 1. The bytes: size and checksum before anything reads them.
-    if backup.dump_size.is_none() {
+    let Some(dump) = backup.dump.clone() else {
         return Err(BackupError::Corrupt {
             backup: name,
             reason: "the dump is missing from the store".into(),
         });
+    };
+    let target = Target {
+        url,
+        env,
+        version_num,
+        encoding,
+        collate,
+        ctype,
+    };
+    let mut sha256 = None;
+    let result = check(store, conn, backup, &target, opts, &mut sha256).await;
+    let record = record_of(&backup.id, dump, &result, sha256);
+    if let Some(record) = record {
+        let file = backup.verify_file();
+        match store
+            .put(&backup.database_dir, &file, record.to_json())
+            .await
+        {
+            Ok(()) => eprintln!(
+                "backup: recorded {name} as {} in {}/{file}",
+                record.outcome_word(),
+                backup.database_dir
+            ),
+            Err(e) if result.is_ok() => {
+                eprintln!("backup: {name} verified, but recording that failed");
+                return Err(e.into());
+            }
+            Err(e) => eprintln!("backup: warning: recording the result failed: {e}"),
+        }
     }
+    result
+}
+
+/// The server a scratch database is created on, and the source's encoding and locale.
+struct Target<'a> {
+    url: &'a str,
+    env: &'a LibpqEnv,
+    version_num: i32,
+    encoding: String,
+    collate: String,
+    ctype: String,
+}
+
+/// The record of a verify's conclusion about the backup; None when it reached none.
+fn record_of(
+    id: &str,
+    dump: DumpObject,
+    result: &Result<Verified, BackupError>,
+    sha256: Option<String>,
+) -> Option<VerifyRecord> {
+    let mut record = match result {
+        Ok(_) => VerifyRecord::new(id, dump, Outcome::Verified, None),
+        Err(e @ BackupError::Corrupt { reason, .. }) => VerifyRecord::new(
+            id,
+            dump,
+            Outcome::Corrupt,
+            Some((e.reason(), reason.clone())),
+        ),
+        Err(e @ (BackupError::PgRestore { .. } | BackupError::Mismatch { .. })) => {
+            VerifyRecord::new(id, dump, Outcome::Failed, Some((e.reason(), e.to_string())))
+        }
+        Err(_) => return None,
+    };
+    record.sha256 = sha256;
+    record.restore_seconds = result.as_ref().ok().map(|v| v.restore_seconds);
+    Some(record)
+}
+
+/// Checksum, restore, row counts; `sha256` gets the dump's sum once it is read.
+async fn check(
+    store: &Store,
+    conn: &mut PgConnection,
+    backup: &Backup,
+    target: &Target<'_>,
+    opts: &VerifyOptions,
+    sha256_out: &mut Option<String>,
+) -> Result<Verified, BackupError> {
+    let name = format!("{}/{}", backup.database_dir, backup.id);
+    let Target {
+        url,
+        env,
+        version_num,
+        encoding,
+        collate,
+        ctype,
+    } = target;
+    let version_num = *version_num;
+    // 1. The bytes: size and checksum before anything reads them.
     let tmp = tempfile::Builder::new()
         .prefix("dbpolicy-verify-")
         .suffix(".dump")
@@ -122,6 +213,7 @@ async fn verify_on(
         .await?;
     file.flush().map_err(|e| BackupError::Tool(e.to_string()))?;
     let sha256 = hex(&hasher.finalize());
+    *sha256_out = Some(sha256.clone());
     let m = &backup.manifest;
     if size != m.size_bytes {
         return Err(BackupError::Corrupt {
@@ -155,9 +247,9 @@ async fn verify_on(
     let create = format!(
         "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
         quote_ident(&scratch),
-        quote_literal(&encoding),
-        quote_literal(&collate),
-        quote_literal(&ctype)
+        quote_literal(encoding),
+        quote_literal(collate),
+        quote_literal(ctype)
     );
     sqlx::raw_sql(&create)
         .execute(&mut *conn)
