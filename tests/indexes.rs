@@ -224,7 +224,8 @@ async fn index_valid(db: &TestDb, name: &str) -> Option<bool> {
 async fn a_failed_replacement_no_longer_blocks_once_the_data_is_fixed() {
     let db = TestDb::new().await;
     db.exec(SCHEMA).await;
-    db.exec("INSERT INTO codes VALUES ('a'), ('a'), ('b')").await;
+    db.exec("INSERT INTO codes VALUES ('a'), ('a'), ('b')")
+        .await;
     let flags = "  featureFlags:\n    flags: [{name: after_indexes, enabled: true}]\n";
     let index = |unique: bool| {
         policy(
@@ -239,7 +240,10 @@ async fn a_failed_replacement_no_longer_blocks_once_the_data_is_fixed() {
     let out = cli("apply", db.url(), &index(true));
     expect_code(&out, 1);
     assert!(out.stdout.contains("23505"), "{}", out.stdout);
-    assert_eq!(index_valid(&db, "codes_code_dbpolicy_new").await, Some(false));
+    assert_eq!(
+        index_valid(&db, "codes_code_dbpolicy_new").await,
+        Some(false)
+    );
     assert_eq!(index_valid(&db, "codes_code").await, Some(true));
 
     // Fixed data: the invalid leftover is ours (its intent was committed before the build),
@@ -328,7 +332,9 @@ async fn an_index_built_by_a_killed_run_is_owned_by_the_next_run() {
     db.exec("CREATE TABLE codes (code text, n int)").await;
     let index = |columns: &str| {
         spec(
-            &format!("    indexes:\n      - {{name: codes_code, table: codes, columns: [{columns}]}}\n"),
+            &format!(
+                "    indexes:\n      - {{name: codes_code, table: codes, columns: [{columns}]}}\n"
+            ),
             "",
         )
     };
@@ -392,7 +398,8 @@ async fn a_replacement_interrupted_by_a_kill_is_finished_by_the_next_run() {
         let out = cli("apply", db.url(), &index("code, n"));
         expect_code(&out, 0);
         assert_eq!(
-            out.stdout.contains("build the new definition beside the old"),
+            out.stdout
+                .contains("build the new definition beside the old"),
             check_client,
             "a finished replacement is not built again\n{}",
             out.stdout

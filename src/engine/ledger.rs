@@ -243,7 +243,10 @@ mod tests {
             item: "index".into(),
         }]);
         assert!(l.contains(Area::Indexes, "public.i", "index"));
-        assert!(!l.intends(Area::Indexes, "public.i", "index"), "recorded: done");
+        assert!(
+            !l.intends(Area::Indexes, "public.i", "index"),
+            "recorded: done"
+        );
 
         l.apply_ops(&[
             LedgerOp::Intend {

@@ -394,7 +394,9 @@ pub fn diff(
                 // is ours only when it is exactly what we set out to build.
                 let ours = recorded || (intended && !state.valid);
                 if state.valid && matches {
-                    if intended && !recorded {
+                    // Recorded or not (it may have been dropped and built again), what a
+                    // killed run built is recorded and its intent cleared.
+                    if intended {
                         vec![Op::Adopt { spec: ix.clone() }]
                     } else {
                         vec![]
@@ -839,9 +841,11 @@ mod tests {
             }]
         );
         // Without an intent, an index that happens to match is left alone, not owned.
-        assert!(plan(&spec, &o, &Ledger::for_policy("p"), &Context::default())
-            .changes
-            .is_empty());
+        assert!(
+            plan(&spec, &o, &Ledger::for_policy("p"), &Context::default())
+                .changes
+                .is_empty()
+        );
         // With an intent but another definition, it is not provably ours.
         let spec2 = IndexesSpec {
             indexes: vec![ix("i", "t", &["a", "b"])],
@@ -944,7 +948,10 @@ mod tests {
         let new = def("i_dbpolicy_new", "t", "USING btree (a, b)");
         let temp = "public.i_dbpolicy_new";
         // Killed after the build: drop the old one, rename.
-        let p = replacing(&[("i", &old, true), ("i_dbpolicy_new", &new, true)], &[temp]);
+        let p = replacing(
+            &[("i", &old, true), ("i_dbpolicy_new", &new, true)],
+            &[temp],
+        );
         assert_eq!(
             sqls(&p),
             [
@@ -953,7 +960,10 @@ mod tests {
             ]
         );
         // Killed in the middle of dropping the old one (left invalid): the same.
-        let p = replacing(&[("i", &old, false), ("i_dbpolicy_new", &new, true)], &[temp]);
+        let p = replacing(
+            &[("i", &old, false), ("i_dbpolicy_new", &new, true)],
+            &[temp],
+        );
         assert_eq!(sqls(&p)[0], r#"DROP INDEX CONCURRENTLY "public"."i""#);
         assert_eq!(p.changes[0].hazard, Hazard::Safe);
         // Killed after the drop: rename only.
@@ -985,7 +995,10 @@ mod tests {
         let old = def("i", "t", "USING btree (a)");
         let theirs = def("i_dbpolicy_new", "t", "USING btree (a, b)");
         for valid in [true, false] {
-            let p = replacing(&[("i", &old, true), ("i_dbpolicy_new", &theirs, valid)], &[]);
+            let p = replacing(
+                &[("i", &old, true), ("i_dbpolicy_new", &theirs, valid)],
+                &[],
+            );
             assert!(p.changes.is_empty(), "{:?}", sqls(&p));
             assert_eq!(p.errors[0].reason, "NameInUse");
             assert!(p.errors[0].message.contains("public.i_dbpolicy_new"));
@@ -994,7 +1007,9 @@ mod tests {
         let p = replacing(&[("i_dbpolicy_new", &theirs, true)], &[]);
         assert!(p.errors.is_empty());
         assert_eq!(p.changes.len(), 1);
-        assert!(p.changes[0].sql.starts_with(r#"CREATE INDEX CONCURRENTLY "i""#));
+        assert!(p.changes[0]
+            .sql
+            .starts_with(r#"CREATE INDEX CONCURRENTLY "i""#));
     }
 
     #[test]
@@ -1003,7 +1018,10 @@ mod tests {
         let temp = replacement_name(&long);
         assert!(temp.name.len() <= 63, "{}", temp.name.len());
         assert!(temp.name.ends_with("_dbpolicy_new"));
-        assert_eq!(replacement_name(&ix("i", "t", &["a"])).name, "i_dbpolicy_new");
+        assert_eq!(
+            replacement_name(&ix("i", "t", &["a"])).name,
+            "i_dbpolicy_new"
+        );
     }
 
     #[test]
