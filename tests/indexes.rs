@@ -284,10 +284,11 @@ async fn hold_snapshot(db: &TestDb) -> PgConnection {
 }
 
 /// Runs `dbpolicy apply` and kills it (SIGKILL) while its concurrent build waits for a
-/// snapshot `holder` keeps, then lets the build go on without its client and waits until
-/// the orphaned session is gone. PostgreSQL finishes the build unless the session checks
-/// its client (`client_connection_check_interval`), which aborts it and leaves it invalid.
-async fn kill_apply_during_build(db: &TestDb, yaml: &str) {
+/// snapshot `holder` keeps, and waits until the orphaned session is gone. With `aborts`
+/// (the database sets `client_connection_check_interval`), the session notices its dead
+/// client while still waiting and aborts the build, leaving it invalid; otherwise the
+/// snapshot is released and PostgreSQL finishes the build without its client.
+async fn kill_apply_during_build(db: &TestDb, yaml: &str, aborts: bool) {
     let mut holder = hold_snapshot(db).await;
     let file = write_policy(yaml);
     let mut child = dbpolicy_cmd()
@@ -315,15 +316,21 @@ async fn kill_apply_during_build(db: &TestDb, yaml: &str) {
     .await;
     child.kill().expect("kill dbpolicy");
     child.wait().expect("reap dbpolicy");
-    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
     let any = sessions("");
-    eventually(Duration::from_secs(30), || async {
-        match db.query_scalar::<i64>(&any).await {
-            0 => Ok(()),
-            n => Err(format!("{n} dbpolicy sessions left")),
-        }
-    })
-    .await;
+    let orphan_gone = || async {
+        eventually(Duration::from_secs(30), || async {
+            match db.query_scalar::<i64>(&any).await {
+                0 => Ok(()),
+                n => Err(format!("{n} dbpolicy sessions left")),
+            }
+        })
+        .await
+    };
+    if aborts {
+        orphan_gone().await;
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
+    orphan_gone().await;
 }
 
 #[tokio::test]
@@ -338,7 +345,7 @@ async fn an_index_built_by_a_killed_run_is_owned_by_the_next_run() {
             "",
         )
     };
-    kill_apply_during_build(&db, &index("code")).await;
+    kill_apply_during_build(&db, &index("code"), false).await;
     // PostgreSQL finished the build after its client died; the ledger holds the intent
     // committed before the build, not the ownership written after it.
     assert_eq!(index_valid(&db, "codes_code").await, Some(true));
@@ -388,7 +395,7 @@ async fn a_replacement_interrupted_by_a_kill_is_finished_by_the_next_run() {
             ))
             .await;
         }
-        kill_apply_during_build(&db, &index("code, n")).await;
+        kill_apply_during_build(&db, &index("code, n"), check_client).await;
         assert_eq!(
             index_valid(&db, "codes_code_dbpolicy_new").await,
             Some(!check_client),
