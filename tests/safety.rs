@@ -85,10 +85,11 @@ async fn an_apply_waits_for_the_advisory_lock() {
         .unwrap();
 
     let apply = spawn_apply(&p, db.url(), Duration::from_secs(60));
-    // The CLI is connected and waiting on the advisory lock, having changed nothing.
+    // The CLI is connected and waiting for the advisory lock (polling it between pauses),
+    // having changed nothing.
     eventually(Duration::from_secs(15), || async {
         let waiting = db
-            .query_scalar::<i64>("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dbpolicy' AND wait_event = 'advisory'")
+            .query_scalar::<i64>(&format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dbpolicy' AND datname = '{}' AND query LIKE '%pg_try_advisory_lock%'", db.name()))
             .await;
         if waiting == 1 {
             Ok(())

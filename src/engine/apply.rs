@@ -1,15 +1,17 @@
 //! The executor: runs a plan on one connection that already holds the policy lock.
 //! Consecutive transactional changes of an area (and of one group, when the area splits
 //! its work, see `Change::group`) share one transaction (all or nothing);
-//! statements PostgreSQL refuses inside a transaction run alone, their ledger entries
-//! written right after. Destructive changes are refused unless the policy allows them.
+//! statements PostgreSQL refuses inside a transaction run alone: intent before effect, the
+//! intent to build what they record is committed before they run, and their ledger
+//! entries are written in one transaction right after (see [`super::ledger`]).
+//! Destructive changes are refused unless the policy allows them.
 //! The first failure stops the run: what follows may depend on it.
 
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
 
 use super::ledger;
-use super::plan::{Area, Change, Hazard, Plan};
+use super::plan::{Area, Change, Hazard, LedgerOp, Plan};
 use crate::pg::{error_summary, execute_one, reason_for_sqlstate, sqlstate};
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -152,7 +154,8 @@ async fn run_transaction(
             .await
             .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
         rows.push(done.rows_affected());
-        for op in &change.ledger {
+        // All or nothing: an intent would announce what commits with it anyway.
+        for op in outcome_ops(change) {
             ledger::write(&mut tx, op, policy)
                 .await
                 .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
@@ -170,13 +173,56 @@ async fn run_autonomous(
     change: &Change,
     policy: &str,
 ) -> Result<Vec<u64>, ApplyFailure> {
+    write_ledger(conn, change, &intents(change), policy).await?;
     let done = execute_one(&mut *conn, &change.sql)
         .await
         .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
-    for op in &change.ledger {
-        ledger::write(conn, op, policy)
-            .await
-            .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
-    }
+    let outcome: Vec<LedgerOp> = outcome_ops(change).cloned().collect();
+    write_ledger(conn, change, &outcome, policy).await?;
     Ok(vec![done.rows_affected()])
+}
+
+/// What an autonomous change commits before it runs, so a run killed while it runs (or
+/// between it and its ledger entries) leaves a trace the next run finds: the intents it
+/// declares, and the intent to build everything it records.
+pub fn intents(change: &Change) -> Vec<LedgerOp> {
+    change
+        .ledger
+        .iter()
+        .filter_map(|op| match op {
+            LedgerOp::Intend { .. } => Some(op.clone()),
+            LedgerOp::Record { area, target, item } => Some(LedgerOp::Intend {
+                area: *area,
+                target: target.clone(),
+                item: item.clone(),
+            }),
+            LedgerOp::Forget { .. } => None,
+        })
+        .collect()
+}
+
+/// What a change records and forgets once it has run (recording clears the intent).
+fn outcome_ops(change: &Change) -> impl Iterator<Item = &LedgerOp> {
+    change
+        .ledger
+        .iter()
+        .filter(|op| !matches!(op, LedgerOp::Intend { .. }))
+}
+
+/// Writes `ops` in one transaction of their own.
+async fn write_ledger(
+    conn: &mut PgConnection,
+    change: &Change,
+    ops: &[LedgerOp],
+    policy: &str,
+) -> Result<(), ApplyFailure> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let failed = |e: sqlx::Error| ApplyFailure::from_sqlx(change, "(ledger)", &e);
+    let mut tx = conn.begin().await.map_err(failed)?;
+    for op in ops {
+        ledger::write(&mut tx, op, policy).await.map_err(failed)?;
+    }
+    tx.commit().await.map_err(failed)
 }

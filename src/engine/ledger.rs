@@ -2,6 +2,13 @@
 //! kept in the database it governs (`dbpolicy.managed`), so removal from the spec resets
 //! exactly what the policy owns and leaves what others set alone. It is read once per
 //! reconcile and written in the same transaction as the change it records.
+//!
+//! A change PostgreSQL cannot run in a transaction (`CREATE INDEX CONCURRENTLY`,
+//! `ALTER SYSTEM`) cannot be recorded atomically with its effect, and a run can be killed
+//! between the two. So its intent is committed first, as a row whose item is
+//! `intent:<item>`: the next run finds what a killed run began and can tell it is its own
+//! (an index that exists, matches the spec and has an intent is recorded; an invalid one
+//! is dropped and rebuilt). Recording or forgetting the item clears the intent.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,6 +36,23 @@ pub struct Ledger {
     me: String,
     mine: BTreeMap<String, BTreeSet<(String, String)>>,
     others: BTreeMap<(String, String, String), String>,
+    /// (area, target, item) this policy began to build and never recorded.
+    intents: BTreeSet<(String, String, String)>,
+}
+
+/// The ledger item of an intent to build `item`.
+pub const INTENT_PREFIX: &str = "intent:";
+
+fn intent_item(item: &str) -> String {
+    format!("{INTENT_PREFIX}{item}")
+}
+
+fn key(area: Area, target: &str, item: &str) -> (String, String, String) {
+    (
+        area.as_str().to_string(),
+        target.to_string(),
+        item.to_string(),
+    )
 }
 
 impl Ledger {
@@ -39,11 +63,14 @@ impl Ledger {
         }
     }
     pub fn insert(&mut self, area: Area, target: &str, item: &str, policy: &str) {
-        let key = (
-            area.as_str().to_string(),
-            target.to_string(),
-            item.to_string(),
-        );
+        if let Some(intended) = item.strip_prefix(INTENT_PREFIX) {
+            // Another policy's unfinished work is its own to finish: only ours is kept.
+            if policy == self.me {
+                self.intents.insert(key(area, target, intended));
+            }
+            return;
+        }
+        let key = key(area, target, item);
         if policy == self.me {
             self.others.remove(&key);
             self.mine.entry(key.0).or_default().insert((key.1, key.2));
@@ -67,6 +94,11 @@ impl Ledger {
             .get(area.as_str())
             .is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
     }
+    /// Whether a run of this policy committed its intent to build this item and never
+    /// recorded it: a run killed (or failed) while building it.
+    pub fn intends(&self, area: Area, target: &str, item: &str) -> bool {
+        self.intents.contains(&key(area, target, item))
+    }
     /// The other policy that owns this item, if any.
     pub fn owned_by_other(&self, area: Area, target: &str, item: &str) -> Option<&str> {
         self.others
@@ -82,8 +114,15 @@ impl Ledger {
         let me = self.me.clone();
         for op in ops {
             match op {
-                LedgerOp::Record { area, target, item } => self.insert(*area, target, item, &me),
+                LedgerOp::Intend { area, target, item } => {
+                    self.intents.insert(key(*area, target, item));
+                }
+                LedgerOp::Record { area, target, item } => {
+                    self.intents.remove(&key(*area, target, item));
+                    self.insert(*area, target, item, &me)
+                }
                 LedgerOp::Forget { area, target, item } => {
+                    self.intents.remove(&key(*area, target, item));
                     if let Some(s) = self.mine.get_mut(area.as_str()) {
                         s.remove(&(target.clone(), item.clone()));
                     }
@@ -113,24 +152,20 @@ pub async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::
     Ok(ledger)
 }
 
-/// Writes one ledger operation (inside the caller's transaction).
+/// Writes one ledger operation (inside the caller's transaction; an intent is committed
+/// on its own before the change it announces, see [`crate::engine::apply`]).
 pub async fn write(
     conn: &mut PgConnection,
     op: &LedgerOp,
     policy: &str,
 ) -> Result<(), sqlx::Error> {
     match op {
+        LedgerOp::Intend { area, target, item } => {
+            upsert(conn, *area, target, &intent_item(item), policy).await?;
+        }
         LedgerOp::Record { area, target, item } => {
-            sqlx::query(
-                "INSERT INTO dbpolicy.managed (area, target, item, policy) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (area, target, item) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
-            )
-            .bind(area.as_str())
-            .bind(target)
-            .bind(item)
-            .bind(policy)
-            .execute(&mut *conn)
-            .await?;
+            upsert(conn, *area, target, item, policy).await?;
+            forget_intent(conn, *area, target, item, policy).await?;
         }
         LedgerOp::Forget { area, target, item } => {
             sqlx::query(
@@ -141,7 +176,90 @@ pub async fn write(
             .bind(item)
             .execute(&mut *conn)
             .await?;
+            forget_intent(conn, *area, target, item, policy).await?;
         }
     }
     Ok(())
+}
+
+async fn upsert(
+    conn: &mut PgConnection,
+    area: Area,
+    target: &str,
+    item: &str,
+    policy: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO dbpolicy.managed (area, target, item, policy) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (area, target, item) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+    )
+    .bind(area.as_str())
+    .bind(target)
+    .bind(item)
+    .bind(policy)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Only this policy's intent: another policy's unfinished work is not ours to forget.
+async fn forget_intent(
+    conn: &mut PgConnection,
+    area: Area,
+    target: &str,
+    item: &str,
+    policy: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM dbpolicy.managed WHERE area = $1 AND target = $2 AND item = $3 AND policy = $4",
+    )
+    .bind(area.as_str())
+    .bind(target)
+    .bind(intent_item(item))
+    .bind(policy)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intents_are_kept_apart_from_ownership() {
+        let mut l = Ledger::for_policy("me");
+        l.insert(Area::Indexes, "public.i", "intent:index", "me");
+        l.insert(Area::Indexes, "public.j", "intent:index", "other");
+        assert!(l.intends(Area::Indexes, "public.i", "index"));
+        assert!(!l.contains(Area::Indexes, "public.i", "index"));
+        assert_eq!(l.items(Area::Indexes).count(), 0, "an intent owns nothing");
+        assert!(!l.intends(Area::Indexes, "public.j", "index"));
+        assert_eq!(l.owned_by_other(Area::Indexes, "public.j", "index"), None);
+
+        l.apply_ops(&[LedgerOp::Record {
+            area: Area::Indexes,
+            target: "public.i".into(),
+            item: "index".into(),
+        }]);
+        assert!(l.contains(Area::Indexes, "public.i", "index"));
+        assert!(
+            !l.intends(Area::Indexes, "public.i", "index"),
+            "recorded: done"
+        );
+
+        l.apply_ops(&[
+            LedgerOp::Intend {
+                area: Area::Indexes,
+                target: "public.t".into(),
+                item: "index".into(),
+            },
+            LedgerOp::Forget {
+                area: Area::Indexes,
+                target: "public.t".into(),
+                item: "index".into(),
+            },
+        ]);
+        assert!(!l.intends(Area::Indexes, "public.t", "index"));
+    }
 }

@@ -343,32 +343,20 @@ pub async fn run_with(
         tokio::spawn(async move { replica_health::probe_all(Some(&replicas), &targets).await })
     });
 
-    // Waiting for another run: as long as one statement may take, not the lock_timeout
-    // meant for production tables.
-    let wait_ms = statement_ms.max(lock_ms);
-    sqlx::Executor::execute(&mut *conn, format!(
-        "SET standard_conforming_strings = on; SET statement_timeout = {wait_ms}; SET lock_timeout = {wait_ms}"
-    ).as_str())
+    sqlx::Executor::execute(
+        &mut *conn,
+        format!(
+            "SET standard_conforming_strings = on; SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}"
+        )
+        .as_str(),
+    )
     .await
     .map_err(session)?;
-    if let Err(e) = sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(ADVISORY_LOCK_KEY)
-        .execute(&mut *conn)
-        .await
-    {
-        return Err(match crate::pg::sqlstate(&e).as_deref() {
-            Some("55P03") | Some("57014") => EngineError::Busy(Duration::from_millis(wait_ms)),
-            _ => session(e),
-        });
-    }
+    // Waiting for another run: as long as one statement may take, not the lock_timeout
+    // meant for production tables.
+    let wait = Duration::from_millis(statement_ms.max(lock_ms));
+    acquire_lock(conn, wait).await?;
     let result = async {
-        sqlx::Executor::execute(
-            &mut *conn,
-            format!("SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}")
-                .as_str(),
-        )
-        .await
-        .map_err(session)?;
         let mut observed = observe(conn, spec, policy).await?;
         if let (Some(replicas), Some(probes)) = (observed.replicas.as_mut(), probes) {
             replicas.probes = probes.await.unwrap_or_default();
@@ -393,6 +381,39 @@ pub async fn run_with(
         .execute(&mut *conn)
         .await;
     result
+}
+
+/// Takes the per-database advisory lock, waiting at most `wait` for another run to finish.
+///
+/// The wait is a poll of `pg_try_advisory_lock` in short statements, never a blocking
+/// `pg_advisory_lock()`: a statement waiting for the lock holds a snapshot, and the
+/// `CREATE INDEX CONCURRENTLY` of the run holding the lock waits for every older snapshot
+/// to go away — a deadlock (40P01). Between two polls this session holds no snapshot.
+async fn acquire_lock(conn: &mut PgConnection, wait: Duration) -> Result<(), EngineError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(ADVISORY_LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| EngineError::Session(crate::pg::error_summary(&e)))?;
+        if taken {
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(EngineError::Busy(wait));
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = lock_backoff(pause);
+    }
+}
+
+/// The next pause between two polls for the lock: doubling from 20 ms, at most 500 ms, so
+/// a short run is noticed quickly and a long one costs a few statements a second.
+fn lock_backoff(pause: Duration) -> Duration {
+    (pause * 2).min(Duration::from_millis(500))
 }
 
 /// The controller awaits the engine on its own runtime: the engine's future must be `Send`

@@ -99,15 +99,25 @@ impl Hazard {
 }
 
 /// Bookkeeping of what the policy owns, written in the same transaction as the change it
-/// belongs to, so "removed from the spec" can be told from "never managed".
+/// belongs to, so "removed from the spec" can be told from "never managed". For a change
+/// that cannot run in a transaction, intents are committed before it runs (see
+/// [`crate::engine::ledger`]): a run killed in the middle leaves a trace of what it began.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "camelCase")]
 pub enum LedgerOp {
+    /// This policy is about to build `target` (committed before the statement runs).
+    Intend {
+        area: Area,
+        target: String,
+        item: String,
+    },
+    /// This policy owns `target` (clears its intent).
     Record {
         area: Area,
         target: String,
         item: String,
     },
+    /// This policy neither owns nor is building `target` any more (clears both).
     Forget {
         area: Area,
         target: String,
@@ -218,6 +228,15 @@ impl Change {
     /// Records ownership under a ledger target other than the change's own.
     pub fn record_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
         self.ledger.push(LedgerOp::Record {
+            area: self.area,
+            target: target.into(),
+            item: item.into(),
+        });
+        self
+    }
+    /// Declares, before the change runs, that it builds `target` (see [`LedgerOp::Intend`]).
+    pub fn intend_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
+        self.ledger.push(LedgerOp::Intend {
             area: self.area,
             target: target.into(),
             item: item.into(),
