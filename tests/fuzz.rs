@@ -796,6 +796,7 @@ fn observed_settings() -> impl Strategy<Value = server_settings::Observed> {
                             max_val,
                             enumvals,
                             pending_restart,
+                            ..Default::default()
                         };
                         (name, m)
                     },
@@ -803,6 +804,8 @@ fn observed_settings() -> impl Strategy<Value = server_settings::Observed> {
                 .collect(),
             auto_conf,
             file_errors,
+            can_reload: true,
+            ..Default::default()
         })
 }
 
