@@ -476,6 +476,40 @@ mod tests {
     }
 
     #[test]
+    fn allow_setting_is_repeatable_on_plan_apply_and_run() {
+        let cli = Cli::try_parse_from([
+            "dbpolicy",
+            "apply",
+            "-f",
+            "p.yaml",
+            "--allow-setting",
+            "archive_command,shared_preload_libraries",
+            "--allow-setting",
+            "restore_command",
+        ])
+        .unwrap();
+        let Command::Apply(args) = cli.command else {
+            panic!("apply")
+        };
+        assert_eq!(
+            args.allow_settings,
+            [
+                "archive_command",
+                "shared_preload_libraries",
+                "restore_command"
+            ]
+        );
+        let cli =
+            Cli::try_parse_from(["dbpolicy", "run", "--allow-setting", "Archive_Command"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        let allowed = engine::AllowedSettings::new(&args.allow_settings).unwrap();
+        assert!(allowed.allows("archive_command"));
+        assert!(engine::AllowedSettings::new(["x; DROP"]).is_err());
+    }
+
+    #[test]
     fn exit_codes_rank() {
         assert_eq!(worse(EXIT_OK, EXIT_PENDING), EXIT_PENDING);
         assert_eq!(worse(EXIT_ERROR, EXIT_PENDING), EXIT_ERROR);
