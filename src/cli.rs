@@ -68,6 +68,11 @@ pub struct TargetArgs {
     /// concurrently).
     #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
     pub replica_timeout: std::time::Duration,
+    /// Allow a server setting that is denied by default (it runs commands, loads code or
+    /// can lock clients out: see docs/server-settings.md); repeatable, or comma-separated.
+    /// The platform team's decision: a policy cannot allow one itself.
+    #[arg(long = "allow-setting", value_name = "NAME", value_delimiter = ',')]
+    pub allow_settings: Vec<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,11 +219,16 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
             Err(e) => return fail(format!("--replica-url: {e}")),
         }
     }
+    let allowed = match engine::AllowedSettings::new(&args.allow_settings) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
     let mut worst = EXIT_OK;
     let mut json = Vec::new();
     for policy in &policies {
         let id = policy_id(policy);
-        let options = run_options(policy, &id, &flagged, args.replica_timeout);
+        let mut options = run_options(policy, &id, &flagged, args.replica_timeout);
+        options.allowed_settings = allowed.clone();
         let code = match run_one(url, policy, &id, mode, &options).await {
             Ok(outcome) => {
                 let code = exit_code(&outcome, mode);
@@ -303,7 +313,10 @@ fn run_options(
             );
         }
     }
-    engine::RunOptions { replicas: targets }
+    engine::RunOptions {
+        replicas: targets,
+        ..Default::default()
+    }
 }
 
 async fn run_one(
@@ -385,9 +398,10 @@ fn print_text(id: &PolicyId, outcome: &Outcome, mode: Mode) {
                 println!("# nothing to change");
             } else {
                 println!(
-                    "# {n} change(s) pending: {} safe, {} locking, {} destructive",
+                    "# {n} change(s) pending: {} safe, {} locking, {} server-wide, {} destructive",
                     plan.count_by_hazard(Hazard::Safe),
                     plan.count_by_hazard(Hazard::Locking),
+                    plan.count_by_hazard(Hazard::Server),
                     plan.count_by_hazard(Hazard::Destructive)
                 );
             }
@@ -459,6 +473,40 @@ mod tests {
             .unwrap_err()
             .contains("apiVersion"));
         assert!(parse_policies("").is_err());
+    }
+
+    #[test]
+    fn allow_setting_is_repeatable_on_plan_apply_and_run() {
+        let cli = Cli::try_parse_from([
+            "dbpolicy",
+            "apply",
+            "-f",
+            "p.yaml",
+            "--allow-setting",
+            "archive_command,shared_preload_libraries",
+            "--allow-setting",
+            "restore_command",
+        ])
+        .unwrap();
+        let Command::Apply(args) = cli.command else {
+            panic!("apply")
+        };
+        assert_eq!(
+            args.allow_settings,
+            [
+                "archive_command",
+                "shared_preload_libraries",
+                "restore_command"
+            ]
+        );
+        let cli =
+            Cli::try_parse_from(["dbpolicy", "run", "--allow-setting", "Archive_Command"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        let allowed = engine::AllowedSettings::new(&args.allow_settings).unwrap();
+        assert!(allowed.allows("archive_command"));
+        assert!(engine::AllowedSettings::new(["x; DROP"]).is_err());
     }
 
     #[test]

@@ -304,6 +304,48 @@ fn overrides_render_service_monitor_namespace_and_extras() {
     assert!(err.contains("needs metrics.service.enabled"), "{err}");
 }
 
+/// `allowedServerSettings` is the platform team's allowance of denied server settings:
+/// one `--allow-setting` per name on the operator; none by default; a list of names.
+#[test]
+fn allowed_server_settings_render_operator_flags() {
+    let args = |over: Value| {
+        let docs = manifests(over);
+        one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].clone()
+    };
+    let defaults = args(json!({}));
+    assert!(
+        !defaults.to_string().contains("--allow-setting"),
+        "{defaults}"
+    );
+    assert_eq!(
+        args(json!({"allowedServerSettings": ["archive_command", "shared_preload_libraries"]})),
+        json!([
+            "run",
+            "--log-format=json",
+            "--admin-addr=0.0.0.0:8080",
+            "--allow-setting=archive_command",
+            "--allow-setting=shared_preload_libraries"
+        ])
+    );
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let mut v = chart().values.clone();
+    support_chart::merge(&mut v, &json!({"allowedServerSettings": "archive_command"}));
+    let mut errors = Vec::new();
+    check_schema(&schema, &v, "values", &mut errors);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("values.allowedServerSettings: expected array")),
+        "{errors:?}"
+    );
+    let items = &schema["properties"]["allowedServerSettings"]["items"];
+    assert_eq!(items["type"], "string");
+    assert!(items["pattern"].is_string(), "names only: {items}");
+}
+
 #[test]
 fn cluster_role_grants_exactly_what_the_controller_needs() {
     let docs = manifests(json!({}));

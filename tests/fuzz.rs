@@ -809,6 +809,7 @@ fn observed_settings() -> impl Strategy<Value = server_settings::Observed> {
                             max_val,
                             enumvals,
                             pending_restart,
+                            ..Default::default()
                         };
                         (name, m)
                     },
@@ -816,6 +817,8 @@ fn observed_settings() -> impl Strategy<Value = server_settings::Observed> {
                 .collect(),
             auto_conf,
             file_errors,
+            can_reload: true,
+            ..Default::default()
         })
 }
 

@@ -107,7 +107,10 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
         );
     }
     if let Some(s) = &spec.server_settings {
-        for name in s.parameters.keys() {
+        // PostgreSQL compares parameter names case-insensitively: two spellings of one
+        // name would silently pick one value.
+        let mut seen: std::collections::BTreeMap<String, &String> = Default::default();
+        for (name, value) in &s.parameters {
             if name.is_empty()
                 || !name
                     .chars()
@@ -116,6 +119,18 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
                 errors.push(err(
                     format!("serverSettings.parameters.{name}"),
                     "parameter names are letters, digits, '_' and '.'",
+                ));
+            }
+            if let Some(first) = seen.insert(name.to_lowercase(), name) {
+                errors.push(err(
+                    format!("serverSettings.parameters.{name}"),
+                    format!("same parameter as serverSettings.parameters.{first} (names are case-insensitive): keep one"),
+                ));
+            }
+            if value.contains(['\n', '\r', '\0']) {
+                errors.push(err(
+                    format!("serverSettings.parameters.{name}"),
+                    "a value cannot contain a line break or NUL (postgresql.auto.conf holds one line per setting)",
                 ));
             }
         }
@@ -497,5 +512,20 @@ indexes:
         assert_eq!(p["b"], "on");
         assert_eq!(p["c"], "1GB");
         assert_eq!(p["d"], "0.5");
+    }
+
+    #[test]
+    fn server_parameters_spelled_twice_or_with_line_breaks_are_refused() {
+        let s = spec("database: {connectionSecretRef: {name: db}}\nserverSettings: {parameters: {WORK_MEM: 8MB, work_mem: 16MB, TimeZone: UTC, log_line_prefix: \"a\\nb\"}}");
+        let errors: Vec<String> = validate_spec(&s).iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("spec.serverSettings.parameters.log_line_prefix: "),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with("spec.serverSettings.parameters.work_mem: same parameter as serverSettings.parameters.WORK_MEM"),
+            "{errors:?}"
+        );
     }
 }

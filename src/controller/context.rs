@@ -44,6 +44,8 @@ pub struct Context {
     pub job_image: String,
     /// Whether the API server serves `batch/v1` CronJobs (discovered at start-up).
     pub cronjobs_supported: bool,
+    /// Server settings denied by default that the platform team allows (`--allow-setting`).
+    pub allowed_settings: crate::engine::AllowedSettings,
 }
 
 impl Context {
@@ -60,7 +62,14 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             job_image: DEFAULT_JOB_IMAGE.to_string(),
             cronjobs_supported: true,
+            allowed_settings: Default::default(),
         }
+    }
+
+    /// The denied server settings that policies may set (`--allow-setting`).
+    pub fn with_allowed_settings(mut self, allowed: crate::engine::AllowedSettings) -> Self {
+        self.allowed_settings = allowed;
+        self
     }
 
     /// The image of the CronJobs, and whether the API server can hold them.

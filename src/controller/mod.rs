@@ -63,6 +63,11 @@ pub struct RunArgs {
     /// Image of the backup and refresh CronJobs (the operator's own image).
     #[arg(long, env = "DBPOLICY_IMAGE", default_value = context::DEFAULT_JOB_IMAGE)]
     pub job_image: String,
+    /// Allow a server setting that is denied by default (it runs commands, loads code or
+    /// can lock clients out: see docs/server-settings.md); repeatable, or comma-separated.
+    /// Helm: `allowedServerSettings`. Policies cannot allow one themselves.
+    #[arg(long = "allow-setting", value_name = "NAME", value_delimiter = ',')]
+    pub allow_settings: Vec<String>,
 }
 
 /// Whether the API server serves `batch/v1` CronJobs (Kubernetes 1.21+). Discovery is
@@ -137,6 +142,14 @@ fn stopped(
 /// Runs the operator until SIGTERM/ctrl-c (Ok) or until the leader Lease is lost (Err, so
 /// the process exits and restarts as a candidate: reconciles must never overlap).
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let allowed_settings = crate::engine::AllowedSettings::new(&args.allow_settings)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    for name in allowed_settings.names() {
+        tracing::warn!(
+            setting = name,
+            "policies may set this server setting, denied by default (--allow-setting)"
+        );
+    }
     let client = Client::try_default()
         .await
         .context("no Kubernetes client configuration (in-cluster service account or KUBECONFIG)")?;
@@ -234,7 +247,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let ctx = Arc::new(
         Context::new(client.clone(), Some(identity), metrics.clone())
-            .with_jobs(args.job_image.clone(), cronjobs),
+            .with_jobs(args.job_image.clone(), cronjobs)
+            .with_allowed_settings(allowed_settings.clone()),
     );
     let mut wc = watcher::Config::default();
     if let Some(sel) = &args.selector {

@@ -118,6 +118,7 @@ async fn apply(
                 urls: replica_urls.clone(),
                 ..Default::default()
             },
+            allowed_settings: ctx.allowed_settings.clone(),
         };
         let outcome = run_engine(url.clone(), &policy, PolicyId(key(&policy)), options).await?;
         Ok::<_, Error>((outcome, url, replica_urls, notes))

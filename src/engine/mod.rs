@@ -19,6 +19,7 @@ use sqlx::PgConnection;
 use crate::api::{validate_spec, DatabasePolicySpec, Mode, ValidationError};
 use crate::duration::pg_millis;
 pub use apply::{ApplyFailure, ApplyReport};
+pub use areas::server_settings::AllowedSettings;
 pub use ledger::Ledger;
 pub use plan::{Area, AreaPlan, Change, Hazard, Plan};
 
@@ -176,16 +177,27 @@ pub async fn observe(
     Ok(observed)
 }
 
-/// The plan: pure, from the spec and what was observed.
+/// The plan: pure, from the spec and what was observed, with no denied server setting
+/// allowed (see [`plan_with`]).
 pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
+    plan_with(spec, observed, &AllowedSettings::default())
+}
+
+/// [`plan`], with the server settings the platform team allows (`--allow-setting`).
+pub fn plan_with(
+    spec: &DatabasePolicySpec,
+    observed: &Observed,
+    allowed_settings: &AllowedSettings,
+) -> Plan {
     let mut plan = Plan::default();
     let ledger = &observed.ledger;
     if let Some(o) = &observed.server_settings {
         let empty = Default::default();
-        plan.areas.push(areas::server_settings::plan(
+        plan.areas.push(areas::server_settings::plan_with(
             spec.server_settings.as_ref().unwrap_or(&empty),
             o,
             ledger,
+            allowed_settings,
         ));
     }
     if let Some(o) = &observed.autovacuum {
@@ -308,6 +320,9 @@ pub struct RunOptions {
     /// How to reach the replicas of `spec.replicas`; a replica without a URL is reported
     /// as not checked.
     pub replicas: replica_health::ReplicaTargets,
+    /// Server settings denied by default that the platform team allows (operator and CLI
+    /// flag `--allow-setting`): never read from the spec.
+    pub allowed_settings: AllowedSettings,
 }
 
 /// Observe, plan and (in Apply mode, when the plan is valid) apply, under the policy lock.
@@ -361,10 +376,22 @@ pub async fn run_with(
         if let (Some(replicas), Some(probes)) = (observed.replicas.as_mut(), probes) {
             replicas.probes = probes.await.unwrap_or_default();
         }
-        let plan = plan(spec, &observed);
+        let plan = plan_with(spec, &observed, &options.allowed_settings);
         let facts = facts(spec, &observed);
         let report = if mode == Mode::Apply && !plan.has_errors() {
-            Some(apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await)
+            let mut report = apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await;
+            if let Some(settings) = &observed.server_settings {
+                // A failed settings run leaves postgresql.auto.conf as it began, reloaded.
+                areas::server_settings::recover(
+                    conn,
+                    settings,
+                    &observed.ledger,
+                    &mut report,
+                    &policy.0,
+                )
+                .await;
+            }
+            Some(report)
         } else {
             None
         };

@@ -83,6 +83,9 @@ pub enum Hazard {
     Safe,
     /// Takes a table lock (bounded by lock_timeout) that can queue behind or block traffic.
     Locking,
+    /// Changes the whole PostgreSQL server, every database and session, when the
+    /// configuration is reloaded (or at the next restart): `ALTER SYSTEM`, `pg_reload_conf()`.
+    Server,
     /// Drops or deletes something the policy did not create in this run; refused unless
     /// `safety.allowDestructive`.
     Destructive,
@@ -93,6 +96,7 @@ impl Hazard {
         match self {
             Hazard::Safe => "safe",
             Hazard::Locking => "locking",
+            Hazard::Server => "server",
             Hazard::Destructive => "destructive",
         }
     }
