@@ -1276,7 +1276,20 @@ async fn pitr_settings_are_applied_with_the_restart_reported() {
             "  serverSettings:\n    parameters:\n      wal_level: logical\n      archive_mode: \"on\"\n      archive_command: \"test ! -f {a}/%f && cp %p {a}/%f\"\n"
         ),
     );
-    let out = support::cli("apply", db.url(), &policy);
+    // archive_command runs shell commands on the database host: denied unless the platform
+    // team allows it with the CLI/operator flag (never the spec).
+    let refused = support::cli("apply", db.url(), &policy);
+    expect_code(&refused, 1);
+    assert!(refused.stdout.contains("SettingNotAllowed"), "{}", refused.stdout);
+    let file = support::write_policy(&policy);
+    let path = file.path().to_str().unwrap();
+    let allowed = |verb: &str| {
+        support::run_dbpolicy(
+            [verb, "-f", path, "--allow-setting", "archive_command"],
+            Some(db.url()),
+        )
+    };
+    let out = allowed("apply");
     expect_code(&out, 0);
     assert!(
         out.stdout.contains("restart required for:")
@@ -1302,7 +1315,7 @@ async fn pitr_settings_are_applied_with_the_restart_reported() {
         }
     })
     .await;
-    let plan = support::cli("plan", db.url(), &policy);
+    let plan = allowed("plan");
     expect_code(&plan, 0);
 
     // Dumps run alongside archiving.
