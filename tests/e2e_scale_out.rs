@@ -600,7 +600,7 @@ async fn operator_survives_an_api_server_restart() {
     // 30 s, with jitter), so the edit is seen at most about 30 s after the restart.
     let back = Instant::now();
     apply_policy(&env, "pol-api", None, 70);
-    wait_ready_within(Duration::from_secs(45), &env, &[&op], "pol-api");
+    wait_ready_within(Duration::from_secs(90), &env, &[&op], "pol-api");
     eprintln!(
         "the edit was reconciled {:?} after the restart",
         back.elapsed()
