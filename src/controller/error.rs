@@ -86,6 +86,15 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// A child the policy would create exists and is not the policy's (no controller
+    /// ownerReference naming it): it is left exactly as it is.
+    #[error("{kind} {name} ({wanted_by}) exists and was not created by this policy: it is left unchanged; choose another name, or delete that {kind} to let the policy create its own")]
+    NotOwned {
+        kind: &'static str,
+        name: String,
+        wanted_by: String,
+    },
+
     #[error("adding the finalizer: {0}")]
     AddFinalizer(#[source] kube::Error),
 
@@ -113,6 +122,7 @@ impl Error {
             Error::CronJobs { .. } => "cronjobs",
             Error::BackupJobs(_) => "backup_jobs",
             Error::ReadEndpoint { .. } => "read_endpoint",
+            Error::NotOwned { .. } => "not_owned",
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => "finalizer",
         }
     }
@@ -133,6 +143,9 @@ impl Error {
             Error::CronJobs { .. } => "CronJobSyncFailed",
             Error::BackupJobs(_) => "BackupStatusFailed",
             Error::ReadEndpoint { .. } => "ReadEndpointFailed",
+            Error::NotOwned { kind: "Secret", .. } => "SecretNotOwned",
+            Error::NotOwned { kind: "CronJob", .. } => "CronJobNotOwned",
+            Error::NotOwned { .. } => "NotOwned",
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
                 "FinalizerFailed"
             }

@@ -42,6 +42,9 @@ pub enum Expect {
     /// Server-side apply of the CronJob of this name; the answer is what was sent, with a
     /// creation time.
     ApplyCronJob(String),
+    /// POST of a new CronJob of this name; answered 409 AlreadyExists when the bool is
+    /// true (someone else's CronJob has that name), else with what was sent.
+    CreateCronJob(String, bool),
     /// DELETE of the CronJob of this name, with its Jobs (background propagation).
     DeleteCronJob(String),
     /// LIST of the backup Jobs of the policy, answered with these.
@@ -52,6 +55,8 @@ pub enum Expect {
     GetNamedSecret(String, Option<Box<Secret>>),
     /// Server-side apply of the Secret of this name (the read endpoint).
     ApplySecret(String),
+    /// POST of a new Secret of this name (the read endpoint).
+    CreateSecret(String),
 }
 
 /// The expected requests, in order.
@@ -70,6 +75,17 @@ fn not_found(what: &str) -> (StatusCode, Value) {
             "kind": "Status", "apiVersion": "v1", "metadata": {},
             "status": "Failure", "reason": "NotFound", "code": 404,
             "message": format!("{what} not found"),
+        }),
+    )
+}
+
+fn already_exists(what: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::CONFLICT,
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "AlreadyExists", "code": 409,
+            "message": format!("{what} already exists"),
         }),
     )
 }
@@ -190,6 +206,21 @@ impl ApiServerVerifier {
                         reply["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
                         (StatusCode::OK, reply)
                     }
+                    Expect::CreateCronJob(name, exists) => {
+                        assert_eq!(
+                            what,
+                            format!("POST /apis/batch/v1/namespaces/{NS}/cronjobs?&fieldManager=dbpolicy")
+                        );
+                        assert_eq!(body["metadata"]["name"], json!(name));
+                        if *exists {
+                            already_exists(&format!("cronjobs.batch \"{name}\""))
+                        } else {
+                            let mut reply = body.clone();
+                            reply["metadata"]["creationTimestamp"] =
+                                json!("2026-01-01T00:00:00Z");
+                            (StatusCode::CREATED, reply)
+                        }
+                    }
                     Expect::DeleteCronJob(name) => {
                         assert_eq!(
                             what,
@@ -233,6 +264,14 @@ impl ApiServerVerifier {
                             format!("PATCH /api/v1/namespaces/{NS}/secrets/{name}?&force=true&fieldManager=dbpolicy")
                         );
                         (StatusCode::OK, body.clone())
+                    }
+                    Expect::CreateSecret(name) => {
+                        assert_eq!(
+                            what,
+                            format!("POST /api/v1/namespaces/{NS}/secrets?&fieldManager=dbpolicy")
+                        );
+                        assert_eq!(body["metadata"]["name"], json!(name));
+                        (StatusCode::CREATED, body.clone())
                     }
                 };
                 send.send_response(

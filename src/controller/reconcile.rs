@@ -150,7 +150,7 @@ async fn apply(
                 engine::areas::replicas::read_endpoint(rspec, current, &url, &replica_urls);
             let secret =
                 children::read_endpoint_secret(&policy, &secret_name, endpoint.secret_data());
-            if let Err(e) = children::publish_read_endpoint(&ctx.client, &secret).await {
+            if let Err(e) = children::publish_read_endpoint(&ctx.client, &policy, &secret).await {
                 found.areas.push(AreaState {
                     area: Area::Replicas,
                     status: Status::False,
@@ -859,8 +859,8 @@ materializedViews:
             policy.clone(),
             vec![
                 Expect::ListCronJobs(vec![]),
-                Expect::ApplyCronJob("test-refresh-stats".into()),
-                Expect::ApplyCronJob("test-backup".into()),
+                Expect::CreateCronJob("test-refresh-stats".into(), false),
+                Expect::CreateCronJob("test-backup".into(), false),
                 Expect::ListBackupJobs(vec![job]),
                 Expect::ListBackupPods(vec![pod]),
                 Expect::GetSecret(None),
@@ -1007,7 +1007,8 @@ replicas:
                 Expect::GetSecret(Some(test_secret(&url))),
                 Expect::GetNamedSecret("r1-db".into(), Some(named_secret("r1-db", &url))),
                 Expect::GetNamedSecret("r2-db".into(), None),
-                Expect::ApplySecret("test-read".into()),
+                Expect::GetNamedSecret("test-read".into(), None),
+                Expect::CreateSecret("test-read".into()),
                 Expect::PatchStatus,
                 Expect::CreateEvent,
                 Expect::CreateEvent,
@@ -1016,7 +1017,7 @@ replicas:
         .await;
         drop_database(&name).await;
         assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
-        let secret = &sent[4].body;
+        let secret = &sent[5].body;
         assert_eq!(secret["apiVersion"], "v1");
         assert_eq!(secret["kind"], "Secret");
         assert_eq!(secret["type"], "Opaque");
@@ -1045,7 +1046,7 @@ replicas:
             ]),
             "no replica is healthy: the primary, as fallbackToPrimary says"
         );
-        let patch = &sent[5].body;
+        let patch = &sent[6].body;
         let replicas = &patch["status"]["replicas"];
         assert_eq!(replicas[0]["name"], "r1");
         assert_eq!(replicas[0]["state"], "NotInRecovery");
@@ -1063,7 +1064,7 @@ replicas:
             "{ready}"
         );
         assert_eq!(condition(patch, "Ready")["reason"], "ReplicaNotInRecovery");
-        let events: Vec<(&Value, &Value)> = sent[6..]
+        let events: Vec<(&Value, &Value)> = sent[7..]
             .iter()
             .map(|s| (&s.body["type"], &s.body["reason"]))
             .collect();
@@ -1086,6 +1087,104 @@ replicas:
                 s.body
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_endpoint_secret_of_another_owner_is_never_changed_or_owned() {
+        let (url, name) = create_database().await;
+        let spec = "database: {connectionSecretRef: {name: x}}
+replicas:
+  replicas:
+    - {name: r1, connectionSecretRef: {name: r1-db}}
+  readEndpointSecretName: app-env
+";
+        // The application's own Secret, and one the policy created earlier (its ownerRef).
+        let theirs = named_secret("app-env", "postgres://app-owned");
+        let (result, sent) = reconcile_with(
+            test_policy(spec, true),
+            vec![
+                Expect::ListCronJobs(vec![]),
+                Expect::GetSecret(Some(test_secret(&url))),
+                Expect::GetNamedSecret("r1-db".into(), Some(named_secret("r1-db", &url))),
+                Expect::GetNamedSecret("app-env".into(), Some(theirs)),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        drop_database(&name).await;
+        let err = result.unwrap_err();
+        assert_eq!(err.reason(), "SecretNotOwned");
+        let patch = &sent[4].body;
+        let replicas = condition(patch, "ReplicasReady");
+        assert_eq!(
+            (&replicas["status"], &replicas["reason"]),
+            (&json!("False"), &json!("SecretNotOwned")),
+            "{patch:#}"
+        );
+        let message = replicas["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("Secret default/app-env (spec.replicas.readEndpointSecretName) exists and was not created by this policy"),
+            "{message}"
+        );
+        assert_eq!(condition(patch, "Ready")["status"], "False");
+        assert!(
+            !sent
+                .iter()
+                .any(|s| s.request.contains("/secrets/app-env") && !s.request.starts_with("GET")),
+            "the application's Secret was written"
+        );
+
+        // A Secret this policy created (controller ownerReference with its uid) is applied.
+        let policy = test_policy(spec, true);
+        let mut ours = named_secret("app-env", "x");
+        ours.metadata.owner_references = policy.controller_owner_ref(&()).map(|o| vec![o]);
+        let (url, name) = create_database().await;
+        let (_, sent) = reconcile_with(
+            policy,
+            vec![
+                Expect::ListCronJobs(vec![]),
+                Expect::GetSecret(Some(test_secret(&url))),
+                Expect::GetNamedSecret("r1-db".into(), Some(named_secret("r1-db", &url))),
+                Expect::GetNamedSecret("app-env".into(), Some(ours)),
+                Expect::ApplySecret("app-env".into()),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        drop_database(&name).await;
+        assert_eq!(sent[4].body["metadata"]["name"], "app-env");
+    }
+
+    #[tokio::test]
+    async fn a_cronjob_of_another_owner_is_never_taken_over() {
+        // test-backup exists but is not the policy's (the create answers AlreadyExists);
+        // test-refresh-stats is the policy's own and is applied.
+        let (result, sent) = reconcile_with(
+            test_policy(CHILDREN, true),
+            vec![
+                Expect::ListCronJobs(vec![owned_cronjob(CHILDREN, "test-refresh-stats")]),
+                Expect::ApplyCronJob("test-refresh-stats".into()),
+                Expect::CreateCronJob("test-backup".into(), true),
+                Expect::GetSecret(None),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        assert_eq!(result.unwrap_err().reason(), "SecretNotFound");
+        let backups = condition(&sent[4].body, "BackupsReady");
+        assert_eq!(
+            (&backups["status"], &backups["reason"]),
+            (&json!("False"), &json!("CronJobNotOwned")),
+            "{backups}"
+        );
+        assert!(backups["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("CronJob default/test-backup (spec.backups) exists and was not created by this policy"));
     }
 
     #[tokio::test]

@@ -243,6 +243,8 @@ fn severity(s: &AreaState) -> u8 {
         (_, "DestructiveChangesRefused") => 2,
         (_, "RestartRequired") | (_, "SettingNotApplied") => 3,
         (_, "NotAttempted") => 4,
+        // Another owner's object in the way: nothing the next check can fix by itself.
+        (_, "SecretNotOwned") | (_, "CronJobNotOwned") => 6,
         _ => 5,
     }
 }

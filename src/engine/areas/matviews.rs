@@ -572,6 +572,7 @@ mod tests {
                     definition: Some(def.to_string()),
                     populated: true,
                     has_unique_index: *unique,
+                    owner: String::new(),
                 },
             );
         }
