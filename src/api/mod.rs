@@ -59,6 +59,12 @@ pub struct DatabasePolicySpec {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
     pub drift_check_interval: Option<String>,
+    /// What deleting this policy does to the database: `Retain` (default) leaves everything
+    /// it set in place; `Reset` resets what it set (server settings, autovacuum parameters)
+    /// and drops the replication slots it created. Either way its claims in
+    /// `dbpolicy.managed` are released, so that another policy can take over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<DeletionPolicy>,
     /// Timeouts and the opt-in for destructive changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safety: Option<Safety>,
@@ -116,6 +122,18 @@ pub enum Mode {
     Plan,
 }
 
+/// What deleting a policy does to what it set (`spec.deletionPolicy`).
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum DeletionPolicy {
+    /// Leave what the policy set in place; only its claims are released.
+    #[default]
+    Retain,
+    /// Reset what the policy set and drop the replication slots it created.
+    Reset,
+}
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Safety {
@@ -138,6 +156,9 @@ pub struct Safety {
 impl DatabasePolicySpec {
     pub fn effective_mode(&self) -> Mode {
         self.mode.unwrap_or_default()
+    }
+    pub fn effective_deletion_policy(&self) -> DeletionPolicy {
+        self.deletion_policy.unwrap_or_default()
     }
     pub fn is_suspended(&self) -> bool {
         self.suspend.unwrap_or(false)

@@ -95,6 +95,10 @@ pub enum Error {
         wanted_by: String,
     },
 
+    /// Releasing (and with `deletionPolicy: Reset`, resetting) a deleted policy.
+    #[error("{0}")]
+    Release(#[source] crate::engine::release::ReleaseError),
+
     #[error("adding the finalizer: {0}")]
     AddFinalizer(#[source] kube::Error),
 
@@ -123,6 +127,7 @@ impl Error {
             Error::BackupJobs(_) => "backup_jobs",
             Error::ReadEndpoint { .. } => "read_endpoint",
             Error::NotOwned { .. } => "not_owned",
+            Error::Release(_) => "release",
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => "finalizer",
         }
     }
@@ -146,6 +151,7 @@ impl Error {
             Error::NotOwned { kind: "Secret", .. } => "SecretNotOwned",
             Error::NotOwned { kind: "CronJob", .. } => "CronJobNotOwned",
             Error::NotOwned { .. } => "NotOwned",
+            Error::Release(e) => e.reason(),
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
                 "FinalizerFailed"
             }

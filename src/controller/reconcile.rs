@@ -19,11 +19,12 @@ use super::error::{Error, Result};
 use super::status::{self, AreaState, Children, Input, Status};
 use super::{backups, children, replicas};
 use crate::api::{
-    DatabasePolicy, DatabasePolicyStatus, Mode, SecretKeyRef, DEFAULT_DRIFT_CHECK_INTERVAL,
+    DatabasePolicy, DatabasePolicyStatus, DeletionPolicy, Mode, SecretKeyRef,
+    DEFAULT_DRIFT_CHECK_INTERVAL,
 };
 use crate::duration::parse_duration;
 use crate::engine::replica_health::ReplicaTargets;
-use crate::engine::{self, Area, Outcome, PolicyId, RunOptions};
+use crate::engine::{self, release, Area, Outcome, PolicyId, RunOptions};
 
 /// Entry point for the `Controller`: the finalizer decides between Apply and Cleanup.
 /// Failures are counted and published here, once; `error_policy` only schedules the retry.
@@ -374,27 +375,103 @@ fn failure_of(outcome: &Outcome) -> Result<()> {
     Ok(())
 }
 
-/// Deletion. Nothing is removed from the database yet, and nothing here needs the
-/// database, so deletion never hangs on an unreachable server or a deleted Secret, and
-/// it is safe when Apply never ran.
+/// Deletion, per `spec.deletionPolicy`: the policy's claims in the database's ledger
+/// (`dbpolicy.managed`) are released so that a successor can adopt what it set; with
+/// `Reset` (Apply mode, not suspended) what it set is reset and its slots dropped first.
+/// A replication slot it created that remains is told in a Warning Event (it retains WAL).
 ///
-/// What the policy set is recorded in the database's ledger (`dbpolicy.managed`, owner
-/// `namespace/name`). A future cleanup, opt-in per policy, would: read the Secret (and
-/// skip, with an event, when it or the database is gone), take the advisory lock, plan
-/// against an empty spec restricted to the ledger entries this policy owns (resetting
-/// storage parameters and `ALTER SYSTEM` settings, deleting its flag rows), apply that
-/// plan and forget the entries. Child objects (CronJobs) carry owner references and are
-/// collected by Kubernetes' garbage collector.
+/// Deletion never hangs: when the Secret or the database cannot be reached the finalizer
+/// is still removed, and a Warning Event says what was left and how to release it with
+/// `dbpolicy release`. Safe when Apply never ran (no ledger: nothing to release). Child
+/// objects (CronJobs, the read-endpoint Secret) carry owner references and are collected
+/// by Kubernetes' garbage collector.
 async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
-    ctx.publish(
-        &policy,
-        EventType::Normal,
-        "Released",
-        "Cleanup",
-        "finalizer removed; what the policy set in the database is left in place (recorded in dbpolicy.managed)".into(),
-        false,
-    )
+    let id = PolicyId(key(&policy));
+    let spec = &policy.spec;
+    let wants_reset = spec.effective_deletion_policy() == DeletionPolicy::Reset;
+    let reset = wants_reset && spec.effective_mode() == Mode::Apply && !spec.is_suspended();
+    let result = async {
+        let ns = policy
+            .namespace()
+            .ok_or(Error::MissingObjectKey("namespace"))?;
+        let url = read_connection_uri(ctx, &ns, &spec.database.connection_secret_ref).await?;
+        let mut conn = crate::pg::connect_one(&url).await?;
+        drop(url);
+        let released = release::release(&mut conn, spec, &id, reset).await;
+        let _ = conn.close().await;
+        released.map_err(Error::Release)
+    }
     .await;
+    let released = match result {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "could not release the policy's claims");
+            ctx.publish(
+                &policy,
+                EventType::Warning,
+                "ReleaseFailed",
+                "Cleanup",
+                format!(
+                    "deleted without releasing its claims: {e}. What it set stays in the database and is recorded as owned by {id} in dbpolicy.managed; release it with `dbpolicy release --policy-id {id} --database-url URL`{}",
+                    if reset { " --reset" } else { "" },
+                    id = id.0
+                ),
+                false,
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let mut note = match &released.reset {
+        Some(outcome) => {
+            let applied: usize = status::applied_by_area(outcome).values().sum();
+            format!("deletionPolicy Reset: reset {applied} change(s); ")
+        }
+        None if wants_reset => format!(
+            "deletionPolicy Reset not carried out (the policy is {}): what it set is left in place; ",
+            if spec.is_suspended() { "suspended" } else { "in Plan mode" }
+        ),
+        None => "deletionPolicy Retain: what the policy set is left in place; ".to_string(),
+    };
+    note.push_str(&format!(
+        "released {} claim(s) in dbpolicy.managed",
+        released.claims.len()
+    ));
+    ctx.publish(&policy, EventType::Normal, "Released", "Cleanup", note, false)
+        .await;
+    if let Some(outcome) = &released.reset {
+        if let Err(e) = failure_of(outcome) {
+            ctx.publish(
+                &policy,
+                EventType::Warning,
+                "ResetIncomplete",
+                "Cleanup",
+                format!("deletionPolicy Reset: {e}; what was not reset is left in place"),
+                false,
+            )
+            .await;
+        }
+    }
+    if !released.remaining_slots.is_empty() {
+        ctx.publish(
+            &policy,
+            EventType::Warning,
+            "ReplicationSlotRetained",
+            "Cleanup",
+            format!(
+                "replication slot(s) {} created by this policy remain and retain WAL until dropped; when no replica uses them: {}",
+                released.remaining_slots.join(", "),
+                released
+                    .remaining_slots
+                    .iter()
+                    .map(|s| release::drop_slot_sql(s))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            false,
+        )
+        .await;
+    }
     Ok(Action::await_change())
 }
 
@@ -619,18 +696,84 @@ mod tests {
     async fn deletion_removes_the_finalizer_even_when_apply_never_ran() {
         let mut policy = test_policy(SPEC, true);
         policy.meta_mut().deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-        let (result, sent) =
-            reconcile_with(policy, vec![Expect::CreateEvent, Expect::RemoveFinalizer]).await;
+        let (result, sent) = reconcile_with(
+            policy,
+            vec![
+                Expect::GetSecret(None),
+                Expect::CreateEvent,
+                Expect::RemoveFinalizer,
+            ],
+        )
+        .await;
         assert_eq!(result.unwrap(), Action::await_change());
-        assert_eq!(sent[0].body["reason"], "Released");
-        assert_eq!(sent[0].body["type"], "Normal");
+        // The Secret is gone: deletion goes on, and the Warning says how to release.
+        assert_eq!(sent[1].body["reason"], "ReleaseFailed");
+        assert_eq!(sent[1].body["type"], "Warning");
+        let note = sent[1].body["note"].as_str().unwrap();
+        assert!(
+            note.contains("dbpolicy release --policy-id default/test"),
+            "{note}"
+        );
         assert_eq!(
-            sent[1].body,
+            sent[2].body,
             json!([
                 {"op": "test", "path": "/metadata/finalizers/0", "value": "dbpolicy.dev/cleanup"},
                 {"op": "remove", "path": "/metadata/finalizers/0"},
             ])
         );
+    }
+
+    async fn ledger_owners(url: &str) -> Vec<String> {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        let owners: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT policy FROM dbpolicy.managed ORDER BY 1")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let _ = conn.close().await;
+        owners
+    }
+
+    #[tokio::test]
+    async fn deletion_releases_the_claims_and_keeps_what_was_set() {
+        let (url, name) = create_database().await;
+        let policy = test_policy(FLAGS, true);
+        let secret = || Expect::GetSecret(Some(test_secret(&url)));
+        let (first, _) = reconcile_with(
+            policy.clone(),
+            vec![
+                Expect::ListCronJobs(vec![]),
+                secret(),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        first.unwrap();
+        assert_eq!(ledger_owners(&url).await, ["default/test"]);
+        let mut deleted = policy;
+        deleted.meta_mut().deletion_timestamp =
+            Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        let (result, sent) = reconcile_with(
+            deleted,
+            vec![secret(), Expect::CreateEvent, Expect::RemoveFinalizer],
+        )
+        .await;
+        let owners = ledger_owners(&url).await;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        let flags: i64 = sqlx::query_scalar("SELECT count(*) FROM public.feature_flags")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let _ = conn.close().await;
+        drop_database(&name).await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert!(owners.is_empty(), "claims left: {owners:?}");
+        assert_eq!(flags, 2, "Retain (the default) keeps what the policy set");
+        assert_eq!(sent[1].body["reason"], "Released");
+        let note = sent[1].body["note"].as_str().unwrap();
+        assert!(note.starts_with("deletionPolicy Retain:"), "{note}");
+        assert!(note.contains("released "), "{note}");
     }
 
     /// A fresh database on the local server (`DBPOLICY_TEST_ADMIN_URL`, default

@@ -36,6 +36,7 @@ pub fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
         mode: _,
         suspend: _,
         drift_check_interval: _,
+        deletion_policy: _,
         safety: _,
         row_level_security,
         partitions,

@@ -8,6 +8,7 @@ pub mod areas;
 pub mod clock;
 pub mod ledger;
 pub mod plan;
+pub mod release;
 pub mod replica_health;
 pub mod scratch;
 
