@@ -157,6 +157,23 @@ impl DatabasePolicySpec {
     pub fn effective_mode(&self) -> Mode {
         self.mode.unwrap_or_default()
     }
+    /// The names of every Secret (in the policy's namespace) the policy reads: the
+    /// primary's, each replica's and the S3 credentials. A change to any of them must
+    /// re-trigger the policy.
+    pub fn referenced_secrets(&self) -> impl Iterator<Item = &str> {
+        let primary = std::iter::once(self.database.connection_secret_ref.name.as_str());
+        let replicas = self
+            .replicas
+            .iter()
+            .flat_map(|r| &r.replicas)
+            .map(|r| r.connection_secret_ref.name.as_str());
+        let s3 = self
+            .backups
+            .as_ref()
+            .and_then(|b| b.storage.s3.as_ref())
+            .map(|s| s.credentials_secret_ref.name.as_str());
+        primary.chain(replicas).chain(s3)
+    }
     pub fn effective_deletion_policy(&self) -> DeletionPolicy {
         self.deletion_policy.unwrap_or_default()
     }
