@@ -98,7 +98,7 @@ impl Drop for Operator {
 fn policy(name: &str, secret: &str, extra: Value) -> String {
     let mut spec = json!({
         "database": {"connectionSecretRef": {"name": secret}},
-        "driftCheckInterval": "2s",
+        "driftCheckInterval": "10s",
         "featureFlags": {"flags": [
             {"name": "new_engine", "enabled": true, "rolloutPercentage": 25},
         ]},

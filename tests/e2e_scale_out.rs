@@ -245,7 +245,7 @@ fn apply_policy(env: &Envtest, name: &str, shard: Option<&str>, rollout: u8) {
         "metadata": metadata,
         "spec": {
             "database": {"connectionSecretRef": {"name": "db"}},
-            "driftCheckInterval": "2s",
+            "driftCheckInterval": "10s",
             "featureFlags": {"schema": schema_of(name), "flags": [
                 {"name": "f", "enabled": true, "rolloutPercentage": rollout},
             ]},

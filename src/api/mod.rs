@@ -21,6 +21,9 @@ pub const DEFAULT_SECRET_KEY: &str = "uri";
 pub const DEFAULT_LOCK_TIMEOUT: &str = "5s";
 pub const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
 pub const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "5m";
+/// Bounds of `spec.driftCheckInterval`, checked by the CRD's CEL rule and `validate_spec`.
+pub const MIN_DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const MAX_DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// Policy for one PostgreSQL database: what its row-level security, partitions, autovacuum and
 /// server settings, replicas, backups, feature flags, materialized views and indexes must be.
@@ -54,10 +57,13 @@ pub struct DatabasePolicySpec {
     /// Stop reconciling this policy (nothing is observed or changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
-    /// How often the live database is compared with the policy (default 5m).
+    /// How often the live database is compared with the policy: 10s to 24h (default 5m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
+    // Nine digits at most keep the arithmetic far from int64 overflow; `ms` before `s` and
+    // `min` before `m`, since the shorter unit is a suffix of the longer.
+    #[x_kube(validation = Rule::new("!self.matches('^[0-9]{1,9}(ms|s|m|min|h|d)$') ? !self.matches('^[0-9]+(ms|s|m|min|h|d)$') : [int(self.find('^[0-9]+')) * (self.endsWith('ms') ? 1 : self.endsWith('min') ? 60000 : self.endsWith('s') ? 1000 : self.endsWith('m') ? 60000 : self.endsWith('h') ? 3600000 : 86400000)].all(ms, ms >= 10000 && ms <= 86400000)").message("must be between 10s and 24h"))]
     pub drift_check_interval: Option<String>,
     /// What deleting this policy does to the database: `Retain` (default) leaves everything
     /// it set in place; `Reset` resets what it set (server settings, autovacuum parameters)

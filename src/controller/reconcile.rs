@@ -20,9 +20,9 @@ use super::status::{self, AreaState, Children, Input, Status};
 use super::{backups, children, replicas};
 use crate::api::{
     DatabasePolicy, DatabasePolicyStatus, DeletionPolicy, Mode, SecretKeyRef,
-    DEFAULT_DRIFT_CHECK_INTERVAL,
+    DEFAULT_DRIFT_CHECK_INTERVAL, MAX_DRIFT_CHECK_INTERVAL, MIN_DRIFT_CHECK_INTERVAL,
 };
-use crate::duration::parse_duration;
+use crate::duration::{parse_bounded, parse_duration};
 use crate::engine::replica_health::ReplicaTargets;
 use crate::engine::{self, release, Area, Outcome, PolicyId, RunOptions};
 
@@ -62,10 +62,16 @@ pub fn error_policy(policy: Arc<DatabasePolicy>, _error: &Error, ctx: Arc<Contex
     Action::requeue(ctx.next_backoff(&key(&policy)))
 }
 
-/// `spec.driftCheckInterval`, or the default when it does not parse (the CRD's CEL rule
-/// rejects such values, so this only guards objects written before the rule).
+/// `spec.driftCheckInterval`, or the default when it does not parse or lies outside
+/// 10s..24h (the CRD's CEL rule rejects such values, so this only guards objects written
+/// before the rule or on API servers without CEL; the engine reports them as InvalidSpec).
 pub fn drift_interval(policy: &DatabasePolicy) -> Duration {
-    parse_duration(policy.spec.drift_check_interval()).unwrap_or_else(|e| {
+    parse_bounded(
+        policy.spec.drift_check_interval(),
+        MIN_DRIFT_CHECK_INTERVAL,
+        MAX_DRIFT_CHECK_INTERVAL,
+    )
+    .unwrap_or_else(|e| {
         warn!(policy = %key(policy), "spec.driftCheckInterval: {e}; using {DEFAULT_DRIFT_CHECK_INTERVAL}");
         parse_duration(DEFAULT_DRIFT_CHECK_INTERVAL).expect("default interval parses")
     })
