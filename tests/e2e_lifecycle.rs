@@ -415,3 +415,125 @@ fn drift_check_interval_bounds_are_enforced_by_the_api_server() {
     assert!(err.contains("must be a duration such as 30s, 5m or 1h"), "{err}");
     assert!(!err.contains("between 10s and 24h"), "{err}");
 }
+
+fn patch(env: &Envtest, name: &str, patch: Value) {
+    env.kubectl_ok(
+        &[
+            "patch",
+            "dbpol",
+            name,
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        None,
+    );
+}
+
+async fn rollout(db: &TestDb) -> Vec<i32> {
+    db.query_column("SELECT rollout_percentage FROM public.feature_flags ORDER BY name")
+        .await
+}
+
+/// Conditions each say one true thing (Plan-mode edits are pending, not drift; a suspended
+/// policy's areas are not checked; an invalid spec's message is one line), and the
+/// `dbpolicy.dev/reconcile-at` annotation forces a check now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_say_one_true_thing_and_an_annotation_forces_a_check() {
+    let db = TestDb::new().await;
+    let env = kube_with_namespace();
+    secret(&env, "app-db", "uri", db.url());
+    let flags = |extra: Value| {
+        let mut spec = json!({
+            "database": {"connectionSecretRef": {"name": "app-db"}},
+            "driftCheckInterval": "24h",
+            "featureFlags": {"flags": [
+                {"name": "a", "enabled": true, "rolloutPercentage": 25},
+            ]},
+        });
+        support_chart::merge(&mut spec, &extra);
+        spec
+    };
+    apply(&env, &policy("flags", flags(json!({}))));
+    // 1.20 has no CEL: the operator refuses what the CRD's rule would have.
+    apply(
+        &env,
+        &policy("fast", flags(json!({"driftCheckInterval": "2s"}))),
+    );
+    let mut op = Operator::start(&env);
+    wait_status(&env, &mut op, "flags", "Ready", |o| {
+        ready_is(o, "True", "Reconciled")
+    });
+
+    let bad = wait_status(&env, &mut op, "fast", "InvalidSpec", |o| {
+        ready_is(o, "False", "InvalidSpec")
+    });
+    let message = condition(&bad, "Ready")["message"].as_str().unwrap().to_string();
+    assert_eq!(
+        message,
+        "invalid policy: spec.driftCheckInterval: \"2s\" is out of range: between 10s and 1d"
+    );
+
+    // The annotation: drift repaired now, with the next drift check a day away.
+    db.exec("UPDATE public.feature_flags SET rollout_percentage = 99")
+        .await;
+    env.kubectl_ok(
+        &[
+            "annotate",
+            "dbpol",
+            "flags",
+            "-n",
+            NS,
+            "--overwrite",
+            "dbpolicy.dev/reconcile-at=2026-01-01T00:00:00Z",
+        ],
+        None,
+    );
+    support::eventually(WAIT, || async {
+        match rollout(&db).await.as_slice() {
+            [25] => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let repaired = wait_status(&env, &mut op, "flags", "DriftRepaired", |o| {
+        condition(o, "Drifted")["reason"] == "DriftRepaired"
+    });
+    assert_eq!(condition(&repaired, "Drifted")["status"], "True");
+
+    // Plan mode: a spec edit is pending, not drift.
+    patch(
+        &env,
+        "flags",
+        json!({"spec": {"mode": "Plan", "featureFlags": {"flags": [
+            {"name": "a", "enabled": true, "rolloutPercentage": 25},
+            {"name": "b", "enabled": false},
+        ]}}}),
+    );
+    let planned = wait_status(&env, &mut op, "flags", "PlanPending", |o| {
+        ready_is(o, "False", "PlanPending")
+    });
+    let drifted = condition(&planned, "Drifted");
+    assert_eq!(
+        (&drifted["status"], &drifted["reason"]),
+        (&json!("False"), &json!("ChangesPending")),
+        "{drifted}"
+    );
+
+    // Suspended: the areas say they are not being checked.
+    patch(&env, "flags", json!({"spec": {"suspend": true}}));
+    let suspended = wait_status(&env, &mut op, "flags", "Suspended", |o| {
+        ready_is(o, "False", "Suspended")
+    });
+    for ty in ["FeatureFlagsReady", "Drifted"] {
+        let c = condition(&suspended, ty);
+        assert_eq!(
+            (&c["status"], &c["reason"]),
+            (&json!("Unknown"), &json!("Suspended")),
+            "{ty}: {c}"
+        );
+    }
+    drop(op);
+}

@@ -893,7 +893,7 @@ featureFlags:
         let plan: &Value = &patch["status"]["pendingPlan"];
         assert_eq!(plan["total"].as_u64(), Some(pending));
         assert_eq!(plan["byArea"]["featureFlags"].as_u64(), Some(pending));
-        assert_eq!(condition(patch, "Drifted")["reason"], "DriftDetected");
+        assert_eq!(condition(patch, "Drifted")["reason"], "ChangesPending");
     }
 
     fn with_status(mut policy: DatabasePolicy, patch: &Value) -> DatabasePolicy {

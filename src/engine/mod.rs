@@ -47,7 +47,8 @@ pub struct Observed {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("invalid policy:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    /// One line: the first problem stands alone (`kubectl get -o wide`, Event notes).
+    #[error("invalid policy: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     InvalidSpec(Vec<ValidationError>),
     #[error("could not set up the session: {0}")]
     Session(String),
