@@ -52,7 +52,7 @@ pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, 
 pub fn human(d: Duration) -> String {
     let ms = d.as_millis();
     for (unit, n) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms >= n && ms % n == 0 {
+        if ms >= n && ms.is_multiple_of(n) {
             return format!("{}{unit}", ms / n);
         }
     }
