@@ -299,6 +299,64 @@ impl ApiServerVerifier {
     }
 }
 
+impl ApiServerVerifier {
+    /// Answers every request plausibly, whatever the order (for property tests, where the
+    /// requests depend on the generated spec): GET of a Secret answers `secret` (or 404),
+    /// a LIST an empty list, POST/PATCH echo what was sent (with the policy around a
+    /// status patch), DELETE succeeds. Returns how many requests were answered.
+    pub fn serve_anything(
+        self,
+        policy: DatabasePolicy,
+        secret: Option<Box<Secret>>,
+    ) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let mut handle = self.0;
+            let mut n = 0;
+            while let Some((request, send)) = handle.next_request().await {
+                n += 1;
+                let method = request.method().clone();
+                let path = request.uri().path().to_string();
+                let bytes = request.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let is_list = !path.contains("/secrets/")
+                    && !path.ends_with(&format!("/{NAME}"))
+                    && !path.ends_with("/status");
+                let (status, reply) = match method.as_str() {
+                    "GET" if path.contains("/secrets/") => match &secret {
+                        Some(s) if path.ends_with(&format!("/{SECRET}")) => {
+                            (StatusCode::OK, serde_json::to_value(s).unwrap())
+                        }
+                        _ => not_found("secrets"),
+                    },
+                    "GET" if is_list => (StatusCode::OK, list("v1", "List", json!([]))),
+                    "GET" => not_found(&path),
+                    "PATCH" if path.ends_with("/status") => {
+                        let mut p = serde_json::to_value(&policy).unwrap();
+                        p["status"] = body["status"].clone();
+                        (StatusCode::OK, p)
+                    }
+                    "PATCH" if path.ends_with(&format!("databasepolicies/{NAME}")) => {
+                        (StatusCode::OK, serde_json::to_value(&policy).unwrap())
+                    }
+                    "POST" => (StatusCode::CREATED, body),
+                    "DELETE" => (
+                        StatusCode::OK,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                    ),
+                    _ => (StatusCode::OK, body),
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+            }
+            n
+        })
+    }
+}
+
 /// A context whose client talks to the mocked API server.
 ///
 /// A context on an API server that serves batch/v1 CronJobs or not.
