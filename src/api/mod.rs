@@ -74,22 +74,31 @@ pub struct DatabasePolicySpec {
     /// Timeouts and the opt-in for destructive changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safety: Option<Safety>,
+    /// Row-level security: enabled and forced per table, and the tables' policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_level_security: Option<RowLevelSecuritySpec>,
+    /// Time-range partitions: created ahead, a default partition, retention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<PartitionsSpec>,
+    /// Per-table autovacuum storage parameters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autovacuum: Option<AutovacuumSpec>,
+    /// Server settings by `ALTER SYSTEM` (they apply to the whole server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_settings: Option<ServerSettingsSpec>,
+    /// Replicas: a replication slot each, health and lag, the read-endpoint Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<ReplicasSpec>,
+    /// Scheduled `pg_dump` backups, run by a CronJob of the operator's image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backups: Option<BackupsSpec>,
+    /// Feature flags: rows of a flags table in the database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_flags: Option<FeatureFlagsSpec>,
+    /// Materialized views and their refresh schedules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub materialized_views: Option<MaterializedViewsSpec>,
+    /// Expression and partial indexes, built `CONCURRENTLY`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub indexes: Option<IndexesSpec>,
 }
@@ -105,6 +114,7 @@ pub struct DatabaseRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretKeyRef {
+    /// Name of the Secret in the policy's namespace.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key inside the Secret (default `uri`).
