@@ -317,7 +317,10 @@ async fn run_release(args: ReleaseArgs) -> u8 {
         )],
     };
     if targets.iter().any(|(id, _)| id.0.trim().is_empty()) {
-        return fail("--policy-id is empty: give the owner recorded in dbpolicy.managed (namespace/name)".into());
+        return fail(
+            "--policy-id is empty: give the owner recorded in dbpolicy.managed (namespace/name)"
+                .into(),
+        );
     }
     let Some(url) = args.database_url.as_deref() else {
         return fail("no database: pass --database-url or set DATABASE_URL".into());
@@ -347,11 +350,7 @@ async fn run_release(args: ReleaseArgs) -> u8 {
                 for (area, target, item) in &released.claims {
                     println!("released {area} {target} {item}");
                 }
-                println!(
-                    "# released {} claim(s) of {}",
-                    released.claims.len(),
-                    id.0
-                );
+                println!("# released {} claim(s) of {}", released.claims.len(), id.0);
                 for slot in &released.remaining_slots {
                     eprintln!(
                         "warning: {}: replication slot {slot} created by this policy remains and retains WAL; when no replica uses it: {}",

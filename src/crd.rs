@@ -62,14 +62,25 @@ mod tests {
     /// description, and no enum lists null.
     #[test]
     fn every_spec_field_is_described_and_no_enum_lists_null() {
-        fn walk(s: &serde_json::Value, path: &str, missing: &mut Vec<String>, nulls: &mut Vec<String>) {
-            if s["enum"].as_array().is_some_and(|e| e.iter().any(|m| m.is_null())) {
+        fn walk(
+            s: &serde_json::Value,
+            path: &str,
+            missing: &mut Vec<String>,
+            nulls: &mut Vec<String>,
+        ) {
+            if s["enum"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|m| m.is_null()))
+            {
                 nulls.push(path.to_string());
             }
             if let Some(props) = s["properties"].as_object() {
                 for (k, v) in props {
                     let at = format!("{path}.{k}");
-                    if v["description"].as_str().is_none_or(|d| d.trim().is_empty()) {
+                    if v["description"]
+                        .as_str()
+                        .is_none_or(|d| d.trim().is_empty())
+                    {
                         missing.push(at.clone());
                     }
                     walk(v, &at, missing, nulls);
@@ -82,9 +93,22 @@ mod tests {
         let crd = serde_json::to_value(crd()).unwrap();
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         let (mut missing, mut nulls) = (Vec::new(), Vec::new());
-        walk(&schema["properties"]["spec"], "spec", &mut missing, &mut nulls);
-        walk(&schema["properties"]["status"], "status", &mut Vec::new(), &mut nulls);
-        assert!(missing.is_empty(), "fields without a description: {missing:#?}");
+        walk(
+            &schema["properties"]["spec"],
+            "spec",
+            &mut missing,
+            &mut nulls,
+        );
+        walk(
+            &schema["properties"]["status"],
+            "status",
+            &mut Vec::new(),
+            &mut nulls,
+        );
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:#?}"
+        );
         assert!(nulls.is_empty(), "enums listing null: {nulls:?}");
     }
 

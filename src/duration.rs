@@ -51,7 +51,12 @@ pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, 
 /// `10s`, `24h`, `1500ms`: the largest whole unit, for messages.
 pub fn human(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, n) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+    for (unit, n) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
         if ms >= n && ms.is_multiple_of(n) {
             return format!("{}{unit}", ms / n);
         }
@@ -116,7 +121,10 @@ mod tests {
             let e = parse_duration(huge).unwrap_err();
             assert!(e.contains("too long"), "{huge}: {e}");
         }
-        assert_eq!(parse_duration("3660d").unwrap(), Duration::from_secs(3660 * 86_400));
+        assert_eq!(
+            parse_duration("3660d").unwrap(),
+            Duration::from_secs(3660 * 86_400)
+        );
     }
 
     #[test]

@@ -190,7 +190,10 @@ fn default_values_render_a_restricted_deployment() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(env, ["RUST_LOG", "POD_NAME", "POD_NAMESPACE", "DBPOLICY_IMAGE"]);
+    assert_eq!(
+        env,
+        ["RUST_LOG", "POD_NAME", "POD_NAMESPACE", "DBPOLICY_IMAGE"]
+    );
     // The CronJobs run the operator's own image.
     assert_eq!(c["env"][3]["value"], c["image"]);
     assert_eq!(

@@ -262,7 +262,10 @@ async fn never_takes_over_a_secret_and_watches_replica_secrets() {
     );
     let read = wait_for(WAIT, "reader-read is published", || {
         op.assert_running();
-        let out = env.kubectl(&["get", "secret", "reader-read", "-n", NS, "-o", "json"], None);
+        let out = env.kubectl(
+            &["get", "secret", "reader-read", "-n", NS, "-o", "json"],
+            None,
+        );
         if out.status.success() {
             Ok(serde_json::from_slice::<Value>(&out.stdout).unwrap())
         } else {
@@ -412,7 +415,10 @@ fn drift_check_interval_bounds_are_enforced_by_the_api_server() {
     }
     // The format rule still speaks for itself, once.
     let err = env.kubectl_err(&["apply", "--server-side", "-f", "-"], Some(&doc("soon")));
-    assert!(err.contains("must be a duration such as 30s, 5m or 1h"), "{err}");
+    assert!(
+        err.contains("must be a duration such as 30s, 5m or 1h"),
+        "{err}"
+    );
     assert!(!err.contains("between 10s and 24h"), "{err}");
 }
 
@@ -470,7 +476,10 @@ async fn conditions_say_one_true_thing_and_an_annotation_forces_a_check() {
     let bad = wait_status(&env, &mut op, "fast", "InvalidSpec", |o| {
         ready_is(o, "False", "InvalidSpec")
     });
-    let message = condition(&bad, "Ready")["message"].as_str().unwrap().to_string();
+    let message = condition(&bad, "Ready")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(
         message,
         "invalid policy: spec.driftCheckInterval: \"2s\" is out of range: between 10s and 1d"

@@ -856,6 +856,7 @@ fn observed_views() -> impl Strategy<Value = matviews::Observed> {
                     definition,
                     populated,
                     has_unique_index,
+                    owner: String::new(),
                 },
             ),
             0..3,
@@ -866,6 +867,7 @@ fn observed_views() -> impl Strategy<Value = matviews::Observed> {
             views,
             normalized,
             refreshes: BTreeMap::new(),
+            roles: Default::default(),
         })
 }
 

@@ -86,7 +86,11 @@ async fn a_released_policy_leaves_what_it_set_and_a_successor_adopts_it() {
     // Releasing what owns nothing is fine; no id and no file is refused by the parser.
     let out = run_dbpolicy(["release", "--policy-id", "tests/none"], Some(db.url()));
     expect_code(&out, 0);
-    assert!(out.stdout.contains("# released 0 claim(s)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("# released 0 claim(s)"),
+        "{}",
+        out.stdout
+    );
     expect_code(&run_dbpolicy(["release"], Some(db.url())), 2);
 }
 
@@ -114,7 +118,8 @@ async fn a_slot_it_created_is_named_when_retained_and_dropped_on_reset() {
     );
     expect_code(&out, 0);
     assert!(
-        out.stderr.contains("replication slot r1_slot created by this policy remains")
+        out.stderr
+            .contains("replication slot r1_slot created by this policy remains")
             && out
                 .stderr
                 .contains("SELECT pg_drop_replication_slot('r1_slot')"),

@@ -49,16 +49,12 @@ pub fn area_of(cj: &CronJob) -> Area {
 /// what the operator wrote. The uid, when both sides have one, tells a policy from an
 /// earlier one of the same name.
 fn controlled_by<K: Resource>(obj: &K, policy: &DatabasePolicy) -> bool {
-    obj.meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| {
-            o.controller == Some(true)
-                && o.kind == DatabasePolicy::kind(&())
-                && o.name == policy.name_any()
-                && policy.meta().uid.as_ref().is_none_or(|uid| *uid == o.uid)
-        })
+    obj.meta().owner_references.iter().flatten().any(|o| {
+        o.controller == Some(true)
+            && o.kind == DatabasePolicy::kind(&())
+            && o.name == policy.name_any()
+            && policy.meta().uid.as_ref().is_none_or(|uid| *uid == o.uid)
+    })
 }
 
 /// An HTTP 409 from the API server: the object exists (AlreadyExists) or changed.

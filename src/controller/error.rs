@@ -149,7 +149,9 @@ impl Error {
             Error::BackupJobs(_) => "BackupStatusFailed",
             Error::ReadEndpoint { .. } => "ReadEndpointFailed",
             Error::NotOwned { kind: "Secret", .. } => "SecretNotOwned",
-            Error::NotOwned { kind: "CronJob", .. } => "CronJobNotOwned",
+            Error::NotOwned {
+                kind: "CronJob", ..
+            } => "CronJobNotOwned",
             Error::NotOwned { .. } => "NotOwned",
             Error::Release(e) => e.reason(),
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {

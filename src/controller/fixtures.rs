@@ -216,8 +216,7 @@ impl ApiServerVerifier {
                             already_exists(&format!("cronjobs.batch \"{name}\""))
                         } else {
                             let mut reply = body.clone();
-                            reply["metadata"]["creationTimestamp"] =
-                                json!("2026-01-01T00:00:00Z");
+                            reply["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
                             (StatusCode::CREATED, reply)
                         }
                     }

@@ -443,8 +443,15 @@ async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
         "released {} claim(s) in dbpolicy.managed",
         released.claims.len()
     ));
-    ctx.publish(&policy, EventType::Normal, "Released", "Cleanup", note, false)
-        .await;
+    ctx.publish(
+        &policy,
+        EventType::Normal,
+        "Released",
+        "Cleanup",
+        note,
+        false,
+    )
+    .await;
     if let Some(outcome) = &released.reset {
         if let Err(e) = failure_of(outcome) {
             ctx.publish(
@@ -758,8 +765,7 @@ mod tests {
         first.unwrap();
         assert_eq!(ledger_owners(&url).await, ["default/test"]);
         let mut deleted = policy;
-        deleted.meta_mut().deletion_timestamp =
-            Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        deleted.meta_mut().deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
         let (result, sent) = reconcile_with(
             deleted,
             vec![secret(), Expect::CreateEvent, Expect::RemoveFinalizer],
@@ -1330,10 +1336,9 @@ replicas:
             (&json!("False"), &json!("CronJobNotOwned")),
             "{backups}"
         );
-        assert!(backups["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("CronJob default/test-backup (spec.backups) exists and was not created by this policy"));
+        assert!(backups["message"].as_str().unwrap().starts_with(
+            "CronJob default/test-backup (spec.backups) exists and was not created by this policy"
+        ));
     }
 
     #[tokio::test]
@@ -1436,5 +1441,4 @@ backups: {schedule: '0 3 * * *', storage: {pvc: {claimName: backups}}}
             }
         }
     }
-
 }

@@ -628,7 +628,6 @@ pub fn from_outcome_with(
     }
 }
 
-
 /// Applied changes per area, for the `Applied` event and the metrics.
 pub fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
     count_by_area(outcome.report.iter().flat_map(|r| r.applied.iter()))
@@ -781,7 +780,10 @@ mod tests {
         assert_eq!(cond(&s, "ServerSettingsReady").status, "True");
         // A spec the database does not match yet is pending in Plan mode, not drift.
         assert_eq!(
-            (cond(&s, DRIFTED).status.as_str(), cond(&s, DRIFTED).reason.as_str()),
+            (
+                cond(&s, DRIFTED).status.as_str(),
+                cond(&s, DRIFTED).reason.as_str()
+            ),
             ("False", "ChangesPending")
         );
         assert!(drifted_areas(&input(&spec, None, at(0)), &outcome, Mode::Plan).is_empty());
