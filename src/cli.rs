@@ -1,6 +1,6 @@
-//! The command line: `plan`, `apply`, `crd`. Exit status of `plan`: 0 nothing to change,
-//! 2 changes pending, 1 error. `apply`: 0 done, 2 done but destructive changes refused,
-//! 1 on any failure.
+//! The command line: `plan`, `apply`, `release`, `crd`. Exit status of `plan`: 0 nothing
+//! to change, 2 changes pending, 1 error. `apply`: 0 done, 2 done but destructive changes
+//! refused, 1 on any failure. `release`: 0 done, 1 on any failure.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -39,6 +39,9 @@ pub enum Command {
     Plan(TargetArgs),
     /// Change the database to match the policy and print what was done.
     Apply(TargetArgs),
+    /// Release a policy that is gone: delete its claims in dbpolicy.managed so another
+    /// policy can take over (what the operator's finalizer does on deletion).
+    Release(ReleaseArgs),
     /// Print the CustomResourceDefinition.
     Crd,
     /// Refresh materialized views (what the refresh CronJob runs).
@@ -73,6 +76,25 @@ pub struct TargetArgs {
     /// The platform team's decision: a policy cannot allow one itself.
     #[arg(long = "allow-setting", value_name = "NAME", value_delimiter = ',')]
     pub allow_settings: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReleaseArgs {
+    /// DatabasePolicy YAML (several documents allowed; `-` reads stdin): each policy's
+    /// claims are released, under the id `namespace/name` (`default/` without a namespace).
+    #[arg(short = 'f', long = "filename", required_unless_present = "policy_id")]
+    pub file: Option<PathBuf>,
+    /// The owner recorded in dbpolicy.managed (`namespace/name` for the operator's
+    /// policies); overrides the id taken from the file.
+    #[arg(long)]
+    pub policy_id: Option<String>,
+    /// libpq URI of the database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Reset what the policy set and drop the replication slots it created before
+    /// releasing (as `spec.deletionPolicy: Reset` does; also taken from the file).
+    #[arg(long)]
+    pub reset: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +202,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Refresh(args) => crate::jobs::refresh::run(args).await,
         Command::Backup(args) => crate::backup::run(args).await,
         Command::Apply(args) => run_target(args, Mode::Apply).await,
+        Command::Release(args) => run_release(args).await,
         Command::Run(args) => match crate::controller::run(args).await {
             Ok(()) => EXIT_OK,
             Err(e) => {
@@ -259,6 +282,98 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
             serde_json::Value::Array(json)
         };
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    worst
+}
+
+/// `dbpolicy release`: for each policy of the file (or the one `--policy-id`), reset when
+/// asked, release its claims, and name the replication slots it leaves behind.
+async fn run_release(args: ReleaseArgs) -> u8 {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        EXIT_ERROR
+    };
+    let targets: Vec<(PolicyId, crate::api::DatabasePolicySpec)> = match &args.file {
+        Some(path) => {
+            let text = match read_file(path) {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            let (policies, skipped) = match parse_policies(&text) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            for s in skipped {
+                eprintln!("note: {s}");
+            }
+            if args.policy_id.is_some() && policies.len() > 1 {
+                return fail("--policy-id names one policy, and the file holds several".into());
+            }
+            policies
+                .into_iter()
+                .map(|p| {
+                    let id = args
+                        .policy_id
+                        .clone()
+                        .map(PolicyId)
+                        .unwrap_or_else(|| policy_id(&p));
+                    (id, p.spec)
+                })
+                .collect()
+        }
+        None => vec![(
+            PolicyId(args.policy_id.clone().unwrap_or_default()),
+            Default::default(),
+        )],
+    };
+    if targets.iter().any(|(id, _)| id.0.trim().is_empty()) {
+        return fail(
+            "--policy-id is empty: give the owner recorded in dbpolicy.managed (namespace/name)"
+                .into(),
+        );
+    }
+    let Some(url) = args.database_url.as_deref() else {
+        return fail("no database: pass --database-url or set DATABASE_URL".into());
+    };
+    let mut worst = EXIT_OK;
+    for (id, spec) in &targets {
+        let reset =
+            args.reset || spec.effective_deletion_policy() == crate::api::DeletionPolicy::Reset;
+        let result = async {
+            let mut conn = crate::pg::connect_one(url)
+                .await
+                .map_err(|e| e.to_string())?;
+            let r = engine::release::release(&mut conn, spec, id, reset).await;
+            let _ = conn.close().await;
+            r.map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(released) => {
+                println!("# policy {}", id.0);
+                if let Some(outcome) = &released.reset {
+                    print_text(id, outcome, Mode::Apply);
+                    if exit_code(outcome, Mode::Apply) == EXIT_ERROR {
+                        worst = EXIT_ERROR;
+                    }
+                }
+                for (area, target, item) in &released.claims {
+                    println!("released {area} {target} {item}");
+                }
+                println!("# released {} claim(s) of {}", released.claims.len(), id.0);
+                for slot in &released.remaining_slots {
+                    eprintln!(
+                        "warning: {}: replication slot {slot} created by this policy remains and retains WAL; when no replica uses it: {}",
+                        id.0,
+                        engine::release::drop_slot_sql(slot)
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", id.0);
+                worst = EXIT_ERROR;
+            }
+        }
     }
     worst
 }

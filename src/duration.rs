@@ -3,26 +3,65 @@
 
 use std::time::Duration;
 
-/// Parses `<digits><unit>` with unit ms, s, m or min, h, d.
+/// The longest duration any field takes: 10 years. Far beyond every bound a field sets,
+/// and small enough that no arithmetic on it (timers, `Instant + d`) can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
+
+/// Parses `<digits><unit>` with unit ms, s, m or min, h, d. Overflow-safe: a value past
+/// [`MAX_DURATION`] is an error, never a panic or a wrapped number.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration such as 500ms, 5s, 5m or 1h");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration such as 500ms, 5s, 5m or 1h"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" | "min" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        _ => {
-            return Err(format!(
-                "{s:?} is not a duration such as 500ms, 5s, 5m or 1h"
-            ))
-        }
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
     };
-    Ok(Duration::from_millis(ms))
+    let too_long = || format!("{s:?} is too long: at most 10 years");
+    // All digits, so a parse error can only be an overflow of u64.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
+    let ms = n.checked_mul(unit_ms).ok_or_else(too_long)?;
+    let d = Duration::from_millis(ms);
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
+}
+
+/// Parses a duration and checks it lies in `min..=max`.
+pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?} is out of range: between {} and {}",
+            human(min),
+            human(max)
+        ));
+    }
+    Ok(d)
+}
+
+/// `10s`, `24h`, `1500ms`: the largest whole unit, for messages.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, n) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= n && ms.is_multiple_of(n) {
+            return format!("{}{unit}", ms / n);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// A duration as PostgreSQL's `lock_timeout`/`statement_timeout` take it: milliseconds.
@@ -65,8 +104,46 @@ mod tests {
         assert_eq!(pg_millis("2min").unwrap(), 120_000);
         assert_eq!(pg_millis("1h").unwrap(), 3_600_000);
         assert_eq!(pg_millis("1d").unwrap(), 86_400_000);
-        for bad in ["", "5", "s", "5 s", "-5s", "5sec", "1.5s"] {
+        for bad in ["", "5", "s", "5 s", "-5s", "5sec", "1.5s", "+5s", "５s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn huge_durations_are_errors_not_panics() {
+        for huge in [
+            "999999999999999d",
+            "18446744073709551615ms",
+            "18446744073709551616ms",
+            "99999999999999999999999999h",
+            "3661d",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("too long"), "{huge}: {e}");
+        }
+        assert_eq!(
+            parse_duration("3660d").unwrap(),
+            Duration::from_secs(3660 * 86_400)
+        );
+    }
+
+    #[test]
+    fn bounds() {
+        let (min, max) = (Duration::from_secs(10), Duration::from_secs(86_400));
+        assert!(parse_bounded("10s", min, max).is_ok());
+        assert!(parse_bounded("24h", min, max).is_ok());
+        assert!(parse_bounded("1d", min, max).is_ok());
+        let e = parse_bounded("0s", min, max).unwrap_err();
+        assert_eq!(e, "\"0s\" is out of range: between 10s and 1d");
+        assert!(parse_bounded("9999ms", min, max).is_err());
+        assert!(parse_bounded("1441m", min, max).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_parses_or_errs_without_panicking(s in "\\PC{0,24}", n in proptest::num::u64::ANY, unit in "(ms|s|m|min|h|d)") {
+            let _ = parse_duration(&s);
+            let _ = parse_duration(&format!("{n}{unit}"));
         }
     }
 

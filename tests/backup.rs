@@ -1280,7 +1280,11 @@ async fn pitr_settings_are_applied_with_the_restart_reported() {
     // team allows it with the CLI/operator flag (never the spec).
     let refused = support::cli("apply", db.url(), &policy);
     expect_code(&refused, 1);
-    assert!(refused.stdout.contains("SettingNotAllowed"), "{}", refused.stdout);
+    assert!(
+        refused.stdout.contains("SettingNotAllowed"),
+        "{}",
+        refused.stdout
+    );
     let file = support::write_policy(&policy);
     let path = file.path().to_str().unwrap();
     let allowed = |verb: &str| {

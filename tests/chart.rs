@@ -190,7 +190,12 @@ fn default_values_render_a_restricted_deployment() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(env, ["RUST_LOG", "POD_NAME", "POD_NAMESPACE"]);
+    assert_eq!(
+        env,
+        ["RUST_LOG", "POD_NAME", "POD_NAMESPACE", "DBPOLICY_IMAGE"]
+    );
+    // The CronJobs run the operator's own image.
+    assert_eq!(c["env"][3]["value"], c["image"]);
     assert_eq!(
         c["env"][1]["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.name"
@@ -279,7 +284,7 @@ fn overrides_render_service_monitor_namespace_and_extras() {
         ])
     );
     assert_eq!(c["image"], "dbpolicy/dbpolicy:1.2.3");
-    assert_eq!(c["env"][3], json!({"name": "EXTRA", "value": "1"}));
+    assert_eq!(c["env"][4], json!({"name": "EXTRA", "value": "1"}));
     assert_eq!(spec["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
     assert_eq!(
         dep["spec"]["template"]["metadata"]["annotations"],

@@ -98,7 +98,7 @@ impl Drop for Operator {
 fn policy(name: &str, secret: &str, extra: Value) -> String {
     let mut spec = json!({
         "database": {"connectionSecretRef": {"name": secret}},
-        "driftCheckInterval": "2s",
+        "driftCheckInterval": "10s",
         "featureFlags": {"flags": [
             {"name": "new_engine", "enabled": true, "rolloutPercentage": 25},
         ]},
@@ -351,8 +351,35 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
     wait_ready(&env, &mut op, NS, "flags", "False", Some("Suspended"));
     db.exec("UPDATE public.feature_flags SET rollout_percentage = 42 WHERE name = 'new_engine'")
         .await;
-    // Three drift-check intervals: a running reconciler would have repaired it by now.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // A check forced by the documented annotation (counted in /metrics) leaves it alone.
+    let reconciles = |op: &Operator| -> f64 {
+        let (_, text) = op.get("/metrics").expect("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("dbpolicy_reconciles_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = reconciles(&op);
+    env.kubectl_ok(
+        &[
+            "annotate",
+            "dbpol",
+            "flags",
+            "-n",
+            NS,
+            "--overwrite",
+            "dbpolicy.dev/reconcile-at=2026-01-01T00:00:00Z",
+        ],
+        None,
+    );
+    wait_for(Duration::from_secs(60), "the forced check runs", || {
+        let now = reconciles(&op);
+        if now > before {
+            Ok(())
+        } else {
+            Err(format!("{now} reconciles"))
+        }
+    });
     assert_eq!(
         rollout(&db, "new_engine").await,
         Some(42),

@@ -245,7 +245,7 @@ fn apply_policy(env: &Envtest, name: &str, shard: Option<&str>, rollout: u8) {
         "metadata": metadata,
         "spec": {
             "database": {"connectionSecretRef": {"name": "db"}},
-            "driftCheckInterval": "2s",
+            "driftCheckInterval": "10s",
             "featureFlags": {"schema": schema_of(name), "flags": [
                 {"name": "f", "enabled": true, "rolloutPercentage": rollout},
             ]},
@@ -462,7 +462,7 @@ async fn hand_over(signal: &str, takeover: Duration) {
     wait_ready(&env, &[&first, &second], "pol-ha");
     assert_eq!(rollout(&db, "pol-ha").await, Some(10));
     // The standby is ready (it read the Lease) but not leading, and reconciles nothing
-    // while the holder goes on (driftCheckInterval 2s: the holder's counter grows).
+    // while the holder goes on (driftCheckInterval 10s: the holder's counter grows).
     wait_for(WAIT, "the standby is ready", || {
         match second.get("/readyz") {
             Ok((200, _)) => Ok(()),

@@ -35,6 +35,7 @@ table_target!(RlsTable, PartitionedTable, AutovacuumTable, IndexSpec);
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RowLevelSecuritySpec {
+    /// Tables whose row-level security the policy sets.
     #[schemars(length(max = 5000))]
     pub tables: Vec<RlsTable>,
 }
@@ -42,9 +43,11 @@ pub struct RowLevelSecuritySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RlsTable {
+    /// Schema of the table (default `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub schema: Option<String>,
+    /// Name of the table.
     #[schemars(length(min = 1, max = 63))]
     pub table: String,
     /// `ENABLE ROW LEVEL SECURITY` (default true).
@@ -56,6 +59,7 @@ pub struct RlsTable {
     /// Own every policy of this table: policies not listed are dropped (needs `allowDestructive`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_all_policies: Option<bool>,
+    /// The table's row-level security policies (`CREATE POLICY`).
     #[serde(default)]
     #[schemars(length(max = 100))]
     pub policies: Vec<RlsPolicy>,
@@ -67,6 +71,7 @@ pub struct RlsTable {
 #[x_kube(validation = Rule::new("!(has(self.command) && (self.command == 'Select' || self.command == 'Delete') && has(self.withCheck))").message("a Select or Delete policy takes only using, not withCheck"))]
 #[x_kube(validation = Rule::new("has(self.using) || has(self.withCheck)").message("a policy needs using, withCheck or both"))]
 pub struct RlsPolicy {
+    /// Name of the policy on its table.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Command the policy applies to (default All).
@@ -115,6 +120,7 @@ pub enum PolicyKind {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PartitionsSpec {
+    /// Partitioned tables whose partitions the policy manages.
     #[schemars(length(max = 5000))]
     pub tables: Vec<PartitionedTable>,
 }
@@ -122,6 +128,7 @@ pub struct PartitionsSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PartitionedTable {
+    /// Schema of the table (default `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub schema: Option<String>,
@@ -132,6 +139,7 @@ pub struct PartitionedTable {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub column: Option<String>,
+    /// Width of each partition.
     pub interval: PartitionInterval,
     /// Future partitions kept ahead of now (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +189,7 @@ pub enum RetentionPolicy {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutovacuumSpec {
+    /// Tables whose autovacuum storage parameters the policy sets.
     #[schemars(length(max = 5000))]
     pub tables: Vec<AutovacuumTable>,
 }
@@ -190,9 +199,11 @@ pub struct AutovacuumSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutovacuumTable {
+    /// Schema of the table (default `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub schema: Option<String>,
+    /// Name of the table.
     #[schemars(length(min = 1, max = 63))]
     pub table: String,
     /// `autovacuum_enabled`
@@ -261,6 +272,7 @@ pub struct ServerSettingsSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReplicasSpec {
+    /// The replicas of this primary, each checked for health and lag.
     #[schemars(length(max = 100))]
     pub replicas: Vec<ReplicaSpec>,
     /// Secret published with `DATABASE_READ_URL` for applications (default `<policy>-read`).
@@ -275,6 +287,7 @@ pub struct ReplicasSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReplicaSpec {
+    /// Name of the replica (in status and Events).
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Secret holding a libpq URI for the replica.
@@ -284,9 +297,11 @@ pub struct ReplicaSpec {
     #[schemars(length(max = 63))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9_]{1,63}$')").message("slot names are lower-case letters, digits and underscores"))]
     pub slot: Option<String>,
+    /// Replay lag, in seconds, above which the replica is `Lagging`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_lag_seconds: Option<u32>,
+    /// WAL bytes not yet replayed above which the replica is `Lagging`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_lag_bytes: Option<u64>,
@@ -301,8 +316,10 @@ pub struct BackupsSpec {
     #[schemars(length(max = 100))]
     #[x_kube(validation = Rule::new("self.split(' ').size() == 5 || self.startsWith('@')").message("must be a 5-field cron expression or a @macro"))]
     pub schedule: String,
+    /// How long dumps are kept: `days`, `count` or both (a dump is kept while either keeps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<BackupRetention>,
+    /// Where dumps are stored: exactly one of `pvc` or `s3`.
     pub storage: BackupStorage,
     /// pg_dump format: Custom (the default and only one: compressed, streamable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -328,9 +345,11 @@ pub struct BackupsSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("has(self.days) || has(self.count)").message("retention needs days, count or both"))]
 pub struct BackupRetention {
+    /// Keep the dumps finished within this many days.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub days: Option<u32>,
+    /// Keep the newest this many dumps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub count: Option<u32>,
@@ -340,8 +359,10 @@ pub struct BackupRetention {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("has(self.pvc) != has(self.s3)").message("storage needs exactly one of pvc or s3"))]
 pub struct BackupStorage {
+    /// A PersistentVolumeClaim in the policy's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc: Option<PvcStorage>,
+    /// An S3-compatible bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Storage>,
 }
@@ -349,6 +370,7 @@ pub struct BackupStorage {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PvcStorage {
+    /// Name of the PersistentVolumeClaim.
     #[schemars(length(min = 1, max = 253))]
     pub claim_name: String,
     /// Directory inside the volume (default `/`).
@@ -359,13 +381,16 @@ pub struct PvcStorage {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct S3Storage {
+    /// Name of the bucket.
     #[schemars(length(min = 3, max = 63))]
     pub bucket: String,
     /// Endpoint of an S3-compatible store (default AWS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Region of the bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// Key prefix of the dumps inside the bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
@@ -375,6 +400,7 @@ pub struct S3Storage {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalObjectRef {
+    /// Name of the Secret in the policy's namespace.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
@@ -409,6 +435,7 @@ pub struct FeatureFlagsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub owner: Option<String>,
+    /// The flags: each is upserted; a flag no longer listed is deleted.
     #[serde(default)]
     #[schemars(length(max = 10000))]
     pub flags: Vec<FeatureFlag>,
@@ -417,14 +444,17 @@ pub struct FeatureFlagsSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FeatureFlag {
+    /// Name of the flag.
     #[schemars(length(max = 128))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$')").message("flag names are letters, digits and _ . : - (at most 128)"))]
     pub name: String,
+    /// Whether the flag is on.
     pub enabled: bool,
     /// Share of subjects (0-100) for whom the flag is on when enabled (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub rollout_percentage: Option<u8>,
+    /// Free text stored with the flag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1000))]
     pub description: Option<String>,
@@ -435,6 +465,7 @@ pub struct FeatureFlag {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MaterializedViewsSpec {
+    /// Materialized views the policy manages.
     #[schemars(length(max = 1000))]
     pub views: Vec<MaterializedView>,
 }
@@ -442,9 +473,11 @@ pub struct MaterializedViewsSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MaterializedView {
+    /// Schema of the view (default `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub schema: Option<String>,
+    /// Name of the materialized view.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// The view's query; created when missing. A changed definition replaces the view
@@ -479,6 +512,7 @@ pub struct MaterializedView {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IndexesSpec {
+    /// Indexes the policy manages.
     #[schemars(length(max = 5000))]
     pub indexes: Vec<IndexSpec>,
     /// Drop indexes this policy created earlier that are no longer listed (needs `allowDestructive`).
@@ -489,11 +523,14 @@ pub struct IndexesSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IndexSpec {
+    /// Name of the index.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
+    /// Schema of the table (default `public`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub schema: Option<String>,
+    /// Name of the table.
     #[schemars(length(min = 1, max = 63))]
     pub table: String,
     /// Column names or parenthesised expressions, e.g. `user_id` or `((category_stats->>'ospf')::numeric)`.
@@ -506,6 +543,7 @@ pub struct IndexSpec {
     /// Access method (default Btree).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<IndexMethod>,
+    /// A unique index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique: Option<bool>,
 }

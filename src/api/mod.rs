@@ -21,6 +21,9 @@ pub const DEFAULT_SECRET_KEY: &str = "uri";
 pub const DEFAULT_LOCK_TIMEOUT: &str = "5s";
 pub const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
 pub const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "5m";
+/// Bounds of `spec.driftCheckInterval`, checked by the CRD's CEL rule and `validate_spec`.
+pub const MIN_DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const MAX_DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// Policy for one PostgreSQL database: what its row-level security, partitions, autovacuum and
 /// server settings, replicas, backups, feature flags, materialized views and indexes must be.
@@ -54,30 +57,48 @@ pub struct DatabasePolicySpec {
     /// Stop reconciling this policy (nothing is observed or changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
-    /// How often the live database is compared with the policy (default 5m).
+    /// How often the live database is compared with the policy: 10s to 24h (default 5m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
+    // Nine digits at most keep the arithmetic far from int64 overflow; `ms` before `s` and
+    // `min` before `m`, since the shorter unit is a suffix of the longer.
+    #[x_kube(validation = Rule::new("!self.matches('^[0-9]{1,9}(ms|s|m|min|h|d)$') ? !self.matches('^[0-9]+(ms|s|m|min|h|d)$') : [int(self.find('^[0-9]+')) * (self.endsWith('ms') ? 1 : self.endsWith('min') ? 60000 : self.endsWith('s') ? 1000 : self.endsWith('m') ? 60000 : self.endsWith('h') ? 3600000 : 86400000)].all(ms, ms >= 10000 && ms <= 86400000)").message("must be between 10s and 24h"))]
     pub drift_check_interval: Option<String>,
+    /// What deleting this policy does to the database: `Retain` (default) leaves everything
+    /// it set in place; `Reset` resets what it set (server settings, autovacuum parameters)
+    /// and drops the replication slots it created. Either way its claims in
+    /// `dbpolicy.managed` are released, so that another policy can take over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<DeletionPolicy>,
     /// Timeouts and the opt-in for destructive changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safety: Option<Safety>,
+    /// Row-level security: enabled and forced per table, and the tables' policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_level_security: Option<RowLevelSecuritySpec>,
+    /// Time-range partitions: created ahead, a default partition, retention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<PartitionsSpec>,
+    /// Per-table autovacuum storage parameters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autovacuum: Option<AutovacuumSpec>,
+    /// Server settings by `ALTER SYSTEM` (they apply to the whole server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_settings: Option<ServerSettingsSpec>,
+    /// Replicas: a replication slot each, health and lag, the read-endpoint Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<ReplicasSpec>,
+    /// Scheduled `pg_dump` backups, run by a CronJob of the operator's image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backups: Option<BackupsSpec>,
+    /// Feature flags: rows of a flags table in the database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_flags: Option<FeatureFlagsSpec>,
+    /// Materialized views and their refresh schedules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub materialized_views: Option<MaterializedViewsSpec>,
+    /// Expression and partial indexes, built `CONCURRENTLY`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub indexes: Option<IndexesSpec>,
 }
@@ -93,6 +114,7 @@ pub struct DatabaseRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretKeyRef {
+    /// Name of the Secret in the policy's namespace.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key inside the Secret (default `uri`).
@@ -114,6 +136,18 @@ pub enum Mode {
     #[default]
     Apply,
     Plan,
+}
+
+/// What deleting a policy does to what it set (`spec.deletionPolicy`).
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum DeletionPolicy {
+    /// Leave what the policy set in place; only its claims are released.
+    #[default]
+    Retain,
+    /// Reset what the policy set and drop the replication slots it created.
+    Reset,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -138,6 +172,26 @@ pub struct Safety {
 impl DatabasePolicySpec {
     pub fn effective_mode(&self) -> Mode {
         self.mode.unwrap_or_default()
+    }
+    /// The names of every Secret (in the policy's namespace) the policy reads: the
+    /// primary's, each replica's and the S3 credentials. A change to any of them must
+    /// re-trigger the policy.
+    pub fn referenced_secrets(&self) -> impl Iterator<Item = &str> {
+        let primary = std::iter::once(self.database.connection_secret_ref.name.as_str());
+        let replicas = self
+            .replicas
+            .iter()
+            .flat_map(|r| &r.replicas)
+            .map(|r| r.connection_secret_ref.name.as_str());
+        let s3 = self
+            .backups
+            .as_ref()
+            .and_then(|b| b.storage.s3.as_ref())
+            .map(|s| s.credentials_secret_ref.name.as_str());
+        primary.chain(replicas).chain(s3)
+    }
+    pub fn effective_deletion_policy(&self) -> DeletionPolicy {
+        self.deletion_policy.unwrap_or_default()
     }
     pub fn is_suspended(&self) -> bool {
         self.suspend.unwrap_or(false)

@@ -41,6 +41,7 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
         duration("safety.lockTimeout", s.lock_timeout.as_deref());
         duration("safety.statementTimeout", s.statement_timeout.as_deref());
     }
+    errors.extend(duration_bounds(spec));
     if let Some(rls) = &spec.row_level_security {
         unique(
             &mut errors,
@@ -345,6 +346,22 @@ fn relation_names_shared(spec: &DatabasePolicySpec, errors: &mut Vec<ValidationE
             ));
         }
     }
+}
+
+/// `driftCheckInterval` between 10s and 24h (the CRD's CEL rule says the same): a drift
+/// check every few milliseconds would keep PostgreSQL busy, one beyond a day is no check.
+/// Values that do not parse are reported by `validate_spec` already.
+pub fn duration_bounds(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
+    use crate::duration::parse_bounded;
+    let mut errors = Vec::new();
+    if let Some(v) = spec.drift_check_interval.as_deref() {
+        if parse_duration(v).is_ok() {
+            if let Err(e) = parse_bounded(v, MIN_DRIFT_CHECK_INTERVAL, MAX_DRIFT_CHECK_INTERVAL) {
+                errors.push(err("driftCheckInterval", e));
+            }
+        }
+    }
+    errors
 }
 
 fn unique(errors: &mut Vec<ValidationError>, path: &str, names: impl Iterator<Item = String>) {

@@ -1,4 +1,8 @@
 //! The Kubernetes objects a policy owns besides its status: the backup and refresh CronJobs (server-side applied in Apply mode, reported as pending in Plan mode), the backup Jobs read back for status, and the read-endpoint Secret.
+//!
+//! The operator never adopts an object it did not create: a new child is created with a
+//! plain POST (so an existing object of the same name is a conflict, never overwritten);
+//! only a child whose controller ownerReference names the policy is server-side applied.
 
 use std::collections::BTreeMap;
 
@@ -6,7 +10,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 
@@ -41,14 +45,21 @@ pub fn area_of(cj: &CronJob) -> Area {
     }
 }
 
-/// Whether the policy controls `cj`: labels can be copied by hand, owner references are
-/// what the operator wrote.
-fn controlled_by(cj: &CronJob, policy: &DatabasePolicy) -> bool {
-    cj.owner_references().iter().any(|o| {
+/// Whether the policy controls `obj`: labels can be copied by hand, owner references are
+/// what the operator wrote. The uid, when both sides have one, tells a policy from an
+/// earlier one of the same name.
+fn controlled_by<K: Resource>(obj: &K, policy: &DatabasePolicy) -> bool {
+    obj.meta().owner_references.iter().flatten().any(|o| {
         o.controller == Some(true)
             && o.kind == DatabasePolicy::kind(&())
             && o.name == policy.name_any()
+            && policy.meta().uid.as_ref().is_none_or(|uid| *uid == o.uid)
     })
+}
+
+/// An HTTP 409 from the API server: the object exists (AlreadyExists) or changed.
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(r) if r.code == 409)
 }
 
 /// Whether every field of `want` has the same value in `have` (which the API server filled
@@ -152,10 +163,35 @@ pub async fn sync_cronjobs(
     let mut sync = CronJobSync::default();
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for d in &desired {
-        let applied = api
-            .patch(&name(d), &params, &Patch::Apply(d))
-            .await
-            .map_err(err("applying"))?;
+        let applied = if existing.iter().any(|e| name(e) == name(d)) {
+            api.patch(&name(d), &params, &Patch::Apply(d))
+                .await
+                .map_err(err("applying"))?
+        } else {
+            // Not ours (or not there): create, and never take over one that exists.
+            let post = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_string()),
+                ..Default::default()
+            };
+            api.create(&post, d).await.map_err(|source| {
+                if is_conflict(&source) {
+                    Error::NotOwned {
+                        kind: "CronJob",
+                        name: format!("{ns}/{}", name(d)),
+                        wanted_by: if area_of(d) == Area::Backups {
+                            "spec.backups".to_string()
+                        } else {
+                            "spec.materializedViews".to_string()
+                        },
+                    }
+                } else {
+                    Error::CronJobs {
+                        action: "creating",
+                        source,
+                    }
+                }
+            })?
+        };
         if area_of(d) == Area::Backups {
             sync.backup = Some(applied);
         }
@@ -237,21 +273,53 @@ pub fn read_endpoint_secret(
     }
 }
 
-/// Server-side apply of the read-endpoint Secret (an unchanged Secret is a no-op write).
-pub async fn publish_read_endpoint(client: &Client, secret: &Secret) -> Result<()> {
+/// Publishes the read-endpoint Secret: created when absent, server-side applied when the
+/// policy controls it (an unchanged Secret is a no-op write), and never touched when it
+/// belongs to someone else (`SecretNotOwned`: an application's Secret of that name keeps
+/// its data and gets no ownerReference, which would let garbage collection delete it).
+pub async fn publish_read_endpoint(
+    client: &Client,
+    policy: &DatabasePolicy,
+    secret: &Secret,
+) -> Result<()> {
     let name = secret.name_any();
     let ns = secret.namespace().unwrap_or_default();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(secret),
-        )
-        .await
-        .map_err(|source| Error::ReadEndpoint {
-            name: format!("{ns}/{name}"),
-            source,
-        })?;
+    let api = Api::<Secret>::namespaced(client.clone(), &ns);
+    let failed = |source| Error::ReadEndpoint {
+        name: format!("{ns}/{name}"),
+        source,
+    };
+    let not_owned = || Error::NotOwned {
+        kind: "Secret",
+        name: format!("{ns}/{name}"),
+        wanted_by: "spec.replicas.readEndpointSecretName".to_string(),
+    };
+    match api.get_opt(&name).await.map_err(failed)? {
+        Some(existing) if controlled_by(&existing, policy) => {
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(secret),
+            )
+            .await
+            .map_err(failed)?;
+        }
+        Some(_) => return Err(not_owned()),
+        None => {
+            let post = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_string()),
+                ..Default::default()
+            };
+            api.create(&post, secret).await.map_err(|e| {
+                if is_conflict(&e) {
+                    // Created by someone else since the read: theirs.
+                    not_owned()
+                } else {
+                    failed(e)
+                }
+            })?;
+        }
+    }
     Ok(())
 }
 

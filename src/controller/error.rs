@@ -86,6 +86,19 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// A child the policy would create exists and is not the policy's (no controller
+    /// ownerReference naming it): it is left exactly as it is.
+    #[error("{kind} {name} ({wanted_by}) exists and was not created by this policy: it is left unchanged; choose another name, or delete that {kind} to let the policy create its own")]
+    NotOwned {
+        kind: &'static str,
+        name: String,
+        wanted_by: String,
+    },
+
+    /// Releasing (and with `deletionPolicy: Reset`, resetting) a deleted policy.
+    #[error("{0}")]
+    Release(#[source] crate::engine::release::ReleaseError),
+
     #[error("adding the finalizer: {0}")]
     AddFinalizer(#[source] kube::Error),
 
@@ -113,6 +126,8 @@ impl Error {
             Error::CronJobs { .. } => "cronjobs",
             Error::BackupJobs(_) => "backup_jobs",
             Error::ReadEndpoint { .. } => "read_endpoint",
+            Error::NotOwned { .. } => "not_owned",
+            Error::Release(_) => "release",
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => "finalizer",
         }
     }
@@ -133,6 +148,12 @@ impl Error {
             Error::CronJobs { .. } => "CronJobSyncFailed",
             Error::BackupJobs(_) => "BackupStatusFailed",
             Error::ReadEndpoint { .. } => "ReadEndpointFailed",
+            Error::NotOwned { kind: "Secret", .. } => "SecretNotOwned",
+            Error::NotOwned {
+                kind: "CronJob", ..
+            } => "CronJobNotOwned",
+            Error::NotOwned { .. } => "NotOwned",
+            Error::Release(e) => e.reason(),
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
                 "FinalizerFailed"
             }

@@ -42,6 +42,9 @@ pub enum Expect {
     /// Server-side apply of the CronJob of this name; the answer is what was sent, with a
     /// creation time.
     ApplyCronJob(String),
+    /// POST of a new CronJob of this name; answered 409 AlreadyExists when the bool is
+    /// true (someone else's CronJob has that name), else with what was sent.
+    CreateCronJob(String, bool),
     /// DELETE of the CronJob of this name, with its Jobs (background propagation).
     DeleteCronJob(String),
     /// LIST of the backup Jobs of the policy, answered with these.
@@ -52,6 +55,8 @@ pub enum Expect {
     GetNamedSecret(String, Option<Box<Secret>>),
     /// Server-side apply of the Secret of this name (the read endpoint).
     ApplySecret(String),
+    /// POST of a new Secret of this name (the read endpoint).
+    CreateSecret(String),
 }
 
 /// The expected requests, in order.
@@ -70,6 +75,17 @@ fn not_found(what: &str) -> (StatusCode, Value) {
             "kind": "Status", "apiVersion": "v1", "metadata": {},
             "status": "Failure", "reason": "NotFound", "code": 404,
             "message": format!("{what} not found"),
+        }),
+    )
+}
+
+fn already_exists(what: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::CONFLICT,
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "AlreadyExists", "code": 409,
+            "message": format!("{what} already exists"),
         }),
     )
 }
@@ -190,6 +206,20 @@ impl ApiServerVerifier {
                         reply["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
                         (StatusCode::OK, reply)
                     }
+                    Expect::CreateCronJob(name, exists) => {
+                        assert_eq!(
+                            what,
+                            format!("POST /apis/batch/v1/namespaces/{NS}/cronjobs?&fieldManager=dbpolicy")
+                        );
+                        assert_eq!(body["metadata"]["name"], json!(name));
+                        if *exists {
+                            already_exists(&format!("cronjobs.batch \"{name}\""))
+                        } else {
+                            let mut reply = body.clone();
+                            reply["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                            (StatusCode::CREATED, reply)
+                        }
+                    }
                     Expect::DeleteCronJob(name) => {
                         assert_eq!(
                             what,
@@ -234,6 +264,14 @@ impl ApiServerVerifier {
                         );
                         (StatusCode::OK, body.clone())
                     }
+                    Expect::CreateSecret(name) => {
+                        assert_eq!(
+                            what,
+                            format!("POST /api/v1/namespaces/{NS}/secrets?&fieldManager=dbpolicy")
+                        );
+                        assert_eq!(body["metadata"]["name"], json!(name));
+                        (StatusCode::CREATED, body.clone())
+                    }
                 };
                 send.send_response(
                     Response::builder()
@@ -256,6 +294,64 @@ impl ApiServerVerifier {
                 );
             }
             sent
+        })
+    }
+}
+
+impl ApiServerVerifier {
+    /// Answers every request plausibly, whatever the order (for property tests, where the
+    /// requests depend on the generated spec): GET of a Secret answers `secret` (or 404),
+    /// a LIST an empty list, POST/PATCH echo what was sent (with the policy around a
+    /// status patch), DELETE succeeds. Returns how many requests were answered.
+    pub fn serve_anything(
+        self,
+        policy: DatabasePolicy,
+        secret: Option<Box<Secret>>,
+    ) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let mut handle = self.0;
+            let mut n = 0;
+            while let Some((request, send)) = handle.next_request().await {
+                n += 1;
+                let method = request.method().clone();
+                let path = request.uri().path().to_string();
+                let bytes = request.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let is_list = !path.contains("/secrets/")
+                    && !path.ends_with(&format!("/{NAME}"))
+                    && !path.ends_with("/status");
+                let (status, reply) = match method.as_str() {
+                    "GET" if path.contains("/secrets/") => match &secret {
+                        Some(s) if path.ends_with(&format!("/{SECRET}")) => {
+                            (StatusCode::OK, serde_json::to_value(s).unwrap())
+                        }
+                        _ => not_found("secrets"),
+                    },
+                    "GET" if is_list => (StatusCode::OK, list("v1", "List", json!([]))),
+                    "GET" => not_found(&path),
+                    "PATCH" if path.ends_with("/status") => {
+                        let mut p = serde_json::to_value(&policy).unwrap();
+                        p["status"] = body["status"].clone();
+                        (StatusCode::OK, p)
+                    }
+                    "PATCH" if path.ends_with(&format!("databasepolicies/{NAME}")) => {
+                        (StatusCode::OK, serde_json::to_value(&policy).unwrap())
+                    }
+                    "POST" => (StatusCode::CREATED, body),
+                    "DELETE" => (
+                        StatusCode::OK,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                    ),
+                    _ => (StatusCode::OK, body),
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+            }
+            n
         })
     }
 }

@@ -88,7 +88,8 @@ pub fn policy_for_job(job: &Job) -> Option<ObjectRef<DatabasePolicy>> {
     Some(ObjectRef::new(name).within(&job.namespace()?))
 }
 
-/// The policies in `secret`'s namespace that read it, from the controller's cache.
+/// The policies in `secret`'s namespace that read it (primary, replica or S3 credentials),
+/// from the controller's cache.
 pub fn policies_for_secret(
     policies: &[Arc<DatabasePolicy>],
     secret: &Secret,
@@ -97,7 +98,7 @@ pub fn policies_for_secret(
     let name = secret.name_any();
     policies
         .iter()
-        .filter(|p| p.namespace() == ns && p.spec.database.connection_secret_ref.name == name)
+        .filter(|p| p.namespace() == ns && p.spec.referenced_secrets().any(|s| s == name))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -337,6 +338,28 @@ mod tests {
         let refs = policies_for_secret(&all, &test_secret("postgres://x"));
         assert_eq!(refs, vec![ObjectRef::from_obj(reader.as_ref())]);
         assert_eq!(refs[0].namespace.as_deref(), Some(NS));
+    }
+
+    #[test]
+    fn a_replica_or_s3_secret_change_maps_to_its_policy() {
+        let spec = "database: {connectionSecretRef: {name: x}}
+replicas: {replicas: [{name: r1, connectionSecretRef: {name: r1-db}}]}
+backups:
+  schedule: '0 3 * * *'
+  storage: {s3: {bucket: b, credentialsSecretRef: {name: s3-creds}}}
+";
+        let policy = Arc::new(test_policy(spec, true));
+        let all = vec![policy.clone()];
+        for name in ["r1-db", "s3-creds", "test-db"] {
+            let secret = crate::controller::fixtures::named_secret(name, "x");
+            assert_eq!(
+                policies_for_secret(&all, &secret),
+                vec![ObjectRef::from_obj(policy.as_ref())],
+                "{name}"
+            );
+        }
+        let unrelated = crate::controller::fixtures::named_secret("test-read", "x");
+        assert!(policies_for_secret(&all, &unrelated).is_empty());
     }
 
     #[test]

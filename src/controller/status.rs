@@ -36,6 +36,7 @@ pub fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
         mode: _,
         suspend: _,
         drift_check_interval: _,
+        deletion_policy: _,
         safety: _,
         row_level_security,
         partitions,
@@ -126,17 +127,36 @@ fn bounded(message: &str) -> String {
     format!("{}…", &message[..end])
 }
 
-/// `spec.suspend: true`: `Ready=False/Suspended`; what was last seen is kept as it was.
+/// `spec.suspend: true`: `Ready=False/Suspended`, and every area and `Drifted` Unknown
+/// with reason `Suspended` (they are not being checked; a stale True would say otherwise).
+/// The details last seen (`status.replicas`, `status.backups`, …) are kept as they were.
 pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
     let mut status = input.previous.cloned().unwrap_or_default();
-    let ready = condition(
+    const NOT_CHECKED: &str = "not checked: spec.suspend is true";
+    let mut conditions = vec![condition(
         input,
         READY,
         Status::False,
         "Suspended",
         "spec.suspend is true: the database is neither observed nor changed",
-    );
-    set_condition(&mut status.conditions, ready);
+    )];
+    for area in spec_areas(input.spec) {
+        conditions.push(condition(
+            input,
+            area.condition_type(),
+            Status::Unknown,
+            "Suspended",
+            NOT_CHECKED,
+        ));
+    }
+    conditions.push(condition(
+        input,
+        DRIFTED,
+        Status::Unknown,
+        "Suspended",
+        NOT_CHECKED,
+    ));
+    status.conditions = conditions;
     status.observed_generation = input.generation;
     status.mode = Some(input.spec.effective_mode());
     status
@@ -243,6 +263,8 @@ fn severity(s: &AreaState) -> u8 {
         (_, "DestructiveChangesRefused") => 2,
         (_, "RestartRequired") | (_, "SettingNotApplied") => 3,
         (_, "NotAttempted") => 4,
+        // Another owner's object in the way: nothing the next check can fix by itself.
+        (_, "SecretNotOwned") | (_, "CronJobNotOwned") => 6,
         _ => 5,
     }
 }
@@ -388,14 +410,17 @@ fn pending_changes(outcome: &Outcome, mode: Mode) -> Vec<Change> {
     }
 }
 
-/// Areas in which the live database differed from a policy it had already converged to.
-/// Differences right after a spec change (or after a failed run) are not drift.
-pub fn drifted_areas(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Vec<Area> {
-    let converged = mode == Mode::Plan
-        || input.previous.is_some_and(|p| {
-            p.observed_generation == input.generation
-                && previous_condition(Some(p), READY).is_some_and(|c| c.status == "True")
-        });
+/// Areas in which the live database differed from a policy it had already converged to
+/// (the last check of this generation found it Ready, or had already found drift).
+/// Differences right after a spec change (or after a failed run) are not drift, in Plan
+/// mode too: there a spec edit is pending, not drift.
+pub fn drifted_areas(input: &Input<'_>, outcome: &Outcome, _mode: Mode) -> Vec<Area> {
+    let converged = input.previous.is_some_and(|p| {
+        p.observed_generation == input.generation
+            && (previous_condition(Some(p), READY).is_some_and(|c| c.status == "True")
+                || previous_condition(Some(p), DRIFTED)
+                    .is_some_and(|c| c.status == "True" && c.reason == "DriftDetected"))
+    });
     if !converged {
         return Vec::new();
     }
@@ -425,6 +450,15 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
                 "the database differed from the policy ({}); {what}",
                 counts_note(&counts)
             ),
+        );
+    }
+    if !outcome.plan.is_empty() && mode == Mode::Plan {
+        return condition(
+            input,
+            DRIFTED,
+            Status::False,
+            "ChangesPending",
+            "the policy asks for changes not yet made (spec.mode is Plan; see status.pendingPlan): pending, not drift",
         );
     }
     if !outcome.plan.is_empty() {
@@ -594,14 +628,6 @@ pub fn from_outcome_with(
     }
 }
 
-/// Replaces the condition of the same type, or appends it.
-fn set_condition(conditions: &mut Vec<Condition>, c: Condition) {
-    match conditions.iter_mut().find(|x| x.type_ == c.type_) {
-        Some(x) => *x = c,
-        None => conditions.push(c),
-    }
-}
-
 /// Applied changes per area, for the `Applied` event and the metrics.
 pub fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
     count_by_area(outcome.report.iter().flat_map(|r| r.applied.iter()))
@@ -752,7 +778,31 @@ mod tests {
         assert_eq!(cond(&s, READY).status, "False");
         assert_eq!(cond(&s, "FeatureFlagsReady").reason, "PlanPending");
         assert_eq!(cond(&s, "ServerSettingsReady").status, "True");
-        assert_eq!(cond(&s, DRIFTED).reason, "DriftDetected");
+        // A spec the database does not match yet is pending in Plan mode, not drift.
+        assert_eq!(
+            (
+                cond(&s, DRIFTED).status.as_str(),
+                cond(&s, DRIFTED).reason.as_str()
+            ),
+            ("False", "ChangesPending")
+        );
+        assert!(drifted_areas(&input(&spec, None, at(0)), &outcome, Mode::Plan).is_empty());
+        // The same pending changes at the next check are still not drift…
+        let again = from_outcome(&input(&spec, Some(&s), at(60)), &outcome);
+        assert_eq!(cond(&again, DRIFTED).reason, "ChangesPending");
+        // …but a database that matched this generation and then changed has drifted, and
+        // stays so reported until it matches again.
+        let clean = Outcome {
+            facts: Default::default(),
+            plan: plan(vec![]),
+            report: None,
+        };
+        let matched = from_outcome(&input(&spec, Some(&again), at(120)), &clean);
+        assert_eq!(cond(&matched, READY).status, "True");
+        let drifted = from_outcome(&input(&spec, Some(&matched), at(180)), &outcome);
+        assert_eq!(cond(&drifted, DRIFTED).reason, "DriftDetected");
+        let still = from_outcome(&input(&spec, Some(&drifted), at(240)), &outcome);
+        assert_eq!(cond(&still, DRIFTED).reason, "DriftDetected");
         assert_eq!(s.pending_changes, Some(2));
         let p = s.pending_plan.unwrap();
         assert_eq!((p.total, p.destructive), (2, 1));
@@ -895,12 +945,17 @@ mod tests {
         let s = suspended(&input(&spec, Some(&ok), at(60)));
         assert_eq!(cond(&s, READY).reason, "Suspended");
         assert_eq!(cond(&s, READY).status, "False");
-        assert_eq!(
-            cond(&s, "FeatureFlagsReady"),
-            cond(&ok, "FeatureFlagsReady")
-        );
+        // The areas are not being checked: Unknown/Suspended, not the stale True.
+        for ty in ["ServerSettingsReady", "FeatureFlagsReady", DRIFTED] {
+            let c = cond(&s, ty);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+                ("Unknown", "Suspended", "not checked: spec.suspend is true"),
+                "{ty}"
+            );
+        }
         let fresh = suspended(&input(&spec, None, at(0)));
-        assert_eq!(fresh.conditions.len(), 1);
+        assert_eq!(fresh.conditions.len(), 4);
     }
 
     #[test]

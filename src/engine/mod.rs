@@ -8,6 +8,7 @@ pub mod areas;
 pub mod clock;
 pub mod ledger;
 pub mod plan;
+pub mod release;
 pub mod replica_health;
 pub mod scratch;
 
@@ -47,7 +48,8 @@ pub struct Observed {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("invalid policy:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    /// One line: the first problem stands alone (`kubectl get -o wide`, Event notes).
+    #[error("invalid policy: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     InvalidSpec(Vec<ValidationError>),
     #[error("could not set up the session: {0}")]
     Session(String),

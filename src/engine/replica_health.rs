@@ -120,8 +120,18 @@ pub async fn probe_all(
         .collect()
 }
 
-/// Connects to one replica and asks it about itself, all within `timeout`.
+/// Connects to one replica and asks it about itself, all within `timeout`. A URL that does
+/// not parse is a configuration problem, like a missing Secret: the replica is not checked
+/// (Unknown), rather than reported Unreachable (so `Ready` treats both alike).
 pub async fn probe_one(url: &str, timeout: Duration) -> Probe {
+    if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
+        return Probe {
+            checked_at: None,
+            result: ProbeResult::NotChecked {
+                reason: "its connection URL is not a valid libpq URI".into(),
+            },
+        };
+    }
     let result = match tokio::time::timeout(timeout, query(url)).await {
         Ok(Ok(side)) => ProbeResult::Reached(side),
         Ok(Err(message)) => ProbeResult::Unreachable { message },
@@ -259,5 +269,14 @@ mod tests {
         };
         let probes = probe_all(Some(&spec), &ReplicaTargets::default()).await;
         assert!(matches!(probes["r"].result, ProbeResult::NotChecked { .. }));
+        // A URL that does not parse is not checked either (like a missing Secret), and the
+        // password in it shows nowhere.
+        let probe = probe_one("postgres://u:hunter2@:notaport/db", Duration::from_secs(1)).await;
+        match probe.result {
+            ProbeResult::NotChecked { reason } => {
+                assert_eq!(reason, "its connection URL is not a valid libpq URI")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -23,7 +23,7 @@ use crate::pg::quote_literal;
 
 const AREA: Area = Area::Replicas;
 /// Ledger item of a slot; the ledger target is the slot name.
-const OWNED_SLOT: &str = "physicalSlot";
+pub const OWNED_SLOT: &str = "physicalSlot";
 
 // ---------------------------------------------------------------- observed
 

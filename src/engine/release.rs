@@ -1,0 +1,157 @@
+//! Releasing a policy that is gone (the operator's finalizer, `dbpolicy release`): its
+//! claims in the ledger (`dbpolicy.managed`) are deleted so that a successor policy can
+//! adopt what it set without a hand edit; with `deletionPolicy: Reset` what it set is
+//! reset first, by the engine itself (a run against an empty spec resets what the ledger
+//! says the policy owns). Replication slots it created and that still exist are named, so
+//! that the caller tells the user: a slot retains WAL until it is dropped.
+
+use sqlx::{Connection, PgConnection};
+
+use super::{run, EngineError, Outcome, PolicyId, ADVISORY_LOCK_KEY};
+use crate::api::{DatabasePolicySpec, Mode, Safety};
+use crate::duration::pg_millis;
+use crate::engine::areas::replicas::OWNED_SLOT;
+use crate::engine::Area;
+
+/// What a release did.
+#[derive(Debug, Clone, Default)]
+pub struct Released {
+    /// The ledger rows deleted: (area, target, item).
+    pub claims: Vec<(String, String, String)>,
+    /// Replication slots the policy had created that still exist (Retain, or a Reset
+    /// that could not drop them): they retain WAL until dropped.
+    pub remaining_slots: Vec<String>,
+    /// The reset run (`Reset` only).
+    pub reset: Option<Outcome>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// The reset run could not start (lock, session, invalid timeouts).
+    #[error("resetting what the policy set: {0}")]
+    Reset(#[from] EngineError),
+    #[error("releasing the policy's claims in dbpolicy.managed: {0}")]
+    Ledger(String),
+}
+
+impl ReleaseError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReleaseError::Reset(e) => e.reason(),
+            ReleaseError::Ledger(_) => "ReleaseFailed",
+        }
+    }
+}
+
+/// The spec a Reset runs: no area, so the engine plans the reset of everything the ledger
+/// says the policy owns; destructive changes (dropping its slots) allowed, since deleting a
+/// policy with `deletionPolicy: Reset` asks for exactly that.
+pub fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
+    DatabasePolicySpec {
+        database: spec.database.clone(),
+        safety: Some(Safety {
+            lock_timeout: Some(spec.lock_timeout().to_string()),
+            statement_timeout: Some(spec.statement_timeout().to_string()),
+            allow_destructive: Some(true),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Resets (when `reset`) and releases what `policy` owns in the database of `conn`.
+pub async fn release(
+    conn: &mut PgConnection,
+    spec: &DatabasePolicySpec,
+    policy: &PolicyId,
+    reset: bool,
+) -> Result<Released, ReleaseError> {
+    let mut released = Released::default();
+    if reset {
+        released.reset = Some(run(conn, &reset_spec(spec), Mode::Apply, policy).await?);
+    }
+    let timeout = pg_millis(spec.statement_timeout()).map_err(ReleaseError::Ledger)?;
+    let ledger = |e: sqlx::Error| ReleaseError::Ledger(crate::pg::error_summary(&e));
+    // One transaction under the advisory lock every run takes: a run of the same policy
+    // in flight finishes (and records) before its claims go.
+    let mut tx = conn.begin().await.map_err(ledger)?;
+    sqlx::Executor::execute(
+        &mut *tx,
+        format!("SET LOCAL statement_timeout = {timeout}; SET LOCAL lock_timeout = {timeout}")
+            .as_str(),
+    )
+    .await
+    .map_err(ledger)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ADVISORY_LOCK_KEY)
+        .execute(&mut *tx)
+        .await
+        .map_err(ledger)?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('dbpolicy.managed') IS NOT NULL")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(ledger)?;
+    if exists {
+        released.claims = sqlx::query_as(
+            "DELETE FROM dbpolicy.managed WHERE policy = $1 RETURNING area, target, item",
+        )
+        .bind(&policy.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(ledger)?;
+        released.claims.sort();
+    }
+    let slots: Vec<String> = released
+        .claims
+        .iter()
+        .filter(|(area, _, item)| area == Area::Replicas.as_str() && item == OWNED_SLOT)
+        .map(|(_, target, _)| target.clone())
+        .collect();
+    if !slots.is_empty() {
+        released.remaining_slots = sqlx::query_scalar(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = ANY($1) ORDER BY 1",
+        )
+        .bind(&slots)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(ledger)?;
+    }
+    tx.commit().await.map_err(ledger)?;
+    Ok(released)
+}
+
+/// The statement that drops a slot, for messages.
+pub fn drop_slot_sql(slot: &str) -> String {
+    format!(
+        "SELECT pg_drop_replication_slot({})",
+        crate::pg::quote_literal(slot)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_spec_has_no_area_and_allows_destructive_changes() {
+        let spec: DatabasePolicySpec = serde_yaml::from_str(
+            "database: {connectionSecretRef: {name: db}}\nsafety: {lockTimeout: 2s}\nautovacuum: {tables: []}\nfeatureFlags: {flags: []}\n",
+        )
+        .unwrap();
+        let r = reset_spec(&spec);
+        assert_eq!(
+            crate::controller::status::spec_areas(&r),
+            Vec::<Area>::new()
+        );
+        assert!(r.allow_destructive());
+        assert_eq!(r.lock_timeout(), "2s");
+        assert_eq!(r.database, spec.database);
+    }
+
+    #[test]
+    fn slot_names_are_quoted_in_messages() {
+        assert_eq!(
+            drop_slot_sql("a'b"),
+            "SELECT pg_drop_replication_slot('a''b')"
+        );
+    }
+}
