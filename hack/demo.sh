@@ -143,6 +143,14 @@ sql -c "SELECT count(*) AS tables FROM pg_tables WHERE schemaname = 'public'" \
 # ------------------------------------------------------------------ dbpolicy
 
 section "Building dbpolicy (cargo build)"
+# The pg_query crate (PostgreSQL's own parser) needs libclang to build its bindings.
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libclang; then
+    if [ -n "${DBPOLICY_DEMO_NO_INSTALL:-}" ]; then
+        die "libclang not found (the pg_query crate needs it to build): run hack/install-deps.sh as root, or apt-get install libclang-dev"
+    fi
+    info "libclang not found (the pg_query crate needs it): installing it with hack/install-deps.sh"
+    bash "$ROOT/hack/install-deps.sh"
+fi
 cargo build --bin dbpolicy
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 DBPOLICY="$TARGET_DIR/debug/dbpolicy"
