@@ -515,7 +515,12 @@ async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
     Ok(())
 }
 
-async fn pitr_prune(store: &Store, dir: &str, r: Retention, dry_run: bool) -> Result<(), BackupError> {
+async fn pitr_prune(
+    store: &Store,
+    dir: &str,
+    r: Retention,
+    dry_run: bool,
+) -> Result<(), BackupError> {
     let retention = pitr::window::PitrRetention {
         days: r.days,
         count: r.count,
@@ -526,7 +531,11 @@ async fn pitr_prune(store: &Store, dir: &str, r: Retention, dry_run: bool) -> Re
         done.bases.len(),
         done.segments,
         done.leftovers,
-        if dry_run { "would be deleted" } else { "deleted" }
+        if dry_run {
+            "would be deleted"
+        } else {
+            "deleted"
+        }
     );
     Ok(())
 }

@@ -76,8 +76,8 @@ impl BaseRecord {
 
 /// `WAL-Ranges` of a backup manifest: timeline, start and end LSN.
 pub fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(manifest).map_err(|e| format!("backup_manifest is not JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(manifest)
+        .map_err(|e| format!("backup_manifest is not JSON: {e}"))?;
     let ranges = v
         .get("WAL-Ranges")
         .and_then(|r| r.as_array())
@@ -89,7 +89,11 @@ pub fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
         ));
     };
     let lsn = |k: &str| -> Result<Lsn, String> {
-        range.get(k).and_then(|s| s.as_str()).ok_or(format!("WAL-Ranges has no {k}"))?.parse()
+        range
+            .get(k)
+            .and_then(|s| s.as_str())
+            .ok_or(format!("WAL-Ranges has no {k}"))?
+            .parse()
     };
     let tli = range
         .get("Timeline")
@@ -99,22 +103,31 @@ pub fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
     Ok((tli, lsn("Start-LSN")?, lsn("End-LSN")?))
 }
 
-/// Unpacks a (gzip) tar into `dir`, refusing entries that leave it.
+/// Unpacks a (gzip) tar into `dir`, refusing entries that leave it. pg_basebackup writes
+/// its WAL tar as several gzip members: all are read.
 pub fn untar_gz(file: &Path, dir: &Path) -> Result<(), PitrError> {
     let f = std::fs::File::open(file)
         .map_err(|e| PitrError::Io(format!("opening {}: {e}", file.display())))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
+    let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(
+        std::io::BufReader::new(f),
+    ));
     archive.set_preserve_permissions(true);
-    std::fs::create_dir_all(dir).map_err(|e| PitrError::Io(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| PitrError::Io(format!("creating {}: {e}", dir.display())))?;
     let entries = archive
         .entries()
         .map_err(|e| PitrError::Io(format!("reading {}: {e}", file.display())))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| PitrError::Io(format!("reading {}: {e}", file.display())))?;
+        let mut entry =
+            entry.map_err(|e| PitrError::Io(format!("reading {}: {e}", file.display())))?;
         // `unpack_in` skips entries with `..` or an absolute path.
-        entry
-            .unpack_in(dir)
-            .map_err(|e| PitrError::Io(format!("unpacking {} into {}: {e}", file.display(), dir.display())))?;
+        entry.unpack_in(dir).map_err(|e| {
+            PitrError::Io(format!(
+                "unpacking {} into {}: {e}",
+                file.display(),
+                dir.display()
+            ))
+        })?;
     }
     Ok(())
 }
@@ -174,7 +187,12 @@ pub struct BaseOptions {
 }
 
 /// `dbpolicy backup base`.
-pub async fn run(store: &Store, dir: &str, url: &str, opts: &BaseOptions) -> Result<BaseRecord, PitrError> {
+pub async fn run(
+    store: &Store,
+    dir: &str,
+    url: &str,
+    opts: &BaseOptions,
+) -> Result<BaseRecord, PitrError> {
     let env = LibpqEnv::from_url(url).map_err(PitrError::Usage)?;
     let basebackup = tools::find("pg_basebackup", opts.pg_basebackup.as_deref(), None)
         .await
@@ -183,7 +201,9 @@ pub async fn run(store: &Store, dir: &str, url: &str, opts: &BaseOptions) -> Res
         .await
         .map_err(PitrError::Tool)?;
     let work = match &opts.work_dir {
-        Some(d) => tempfile::Builder::new().prefix("dbpolicy-base-").tempdir_in(d),
+        Some(d) => tempfile::Builder::new()
+            .prefix("dbpolicy-base-")
+            .tempdir_in(d),
         None => tempfile::Builder::new().prefix("dbpolicy-base-").tempdir(),
     }
     .map_err(|e| PitrError::Io(format!("creating a work directory: {e}")))?;
@@ -194,7 +214,12 @@ pub async fn run(store: &Store, dir: &str, url: &str, opts: &BaseOptions) -> Res
     env.apply(&mut cmd);
     cmd.arg("-D")
         .arg(&out_dir)
-        .args(["--format=tar", "--gzip", "--wal-method=stream", "--checkpoint=fast"])
+        .args([
+            "--format=tar",
+            "--gzip",
+            "--wal-method=stream",
+            "--checkpoint=fast",
+        ])
         .args(["--manifest-checksums=SHA256", "--no-password"])
         .arg(format!("--label=dbpolicy {id}"))
         .stdin(Stdio::null())
@@ -227,8 +252,11 @@ pub async fn run(store: &Store, dir: &str, url: &str, opts: &BaseOptions) -> Res
     let check = work.path().join("check");
     untar_gz(&out_dir.join("base.tar.gz"), &check)?;
     untar_gz(&out_dir.join("pg_wal.tar.gz"), &check.join("pg_wal"))?;
-    std::fs::copy(out_dir.join("backup_manifest"), check.join("backup_manifest"))
-        .map_err(|e| PitrError::Io(format!("copying backup_manifest: {e}")))?;
+    std::fs::copy(
+        out_dir.join("backup_manifest"),
+        check.join("backup_manifest"),
+    )
+    .map_err(|e| PitrError::Io(format!("copying backup_manifest: {e}")))?;
     let out = tokio::process::Command::new(&verifybackup.path)
         .arg(&check)
         .stdin(Stdio::null())
@@ -297,9 +325,15 @@ fn segment_size_in(pg_wal: &Path) -> Result<u64, PitrError> {
 }
 
 /// Downloads one part of a base backup to `to`, checking its SHA-256.
-pub async fn download(store: &Store, dir: &str, file: &BaseFile, to: &Path) -> Result<(), PitrError> {
+pub async fn download(
+    store: &Store,
+    dir: &str,
+    file: &BaseFile,
+    to: &Path,
+) -> Result<(), PitrError> {
     use std::io::Write;
-    let mut f = std::fs::File::create(to).map_err(|e| PitrError::Io(format!("creating {}: {e}", to.display())))?;
+    let mut f = std::fs::File::create(to)
+        .map_err(|e| PitrError::Io(format!("creating {}: {e}", to.display())))?;
     let mut h = Sha256::new();
     store
         .get_stream(dir, &file.object, |chunk| {
@@ -327,8 +361,13 @@ mod tests {
             "WAL-Ranges": [{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }]}"#;
         assert_eq!(wal_range(m).unwrap(), (1, Lsn(0x200_0028), Lsn(0x200_0100)));
         assert!(wal_range(b"{}").is_err());
-        assert!(wal_range(br#"{"WAL-Ranges": []}"#).unwrap_err().contains("0 WAL ranges"));
-        assert!(wal_range(br#"{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "x", "End-LSN": "0/1"}]}"#).is_err());
+        assert!(wal_range(br#"{"WAL-Ranges": []}"#)
+            .unwrap_err()
+            .contains("0 WAL ranges"));
+        assert!(wal_range(
+            br#"{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "x", "End-LSN": "0/1"}]}"#
+        )
+        .is_err());
     }
 
     #[test]
@@ -337,7 +376,10 @@ mod tests {
         let tgz = dir.path().join("evil.tar.gz");
         {
             let f = std::fs::File::create(&tgz).unwrap();
-            let mut b = tar::Builder::new(flate2::write::GzEncoder::new(f, flate2::Compression::fast()));
+            let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+                f,
+                flate2::Compression::fast(),
+            ));
             let mut h = tar::Header::new_gnu();
             h.set_size(1);
             h.set_mode(0o600);

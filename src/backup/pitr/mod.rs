@@ -91,7 +91,8 @@ pub struct ClusterArgs {
 fn parse_cluster(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     ok.then(|| s.to_string())
         .ok_or_else(|| format!("{s:?}: use 1-63 letters, digits, '-' and '_'"))
 }
@@ -128,18 +129,24 @@ pub async fn scan(store: &Store, dir: &str) -> Result<Catalog, PitrError> {
             let bytes = store.get(dir, &e.file).await?;
             match serde_json::from_slice::<BaseRecord>(&bytes) {
                 Ok(r) if BaseRecord::record_file(&r.id) == e.file => cat.bases.push(r),
-                Ok(_) => cat.unreadable.push((e.file.clone(), "names another base backup".into())),
+                Ok(_) => cat
+                    .unreadable
+                    .push((e.file.clone(), "names another base backup".into())),
                 Err(err) => cat.unreadable.push((e.file.clone(), err.to_string())),
             }
         }
     }
     cat.bases.sort_by(|a, b| a.id.cmp(&b.id));
-    let size = cat.bases.last().map_or(DEFAULT_SEGMENT_SIZE, |b| b.wal_segment_size);
+    let size = cat
+        .bases
+        .last()
+        .map_or(DEFAULT_SEGMENT_SIZE, |b| b.wal_segment_size);
     for e in &entries {
         if let Some(id_part) = e.file.strip_prefix(BASE_PREFIX) {
-            let named = cat.bases.iter().any(|b| {
-                id_part.starts_with(&format!("{}.", b.id))
-            });
+            let named = cat
+                .bases
+                .iter()
+                .any(|b| id_part.starts_with(&format!("{}.", b.id)));
             if !named {
                 cat.leftovers.push(e.clone());
             }
@@ -167,9 +174,14 @@ pub async fn scan(store: &Store, dir: &str) -> Result<Catalog, PitrError> {
 pub fn restore_command(store: &StoreArgs, cluster: &ClusterArgs) -> Result<String, PitrError> {
     let exe = std::env::current_exe()
         .map_err(|e| PitrError::Io(format!("finding the dbpolicy binary: {e}")))?;
-    let mut words = vec![exe.display().to_string(), "backup".into(), "wal-fetch".into()];
+    let mut words = vec![
+        exe.display().to_string(),
+        "backup".into(),
+        "wal-fetch".into(),
+    ];
     if let Some(d) = &store.dir {
-        let abs = std::path::absolute(d).map_err(|e| PitrError::Io(format!("{}: {e}", d.display())))?;
+        let abs =
+            std::path::absolute(d).map_err(|e| PitrError::Io(format!("{}: {e}", d.display())))?;
         words.extend(["--dir".into(), abs.display().to_string()]);
     }
     let mut flag = |name: &str, v: &Option<String>| {
@@ -219,7 +231,9 @@ pub fn render_text(l: &PitrListing) -> String {
         l.segments,
         l.latest_segment.as_deref().unwrap_or("-")
     );
-    s.push_str("BASE BACKUP           RECOVERABLE FROM           TO                         SEGMENTS\n");
+    s.push_str(
+        "BASE BACKUP           RECOVERABLE FROM           TO                         SEGMENTS\n",
+    );
     for r in &l.window.bases {
         s.push_str(&format!(
             "{:<21} {:<26} {:<26} {}\n",
@@ -229,11 +243,16 @@ pub fn render_text(l: &PitrListing) -> String {
             r.segments
         ));
         if let Some(g) = &r.gap_at {
-            s.push_str(&format!("# {}: WAL segment {g} is missing: recovery from it stops there\n", r.base));
+            s.push_str(&format!(
+                "# {}: WAL segment {g} is missing: recovery from it stops there\n",
+                r.base
+            ));
         }
     }
     for f in &l.leftovers {
-        s.push_str(&format!("# leftover {f}: an upload a kill interrupted (prune --pitr removes it)\n"));
+        s.push_str(&format!(
+            "# leftover {f}: an upload a kill interrupted (prune --pitr removes it)\n"
+        ));
     }
     s
 }
@@ -264,7 +283,11 @@ pub async fn prune(
     let verb = if dry_run { "would delete" } else { "deleted" };
     let mut done = Pruned::default();
     for id in &plan.delete_bases {
-        let record = cat.bases.iter().find(|b| &b.id == id).expect("planned from these");
+        let record = cat
+            .bases
+            .iter()
+            .find(|b| &b.id == id)
+            .expect("planned from these");
         if !dry_run {
             store.delete(dir, &BaseRecord::record_file(id)).await?;
             for f in &record.files {
@@ -289,7 +312,9 @@ pub async fn prune(
         ));
     }
     for e in &cat.leftovers {
-        if now.signed_duration_since(e.last_modified) >= chrono::Duration::hours(LEFTOVER_GRACE_HOURS) {
+        if now.signed_duration_since(e.last_modified)
+            >= chrono::Duration::hours(LEFTOVER_GRACE_HOURS)
+        {
             if !dry_run {
                 store.delete(dir, &e.file).await?;
             }

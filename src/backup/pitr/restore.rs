@@ -49,7 +49,12 @@ pub fn conf_literal(s: &str) -> String {
 }
 
 /// The recovery settings, as `postgresql.auto.conf` lines (pure).
-pub fn recovery_settings(restore_command: &str, target: &Target, action: Action, base: &str) -> String {
+pub fn recovery_settings(
+    restore_command: &str,
+    target: &Target,
+    action: Action,
+    base: &str,
+) -> String {
     let mut s = format!(
         "\n# Added by `dbpolicy restore` from base backup {base}; remove these lines and\n\
          # recovery.signal's effect is gone once the server is promoted.\n"
@@ -57,7 +62,10 @@ pub fn recovery_settings(restore_command: &str, target: &Target, action: Action,
     let mut set = |k: &str, v: &str| s.push_str(&format!("{k} = {}\n", conf_literal(v)));
     set("restore_command", restore_command);
     match target {
-        Target::Time(t) => set("recovery_target_time", &t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
+        Target::Time(t) => set(
+            "recovery_target_time",
+            &t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string(),
+        ),
         Target::Lsn(l) => set("recovery_target_lsn", &l.to_string()),
         Target::Latest => {}
     }
@@ -132,8 +140,14 @@ pub async fn restore(
     // A server whose configuration lives outside the data directory (Debian's
     // /etc/postgresql) leaves none in the backup; PostgreSQL needs these files.
     for (name, default) in [
-        ("postgresql.conf", "# written by dbpolicy restore: the backup held none\n"),
-        ("pg_hba.conf", "# written by dbpolicy restore: the backup held none\nlocal all all peer\n"),
+        (
+            "postgresql.conf",
+            "# written by dbpolicy restore: the backup held none\n",
+        ),
+        (
+            "pg_hba.conf",
+            "# written by dbpolicy restore: the backup held none\nlocal all all peer\n",
+        ),
         ("pg_ident.conf", ""),
     ] {
         let p = to.join(name);
@@ -143,9 +157,15 @@ pub async fn restore(
     }
     let auto = to.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-    text.push_str(&recovery_settings(restore_command, target, action, &record.id));
+    text.push_str(&recovery_settings(
+        restore_command,
+        target,
+        action,
+        &record.id,
+    ));
     std::fs::write(&auto, text).map_err(io(format!("writing {}", auto.display())))?;
-    std::fs::write(to.join("recovery.signal"), b"").map_err(io("writing recovery.signal".into()))?;
+    std::fs::write(to.join("recovery.signal"), b"")
+        .map_err(io("writing recovery.signal".into()))?;
     Ok(Restored {
         base: record,
         dir: to.to_path_buf(),
@@ -215,20 +235,34 @@ pub async fn verify(
         .map_err(PitrError::Tool)?;
     let controldata = pg_ctl.path.with_file_name("pg_controldata");
     // /tmp: as root, $TMPDIR may be somewhere the postgres account cannot enter.
-    let parent = if is_root() { PathBuf::from("/tmp") } else { std::env::temp_dir() };
+    let parent = if is_root() {
+        PathBuf::from("/tmp")
+    } else {
+        std::env::temp_dir()
+    };
     let scratch_dir = tempfile::Builder::new()
         .prefix("dbpolicy-pitr-verify-")
         .tempdir_in(&parent)
         .map_err(io("creating a scratch directory".into()))?;
     let scratch = scratch_dir.path().to_path_buf();
     let data = scratch.join("data");
-    let restored = restore(store, dir, catalog, target, &data, restore_command, Action::Promote).await?;
+    let restored = restore(
+        store,
+        dir,
+        catalog,
+        target,
+        &data,
+        restore_command,
+        Action::Promote,
+    )
+    .await?;
     let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();
     conf.push_str(&format!(
         "# dbpolicy backup verify --pitr: a private, throwaway server\nport = 5432\nlisten_addresses = ''\nunix_socket_directories = {}\nhot_standby = off\nlogging_collector = off\n",
         conf_literal(&scratch.display().to_string())
     ));
-    std::fs::write(data.join("postgresql.auto.conf"), conf).map_err(io("writing postgresql.auto.conf".into()))?;
+    std::fs::write(data.join("postgresql.auto.conf"), conf)
+        .map_err(io("writing postgresql.auto.conf".into()))?;
     if is_root() {
         let out = tokio::process::Command::new("chown")
             .args(["-R", &format!("{SERVER_OS_USER}:")])
@@ -257,8 +291,6 @@ pub async fn verify(
         .output()
         .await
         .map_err(io(format!("running {}", pg_ctl.path.display())))?;
-    let log_text = std::fs::read(&log).unwrap_or_default();
-    let log_tail = tools::tail(&log_text, 3000);
     let stop = || async {
         let _ = as_server_user(&pg_ctl.path)
             .arg("-D")
@@ -271,33 +303,58 @@ pub async fn verify(
     };
     if !out.status.success() {
         stop().await;
+        let log_tail = tools::tail(&std::fs::read(&log).unwrap_or_default(), 3000);
         let kept = keep(scratch_dir, opts.keep);
         return Err(PitrError::VerifyFailed {
             base: restored.base.id,
             reason: format!(
                 "the restored server did not recover to {target} ({}). Server log:\n{log_tail}{}",
                 out.status,
-                kept.map(|p| format!("\n(kept in {})", p.display())).unwrap_or_default()
+                kept.map(|p| format!("\n(kept in {})", p.display()))
+                    .unwrap_or_default()
             ),
         });
     }
-    let state = tokio::process::Command::new(&controldata)
-        .arg(&data)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(io(format!("running {}", controldata.display())))?;
-    let state_text = String::from_utf8_lossy(&state.stdout).into_owned();
-    let in_production = state_text
-        .lines()
-        .any(|l| l.starts_with("Database cluster state:") && l.trim_end().ends_with("in production"));
+    // pg_ctl -w may return while recovery is still running (hot_standby off): wait for
+    // the control file to say "in production", or for the server to stop on a FATAL
+    // error (target not reached, WAL missing or corrupt).
+    let deadline = started + opts.timeout;
+    let (in_production, state_text) = loop {
+        let state = tokio::process::Command::new(&controldata)
+            .arg(&data)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(io(format!("running {}", controldata.display())))?;
+        let text = String::from_utf8_lossy(&state.stdout).into_owned();
+        let production = text.lines().any(|l| {
+            l.starts_with("Database cluster state:") && l.trim_end().ends_with("in production")
+        });
+        let running = as_server_user(&pg_ctl.path)
+            .arg("-D")
+            .arg(&data)
+            .arg("status")
+            .current_dir(&scratch)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if production || !running || std::time::Instant::now() >= deadline {
+            break (production, text);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let log_text = std::fs::read(&log).unwrap_or_default();
+    let log_tail = tools::tail(&log_text, 3000);
     stop().await;
     if !in_production {
         let kept = keep(scratch_dir, opts.keep);
         return Err(PitrError::VerifyFailed {
             base: restored.base.id,
             reason: format!(
-                "the restored server started but was not promoted (pg_controldata: {}). Server log:\n{log_tail}{}",
+                "the restored server did not recover to {target} and get promoted within {:?} (pg_controldata: {}). Server log:\n{log_tail}{}",
+                opts.timeout,
                 state_text.lines().find(|l| l.starts_with("Database cluster state:")).unwrap_or("?"),
                 kept.map(|p| format!("\n(kept in {})", p.display())).unwrap_or_default()
             ),
@@ -306,9 +363,17 @@ pub async fn verify(
     let log_text = String::from_utf8_lossy(&log_text);
     let stopped = log_text
         .lines()
-        .filter(|l| l.contains("recovery stopping") || l.contains("last completed transaction was at log time"))
+        .filter(|l| {
+            l.contains("recovery stopping")
+                || l.contains("last completed transaction was at log time")
+        })
         .last()
-        .map(|l| l.split_once("LOG:").map_or(l, |(_, m)| m).trim().to_string());
+        .map(|l| {
+            l.split_once("LOG:")
+                .map_or(l, |(_, m)| m)
+                .trim()
+                .to_string()
+        });
     let scratch_kept = keep(scratch_dir, opts.keep);
     Ok(Verified {
         base: restored.base.id,
@@ -346,7 +411,10 @@ mod tests {
     fn recovery_settings_name_the_target() {
         let t = Utc.with_ymd_and_hms(2026, 11, 25, 3, 12, 0).unwrap();
         let s = recovery_settings("x %f %p", &Target::Time(t), Action::Promote, "B");
-        assert!(s.contains("recovery_target_time = '2026-11-25 03:12:00.000000+00'"), "{s}");
+        assert!(
+            s.contains("recovery_target_time = '2026-11-25 03:12:00.000000+00'"),
+            "{s}"
+        );
         assert!(s.contains("recovery_target_action = 'promote'"));
         assert!(s.contains("archive_mode = 'off'"));
         let s = recovery_settings("x", &Target::Latest, Action::Pause, "B");

@@ -46,7 +46,8 @@ impl std::str::FromStr for Lsn {
     fn from_str(s: &str) -> Result<Lsn, String> {
         let bad = || format!("{s:?} is not an LSN (like 0/3000148)");
         let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
-        let ok = |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
+        let ok =
+            |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
         if !ok(hi) || !ok(lo) {
             return Err(bad());
         }
@@ -102,20 +103,31 @@ impl SegmentName {
 impl std::fmt::Display for SegmentName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let per = self.segments_per_id.max(1);
-        write!(f, "{:08X}{:08X}{:08X}", self.timeline, self.segno / per, self.segno % per)
+        write!(
+            f,
+            "{:08X}{:08X}{:08X}",
+            self.timeline,
+            self.segno / per,
+            self.segno % per
+        )
     }
 }
 
 /// `000000010000000000000003`: a WAL segment.
 pub fn is_segment_file(name: &str) -> bool {
-    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    name.len() == 24
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
 }
 
 /// `00000002.history`: a timeline history file.
 pub fn is_history_file(name: &str) -> bool {
     name.len() == 16
         && name.ends_with(".history")
-        && name[..8].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+        && name[..8]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
 }
 
 /// What `restore_command` may ask for and the receiver may ship: nothing else ever
@@ -195,7 +207,12 @@ pub fn unpack(file: &str, stored: &[u8], record: &WalRecord) -> Result<Vec<u8>, 
 /// Stores one completed WAL file: data, then record. Storing the same file again (a
 /// receiver restarted before it removed its spool copy) is no error; a different file
 /// under the same name is (two servers writing into one store).
-pub async fn ship(store: &Store, dir: &str, file: &str, raw: &[u8]) -> Result<WalRecord, PitrError> {
+pub async fn ship(
+    store: &Store,
+    dir: &str,
+    file: &str,
+    raw: &[u8],
+) -> Result<WalRecord, PitrError> {
     let (stored, record) = pack(file, raw, Utc::now());
     if let Some(existing) = read_record(store, dir, file).await? {
         if existing.sha256 == record.sha256 {
@@ -210,18 +227,28 @@ pub async fn ship(store: &Store, dir: &str, file: &str, raw: &[u8]) -> Result<Wa
             ),
         });
     }
-    store.put(dir, &format!("{file}{DATA_SUFFIX}"), stored).await?;
+    store
+        .put(dir, &format!("{file}{DATA_SUFFIX}"), stored)
+        .await?;
     let json = serde_json::to_vec_pretty(&record).expect("a record always serialises");
-    store.put(dir, &format!("{file}{RECORD_SUFFIX}"), json).await?;
+    store
+        .put(dir, &format!("{file}{RECORD_SUFFIX}"), json)
+        .await?;
     Ok(record)
 }
 
-pub async fn read_record(store: &Store, dir: &str, file: &str) -> Result<Option<WalRecord>, PitrError> {
+pub async fn read_record(
+    store: &Store,
+    dir: &str,
+    file: &str,
+) -> Result<Option<WalRecord>, PitrError> {
     match store.get(dir, &format!("{file}{RECORD_SUFFIX}")).await {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| PitrError::CorruptWal {
-            file: file.to_string(),
-            reason: format!("its checksum record is unreadable ({e})"),
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| PitrError::CorruptWal {
+                file: file.to_string(),
+                reason: format!("its checksum record is unreadable ({e})"),
+            }),
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -239,16 +266,19 @@ pub async fn fetch(store: &Store, dir: &str, file: &str, to: &Path) -> Result<bo
     let Some(record) = read_record(store, dir, file).await? else {
         return Ok(false);
     };
-    let stored = store.get(dir, &format!("{file}{DATA_SUFFIX}")).await.map_err(|e| {
-        if e.is_not_found() {
-            PitrError::CorruptWal {
-                file: file.to_string(),
-                reason: "its checksum record is stored but its data is missing".into(),
+    let stored = store
+        .get(dir, &format!("{file}{DATA_SUFFIX}"))
+        .await
+        .map_err(|e| {
+            if e.is_not_found() {
+                PitrError::CorruptWal {
+                    file: file.to_string(),
+                    reason: "its checksum record is stored but its data is missing".into(),
+                }
+            } else {
+                e.into()
             }
-        } else {
-            e.into()
-        }
-    })?;
+        })?;
     let raw = unpack(file, &stored, &record)?;
     let tmp = to.with_extension("dbpolicy-fetch");
     let write = || -> std::io::Result<()> {
@@ -323,10 +353,17 @@ pub async fn ship_spool(store: &Store, dir: &str, spool: &Path) -> Result<usize,
     Ok(n)
 }
 
-fn receivewal_command(tool: &Path, env: &LibpqEnv, spool: &Path, slot: &str) -> tokio::process::Command {
+fn receivewal_command(
+    tool: &Path,
+    env: &LibpqEnv,
+    spool: &Path,
+    slot: &str,
+) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(tool);
     env.apply(&mut cmd);
-    cmd.arg("-D").arg(spool).args(["--slot", slot, "--no-password"]);
+    cmd.arg("-D")
+        .arg(spool)
+        .args(["--slot", slot, "--no-password"]);
     cmd.stdin(Stdio::null());
     cmd
 }
@@ -428,7 +465,13 @@ mod tests {
         assert!(SegmentName::parse("000000010000000000000100", MB16).is_none());
         assert!(SegmentName::parse("00000001000000000000000g", MB16).is_none());
         assert!(is_wal_file("00000002.history"));
-        for bad in ["../../etc/passwd", "000000010000000000000003.partial", "00000002.HISTORY", "0000000a.history", ""] {
+        for bad in [
+            "../../etc/passwd",
+            "000000010000000000000003.partial",
+            "00000002.HISTORY",
+            "0000000a.history",
+            "",
+        ] {
             assert!(!is_wal_file(bad), "{bad}");
         }
     }
@@ -450,12 +493,22 @@ mod tests {
     #[test]
     fn spool_lists_completed_files_only() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["000000010000000000000004", "000000010000000000000005.partial", "00000002.history", "000000010000000000000003", "junk"] {
+        for f in [
+            "000000010000000000000004",
+            "000000010000000000000005.partial",
+            "00000002.history",
+            "000000010000000000000003",
+            "junk",
+        ] {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
         assert_eq!(
             completed_files(dir.path()).unwrap(),
-            ["00000002.history", "000000010000000000000003", "000000010000000000000004"]
+            [
+                "00000002.history",
+                "000000010000000000000003",
+                "000000010000000000000004"
+            ]
         );
         assert!(check_slot_name("dbpolicy_pitr").is_ok());
         assert!(check_slot_name("x; drop").is_err());

@@ -85,7 +85,9 @@ fn reach_in(base: &BaseInfo, idx: &Index) -> Reach {
         next += 1;
     }
     let segments = (next - first) as usize;
-    let later = idx.range((base.timeline, next)..(base.timeline, u64::MAX)).next();
+    let later = idx
+        .range((base.timeline, next)..(base.timeline, u64::MAX))
+        .next();
     let gap_at = later.map(|_| SegmentName::new(base.timeline, next, size).to_string());
     Reach {
         base: base.id.clone(),
@@ -266,7 +268,10 @@ mod tests {
         assert_eq!(w.bases[0].segments, 3);
         assert_eq!(w.bases[0].to_lsn, Lsn(5 * MB));
         // Segment 5 is missing: b1's run stops there.
-        assert_eq!(w.bases[0].gap_at.as_deref(), Some("000000010000000000000005"));
+        assert_eq!(
+            w.bases[0].gap_at.as_deref(),
+            Some("000000010000000000000005")
+        );
         assert_eq!(w.bases[1].gap_at, None);
     }
 
