@@ -363,11 +363,11 @@ pub async fn verify(
     let log_text = String::from_utf8_lossy(&log_text);
     let stopped = log_text
         .lines()
-        .filter(|l| {
+        .rev()
+        .find(|l| {
             l.contains("recovery stopping")
                 || l.contains("last completed transaction was at log time")
         })
-        .last()
         .map(|l| {
             l.split_once("LOG:")
                 .map_or(l, |(_, m)| m)
