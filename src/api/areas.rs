@@ -582,3 +582,23 @@ pub enum IndexMethod {
     Brin,
     Spgist,
 }
+
+#[cfg(test)]
+mod pitr_tests {
+    use super::*;
+
+    #[test]
+    fn point_in_time_recovery_reads_from_yaml() {
+        let b: BackupsSpec = serde_yaml::from_str(
+            "schedule: '0 3 * * *'\nstorage: {pvc: {claimName: backups}}\npointInTimeRecovery:\n  baseBackupSchedule: '0 2 * * 0'\n  retention: {count: 4}\n  slot: dbpolicy_pitr\n",
+        )
+        .unwrap();
+        let p = b.point_in_time_recovery.unwrap();
+        assert_eq!(p.base_backup_schedule, "0 2 * * 0");
+        assert_eq!(p.retention.unwrap().count, Some(4));
+        assert!(serde_yaml::from_str::<PointInTimeRecovery>(
+            "baseBackupSchedule: x\nsurprise: 1\n"
+        )
+        .is_err());
+    }
+}

@@ -412,3 +412,47 @@ pub fn report(what: &str, result: Result<(), PitrError>) -> u8 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn restore_takes_exactly_one_target() {
+        use crate::cli::{Cli, Command};
+        let parse = |args: &[&str]| {
+            let mut all = vec!["dbpolicy", "restore", "--dir", "/b", "--to", "/r"];
+            all.extend(args);
+            Cli::try_parse_from(all)
+        };
+        let Command::Restore(a) = parse(&["--target-time", "2026-11-25T03:12:00Z"])
+            .unwrap()
+            .command
+        else {
+            panic!("restore")
+        };
+        assert!(matches!(a.target.target(), Some(Target::Time(_))));
+        assert_eq!(a.cluster.dir(), "pitr.main");
+        assert!(parse(&["--target-time", "2026-11-25T03:12:00Z", "--latest"]).is_err());
+        assert!(parse(&["--target-lsn", "nonsense"]).is_err());
+        assert!(parse(&["--latest", "--cluster", "../x"]).is_err());
+    }
+
+    #[test]
+    fn restore_command_quotes_the_store_and_keeps_percent_signs_literal() {
+        let store = StoreArgs {
+            dir: Some(PathBuf::from("/backups/it's 100%")),
+            ..Default::default()
+        };
+        let cluster = ClusterArgs {
+            cluster: "main".into(),
+        };
+        let cmd = restore_command(&store, &cluster).unwrap();
+        assert!(
+            cmd.contains("'backup' 'wal-fetch' '--dir' '/backups/it'\\''s 100%%'"),
+            "{cmd}"
+        );
+        assert!(cmd.ends_with("'--cluster' 'main' %f %p"), "{cmd}");
+    }
+}
