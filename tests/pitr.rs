@@ -8,7 +8,7 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use sqlx::PgConnection;
@@ -150,13 +150,31 @@ async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
     let mut conn = pg.connect().await;
     let _receiver = Receiver::start(&url, store.path(), spool.path());
     exec(&mut conn, "CREATE TABLE t (id int PRIMARY KEY)").await;
+    // As the CronJob runs it: the outcome also lands in the termination log.
+    let termination = store.path().join("termination-log");
+    let out = dbpolicy_cmd()
+        .args(["backup", "base", "--dir"])
+        .arg(store.path())
+        .env("DATABASE_URL", &url)
+        .env("DBPOLICY_TERMINATION_LOG", &termination)
+        .output()
+        .unwrap();
     let base = ok(
-        run_dbpolicy(
-            ["backup", "base", "--dir", store.path().to_str().unwrap()],
-            Some(&url),
-        ),
+        RunOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
         "backup base",
     );
+    let message: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&termination).unwrap()).unwrap();
+    assert_eq!(message["result"], "Succeeded", "{message}");
+    assert!(
+        message["baseBackup"].is_string() && message["endLsn"].is_string(),
+        "{message}"
+    );
+    std::fs::remove_file(&termination).unwrap();
     assert!(
         base.stdout.contains("checked by pg_verifybackup"),
         "{}",
@@ -387,5 +405,4 @@ async fn a_killed_receiver_loses_no_wal_and_prune_keeps_the_window_recoverable()
         dbp(&["backup", "verify", "--pitr", "--latest"], store.path()),
         "verify --pitr --latest after prune",
     );
-    let _ = PathBuf::new();
 }

@@ -489,7 +489,47 @@ async fn cmd_wal_receive(a: WalReceiveArgs) -> Result<(), BackupError> {
     }
 }
 
+/// Runs `backup base` and leaves its outcome in the termination log, as `backup run`
+/// does, so the operator learns the last base backup without reading the store.
 async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
+    let mut stored = None;
+    let result = base_steps(a, &mut stored).await;
+    if let Some(path) = termination_log() {
+        let mut doc = serde_json::Map::new();
+        doc.insert(
+            "result".into(),
+            if result.is_ok() {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+            .into(),
+        );
+        if let Some(r) = &stored {
+            doc.insert("baseBackup".into(), r.id.clone().into());
+            doc.insert("finishedAt".into(), r.finished_at.to_rfc3339().into());
+            doc.insert("startLsn".into(), r.start_lsn.to_string().into());
+            doc.insert("endLsn".into(), r.end_lsn.to_string().into());
+            let size: u64 = r.files.iter().map(|f| f.size_bytes).sum();
+            doc.insert("sizeBytes".into(), size.into());
+        }
+        if let Err(e) = &result {
+            doc.insert("reason".into(), e.reason().into());
+            let message: String = e.to_string().chars().take(1500).collect();
+            doc.insert("message".into(), message.into());
+        }
+        let message = serde_json::Value::Object(doc).to_string();
+        if let Err(e) = std::fs::write(&path, message) {
+            eprintln!("backup: warning: writing {}: {e}", path.display());
+        }
+    }
+    result
+}
+
+async fn base_steps(
+    a: BaseArgs,
+    stored: &mut Option<pitr::base::BaseRecord>,
+) -> Result<(), BackupError> {
     let url = need_url(a.database_url)?;
     let retention = a.retention.retention();
     let store = open(&a.store, true)?;
@@ -498,7 +538,7 @@ async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
         work_dir: a.work_dir,
         ..Default::default()
     };
-    let r = pitr::base::run(&store, &dir, &url, &opts).await?;
+    let r = stored.insert(pitr::base::run(&store, &dir, &url, &opts).await?);
     let size: u64 = r.files.iter().map(|f| f.size_bytes).sum();
     println!(
         "base backup {dir}/{}: {} checked by pg_verifybackup, WAL {} to {} on timeline {}, finished {}",

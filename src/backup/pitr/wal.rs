@@ -334,6 +334,49 @@ pub fn completed_files(spool: &Path) -> Result<Vec<String>, PitrError> {
     Ok(files)
 }
 
+/// Removes `.partial` files that hold only zero bytes. `pg_receivewal` fills a new
+/// segment file with zeros before writing any WAL into it; killed during that, it leaves a
+/// file of an odd size that it then refuses to start with ("should be 0 or <segment
+/// size> bytes"). Such a file holds no WAL (nothing was confirmed from it, so the slot
+/// still has it), and removing it lets the restart resume from the slot.
+pub fn remove_empty_partials(spool: &Path) -> Result<Vec<String>, PitrError> {
+    let rd = std::fs::read_dir(spool)
+        .map_err(|e| PitrError::Io(format!("reading the spool {}: {e}", spool.display())))?;
+    let mut removed = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(seg) = name.strip_suffix(".partial") else {
+            continue;
+        };
+        if !is_segment_file(seg) {
+            continue;
+        }
+        let path = entry.path();
+        let mut f = std::fs::File::open(&path)
+            .map_err(|e| PitrError::Io(format!("reading {}: {e}", path.display())))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut only_zeros = true;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| PitrError::Io(format!("reading {}: {e}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                only_zeros = false;
+                break;
+            }
+        }
+        if only_zeros {
+            std::fs::remove_file(&path)
+                .map_err(|e| PitrError::Io(format!("removing {}: {e}", path.display())))?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
 /// Ships every completed file of the spool, then removes it locally; the count shipped.
 pub async fn ship_spool(store: &Store, dir: &str, spool: &Path) -> Result<usize, PitrError> {
     let mut n = 0;
@@ -381,6 +424,9 @@ pub async fn receive(store: &Store, dir: &str, opts: &ReceiveOptions) -> Result<
         .map_err(|e| PitrError::Io(format!("creating the spool {}: {e}", opts.spool.display())))?;
     // Files completed before a kill go first.
     ship_spool(store, dir, &opts.spool).await?;
+    for f in remove_empty_partials(&opts.spool)? {
+        eprintln!("wal-receive: removed {f}: a segment file killed while being zero-filled, holding no WAL");
+    }
     // --create-slot reserves WAL at once; --if-not-exists makes a restart a no-op.
     let out = receivewal_command(&tool.path, &env, &opts.spool, &opts.slot)
         .args(["--create-slot", "--if-not-exists"])
@@ -511,6 +557,20 @@ mod tests {
             ]
         );
         assert!(check_slot_name("dbpolicy_pitr").is_ok());
+        // A torn zero-filled segment goes; one with WAL in it stays.
+        std::fs::write(
+            dir.path().join("000000010000000000000006.partial"),
+            vec![0u8; 876_544],
+        )
+        .unwrap();
+        let mut wal = vec![0u8; 4096];
+        wal[0] = 0x10;
+        std::fs::write(dir.path().join("000000010000000000000005.partial"), wal).unwrap();
+        assert_eq!(
+            remove_empty_partials(dir.path()).unwrap(),
+            ["000000010000000000000006.partial"]
+        );
+        assert!(dir.path().join("000000010000000000000005.partial").exists());
         assert!(check_slot_name("x; drop").is_err());
     }
 }
