@@ -48,6 +48,9 @@ pub enum Command {
     Refresh(crate::jobs::refresh::RefreshArgs),
     /// Backups: run, list, verify, prune (what the backup CronJob runs).
     Backup(crate::backup::BackupArgs),
+    /// Point-in-time recovery: assemble a data directory that PostgreSQL recovers to a
+    /// time, an LSN or the latest archived WAL (see docs/pitr.md).
+    Restore(crate::backup::pitr::RestoreArgs),
     /// Run the operator: reconcile DatabasePolicies in the cluster until SIGTERM.
     Run(crate::controller::RunArgs),
 }
@@ -203,6 +206,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Backup(args) => crate::backup::run(args).await,
         Command::Apply(args) => run_target(args, Mode::Apply).await,
         Command::Release(args) => run_release(args).await,
+        Command::Restore(args) => crate::backup::pitr::cmd_restore(args).await,
         Command::Run(args) => match crate::controller::run(args).await {
             Ok(()) => EXIT_OK,
             Err(e) => {

@@ -339,6 +339,66 @@ pub struct BackupsSpec {
     /// Pause the schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
+    /// Point-in-time recovery into the same storage: WAL streamed continuously over the
+    /// replication protocol (no `archive_command`, no shell on the database host) plus
+    /// scheduled physical base backups. The connection's role needs REPLICATION. See
+    /// docs/pitr.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point_in_time_recovery: Option<PointInTimeRecovery>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PointInTimeRecovery {
+    /// Run the WAL receiver and the base backups (default true); false stops them and
+    /// keeps what is stored (the slot is kept too: drop it by hand to release its WAL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Physical replication slot dbpolicy creates and streams through (default
+    /// `dbpolicy_pitr`). It retains WAL on the server while the receiver is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9_]+$"))]
+    pub slot: Option<String>,
+    /// Name of this server's directory in the storage, `pitr.<cluster>` (default `main`).
+    /// One per server: two servers must never share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub cluster: Option<String>,
+    /// Cron schedule of the base backup CronJob, e.g. `0 2 * * 0` (weekly). WAL replay
+    /// from the last base backup is what a restore costs: take them often enough.
+    #[schemars(length(max = 100))]
+    #[x_kube(validation = Rule::new("self.split(' ').size() == 5 || self.startsWith('@')").message("must be a 5-field cron expression or a @macro"))]
+    pub base_backup_schedule: String,
+    /// Base backups to keep; WAL older than the oldest kept base backup is deleted with
+    /// them, so the window stays recoverable. The newest base backup is always kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<BackupRetention>,
+    /// Size of the receiver's spool volume (default `1Gi`): completed WAL segments wait
+    /// there for upload, and it must survive the receiver's restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub spool_size: Option<String>,
+    /// StorageClass of the spool volume (default: the cluster's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub spool_storage_class_name: Option<String>,
+    /// Report `WalArchivingLagging` when the newest archived segment is older than this
+    /// while the server writes (default `15m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 15m or 1h"))]
+    pub max_archive_lag: Option<String>,
+    /// Report `SlotRetainingTooMuch` when the slot holds back more WAL than this many
+    /// bytes (default 1 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_slot_retained_bytes: Option<u64>,
+    /// Check a restore to the latest WAL after each base backup (`backup verify --pitr`
+    /// in a scratch directory; default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -559,4 +619,24 @@ pub enum IndexMethod {
     Gist,
     Brin,
     Spgist,
+}
+
+#[cfg(test)]
+mod pitr_tests {
+    use super::*;
+
+    #[test]
+    fn point_in_time_recovery_reads_from_yaml() {
+        let b: BackupsSpec = serde_yaml::from_str(
+            "schedule: '0 3 * * *'\nstorage: {pvc: {claimName: backups}}\npointInTimeRecovery:\n  baseBackupSchedule: '0 2 * * 0'\n  retention: {count: 4}\n  slot: dbpolicy_pitr\n",
+        )
+        .unwrap();
+        let p = b.point_in_time_recovery.unwrap();
+        assert_eq!(p.base_backup_schedule, "0 2 * * 0");
+        assert_eq!(p.retention.unwrap().count, Some(4));
+        assert!(serde_yaml::from_str::<PointInTimeRecovery>(
+            "baseBackupSchedule: x\nsurprise: 1\n"
+        )
+        .is_err());
+    }
 }

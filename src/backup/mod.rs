@@ -10,6 +10,7 @@
 
 pub mod list;
 pub mod manifest;
+pub mod pitr;
 pub mod prune;
 pub mod run;
 pub mod state;
@@ -50,6 +51,65 @@ pub enum BackupCommand {
     /// Delete backups the retention rules no longer keep (never the newest good nor the
     /// newest verified one; damaged ones are not counted).
     Prune(PruneArgs),
+    /// Point-in-time recovery: stream WAL through a replication slot into the store until
+    /// stopped (what the WAL receiver Deployment runs).
+    WalReceive(WalReceiveArgs),
+    /// Point-in-time recovery: take a physical base backup (pg_basebackup), check it with
+    /// pg_verifybackup and store it.
+    Base(BaseArgs),
+    /// Fetch one archived WAL file, verified, to PATH (what `restore_command` runs).
+    WalFetch(WalFetchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WalReceiveArgs {
+    /// libpq URI of the server; the role needs the REPLICATION attribute.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: pitr::ClusterArgs,
+    /// Physical replication slot dbpolicy creates (if missing) and streams through.
+    #[arg(long, env = "DBPOLICY_PITR_SLOT", default_value = "dbpolicy_pitr")]
+    pub slot: String,
+    /// Local directory pg_receivewal writes into. It must survive a restart of the
+    /// receiver (a PersistentVolumeClaim): completed segments wait there for upload.
+    #[arg(long, env = "DBPOLICY_PITR_SPOOL")]
+    pub spool: PathBuf,
+    /// The pg_receivewal to run (default: the newest in PATH or /usr/lib/postgresql/*/bin).
+    #[arg(long, env = "DBPOLICY_PG_RECEIVEWAL")]
+    pub pg_receivewal: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BaseArgs {
+    /// libpq URI of the server; the role needs the REPLICATION attribute.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: pitr::ClusterArgs,
+    /// Where the backup is written and checked before upload (about twice the size of
+    /// the database; default: the temporary directory).
+    #[arg(long, env = "DBPOLICY_PITR_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Then delete base backups (and their WAL) retention no longer keeps.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct WalFetchArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: pitr::ClusterArgs,
+    /// The WAL file name PostgreSQL asks for (`%f`).
+    pub file: String,
+    /// Where to write it (`%p`).
+    pub path: PathBuf,
 }
 
 /// Where backups are stored: a directory, or an S3-compatible bucket.
@@ -161,6 +221,11 @@ pub struct ListArgs {
     pub database: Option<String>,
     #[arg(short, long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// Show the point-in-time recovery window and base backups instead of dumps.
+    #[arg(long)]
+    pub pitr: bool,
+    #[command(flatten)]
+    pub cluster: pitr::ClusterArgs,
 }
 
 #[derive(Args, Debug)]
@@ -180,6 +245,24 @@ pub struct VerifyArgs {
     /// The pg_restore to run (default: the newest in PATH or /usr/lib/postgresql/*/bin).
     #[arg(long, env = "DBPOLICY_PG_RESTORE")]
     pub pg_restore: Option<PathBuf>,
+    /// Check point-in-time recovery instead: restore base backup and WAL into a scratch
+    /// directory, start a throwaway server there and check it reaches the target
+    /// (default: the latest archived WAL).
+    #[arg(long)]
+    pub pitr: bool,
+    #[command(flatten)]
+    pub cluster: pitr::ClusterArgs,
+    #[command(flatten)]
+    pub target: pitr::TargetArgs,
+    /// With --pitr: how long recovery may take.
+    #[arg(long, default_value = "1h", value_parser = crate::duration::parse_duration)]
+    pub recovery_timeout: std::time::Duration,
+    /// With --pitr: keep the scratch data directory (its path is printed).
+    #[arg(long)]
+    pub keep: bool,
+    /// With --pitr: the pg_ctl to run (pg_controldata beside it).
+    #[arg(long, env = "DBPOLICY_PG_CTL")]
+    pub pg_ctl: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -194,6 +277,11 @@ pub struct PruneArgs {
     /// Print what would be deleted, delete nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Prune point-in-time recovery base backups and their WAL instead of dumps.
+    #[arg(long)]
+    pub pitr: bool,
+    #[command(flatten)]
+    pub cluster: pitr::ClusterArgs,
 }
 
 /// One variant per step; the message names what failed and, where it helps, what to do.
@@ -228,6 +316,8 @@ pub enum BackupError {
     Scratch(String),
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
+    #[error(transparent)]
+    Pitr(#[from] pitr::PitrError),
 }
 
 impl BackupError {
@@ -247,6 +337,7 @@ impl BackupError {
             BackupError::Mismatch { .. } => "RestoreMismatch",
             BackupError::Scratch(_) => "ScratchDatabaseFailed",
             BackupError::Interrupted(_) => "Interrupted",
+            BackupError::Pitr(e) => e.reason(),
         }
     }
 }
@@ -258,6 +349,9 @@ pub async fn run(args: BackupArgs) -> u8 {
         BackupCommand::List(a) => ("backup list", cmd_list(a).await),
         BackupCommand::Verify(a) => ("backup verify", cmd_verify(a).await),
         BackupCommand::Prune(a) => ("backup prune", cmd_prune(a).await),
+        BackupCommand::WalReceive(a) => ("backup wal-receive", cmd_wal_receive(a).await),
+        BackupCommand::Base(a) => ("backup base", cmd_base(a).await),
+        BackupCommand::WalFetch(a) => ("backup wal-fetch", cmd_wal_fetch(a).await),
     };
     match result {
         Ok(()) => 0,
@@ -375,8 +469,143 @@ async fn run_steps(a: RunArgs, stored: &mut Option<manifest::Manifest>) -> Resul
     Ok(())
 }
 
+async fn cmd_wal_receive(a: WalReceiveArgs) -> Result<(), BackupError> {
+    let url = need_url(a.database_url)?;
+    let store = open(&a.store, true)?;
+    let opts = pitr::wal::ReceiveOptions {
+        url,
+        slot: a.slot,
+        spool: a.spool,
+        pg_receivewal: a.pg_receivewal,
+        poll: std::time::Duration::from_secs(1),
+    };
+    match pitr::wal::receive(&store, &a.cluster.dir(), &opts).await {
+        // Stopped by Kubernetes (or Ctrl-C) after shipping what was complete: success.
+        Err(pitr::PitrError::Interrupted(s)) => {
+            eprintln!("wal-receive: stopped by {s}; the slot keeps what was not received");
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Runs `backup base` and leaves its outcome in the termination log, as `backup run`
+/// does, so the operator learns the last base backup without reading the store.
+async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
+    let mut stored = None;
+    let result = base_steps(a, &mut stored).await;
+    if let Some(path) = termination_log() {
+        let mut doc = serde_json::Map::new();
+        doc.insert(
+            "result".into(),
+            if result.is_ok() {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+            .into(),
+        );
+        if let Some(r) = &stored {
+            doc.insert("baseBackup".into(), r.id.clone().into());
+            doc.insert("finishedAt".into(), r.finished_at.to_rfc3339().into());
+            doc.insert("startLsn".into(), r.start_lsn.to_string().into());
+            doc.insert("endLsn".into(), r.end_lsn.to_string().into());
+            let size: u64 = r.files.iter().map(|f| f.size_bytes).sum();
+            doc.insert("sizeBytes".into(), size.into());
+        }
+        if let Err(e) = &result {
+            doc.insert("reason".into(), e.reason().into());
+            let message: String = e.to_string().chars().take(1500).collect();
+            doc.insert("message".into(), message.into());
+        }
+        let message = serde_json::Value::Object(doc).to_string();
+        if let Err(e) = std::fs::write(&path, message) {
+            eprintln!("backup: warning: writing {}: {e}", path.display());
+        }
+    }
+    result
+}
+
+async fn base_steps(
+    a: BaseArgs,
+    stored: &mut Option<pitr::base::BaseRecord>,
+) -> Result<(), BackupError> {
+    let url = need_url(a.database_url)?;
+    let retention = a.retention.retention();
+    let store = open(&a.store, true)?;
+    let dir = a.cluster.dir();
+    let opts = pitr::base::BaseOptions {
+        work_dir: a.work_dir,
+        ..Default::default()
+    };
+    let r = stored.insert(pitr::base::run(&store, &dir, &url, &opts).await?);
+    let size: u64 = r.files.iter().map(|f| f.size_bytes).sum();
+    println!(
+        "base backup {dir}/{}: {} checked by pg_verifybackup, WAL {} to {} on timeline {}, finished {}",
+        r.id,
+        human_bytes(size),
+        r.start_lsn,
+        r.end_lsn,
+        r.timeline,
+        r.finished_at.to_rfc3339()
+    );
+    if retention.is_set() {
+        pitr_prune(&store, &dir, retention, false).await?;
+    }
+    Ok(())
+}
+
+async fn pitr_prune(
+    store: &Store,
+    dir: &str,
+    r: Retention,
+    dry_run: bool,
+) -> Result<(), BackupError> {
+    let retention = pitr::window::PitrRetention {
+        days: r.days,
+        count: r.count,
+    };
+    let done = pitr::prune(store, dir, retention, dry_run, |l| println!("{l}")).await?;
+    println!(
+        "pruned {dir}: {} base backup(s), {} WAL segment(s), {} leftover(s) {}",
+        done.bases.len(),
+        done.segments,
+        done.leftovers,
+        if dry_run {
+            "would be deleted"
+        } else {
+            "deleted"
+        }
+    );
+    Ok(())
+}
+
+async fn cmd_wal_fetch(a: WalFetchArgs) -> Result<(), BackupError> {
+    let store = open(&a.store, false)?;
+    if pitr::wal::fetch(&store, &a.cluster.dir(), &a.file, &a.path).await? {
+        Ok(())
+    } else {
+        // PostgreSQL asks for files past the end of the archive: normal, not an error
+        // worth a loud message, but the exit status must say "not there".
+        Err(BackupError::NotFound {
+            what: format!("archived WAL file {}", a.file),
+            store: store.describe().to_string(),
+        })
+    }
+}
+
 async fn cmd_list(a: ListArgs) -> Result<(), BackupError> {
     let store = open(&a.store, false)?;
+    if a.pitr {
+        let dir = a.cluster.dir();
+        let cat = pitr::scan(&store, &dir).await?;
+        let l = pitr::listing(&dir, &cat);
+        match a.output {
+            Output::Text => print!("{}", pitr::render_text(&l)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&l).unwrap_or_default()),
+        }
+        return Ok(());
+    }
     let listing = list::scan(&store, a.database.as_deref()).await?;
     match a.output {
         Output::Text => print!("{}", list::render_text(&listing)),
@@ -389,6 +618,29 @@ async fn cmd_list(a: ListArgs) -> Result<(), BackupError> {
 }
 
 async fn cmd_verify(a: VerifyArgs) -> Result<(), BackupError> {
+    if a.pitr {
+        let store = open(&a.store, false)?;
+        let dir = a.cluster.dir();
+        let target = a.target.target().unwrap_or(pitr::window::Target::Latest);
+        let cat = pitr::scan(&store, &dir).await?;
+        let cmd = pitr::restore_command(&a.store, &a.cluster)?;
+        let opts = pitr::restore::VerifyOptions {
+            pg_ctl: a.pg_ctl,
+            timeout: a.recovery_timeout,
+            keep: a.keep,
+        };
+        let v = pitr::restore::verify(&store, &dir, &cat, &target, &cmd, &opts).await?;
+        println!(
+            "verified point-in-time recovery of {dir} to {target} from base backup {} in {:.1}s{}{}",
+            v.base,
+            v.seconds,
+            v.stopped.map(|s| format!(": {s}")).unwrap_or_default(),
+            v.scratch
+                .map(|p| format!(" (kept in {})", p.display()))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
     let url = need_url(a.database_url)?;
     let store = open(&a.store, false)?;
     let opts = verify::VerifyOptions {
@@ -402,6 +654,15 @@ async fn cmd_verify(a: VerifyArgs) -> Result<(), BackupError> {
 
 async fn cmd_prune(a: PruneArgs) -> Result<(), BackupError> {
     let store = open(&a.store, false)?;
+    if a.pitr {
+        let r = a.retention.retention();
+        if !r.is_set() {
+            return Err(BackupError::Usage(
+                "prune --pitr needs --retention-days or --retention-count".into(),
+            ));
+        }
+        return pitr_prune(&store, &a.cluster.dir(), r, a.dry_run).await;
+    }
     prune_and_print(
         &store,
         a.database.as_deref(),

@@ -61,6 +61,13 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The object does not exist (as opposed to a store that cannot be read).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::Object { source, .. } if matches!(**source, object_store::Error::NotFound { .. }))
+    }
+}
+
 /// One object found under the prefix: `<database>/<file>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

@@ -66,6 +66,7 @@ pub struct PgServerOptions {
     settings: Vec<(String, String)>,
     replication: bool,
     password_auth: bool,
+    initdb_args: Vec<String>,
 }
 
 impl PgServerOptions {
@@ -85,6 +86,13 @@ impl PgServerOptions {
     /// and of settings a test adds.
     pub fn replication(mut self) -> Self {
         self.replication = true;
+        self
+    }
+
+    /// An extra `initdb` argument, e.g. `--wal-segsize=1` (1 MB WAL segments: WAL tests
+    /// switch segments without writing 16 MB each time).
+    pub fn initdb_arg(mut self, arg: impl Into<String>) -> Self {
+        self.initdb_args.push(arg.into());
         self
     }
 
@@ -151,13 +159,41 @@ impl PgServer {
             .args(["-A", "trust", "-U", SUPERUSER, "--no-sync", "-E", "UTF8"])
             // Otherwise initdb takes the locale from the environment, which differs between
             // developer machines and minimal CI images.
-            .arg("--no-locale");
+            .arg("--no-locale")
+            .args(&opts.initdb_args);
         run_checked(&mut initdb, "initdb");
         server.ensure_replication_hba();
         if opts.password_auth {
             server.require_passwords();
         }
         server.append_settings(&opts.all_settings());
+        server.launch();
+        server
+    }
+
+    /// Start a server on an existing data directory (e.g. one a restore assembled): it is
+    /// moved into a throwaway directory, handed to the server account and started there,
+    /// with the usual cleanup.
+    pub fn adopt(data: &Path) -> PgServer {
+        let mut server = Self::prepare("dbpolicy-pg-adopted-");
+        fs::rename(data, &server.data).unwrap_or_else(|e| {
+            panic!(
+                "move {} into {}: {e}",
+                data.display(),
+                server.data.display()
+            )
+        });
+        if let Some(user) = &server.run_as {
+            run_checked(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{user}:"))
+                    .arg(&server.data),
+                "chown",
+            );
+        }
+        fs::set_permissions(&server.data, fs::Permissions::from_mode(0o700))
+            .expect("chmod the data directory");
         server.launch();
         server
     }
