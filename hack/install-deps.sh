@@ -6,7 +6,7 @@
 #   hack/install-deps.sh
 #
 # The Rust toolchain is not installed here: get it from https://rustup.rs or your
-# distribution (the crate needs Rust >= 1.85).
+# distribution (the crate needs Rust >= 1.95, its `rust-version`).
 set -euo pipefail
 
 # One package a line. Other helpers may append theirs.
