@@ -66,7 +66,7 @@ fi
 PSQL="$PGBIN/psql"
 [ -x "$PSQL" ] || PSQL="$(command -v psql || true)"
 [ -n "$PSQL" ] || die "psql not found: apt-get install postgresql-client"
-command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (>= 1.85) from https://rustup.rs"
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (>= 1.95) from https://rustup.rs"
 info "PostgreSQL: $("$PGBIN/pg_ctl" --version) ($PGBIN)"
 info "cargo:      $(cargo --version)"
 

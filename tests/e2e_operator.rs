@@ -15,8 +15,8 @@
 //! its server-side apply is beta: the operator writes status through it here.
 
 mod support;
-mod support_chart;
 mod support_envtest;
+mod support_helm;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -40,7 +40,7 @@ impl Operator {
     /// Runs as the chart's ServiceAccount, bound by the chart's ClusterRole: the operator
     /// gets exactly the RBAC a Helm install gives it. Its leader Lease is in `lease_ns`.
     fn start(env: &Envtest, lease_ns: &str) -> Operator {
-        let kubeconfig = support_chart::install_rbac(env);
+        let kubeconfig = support_helm::install_rbac(env);
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -103,7 +103,7 @@ fn policy(name: &str, secret: &str, extra: Value) -> String {
             {"name": "new_engine", "enabled": true, "rolloutPercentage": 25},
         ]},
     });
-    support_chart::merge(&mut spec, &extra);
+    support_helm::merge(&mut spec, &extra);
     json!({
         "apiVersion": "dbpolicy.dev/v1alpha1", "kind": "DatabasePolicy",
         "metadata": {"name": name, "namespace": NS},

@@ -9,8 +9,8 @@
 //! `dbpolicy_leader`) and its log. Nothing sleeps: every wait polls with a deadline.
 
 mod support;
-mod support_chart;
 mod support_envtest;
+mod support_helm;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -224,7 +224,7 @@ fn cluster(db: &TestDb) -> (Envtest, PathBuf) {
         ],
         None,
     );
-    let kubeconfig = support_chart::install_rbac(&env);
+    let kubeconfig = support_helm::install_rbac(&env);
     (env, kubeconfig)
 }
 

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use sqlx::Connection;
-use support::{eventually, PgServer, PgServerOptions, TestDb};
+use support::{eventually, pg_bin_chosen, pg_bin_major, PgServer, PgServerOptions, TestDb};
 
 async fn scalar_on<T>(url: &str, sql: &str) -> Result<T, sqlx::Error>
 where
@@ -52,6 +52,32 @@ async fn server_starts_accepts_connections_and_restarts() {
     server.restart();
     let one: i32 = scalar_on(&url, "SELECT 1").await.unwrap();
     assert_eq!(one, 1);
+}
+
+/// The PostgreSQL matrix (hack/test.sh) relies on this: with `DBPOLICY_PG_BIN` set, both
+/// throwaway servers and the databases of `TestDb::new` run that version, never the
+/// machine's shared server.
+#[tokio::test]
+async fn servers_run_the_chosen_version() {
+    let major = pg_bin_major();
+    let server = PgServer::start();
+    let on_server: i32 = scalar_on(
+        &server.admin_url(),
+        "SELECT current_setting('server_version_num')::int / 10000",
+    )
+    .await
+    .unwrap();
+    assert_eq!(on_server as u32, major, "PgServer::start");
+    if pg_bin_chosen() {
+        let db = TestDb::new().await;
+        let on_shared: i32 = db
+            .query_scalar("SELECT current_setting('server_version_num')::int / 10000")
+            .await;
+        assert_eq!(
+            on_shared as u32, major,
+            "TestDb::new with DBPOLICY_PG_BIN set"
+        );
+    }
 }
 
 #[tokio::test]

@@ -205,18 +205,16 @@ pub fn url_with_database(url: &str, db: &str) -> String {
     out
 }
 
+/// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes everything but unreserved characters, for URI parts.
 pub fn percent_encode(s: &str) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, URI_COMPONENT).to_string()
 }
 
 #[cfg(test)]
@@ -234,6 +232,21 @@ mod tests {
         assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
         assert_eq!(QualifiedName::new("s", "T").quoted(), "\"s\".\"T\"");
         assert_eq!(QualifiedName::new("s", "T").to_string(), "s.T");
+    }
+
+    #[test]
+    fn uri_parts_are_percent_encoded() {
+        assert_eq!(percent_encode("az-09._~"), "az-09._~");
+        assert_eq!(
+            percent_encode("a b/c?d#e@f:g%"),
+            "a%20b%2Fc%3Fd%23e%40f%3Ag%25"
+        );
+        assert_eq!(percent_encode("ü"), "%C3%BC");
+        assert_eq!(
+            url_with_database("postgres://u:p@h1:5432,h2/old?sslmode=require", "new db"),
+            "postgres://u:p@h1:5432,h2/new%20db?sslmode=require"
+        );
+        assert_eq!(url_with_database("postgres://h", "d"), "postgres://h/d");
     }
 
     #[test]

@@ -6,8 +6,14 @@
 //! each one uses a different subset of it, hence the crate-level `dead_code` allowance.
 //!
 //! Environment variables:
-//! - `PG_BIN`: directory holding `initdb`, `pg_ctl`, `pg_basebackup` (default: the highest
-//!   `/usr/lib/postgresql/<v>/bin`, then `pg_config --bindir`).
+//! - `DBPOLICY_PG_BIN`: directory holding the server binaries `initdb`, `pg_ctl` and
+//!   `postgres` of the PostgreSQL version to test (e.g. one installed by
+//!   `hack/install-postgres.sh --bin 17`); `pg_basebackup` too for streaming standbys. When
+//!   set, [`TestDb::new`] does not use the shared server either (that one runs whatever
+//!   version the machine has) but one throwaway server of this version per test binary,
+//!   unless `DBPOLICY_TEST_ADMIN_URL` is set too. `PG_BIN` is the older name of the same
+//!   variable. Default: the highest Debian `/usr/lib/postgresql/<v>/bin`, then
+//!   `pg_config --bindir`, and the shared server.
 //! - `DBPOLICY_TEST_ADMIN_URL`: superuser URL of the shared server that [`TestDb::new`]
 //!   creates databases on (default `postgres://postgres@127.0.0.1:5432/postgres`). When the
 //!   default is unreachable, one throwaway server per test binary is started instead; when
@@ -216,6 +222,13 @@ impl PgServer {
         assert!(
             self.is_running(),
             "start_standby: the primary is not running"
+        );
+        assert!(
+            self.bin.join("pg_basebackup").is_file(),
+            "start_standby: {} has no pg_basebackup (the npm builds of PostgreSQL 16+ ship \
+             only the server), and Debian's older pg_basebackup cannot clone a newer server: \
+             standby tests run on the default PostgreSQL only (unset DBPOLICY_PG_BIN)",
+            self.bin.display()
         );
         let mut standby = Self::prepare("dbpolicy-pg-standby-");
         let data = standby.data.clone();
@@ -557,6 +570,38 @@ impl Drop for PgServer {
     }
 }
 
+/// The server binaries chosen through the environment: `DBPOLICY_PG_BIN`, or the older
+/// `PG_BIN`; empty values count as unset.
+fn pg_bin_from_env() -> Option<(&'static str, PathBuf)> {
+    ["DBPOLICY_PG_BIN", "PG_BIN"].into_iter().find_map(|var| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(|dir| (var, PathBuf::from(dir)))
+    })
+}
+
+/// Major version of the server binaries the harness starts (`postgres --version`), e.g. 17.
+pub fn pg_bin_major() -> u32 {
+    let exe = pg_bin_dir().join("postgres");
+    let out = Command::new(&exe)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {} --version: {e}", exe.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "postgres (PostgreSQL) 17.10", "postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)"
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse().ok())
+        .unwrap_or_else(|| panic!("{} --version printed {text:?}", exe.display()))
+}
+
+/// Whether the binaries were chosen through `DBPOLICY_PG_BIN` (or `PG_BIN`), in which case
+/// [`TestDb::new`] runs on a throwaway server of that version.
+pub fn pg_bin_chosen() -> bool {
+    pg_bin_from_env().is_some()
+}
+
 /// Directory of the PostgreSQL server binaries.
 fn pg_bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -566,11 +611,15 @@ fn pg_bin_dir() -> PathBuf {
                 .iter()
                 .all(|b| dir.join(b).is_file())
         };
-        if let Some(dir) = std::env::var_os("PG_BIN") {
-            let dir = PathBuf::from(dir);
+        if let Some((var, dir)) = pg_bin_from_env() {
+            let missing: Vec<&str> = ["initdb", "pg_ctl", "postgres"]
+                .into_iter()
+                .filter(|b| !dir.join(b).is_file())
+                .collect();
             assert!(
-                has_tools(&dir),
-                "PG_BIN={} does not contain initdb, pg_ctl and pg_basebackup",
+                missing.is_empty(),
+                "{var}={} lacks {missing:?}: point it at a PostgreSQL bin directory \
+                 (hack/install-postgres.sh --bin <major> prints one)",
                 dir.display()
             );
             return dir;
@@ -923,6 +972,18 @@ fn shared_admin_url() -> &'static str {
         let explicit = std::env::var("DBPOLICY_TEST_ADMIN_URL")
             .ok()
             .filter(|u| !u.is_empty());
+        if explicit.is_none() {
+            if let Some((var, dir)) = pg_bin_from_env() {
+                // The shared server runs the machine's version, not the one under test.
+                let server = FALLBACK.get_or_init(PgServer::start);
+                eprintln!(
+                    "note: {var}={}: this test binary uses its own PostgreSQL on port {}",
+                    dir.display(),
+                    server.port()
+                );
+                return server.admin_url();
+            }
+        }
         let url = explicit
             .clone()
             .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_owned());
