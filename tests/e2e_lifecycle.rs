@@ -15,8 +15,8 @@
 //! CronJob): `controller::reconcile::tests::a_cronjob_of_another_owner_is_never_taken_over`.
 
 mod support;
-mod support_chart;
 mod support_envtest;
+mod support_helm;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ struct Operator {
 
 impl Operator {
     fn start(env: &Envtest) -> Operator {
-        let kubeconfig = support_chart::install_rbac(env);
+        let kubeconfig = support_helm::install_rbac(env);
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -459,7 +459,7 @@ async fn conditions_say_one_true_thing_and_an_annotation_forces_a_check() {
                 {"name": "a", "enabled": true, "rolloutPercentage": 25},
             ]},
         });
-        support_chart::merge(&mut spec, &extra);
+        support_helm::merge(&mut spec, &extra);
         spec
     };
     apply(&env, &policy("flags", flags(json!({}))));

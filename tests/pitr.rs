@@ -53,9 +53,12 @@ impl Receiver {
     }
 
     fn kill(&mut self) {
-        let pid = self.0.id() as i32;
-        // SAFETY: signalling our own child's process group.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        // The whole process group (dbpolicy and its pg_receivewal), with kill(1): the crate
+        // forbids unsafe code, and this is a test's process, not the product's.
+        let group = format!("-{}", self.0.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .status();
         let _ = self.0.wait();
     }
 }
