@@ -8,7 +8,7 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sqlx::PgConnection;
@@ -67,6 +67,23 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `restore_command` runs as the server's OS user, which cannot reach a binary under
+/// root's home (CI's target directory): the runs of this test name a copy it can execute
+/// through `DBPOLICY_RESTORE_BIN`, inherited by every `dbpolicy` they start.
+fn restore_binary_for_the_server_user() {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let path = COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("dbpolicy-pitr-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.join("dbpolicy");
+        std::fs::copy(env!("CARGO_BIN_EXE_dbpolicy"), &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    });
+    std::env::set_var("DBPOLICY_RESTORE_BIN", path);
 }
 
 fn dbp(args: &[&str], store: &Path) -> RunOutput {
@@ -146,6 +163,7 @@ fn segment_files(store: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
+    restore_binary_for_the_server_user();
     let pg = primary();
     let store = scratch("dbpolicy-pitr-store-");
     let spool = scratch("dbpolicy-pitr-spool-");
@@ -302,6 +320,7 @@ async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_receiver_loses_no_wal_and_prune_keeps_the_window_recoverable() {
+    restore_binary_for_the_server_user();
     let pg = primary();
     let store = scratch("dbpolicy-pitr-store-");
     let spool = scratch("dbpolicy-pitr-spool-");

@@ -172,8 +172,13 @@ pub async fn scan(store: &Store, dir: &str) -> Result<Catalog, PitrError> {
 /// The `restore_command` for a store: this very binary, with the store flags it was
 /// given (credentials stay in the environment, never in the command).
 pub fn restore_command(store: &StoreArgs, cluster: &ClusterArgs) -> Result<String, PitrError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| PitrError::Io(format!("finding the dbpolicy binary: {e}")))?;
+    // The server's OS user runs this command: `DBPOLICY_RESTORE_BIN` names a copy it can
+    // execute when this binary sits where it cannot (e.g. under root's home directory).
+    let exe = match std::env::var_os("DBPOLICY_RESTORE_BIN") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::env::current_exe()
+            .map_err(|e| PitrError::Io(format!("finding the dbpolicy binary: {e}")))?,
+    };
     let mut words = vec![
         exe.display().to_string(),
         "backup".into(),
