@@ -122,7 +122,8 @@ struct Processes {
 
 /// One read of every policy expression (`pg_get_expr`) and every table's reloptions: the
 /// least any drift check of these two areas has to do.
-const FLOOR_SQL: &str = "SELECT c.relname, c.reloptions, p.polname, p.polcmd, p.polpermissive, p.polroles,
+const FLOOR_SQL: &str =
+    "SELECT c.relname, c.reloptions, p.polname, p.polcmd, p.polpermissive, p.polroles,
        pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
 FROM pg_class c LEFT JOIN pg_policy p ON p.polrelid = c.oid
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')";
@@ -170,7 +171,11 @@ fn timed(cmd: &mut std::process::Command, expect: i32) -> Res<Duration> {
 /// (paired), `runs` times; medians.
 fn processes(url: &str, tables: usize, runs: usize) -> Res<Processes> {
     let bin = release_bin();
-    anyhow::ensure!(bin.exists(), "{} missing: cargo build --release", bin.display());
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing: cargo build --release",
+        bin.display()
+    );
     let mut file = tempfile::NamedTempFile::new()?;
     let spec = rls_autovacuum_yaml(tables)
         .lines()
@@ -192,8 +197,16 @@ fn processes(url: &str, tables: usize, runs: usize) -> Res<Processes> {
             0,
         )?);
         floor.push(timed(
-            std::process::Command::new("psql")
-                .args([url, "-X", "-q", "-At", "-o", "/dev/null", "-c", FLOOR_SQL]),
+            std::process::Command::new("psql").args([
+                url,
+                "-X",
+                "-q",
+                "-At",
+                "-o",
+                "/dev/null",
+                "-c",
+                FLOOR_SQL,
+            ]),
             0,
         )?);
         if let Some(python) = &python {
@@ -380,7 +393,9 @@ async fn bench_flags(admin: &mut PgConnection, admin_url: &str) -> Res<Vec<(usiz
         let result = async {
             let mut conn = dbpolicy::pg::connect_one(&url).await?;
             let flags = |n: usize| {
-                let mut y = String::from("database: {connectionSecretRef: {name: bench}}\nfeatureFlags:\n  flags:\n");
+                let mut y = String::from(
+                    "database: {connectionSecretRef: {name: bench}}\nfeatureFlags:\n  flags:\n",
+                );
                 for i in 0..n {
                     y.push_str(&format!("    - {{name: f{i:06}, enabled: true}}\n"));
                 }
@@ -407,7 +422,13 @@ async fn bench_flags(admin: &mut PgConnection, admin_url: &str) -> Res<Vec<(usiz
                 anyhow::ensure!(
                     outcome.plan.is_empty(),
                     "{n} flags: the plan is not empty:\n{}",
-                    outcome.plan.render_sql().lines().take(5).collect::<Vec<_>>().join("\n")
+                    outcome
+                        .plan
+                        .render_sql()
+                        .lines()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
             conn.close().await?;
@@ -658,7 +679,9 @@ async fn main() -> Res<()> {
     println!();
     match &flags {
         Ok(rows) => {
-            println!("Feature flags, no-op plan (in process, median of 3) against the number of flags:");
+            println!(
+                "Feature flags, no-op plan (in process, median of 3) against the number of flags:"
+            );
             println!();
             println!("| flags | no-op plan | × the smallest |");
             println!("|---:|---:|---:|");

@@ -11,8 +11,8 @@ use std::fmt;
 use std::io::IsTerminal;
 
 use tracing::field::{Field, Visit};
-use tracing_subscriber::field::MakeExt;
 use tracing::{Event, Subscriber};
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::fmt::format::{debug_fn, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -45,15 +45,17 @@ pub fn init(json: bool, filter: EnvFilter) {
         builder.event_format(JsonLine).init();
     } else {
         builder
-            .fmt_fields(debug_fn(|writer, field, value| {
-                let text = format!("{value:?}");
-                if field.name() == "message" {
-                    write!(writer, "{}", cut(&text))
-                } else {
-                    write!(writer, "{}={}", field.name(), cut(&text))
-                }
-            })
-            .delimited(" "))
+            .fmt_fields(
+                debug_fn(|writer, field, value| {
+                    let text = format!("{value:?}");
+                    if field.name() == "message" {
+                        write!(writer, "{}", cut(&text))
+                    } else {
+                        write!(writer, "{}={}", field.name(), cut(&text))
+                    }
+                })
+                .delimited(" "),
+            )
             .init();
     }
 }

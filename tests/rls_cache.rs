@@ -11,7 +11,8 @@ use support::TestDb;
 const OWN: &str = "owner = nullif(current_setting('app.user_id', true), '')::int";
 
 fn spec() -> DatabasePolicySpec {
-    let mut y = String::from("database: {connectionSecretRef: {name: x}}\nrowLevelSecurity:\n  tables:\n");
+    let mut y =
+        String::from("database: {connectionSecretRef: {name: x}}\nrowLevelSecurity:\n  tables:\n");
     for t in ["a", "b", "c", "other"] {
         y.push_str(&format!(
             "    - table: {t}\n      policies:\n\
@@ -50,7 +51,11 @@ async fn check(conn: &mut sqlx::PgConnection, spec: &DatabasePolicySpec) -> (usi
     (observed.rls.expect("rls observed").twins, sql)
 }
 
-async fn run(conn: &mut sqlx::PgConnection, spec: &DatabasePolicySpec, mode: Mode) -> engine::Outcome {
+async fn run(
+    conn: &mut sqlx::PgConnection,
+    spec: &DatabasePolicySpec,
+    mode: Mode,
+) -> engine::Outcome {
     let outcome = engine::run(conn, spec, mode, &PolicyId(ID.into()))
         .await
         .expect("run");
@@ -61,7 +66,8 @@ async fn run(conn: &mut sqlx::PgConnection, spec: &DatabasePolicySpec, mode: Mod
 }
 
 async fn cache_rows(db: &TestDb) -> i64 {
-    db.query_scalar("SELECT count(*) FROM dbpolicy.normalized").await
+    db.query_scalar("SELECT count(*) FROM dbpolicy.normalized")
+        .await
 }
 
 #[tokio::test]
@@ -71,8 +77,15 @@ async fn a_no_op_builds_no_twin_alike_tables_share_one_and_plan_mode_writes_noth
 
     // Plan mode on an untouched database: twins for two shapes, nothing written.
     let (twins, sql) = check(&mut conn, &spec).await;
-    assert_eq!(twins, 2, "three alike tables share one twin, the other has its own");
-    assert_eq!(sql.len(), 4 * 3, "2 policies and ENABLE per table: {sql:#?}");
+    assert_eq!(
+        twins, 2,
+        "three alike tables share one twin, the other has its own"
+    );
+    assert_eq!(
+        sql.len(),
+        4 * 3,
+        "2 policies and ENABLE per table: {sql:#?}"
+    );
     run(&mut conn, &spec, Mode::Plan).await;
     let schema: Option<String> = db
         .query_scalar("SELECT to_regclass('dbpolicy.normalized')::text")
@@ -130,8 +143,13 @@ async fn a_stale_or_tampered_cache_never_hides_drift() {
     // A row whose text no longer matches the catalog is not used either.
     run(&mut conn, &spec, Mode::Apply).await;
     assert_eq!(check(&mut conn, &spec).await, (0, vec![]));
-    db.exec("UPDATE dbpolicy.normalized SET check_expr = 'true'").await;
-    assert_eq!(check(&mut conn, &spec).await, (2, vec![]), "normalised again, no drift");
+    db.exec("UPDATE dbpolicy.normalized SET check_expr = 'true'")
+        .await;
+    assert_eq!(
+        check(&mut conn, &spec).await,
+        (2, vec![]),
+        "normalised again, no drift"
+    );
 
     // A version copied from the drifted row does not help a row whose text disagrees.
     run(&mut conn, &spec, Mode::Apply).await;
@@ -139,6 +157,9 @@ async fn a_stale_or_tampered_cache_never_hides_drift() {
     let (_, sql) = check(&mut conn, &spec).await;
     assert_eq!(
         sql,
-        vec!["ALTER POLICY \"published\" ON \"public\".\"c\" USING (body <> '' AND id > 0)".to_string()]
+        vec![
+            "ALTER POLICY \"published\" ON \"public\".\"c\" USING (body <> '' AND id > 0)"
+                .to_string()
+        ]
     );
 }

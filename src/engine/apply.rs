@@ -10,8 +10,8 @@
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
 
-use super::{ledger, normcache};
 use super::plan::{Area, Change, Hazard, LedgerOp, Plan};
+use super::{ledger, normcache};
 use crate::pg::{error_summary, execute_one, reason_for_sqlstate, sqlstate};
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -159,7 +159,10 @@ pub async fn observe(
     {
         shapes.insert(QualifiedName::new(&schema, &name), shape);
         if let (Some(polname), Some(version)) = (&polname, version) {
-            versions.insert((QualifiedName::new(&schema, &name), polname.clone()), version);
+            versions.insert(
+                (QualifiedName::new(&schema, &name), polname.clone()),
+                version,
+            );
         }
         let table = observed
             .tables
@@ -210,7 +213,12 @@ pub async fn observe(
 
     let environment = normcache::environment(conn).await?;
     let keys = cache_keys(spec, &observed.tables, &shapes, &environment);
-    let wanted: Vec<String> = keys.values().cloned().collect::<BTreeSet<_>>().into_iter().collect();
+    let wanted: Vec<String> = keys
+        .values()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let cached = normcache::read(conn, &wanted).await?;
     let (hits, misses) = use_cache(&keys, &cached, &observed.tables, &versions);
     let (fresh, twins) = normalize(conn, spec, &observed.tables, &shapes, &misses).await?;
@@ -335,7 +343,13 @@ async fn normalize(
 /// schema, the columns (names, types, collations), whether we own the table, the policies
 /// as written, and the table's own name when an expression mentions it (a reference to
 /// the table itself must not resolve to another table's twin).
-type TwinGroup = (String, String, bool, String, Vec<(String, &'static str, String)>);
+type TwinGroup = (
+    String,
+    String,
+    bool,
+    String,
+    Vec<(String, &'static str, String)>,
+);
 
 fn twin_group(
     t: &NormalizeTable<'_>,
@@ -347,14 +361,16 @@ fn twin_group(
         .iter()
         .map(|p| (p.name.to_string(), p.command, p.clauses.clone()))
         .collect();
-    let mentioned = policies
-        .iter()
-        .any(|(_, _, c)| mentions(c, &t.name.name));
+    let mentioned = policies.iter().any(|(_, _, c)| mentions(c, &t.name.name));
     (
         t.name.schema.clone(),
         shapes.get(&t.name).cloned().unwrap_or_default(),
         tables.get(&t.name).is_some_and(|s| s.not_owned),
-        if mentioned { t.name.name.clone() } else { String::new() },
+        if mentioned {
+            t.name.name.clone()
+        } else {
+            String::new()
+        },
         policies,
     )
 }
@@ -401,7 +417,11 @@ fn cache_keys(
                 &p.name,
                 shape,
                 if mentioned { &name.name } else { "" },
-                if state.not_owned { "not owned" } else { "owned" },
+                if state.not_owned {
+                    "not owned"
+                } else {
+                    "owned"
+                },
                 command_sql(p.command.unwrap_or_default()),
                 &using,
                 &check,
@@ -1350,7 +1370,10 @@ mod tests {
         for (cached, why) in [
             (row(OWN_PG, Some("1:101")), "the policy changed since"),
             (row(OWN_PG, None), "no version"),
-            (row("(owner = 2)", Some("1:100")), "not what the catalog shows"),
+            (
+                row("(owner = 2)", Some("1:100")),
+                "not what the catalog shows",
+            ),
             (BTreeMap::new(), "no row"),
         ] {
             let (hits, misses) = use_cache(&keys, &cached, &o.tables, &versions);
