@@ -65,6 +65,19 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn spec(tables: usize) -> Res<DatabasePolicySpec> {
+    let mut y = rls_autovacuum_yaml(tables);
+    y.push_str("partitions:\n  tables:\n");
+    for i in 0..PARTITIONED {
+        y.push_str(&format!(
+            "    - {{table: pt{i:03}, column: created_at, interval: Monthly, premake: 2, defaultPartition: true}}\n"
+        ));
+    }
+    Ok(serde_yaml::from_str(&y)?)
+}
+
+/// The spec's row-level security and autovacuum sections: what the catalog floor and
+/// schemainspect are compared with.
+fn rls_autovacuum_yaml(tables: usize) -> String {
     let mut y = String::from(
         "database: {connectionSecretRef: {name: bench}}\nsafety: {lockTimeout: 5s, statementTimeout: 30m}\n",
     );
@@ -82,13 +95,7 @@ fn spec(tables: usize) -> Res<DatabasePolicySpec> {
             "    - {{table: t{i:05}, vacuumScaleFactor: 0.05, vacuumThreshold: 50, analyzeScaleFactor: 0.02}}\n"
         ));
     }
-    y.push_str("partitions:\n  tables:\n");
-    for i in 0..PARTITIONED {
-        y.push_str(&format!(
-            "    - {{table: pt{i:03}, column: created_at, interval: Monthly, premake: 2, defaultPartition: true}}\n"
-        ));
-    }
-    Ok(serde_yaml::from_str(&y)?)
+    y
 }
 
 /// One size: the converging apply, the no-op plan, and where the no-op time goes.
@@ -102,6 +109,120 @@ struct SizeResult {
     /// Median time and round trips of each area's observer alone (with the ledger read), and
     /// of the pure plan.
     breakdown: Vec<(&'static str, Duration, u64)>,
+    /// Whole processes, paired runs, medians: `dbpolicy plan` (RLS + autovacuum, nothing to
+    /// change), the catalog floor (`psql`), schemainspect (None when not installed).
+    processes: Option<Processes>,
+}
+
+struct Processes {
+    dbpolicy: Duration,
+    floor: Duration,
+    schemainspect: Option<Duration>,
+}
+
+/// One read of every policy expression (`pg_get_expr`) and every table's reloptions: the
+/// least any drift check of these two areas has to do.
+const FLOOR_SQL: &str =
+    "SELECT c.relname, c.reloptions, p.polname, p.polcmd, p.polpermissive, p.polroles,
+       pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+FROM pg_class c LEFT JOIN pg_policy p ON p.polrelid = c.oid
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')";
+
+/// PyPI's schemainspect, run as its users do: one process that inspects the database.
+const SCHEMAINSPECT_PY: &str = "import sys
+from sqlbag import S
+from schemainspect import get_inspector
+with S(sys.argv[1]) as s:
+    i = get_inspector(s)
+    assert len(i.rlspolicies) > 0, 'schemainspect saw no policies'
+";
+
+fn release_bin() -> std::path::PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string());
+    std::path::Path::new(&target).join("release/dbpolicy")
+}
+
+fn schemainspect_python() -> Option<String> {
+    let python = std::env::var("DBPOLICY_BENCH_SCHEMAINSPECT").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/dbpolicy-bench/venv/bin/python",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    std::path::Path::new(&python).exists().then_some(python)
+}
+
+/// Runs `cmd` to completion; its time, or why it failed.
+fn timed(cmd: &mut std::process::Command, expect: i32) -> Res<Duration> {
+    let start = Instant::now();
+    let out = cmd.output()?;
+    let took = start.elapsed();
+    anyhow::ensure!(
+        out.status.code() == Some(expect),
+        "{cmd:?} exited with {} (expected {expect}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(took)
+}
+
+/// `dbpolicy plan`, the catalog floor and schemainspect, each a whole process, in turn
+/// (paired), `runs` times; medians.
+fn processes(url: &str, tables: usize, runs: usize) -> Res<Processes> {
+    let bin = release_bin();
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing: cargo build --release",
+        bin.display()
+    );
+    let mut file = tempfile::NamedTempFile::new()?;
+    let spec = rls_autovacuum_yaml(tables)
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect::<String>();
+    std::io::Write::write_all(
+        &mut file,
+        format!("apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {{name: engine, namespace: bench}}\nspec:\n{spec}").as_bytes(),
+    )?;
+    let python = schemainspect_python();
+    let (mut ours, mut floor, mut inspect) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        ours.push(timed(
+            std::process::Command::new(&bin)
+                .args(["plan", "-f"])
+                .arg(file.path())
+                .env("DATABASE_URL", url)
+                .env_remove("RUST_LOG"),
+            0,
+        )?);
+        floor.push(timed(
+            std::process::Command::new("psql").args([
+                url,
+                "-X",
+                "-q",
+                "-At",
+                "-o",
+                "/dev/null",
+                "-c",
+                FLOOR_SQL,
+            ]),
+            0,
+        )?);
+        if let Some(python) = &python {
+            inspect.push(timed(
+                std::process::Command::new(python)
+                    .args(["-c", SCHEMAINSPECT_PY])
+                    .arg(url.replacen("postgres://", "postgresql+psycopg2://", 1)),
+                0,
+            )?);
+        }
+    }
+    Ok(Processes {
+        dbpolicy: median(ours),
+        floor: median(floor),
+        schemainspect: (!inspect.is_empty()).then(|| median(inspect)),
+    })
 }
 
 async fn create_db(admin: &mut PgConnection, name: &str) -> Res<()> {
@@ -243,6 +364,11 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
     }
     breakdown.push(("plan (pure)", median(t), 0));
     conn.close().await?;
+    let processes = if tables >= 1_000 {
+        Some(processes(url, tables, 5)?)
+    } else {
+        None
+    };
     Ok(SizeResult {
         tables,
         apply,
@@ -251,7 +377,70 @@ async fn bench_size(url: &str, tables: usize, trips: &dyn Fn() -> u64) -> Res<Si
         trips: per_run,
         select1,
         breakdown,
+        processes,
     })
+}
+
+const FLAG_COUNTS: [usize; 2] = [10_000, 100_000];
+
+/// The feature flags no-op at 10k and 100k flags: (flags, median no-op plan).
+async fn bench_flags(admin: &mut PgConnection, admin_url: &str) -> Res<Vec<(usize, Duration)>> {
+    let mut out = Vec::new();
+    for n in FLAG_COUNTS {
+        let db = format!("dbpolicy_bench_flags_{}_{n}", std::process::id());
+        create_db(admin, &db).await?;
+        let url = dbpolicy::pg::url_with_database(admin_url, &db);
+        let result = async {
+            let mut conn = dbpolicy::pg::connect_one(&url).await?;
+            let flags = |n: usize| {
+                let mut y = String::from(
+                    "database: {connectionSecretRef: {name: bench}}\nfeatureFlags:\n  flags:\n",
+                );
+                for i in 0..n {
+                    y.push_str(&format!("    - {{name: f{i:06}, enabled: true}}\n"));
+                }
+                serde_yaml::from_str::<DatabasePolicySpec>(&y)
+            };
+            let policy = PolicyId("bench/flags".into());
+            // The table, function and ownership by one apply; the rows in one statement
+            // (a hundred thousand upserts would only measure the apply).
+            engine::run(&mut conn, &flags(1)?, Mode::Apply, &policy).await?;
+            sqlx::raw_sql(&format!(
+                "INSERT INTO public.feature_flags (name, enabled, rollout_percentage)
+                 SELECT 'f' || lpad(i::text, 6, '0'), true, 100 FROM generate_series(0, {}) AS i
+                 ON CONFLICT DO NOTHING",
+                n - 1
+            ))
+            .execute(&mut conn)
+            .await?;
+            let spec = flags(n)?;
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                let start = Instant::now();
+                let outcome = engine::run(&mut conn, &spec, Mode::Plan, &policy).await?;
+                times.push(start.elapsed());
+                anyhow::ensure!(
+                    outcome.plan.is_empty(),
+                    "{n} flags: the plan is not empty:\n{}",
+                    outcome
+                        .plan
+                        .render_sql()
+                        .lines()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            conn.close().await?;
+            Ok(median(times))
+        }
+        .await;
+        drop_db(admin, &db).await;
+        let took = result?;
+        eprintln!("  {n} flags: no-op {took:.1?}");
+        out.push((n, took));
+    }
+    Ok(out)
 }
 
 /// certquiz from empty: (median apply, changes, round trips of one apply, SELECT 1).
@@ -410,6 +599,8 @@ async fn main() -> Res<()> {
             }
         }
     }
+    eprintln!("feature flags:");
+    let flags = bench_flags(&mut admin, &admin_url).await;
     eprintln!("certquiz:");
     let certquiz = bench_certquiz(&mut admin, &admin_url, &trips).await;
     admin.close().await?;
@@ -460,6 +651,52 @@ async fn main() -> Res<()> {
         }
     }
     println!();
+    println!("Whole processes on the same database, paired runs (dbpolicy, floor, schemainspect in turn), median of 5: `dbpolicy plan` with the row-level security and autovacuum sections, nothing to change; the catalog floor: one `psql` read of every policy expression (`pg_get_expr`) and every table's reloptions; schemainspect (PyPI) inspecting the database.");
+    println!();
+    println!("| tables | `dbpolicy plan`, no change | catalog floor (`psql`) | ratio (target ≤ 1.5) | schemainspect | ratio (target ≤ 0.33) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in &ok {
+        if let Some(p) = &r.processes {
+            let (inspect, ratio) = match p.schemainspect {
+                Some(t) => (
+                    format!("{:.0} ms", t.as_secs_f64() * 1000.0),
+                    format!("{:.2}", p.dbpolicy.as_secs_f64() / t.as_secs_f64()),
+                ),
+                None => ("not installed".into(), "".into()),
+            };
+            println!(
+                "| {} | {:.0} ms | {:.0} ms | {:.2} | {inspect} | {ratio} |",
+                r.tables,
+                p.dbpolicy.as_secs_f64() * 1000.0,
+                p.floor.as_secs_f64() * 1000.0,
+                p.dbpolicy.as_secs_f64() / p.floor.as_secs_f64(),
+            );
+        }
+    }
+    if schemainspect_python().is_none() {
+        println!("\nschemainspect: not found; install it with `python3 -m venv ~/.cache/dbpolicy-bench/venv && ~/.cache/dbpolicy-bench/venv/bin/pip install schemainspect sqlbag psycopg2-binary`, or set DBPOLICY_BENCH_SCHEMAINSPECT to a Python that has it");
+    }
+    println!();
+    match &flags {
+        Ok(rows) => {
+            println!(
+                "Feature flags, no-op plan (in process, median of 3) against the number of flags:"
+            );
+            println!();
+            println!("| flags | no-op plan | × the smallest |");
+            println!("|---:|---:|---:|");
+            for (n, took) in rows {
+                println!(
+                    "| {n} | {:.1} ms | {:.1} |",
+                    took.as_secs_f64() * 1000.0,
+                    took.as_secs_f64() / rows[0].1.as_secs_f64()
+                );
+            }
+            println!("(target: 100,000 flags within 12× the time of 10,000)");
+        }
+        Err(e) => println!("feature flags FAILED: {e:#}"),
+    }
+    println!();
     let constant = trip_counts.windows(2).all(|w| w[0] == w[1]);
     println!(
         "round trips constant across sizes: {} ({trip_counts:?})",
@@ -479,7 +716,7 @@ async fn main() -> Res<()> {
         Err(e) => println!("certquiz apply FAILED: {e:#}"),
     }
     println!("\nbinary size: {}", binary_size());
-    if !constant || results.iter().any(|r| r.is_err()) {
+    if !constant || results.iter().any(|r| r.is_err()) || flags.is_err() {
         std::process::exit(1);
     }
     Ok(())

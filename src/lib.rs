@@ -11,4 +11,5 @@ pub mod crd;
 pub mod duration;
 pub mod engine;
 pub mod jobs;
+pub mod logging;
 pub mod pg;

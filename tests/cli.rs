@@ -99,3 +99,51 @@ async fn wrong_password_is_reported_without_it() {
     );
     assert!(!out.stdout.contains("wrong-pw-123") && !out.stderr.contains("wrong-pw-123"));
 }
+
+/// Statements in logs are cut to a few hundred characters (sqlx logs whole statements) and
+/// carry no ANSI colour when stderr is not a terminal, in text and in JSON.
+#[tokio::test]
+async fn log_lines_cut_statements_and_have_no_colour_off_a_terminal() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE t (id int, owner int)").await;
+    // An expression of some 5,000 characters reaches several logged statements.
+    let long = vec!["owner = 1"; 500].join(" OR ");
+    let file = write_policy(&policy(
+        "logs",
+        &format!("  rowLevelSecurity:\n    tables:\n      - table: t\n        policies: [{{name: own, using: \"{long}\"}}]\n"),
+    ));
+    let path = file.path().to_str().unwrap();
+    for format in ["text", "json"] {
+        let mut cmd = support::dbpolicy_cmd();
+        cmd.args(["plan", "-f", path, "--log-format", format])
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "sqlx=debug");
+        let out = cmd.output().expect("run dbpolicy");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{format}: {stderr}");
+        assert!(
+            stderr.lines().count() > 3,
+            "{format}: sqlx logged its statements:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains('\u{1b}'),
+            "{format}: no escape codes into a pipe:\n{stderr}"
+        );
+        for line in stderr.lines() {
+            assert!(
+                line.len() < 1_500,
+                "{format}: a log line of {} bytes: {}…",
+                line.len(),
+                &line[..200]
+            );
+            if format == "json" {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            }
+        }
+        assert!(
+            stderr.contains("more bytes)"),
+            "{format}: a long statement was cut, and says so:\n{stderr}"
+        );
+    }
+}

@@ -695,6 +695,7 @@ fn observed_rls() -> impl Strategy<Value = rls::Observed> {
             tables,
             roles,
             normalized,
+            ..Default::default()
         })
 }
 

@@ -10,8 +10,8 @@
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
 
-use super::ledger;
 use super::plan::{Area, Change, Hazard, LedgerOp, Plan};
+use super::{ledger, normcache};
 use crate::pg::{error_summary, execute_one, reason_for_sqlstate, sqlstate};
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -87,7 +87,10 @@ pub async fn execute(
     });
     report.refused = refused.into_iter().cloned().collect();
 
-    if runnable.iter().any(|c| !c.ledger.is_empty()) {
+    if runnable
+        .iter()
+        .any(|c| !c.ledger.is_empty() || !c.cache.is_empty())
+    {
         if let Err(e) = bootstrap_ledger(conn).await {
             let first = runnable[0];
             report.failure = Some(ApplyFailure::from_sqlx(first, ledger::BOOTSTRAP_SQL, &e));
@@ -131,9 +134,11 @@ pub async fn execute(
     report
 }
 
-async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+/// Creates the ledger and the normalisation cache beside it (fixed text, no spec text).
+pub async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::Executor::execute(&mut *tx, ledger::BOOTSTRAP_SQL).await?;
+    sqlx::Executor::execute(&mut *tx, normcache::BOOTSTRAP_SQL).await?;
     tx.commit().await
 }
 
@@ -160,6 +165,9 @@ async fn run_transaction(
                 .await
                 .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
         }
+        normcache::write(&mut tx, &change.cache, policy)
+            .await
+            .map_err(|e| ApplyFailure::from_sqlx(change, "(normalisation cache)", &e))?;
     }
     // Dropping `tx` on an early return rolls back.
     tx.commit()

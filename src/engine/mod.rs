@@ -7,6 +7,7 @@ pub mod apply;
 pub mod areas;
 pub mod clock;
 pub mod ledger;
+pub mod normcache;
 pub mod plan;
 pub mod release;
 pub mod replica_health;
@@ -271,6 +272,32 @@ fn refuse_conflicts(plan: &mut Plan, ledger: &Ledger) {
     }
 }
 
+/// Records, after a successful apply, the normalisations this run made of items the catalog
+/// already showed right (a database converged before the cache existed, or a stale row),
+/// so the next check needs no twin for them. Only a cache: a failure is logged, not fatal.
+async fn fill_cache(conn: &mut PgConnection, observed: &Observed, policy: &str) {
+    let Some(rows) = observed.rls.as_ref().map(|o| &o.cache_fill) else {
+        return;
+    };
+    if rows.is_empty() {
+        return;
+    }
+    let written = async {
+        apply::bootstrap_ledger(conn).await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        normcache::write(&mut tx, rows, policy).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::warn!(
+            error = %crate::pg::error_summary(&e),
+            "could not record normalised expressions in {}; the next drift check normalises them again",
+            normcache::CACHE_TABLE
+        );
+    }
+}
+
 /// What one run did.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -392,6 +419,9 @@ pub async fn run_with(
                     &policy.0,
                 )
                 .await;
+            }
+            if report.succeeded() {
+                fill_cache(conn, &observed, &policy.0).await;
             }
             Some(report)
         } else {

@@ -163,6 +163,10 @@ pub struct Change {
     /// not hold thousands of locks at once and exhaust the lock table).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Normalisation cache rows the executor writes in the change's transaction (see
+    /// [`super::normcache`]): bookkeeping, not part of the plan people read.
+    #[serde(skip)]
+    pub cache: Vec<super::normcache::Record>,
 }
 
 impl Change {
@@ -185,7 +189,13 @@ impl Change {
             rows_affected: None,
             bundle: None,
             group: None,
+            cache: Vec::new(),
         }
+    }
+    /// Records `row` in the normalisation cache when this change commits.
+    pub fn cache(mut self, row: Option<super::normcache::Record>) -> Self {
+        self.cache.extend(row);
+        self
     }
     pub fn bundle(mut self, key: impl Into<String>) -> Self {
         self.bundle = Some(key.into());

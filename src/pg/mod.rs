@@ -73,6 +73,10 @@ impl fmt::Display for QualifiedName {
     }
 }
 
+/// A statement slower than this is logged as a warning (its text cut by
+/// [`crate::logging`], like every logged statement).
+pub const SLOW_STATEMENT: Duration = Duration::from_secs(5);
+
 /// Opens a small pool. The URI's password never reaches an error message: sqlx's
 /// connection errors do not include the URI, and ours name only host, port and database.
 pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
@@ -80,7 +84,8 @@ pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
     let target = describe(&opts);
     let opts = opts
         .application_name("dbpolicy")
-        .log_statements(tracing::log::LevelFilter::Debug);
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, SLOW_STATEMENT);
     PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))
@@ -130,7 +135,8 @@ pub async fn connect_one(url: &str) -> Result<sqlx::PgConnection, ConnectError> 
     let target = describe(&opts);
     let opts = opts
         .application_name("dbpolicy")
-        .log_statements(tracing::log::LevelFilter::Debug);
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, SLOW_STATEMENT);
     tokio::time::timeout(
         Duration::from_secs(15),
         sqlx::PgConnection::connect_with(&opts),

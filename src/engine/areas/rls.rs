@@ -12,6 +12,7 @@ use crate::api::{
     PolicyCommand, PolicyKind, RlsPolicy, RlsTable, RowLevelSecuritySpec, TableTarget,
 };
 use crate::engine::ledger::Ledger;
+use crate::engine::normcache;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
 use crate::pg::grammar::check_expression;
@@ -72,6 +73,14 @@ pub struct Observed {
     /// Per (table, policy name): the desired expressions in PostgreSQL's own form, or
     /// PostgreSQL's refusal. A policy absent here is compared as written.
     pub normalized: BTreeMap<(QualifiedName, String), Result<Normalized, ExpressionError>>,
+    /// Per (table, policy name): the key of its desired expressions in the normalisation
+    /// cache ([`normcache`]), for the changes that create or alter it to record.
+    pub cache_keys: BTreeMap<(QualifiedName, String), String>,
+    /// Items normalised on a twin this run whose form the catalog already shows: recorded
+    /// in the cache after a successful apply, so the next check needs no twin for them.
+    pub cache_fill: Vec<normcache::Record>,
+    /// How many twin tables this run built (0 on a no-op whose cache is up to date).
+    pub twins: usize,
 }
 
 // ------------------------------------------------------------------------------- observe
@@ -90,6 +99,8 @@ type CatalogRow = (
     Option<Vec<String>>,
     Option<String>,
     Option<String>,
+    String,
+    Option<String>,
 );
 
 const CATALOG_SQL: &str = "SELECT n.nspname::text, c.relname::text, c.relkind::text,
@@ -99,10 +110,16 @@ const CATALOG_SQL: &str = "SELECT n.nspname::text, c.relname::text, c.relkind::t
          ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END
                FROM unnest(p.polroles) AS r)
        END,
-       pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+       pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid),
+       s.shape, p.oid::text || ':' || p.xmin::text
 FROM unnest($1::text[], $2::text[]) AS d(schema, name)
 JOIN pg_namespace n ON n.nspname = d.schema
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name
+CROSS JOIN LATERAL (
+  SELECT coalesce(string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod)
+                             || ' ' || a.attcollation::text, ', ' ORDER BY a.attnum), '')
+  FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+) AS s(shape)
 LEFT JOIN pg_policy p ON p.polrelid = c.oid";
 
 /// Reads the spec's tables and policies (one query), the roles they name (one query), and
@@ -121,6 +138,8 @@ pub async fn observe(
         .fetch_all(&mut *conn)
         .await?;
     let mut observed = Observed::default();
+    let mut shapes = BTreeMap::new();
+    let mut versions = BTreeMap::new();
     for (
         schema,
         name,
@@ -134,8 +153,17 @@ pub async fn observe(
         roles,
         using,
         check,
+        shape,
+        version,
     ) in rows
     {
+        shapes.insert(QualifiedName::new(&schema, &name), shape);
+        if let (Some(polname), Some(version)) = (&polname, version) {
+            versions.insert(
+                (QualifiedName::new(&schema, &name), polname.clone()),
+                version,
+            );
+        }
         let table = observed
             .tables
             .entry(QualifiedName::new(schema, name))
@@ -183,7 +211,22 @@ pub async fn observe(
         observed.roles = existing.into_iter().collect();
     }
 
-    observed.normalized = normalize(conn, spec, &observed.tables).await?;
+    let environment = normcache::environment(conn).await?;
+    let keys = cache_keys(spec, &observed.tables, &shapes, &environment);
+    let wanted: Vec<String> = keys
+        .values()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let cached = normcache::read(conn, &wanted).await?;
+    let (hits, misses) = use_cache(&keys, &cached, &observed.tables, &versions);
+    let (fresh, twins) = normalize(conn, spec, &observed.tables, &shapes, &misses).await?;
+    observed.cache_fill = fill(&fresh, &keys, &observed.tables);
+    observed.normalized = hits;
+    observed.normalized.extend(fresh);
+    observed.cache_keys = keys;
+    observed.twins = twins;
     Ok(observed)
 }
 
@@ -233,7 +276,9 @@ async fn normalize(
     conn: &mut PgConnection,
     spec: &RowLevelSecuritySpec,
     tables: &BTreeMap<QualifiedName, TableState>,
-) -> Result<NormalizedPolicies, sqlx::Error> {
+    shapes: &BTreeMap<QualifiedName, String>,
+    misses: &BTreeSet<(QualifiedName, String)>,
+) -> Result<(NormalizedPolicies, usize), sqlx::Error> {
     let mut input = Vec::new();
     for t in &spec.tables {
         let name = t.qualified();
@@ -248,6 +293,7 @@ async fn normalize(
             .iter()
             // Text that is not one expression never reaches PostgreSQL (see check_expression).
             .filter(|p| expressions(p).is_ok())
+            .filter(|p| misses.contains(&(name.clone(), p.name.clone())))
             .map(|p| NormalizePolicy {
                 name: &p.name,
                 command: command_sql(p.command.unwrap_or_default()),
@@ -260,19 +306,202 @@ async fn normalize(
     }
     let mut out = BTreeMap::new();
     if input.is_empty() {
-        return Ok(out);
+        return Ok((out, 0));
+    }
+    // Each distinct (schema, table shape, policies) is normalised once: tables alike get
+    // the first one's result.
+    let mut groups: BTreeMap<TwinGroup, Vec<usize>> = BTreeMap::new();
+    for (i, t) in input.iter().enumerate() {
+        let key = twin_group(t, tables, shapes);
+        groups.entry(key).or_default().push(i);
+    }
+    let mut representatives = Vec::with_capacity(groups.len());
+    let mut members = Vec::new();
+    for indexes in groups.values() {
+        representatives.push(&input[indexes[0]]);
+        for &m in &indexes[1..] {
+            members.push((indexes[0], m));
+        }
     }
     let mut tx = conn.begin().await?;
-    let result = normalize_in(&mut tx, &input, &mut out).await;
+    let result = normalize_in(&mut tx, &representatives, &mut out).await;
     let rolled_back = tx.rollback().await;
     result?;
     rolled_back?;
-    Ok(out)
+    for (rep, member) in members {
+        let (rep, member) = (&input[rep], &input[member]);
+        for p in &member.policies {
+            if let Some(v) = out.get(&(rep.name.clone(), p.name.to_string())).cloned() {
+                out.insert((member.name.clone(), p.name.to_string()), v);
+            }
+        }
+    }
+    Ok((out, representatives.len()))
+}
+
+/// What decides PostgreSQL's form of a table's policies, besides the environment: the
+/// schema, the columns (names, types, collations), whether we own the table, the policies
+/// as written, and the table's own name when an expression mentions it (a reference to
+/// the table itself must not resolve to another table's twin).
+type TwinGroup = (
+    String,
+    String,
+    bool,
+    String,
+    Vec<(String, &'static str, String)>,
+);
+
+fn twin_group(
+    t: &NormalizeTable<'_>,
+    tables: &BTreeMap<QualifiedName, TableState>,
+    shapes: &BTreeMap<QualifiedName, String>,
+) -> TwinGroup {
+    let policies: Vec<(String, &'static str, String)> = t
+        .policies
+        .iter()
+        .map(|p| (p.name.to_string(), p.command, p.clauses.clone()))
+        .collect();
+    let mentioned = policies.iter().any(|(_, _, c)| mentions(c, &t.name.name));
+    (
+        t.name.schema.clone(),
+        shapes.get(&t.name).cloned().unwrap_or_default(),
+        tables.get(&t.name).is_some_and(|s| s.not_owned),
+        if mentioned {
+            t.name.name.clone()
+        } else {
+            String::new()
+        },
+        policies,
+    )
+}
+
+/// Whether `text` mentions `name` as a word, ignoring case (conservative: quoting and
+/// schema qualification do not hide it).
+fn mentions(text: &str, name: &str) -> bool {
+    let (text, name) = (text.to_lowercase(), name.to_lowercase());
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    text.match_indices(&name).any(|(i, m)| {
+        !word(text[..i].chars().next_back()) && !word(text[i + m.len()..].chars().next())
+    })
+}
+
+/// The normalisation cache key of every desired policy that normalisation would see.
+fn cache_keys(
+    spec: &RowLevelSecuritySpec,
+    tables: &BTreeMap<QualifiedName, TableState>,
+    shapes: &BTreeMap<QualifiedName, String>,
+    environment: &str,
+) -> BTreeMap<(QualifiedName, String), String> {
+    let mut keys = BTreeMap::new();
+    for t in &spec.tables {
+        let name = t.qualified();
+        let Some(state) = tables.get(&name) else {
+            continue;
+        };
+        if !matches!(state.relkind.as_str(), "r" | "p") {
+            continue;
+        }
+        let shape = shapes.get(&name).map(String::as_str).unwrap_or_default();
+        for p in t.policies.iter().filter(|p| expressions(p).is_ok()) {
+            let written = |e: &Option<String>| match e {
+                Some(e) => format!("+{}", e.trim()),
+                None => "-".to_string(),
+            };
+            let (using, check) = (written(&p.using), written(&p.with_check));
+            let mentioned = mentions(&using, &name.name) || mentions(&check, &name.name);
+            let key = normcache::key(&[
+                "rowLevelSecurity/1",
+                environment,
+                &name.schema,
+                &name.name,
+                &p.name,
+                shape,
+                if mentioned { &name.name } else { "" },
+                if state.not_owned {
+                    "not owned"
+                } else {
+                    "owned"
+                },
+                command_sql(p.command.unwrap_or_default()),
+                &using,
+                &check,
+            ]);
+            keys.insert((name.clone(), p.name.clone()), key);
+        }
+    }
+    keys
+}
+
+/// Splits the keyed policies into those the cache answers (its form is exactly what the
+/// catalog shows now for that policy, whose catalog row is the version the form was
+/// recorded against) and those to normalise on a twin. A row that fails either, stale or
+/// tampered, is never used: the twin decides.
+fn use_cache(
+    keys: &BTreeMap<(QualifiedName, String), String>,
+    cached: &BTreeMap<String, normcache::Cached>,
+    tables: &BTreeMap<QualifiedName, TableState>,
+    versions: &BTreeMap<(QualifiedName, String), String>,
+) -> (NormalizedPolicies, BTreeSet<(QualifiedName, String)>) {
+    let mut hits = BTreeMap::new();
+    let mut misses = BTreeSet::new();
+    for (item, key) in keys {
+        let (table, policy) = item;
+        let live = tables.get(table).and_then(|t| t.policies.get(policy));
+        match (cached.get(key), live) {
+            (Some(row), Some(live))
+                if row.using == live.using
+                    && row.with_check == live.with_check
+                    && row.version.is_some()
+                    && row.version.as_ref() == versions.get(item) =>
+            {
+                hits.insert(
+                    (table.clone(), policy.clone()),
+                    Ok(Normalized {
+                        using: row.using.clone(),
+                        with_check: row.with_check.clone(),
+                    }),
+                );
+            }
+            _ => {
+                misses.insert((table.clone(), policy.clone()));
+            }
+        }
+    }
+    (hits, misses)
+}
+
+/// The cache rows of items normalised this run that the catalog already shows as
+/// PostgreSQL would store them (one per key).
+fn fill(
+    fresh: &NormalizedPolicies,
+    keys: &BTreeMap<(QualifiedName, String), String>,
+    tables: &BTreeMap<QualifiedName, TableState>,
+) -> Vec<normcache::Record> {
+    let mut rows = BTreeMap::new();
+    for ((table, policy), n) in fresh {
+        let (Ok(n), Some(key)) = (n, keys.get(&(table.clone(), policy.clone()))) else {
+            continue;
+        };
+        let live = tables.get(table).and_then(|t| t.policies.get(policy));
+        if live.is_some_and(|l| l.using == n.using && l.with_check == n.with_check) {
+            rows.insert(
+                key.clone(),
+                normcache::Record {
+                    key: key.clone(),
+                    table: table.clone(),
+                    name: policy.clone(),
+                    using: n.using.clone(),
+                    with_check: n.with_check.clone(),
+                },
+            );
+        }
+    }
+    rows.into_values().collect()
 }
 
 async fn normalize_in(
     conn: &mut PgConnection,
-    input: &[NormalizeTable<'_>],
+    input: &[&NormalizeTable<'_>],
     out: &mut NormalizedPolicies,
 ) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(
@@ -489,6 +718,8 @@ pub struct DesiredPolicy {
     pub roles: BTreeSet<String>,
     pub using: Option<Expr>,
     pub with_check: Option<Expr>,
+    /// Its normalisation cache row, when PostgreSQL normalised it (written with the change).
+    pub cache: Option<normcache::Record>,
 }
 
 impl DesiredPolicy {
@@ -524,6 +755,8 @@ pub enum Op {
         roles: Option<BTreeSet<String>>,
         using: Option<Expr>,
         with_check: Option<Expr>,
+        /// The policy's normalisation cache row, written with the change.
+        cache: Option<normcache::Record>,
     },
     /// A policy the spec does not list, on a table whose policies it owns.
     Drop {
@@ -633,6 +866,17 @@ fn resolve(
         roles: desired_roles(p).unwrap_or_default(),
         using: expr(&p.using, &normalized.using),
         with_check: expr(&p.with_check, &normalized.with_check),
+        cache: observed
+            .normalized
+            .get(&(table.clone(), p.name.clone()))
+            .zip(observed.cache_keys.get(&(table.clone(), p.name.clone())))
+            .map(|(_, key)| normcache::Record {
+                key: key.clone(),
+                table: table.clone(),
+                name: p.name.clone(),
+                using: normalized.using.clone(),
+                with_check: normalized.with_check.clone(),
+            }),
     })
 }
 
@@ -690,6 +934,7 @@ fn diff_policies(
                 roles,
                 using,
                 with_check,
+                cache: want.cache,
             });
         }
     }
@@ -808,7 +1053,8 @@ pub fn render(op: &Op) -> Vec<Change> {
             create_sql(table, policy),
         )
         .hazard(Hazard::Locking)
-        .record(&policy.name)],
+        .record(&policy.name)
+        .cache(policy.cache.clone())],
         Op::Replace { table, policy, why } => vec![
             // Not destructive: the policy is recreated in the same transaction.
             Change::new(
@@ -829,7 +1075,8 @@ pub fn render(op: &Op) -> Vec<Change> {
                 create_sql(table, policy),
             )
             .hazard(Hazard::Locking)
-            .record(&policy.name),
+            .record(&policy.name)
+            .cache(policy.cache.clone()),
         ],
         Op::Alter {
             table,
@@ -837,6 +1084,7 @@ pub fn render(op: &Op) -> Vec<Change> {
             roles,
             using,
             with_check,
+            cache,
         } => {
             let mut sql = format!("ALTER POLICY {} ON {}", quote_ident(name), table.quoted());
             let mut what = Vec::new();
@@ -862,7 +1110,8 @@ pub fn render(op: &Op) -> Vec<Change> {
             )
             .hazard(Hazard::Locking)
             // Claims the policy, so a second policy altering it is refused as a conflict.
-            .record(name.as_str())]
+            .record(name.as_str())
+            .cache(cache.clone())]
         }
         Op::Drop { table, name } => vec![Change::new(
             AREA,
@@ -923,6 +1172,7 @@ pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
                 roles,
                 using,
                 with_check,
+                cache: _,
             } => {
                 if let Some(p) = next
                     .tables
@@ -1024,6 +1274,7 @@ mod tests {
                 .collect(),
             roles: BTreeSet::from(["app".to_string(), "Admin Role".to_string()]),
             normalized: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -1087,6 +1338,48 @@ mod tests {
                 r#"CREATE POLICY "we""ird" ON "s"."T x" AS RESTRICTIVE FOR UPDATE TO "Admin Role", "app", PUBLIC USING (a = 1) WITH CHECK (b = 2)"#
             ]
         );
+    }
+
+    #[test]
+    fn a_table_mentioned_in_its_expression_is_told_apart() {
+        assert!(mentions("id IN (SELECT id FROM a)", "a"));
+        assert!(mentions("EXISTS (SELECT 1 FROM public.\"Notes\")", "notes"));
+        assert!(!mentions("current_setting('app.user_id') AND x", "a"));
+        assert!(!mentions("table_a = 1", "a"));
+    }
+
+    #[test]
+    fn the_cache_answers_only_what_the_catalog_shows_at_the_recorded_version() {
+        let o = observed(&[("up", vec![("own", state(Some(OWN_PG), None))])]);
+        let item = (t("up"), "own".to_string());
+        let keys = BTreeMap::from([(item.clone(), "k".to_string())]);
+        let row = |using: &str, version: Option<&str>| {
+            BTreeMap::from([(
+                "k".to_string(),
+                normcache::Cached {
+                    using: Some(using.into()),
+                    with_check: None,
+                    version: version.map(String::from),
+                },
+            )])
+        };
+        let versions = BTreeMap::from([(item.clone(), "1:100".to_string())]);
+        let (hits, misses) = use_cache(&keys, &row(OWN_PG, Some("1:100")), &o.tables, &versions);
+        assert_eq!(hits.len(), 1);
+        assert!(misses.is_empty());
+        for (cached, why) in [
+            (row(OWN_PG, Some("1:101")), "the policy changed since"),
+            (row(OWN_PG, None), "no version"),
+            (
+                row("(owner = 2)", Some("1:100")),
+                "not what the catalog shows",
+            ),
+            (BTreeMap::new(), "no row"),
+        ] {
+            let (hits, misses) = use_cache(&keys, &cached, &o.tables, &versions);
+            assert!(hits.is_empty(), "{why}");
+            assert!(misses.contains(&item), "{why}");
+        }
     }
 
     #[test]
@@ -1514,6 +1807,7 @@ mod tests {
                 tables: m.into_iter().map(|(n, s)| (t(n), s)).collect(),
                 roles: ROLES.iter().map(|r| r.to_string()).collect(),
                 normalized: BTreeMap::new(),
+                ..Default::default()
             },
         )
     }

@@ -1,0 +1,176 @@
+//! The normalisation cache (`dbpolicy.normalized`): what PostgreSQL made of a desired
+//! expression, keyed by a hash of everything that decides it, so that a drift check with
+//! nothing to change builds no scratch twin at all.
+//!
+//! A row maps the key of one desired item (see [`key`]: the table and item, the text as
+//! written, the command, the table's shape, the search path and a fingerprint of the
+//! catalogs that resolve names) to the form PostgreSQL stored and the version (`oid:xmin`)
+//! of the catalog row it was recorded against. It is written beside the ledger, in the same transaction
+//! as the change that created the item, or after a run that found the item already right.
+//!
+//! The cache only ever saves work, it never decides: a row is used only when the form it
+//! holds is exactly what the catalog shows now for that item and the item's catalog row is
+//! the very version it was recorded against. A stale row (the item was changed by hand, even
+//! to the text the row holds; the table's columns changed; a function was created that
+//! would resolve differently) or a tampered one fails one of these, and the item is
+//! normalised again on a twin: drift is never hidden by the cache. (Whoever can rewrite
+//! both a row and its version can also rewrite the ledger: the `dbpolicy` schema is the
+//! operator's, see docs/security.md.)
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+
+use crate::pg::QualifiedName;
+
+pub const CACHE_TABLE: &str = "dbpolicy.normalized";
+
+/// Appended to the ledger's bootstrap: created with it, in the same transaction.
+pub const BOOTSTRAP_SQL: &str = "CREATE TABLE IF NOT EXISTS dbpolicy.normalized (
+    key text PRIMARY KEY,
+    policy text NOT NULL,
+    using_expr text,
+    check_expr text,
+    item_version text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE dbpolicy.normalized IS 'dbpolicy''s cache of normalised expressions; safe to empty, do not edit by hand.'";
+
+/// One cached item: PostgreSQL's form of the desired expressions of the policy `name` on
+/// `table`, under `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: String,
+    pub table: QualifiedName,
+    pub name: String,
+    pub using: Option<String>,
+    pub with_check: Option<String>,
+}
+
+/// A row as read back: its forms, and the version (`oid:xmin`) of the catalog row it was
+/// recorded against. Any later change to that catalog row (an `ALTER POLICY` by hand, a
+/// drop and re-create) changes its version, and the row is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    pub using: Option<String>,
+    pub with_check: Option<String>,
+    pub version: Option<String>,
+}
+
+/// What resolves the names of an expression, besides its table: the search path, the
+/// server version, and the size and newest OID of the catalogs a name can resolve to
+/// (functions, operators, casts, namespaces, and types other than tables' row and array
+/// types; not the `dbpolicy` schema, which the first apply creates, nor temporary ones).
+/// A `CREATE FUNCTION` that would capture a name changes it, and every key.
+/// One query per run.
+pub const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
+    current_setting('search_path'), current_setting('server_version_num'),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_proc),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_operator),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_cast),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_namespace
+      WHERE nspname <> 'dbpolicy' AND nspname NOT LIKE 'pg\\_temp\\_%'
+        AND nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_type
+      WHERE typrelid = 0 AND typcategory <> 'A'))";
+
+pub async fn environment(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(ENVIRONMENT_SQL)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+/// The cache key of one item: SHA-256 over its parts, each length-prefixed so that no two
+/// different lists of parts hash alike.
+pub fn key(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The rows for `keys` (one query); an absent cache table is an empty cache.
+pub async fn read(
+    conn: &mut PgConnection,
+    keys: &[String],
+) -> Result<BTreeMap<String, Cached>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    type Row = (String, Option<String>, Option<String>, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT key, using_expr, check_expr, item_version FROM dbpolicy.normalized WHERE key = ANY($1::text[])",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await
+    .or_else(|e| match crate::pg::sqlstate(&e).as_deref() {
+        // undefined_table / invalid_schema_name: nothing applied yet
+        Some("42P01") | Some("3F000") => Ok(Vec::new()),
+        _ => Err(e),
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, using, with_check, version)| {
+            (
+                key,
+                Cached {
+                    using,
+                    with_check,
+                    version,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Upserts `records` in one statement (inside the caller's transaction when it has one),
+/// each with the version of its policy's catalog row as the database has it now (after
+/// the change that created or altered it, in the same transaction).
+pub async fn write(
+    conn: &mut PgConnection,
+    records: &[Record],
+    policy: &str,
+) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+    let usings: Vec<Option<&str>> = records.iter().map(|r| r.using.as_deref()).collect();
+    let checks: Vec<Option<&str>> = records.iter().map(|r| r.with_check.as_deref()).collect();
+    let tables: Vec<String> = records.iter().map(|r| r.table.quoted()).collect();
+    let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO dbpolicy.normalized (key, policy, using_expr, check_expr, item_version)
+         SELECT DISTINCT ON (r.k) r.k, $6, r.u, r.c,
+                (SELECT p.oid::text || ':' || p.xmin::text FROM pg_policy p
+                  WHERE p.polrelid = to_regclass(r.t) AND p.polname = r.n)
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS r(k, u, c, t, n)
+         ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, using_expr = EXCLUDED.using_expr,
+             check_expr = EXCLUDED.check_expr, item_version = EXCLUDED.item_version, updated_at = now()",
+    )
+    .bind(keys)
+    .bind(usings)
+    .bind(checks)
+    .bind(tables)
+    .bind(names)
+    .bind(policy)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_separate_their_parts() {
+        assert_ne!(key(&["ab", "c"]), key(&["a", "bc"]));
+        assert_eq!(key(&["a", "b"]), key(&["a", "b"]));
+        assert_eq!(key(&[]).len(), 64);
+    }
+}
