@@ -448,7 +448,10 @@ pub async fn run_with(
 /// `pg_advisory_lock()`: a statement waiting for the lock holds a snapshot, and the
 /// `CREATE INDEX CONCURRENTLY` of the run holding the lock waits for every older snapshot
 /// to go away — a deadlock (40P01). Between two polls this session holds no snapshot.
-async fn acquire_lock(conn: &mut PgConnection, wait: Duration) -> Result<(), EngineError> {
+pub(crate) async fn acquire_lock(
+    conn: &mut PgConnection,
+    wait: Duration,
+) -> Result<(), EngineError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(20);
     loop {

@@ -70,9 +70,29 @@ pub async fn release(
         released.reset = Some(run(conn, &reset_spec(spec), Mode::Apply, policy).await?);
     }
     let timeout = pg_millis(spec.statement_timeout()).map_err(ReleaseError::Ledger)?;
-    let ledger = |e: sqlx::Error| ReleaseError::Ledger(crate::pg::error_summary(&e));
     // One transaction under the advisory lock every run takes: a run of the same policy
-    // in flight finishes (and records) before its claims go.
+    // in flight finishes (and records) before its claims go. The lock is awaited the way
+    // every run awaits it (polled, no snapshot held, so no deadlock with that run's
+    // `CREATE INDEX CONCURRENTLY`), then released whatever happened.
+    super::acquire_lock(conn, std::time::Duration::from_millis(timeout))
+        .await
+        .map_err(|e| ReleaseError::Ledger(e.to_string()))?;
+    let result = claims_in_transaction(conn, policy, timeout, released).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(ADVISORY_LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
+    result
+}
+
+/// Deletes the policy's ledger rows and names the slots it leaves, in one transaction.
+async fn claims_in_transaction(
+    conn: &mut PgConnection,
+    policy: &PolicyId,
+    timeout: u64,
+    mut released: Released,
+) -> Result<Released, ReleaseError> {
+    let ledger = |e: sqlx::Error| ReleaseError::Ledger(crate::pg::error_summary(&e));
     let mut tx = conn.begin().await.map_err(ledger)?;
     sqlx::Executor::execute(
         &mut *tx,
@@ -81,11 +101,6 @@ pub async fn release(
     )
     .await
     .map_err(ledger)?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(ADVISORY_LOCK_KEY)
-        .execute(&mut *tx)
-        .await
-        .map_err(ledger)?;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('dbpolicy.managed') IS NOT NULL")
         .fetch_one(&mut *tx)
         .await
