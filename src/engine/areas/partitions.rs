@@ -20,7 +20,7 @@ use crate::api::{PartitionInterval, PartitionTableStatus, PartitionedTable, Part
 use crate::api::{RetentionPolicy, TableTarget};
 use crate::duration::{parse_retention, Retention};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
-use crate::pg::{quote_ident, QualifiedName};
+use crate::pg::{quote_ident, quote_literal, QualifiedName};
 
 const AREA: Area = Area::Partitions;
 
@@ -204,9 +204,9 @@ impl KeyType {
     /// A bound literal; timestamptz bounds are UTC midnights, whatever the session's zone.
     pub fn literal(self, d: NaiveDate) -> String {
         match self {
-            KeyType::Date => format!("'{}'", d.format("%Y-%m-%d")),
-            KeyType::Timestamp => format!("'{} 00:00:00'", d.format("%Y-%m-%d")),
-            KeyType::Timestamptz => format!("'{} 00:00:00+00'", d.format("%Y-%m-%d")),
+            KeyType::Date => quote_literal(&d.format("%Y-%m-%d").to_string()),
+            KeyType::Timestamp => quote_literal(&format!("{} 00:00:00", d.format("%Y-%m-%d"))),
+            KeyType::Timestamptz => quote_literal(&format!("{} 00:00:00+00", d.format("%Y-%m-%d"))),
         }
     }
 }
