@@ -98,18 +98,28 @@ async fn a_policy_on_another_database_that_wants_a_server_setting_gets_ownership
     );
     let apply = cli("apply", b.url(), &pb);
     expect_code(&apply, 1);
-    assert_eq!(written(&server, "log_statement").await.as_deref(), Some("ddl"));
+    assert_eq!(
+        written(&server, "log_statement").await.as_deref(),
+        Some("ddl")
+    );
 
     // The same value is refused too: a owns it and resets it when it stops declaring it.
     expect_code(
-        &cli("apply", b.url(), &settings("b", "      log_statement: ddl\n")),
+        &cli(
+            "apply",
+            b.url(),
+            &settings("b", "      log_statement: ddl\n"),
+        ),
         1,
     );
     // A policy never conflicts with itself: a changes its own value, and re-applies.
     let pa2 = settings("a", "      log_statement: mod\n");
     expect_code(&cli("apply", a.url(), &pa2), 0);
     expect_code(&cli("apply", a.url(), &pa2), 0);
-    assert_eq!(written(&server, "log_statement").await.as_deref(), Some("mod"));
+    assert_eq!(
+        written(&server, "log_statement").await.as_deref(),
+        Some("mod")
+    );
     assert_eq!(
         claims(&server).await,
         [format!("setting log_statement {} tests/a mod", a.name())]
@@ -117,7 +127,11 @@ async fn a_policy_on_another_database_that_wants_a_server_setting_gets_ownership
 
     // a stops declaring it: reset, claim released, b may take it.
     expect_code(
-        &cli("apply", a.url(), &settings("a", "      log_lock_waits: \"on\"\n")),
+        &cli(
+            "apply",
+            a.url(),
+            &settings("a", "      log_lock_waits: \"on\"\n"),
+        ),
         0,
     );
     assert_eq!(written(&server, "log_statement").await, None);
@@ -126,10 +140,17 @@ async fn a_policy_on_another_database_that_wants_a_server_setting_gets_ownership
         [format!("setting log_lock_waits {} tests/a on", a.name())]
     );
     expect_code(&cli("apply", b.url(), &pb), 0);
-    assert_eq!(written(&server, "log_statement").await.as_deref(), Some("all"));
+    assert_eq!(
+        written(&server, "log_statement").await.as_deref(),
+        Some("all")
+    );
     // a, unchanged, stays converged: the flip is gone.
     expect_code(
-        &cli("plan", a.url(), &settings("a", "      log_lock_waits: \"on\"\n")),
+        &cli(
+            "plan",
+            a.url(),
+            &settings("a", "      log_lock_waits: \"on\"\n"),
+        ),
         0,
     );
 }
@@ -159,12 +180,16 @@ async fn release_frees_the_server_wide_claims_so_a_successor_on_another_database
     assert_eq!(claims(&server).await, Vec::<String>::new());
     // Retain: the value stays until the successor sets its own.
     assert_eq!(
-        written(&server, "log_min_duration_statement").await.as_deref(),
+        written(&server, "log_min_duration_statement")
+            .await
+            .as_deref(),
         Some("500ms")
     );
     expect_code(&cli("apply", b.url(), &pb), 0);
     assert_eq!(
-        written(&server, "log_min_duration_statement").await.as_deref(),
+        written(&server, "log_min_duration_statement")
+            .await
+            .as_deref(),
         Some("2s")
     );
     assert_eq!(
@@ -182,15 +207,26 @@ async fn a_dropped_database_leaves_no_claim_behind() {
     let a = TestDb::on(&server).await;
     let b = TestDb::on(&server).await;
     expect_code(
-        &cli("apply", a.url(), &settings("a", "      log_statement: ddl\n")),
+        &cli(
+            "apply",
+            a.url(),
+            &settings("a", "      log_statement: ddl\n"),
+        ),
         0,
     );
     drop(a); // DROP DATABASE: its policy can never release anything
     expect_code(
-        &cli("apply", b.url(), &settings("b", "      log_statement: all\n")),
+        &cli(
+            "apply",
+            b.url(),
+            &settings("b", "      log_statement: all\n"),
+        ),
         0,
     );
-    assert_eq!(written(&server, "log_statement").await.as_deref(), Some("all"));
+    assert_eq!(
+        written(&server, "log_statement").await.as_deref(),
+        Some("all")
+    );
     assert_eq!(
         claims(&server).await,
         [format!("setting log_statement {} tests/b all", b.name())]
@@ -210,7 +246,11 @@ async fn two_concurrent_applies_on_two_databases_never_both_win() {
     let pb = write_policy(&settings("b", "      log_statement: all\n"));
     // Bootstrapped, so the runs observe an empty claims table.
     expect_code(
-        &cli("apply", a.url(), &settings("a", "      log_lock_waits: \"on\"\n")),
+        &cli(
+            "apply",
+            a.url(),
+            &settings("a", "      log_lock_waits: \"on\"\n"),
+        ),
         0,
     );
     let mut holder = server.connect().await;
@@ -271,14 +311,19 @@ async fn two_concurrent_applies_on_two_databases_never_both_win() {
             )),
         "{text}"
     );
-    assert_eq!(written(&server, "log_statement").await.as_deref(), Some(value));
+    assert_eq!(
+        written(&server, "log_statement").await.as_deref(),
+        Some(value)
+    );
     let rows = claims(&server).await;
     assert!(
         rows.contains(&format!("setting log_statement {db} {winner} {value}")),
         "{rows:?}"
     );
     assert_eq!(
-        rows.iter().filter(|r| r.starts_with("setting log_statement ")).count(),
+        rows.iter()
+            .filter(|r| r.starts_with("setting log_statement "))
+            .count(),
         1
     );
 }

@@ -500,9 +500,13 @@ async fn observe_claims(
         policy: policy.0.clone(),
     };
     let mut connection = server_claims::connect(target, statement_ms).await;
-    let observed =
-        server_claims::observe(connection.as_mut().map_err(|e| e.clone()), target, me, touched)
-            .await;
+    let observed = server_claims::observe(
+        connection.as_mut().map_err(|e| e.clone()),
+        target,
+        me,
+        touched,
+    )
+    .await;
     Ok((observed, connection.ok()))
 }
 

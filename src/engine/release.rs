@@ -132,7 +132,9 @@ async fn release_server_claims(
         database,
         policy: policy.0.clone(),
     };
-    let mut c = server_claims::connect(claims, timeout).await.map_err(failed)?;
+    let mut c = server_claims::connect(claims, timeout)
+        .await
+        .map_err(failed)?;
     let items = server_claims::release_all(&mut c, &me)
         .await
         .map_err(|e| failed(crate::pg::error_summary(&e)));

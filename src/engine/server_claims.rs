@@ -187,8 +187,11 @@ pub fn touched(spec: &DatabasePolicySpec, ledger: &Ledger) -> Touched {
         }
     }
     for area in [Area::ServerSettings, Area::Replicas] {
-        t.owned
-            .extend(ledger.items(area).filter_map(|(target, item)| item_of(area, target, item)));
+        t.owned.extend(
+            ledger
+                .items(area)
+                .filter_map(|(target, item)| item_of(area, target, item)),
+        );
     }
     t
 }
@@ -263,7 +266,12 @@ pub fn refuse(plan: &mut Plan, touched: &Touched, observed: &Observed) {
             continue;
         };
         let value = match (&claim.value, touched.declared.get(&item)) {
-            (Some(theirs), Some(Declared { value: Some(ours), .. })) => {
+            (
+                Some(theirs),
+                Some(Declared {
+                    value: Some(ours), ..
+                }),
+            ) => {
                 format!(" (it wants {theirs:?}, this policy {ours:?})")
             }
             (Some(theirs), _) => format!(" (it wants {theirs:?})"),
@@ -860,8 +868,13 @@ mod tests {
         let t = touched(&spec(""), &ledger);
         let mut a = AreaPlan::new(Area::ServerSettings);
         a.changes.push(
-            Change::new(Area::ServerSettings, "work_mem", "reset", "ALTER SYSTEM RESET")
-                .forget_under("server", "work_mem"),
+            Change::new(
+                Area::ServerSettings,
+                "work_mem",
+                "reset",
+                "ALTER SYSTEM RESET",
+            )
+            .forget_under("server", "work_mem"),
         );
         let mut p = Plan { areas: vec![a] };
         refuse(
@@ -897,7 +910,11 @@ mod tests {
                     "log_statement".into(),
                     "ServerClaimsUnavailable".into()
                 ),
-                (Area::Replicas, "s1".into(), "ServerClaimsUnavailable".into())
+                (
+                    Area::Replicas,
+                    "s1".into(),
+                    "ServerClaimsUnavailable".into()
+                )
             ]
         );
         let msg = &p.errors().next().unwrap().message;
@@ -922,8 +939,13 @@ mod tests {
             to_release(&touched(&s, &ledger), &o),
             [(Kind::Setting, "maintenance_work_mem".to_string())]
         );
-        let reset = Change::new(Area::ServerSettings, "work_mem", "reset", "ALTER SYSTEM RESET")
-            .forget_under("server", "work_mem");
+        let reset = Change::new(
+            Area::ServerSettings,
+            "work_mem",
+            "reset",
+            "ALTER SYSTEM RESET",
+        )
+        .forget_under("server", "work_mem");
         assert_eq!(
             to_release(&touched_after(&s, &ledger, &[reset]), &o),
             [
@@ -936,12 +958,19 @@ mod tests {
     #[test]
     fn the_claims_url_swaps_the_database_and_keeps_the_rest() {
         assert_eq!(
-            claims_url("postgres://u:p%40ss@db.example:5433/app?sslmode=require", "postgres")
-                .unwrap(),
+            claims_url(
+                "postgres://u:p%40ss@db.example:5433/app?sslmode=require",
+                "postgres"
+            )
+            .unwrap(),
             "postgres://u:p%40ss@db.example:5433/postgres?sslmode=require"
         );
         assert_eq!(
-            claims_url("postgresql://u@h/app?dbname=app&application_name=x", "postgres").unwrap(),
+            claims_url(
+                "postgresql://u@h/app?dbname=app&application_name=x",
+                "postgres"
+            )
+            .unwrap(),
             "postgresql://u@h/postgres?application_name=x"
         );
         assert_eq!(
@@ -957,7 +986,10 @@ mod tests {
             "postgres://u@h/my%20db"
         );
         assert!(claims_url("not a url", "postgres").is_err());
-        assert!(!format!("{:?}", ClaimsTarget::for_policy_url("postgres://u:secret@h/a"))
-            .contains("secret"));
+        assert!(!format!(
+            "{:?}",
+            ClaimsTarget::for_policy_url("postgres://u:secret@h/a")
+        )
+        .contains("secret"));
     }
 }
