@@ -61,6 +61,19 @@ async fn claims(server: &PgServer) -> Vec<String> {
     rows
 }
 
+/// `updated_at` of every claim, as text.
+async fn claims_updated_at(server: &PgServer) -> Vec<String> {
+    let mut c = server.connect().await;
+    let rows = sqlx::query_scalar(
+        "SELECT updated_at::text FROM dbpolicy.server_claims ORDER BY kind, name",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    let _ = c.close().await;
+    rows
+}
+
 async fn slots(server: &PgServer) -> Vec<String> {
     let mut c = server.connect().await;
     let v = sqlx::query_scalar("SELECT slot_name::text FROM pg_replication_slots ORDER BY 1")
@@ -115,7 +128,10 @@ async fn a_policy_on_another_database_that_wants_a_server_setting_gets_ownership
     // A policy never conflicts with itself: a changes its own value, and re-applies.
     let pa2 = settings("a", "      log_statement: mod\n");
     expect_code(&cli("apply", a.url(), &pa2), 0);
+    let stamp = claims_updated_at(&server).await;
+    // Converged: the claim is read, not rewritten.
     expect_code(&cli("apply", a.url(), &pa2), 0);
+    assert_eq!(claims_updated_at(&server).await, stamp);
     assert_eq!(
         written(&server, "log_statement").await.as_deref(),
         Some("mod")
