@@ -107,7 +107,9 @@ async fn apply(
         } else {
             None
         };
-        patch_status(api, &name, &status::suspended(&input)).await?;
+        let new_status = status::suspended(&input);
+        record_metrics(ctx, &policy, &new_status, None);
+        patch_status(api, &name, &new_status).await?;
         return match paused {
             Some(e) => Err(e),
             None => Ok(Action::await_change()),
@@ -134,12 +136,9 @@ async fn apply(
     let (outcome, url, replica_urls, notes) = match outcome {
         Ok(o) => o,
         Err(e) => {
-            patch_status(
-                api,
-                &name,
-                &status::from_error_with(&input, e.reason(), &e.to_string(), &found),
-            )
-            .await?;
+            let new_status = status::from_error_with(&input, e.reason(), &e.to_string(), &found);
+            record_metrics(ctx, &policy, &new_status, None);
+            patch_status(api, &name, &new_status).await?;
             return Err(e);
         }
     };
@@ -173,8 +172,10 @@ async fn apply(
 
     let new_status = status::from_outcome_with(&input, &outcome, &found);
     for area in status::drifted_areas(&input, &outcome, mode) {
-        ctx.metrics.drifted(area);
+        ctx.metrics.policy.drifted(&ns, &name, area);
     }
+    let pending = status::pending(&outcome, mode, &found);
+    record_metrics(ctx, &policy, &new_status, Some((&outcome, &pending)));
     let applied = status::applied_by_area(&outcome);
     for (area, n) in &applied {
         ctx.metrics.applied(*area, *n);
@@ -228,6 +229,29 @@ async fn apply(
         return Err(e);
     }
     Ok(Action::requeue(interval))
+}
+
+/// The policy's metrics from the status about to be written; `found` is what the engine
+/// run found (None when the database was not observed: those series stay as they were).
+fn record_metrics(
+    ctx: &Context,
+    policy: &DatabasePolicy,
+    status: &DatabasePolicyStatus,
+    found: Option<(&Outcome, &[engine::Change])>,
+) {
+    let snapshot = super::policy_metrics::snapshot(
+        &policy.spec,
+        status,
+        found.map(|(_, pending)| pending),
+        found.and_then(|(o, _)| o.facts.replicas.as_deref()),
+        found.and_then(|(o, _)| o.facts.slot_retained_bytes.as_ref()),
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    ctx.metrics.policy.record(
+        &policy.namespace().unwrap_or_default(),
+        &policy.name_any(),
+        &snapshot,
+    );
 }
 
 /// The CronJobs (applied, or pending in Plan mode) and the backups' status and condition.
@@ -393,6 +417,10 @@ fn failure_of(outcome: &Outcome) -> Result<()> {
 /// objects (CronJobs, the read-endpoint Secret) carry owner references and are collected
 /// by Kubernetes' garbage collector.
 async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
+    // The policy is going: its series go now, whatever the release below does.
+    ctx.metrics
+        .policy
+        .forget(&policy.namespace().unwrap_or_default(), &policy.name_any());
     let id = PolicyId(key(&policy));
     let spec = &policy.spec;
     let wants_reset = spec.effective_deletion_policy() == DeletionPolicy::Reset;
@@ -566,7 +594,7 @@ mod tests {
     use super::*;
     use crate::controller::context::DEFAULT_JOB_IMAGE;
     use crate::controller::fixtures::{
-        condition, named_secret, test_context_with, test_policy, test_secret, Expect, Sent,
+        condition, named_secret, test_context_with, test_policy, test_secret, Expect, Sent, NS,
     };
     use crate::jobs::cronjob::{backup_cronjob, refresh_cronjobs};
     use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -589,15 +617,28 @@ mod tests {
         policy: DatabasePolicy,
         scenario: Vec<Expect>,
     ) -> (Result<Action>, Vec<Sent>) {
+        let (result, sent, _) = reconcile_metered(cronjobs, policy, scenario).await;
+        (result, sent)
+    }
+
+    /// [`reconcile_on`], and the `/metrics` text afterwards.
+    async fn reconcile_metered(
+        cronjobs: bool,
+        policy: DatabasePolicy,
+        scenario: Vec<Expect>,
+    ) -> (Result<Action>, Vec<Sent>, String) {
         let (ctx, server) = test_context_with(cronjobs);
         let verifier = server.run(policy.clone(), scenario);
         let result = reconcile(Arc::new(policy), ctx.clone()).await;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("dbpolicy");
+        ctx.metrics.clone().register(&mut registry);
+        let metrics = crate::controller::metrics::encode(&registry);
         drop(ctx);
         let sent = tokio::time::timeout(Duration::from_secs(30), verifier)
             .await
             .expect("the scenario did not finish")
             .expect("the scenario failed");
-        (result, sent)
+        (result, sent, metrics)
     }
 
     fn all_bodies(sent: &[Sent]) -> String {
@@ -951,7 +992,8 @@ featureFlags:
         .unwrap();
         let _ = conn.close().await;
 
-        let (third, sent) = reconcile_with(
+        let (third, sent, metrics) = reconcile_metered(
+            true,
             policy,
             vec![
                 Expect::ListCronJobs(vec![]),
@@ -963,6 +1005,20 @@ featureFlags:
         .await;
         drop_database(&name).await;
         third.unwrap();
+        let labels = format!("namespace=\"{NS}\",policy=\"test\"");
+        for needle in [
+            format!("dbpolicy_drift_detected_total{{{labels},area=\"featureFlags\"}} 1\n"),
+            format!("dbpolicy_policy_ready{{{labels}}} 1\n"),
+        ] {
+            assert!(
+                metrics.contains(&needle),
+                "{needle} missing from\n{metrics}"
+            );
+        }
+        assert!(
+            !metrics.contains("dbpolicy_policy_pending_changes{"),
+            "{metrics}"
+        );
         let drifted = condition(&sent[2].body, "Drifted");
         assert_eq!(drifted["status"], "True", "{:#}", sent[2].body);
         assert_eq!(drifted["reason"], "DriftRepaired");
