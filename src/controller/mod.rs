@@ -5,6 +5,7 @@ pub mod backups;
 pub mod children;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod lease;
 pub mod metrics;
 pub mod policy_metrics;

@@ -17,7 +17,7 @@ use tracing::{info, instrument, warn};
 use super::context::{key, Context, FIELD_MANAGER, FINALIZER};
 use super::error::{Error, Result};
 use super::status::{self, AreaState, Children, Input, Status};
-use super::{backups, children, replicas};
+use super::{backups, children, events, replicas};
 use crate::api::{
     DatabasePolicy, DatabasePolicyStatus, DeletionPolicy, Mode, SecretKeyRef,
     DEFAULT_DRIFT_CHECK_INTERVAL, MAX_DRIFT_CHECK_INTERVAL, MIN_DRIFT_CHECK_INTERVAL,
@@ -171,8 +171,9 @@ async fn apply(
     drop(url);
 
     let new_status = status::from_outcome_with(&input, &outcome, &found);
-    for area in status::drifted_areas(&input, &outcome, mode) {
-        ctx.metrics.policy.drifted(&ns, &name, area);
+    let drifted_areas = status::drifted_areas(&input, &outcome, mode);
+    for area in &drifted_areas {
+        ctx.metrics.policy.drifted(&ns, &name, *area);
     }
     let pending = status::pending(&outcome, mode, &found);
     record_metrics(ctx, &policy, &new_status, Some((&outcome, &pending)));
@@ -185,18 +186,35 @@ async fn apply(
     if !applied.is_empty() {
         let total: usize = applied.values().sum();
         info!(changes = total, "applied");
-        ctx.publish(
-            &policy,
-            EventType::Normal,
-            "Applied",
-            "Apply",
-            format!(
-                "applied {total} change(s): {}",
-                status::counts_note(&applied)
-            ),
-            true,
-        )
-        .await;
+    }
+    // Drift gets one Event naming what drifted and whether it was repaired (a Warning
+    // when row-level security had been weakened); other change sets an `Applied` one.
+    let note = if !drifted_areas.is_empty() {
+        let drifted: Vec<&engine::Change> = outcome
+            .plan
+            .changes()
+            .filter(|c| drifted_areas.contains(&c.area))
+            .collect();
+        let repaired = mode == Mode::Apply
+            && outcome
+                .report
+                .as_ref()
+                .is_some_and(|r| r.succeeded() && r.refused.is_empty());
+        Some((events::drift(&drifted, repaired), repaired))
+    } else if !applied.is_empty() {
+        let changes: Vec<&engine::Change> = outcome
+            .report
+            .iter()
+            .flat_map(|r| r.applied.iter())
+            .collect();
+        Some((events::applied(&changes), true))
+    } else {
+        None
+    };
+    if let Some((n, distinct)) = note {
+        // A repair is a change set of its own; drift left in place folds into a series.
+        ctx.publish(&policy, n.type_, n.reason, "Apply", n.note, distinct)
+            .await;
     }
     if let Some(report) = &outcome.report {
         if !report.refused.is_empty() {
@@ -901,7 +919,9 @@ featureFlags:
         assert_eq!(event["action"], "Apply");
         let note = event["note"].as_str().unwrap();
         assert!(
-            note.starts_with("applied ") && note.contains("featureFlags"),
+            note.starts_with("applied 4 change(s) (featureFlags 4): ")
+                && note.contains("featureFlags new_quiz_engine: ")
+                && note.contains("featureFlags ai_explanations: "),
             "{note}"
         );
     }
@@ -1027,7 +1047,109 @@ featureFlags:
             .unwrap()
             .contains("featureFlags"));
         assert_eq!(condition(&sent[2].body, "Ready")["status"], "True");
-        assert_eq!(sent[3].body["reason"], "Applied");
+        let event = &sent[3].body;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Normal"), Some("DriftRepaired"))
+        );
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.starts_with("the database differed from the policy (featureFlags 1), repaired: featureFlags new_quiz_engine: "),
+            "{note}"
+        );
+    }
+
+    const RLS: &str = "database: {connectionSecretRef: {name: x}}
+rowLevelSecurity:
+  tables:
+    - table: answers
+      enabled: true
+      force: true
+      policies:
+        - {name: answers_owner, command: All, using: \"owner = current_user\"}
+";
+
+    /// Someone opens the table by hand: the repair is a Warning naming the policy and the
+    /// table, not a routine Normal event.
+    #[tokio::test]
+    async fn weakened_row_level_security_is_repaired_with_a_warning_naming_it() {
+        let (url, name) = create_database().await;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE public.answers (id int, owner name)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let policy = test_policy(RLS, true);
+        let secret = || Expect::GetSecret(Some(test_secret(&url)));
+        let converge = |policy| {
+            reconcile_with(
+                policy,
+                vec![
+                    Expect::ListCronJobs(vec![]),
+                    secret(),
+                    Expect::PatchStatus,
+                    Expect::CreateEvent,
+                ],
+            )
+        };
+        let (first, sent) = converge(policy.clone()).await;
+        first.unwrap();
+        assert_eq!(sent[3].body["reason"], "Applied", "{:#}", sent[3].body);
+        let policy = with_status(policy, &sent[2].body);
+        assert_eq!(condition(&sent[2].body, "Ready")["status"], "True");
+
+        sqlx::raw_sql(
+            "DROP POLICY answers_owner ON public.answers;
+             ALTER TABLE public.answers NO FORCE ROW LEVEL SECURITY",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let (third, sent, metrics) = reconcile_metered(
+            true,
+            policy,
+            vec![
+                Expect::ListCronJobs(vec![]),
+                secret(),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        let (enabled, forced, policies): (bool, bool, i64) = sqlx::query_as(
+            "SELECT relrowsecurity, relforcerowsecurity,
+                    (SELECT count(*) FROM pg_policy WHERE polrelid = c.oid)
+             FROM pg_class c WHERE oid = 'public.answers'::regclass",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let _ = conn.close().await;
+        drop_database(&name).await;
+        third.unwrap();
+        assert_eq!((enabled, forced, policies), (true, true, 1), "repaired");
+        let event = &sent[3].body;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Warning"), Some("SecurityDriftRepaired")),
+            "{event:#}"
+        );
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.starts_with(
+                "row-level security was weakened outside the policy (2 change(s) to undo it)"
+            ),
+            "{note}"
+        );
+        assert!(
+            note.contains("rowLevelSecurity public.answers: create policy answers_owner")
+                && note.contains("rowLevelSecurity public.answers: force row level security"),
+            "{note}"
+        );
+        assert!(
+            metrics.contains("dbpolicy_drift_detected_total{namespace=\"default\",policy=\"test\",area=\"rowLevelSecurity\"} 1"),
+            "{metrics}"
+        );
     }
 
     const CHILDREN: &str = "database: {connectionSecretRef: {name: x}}
