@@ -8,7 +8,8 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as `kubectl-dbpolicy`, the binary is the kubectl plugin.
+    let cli = Cli::parse_from(dbpolicy::cli::args_for(std::env::args_os().collect()));
     // The operator tells what it does; the one-shot commands only warn.
     let default = match cli.command {
         Command::Run(_) => "info",
