@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dbpolicy::cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -15,7 +14,8 @@ async fn main() -> ExitCode {
         Command::Run(_) => "info",
         _ => "warn",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = dbpolicy::logging::filter(rust_log.as_deref(), default);
     dbpolicy::logging::init(cli.log_format == LogFormat::Json, filter);
     dbpolicy::cli::run(cli).await
 }
