@@ -279,13 +279,15 @@ fn name_bytes(spec: &DatabasePolicySpec, errors: &mut Vec<ValidationError>) {
     let Ok(value) = serde_json::to_value(spec) else {
         return;
     };
-    walk_names(schema, &value, "", errors);
+    walk_names(schema, &value, &mut String::new(), errors);
 }
 
+/// `path` is one buffer, extended and cut back on the way down: a 5,000-table spec has
+/// tens of thousands of fields, and only a bad one needs its path as a string of its own.
 fn walk_names(
     schema: &serde_json::Value,
     value: &serde_json::Value,
-    path: &str,
+    path: &mut String,
     errors: &mut Vec<ValidationError>,
 ) {
     use serde_json::Value;
@@ -295,7 +297,7 @@ fn walk_names(
                 && s.len() > crate::crd::NAME_BYTES =>
         {
             errors.push(err(
-                path,
+                path.as_str(),
                 format!(
                     "{s:?} is {} bytes; PostgreSQL names are at most {} bytes (letters outside ASCII take 2 to 4 bytes each)",
                     s.len(),
@@ -310,17 +312,22 @@ fn walk_names(
                 } else {
                     &schema["additionalProperties"]
                 };
-                let at = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                walk_names(sub, v, &at, errors);
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                walk_names(sub, v, path, errors);
+                path.truncate(len);
             }
         }
         Value::Array(items) => {
             for (i, v) in items.iter().enumerate() {
-                walk_names(&schema["items"], v, &format!("{path}[{i}]"), errors);
+                let len = path.len();
+                use std::fmt::Write as _;
+                let _ = write!(path, "[{i}]");
+                walk_names(&schema["items"], v, path, errors);
+                path.truncate(len);
             }
         }
         _ => {}

@@ -40,8 +40,9 @@ pub const MAX_FRAGMENT_BYTES: usize = 100_000;
 /// the same fragment on many tables (one tenant rule for every table), and validation,
 /// observation and planning each ask about every fragment: parsing is the cost of a no-op
 /// drift check at thousands of tables, and a verdict depends on the text alone.
-static VERDICTS: LazyLock<[Mutex<HashMap<Box<str>, Result<(), FragmentError>>>; 2]> =
-    LazyLock::new(Default::default);
+static VERDICTS: LazyLock<[Verdicts; 2]> = LazyLock::new(Default::default);
+
+type Verdicts = Mutex<HashMap<Box<str>, Result<(), FragmentError>>>;
 
 /// Verdicts kept at most; past it the memo starts again (a cap, not an LRU: specs that
 /// large re-parse at most once per run).
