@@ -325,7 +325,7 @@ impl BackupError {
     pub fn reason(&self) -> &'static str {
         match self {
             BackupError::Usage(_) => "InvalidArguments",
-            BackupError::Connect(e) => e.reason(),
+            BackupError::Connect(e) => e.reason().as_str(),
             BackupError::Store(_) => "StoreFailed",
             BackupError::Tool(_) => "ToolFailed",
             BackupError::Source(_) => "SourceReadFailed",

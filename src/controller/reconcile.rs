@@ -369,13 +369,13 @@ fn failure_of(outcome: &Outcome) -> Result<()> {
     if let Some(first) = errors.first() {
         return Err(Error::PlanErrors {
             count: errors.len(),
-            reason: first.reason.clone(),
+            reason: first.reason.to_string(),
             first: first.to_string(),
         });
     }
     if let Some(f) = outcome.report.as_ref().and_then(|r| r.failure.as_ref()) {
         return Err(Error::ApplyFailed {
-            reason: f.reason.clone(),
+            reason: f.reason.to_string(),
             message: format!("{}: {}: {}", f.area, f.target, f.message),
         });
     }

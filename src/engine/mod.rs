@@ -20,6 +20,7 @@ use sqlx::PgConnection;
 
 use crate::api::{validate_spec, DatabasePolicySpec, Mode, ValidationError};
 use crate::duration::pg_millis;
+use crate::reason::Reason;
 pub use apply::{ApplyFailure, ApplyReport};
 pub use areas::server_settings::AllowedSettings;
 pub use ledger::Ledger;
@@ -62,18 +63,18 @@ pub enum EngineError {
     Observe {
         area: &'static str,
         message: String,
-        reason: &'static str,
+        reason: Reason,
     },
 }
 
 impl EngineError {
-    /// CamelCase reason for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
+    /// The reason for conditions and metrics.
+    pub fn reason(&self) -> Reason {
         match self {
-            EngineError::InvalidSpec(_) => "InvalidSpec",
-            EngineError::Session(_) => "ConnectionFailed",
-            EngineError::Busy(_) => "ConcurrentApply",
-            EngineError::Observe { reason, .. } => reason,
+            EngineError::InvalidSpec(_) => Reason::InvalidSpec,
+            EngineError::Session(_) => Reason::ConnectionFailed,
+            EngineError::Busy(_) => Reason::ConcurrentApply,
+            EngineError::Observe { reason, .. } => *reason,
         }
     }
 }
@@ -82,10 +83,7 @@ fn observe_err(area: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
     move |e| EngineError::Observe {
         area,
         message: crate::pg::error_summary(&e),
-        reason: match crate::pg::sqlstate(&e).as_deref() {
-            Some("42501") => "InsufficientPrivilege",
-            code => crate::pg::reason_for_sqlstate(code),
-        },
+        reason: Reason::of_error(&e, Reason::ApplyFailed),
     }
 }
 
@@ -132,7 +130,7 @@ pub async fn observe(
         let now = clock::now().map_err(|message| EngineError::Observe {
             area: "partitions",
             message,
-            reason: "InvalidClock",
+            reason: Reason::InvalidClock,
         })?;
         observed.partitions = Some(
             areas::partitions::observe(conn, s, now)
@@ -267,7 +265,7 @@ fn refuse_conflicts(plan: &mut Plan, ledger: &Ledger) {
             }
         }
         for (target, message) in conflicts {
-            area.error(target, "OwnershipConflict", message);
+            area.error(target, Reason::OwnershipConflict, message);
         }
     }
 }

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::api::{PendingChange, PendingPlanSummary, MAX_PENDING_IN_STATUS};
+use crate::reason::Reason;
 
 /// The areas of a policy, in the order the executor applies them: settings first (they
 /// may matter to what follows), then structure (partitions, views, then the indexes that
@@ -275,8 +276,8 @@ impl Change {
 pub struct PlanError {
     pub area: Area,
     pub target: String,
-    /// CamelCase, for conditions: `TableNotFound`, `UnknownSetting`, `InvalidValue`, …
-    pub reason: String,
+    /// For conditions: `TableNotFound`, `UnknownSetting`, `InvalidValue`, …
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -296,7 +297,7 @@ impl std::fmt::Display for PlanError {
 pub struct Notice {
     pub area: Area,
     pub target: String,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -330,11 +331,11 @@ impl AreaPlan {
             ..AreaPlan::new(area)
         }
     }
-    pub fn error(&mut self, target: impl Into<String>, reason: &str, message: impl Into<String>) {
+    pub fn error(&mut self, target: impl Into<String>, reason: Reason, message: impl Into<String>) {
         self.errors.push(PlanError {
             area: self.area,
             target: target.into(),
-            reason: reason.into(),
+            reason,
             message: message.into(),
         });
     }
@@ -354,16 +355,21 @@ impl AreaPlan {
         for target in refused {
             self.error(
                 &target,
-                "InsufficientPrivilege",
+                Reason::InsufficientPrivilege,
                 format!("the connecting role does not own {target}: only its owner (or a member of the owner role) may change it; GRANT the owner role to the connecting role, or connect as the owner"),
             );
         }
     }
-    pub fn notice(&mut self, target: impl Into<String>, reason: &str, message: impl Into<String>) {
+    pub fn notice(
+        &mut self,
+        target: impl Into<String>,
+        reason: Reason,
+        message: impl Into<String>,
+    ) {
         self.notices.push(Notice {
             area: self.area,
             target: target.into(),
-            reason: reason.into(),
+            reason,
             message: message.into(),
         });
     }

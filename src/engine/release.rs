@@ -35,10 +35,10 @@ pub enum ReleaseError {
 }
 
 impl ReleaseError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::reason::Reason {
         match self {
             ReleaseError::Reset(e) => e.reason(),
-            ReleaseError::Ledger(_) => "ReleaseFailed",
+            ReleaseError::Ledger(_) => crate::reason::Reason::ReleaseFailed,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! Parameters this policy set and no longer lists are reset; parameters set by others are
 //! left alone. Observed with one catalog query for all tables.
 
+use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::PgConnection;
@@ -195,14 +196,14 @@ pub fn diff(
     for t in &spec.tables {
         let name = t.qualified();
         match observed.tables.get(&name) {
-            None => plan.error(name.to_string(), "TableNotFound", format!("table {name} does not exist")),
+            None => plan.error(name.to_string(), Reason::TableNotFound, format!("table {name} does not exist")),
             Some(state) if state.relkind == "p" => plan.error(
                 name.to_string(),
-                "PartitionedTable",
+                Reason::PartitionedTable,
                 format!("{name} is partitioned: autovacuum runs on its partitions, set the parameters there"),
             ),
             Some(state) if !matches!(state.relkind.as_str(), "r" | "m") => {
-                plan.error(name.to_string(), "NotATable", format!("{name} is not a table or materialized view"))
+                plan.error(name.to_string(), Reason::NotATable, format!("{name} is not a table or materialized view"))
             }
             Some(state) => {
                 let want = desired_options(t);
@@ -461,9 +462,9 @@ mod tests {
         obs.tables.values_mut().for_each(|t| t.relkind = "p".into());
         let p = plan(&spec, &obs, &Ledger::default());
         assert!(p.changes.is_empty());
-        assert_eq!(p.errors[0].reason, "TableNotFound");
+        assert_eq!(p.errors[0].reason, Reason::TableNotFound);
         assert_eq!(p.errors[0].target, "public.nope");
-        assert_eq!(p.errors[1].reason, "PartitionedTable");
+        assert_eq!(p.errors[1].reason, Reason::PartitionedTable);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! subject deterministically by hash so a 25% roll-out always picks the same 25% and a
 //! larger percentage keeps everyone the smaller one had.
 
+use crate::reason::Reason;
 use std::collections::BTreeMap;
 
 use sqlx::PgConnection;
@@ -193,7 +194,7 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
     if !observed.schema_exists {
         plan.error(
             table.to_string(),
-            "SchemaNotFound",
+            Reason::SchemaNotFound,
             format!("schema {} does not exist", table.schema),
         );
         return Vec::new();
@@ -201,7 +202,7 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
     if let Some(why) = &observed.incompatible {
         plan.error(
             table.to_string(),
-            "IncompatibleFlagsTable",
+            Reason::IncompatibleFlagsTable,
             format!("{table} exists but is not a flags table: {why}"),
         );
         return Vec::new();
@@ -217,7 +218,7 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
         if !observed.owner_exists {
             plan.error(
                 table.to_string(),
-                "RoleNotFound",
+                Reason::RoleNotFound,
                 format!("featureFlags.owner {owner:?} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
             );
             return Vec::new();
@@ -305,7 +306,7 @@ pub fn plan(spec: &FeatureFlagsSpec, observed: &Observed, ledger: &Ledger) -> Ar
     if let Some(owner) = ledger.owned_by_other(AREA, &target, OWNED_TABLE) {
         plan.error(
             &target,
-            "OwnershipConflict",
+            Reason::OwnershipConflict,
             format!("the flags table {target} is managed by policy {owner}: give this policy its own featureFlags.table"),
         );
         return plan;
@@ -448,7 +449,7 @@ mod tests {
         };
         assert_eq!(
             plan(&spec, &Observed::default(), &Ledger::default()).errors[0].reason,
-            "SchemaNotFound"
+            Reason::SchemaNotFound
         );
         let o = Observed {
             incompatible: Some("column \"enabled\" does not exist".into()),
@@ -456,7 +457,7 @@ mod tests {
         };
         assert_eq!(
             plan(&FeatureFlagsSpec::default(), &o, &Ledger::default()).errors[0].reason,
-            "IncompatibleFlagsTable"
+            Reason::IncompatibleFlagsTable
         );
     }
 
@@ -498,7 +499,7 @@ mod tests {
         other.insert(AREA, "public.feature_flags", OWNED_TABLE, "ns/a");
         let refused = plan(&spec, &existing(&[]), &other);
         assert!(refused.changes.is_empty());
-        assert_eq!(refused.errors[0].reason, "OwnershipConflict");
+        assert_eq!(refused.errors[0].reason, Reason::OwnershipConflict);
         assert!(refused.errors[0].message.contains("ns/a"));
     }
 

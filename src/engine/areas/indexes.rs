@@ -11,6 +11,7 @@
 //! is swapped into place rather than built again. Nothing without an intent or a record is
 //! ever dropped without `allowDestructive`.
 
+use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::PgConnection;
@@ -336,7 +337,7 @@ pub fn diff(
         let Some(relkind) = observed.relkinds.get(&table) else {
             plan.error(
                 target,
-                "TableNotFound",
+                Reason::TableNotFound,
                 format!("table {table} of index {name} does not exist"),
             );
             continue;
@@ -345,30 +346,32 @@ pub fn diff(
         if let Err(message) = check_fragments(ix) {
             plan.error(
                 target,
-                "InvalidIndexDefinition",
+                Reason::InvalidIndexDefinition,
                 format!("index {name} on {table}: {message}"),
             );
             continue;
         }
-        let desired =
-            match scratch::checked(observed.normalized.get(&name), "InvalidIndexDefinition") {
-                Ok(d) => d,
-                Err((reason, message)) => {
-                    plan.error(
-                        target,
-                        reason,
-                        format!("index {name} on {table}: {message}"),
-                    );
-                    continue;
-                }
-            };
+        let desired = match scratch::checked(
+            observed.normalized.get(&name),
+            Reason::InvalidIndexDefinition,
+        ) {
+            Ok(d) => d,
+            Err((reason, message)) => {
+                plan.error(
+                    target,
+                    reason,
+                    format!("index {name} on {table}: {message}"),
+                );
+                continue;
+            }
+        };
         let leftover = leftover(ix, desired, observed, ledger);
         let ready = matches!(leftover, Leftover::Ready);
         let mut wanted = match observed.indexes.get(&name) {
             None if observed.relkinds.contains_key(&name) => {
                 plan.error(
                     target,
-                    "NameInUse",
+                    Reason::NameInUse,
                     format!("{name} exists and is not an index"),
                 );
                 continue;
@@ -381,7 +384,7 @@ pub fn diff(
             Some(state) if state.table != table => {
                 plan.error(
                     target,
-                    "NameInUse",
+                    Reason::NameInUse,
                     format!("index {name} exists on {}, not on {table}", state.table),
                 );
                 continue;
@@ -416,7 +419,7 @@ pub fn diff(
                     let temp = replacement_name(ix);
                     plan.error(
                         target,
-                        "NameInUse",
+                        Reason::NameInUse,
                         format!(
                             "{name} must be rebuilt beside the old definition as {temp}, which \
                              exists and was not built by this policy: drop or rename {temp}"
@@ -1000,7 +1003,7 @@ mod tests {
                 &[],
             );
             assert!(p.changes.is_empty(), "{:?}", sqls(&p));
-            assert_eq!(p.errors[0].reason, "NameInUse");
+            assert_eq!(p.errors[0].reason, Reason::NameInUse);
             assert!(p.errors[0].message.contains("public.i_dbpolicy_new"));
         }
         // Not needed (the index is missing and gets built under its own name): ignored.
@@ -1099,8 +1102,8 @@ mod tests {
             )),
         );
         let p = plan(&spec, &o, &Ledger::default(), &Context::default());
-        assert_eq!(p.errors[0].reason, "TableNotFound");
-        assert_eq!(p.errors[1].reason, "ColumnNotFound");
+        assert_eq!(p.errors[0].reason, Reason::TableNotFound);
+        assert_eq!(p.errors[1].reason, Reason::ColumnNotFound);
         assert!(p.errors[1].message.contains("public.j on public.t"));
     }
 

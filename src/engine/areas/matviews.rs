@@ -4,6 +4,7 @@
 //! (`concurrently` needs a unique index). Refreshes themselves run from `dbpolicy refresh`
 //! on a schedule and are recorded in `dbpolicy.refreshes`.
 
+use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use crate::api::{
 };
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
-use crate::pg::{grammar, quote_ident, reason_for_sqlstate, QualifiedName};
+use crate::pg::{grammar, quote_ident, QualifiedName};
 
 const AREA: Area = Area::MaterializedViews;
 const OWNED: &str = "view";
@@ -213,7 +214,7 @@ pub fn diff(
             if s.relkind != "m" {
                 plan.error(
                     target,
-                    "NotAMaterializedView",
+                    Reason::NotAMaterializedView,
                     format!("{name} exists and is not a materialized view"),
                 );
                 continue;
@@ -226,24 +227,26 @@ pub fn diff(
                 Err(e) => {
                     plan.error(
                         target,
-                        "InvalidViewDefinition",
+                        Reason::InvalidViewDefinition,
                         format!("definition of {name} {e}"),
                     );
                     continue;
                 }
             };
-            let desired =
-                match scratch::checked(observed.normalized.get(&name), "InvalidViewDefinition") {
-                    Ok(d) => d,
-                    Err((reason, message)) => {
-                        plan.error(target, reason, format!("definition of {name}: {message}"));
-                        continue;
-                    }
-                };
+            let desired = match scratch::checked(
+                observed.normalized.get(&name),
+                Reason::InvalidViewDefinition,
+            ) {
+                Ok(d) => d,
+                Err((reason, message)) => {
+                    plan.error(target, reason, format!("definition of {name}: {message}"));
+                    continue;
+                }
+            };
             if let Some(owner) = v.owner.as_deref().filter(|o| !observed.roles.contains(*o)) {
                 plan.error(
                     target,
-                    "RoleNotFound",
+                    Reason::RoleNotFound,
                     format!("owner {owner:?} of {name} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
                 );
                 continue;
@@ -275,7 +278,7 @@ pub fn diff(
         if !will_exist {
             plan.error(
                 target,
-                "MaterializedViewNotFound",
+                Reason::MaterializedViewNotFound,
                 format!("{name} does not exist and the spec gives no definition to create it"),
             );
             continue;
@@ -293,7 +296,7 @@ pub fn diff(
             if !declared_unique && !has_unique {
                 plan.error(
                     target,
-                    "RequiresUniqueIndex",
+                    Reason::RequiresUniqueIndex,
                     format!("{name} is refreshed concurrently, which needs a unique index without WHERE on it: declare one under spec.indexes"),
                 );
             }
@@ -448,13 +451,13 @@ pub enum RefreshError {
     #[error("{view}: {message}")]
     NotRefreshable {
         view: String,
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
     #[error("{view}: {message}")]
     Failed {
         view: String,
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
 }
@@ -470,7 +473,7 @@ pub async fn refresh(
 ) -> Result<RefreshOutcome, RefreshError> {
     let failed = |e: sqlx::Error| RefreshError::Failed {
         view: view.to_string(),
-        reason: reason_for_sqlstate(crate::pg::sqlstate(&e).as_deref()),
+        reason: Reason::of_error(&e, Reason::ApplyFailed),
         message: crate::pg::error_summary(&e),
     };
     let state: Option<(String, bool, bool)> = sqlx::query_as(
@@ -486,21 +489,21 @@ pub async fn refresh(
     let Some((relkind, populated, unique)) = state else {
         return Err(RefreshError::NotRefreshable {
             view: view.to_string(),
-            reason: "MaterializedViewNotFound",
+            reason: Reason::MaterializedViewNotFound,
             message: "does not exist".into(),
         });
     };
     if relkind != "m" {
         return Err(RefreshError::NotRefreshable {
             view: view.to_string(),
-            reason: "NotAMaterializedView",
+            reason: Reason::NotAMaterializedView,
             message: "is not a materialized view".into(),
         });
     }
     if concurrently && !unique {
         return Err(RefreshError::NotRefreshable {
             view: view.to_string(),
-            reason: "RequiresUniqueIndex",
+            reason: Reason::RequiresUniqueIndex,
             message: "REFRESH … CONCURRENTLY needs a unique index without WHERE on the view".into(),
         });
     }
@@ -584,7 +587,7 @@ mod tests {
         // An existing view of another owner is handed over; a missing role is an error.
         let o2 = observed(&[("v", "SELECT 1;", false)], &[("v", "SELECT 1;")]);
         let p = plan(&spec, None, &o2);
-        assert_eq!(p.errors[0].reason, "RoleNotFound");
+        assert_eq!(p.errors[0].reason, Reason::RoleNotFound);
         let mut o3 = o2.clone();
         o3.roles.insert("reporting".into());
         let p = plan(&spec, None, &o3);
@@ -673,7 +676,7 @@ mod tests {
             views: vec![view("v", None, true)],
         };
         let p = plan(&spec, None, &observed(&[("v", "x", false)], &[]));
-        assert_eq!(p.errors[0].reason, "RequiresUniqueIndex");
+        assert_eq!(p.errors[0].reason, Reason::RequiresUniqueIndex);
         assert!(plan(&spec, None, &observed(&[("v", "x", true)], &[]))
             .errors
             .is_empty());
@@ -709,8 +712,8 @@ mod tests {
             )),
         );
         let p = plan(&spec, None, &o);
-        assert_eq!(p.errors[0].reason, "MaterializedViewNotFound");
-        assert_eq!(p.errors[1].reason, "ColumnNotFound");
+        assert_eq!(p.errors[0].reason, Reason::MaterializedViewNotFound);
+        assert_eq!(p.errors[1].reason, Reason::ColumnNotFound);
         assert!(p.changes.is_empty());
     }
 }

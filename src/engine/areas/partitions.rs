@@ -11,6 +11,7 @@
 //! default partition and of the ranges about to be created. The planner is pure: the
 //! clock is part of what is observed ([`Observed::now`]), so tests inject time.
 
+use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, NaiveDateTime, Utc};
@@ -591,7 +592,7 @@ struct Valid {
 }
 
 /// Why a declared table cannot be maintained: (reason, message).
-type TableError = (&'static str, String);
+type TableError = (Reason, String);
 
 fn validate_table(t: &PartitionedTable, state: &TableState) -> Result<Valid, TableError> {
     let name = t.qualified();
@@ -599,11 +600,11 @@ fn validate_table(t: &PartitionedTable, state: &TableState) -> Result<Valid, Tab
         "p" => {}
         "r" => {
             return Err((
-                "NotPartitioned",
+                Reason::NotPartitioned,
                 format!("{name} is not partitioned: create it with PARTITION BY RANGE (<column>) on a date, timestamp or timestamptz column"),
             ))
         }
-        k => return Err(("NotATable", format!("{name} is not a table (relkind {k})"))),
+        k => return Err((Reason::NotATable, format!("{name} is not a table (relkind {k})"))),
     }
     match state.strategy.as_deref() {
         Some("r") => {}
@@ -614,17 +615,17 @@ fn validate_table(t: &PartitionedTable, state: &TableState) -> Result<Valid, Tab
                 _ => "an unknown strategy",
             };
             return Err((
-                "UnsupportedPartitionStrategy",
+                Reason::UnsupportedPartitionStrategy,
                 format!("{name} is partitioned by {how}; time partitions need PARTITION BY RANGE"),
             ));
         }
-        None => return Err(("NotPartitioned", format!("{name} is not partitioned"))),
+        None => return Err((Reason::NotPartitioned, format!("{name} is not partitioned"))),
     }
     let column = match (&state.key_column, state.key_columns) {
         (Some(c), 1) => c.clone(),
         _ => {
             return Err((
-                "UnsupportedPartitionKey",
+                Reason::UnsupportedPartitionKey,
                 format!("{name} is partitioned by an expression or several columns; time partitions need one date, timestamp or timestamptz column"),
             ))
         }
@@ -632,7 +633,7 @@ fn validate_table(t: &PartitionedTable, state: &TableState) -> Result<Valid, Tab
     if let Some(want) = &t.column {
         if *want != column {
             return Err((
-                "ColumnMismatch",
+                Reason::ColumnMismatch,
                 format!("{name} is partitioned by column {column:?}, the policy says {want:?}"),
             ));
         }
@@ -640,7 +641,7 @@ fn validate_table(t: &PartitionedTable, state: &TableState) -> Result<Valid, Tab
     let ty = state.key_type.as_deref().unwrap_or("unknown");
     let Some(key_type) = KeyType::from_regtype(ty) else {
         return Err((
-            "UnsupportedKeyType",
+            Reason::UnsupportedKeyType,
             format!("{name} is partitioned by {column:?} of type {ty}; time partitions need date, timestamp or timestamptz"),
         ));
     };
@@ -677,14 +678,14 @@ fn layout(
     let start_date = match &t.start_date {
         Some(d) => Some(NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|_| {
             (
-                "InvalidStartDate",
+                Reason::InvalidStartDate,
                 format!("startDate {d:?} is not a date YYYY-MM-DD"),
             )
         })?),
         None => None,
     };
     let retention = match &t.retention {
-        Some(r) => Some(parse_retention(r).map_err(|e| ("InvalidRetention", e))?),
+        Some(r) => Some(parse_retention(r).map_err(|e| (Reason::InvalidRetention, e))?),
         None => None,
     };
     let mut out = Layout::default();
@@ -729,7 +730,7 @@ fn layout(
         count += 1;
         if count > MAX_PARTITIONS_PER_RUN {
             return Err((
-                "TooManyPartitions",
+                Reason::TooManyPartitions,
                 format!("{name}: more than {MAX_PARTITIONS_PER_RUN} {interval:?} partitions from {first} to {last}; move startDate closer"),
             ));
         }
@@ -746,7 +747,7 @@ fn layout(
                         covered = true;
                     } else {
                         return Err((
-                            "OverlappingPartition",
+                            Reason::OverlappingPartition,
                             format!(
                                 "{name}: partition {} ({}) overlaps the {interval:?} range [{}, {}) the policy needs; merge or re-create it on the interval grid, or remove the table from the policy",
                                 f.name,
@@ -774,7 +775,7 @@ fn layout(
                 continue;
             }
             return Err((
-                "NameTaken",
+                Reason::NameTaken,
                 format!("{name}: a relation named {pname} already exists in schema {} but is not the partition for [{}, {}); rename it or attach it with ALTER TABLE … ATTACH PARTITION",
                     name.schema, range.start, range.end),
             ));
@@ -877,7 +878,7 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
         let Some(state) = observed.tables.get(&name) else {
             plan.error(
                 name.to_string(),
-                "TableNotFound",
+                Reason::TableNotFound,
                 format!("table {name} does not exist"),
             );
             continue;
@@ -899,7 +900,7 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
         for f in &layout.foreign {
             plan.notice(
                 name.to_string(),
-                "PartitionNotManaged",
+                Reason::PartitionNotManaged,
                 format!(
                     "partition {} {} is not named by this policy (ours are named like {}); left alone",
                     f.name,
@@ -911,7 +912,7 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
         for (range, pname) in &layout.name_taken {
             plan.notice(
                 name.to_string(),
-                "NameTaken",
+                Reason::NameTaken,
                 format!("a relation named {pname} exists but is not a partition of {name}; the past range [{}, {}) is not created (its rows go to the default partition)", range.start, range.end),
             );
         }
@@ -969,7 +970,7 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
             if state.other_relations.contains(&partition) {
                 plan.error(
                     name.to_string(),
-                    "NameTaken",
+                    Reason::NameTaken,
                     format!("a relation named {partition} already exists in schema {} and is not the default partition of {name}", name.schema),
                 );
                 continue;
@@ -983,7 +984,7 @@ pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> 
             if let Some(d) = &layout.default {
                 plan.notice(
                     name.to_string(),
-                    "DefaultPartitionKept",
+                    Reason::DefaultPartitionKept,
                     format!("defaultPartition is false but {} exists; it is not dropped (it may hold rows)", d.name),
                 );
             }
@@ -1072,7 +1073,7 @@ fn check_moves(
             "apply as a superuser (before PostgreSQL 15 only a superuser may set it)".to_string()
         };
         return Err((
-            "InsufficientPrivilege",
+            Reason::InsufficientPrivilege,
             format!(
                 "{table}: {what}; dbpolicy moves rows with session_replication_role = replica so that no foreign-key action or trigger fires, and role {me} may not set it: {fix}. Nothing was changed"
             ),
@@ -1080,7 +1081,7 @@ fn check_moves(
     }
     if !state.default_fires_on_delete.is_empty() {
         return Err((
-            "TriggerFiresOnMove",
+            Reason::TriggerFiresOnMove,
             format!(
                 "{table}: {what}, but {} fires on DELETE of {} even under session_replication_role = replica, so the move would fire it: make it an ordinary trigger while the rows move (ALTER TABLE … ENABLE TRIGGER / ENABLE RULE), or move the rows yourself. Nothing was changed",
                 state.default_fires_on_delete.join(", "),

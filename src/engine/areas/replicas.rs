@@ -11,6 +11,7 @@
 //! changes. Slots the policy did not create are never touched, but every inactive slot
 //! that retains WAL is reported loudly: it keeps WAL until the disk fills.
 
+use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -238,13 +239,13 @@ impl ReplicaState {
         }
     }
     /// The notice (and condition) reason of an unhealthy state.
-    pub fn reason(self) -> Option<&'static str> {
+    pub fn reason(self) -> Option<Reason> {
         match self {
             ReplicaState::Healthy => None,
-            ReplicaState::Lagging => Some("ReplicaLagging"),
-            ReplicaState::Unreachable => Some("ReplicaUnreachable"),
-            ReplicaState::NotInRecovery => Some("ReplicaNotInRecovery"),
-            ReplicaState::Unknown => Some("ReplicaNotChecked"),
+            ReplicaState::Lagging => Some(Reason::ReplicaLagging),
+            ReplicaState::Unreachable => Some(Reason::ReplicaUnreachable),
+            ReplicaState::NotInRecovery => Some(Reason::ReplicaNotInRecovery),
+            ReplicaState::Unknown => Some(Reason::ReplicaNotChecked),
         }
     }
 }
@@ -467,7 +468,7 @@ pub fn to_status(h: &ReplicaHealth) -> ReplicaStatus {
 /// What the `ReplicasReady` condition says: `Ok` when every replica is healthy, else the
 /// reason of the worst state (`ReplicaNotInRecovery` > `ReplicaUnreachable` >
 /// `ReplicaLagging` > `ReplicaNotChecked`) and a message naming every unhealthy replica.
-pub fn readiness(statuses: &[ReplicaStatus]) -> Result<(), (&'static str, String)> {
+pub fn readiness(statuses: &[ReplicaStatus]) -> Result<(), (Reason, String)> {
     let unhealthy: Vec<(ReplicaState, &ReplicaStatus)> = statuses
         .iter()
         .map(|s| (parse_state(&s.state), s))
@@ -488,7 +489,7 @@ pub fn readiness(statuses: &[ReplicaStatus]) -> Result<(), (&'static str, String
         .map(|(state, s)| format!("{} is {}", s.name, state.as_str()))
         .collect::<Vec<_>>()
         .join(", ");
-    Err((worst.reason().unwrap_or("ReplicaNotChecked"), message))
+    Err((worst.reason().unwrap_or(Reason::ReplicaNotChecked), message))
 }
 
 fn parse_state(s: &str) -> ReplicaState {
@@ -586,7 +587,7 @@ pub fn diff(
         if !valid_slot_name(slot) {
             plan.error(
                 slot,
-                "InvalidSlotName",
+                Reason::InvalidSlotName,
                 format!(
                     "replica {}: slot name {slot:?} must be 1-63 lower-case letters, digits and underscores",
                     replica.name
@@ -597,7 +598,7 @@ pub fn diff(
         if let Some(other) = declared.insert(slot, &replica.name) {
             plan.error(
                 slot,
-                "DuplicateSlot",
+                Reason::DuplicateSlot,
                 format!(
                     "replicas {other} and {} both declare slot {slot}: a slot feeds one standby",
                     replica.name
@@ -611,7 +612,7 @@ pub fn diff(
             }),
             Some(s) if s.slot_type != "physical" => plan.error(
                 slot,
-                "SlotTypeMismatch",
+                Reason::SlotTypeMismatch,
                 format!(
                     "replica {}: slot {slot} exists but is a {} slot, not a physical one; it was not created by this policy and is left alone",
                     replica.name, s.slot_type
@@ -619,7 +620,7 @@ pub fn diff(
             ),
             Some(s) if s.wal_status.as_deref() == Some("lost") => plan.notice(
                 slot,
-                "SlotLost",
+                Reason::SlotLost,
                 format!(
                     "slot {slot} of replica {} has lost WAL the standby still needs: the standby must be rebuilt (pg_basebackup)",
                     replica.name
@@ -643,7 +644,7 @@ pub fn diff(
             None => {}
             Some(s) if s.active => plan.notice(
                 name,
-                "SlotInUse",
+                Reason::SlotInUse,
                 format!(
                     "slot {name} is no longer declared but a standby streams through it (pid {}): it is dropped once the standby stops using it",
                     s.active_pid.map_or("?".to_string(), |p| p.to_string())
@@ -669,7 +670,7 @@ fn inactive_slot_notices(observed: &Observed, plan: &mut AreaPlan) {
         }
         plan.notice(
             name.clone(),
-            "InactiveSlotRetainingWal",
+            Reason::InactiveSlotRetainingWal,
             format!(
                 "WARNING: inactive {} replication slot {name} retains {} ({bytes} bytes) of WAL (wal_status {}): WAL is kept until a consumer uses the slot, and can fill the disk; attach its standby, or drop the slot if it is abandoned",
                 slot.slot_type,
@@ -712,7 +713,7 @@ pub fn plan(spec: &ReplicasSpec, observed: &Observed, ledger: &Ledger) -> AreaPl
     if observed.primary_in_recovery {
         plan.error(
             "primary",
-            "PrimaryInRecovery",
+            Reason::PrimaryInRecovery,
             "the policy's database is in recovery (a standby): slots and replica lag are managed on the primary",
         );
         return plan;
@@ -1022,7 +1023,7 @@ mod tests {
         ledger.insert(AREA, "mine", OWNED_SLOT, "p");
         let p = plan(&spec(vec![]), &obs, &ledger);
         assert!(p.changes.is_empty());
-        assert_eq!(p.notices[0].reason, "SlotInUse");
+        assert_eq!(p.notices[0].reason, Reason::SlotInUse);
     }
 
     #[test]
@@ -1045,10 +1046,14 @@ mod tests {
             &obs,
             &Ledger::for_policy("p"),
         );
-        let reasons: Vec<&str> = p.errors.iter().map(|e| e.reason.as_str()).collect();
+        let reasons: Vec<Reason> = p.errors.iter().map(|e| e.reason).collect();
         assert_eq!(
             reasons,
-            ["InvalidSlotName", "DuplicateSlot", "SlotTypeMismatch"]
+            [
+                Reason::InvalidSlotName,
+                Reason::DuplicateSlot,
+                Reason::SlotTypeMismatch
+            ]
         );
         // The first declaration of "dup" still gets its slot.
         assert_eq!(p.changes.len(), 1);
@@ -1072,7 +1077,7 @@ mod tests {
         let n: Vec<_> = p
             .notices
             .iter()
-            .filter(|n| n.reason == "InactiveSlotRetainingWal")
+            .filter(|n| n.reason == Reason::InactiveSlotRetainingWal)
             .collect();
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].target, "idle");
@@ -1095,7 +1100,7 @@ mod tests {
             &obs,
             &Ledger::for_policy("p"),
         );
-        assert!(p.notices.iter().any(|n| n.reason == "SlotLost"));
+        assert!(p.notices.iter().any(|n| n.reason == Reason::SlotLost));
     }
 
     #[test]
@@ -1109,7 +1114,7 @@ mod tests {
             &obs,
             &Ledger::for_policy("p"),
         );
-        assert_eq!(p.errors[0].reason, "PrimaryInRecovery");
+        assert_eq!(p.errors[0].reason, Reason::PrimaryInRecovery);
         assert!(p.changes.is_empty());
     }
 
@@ -1202,7 +1207,7 @@ mod tests {
         assert_eq!(h.state, ReplicaState::Lagging);
         assert!(h.detail.as_deref().unwrap().contains("maxLagBytes 1024"));
         let p = plan(&s, &obs, &Ledger::for_policy("p"));
-        assert!(p.notices.iter().any(|n| n.reason == "ReplicaLagging"));
+        assert!(p.notices.iter().any(|n| n.reason == Reason::ReplicaLagging));
 
         // Within both limits.
         let mut obs = with_sender(primary_at(1 << 20), "s", Some(2.0), 512);
@@ -1247,13 +1252,13 @@ mod tests {
             ]
         );
         let p = plan(&s, &obs, &Ledger::for_policy("p"));
-        let reasons: Vec<_> = p.notices.iter().map(|n| n.reason.as_str()).collect();
+        let reasons: Vec<_> = p.notices.iter().map(|n| n.reason).collect();
         assert_eq!(
             reasons,
             [
-                "ReplicaUnreachable",
-                "ReplicaNotInRecovery",
-                "ReplicaNotChecked"
+                Reason::ReplicaUnreachable,
+                Reason::ReplicaNotInRecovery,
+                Reason::ReplicaNotChecked
             ]
         );
         assert!(p.notices[0].message.contains("timed out"));
@@ -1304,7 +1309,7 @@ mod tests {
             st("c", ReplicaState::Unreachable),
         ])
         .unwrap_err();
-        assert_eq!(reason, "ReplicaUnreachable");
+        assert_eq!(reason, Reason::ReplicaUnreachable);
         assert_eq!(message, "a is Lagging, c is Unreachable");
     }
 

@@ -4,6 +4,7 @@
 //! every desired `USING`/`WITH CHECK` expression into the form `pg_get_expr` shows, inside
 //! a transaction that is always rolled back, so a rewritten expression is never drift.
 
+use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::{Connection, PgConnection};
@@ -777,14 +778,6 @@ fn policy_target(table: &QualifiedName, policy: &str) -> String {
     format!("{table} policy {policy}")
 }
 
-fn expression_reason(sqlstate: Option<&str>) -> &'static str {
-    match sqlstate {
-        Some("42703") => "ColumnNotFound",
-        Some("42501") => "InsufficientPrivilege",
-        _ => "InvalidPolicyExpression",
-    }
-}
-
 /// Resolves one spec policy, or reports on `plan` why it cannot be carried out.
 fn resolve(
     table: &QualifiedName,
@@ -798,7 +791,7 @@ fn resolve(
         None => {
             plan.error(
                 &target,
-                "InvalidRoles",
+                Reason::InvalidRoles,
                 "roles is an empty list: omit it for PUBLIC, or name at least one role",
             );
             ok = false;
@@ -810,7 +803,7 @@ fn resolve(
             {
                 plan.error(
                     &target,
-                    "RoleNotFound",
+                    Reason::RoleNotFound,
                     format!("role {r:?} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
                 );
                 ok = false;
@@ -818,7 +811,11 @@ fn resolve(
         }
     }
     if let Err((field, e)) = expressions(p) {
-        plan.error(&target, "InvalidPolicyExpression", format!("{field}: {e}"));
+        plan.error(
+            &target,
+            Reason::InvalidPolicyExpression,
+            format!("{field}: {e}"),
+        );
         return None;
     }
     let normalized = match observed.normalized.get(&(table.clone(), p.name.clone())) {
@@ -830,7 +827,8 @@ fn resolve(
                 .unwrap_or_default();
             plan.error(
                 &target,
-                expression_reason(e.sqlstate.as_deref()),
+                Reason::from_sqlstate(e.sqlstate.as_deref())
+                    .unwrap_or(Reason::InvalidPolicyExpression),
                 format!("{}{code}", e.message),
             );
             return None;
@@ -841,7 +839,7 @@ fn resolve(
             {
                 plan.error(
                     &target,
-                    "InvalidPolicyExpression",
+                    Reason::InvalidPolicyExpression,
                     "PostgreSQL read the policy with different clauses than written: each of using and withCheck must be one expression",
                 );
                 return None;
@@ -952,7 +950,7 @@ fn diff_policies(
         } else if ledger.contains(AREA, &table.to_string(), name) {
             plan.notice(
                 policy_target(table, name),
-                "PolicyNoLongerListed",
+                Reason::PolicyNoLongerListed,
                 "created by dbpolicy and no longer listed; left in place (ownAllPolicies: true and safety.allowDestructive: true drop it)",
             );
         }
@@ -973,7 +971,7 @@ pub fn diff(
         let Some(state) = observed.tables.get(&table) else {
             plan.error(
                 table.to_string(),
-                "TableNotFound",
+                Reason::TableNotFound,
                 format!(
                     "table {table} does not exist (policies: {})",
                     t.policies
@@ -988,7 +986,7 @@ pub fn diff(
         if !matches!(state.relkind.as_str(), "r" | "p") {
             plan.error(
                 table.to_string(),
-                "NotATable",
+                Reason::NotATable,
                 format!("{table} is not a table: row-level security applies to tables and partitioned tables"),
             );
             continue;
@@ -1507,7 +1505,7 @@ mod tests {
         let p = plan(&s, &o, &ledger);
         assert!(p.changes.is_empty());
         assert_eq!(p.notices.len(), 1);
-        assert_eq!(p.notices[0].reason, "PolicyNoLongerListed");
+        assert_eq!(p.notices[0].reason, Reason::PolicyNoLongerListed);
         assert_eq!(p.notices[0].target, "public.up policy old");
     }
 
@@ -1539,17 +1537,17 @@ mod tests {
         o.tables.get_mut(&t("v")).unwrap().relkind = "v".into();
         let p = run(&s, &o);
         assert!(p.changes.is_empty(), "{:?}", p.changes);
-        let got: Vec<(&str, &str)> = p
+        let got: Vec<(Reason, &str)> = p
             .errors
             .iter()
-            .map(|e| (e.reason.as_str(), e.target.as_str()))
+            .map(|e| (e.reason, e.target.as_str()))
             .collect();
         assert_eq!(
             got,
             vec![
-                ("TableNotFound", "public.nope"),
-                ("NotATable", "public.v"),
-                ("RoleNotFound", "public.up policy own"),
+                (Reason::TableNotFound, "public.nope"),
+                (Reason::NotATable, "public.v"),
+                (Reason::RoleNotFound, "public.up policy own"),
             ]
         );
         assert!(p.errors[2].message.contains("\"ghost\""));
@@ -1564,7 +1562,7 @@ mod tests {
             &spec(vec![table("up", vec![pol])]),
             &observed(&[("up", vec![])]),
         );
-        assert_eq!(p.errors[0].reason, "InvalidRoles");
+        assert_eq!(p.errors[0].reason, Reason::InvalidRoles);
     }
 
     #[test]
@@ -1607,13 +1605,13 @@ mod tests {
         );
         let p = run(&s, &o);
         assert_eq!(p.errors.len(), 2);
-        assert_eq!(p.errors[0].reason, "ColumnNotFound");
+        assert_eq!(p.errors[0].reason, Reason::ColumnNotFound);
         assert_eq!(p.errors[0].target, "public.up policy col");
         assert_eq!(
             p.errors[0].message,
             "column \"nosuch\" does not exist (SQLSTATE 42703)"
         );
-        assert_eq!(p.errors[1].reason, "InvalidPolicyExpression");
+        assert_eq!(p.errors[1].reason, Reason::InvalidPolicyExpression);
         // No change for the table in error, not even for its valid policy; other tables
         // are planned (but a plan with errors is not applied).
         assert!(p.changes.iter().all(|c| c.target == "public.other"));
@@ -1632,7 +1630,10 @@ mod tests {
                 with_check: Some("false".into()),
             },
         );
-        assert_eq!(run(&s, &o).errors[0].reason, "InvalidPolicyExpression");
+        assert_eq!(
+            run(&s, &o).errors[0].reason,
+            Reason::InvalidPolicyExpression
+        );
     }
 
     #[test]
@@ -1652,7 +1653,11 @@ mod tests {
             let s = spec(vec![table("up", vec![policy("own", None, Some(bad))])]);
             let p = run(&s, &observed(&[("up", vec![])]));
             assert!(p.changes.is_empty(), "{bad:?} was accepted");
-            assert_eq!(p.errors[0].reason, "InvalidPolicyExpression", "{bad:?}");
+            assert_eq!(
+                p.errors[0].reason,
+                Reason::InvalidPolicyExpression,
+                "{bad:?}"
+            );
             assert!(p.errors[0].message.starts_with("using: "), "{bad:?}");
         }
     }
@@ -1665,7 +1670,7 @@ mod tests {
         )]);
         let p = run(&s, &observed(&[("up", vec![])]));
         assert!(p.changes.is_empty());
-        assert_eq!(p.errors[0].reason, "InvalidPolicyExpression");
+        assert_eq!(p.errors[0].reason, Reason::InvalidPolicyExpression);
     }
 
     /// The controller's executor needs the engine's future to be `Send` for every

@@ -13,6 +13,7 @@
 //!   by what is live (`pg_settings`): written but never loaded is fixed by a reload;
 //!   waiting for a restart is reported (`RestartRequired`), never drift.
 
+use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
@@ -496,7 +497,7 @@ pub fn diff(
         if let Some((other, _)) = desired.get(&lower) {
             plan.error(
                 key,
-                "DuplicateSetting",
+                Reason::DuplicateSetting,
                 format!(
                     "{} and {}: one parameter spelled twice (names are case-insensitive); keep one",
                     field(other),
@@ -514,7 +515,7 @@ pub fn diff(
         if SESSION_ONLY.contains(&lower.as_str()) {
             plan.error(
                 name,
-                "SessionOnlySetting",
+                Reason::SessionOnlySetting,
                 format!(
                     "{}: {name} belongs to a session or transaction; ALTER SYSTEM cannot set it",
                     field(key)
@@ -526,7 +527,7 @@ pub fn diff(
             if !allowed.allows(lower) {
                 plan.error(
                     name,
-                    "SettingNotAllowed",
+                    Reason::SettingNotAllowed,
                     format!(
                         "{}: {name} {why}, so it is denied by default; only the platform team can allow it: `dbpolicy plan/apply --allow-setting {lower}`, or the operator's `--allow-setting {lower}` (Helm value allowedServerSettings)",
                         field(key)
@@ -538,7 +539,7 @@ pub fn diff(
         if !is_safe_value(value) {
             plan.error(
                 name,
-                "InvalidValue",
+                Reason::InvalidValue,
                 format!("{}: a value cannot contain a line break or NUL", field(key)),
             );
             continue;
@@ -548,7 +549,7 @@ pub fn diff(
                 if meta.context == "internal" {
                     plan.error(
                         name,
-                        "ReadOnlySetting",
+                        Reason::ReadOnlySetting,
                         format!(
                             "{}: {name} is fixed when the server is built and cannot be set",
                             field(key)
@@ -559,7 +560,7 @@ pub fn diff(
                 if let Err(why) = check_value(meta, value) {
                     plan.error(
                         name,
-                        "InvalidValue",
+                        Reason::InvalidValue,
                         format!("{}: invalid value {value:?} for {name}: {why}", field(key)),
                     );
                     continue;
@@ -568,7 +569,7 @@ pub fn diff(
                 if let Some(Verdict::Invalid(why)) = verdict {
                     plan.error(
                         name,
-                        "InvalidValue",
+                        Reason::InvalidValue,
                         format!(
                             "{}: PostgreSQL refuses {value:?} for {name}: {why}",
                             field(key)
@@ -579,7 +580,7 @@ pub fn diff(
                 if meta.pending_restart {
                     plan.notice(
                         name,
-                        "RestartRequired",
+                        Reason::RestartRequired,
                         format!("{name} = {value} waits for a server restart"),
                     );
                 }
@@ -595,7 +596,7 @@ pub fn diff(
             None => {
                 plan.error(
                     name,
-                    "UnknownSetting",
+                    Reason::UnknownSetting,
                     format!("{}: {name} is not a PostgreSQL server setting", field(key)),
                 );
                 continue;
@@ -604,7 +605,7 @@ pub fn diff(
         if observed.not_alterable.contains(lower) {
             plan.error(
                 name,
-                "InsufficientPrivilege",
+                Reason::InsufficientPrivilege,
                 format!("{}: this role may not ALTER SYSTEM SET {name}: connect as a superuser, or GRANT ALTER SYSTEM ON PARAMETER {name} TO the operator's role", field(key)),
             );
             continue;
@@ -612,7 +613,7 @@ pub fn diff(
         if let Some(error) = observed.file_errors.get(lower) {
             plan.notice(
                 name,
-                "SettingNotApplied",
+                Reason::SettingNotApplied,
                 format!("{name}: PostgreSQL did not apply the configured value: {error}"),
             );
         }
@@ -784,7 +785,7 @@ pub fn plan_with(
     if !diff.not_loaded.is_empty() {
         plan.notice(
             RELOAD_TARGET,
-            "NotLoaded",
+            Reason::NotLoaded,
             format!(
                 "written to postgresql.auto.conf but not loaded: {}",
                 diff.not_loaded.join(", ")
@@ -795,7 +796,7 @@ pub fn plan_with(
     if stale_file && diff.ops.is_empty() && diff.not_loaded.is_empty() {
         plan.notice(
             RELOAD_TARGET,
-            "NotLoaded",
+            Reason::NotLoaded,
             "postgresql.auto.conf was written after the configuration was last loaded",
         );
     }
@@ -808,7 +809,7 @@ pub fn plan_with(
     if !plan.changes.is_empty() && !observed.can_reload {
         plan.error(
             RELOAD_TARGET,
-            "InsufficientPrivilege",
+            Reason::InsufficientPrivilege,
             "this role may not call pg_reload_conf(): connect as a superuser, or GRANT EXECUTE ON FUNCTION pg_reload_conf() TO the operator's role",
         );
     }
@@ -1167,10 +1168,10 @@ mod tests {
         }
     }
 
-    fn reasons(p: &AreaPlan) -> Vec<(&str, &str)> {
+    fn reasons(p: &AreaPlan) -> Vec<(&str, Reason)> {
         p.errors
             .iter()
-            .map(|e| (e.target.as_str(), e.reason.as_str()))
+            .map(|e| (e.target.as_str(), e.reason))
             .collect()
     }
 
@@ -1214,7 +1215,7 @@ mod tests {
         o.meta.get_mut("max_connections").unwrap().pending_restart = true;
         let p = plan(&spec(&[("max_connections", "200")]), &o, &Ledger::default());
         assert!(p.changes.is_empty(), "waiting for a restart is not drift");
-        assert_eq!(p.notices[0].reason, "RestartRequired");
+        assert_eq!(p.notices[0].reason, Reason::RestartRequired);
     }
 
     #[test]
@@ -1257,13 +1258,13 @@ mod tests {
         assert_eq!(
             reasons(&p),
             vec![
-                ("block_size", "ReadOnlySetting"),
-                ("log_checkpoints", "InvalidValue"),
-                ("log_statement", "InvalidValue"),
-                ("no_such_setting", "UnknownSetting"),
-                ("role", "SessionOnlySetting"),
-                ("TimeZone", "InvalidValue"),
-                ("work_mem", "InvalidValue")
+                ("block_size", Reason::ReadOnlySetting),
+                ("log_checkpoints", Reason::InvalidValue),
+                ("log_statement", Reason::InvalidValue),
+                ("no_such_setting", Reason::UnknownSetting),
+                ("role", Reason::SessionOnlySetting),
+                ("TimeZone", Reason::InvalidValue),
+                ("work_mem", Reason::InvalidValue)
             ]
         );
         assert!(p.errors[0]
@@ -1316,7 +1317,7 @@ mod tests {
             &o,
             &Ledger::default(),
         );
-        assert_eq!(reasons(&p), vec![("work_mem", "DuplicateSetting")]);
+        assert_eq!(reasons(&p), vec![("work_mem", Reason::DuplicateSetting)]);
     }
 
     #[test]
@@ -1331,8 +1332,8 @@ mod tests {
         assert_eq!(
             reasons(&p),
             vec![
-                ("archive_command", "SettingNotAllowed"),
-                ("shared_preload_libraries", "SettingNotAllowed")
+                ("archive_command", Reason::SettingNotAllowed),
+                ("shared_preload_libraries", Reason::SettingNotAllowed)
             ]
         );
         let msg = &p.errors[0].message;
@@ -1399,7 +1400,7 @@ mod tests {
         let p = plan(&s, &o, &Ledger::default());
         assert_eq!(p.changes.len(), 1);
         assert_eq!(p.changes[0].sql, "SELECT pg_reload_conf()");
-        assert_eq!(p.notices[0].reason, "NotLoaded");
+        assert_eq!(p.notices[0].reason, Reason::NotLoaded);
         assert!(
             p.notices[0].message.ends_with("work_mem"),
             "{:?}",
@@ -1476,8 +1477,8 @@ mod tests {
         assert_eq!(
             reasons(&p),
             vec![
-                ("work_mem", "InsufficientPrivilege"),
-                ("server", "InsufficientPrivilege")
+                ("work_mem", Reason::InsufficientPrivilege),
+                ("server", Reason::InsufficientPrivilege)
             ]
         );
     }
