@@ -120,10 +120,7 @@ pub type Normalized = Result<String, (Option<String>, String)>;
 
 /// The normalised text of an item, or the reason and message of the plan error for it:
 /// PostgreSQL's SQLSTATE decides the reason, `fallback` when it says nothing specific.
-pub fn checked<'a>(
-    item: Option<&'a Normalized>,
-    fallback: Reason,
-) -> Result<&'a str, (Reason, String)> {
+pub fn checked(item: Option<&Normalized>, fallback: Reason) -> Result<&str, (Reason, String)> {
     match item {
         Some(Ok(text)) => Ok(text),
         Some(Err((code, message))) => Err((

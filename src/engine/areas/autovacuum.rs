@@ -2,7 +2,6 @@
 //! Parameters this policy set and no longer lists are reset; parameters set by others are
 //! left alone. Observed with one catalog query for all tables.
 
-use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::PgConnection;
@@ -11,6 +10,7 @@ use crate::api::{AutovacuumSpec, AutovacuumTable, TableTarget};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::pg::QualifiedName;
+use crate::reason::Reason;
 
 const AREA: Area = Area::Autovacuum;
 

@@ -3,7 +3,6 @@
 //! subject deterministically by hash so a 25% roll-out always picks the same 25% and a
 //! larger percentage keeps everyone the smaller one had.
 
-use crate::reason::Reason;
 use std::collections::BTreeMap;
 
 use sqlx::PgConnection;
@@ -12,6 +11,7 @@ use crate::api::{FeatureFlag, FeatureFlagsSpec, DEFAULT_SCHEMA};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, LedgerOp};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
+use crate::reason::Reason;
 
 const AREA: Area = Area::FeatureFlags;
 pub const DEFAULT_TABLE: &str = "feature_flags";

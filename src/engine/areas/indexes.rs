@@ -11,7 +11,6 @@
 //! is swapped into place rather than built again. Nothing without an intent or a record is
 //! ever dropped without `allowDestructive`.
 
-use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::PgConnection;
@@ -21,6 +20,7 @@ use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
 use crate::pg::{grammar, quote_ident, quote_literal, QualifiedName};
+use crate::reason::Reason;
 
 const AREA: Area = Area::Indexes;
 /// The ledger item under which an index the policy created is recorded.

@@ -4,7 +4,6 @@
 //! (`concurrently` needs a unique index). Refreshes themselves run from `dbpolicy refresh`
 //! on a schedule and are recorded in `dbpolicy.refreshes`.
 
-use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use crate::api::{
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
 use crate::pg::{grammar, quote_ident, QualifiedName};
+use crate::reason::Reason;
 
 const AREA: Area = Area::MaterializedViews;
 const OWNED: &str = "view";

@@ -11,7 +11,6 @@
 //! default partition and of the ranges about to be created. The planner is pure: the
 //! clock is part of what is observed ([`Observed::now`]), so tests inject time.
 
-use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, NaiveDateTime, Utc};
@@ -22,6 +21,7 @@ use crate::api::{RetentionPolicy, TableTarget};
 use crate::duration::{parse_retention, Retention};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
+use crate::reason::Reason;
 
 const AREA: Area = Area::Partitions;
 

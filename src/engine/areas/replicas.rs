@@ -11,7 +11,6 @@
 //! changes. Slots the policy did not create are never touched, but every inactive slot
 //! that retains WAL is reported loudly: it keeps WAL until the disk fills.
 
-use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -21,6 +20,7 @@ use crate::api::{ReplicaSpec, ReplicaStatus, ReplicasSpec};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::pg::quote_literal;
+use crate::reason::Reason;
 
 const AREA: Area = Area::Replicas;
 /// Ledger item of a slot; the ledger target is the slot name.

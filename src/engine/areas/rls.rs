@@ -4,7 +4,6 @@
 //! every desired `USING`/`WITH CHECK` expression into the form `pg_get_expr` shows, inside
 //! a transaction that is always rolled back, so a rewritten expression is never drift.
 
-use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::{Connection, PgConnection};
@@ -18,6 +17,7 @@ use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
 use crate::pg::grammar::check_expression;
 use crate::pg::{execute_one, quote_ident, QualifiedName};
+use crate::reason::Reason;
 
 const AREA: Area = Area::RowLevelSecurity;
 

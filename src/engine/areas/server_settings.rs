@@ -13,7 +13,6 @@
 //!   by what is live (`pg_settings`): written but never loaded is fixed by a reload;
 //!   waiting for a restart is reported (`RestartRequired`), never drift.
 
-use crate::reason::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
@@ -24,6 +23,7 @@ use crate::engine::apply::ApplyReport;
 use crate::engine::ledger::{self, Ledger};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LedgerOp};
 use crate::pg::{error_summary, execute_one, quote_ident, quote_literal, sqlstate};
+use crate::reason::Reason;
 
 const AREA: Area = Area::ServerSettings;
 /// The ledger target under which owned parameters are recorded.
