@@ -30,43 +30,10 @@ pub struct Input<'a> {
     pub drift_interval: Duration,
 }
 
-/// The areas present in the spec, in apply order. No `..`: a new area must be added here.
+/// The areas present in the spec, in apply order (the registry's, see
+/// `engine::areas`).
 pub fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
-    let DatabasePolicySpec {
-        database: _,
-        mode: _,
-        suspend: _,
-        drift_check_interval: _,
-        deletion_policy: _,
-        safety: _,
-        row_level_security,
-        partitions,
-        autovacuum,
-        server_settings,
-        replicas,
-        backups,
-        feature_flags,
-        materialized_views,
-        indexes,
-    } = spec;
-    let present = [
-        (Area::ServerSettings, server_settings.is_some()),
-        (Area::Autovacuum, autovacuum.is_some()),
-        (Area::Partitions, partitions.is_some()),
-        (Area::Indexes, indexes.is_some()),
-        (Area::MaterializedViews, materialized_views.is_some()),
-        (Area::RowLevelSecurity, row_level_security.is_some()),
-        (Area::FeatureFlags, feature_flags.is_some()),
-        (Area::Replicas, replicas.is_some()),
-        (Area::Backups, backups.is_some()),
-    ];
-    let mut areas: Vec<Area> = present
-        .into_iter()
-        .filter(|(_, p)| *p)
-        .map(|(a, _)| a)
-        .collect();
-    areas.sort();
-    areas
+    Area::ALL.into_iter().filter(|a| a.in_spec(spec)).collect()
 }
 
 /// The condition's three states, as the API spells them.

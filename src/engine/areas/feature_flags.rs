@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use sqlx::PgConnection;
 
 use crate::api::{FeatureFlag, FeatureFlagsSpec, DEFAULT_SCHEMA};
+use crate::engine::areas::{AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, LedgerOp};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
@@ -351,6 +352,54 @@ pub fn simulate(spec: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Obs
     next
 }
 
+/// Feature flags: a table of flags and the function that reads it.
+pub struct FeatureFlags;
+
+impl AreaModule for FeatureFlags {
+    const AREA: Area = AREA;
+    type Spec = FeatureFlagsSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&FeatureFlagsSpec> {
+        spec.feature_flags.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &FeatureFlagsSpec,
+        _ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section).await?)
+    }
+
+    fn diff(
+        section: &FeatureFlagsSpec,
+        observed: &Observed,
+        _ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, plan)
+    }
+
+    fn render(section: &FeatureFlagsSpec, op: &Op) -> Vec<Change> {
+        vec![render(&table_name(section), op)]
+    }
+
+    fn simulate(section: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(section, observed, ops)
+    }
+
+    /// Refused when another policy owns the table; the first change claims it.
+    fn plan(
+        section: &FeatureFlagsSpec,
+        observed: &Observed,
+        ctx: &mut PlanContext<'_>,
+    ) -> AreaPlan {
+        plan(section, observed, ctx.ledger)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,11 +562,7 @@ mod tests {
             let spec = FeatureFlagsSpec { flags: desired.iter().map(|(n, (e, p))| flag(n, *e, *p)).collect(), ..Default::default() };
             let mut o = existing(&current.iter().map(|(n, (e, p))| FlagRow { name: n.clone(), enabled: *e, rollout_percentage: *p, description: None }).collect::<Vec<_>>());
             if !table_exists { o.table_exists = false; o.rows.clear(); o.function_body = None; }
-            let mut scratch = AreaPlan::new(AREA);
-            let ops = diff(&spec, &o, &mut scratch);
-            let after = simulate(&spec, &o, &ops);
-            let mut again = AreaPlan::new(AREA);
-            prop_assert!(diff(&spec, &after, &mut again).is_empty());
+            crate::engine::areas::convergence::converges::<FeatureFlags>(&spec, &o, &Ledger::default(), |_, _| Ok(()))?;
         }
     }
 }

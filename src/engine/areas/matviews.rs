@@ -12,6 +12,7 @@ use sqlx::PgConnection;
 use crate::api::{
     IndexesSpec, MaterializedView, MaterializedViewsSpec, TableTarget, DEFAULT_SCHEMA,
 };
+use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
 use crate::pg::{grammar, quote_ident, QualifiedName};
@@ -398,17 +399,6 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
-pub fn plan(
-    spec: &MaterializedViewsSpec,
-    indexes: Option<&IndexesSpec>,
-    observed: &Observed,
-) -> AreaPlan {
-    let mut plan = AreaPlan::new(AREA);
-    let ops = diff(spec, indexes, observed, &mut plan);
-    plan.changes = ops.iter().flat_map(render).collect();
-    plan
-}
-
 /// Last refresh per declared view, for status.
 pub fn status(
     spec: &MaterializedViewsSpec,
@@ -551,10 +541,110 @@ pub async fn refresh(
     })
 }
 
+/// Materialized views: created, replaced when their query changes, handed to an owner.
+pub struct MaterializedViews;
+
+impl AreaModule for MaterializedViews {
+    const AREA: Area = AREA;
+    type Spec = MaterializedViewsSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&MaterializedViewsSpec> {
+        spec.materialized_views.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &MaterializedViewsSpec,
+        _ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section).await?)
+    }
+
+    fn diff(
+        section: &MaterializedViewsSpec,
+        observed: &Observed,
+        ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, ctx.spec.indexes.as_ref(), observed, plan)
+    }
+
+    fn render(_: &MaterializedViewsSpec, op: &Op) -> Vec<Change> {
+        render(op)
+    }
+
+    fn simulate(_: &MaterializedViewsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    /// Also tells the indexes, planned next, which views this plan builds again.
+    fn plan(
+        section: &MaterializedViewsSpec,
+        observed: &Observed,
+        ctx: &mut PlanContext<'_>,
+    ) -> AreaPlan {
+        let mut plan = AreaPlan::new(AREA);
+        let ops = Self::diff(section, observed, ctx, &mut plan);
+        plan.changes = ops.iter().flat_map(render).collect();
+        ctx.recreated_views = recreated(&plan, ctx.spec.allow_destructive());
+        plan
+    }
+
+    fn facts(section: &MaterializedViewsSpec, observed: &Observed, facts: &mut Facts) {
+        facts.materialized_views = Some(status(section, observed));
+    }
+}
+
+/// The catalog as it will be after `ops` (for tests of convergence).
+pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+    let mut next = observed.clone();
+    for op in ops {
+        match op {
+            Op::Create { name, owner, .. } | Op::Replace { name, owner, .. } => {
+                let before = next.views.remove(name).unwrap_or_default();
+                let definition = next.normalized.get(name).and_then(|d| d.clone().ok());
+                next.views.insert(
+                    name.clone(),
+                    ViewState {
+                        relkind: "m".into(),
+                        definition,
+                        populated: true,
+                        // Dropping the view dropped its indexes.
+                        has_unique_index: false,
+                        owner: owner.clone().unwrap_or(before.owner),
+                    },
+                );
+            }
+            Op::SetOwner { name, owner } => {
+                if let Some(v) = next.views.get_mut(name) {
+                    v.owner = owner.clone();
+                }
+            }
+        }
+    }
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::IndexSpec;
+    use crate::engine::ledger::Ledger;
+
+    fn plan(
+        spec: &MaterializedViewsSpec,
+        indexes: Option<&IndexesSpec>,
+        observed: &Observed,
+    ) -> AreaPlan {
+        let whole = crate::api::DatabasePolicySpec {
+            indexes: indexes.cloned(),
+            ..Default::default()
+        };
+        let ledger = Ledger::default();
+        MaterializedViews::plan(spec, observed, &mut PlanContext::new(&whole, &ledger))
+    }
 
     fn view(name: &str, def: Option<&str>, concurrently: bool) -> MaterializedView {
         MaterializedView {
@@ -715,5 +805,37 @@ mod tests {
         assert_eq!(p.errors[0].reason, Reason::MaterializedViewNotFound);
         assert_eq!(p.errors[1].reason, Reason::ColumnNotFound);
         assert!(p.changes.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Whatever views exist (with the desired query or another, of this owner or
+        /// another), applying the plan converges.
+        #[test]
+        fn applying_a_plan_converges(
+            wanted in proptest::collection::btree_map(0usize..3, (proptest::option::of(proptest::bool::ANY), proptest::bool::ANY), 0..3),
+            existing in proptest::collection::btree_map(0usize..3, (proptest::bool::ANY, proptest::bool::ANY), 0..3),
+        ) {
+            let query = |same: bool| if same { "SELECT 1 AS k;" } else { "SELECT 2 AS k;" };
+            let views = wanted
+                .iter()
+                .map(|(i, (owner, defined))| {
+                    let mut v = view(&format!("v{i}"), defined.then_some("SELECT 1 AS k"), false);
+                    v.owner = owner.map(|o| if o { "reporting".into() } else { "postgres".into() });
+                    v
+                })
+                .collect();
+            let spec = MaterializedViewsSpec { views };
+            let current: Vec<(String, &str, bool)> = existing
+                .iter()
+                .map(|(i, (same, unique))| (format!("v{i}"), query(*same), *unique))
+                .collect();
+            let current: Vec<(&str, &str, bool)> =
+                current.iter().map(|(n, q, u)| (n.as_str(), *q, *u)).collect();
+            let names: Vec<String> = (0..3).map(|i| format!("v{i}")).collect();
+            let normalized: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), query(true))).collect();
+            let mut o = observed(&current, &normalized);
+            o.roles.extend(["reporting".to_string(), "postgres".to_string()]);
+            crate::engine::areas::convergence::converges::<MaterializedViews>(&spec, &o, &Ledger::default(), |_, _| Ok(()))?;
+        }
     }
 }

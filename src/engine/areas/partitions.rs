@@ -19,6 +19,7 @@ use sqlx::{PgConnection, Row};
 use crate::api::{PartitionInterval, PartitionTableStatus, PartitionedTable, PartitionsSpec};
 use crate::api::{RetentionPolicy, TableTarget};
 use crate::duration::{parse_retention, Retention};
+use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
 use crate::reason::Reason;
@@ -1549,6 +1550,57 @@ pub fn status(spec: &PartitionsSpec, observed: &Observed) -> Vec<PartitionTableS
         });
     }
     out
+}
+
+/// Range partitions on a calendar grid: premade ahead, retired behind, rows moved out of
+/// the default partition.
+pub struct Partitions;
+
+impl AreaModule for Partitions {
+    const AREA: Area = AREA;
+    type Spec = PartitionsSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&PartitionsSpec> {
+        spec.partitions.as_ref()
+    }
+
+    /// The clock is read here, once: the plan is a pure function of what was observed.
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &PartitionsSpec,
+        ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        let now = ctx.now()?;
+        Ok(observe(conn, section, now).await?)
+    }
+
+    fn diff(
+        section: &PartitionsSpec,
+        observed: &Observed,
+        _ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, plan)
+    }
+
+    fn render(_: &PartitionsSpec, op: &Op) -> Vec<Change> {
+        render(op)
+    }
+
+    fn simulate(_: &PartitionsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    /// One transaction per table (see [`plan`]).
+    fn plan(section: &PartitionsSpec, observed: &Observed, _ctx: &mut PlanContext<'_>) -> AreaPlan {
+        plan(section, observed)
+    }
+
+    fn facts(section: &PartitionsSpec, observed: &Observed, facts: &mut Facts) {
+        facts.partitions = Some(status(section, observed));
+    }
 }
 
 #[cfg(test)]

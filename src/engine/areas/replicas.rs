@@ -17,6 +17,7 @@ use std::fmt;
 use sqlx::PgConnection;
 
 use crate::api::{ReplicaSpec, ReplicaStatus, ReplicasSpec};
+use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::pg::quote_literal;
@@ -896,6 +897,62 @@ pub fn read_endpoint(
     }
 }
 
+/// Replicas: the primary's physical slots for them, and their health (probed on the
+/// replicas themselves, see [`crate::engine::replica_health`]).
+pub struct Replicas;
+
+impl AreaModule for Replicas {
+    const AREA: Area = AREA;
+    const RESETS_WHEN_REMOVED: bool = true;
+    type Spec = ReplicasSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&ReplicasSpec> {
+        spec.replicas.as_ref()
+    }
+
+    /// The primary's slots and senders, then the probes of the replicas (started before
+    /// the run took its lock; none when the front has no URLs for them).
+    async fn observe(
+        conn: &mut PgConnection,
+        _section: &ReplicasSpec,
+        mut ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        let mut observed = observe(conn).await?;
+        if let Some(probes) = ctx.probes().await {
+            observed.probes = probes;
+        }
+        Ok(observed)
+    }
+
+    fn diff(
+        section: &ReplicasSpec,
+        observed: &Observed,
+        ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, ctx.ledger, plan)
+    }
+
+    fn render(_: &ReplicasSpec, op: &Op) -> Vec<Change> {
+        vec![render(op)]
+    }
+
+    fn simulate(_: &ReplicasSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    /// Refused on a standby; replica health as notices.
+    fn plan(section: &ReplicasSpec, observed: &Observed, ctx: &mut PlanContext<'_>) -> AreaPlan {
+        plan(section, observed, ctx.ledger)
+    }
+
+    fn facts(section: &ReplicasSpec, observed: &Observed, facts: &mut Facts) {
+        facts.replicas = Some(status(section, observed));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1456,17 +1513,14 @@ mod tests {
             for name in &owned {
                 ledger.insert(AREA, name, OWNED_SLOT, "p");
             }
-            let mut scratch = AreaPlan::new(AREA);
-            let ops = diff(&s, &obs, &ledger, &mut scratch);
-            for op in &ops {
-                if let Op::DropSlot { name } = op {
-                    prop_assert!(owned.contains(name), "dropped {name}, not owned");
+            crate::engine::areas::convergence::converges::<Replicas>(&s, &obs, &ledger, |ops, _| {
+                for op in ops {
+                    if let Op::DropSlot { name } = op {
+                        prop_assert!(owned.contains(name), "dropped {name}, not owned");
+                    }
                 }
-            }
-            let after = simulate(&obs, &ops);
-            for c in ops.iter().map(render) { ledger.apply_ops(&c.ledger); }
-            let mut again = AreaPlan::new(AREA);
-            prop_assert!(diff(&s, &after, &ledger, &mut again).is_empty());
+                Ok(())
+            })?;
         }
     }
 }

@@ -11,6 +11,7 @@ use sqlx::{Connection, PgConnection};
 use crate::api::{
     PolicyCommand, PolicyKind, RlsPolicy, RlsTable, RowLevelSecuritySpec, TableTarget,
 };
+use crate::engine::areas::{AfterApply, AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
 use crate::engine::normcache;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
@@ -1142,18 +1143,6 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
-pub fn plan(spec: &RowLevelSecuritySpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
-    let mut plan = AreaPlan::new(AREA);
-    let ops = diff(spec, observed, ledger, &mut plan);
-    plan.changes = ops.iter().flat_map(render).collect();
-    plan.refuse_unowned(|target| {
-        QualifiedName::parse(target)
-            .and_then(|t| observed.tables.get(&t))
-            .is_some_and(|t| t.not_owned)
-    });
-    plan
-}
-
 /// The catalog as it will be after `ops` (for tests of convergence).
 pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
@@ -1208,10 +1197,93 @@ pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     next
 }
 
+/// Row-level security of tables: enable/force flags and policies.
+pub struct RowLevelSecurity;
+
+impl AreaModule for RowLevelSecurity {
+    const AREA: Area = AREA;
+    type Spec = RowLevelSecuritySpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&RowLevelSecuritySpec> {
+        spec.row_level_security.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &RowLevelSecuritySpec,
+        _ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section).await?)
+    }
+
+    fn diff(
+        section: &RowLevelSecuritySpec,
+        observed: &Observed,
+        ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, ctx.ledger, plan)
+    }
+
+    fn render(_: &RowLevelSecuritySpec, op: &Op) -> Vec<Change> {
+        render(op)
+    }
+
+    fn simulate(_: &RowLevelSecuritySpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    fn finish(_: &RowLevelSecuritySpec, observed: &Observed, plan: &mut AreaPlan) {
+        plan.refuse_unowned(|target| {
+            QualifiedName::parse(target)
+                .and_then(|t| observed.tables.get(&t))
+                .is_some_and(|t| t.not_owned)
+        });
+    }
+
+    /// After a successful apply, records the normalisations this run made of items the
+    /// catalog already showed right (see [`normcache`]).
+    async fn after_apply(conn: &mut PgConnection, observed: &Observed, ctx: AfterApply<'_>) {
+        if ctx.report.succeeded() {
+            fill_cache(conn, &observed.cache_fill, ctx.policy).await;
+        }
+    }
+}
+
+/// Records the normalisations of items the catalog already showed right (a database
+/// converged before the cache existed, or a stale row), so the next check needs no twin for
+/// them. Only a cache: a failure is logged, not fatal.
+async fn fill_cache(conn: &mut PgConnection, rows: &[normcache::Record], policy: &str) {
+    if rows.is_empty() {
+        return;
+    }
+    let written = async {
+        crate::engine::apply::bootstrap_ledger(conn).await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        normcache::write(&mut tx, rows, policy).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::warn!(
+            error = %crate::pg::error_summary(&e),
+            "could not record normalised expressions in {}; the next drift check normalises them again",
+            normcache::CACHE_TABLE
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn plan(spec: &RowLevelSecuritySpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
+        let whole = crate::api::DatabasePolicySpec::default();
+        RowLevelSecurity::plan(spec, observed, &mut PlanContext::new(&whole, ledger))
+    }
 
     const OWN: &str = "user_id = current_setting('app.current_user_id')::uuid";
     const OWN_PG: &str = "(user_id = (current_setting('app.current_user_id'::text))::uuid)";
@@ -1842,14 +1914,8 @@ mod tests {
             let spec = RowLevelSecuritySpec { tables };
             let mut obs = obs;
             normalise_all(&spec, &mut obs);
-            let mut ledger = Ledger::for_policy("p");
-            let mut scratch = AreaPlan::new(AREA);
-            let ops = diff(&spec, &obs, &ledger, &mut scratch);
-            let after = simulate(&obs, &ops);
-            for c in ops.iter().flat_map(render) { ledger.apply_ops(&c.ledger); }
-            let mut again = AreaPlan::new(AREA);
-            let ops2 = diff(&spec, &after, &ledger, &mut again);
-            prop_assert!(ops2.is_empty(), "{ops2:?}");
+            let ledger = Ledger::for_policy("p");
+            let after = crate::engine::areas::convergence::converges::<RowLevelSecurity>(&spec, &obs, &ledger, |_, _| Ok(()))?;
             for tbl in &spec.tables {
                 let Some(state) = after.tables.get(&tbl.qualified()) else { continue };
                 prop_assert_eq!(state.enabled, tbl.enabled.unwrap_or(true));

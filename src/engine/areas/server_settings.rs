@@ -20,6 +20,7 @@ use sqlx::{Connection, PgConnection, Row};
 
 use crate::api::ServerSettingsSpec;
 use crate::engine::apply::ApplyReport;
+use crate::engine::areas::{AfterApply, AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::{self, Ledger};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LedgerOp};
 use crate::pg::{error_summary, execute_one, quote_ident, quote_literal, sqlstate};
@@ -190,6 +191,11 @@ const NOT_CHECKED_IN_SESSION: &[&str] = &[
 pub struct AllowedSettings(BTreeSet<String>);
 
 impl AllowedSettings {
+    /// No setting denied by default is allowed.
+    pub fn none() -> &'static AllowedSettings {
+        static NONE: AllowedSettings = AllowedSettings(BTreeSet::new());
+        &NONE
+    }
     /// From `--allow-setting` values; a name that is not a parameter name is refused.
     pub fn new<I, S>(names: I) -> Result<Self, String>
     where
@@ -1056,6 +1062,61 @@ fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Res
     Ok(n * f / param_base)
 }
 
+/// Server settings, through `ALTER SYSTEM` and a reload; reset when the section leaves
+/// the spec.
+pub struct ServerSettings;
+
+impl AreaModule for ServerSettings {
+    const AREA: Area = AREA;
+    const RESETS_WHEN_REMOVED: bool = true;
+    type Spec = ServerSettingsSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&ServerSettingsSpec> {
+        spec.server_settings.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &ServerSettingsSpec,
+        ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section, ctx.ledger).await?)
+    }
+
+    fn diff(
+        section: &ServerSettingsSpec,
+        observed: &Observed,
+        ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, ctx.ledger, ctx.allowed_settings, plan).ops
+    }
+
+    fn render(_: &ServerSettingsSpec, op: &Op) -> Vec<Change> {
+        vec![render(op)]
+    }
+
+    fn simulate(_: &ServerSettingsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    /// The writes, then one reload (and what is written but not loaded, as notices).
+    fn plan(
+        section: &ServerSettingsSpec,
+        observed: &Observed,
+        ctx: &mut PlanContext<'_>,
+    ) -> AreaPlan {
+        plan_with(section, observed, ctx.ledger, ctx.allowed_settings)
+    }
+
+    /// A failed settings run leaves postgresql.auto.conf as it began, reloaded.
+    async fn after_apply(conn: &mut PgConnection, observed: &Observed, ctx: AfterApply<'_>) {
+        recover(conn, observed, ctx.ledger, ctx.report, ctx.policy).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1592,14 +1653,8 @@ mod tests {
             o.auto_conf = current.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             let mut ledger = Ledger::for_policy("p");
             for n in owned { ledger.insert(AREA, TARGET, n, "p"); }
-            let mut scratch = AreaPlan::new(AREA);
-            let allowed = AllowedSettings::default();
-            let d = diff(&spec, &o, &ledger, &allowed, &mut scratch);
-            let after = simulate(&o, &d.ops);
-            for c in d.ops.iter().map(render) { ledger.apply_ops(&c.ledger); }
-            let mut again = AreaPlan::new(AREA);
             // invalid values never become ops, so they never need converging
-            prop_assert!(diff(&spec, &after, &ledger, &allowed, &mut again).ops.is_empty());
+            crate::engine::areas::convergence::converges::<ServerSettings>(&spec, &o, &ledger, |_, _| Ok(()))?;
         }
     }
 }

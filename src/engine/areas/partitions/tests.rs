@@ -1,4 +1,5 @@
 use super::*;
+use crate::engine::areas::convergence::converges;
 use crate::reason::Reason;
 use proptest::prelude::*;
 
@@ -814,17 +815,14 @@ proptest! {
     /// again after time passes and one more maintenance runs.
     #[test]
     fn applying_a_plan_converges((s, o, advance) in arb_case()) {
-        let mut scratch = AreaPlan::new(AREA);
-        let ops = diff(&s, &o, &mut scratch);
-        prop_assert!(scratch.errors.is_empty(), "{:?}", scratch.errors);
-        let after = simulate(&o, &ops);
-        let again = diff(&s, &after, &mut AreaPlan::new(AREA));
-        prop_assert!(again.is_empty(), "{again:?}");
+        let ledger = crate::engine::ledger::Ledger::default();
+        let after = converges::<Partitions>(&s, &o, &ledger, |_, first| {
+            prop_assert!(first.errors.is_empty(), "{:?}", first.errors);
+            Ok(())
+        })?;
         let mut later = after.clone();
         later.now = o.now + chrono::Duration::days(advance);
-        let ops = diff(&s, &later, &mut AreaPlan::new(AREA));
-        let after = simulate(&later, &ops);
-        prop_assert!(diff(&s, &after, &mut AreaPlan::new(AREA)).is_empty());
+        converges::<Partitions>(&s, &later, &ledger, |_, _| Ok(()))?;
     }
 
     /// Safety: nothing retired holds rows inside the window, the default is never
