@@ -15,3 +15,4 @@ pub mod jobs;
 pub mod logging;
 pub mod pg;
 pub mod reason;
+pub mod units;

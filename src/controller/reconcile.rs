@@ -154,8 +154,7 @@ async fn apply(
         if mode == Mode::Apply {
             let secret_name = children::read_endpoint_secret_name(&policy)
                 .unwrap_or_else(|| format!("{name}-read"));
-            let endpoint =
-                engine::areas::replicas::read_endpoint(rspec, current, &url, &replica_urls);
+            let endpoint = super::read_endpoint::read_endpoint(rspec, current, &url, &replica_urls);
             let secret =
                 children::read_endpoint_secret(&policy, &secret_name, endpoint.secret_data());
             if let Err(e) = children::publish_read_endpoint(&ctx.client, &policy, &secret).await {

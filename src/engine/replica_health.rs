@@ -136,7 +136,11 @@ pub async fn probe_one(url: &str, timeout: Duration) -> Probe {
         Ok(Ok(side)) => ProbeResult::Reached(side),
         Ok(Err(message)) => ProbeResult::Unreachable { message },
         Err(_) => ProbeResult::Unreachable {
-            message: format!("{}: no answer within {}", target(url), humantime(timeout)),
+            message: format!(
+                "{}: no answer within {}",
+                target(url),
+                crate::units::duration(timeout)
+            ),
         },
     };
     Probe {
@@ -180,14 +184,6 @@ fn target(url: &str) -> String {
             o.get_database().unwrap_or("(default)")
         ),
         Err(_) => "(invalid replica URL)".into(),
-    }
-}
-
-fn humantime(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
     }
 }
 
