@@ -1,10 +1,10 @@
 //! The areas of a policy and their registry. Each area is one module implementing
 //! [`AreaModule`]: which section of the spec it reconciles, its observer (a constant number
 //! of catalog queries), its pure planner (`diff` → `Op`s → rendered `Change`s) and
-//! `simulate` for the convergence property every area passes ([`convergence`]).
+//! `simulate` for the convergence property every area passes (`convergence::converges`).
 //!
-//! The engine knows areas only through [`AREAS`]: observe, plan, facts and the hooks after
-//! an apply are loops over it. A new area is its module and one line in [`registry!`].
+//! The engine knows areas only through `AREAS`: observe, plan, facts and the hooks after
+//! an apply are loops over it. A new area is its module and one line in `registry!`.
 
 pub mod autovacuum;
 pub mod backups;
@@ -229,7 +229,7 @@ pub(crate) trait Registered: Sync {
     ) -> BoxFuture<'a, ()>;
 }
 
-/// Where an area's observation is kept in [`Observed`] (written by [`registry!`]).
+/// Where an area's observation is kept in [`Observed`] (written by `registry!`).
 pub(crate) trait Slot: AreaModule {
     fn slot(observed: &Observed) -> &Option<Self::Observed>;
     fn slot_mut(observed: &mut Observed) -> &mut Option<Self::Observed>;
@@ -334,7 +334,7 @@ impl<T: Slot> Registered for T {
 /// indexes that may sit on those views — before the policies that read it; data last).
 /// Each line names the area, its spec field and the field of [`Observed`] that holds
 /// what was observed, and its module's [`AreaModule`]. It writes [`Area`], [`Observed`]
-/// and [`AREAS`].
+/// and `AREAS`.
 macro_rules! registry {
     ($($area:ident, $spec_field:literal, $field:ident: $module:path;)*) => {
         /// The areas of a policy, in the order the executor applies them.
