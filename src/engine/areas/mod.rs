@@ -129,9 +129,9 @@ impl ObserveContext<'_> {
     /// The clock, read by the one area that needs it when it observes: the plan is then a
     /// pure function of what was observed.
     pub fn now(&self) -> Result<DateTime<Utc>, ObserveError> {
-        super::clock::now().map_err(|message| ObserveError {
+        super::clock::now().map_err(|e| ObserveError {
             reason: Reason::InvalidClock,
-            message,
+            message: e.to_string(),
         })
     }
 

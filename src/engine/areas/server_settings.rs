@@ -186,6 +186,11 @@ const NOT_CHECKED_IN_SESSION: &[&str] = &[
     "transaction_timeout",
 ];
 
+/// An `--allow-setting` value that is not a parameter name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--allow-setting {0:?}: not a parameter name (letters, digits, '_' and '.')")]
+pub struct NotAParameterName(pub String);
+
 /// The denied settings the platform team allows (`--allow-setting`), lower case.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllowedSettings(BTreeSet<String>);
@@ -197,7 +202,7 @@ impl AllowedSettings {
         &NONE
     }
     /// From `--allow-setting` values; a name that is not a parameter name is refused.
-    pub fn new<I, S>(names: I) -> Result<Self, String>
+    pub fn new<I, S>(names: I) -> Result<Self, NotAParameterName>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -206,9 +211,7 @@ impl AllowedSettings {
         for name in names {
             let name = name.as_ref().trim();
             if !is_parameter_name(name) {
-                return Err(format!(
-                    "--allow-setting {name:?}: not a parameter name (letters, digits, '_' and '.')"
-                ));
+                return Err(NotAParameterName(name.to_string()));
             }
             set.insert(name.to_lowercase());
         }
