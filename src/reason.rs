@@ -53,6 +53,8 @@ reasons! {
     ConcurrentApply,
     InvalidClock,
     OwnershipConflict,
+    /// The database where server-wide items are claimed cannot be read or written.
+    ServerClaimsUnavailable,
     ReleaseFailed,
 
     // Plan errors and notices of the areas.

@@ -372,6 +372,10 @@ macro_rules! registry {
         pub struct Observed {
             pub ledger: Ledger,
             $(pub $field: Option<<$module as AreaModule>::Observed>,)*
+            /// Who claims the server-wide items the policy touches (see
+            /// [`crate::engine::server_claims`]); None when it touches none, or when the
+            /// caller observed without the claims database.
+            pub server_claims: Option<crate::engine::server_claims::Observed>,
         }
 
         $(
