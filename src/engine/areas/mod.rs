@@ -236,16 +236,14 @@ pub(crate) trait Slot: AreaModule {
 }
 
 /// The section the area runs with: the spec's, or an empty one when the spec dropped it
-/// but the ledger says this policy still owns something there (what it set is reset).
-fn section_or_owned<'s, T: AreaModule>(
-    spec: &'s DatabasePolicySpec,
-    ledger: &Ledger,
-) -> Option<Cow<'s, T::Spec>> {
+/// and `reset` (the area resets what it set once its section is gone).
+fn section_or_empty<T: AreaModule>(
+    spec: &DatabasePolicySpec,
+    reset: bool,
+) -> Option<Cow<'_, T::Spec>> {
     match T::section(spec) {
         Some(s) => Some(Cow::Borrowed(s)),
-        None if T::RESETS_WHEN_REMOVED && ledger.items(T::AREA).next().is_some() => {
-            Some(Cow::Owned(T::Spec::default()))
-        }
+        None if reset => Some(Cow::Owned(T::Spec::default())),
         None => None,
     }
 }
@@ -267,7 +265,10 @@ impl<T: Slot> Registered for T {
         observed: &'a mut Observed,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let Some(section) = section_or_owned::<T>(spec, &observed.ledger) else {
+            // Observed once its section is gone only while the ledger says this policy
+            // still owns something there.
+            let owns = observed.ledger.items(T::AREA).next().is_some();
+            let Some(section) = section_or_empty::<T>(spec, T::RESETS_WHEN_REMOVED && owns) else {
                 return Ok(());
             };
             let ctx = ObserveContext {
@@ -292,11 +293,7 @@ impl<T: Slot> Registered for T {
         observed: &Observed,
         ctx: &mut PlanContext<'_>,
     ) -> Option<AreaPlan> {
-        let section = match T::section(spec) {
-            Some(s) => Cow::Borrowed(s),
-            None if T::RESETS_WHEN_REMOVED => Cow::Owned(T::Spec::default()),
-            None => return None,
-        };
+        let section = section_or_empty::<T>(spec, T::RESETS_WHEN_REMOVED)?;
         match T::slot(observed) {
             Some(o) => Some(T::plan(&section, o, ctx)),
             None => T::plan_unobserved(&section),
