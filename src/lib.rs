@@ -12,6 +12,7 @@ pub mod crd;
 pub mod duration;
 pub mod engine;
 pub mod jobs;
+pub mod kubectl;
 pub mod logging;
 pub mod pg;
 pub mod reason;

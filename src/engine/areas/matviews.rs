@@ -592,8 +592,8 @@ impl AreaModule for MaterializedViews {
         plan
     }
 
-    fn facts(section: &MaterializedViewsSpec, observed: &Observed, facts: &mut Facts) {
-        facts.materialized_views = Some(status(section, observed));
+    fn facts(section: Option<&MaterializedViewsSpec>, observed: &Observed, facts: &mut Facts) {
+        facts.materialized_views = section.map(|s| status(s, observed));
     }
 }
 

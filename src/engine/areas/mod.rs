@@ -103,8 +103,9 @@ pub trait AreaModule: Sync + 'static {
         None
     }
 
-    /// The area's details for status.
-    fn facts(_section: &Self::Spec, _observed: &Self::Observed, _facts: &mut Facts) {}
+    /// The area's details for status (and metrics), from what was observed; `section` is
+    /// None when the spec no longer has it.
+    fn facts(_section: Option<&Self::Spec>, _observed: &Self::Observed, _facts: &mut Facts) {}
 
     /// Runs after an apply, while the run still holds the lock (a failed settings run
     /// restored, normalisations cached).
@@ -200,6 +201,10 @@ pub struct Facts {
     /// Health and lag of each declared replica (`Unknown` when it could not be checked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Vec<crate::api::ReplicaStatus>>,
+    /// WAL retained by each replication slot of the server (bytes), when slots were
+    /// observed: for the operator's metrics, not status.
+    #[serde(skip)]
+    pub slot_retained_bytes: Option<std::collections::BTreeMap<String, i64>>,
 }
 
 /// An area as the engine's loops see it (whatever its types).
@@ -301,8 +306,8 @@ impl<T: Slot> Registered for T {
     }
 
     fn facts(&self, spec: &DatabasePolicySpec, observed: &Observed, facts: &mut Facts) {
-        if let (Some(s), Some(o)) = (T::section(spec), T::slot(observed)) {
-            T::facts(s, o, facts);
+        if let Some(o) = T::slot(observed) {
+            T::facts(T::section(spec), o, facts);
         }
     }
 

@@ -260,8 +260,8 @@ impl AreaModule for Partitions {
         plan(section, observed)
     }
 
-    fn facts(section: &PartitionsSpec, observed: &Observed, facts: &mut Facts) {
-        facts.partitions = Some(status(section, observed));
+    fn facts(section: Option<&PartitionsSpec>, observed: &Observed, facts: &mut Facts) {
+        facts.partitions = section.map(|s| status(s, observed));
     }
 }
 

@@ -86,8 +86,17 @@ impl AreaModule for Replicas {
         plan(section, observed, ctx.ledger)
     }
 
-    fn facts(section: &ReplicasSpec, observed: &Observed, facts: &mut Facts) {
-        facts.replicas = Some(status(section, observed));
+    /// Replica health for status; the WAL each slot retains, for metrics, whether or not
+    /// the spec still has replicas.
+    fn facts(section: Option<&ReplicasSpec>, observed: &Observed, facts: &mut Facts) {
+        facts.replicas = section.map(|s| status(s, observed));
+        facts.slot_retained_bytes = Some(
+            observed
+                .slots
+                .iter()
+                .filter_map(|(name, slot)| slot.retained_bytes.map(|b| (name.clone(), b)))
+                .collect(),
+        );
     }
 }
 

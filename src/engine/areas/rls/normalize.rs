@@ -58,8 +58,8 @@ pub(super) async fn normalize(
             .policies
             .iter()
             // Text that is not one expression never reaches PostgreSQL (see check_expression).
-            .filter(|p| expressions(p).is_ok())
             .filter(|p| misses.contains(&(name.clone(), p.name.clone())))
+            .filter(|p| expressions(p).is_ok())
             .map(|p| NormalizePolicy {
                 name: &p.name,
                 command: command_sql(p.command.unwrap_or_default()),

@@ -525,6 +525,24 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
+/// Whether `change` (one [`render`] made) undoes a change that weakened the table's
+/// protection, when it repairs drift: a policy dropped or altered by hand (recreated,
+/// altered back), one added by hand (dropped: an extra permissive policy opens rows), or
+/// RLS disabled or unforced by hand (enabled, forced again). Turning RLS off or unforcing
+/// it, as the spec asks, repairs the opposite and is not one.
+pub fn repairs_weakened_security(change: &Change) -> bool {
+    if change.area != AREA {
+        return false;
+    }
+    let sql = change.sql.as_str();
+    sql.starts_with("CREATE POLICY ")
+        || sql.starts_with("ALTER POLICY ")
+        || sql.starts_with("DROP POLICY ")
+        || sql.ends_with(" ENABLE ROW LEVEL SECURITY")
+        || (sql.ends_with(" FORCE ROW LEVEL SECURITY")
+            && !sql.ends_with(" NO FORCE ROW LEVEL SECURITY"))
+}
+
 /// The catalog as it will be after `ops` (for tests of convergence).
 pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();

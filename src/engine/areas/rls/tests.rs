@@ -83,6 +83,56 @@ fn sqls(p: &AreaPlan) -> Vec<&str> {
 }
 
 #[test]
+fn repairs_of_weakened_protection_are_told_apart() {
+    // Hand changes that weaken: dropped, altered, added, RLS disabled and unforced.
+    let mut tbl = table("up", vec![policy("own", None, Some(OWN))]);
+    tbl.force = Some(true);
+    let mut o = observed(&[("up", vec![("extra", state(Some("true"), None))])]);
+    o.tables.get_mut(&t("up")).unwrap().enabled = false;
+    let mut s = spec(vec![tbl]);
+    s.tables[0].own_all_policies = Some(true);
+    let p = run(&s, &o);
+    assert!(p.changes.len() >= 4, "{:?}", sqls(&p));
+    for c in &p.changes {
+        assert!(repairs_weakened_security(c), "{}", c.sql);
+    }
+    let altered = with_normalized(
+        observed(&[("up", vec![("own", state(Some("true"), None))])]),
+        "up",
+        "own",
+        Normalized {
+            using: Some(OWN_PG.into()),
+            with_check: None,
+        },
+    );
+    let p = run(
+        &spec(vec![table("up", vec![policy("own", None, Some(OWN))])]),
+        &altered,
+    );
+    assert!(!p.changes.is_empty());
+    assert!(
+        p.changes.iter().all(repairs_weakened_security),
+        "{:?}",
+        sqls(&p)
+    );
+
+    // The spec turning protection off: not a weakening repaired.
+    let mut off = table("up", vec![]);
+    off.enabled = Some(false);
+    let mut o = observed(&[("up", vec![])]);
+    o.tables.get_mut(&t("up")).unwrap().force = true;
+    let p = run(&spec(vec![off]), &o);
+    assert_eq!(p.changes.len(), 2, "{:?}", sqls(&p));
+    assert!(
+        !p.changes.iter().any(repairs_weakened_security),
+        "{:?}",
+        sqls(&p)
+    );
+    let other = Change::new(Area::FeatureFlags, "f", "set", "CREATE POLICY x ON y");
+    assert!(!repairs_weakened_security(&other));
+}
+
+#[test]
 fn creates_policy_then_enables_and_forces() {
     let mut tbl = table("up", vec![policy("own", None, Some(OWN))]);
     tbl.force = Some(true);
