@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dbpolicy::api::{DatabasePolicySpec, Mode, RowLevelSecuritySpec};
-use dbpolicy::engine::{self, areas::rls, Ledger, PolicyId};
+use dbpolicy::engine::areas::{rls, AreaModule, PlanContext};
+use dbpolicy::engine::{self, Ledger, PolicyId};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
@@ -228,7 +229,10 @@ async fn bench(opts: PgConnectOptions, tables: usize, reader: &str) -> anyhow::R
     let (observe, observed) = time!(runs, rls::observe(&mut conn, rls_spec).await);
     let observed = observed?;
     let ledger = Ledger::for_policy(&policy.0);
-    let (pure, _) = time!(runs, rls::plan(rls_spec, &observed, &ledger));
+    let (pure, _) = time!(
+        runs,
+        rls::RowLevelSecurity::plan(rls_spec, &observed, &mut PlanContext::new(&base, &ledger))
+    );
 
     // Round trips, once each, on the counted session, after one run to warm it up (the
     // first use of a statement on a session costs one more round trip to prepare it).

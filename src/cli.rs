@@ -270,7 +270,7 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
     }
     let allowed = match engine::AllowedSettings::new(&args.allow_settings) {
         Ok(a) => a,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let mut worst = EXIT_OK;
     let mut json = Vec::new();

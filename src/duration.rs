@@ -41,27 +41,11 @@ pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, 
     if d < min || d > max {
         return Err(format!(
             "{s:?} is out of range: between {} and {}",
-            human(min),
-            human(max)
+            crate::units::duration(min),
+            crate::units::duration(max)
         ));
     }
     Ok(d)
-}
-
-/// `10s`, `24h`, `1500ms`: the largest whole unit, for messages.
-pub fn human(d: Duration) -> String {
-    let ms = d.as_millis();
-    for (unit, n) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
-        if ms >= n && ms.is_multiple_of(n) {
-            return format!("{}{unit}", ms / n);
-        }
-    }
-    format!("{ms}ms")
 }
 
 /// A duration as PostgreSQL's `lock_timeout`/`statement_timeout` take it: milliseconds.

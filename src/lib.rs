@@ -1,7 +1,8 @@
 //! dbpolicy: reconcile a `DatabasePolicy` against a live PostgreSQL database.
 //!
-//! One engine (observe → plan → apply, in [`engine`]) serves three fronts: the CLI
-//! ([`cli`]), the Kubernetes controller and the backup job.
+//! One engine (observe → plan → apply, in [`engine`]) serves the CLI ([`cli`]) and the
+//! Kubernetes [`controller`]; the backup and refresh jobs ([`backup`], [`jobs`]) run beside
+//! it, as CronJobs the controller keeps. See docs/architecture.md.
 
 pub mod api;
 pub mod backup;
@@ -14,3 +15,5 @@ pub mod jobs;
 pub mod kubectl;
 pub mod logging;
 pub mod pg;
+pub mod reason;
+pub mod units;

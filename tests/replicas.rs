@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dbpolicy::api::{DatabasePolicy, ReplicaStatus};
-use dbpolicy::engine::areas::replicas::{read_endpoint, ReadSource};
+use dbpolicy::controller::read_endpoint::{read_endpoint, ReadSource};
 use serde_json::Value;
 use sqlx::Row;
 use support::{

@@ -10,6 +10,7 @@ use super::manifest::{Manifest, DUMP_SUFFIX, MANIFEST_SUFFIX};
 use super::state::{self, DumpObject, State, VerifyRecord, VERIFY_SUFFIX};
 use super::store::{Entry, Store};
 use super::BackupError;
+use crate::units;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -175,21 +176,6 @@ pub async fn scan(store: &Store, database: Option<&str>) -> Result<Listing, Back
     Ok(listing)
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 /// The listing as a table for people: one row per backup with its state and when it was
 /// last checked, then a `#` line for each backup that is not known good, each leftover
 /// and each unreadable manifest.
@@ -211,7 +197,7 @@ pub fn render_text(listing: &Listing) -> String {
             m.database.clone(),
             b.id.clone(),
             m.finished_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            human_bytes(m.size_bytes),
+            units::bytes(m.size_bytes),
             format!("{:.1}s", m.duration_seconds),
             m.tables.len().to_string(),
             m.total_rows().to_string(),
@@ -258,16 +244,4 @@ pub fn render_text(listing: &Listing) -> String {
         ));
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_for_people() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
-    }
 }

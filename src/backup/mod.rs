@@ -23,9 +23,9 @@ use std::path::PathBuf;
 use chrono::Utc;
 use clap::{Args, Subcommand, ValueEnum};
 
-use self::list::human_bytes;
 use self::prune::Retention;
 use self::store::{S3Config, Store, StoreConfig, StoreError};
+use crate::units;
 
 /// Environment variables the CronJob sets instead of flags (flags win).
 pub const ENV_DIR: &str = "DBPOLICY_BACKUP_DIR";
@@ -325,7 +325,7 @@ impl BackupError {
     pub fn reason(&self) -> &'static str {
         match self {
             BackupError::Usage(_) => "InvalidArguments",
-            BackupError::Connect(e) => e.reason(),
+            BackupError::Connect(e) => e.reason().as_str(),
             BackupError::Store(_) => "StoreFailed",
             BackupError::Tool(_) => "ToolFailed",
             BackupError::Source(_) => "SourceReadFailed",
@@ -449,7 +449,7 @@ async fn run_steps(a: RunArgs, stored: &mut Option<manifest::Manifest>) -> Resul
         "backed up {}/{}: {} in {:.1}s, {} table(s), {} row(s), sha256 {}",
         done.database_dir,
         m.id,
-        human_bytes(m.size_bytes),
+        units::bytes(m.size_bytes),
         m.duration_seconds,
         m.tables.len(),
         m.total_rows(),
@@ -543,7 +543,7 @@ async fn base_steps(
     println!(
         "base backup {dir}/{}: {} checked by pg_verifybackup, WAL {} to {} on timeline {}, finished {}",
         r.id,
-        human_bytes(size),
+        units::bytes(size),
         r.start_lsn,
         r.end_lsn,
         r.timeline,

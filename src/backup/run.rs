@@ -15,7 +15,6 @@ use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::list::human_bytes;
 use super::manifest::{
     backup_id, Manifest, TableRows, DUMP_SUFFIX, MANIFEST_SUFFIX, MANIFEST_VERSION,
 };
@@ -23,6 +22,7 @@ use super::store::Store;
 use super::tools::{self, LibpqEnv};
 use super::BackupError;
 use crate::pg::{error_summary, QualifiedName};
+use crate::units;
 
 /// How often progress is printed while the dump streams.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -184,8 +184,8 @@ async fn run_on(
                 let secs = clock.elapsed().as_secs_f64().max(0.001);
                 eprintln!(
                     "backup: {database}: {} streamed ({}/s)",
-                    human_bytes(size),
-                    human_bytes((size as f64 / secs) as u64)
+                    units::bytes(size),
+                    units::bytes((size as f64 / secs) as u64)
                 );
             }
         }

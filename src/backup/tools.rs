@@ -326,11 +326,9 @@ pub async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::Connect
         Err(_) => Err(ConnectError::Failed {
             target,
             reason: "timed out after 15s".into(),
+            sqlstate: None,
         }),
-        Ok(Err(e)) => Err(ConnectError::Failed {
-            target,
-            reason: crate::pg::error_summary(&e),
-        }),
+        Ok(Err(e)) => Err(ConnectError::failed(target, &e)),
         Ok(Ok(conn)) => Ok(conn),
     }
 }

@@ -20,7 +20,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::io::AsyncReadExt;
 
-use super::list::{self, human_bytes, Backup};
+use super::list::{self, Backup};
 use super::manifest::compare_tables;
 use super::run::{hex, table_rows};
 use super::state::{DumpObject, Outcome, VerifyRecord};
@@ -28,6 +28,7 @@ use super::store::Store;
 use super::tools::{self, LibpqEnv};
 use super::BackupError;
 use crate::pg::{error_summary, quote_ident, quote_literal};
+use crate::units;
 
 const STDERR_TAIL: usize = 4000;
 
@@ -233,7 +234,7 @@ async fn check(
             ),
         });
     }
-    eprintln!("backup: {name}: {}, checksum ok", human_bytes(size));
+    eprintln!("backup: {name}: {}, checksum ok", units::bytes(size));
 
     // 2. A restore into a scratch database, always dropped.
     let pg_restore = tools::find(

@@ -170,17 +170,6 @@ pub struct Readiness {
     pub message: String,
 }
 
-fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    if s.is_multiple_of(86400) {
-        format!("{}d", s / 86400)
-    } else if s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else {
-        format!("{}m", s / 60)
-    }
-}
-
 /// `BackupsReady`. False when the last run failed or the newest success is older than the
 /// [`window`]; Unknown before the first run. `created` is the CronJob's creation time:
 /// a CronJob that never produced a success within a window of its creation is overdue
@@ -247,7 +236,7 @@ pub fn readiness(
             "BackupOverdue",
             format!(
                 "no successful backup within {} (twice the schedule's interval); the last one succeeded at {s}",
-                human(window)
+                crate::units::duration(window)
             ),
         ),
         None if created.is_some_and(|c| since(c) > window) => ready(
@@ -255,7 +244,7 @@ pub fn readiness(
             "BackupOverdue",
             format!(
                 "no successful backup within {} of the CronJob's creation",
-                human(window)
+                crate::units::duration(window)
             ),
         ),
         None => ready(

@@ -140,8 +140,8 @@ impl Error {
             Error::SecretKeyNotFound { .. } => "SecretKeyNotFound",
             Error::SecretNotUtf8 { .. } => "InvalidConnectionUrl",
             Error::SecretRead { .. } => "SecretReadFailed",
-            Error::Connect(e) => e.reason(),
-            Error::Engine(e) => e.reason(),
+            Error::Connect(e) => e.reason().as_str(),
+            Error::Engine(e) => e.reason().as_str(),
             Error::PlanErrors { reason, .. } => reason,
             Error::ApplyFailed { reason, .. } => reason,
             Error::PatchStatus(_) => "StatusPatchFailed",
@@ -153,7 +153,7 @@ impl Error {
                 kind: "CronJob", ..
             } => "CronJobNotOwned",
             Error::NotOwned { .. } => "NotOwned",
-            Error::Release(e) => e.reason(),
+            Error::Release(e) => e.reason().as_str(),
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
                 "FinalizerFailed"
             }

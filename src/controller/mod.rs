@@ -10,6 +10,7 @@ pub mod lease;
 pub mod metrics;
 pub mod policy_metrics;
 pub mod process_metrics;
+pub mod read_endpoint;
 pub mod reconcile;
 pub mod replicas;
 pub mod status;

@@ -155,8 +155,7 @@ async fn apply(
         if mode == Mode::Apply {
             let secret_name = children::read_endpoint_secret_name(&policy)
                 .unwrap_or_else(|| format!("{name}-read"));
-            let endpoint =
-                engine::areas::replicas::read_endpoint(rspec, current, &url, &replica_urls);
+            let endpoint = super::read_endpoint::read_endpoint(rspec, current, &url, &replica_urls);
             let secret =
                 children::read_endpoint_secret(&policy, &secret_name, endpoint.secret_data());
             if let Err(e) = children::publish_read_endpoint(&ctx.client, &policy, &secret).await {
@@ -413,13 +412,13 @@ fn failure_of(outcome: &Outcome) -> Result<()> {
     if let Some(first) = errors.first() {
         return Err(Error::PlanErrors {
             count: errors.len(),
-            reason: first.reason.clone(),
+            reason: first.reason.to_string(),
             first: first.to_string(),
         });
     }
     if let Some(f) = outcome.report.as_ref().and_then(|r| r.failure.as_ref()) {
         return Err(Error::ApplyFailed {
-            reason: f.reason.clone(),
+            reason: f.reason.to_string(),
             message: format!("{}: {}: {}", f.area, f.target, f.message),
         });
     }

@@ -8,6 +8,7 @@ use super::status::{AreaState, Status};
 use crate::api::{ReplicaStatus, ReplicasSpec};
 use crate::engine::areas::replicas::{readiness, transitions, ReplicaState};
 use crate::engine::Area;
+use crate::reason::Reason;
 
 /// Smallest lag changes worth a status write: lag moves on every check of a live replica,
 /// and every status write wakes the controller again.
@@ -86,7 +87,7 @@ pub fn replicas_area(
     }
     Some(AreaState {
         area: Area::Replicas,
-        status: if reason == "ReplicaNotChecked" {
+        status: if reason == Reason::ReplicaNotChecked {
             Status::Unknown
         } else {
             Status::False
@@ -127,7 +128,7 @@ pub fn replica_events(
                 .into_iter()
                 .find(|s| s.as_str() == t.to)
                 .and_then(|s| s.reason())
-                .unwrap_or("ReplicaNotChecked");
+                .map_or("ReplicaNotChecked", Reason::as_str);
                 (
                     EventType::Warning,
                     reason,

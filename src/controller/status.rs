@@ -10,6 +10,7 @@ use crate::api::{
     ServerSettingsStatus,
 };
 use crate::engine::{Area, AreaPlan, Change, Outcome, Plan};
+use crate::reason::Reason;
 
 pub const READY: &str = "Ready";
 pub const DRIFTED: &str = "Drifted";
@@ -29,43 +30,10 @@ pub struct Input<'a> {
     pub drift_interval: Duration,
 }
 
-/// The areas present in the spec, in apply order. No `..`: a new area must be added here.
+/// The areas present in the spec, in apply order (the registry's, see
+/// `engine::areas`).
 pub fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
-    let DatabasePolicySpec {
-        database: _,
-        mode: _,
-        suspend: _,
-        drift_check_interval: _,
-        deletion_policy: _,
-        safety: _,
-        row_level_security,
-        partitions,
-        autovacuum,
-        server_settings,
-        replicas,
-        backups,
-        feature_flags,
-        materialized_views,
-        indexes,
-    } = spec;
-    let present = [
-        (Area::ServerSettings, server_settings.is_some()),
-        (Area::Autovacuum, autovacuum.is_some()),
-        (Area::Partitions, partitions.is_some()),
-        (Area::Indexes, indexes.is_some()),
-        (Area::MaterializedViews, materialized_views.is_some()),
-        (Area::RowLevelSecurity, row_level_security.is_some()),
-        (Area::FeatureFlags, feature_flags.is_some()),
-        (Area::Replicas, replicas.is_some()),
-        (Area::Backups, backups.is_some()),
-    ];
-    let mut areas: Vec<Area> = present
-        .into_iter()
-        .filter(|(_, p)| *p)
-        .map(|(a, _)| a)
-        .collect();
-    areas.sort();
-    areas
+    Area::ALL.into_iter().filter(|a| a.in_spec(spec)).collect()
 }
 
 /// The condition's three states, as the API spells them.
@@ -255,17 +223,11 @@ fn overlay(states: &mut Vec<AreaState>, overrides: &[AreaState]) {
     states.sort_by_key(|s| s.area);
 }
 
-/// How bad a failing reason is, to pick the one `Ready` shows.
+/// How bad a failing area is, to pick the one `Ready` shows ([`Reason::severity`]).
 fn severity(s: &AreaState) -> u8 {
-    match (s.status, s.reason.as_str()) {
-        (Status::True, _) | (Status::Unknown, _) => 0,
-        (_, "PlanPending") => 1,
-        (_, "DestructiveChangesRefused") => 2,
-        (_, "RestartRequired") | (_, "SettingNotApplied") => 3,
-        (_, "NotAttempted") => 4,
-        // Another owner's object in the way: nothing the next check can fix by itself.
-        (_, "SecretNotOwned") | (_, "CronJobNotOwned") => 6,
-        _ => 5,
+    match s.status {
+        Status::True | Status::Unknown => 0,
+        Status::False => Reason::severity_of(&s.reason),
     }
 }
 
@@ -287,7 +249,7 @@ pub fn counts_note(counts: &BTreeMap<Area, usize>) -> String {
 }
 
 fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode) -> AreaState {
-    let state = |status, reason: &str, message: String| AreaState {
+    let state = |status, reason: Reason, message: String| AreaState {
         area,
         status,
         reason: reason.to_string(),
@@ -296,12 +258,12 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     let Some(ap) = plan else {
         return state(
             Status::Unknown,
-            "NotReconciled",
+            Reason::NotReconciled,
             format!("{area} was not planned"),
         );
     };
     if let Some(why) = &ap.skipped {
-        return state(Status::Unknown, "NotReconciled", why.clone());
+        return state(Status::Unknown, Reason::NotReconciled, why.clone());
     }
     if let Some(first) = ap.errors.first() {
         let all = ap
@@ -310,14 +272,14 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
             .map(|e| format!("{}: {}", e.target, e.message))
             .collect::<Vec<_>>()
             .join("; ");
-        return state(Status::False, &first.reason, all);
+        return state(Status::False, first.reason, all);
     }
     let report = outcome.report.as_ref();
     if let Some(f) = report.and_then(|r| r.failure.as_ref()) {
         if f.area == area {
             return state(
                 Status::False,
-                &f.reason,
+                f.reason,
                 format!("{}: {}", f.target, f.message),
             );
         }
@@ -327,7 +289,7 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
             let failed = r.failure.as_ref().map(|f| f.area.as_str()).unwrap_or("?");
             return state(
                 Status::False,
-                "NotAttempted",
+                Reason::NotAttempted,
                 format!("not attempted: an earlier change in {failed} failed"),
             );
         }
@@ -344,7 +306,7 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     restart.extend(
         ap.notices
             .iter()
-            .filter(|n| n.reason == "RestartRequired")
+            .filter(|n| n.reason == Reason::RestartRequired)
             .map(|n| n.target.as_str()),
     );
     restart.sort();
@@ -352,22 +314,26 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     if !restart.is_empty() {
         return state(
             Status::False,
-            "RestartRequired",
+            Reason::RestartRequired,
             format!(
                 "set, but only in effect after a PostgreSQL restart: {}",
                 restart.join(", ")
             ),
         );
     }
-    if let Some(n) = ap.notices.iter().find(|n| n.reason == "SettingNotApplied") {
-        return state(Status::False, &n.reason, n.message.clone());
+    if let Some(n) = ap
+        .notices
+        .iter()
+        .find(|n| n.reason == Reason::SettingNotApplied)
+    {
+        return state(Status::False, n.reason, n.message.clone());
     }
     if let Some(r) = report {
         let refused: Vec<&Change> = r.refused.iter().filter(|c| c.area == area).collect();
         if !refused.is_empty() {
             return state(
                 Status::False,
-                "DestructiveChangesRefused",
+                Reason::DestructiveChangesRefused,
                 format!(
                     "{} destructive change(s) refused ({}); set spec.safety.allowDestructive: true to allow them",
                     refused.len(),
@@ -383,7 +349,7 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     if mode == Mode::Plan && !ap.changes.is_empty() {
         return state(
             Status::False,
-            "PlanPending",
+            Reason::PlanPending,
             format!(
                 "{} change(s) pending (spec.mode is Plan; see status.pendingPlan)",
                 ap.changes.len()
@@ -392,7 +358,7 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     }
     state(
         Status::True,
-        "Reconciled",
+        Reason::Reconciled,
         "the database matches the policy".into(),
     )
 }
@@ -600,7 +566,9 @@ pub fn from_outcome_with(
                 outcome
                     .plan
                     .notices()
-                    .filter(|n| n.area == Area::ServerSettings && n.reason == "RestartRequired")
+                    .filter(|n| {
+                        n.area == Area::ServerSettings && n.reason == Reason::RestartRequired
+                    })
                     .map(|n| n.target.clone()),
             )
             .collect();
@@ -840,7 +808,7 @@ mod tests {
     fn plan_errors_and_apply_failures_name_their_reason() {
         let spec = spec();
         let mut p = plan(vec![]);
-        p.areas[0].error("work_mem", "InvalidValue", "invalid value");
+        p.areas[0].error("work_mem", Reason::InvalidValue, "invalid value");
         let s = from_outcome(
             &input(&spec, None, at(0)),
             &Outcome {
@@ -865,7 +833,7 @@ mod tests {
                     area: Area::ServerSettings,
                     target: "work_mem".into(),
                     statement: "ALTER SYSTEM …".into(),
-                    reason: "LockTimeout".into(),
+                    reason: Reason::LockTimeout,
                     sqlstate: Some("55P03".into()),
                     message: "canceling statement due to lock timeout".into(),
                 }),
@@ -997,7 +965,7 @@ mod tests {
         assert_eq!(s.backups, children.backups);
         // A worse failure of the engine's own is not hidden by an override.
         let mut p = plan(vec![]);
-        p.areas[1].error("f", "TableNotFound", "no table");
+        p.areas[1].error("f", Reason::TableNotFound, "no table");
         let outcome = Outcome {
             facts: Default::default(),
             plan: p,

@@ -12,7 +12,8 @@ use sqlx::{Connection, PgConnection};
 
 use super::plan::{Area, Change, Hazard, LedgerOp, Plan};
 use super::{ledger, normcache};
-use crate::pg::{error_summary, execute_one, reason_for_sqlstate, sqlstate};
+use crate::pg::{error_summary, execute_one, sqlstate};
+use crate::reason::Reason;
 
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -45,8 +46,8 @@ pub struct ApplyFailure {
     pub area: Area,
     pub target: String,
     pub statement: String,
-    /// CamelCase, from the SQLSTATE: `LockTimeout`, `StatementTimeout`, …
-    pub reason: String,
+    /// From the SQLSTATE: `LockTimeout`, `StatementTimeout`, … (`ApplyFailed` otherwise)
+    pub reason: Reason,
     pub sqlstate: Option<String>,
     pub message: String,
 }
@@ -58,7 +59,7 @@ impl ApplyFailure {
             area: change.area,
             target: change.target.clone(),
             statement: statement.to_string(),
-            reason: reason_for_sqlstate(code.as_deref()).to_string(),
+            reason: Reason::from_sqlstate(code.as_deref()).unwrap_or(Reason::ApplyFailed),
             sqlstate: code,
             message: error_summary(e),
         }

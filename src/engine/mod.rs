@@ -21,8 +21,10 @@ use sqlx::PgConnection;
 
 use crate::api::{validate_spec, DatabasePolicySpec, Mode, ValidationError};
 use crate::duration::pg_millis;
+use crate::reason::Reason;
 pub use apply::{ApplyFailure, ApplyReport};
 pub use areas::server_settings::AllowedSettings;
+pub use areas::{Facts, Observed};
 pub use ledger::Ledger;
 pub use plan::{Area, AreaPlan, Change, Hazard, Plan};
 
@@ -33,23 +35,6 @@ pub const ADVISORY_LOCK_KEY: i64 = 0x6462_706f_6c69_6379;
 /// Who is reconciling: written to the ledger as the owner of what gets created.
 #[derive(Debug, Clone)]
 pub struct PolicyId(pub String);
-
-/// What the live database holds, for every area of the spec.
-#[derive(Debug, Clone, Default)]
-pub struct Observed {
-    pub ledger: Ledger,
-    pub autovacuum: Option<areas::autovacuum::Observed>,
-    pub server_settings: Option<areas::server_settings::Observed>,
-    pub feature_flags: Option<areas::feature_flags::Observed>,
-    pub partitions: Option<areas::partitions::Observed>,
-    pub rls: Option<areas::rls::Observed>,
-    pub materialized_views: Option<areas::matviews::Observed>,
-    pub indexes: Option<areas::indexes::Observed>,
-    pub replicas: Option<areas::replicas::Observed>,
-    /// Who claims the server-wide items the policy touches (see [`server_claims`]); None
-    /// when it touches none, or when the caller observed without the claims database.
-    pub server_claims: Option<server_claims::Observed>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -66,44 +51,19 @@ pub enum EngineError {
     Observe {
         area: &'static str,
         message: String,
-        reason: &'static str,
+        reason: Reason,
     },
 }
 
 impl EngineError {
-    /// CamelCase reason for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
+    /// The reason for conditions and metrics.
+    pub fn reason(&self) -> Reason {
         match self {
-            EngineError::InvalidSpec(_) => "InvalidSpec",
-            EngineError::Session(_) => "ConnectionFailed",
-            EngineError::Busy(_) => "ConcurrentApply",
-            EngineError::Observe { reason, .. } => reason,
+            EngineError::InvalidSpec(_) => Reason::InvalidSpec,
+            EngineError::Session(_) => Reason::ConnectionFailed,
+            EngineError::Busy(_) => Reason::ConcurrentApply,
+            EngineError::Observe { reason, .. } => *reason,
         }
-    }
-}
-
-fn observe_err(area: &'static str) -> impl Fn(sqlx::Error) -> EngineError {
-    move |e| EngineError::Observe {
-        area,
-        message: crate::pg::error_summary(&e),
-        reason: match crate::pg::sqlstate(&e).as_deref() {
-            Some("42501") => "InsufficientPrivilege",
-            code => crate::pg::reason_for_sqlstate(code),
-        },
-    }
-}
-
-/// The area's section, or an empty one when the spec dropped it but the ledger says this
-/// policy still owns something there (what it set must still be reset).
-fn section_or_owned<'a, T: Default + Clone>(
-    section: &'a Option<T>,
-    ledger: &Ledger,
-    area: Area,
-) -> Option<std::borrow::Cow<'a, T>> {
-    match section {
-        Some(s) => Some(std::borrow::Cow::Borrowed(s)),
-        None if ledger.items(area).next().is_some() => Some(std::borrow::Cow::Owned(T::default())),
-        None => None,
     }
 }
 
@@ -113,74 +73,30 @@ pub async fn observe(
     spec: &DatabasePolicySpec,
     policy: &PolicyId,
 ) -> Result<Observed, EngineError> {
+    observe_with(conn, spec, policy, None).await
+}
+
+/// [`observe`], with the replica probes started before the run took its lock.
+async fn observe_with(
+    conn: &mut PgConnection,
+    spec: &DatabasePolicySpec,
+    policy: &PolicyId,
+    mut probes: Option<tokio::task::JoinHandle<areas::Probes>>,
+) -> Result<Observed, EngineError> {
     let ledger = ledger::observe(conn, &policy.0)
         .await
-        .map_err(observe_err("ledger"))?;
-    let mut observed = Observed::default();
-    if let Some(s) = section_or_owned(&spec.autovacuum, &ledger, Area::Autovacuum) {
-        observed.autovacuum = Some(
-            areas::autovacuum::observe(conn, &s, &ledger)
-                .await
-                .map_err(observe_err("autovacuum"))?,
-        );
-    }
-    if let Some(s) = section_or_owned(&spec.server_settings, &ledger, Area::ServerSettings) {
-        observed.server_settings = Some(
-            areas::server_settings::observe(conn, &s, &ledger)
-                .await
-                .map_err(observe_err("serverSettings"))?,
-        );
-    }
-    if let Some(s) = &spec.partitions {
-        // The clock is read once, here: the plan is a pure function of what was observed.
-        let now = clock::now().map_err(|message| EngineError::Observe {
-            area: "partitions",
-            message,
-            reason: "InvalidClock",
+        .map_err(|e| EngineError::Observe {
+            area: "ledger",
+            message: crate::pg::error_summary(&e),
+            reason: Reason::of_error(&e, Reason::ApplyFailed),
         })?;
-        observed.partitions = Some(
-            areas::partitions::observe(conn, s, now)
-                .await
-                .map_err(observe_err("partitions"))?,
-        );
+    let mut observed = Observed {
+        ledger,
+        ..Observed::default()
+    };
+    for area in areas::AREAS {
+        area.observe(conn, spec, &mut probes, &mut observed).await?;
     }
-    if let Some(s) = &spec.materialized_views {
-        observed.materialized_views = Some(
-            areas::matviews::observe(conn, s)
-                .await
-                .map_err(observe_err("materializedViews"))?,
-        );
-    }
-    if let Some(s) = &spec.indexes {
-        observed.indexes = Some(
-            areas::indexes::observe(conn, s, &ledger)
-                .await
-                .map_err(observe_err("indexes"))?,
-        );
-    }
-    if let Some(s) = &spec.row_level_security {
-        observed.rls = Some(
-            areas::rls::observe(conn, s)
-                .await
-                .map_err(observe_err("rowLevelSecurity"))?,
-        );
-    }
-    if let Some(s) = &spec.feature_flags {
-        observed.feature_flags = Some(
-            areas::feature_flags::observe(conn, s)
-                .await
-                .map_err(observe_err("featureFlags"))?,
-        );
-    }
-    if spec.replicas.is_some() || ledger.items(Area::Replicas).next().is_some() {
-        // Replica probes are I/O on other servers: `run_with` adds them.
-        observed.replicas = Some(
-            areas::replicas::observe(conn)
-                .await
-                .map_err(observe_err("replicas"))?,
-        );
-    }
-    observed.ledger = ledger;
     Ok(observed)
 }
 
@@ -196,58 +112,16 @@ pub fn plan_with(
     observed: &Observed,
     allowed_settings: &AllowedSettings,
 ) -> Plan {
-    let mut plan = Plan::default();
-    let ledger = &observed.ledger;
-    if let Some(o) = &observed.server_settings {
-        let empty = Default::default();
-        plan.areas.push(areas::server_settings::plan_with(
-            spec.server_settings.as_ref().unwrap_or(&empty),
-            o,
-            ledger,
-            allowed_settings,
-        ));
-    }
-    if let Some(o) = &observed.autovacuum {
-        let empty = Default::default();
-        plan.areas.push(areas::autovacuum::plan(
-            spec.autovacuum.as_ref().unwrap_or(&empty),
-            o,
-            ledger,
-        ));
-    }
-    if let (Some(s), Some(o)) = (&spec.partitions, &observed.partitions) {
-        plan.areas.push(areas::partitions::plan(s, o));
-    }
-    let mut index_context = areas::indexes::Context::default();
-    if let (Some(s), Some(o)) = (&spec.materialized_views, &observed.materialized_views) {
-        let views = areas::matviews::plan(s, spec.indexes.as_ref(), o);
-        index_context.recreated = areas::matviews::recreated(&views, spec.allow_destructive());
-        plan.areas.push(views);
-    }
-    if let (Some(s), Some(o)) = (&spec.indexes, &observed.indexes) {
-        plan.areas
-            .push(areas::indexes::plan(s, o, ledger, &index_context));
-    }
-    if let (Some(s), Some(o)) = (&spec.row_level_security, &observed.rls) {
-        plan.areas.push(areas::rls::plan(s, o, ledger));
-    }
-    if let (Some(s), Some(o)) = (&spec.feature_flags, &observed.feature_flags) {
-        plan.areas.push(areas::feature_flags::plan(s, o, ledger));
-    }
-    if let Some(o) = &observed.replicas {
-        let empty = Default::default();
-        plan.areas.push(areas::replicas::plan(
-            spec.replicas.as_ref().unwrap_or(&empty),
-            o,
-            ledger,
-        ));
-    }
-    if spec.backups.is_some() {
-        plan.areas.push(AreaPlan::skipped(
-            Area::Backups,
-            "run by the operator as a CronJob (dbpolicy backup), not by plan/apply",
-        ));
-    }
+    let mut ctx = areas::PlanContext {
+        allowed_settings,
+        ..areas::PlanContext::new(spec, &observed.ledger)
+    };
+    let mut plan = Plan {
+        areas: areas::AREAS
+            .iter()
+            .filter_map(|area| area.plan(spec, observed, &mut ctx))
+            .collect(),
+    };
     refuse_conflicts(&mut plan, &observed.ledger);
     if let Some(claims) = &observed.server_claims {
         let touched = server_claims::touched(spec, &observed.ledger);
@@ -275,34 +149,8 @@ fn refuse_conflicts(plan: &mut Plan, ledger: &Ledger) {
             }
         }
         for (target, message) in conflicts {
-            area.error(target, "OwnershipConflict", message);
+            area.error(target, Reason::OwnershipConflict, message);
         }
-    }
-}
-
-/// Records, after a successful apply, the normalisations this run made of items the catalog
-/// already showed right (a database converged before the cache existed, or a stale row),
-/// so the next check needs no twin for them. Only a cache: a failure is logged, not fatal.
-async fn fill_cache(conn: &mut PgConnection, observed: &Observed, policy: &str) {
-    let Some(rows) = observed.rls.as_ref().map(|o| &o.cache_fill) else {
-        return;
-    };
-    if rows.is_empty() {
-        return;
-    }
-    let written = async {
-        apply::bootstrap_ledger(conn).await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        normcache::write(&mut tx, rows, policy).await?;
-        tx.commit().await
-    }
-    .await;
-    if let Err(e) = written {
-        tracing::warn!(
-            error = %crate::pg::error_summary(&e),
-            "could not record normalised expressions in {}; the next drift check normalises them again",
-            normcache::CACHE_TABLE
-        );
     }
 }
 
@@ -317,48 +165,13 @@ pub struct Outcome {
     pub facts: Facts,
 }
 
-/// Per-area details for status, derived from what was observed.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Facts {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub partitions: Option<Vec<crate::api::PartitionTableStatus>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub materialized_views: Option<Vec<crate::api::MaterializedViewStatus>>,
-    /// Health and lag of each declared replica (`Unknown` when it could not be checked).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub replicas: Option<Vec<crate::api::ReplicaStatus>>,
-    /// WAL retained by each replication slot of the server (bytes), when slots were
-    /// observed: for the operator's metrics, not status.
-    #[serde(skip)]
-    pub slot_retained_bytes: Option<std::collections::BTreeMap<String, i64>>,
-}
-
 /// The status details of what was observed.
 pub fn facts(spec: &DatabasePolicySpec, observed: &Observed) -> Facts {
-    Facts {
-        partitions: spec
-            .partitions
-            .as_ref()
-            .zip(observed.partitions.as_ref())
-            .map(|(s, o)| areas::partitions::status(s, o)),
-        materialized_views: spec
-            .materialized_views
-            .as_ref()
-            .zip(observed.materialized_views.as_ref())
-            .map(|(s, o)| areas::matviews::status(s, o)),
-        replicas: spec
-            .replicas
-            .as_ref()
-            .zip(observed.replicas.as_ref())
-            .map(|(s, o)| areas::replicas::status(s, o)),
-        slot_retained_bytes: observed.replicas.as_ref().map(|o| {
-            o.slots
-                .iter()
-                .filter_map(|(name, slot)| slot.retained_bytes.map(|b| (name.clone(), b)))
-                .collect()
-        }),
+    let mut facts = Facts::default();
+    for area in areas::AREAS {
+        area.facts(spec, observed, &mut facts);
     }
+    facts
 }
 
 /// What a run needs besides the primary's connection.
@@ -423,10 +236,7 @@ pub async fn run_with(
     acquire_lock(conn, wait).await?;
     let mut claims_conn = None;
     let result = async {
-        let mut observed = observe(conn, spec, policy).await?;
-        if let (Some(replicas), Some(probes)) = (observed.replicas.as_mut(), probes) {
-            replicas.probes = probes.await.unwrap_or_default();
-        }
+        let mut observed = observe_with(conn, spec, policy, probes).await?;
         let touched = server_claims::touched(spec, &observed.ledger);
         if !touched.is_empty() {
             let (claims, connection) =
@@ -452,19 +262,9 @@ pub async fn run_with(
                 Ok(()) => apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await,
                 Err((e, database)) => claims_not_taken(&plan, &e, &database),
             };
-            if let Some(settings) = &observed.server_settings {
-                // A failed settings run leaves postgresql.auto.conf as it began, reloaded.
-                areas::server_settings::recover(
-                    conn,
-                    settings,
-                    &observed.ledger,
-                    &mut report,
-                    &policy.0,
-                )
-                .await;
-            }
-            if report.succeeded() {
-                fill_cache(conn, &observed, &policy.0).await;
+            for area in areas::AREAS {
+                area.after_apply(conn, &observed, &mut report, &policy.0)
+                    .await;
             }
             if let (Some(claims), Some(c)) = (&observed.server_claims, claims_conn.as_mut()) {
                 server_claims::settle(c, spec, &observed.ledger, claims, &report.applied).await;
@@ -504,7 +304,11 @@ async fn observe_claims(
     let database: String = sqlx::query_scalar("SELECT current_database()::text")
         .fetch_one(&mut *conn)
         .await
-        .map_err(observe_err("serverClaims"))?;
+        .map_err(|e| EngineError::Observe {
+            area: "serverClaims",
+            message: crate::pg::error_summary(&e),
+            reason: Reason::of_error(&e, Reason::ApplyFailed),
+        })?;
     let me = server_claims::Claimant {
         database,
         policy: policy.0.clone(),
@@ -542,7 +346,7 @@ fn claims_not_taken(
             area,
             target,
             statement: format!("(claims in {})", server_claims::CLAIMS_TABLE),
-            reason: error.reason().to_string(),
+            reason: error.reason(),
             sqlstate: None,
             message: error.message(claims_database),
         }),

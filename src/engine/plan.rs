@@ -7,73 +7,9 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::api::{PendingChange, PendingPlanSummary, MAX_PENDING_IN_STATUS};
+use crate::reason::Reason;
 
-/// The areas of a policy, in the order the executor applies them: settings first (they
-/// may matter to what follows), then structure (partitions, views, then the indexes that
-/// may sit on those views) before the policies that read it, data last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum Area {
-    ServerSettings,
-    Autovacuum,
-    Partitions,
-    MaterializedViews,
-    Indexes,
-    RowLevelSecurity,
-    FeatureFlags,
-    Replicas,
-    Backups,
-}
-
-impl Area {
-    pub const ALL: [Area; 9] = [
-        Area::ServerSettings,
-        Area::Autovacuum,
-        Area::Partitions,
-        Area::MaterializedViews,
-        Area::Indexes,
-        Area::RowLevelSecurity,
-        Area::FeatureFlags,
-        Area::Replicas,
-        Area::Backups,
-    ];
-
-    /// The spec field of the area.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Area::ServerSettings => "serverSettings",
-            Area::Autovacuum => "autovacuum",
-            Area::Partitions => "partitions",
-            Area::Indexes => "indexes",
-            Area::MaterializedViews => "materializedViews",
-            Area::RowLevelSecurity => "rowLevelSecurity",
-            Area::FeatureFlags => "featureFlags",
-            Area::Replicas => "replicas",
-            Area::Backups => "backups",
-        }
-    }
-
-    /// The area's condition type in status.
-    pub fn condition_type(self) -> &'static str {
-        match self {
-            Area::ServerSettings => "ServerSettingsReady",
-            Area::Autovacuum => "AutovacuumReady",
-            Area::Partitions => "PartitionsReady",
-            Area::Indexes => "IndexesReady",
-            Area::MaterializedViews => "MaterializedViewsReady",
-            Area::RowLevelSecurity => "RowLevelSecurityReady",
-            Area::FeatureFlags => "FeatureFlagsReady",
-            Area::Replicas => "ReplicasReady",
-            Area::Backups => "BackupsReady",
-        }
-    }
-}
-
-impl std::fmt::Display for Area {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use super::areas::Area;
 
 /// What a change risks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -275,8 +211,8 @@ impl Change {
 pub struct PlanError {
     pub area: Area,
     pub target: String,
-    /// CamelCase, for conditions: `TableNotFound`, `UnknownSetting`, `InvalidValue`, …
-    pub reason: String,
+    /// For conditions: `TableNotFound`, `UnknownSetting`, `InvalidValue`, …
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -296,7 +232,7 @@ impl std::fmt::Display for PlanError {
 pub struct Notice {
     pub area: Area,
     pub target: String,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -330,11 +266,11 @@ impl AreaPlan {
             ..AreaPlan::new(area)
         }
     }
-    pub fn error(&mut self, target: impl Into<String>, reason: &str, message: impl Into<String>) {
+    pub fn error(&mut self, target: impl Into<String>, reason: Reason, message: impl Into<String>) {
         self.errors.push(PlanError {
             area: self.area,
             target: target.into(),
-            reason: reason.into(),
+            reason,
             message: message.into(),
         });
     }
@@ -354,16 +290,21 @@ impl AreaPlan {
         for target in refused {
             self.error(
                 &target,
-                "InsufficientPrivilege",
+                Reason::InsufficientPrivilege,
                 format!("the connecting role does not own {target}: only its owner (or a member of the owner role) may change it; GRANT the owner role to the connecting role, or connect as the owner"),
             );
         }
     }
-    pub fn notice(&mut self, target: impl Into<String>, reason: &str, message: impl Into<String>) {
+    pub fn notice(
+        &mut self,
+        target: impl Into<String>,
+        reason: Reason,
+        message: impl Into<String>,
+    ) {
         self.notices.push(Notice {
             area: self.area,
             target: target.into(),
-            reason: reason.into(),
+            reason,
             message: message.into(),
         });
     }

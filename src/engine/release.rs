@@ -43,10 +43,12 @@ pub enum ReleaseError {
 }
 
 impl ReleaseError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::reason::Reason {
         match self {
             ReleaseError::Reset(e) => e.reason(),
-            ReleaseError::Ledger(_) | ReleaseError::ServerClaims { .. } => "ReleaseFailed",
+            ReleaseError::Ledger(_) | ReleaseError::ServerClaims { .. } => {
+                crate::reason::Reason::ReleaseFailed
+            }
         }
     }
 }

@@ -57,14 +57,18 @@ pub fn env_var_name(replica: &str) -> String {
     format!("DBPOLICY_REPLICA_{name}_URL")
 }
 
+/// An argument that is not `NAME=URL`. Never echoes the argument: it may hold a password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("expected NAME=URL (e.g. replica-1=postgres://reader@host:5432/app)")]
+pub struct NotNameUrl;
+
 /// Parses `NAME=URL`.
-pub fn parse_name_url(s: &str) -> Result<(String, String), String> {
+pub fn parse_name_url(s: &str) -> Result<(String, String), NotNameUrl> {
     match s.split_once('=') {
         Some((name, url)) if !name.is_empty() && !url.is_empty() => {
             Ok((name.to_string(), url.to_string()))
         }
-        // Never echo the argument: it may hold a password.
-        _ => Err("expected NAME=URL (e.g. replica-1=postgres://reader@host:5432/app)".into()),
+        _ => Err(NotNameUrl),
     }
 }
 
@@ -136,7 +140,11 @@ pub async fn probe_one(url: &str, timeout: Duration) -> Probe {
         Ok(Ok(side)) => ProbeResult::Reached(side),
         Ok(Err(message)) => ProbeResult::Unreachable { message },
         Err(_) => ProbeResult::Unreachable {
-            message: format!("{}: no answer within {}", target(url), humantime(timeout)),
+            message: format!(
+                "{}: no answer within {}",
+                target(url),
+                crate::units::duration(timeout)
+            ),
         },
     };
     Probe {
@@ -183,14 +191,6 @@ fn target(url: &str) -> String {
     }
 }
 
-fn humantime(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,7 +209,7 @@ mod tests {
             ("r1".into(), "postgres://u:p@h/db?x=1".into())
         );
         let e = parse_name_url("postgres://u:hunter2@h/db").unwrap_err();
-        assert!(!e.contains("hunter2"));
+        assert!(!e.to_string().contains("hunter2"));
         assert!(parse_name_url("r1=").is_err());
     }
 

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use sqlx::{Connection, PgConnection};
 
 use crate::pg::{execute_one, sqlstate, QualifiedName};
+use crate::reason::Reason;
 
 /// One item to normalise: the statements that build its twin (one statement each) and the
 /// query that reads PostgreSQL's form of it back (one text column, `$1` = `read_arg`).
@@ -119,19 +120,13 @@ pub type Normalized = Result<String, (Option<String>, String)>;
 
 /// The normalised text of an item, or the reason and message of the plan error for it:
 /// PostgreSQL's SQLSTATE decides the reason, `fallback` when it says nothing specific.
-pub fn checked<'a>(
-    item: Option<&'a Normalized>,
-    fallback: &'static str,
-) -> Result<&'a str, (&'static str, String)> {
+pub fn checked(item: Option<&Normalized>, fallback: Reason) -> Result<&str, (Reason, String)> {
     match item {
         Some(Ok(text)) => Ok(text),
-        Some(Err((code, message))) => {
-            let reason = match crate::pg::reason_for_sqlstate(code.as_deref()) {
-                "ApplyFailed" => fallback,
-                r => r,
-            };
-            Err((reason, message.clone()))
-        }
+        Some(Err((code, message))) => Err((
+            Reason::from_sqlstate(code.as_deref()).unwrap_or(fallback),
+            message.clone(),
+        )),
         None => Err((fallback, "could not be checked".into())),
     }
 }

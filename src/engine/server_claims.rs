@@ -37,6 +37,7 @@ use super::ledger::Ledger;
 use super::plan::{Area, AreaPlan, Change, LedgerOp, Plan};
 use crate::api::DatabasePolicySpec;
 use crate::pg::error_summary;
+use crate::reason::Reason;
 
 /// The database holding the claims unless the caller names another: every PostgreSQL
 /// server has it, and every role may connect to it by default.
@@ -252,7 +253,7 @@ pub fn refuse(plan: &mut Plan, touched: &Touched, observed: &Observed) {
             errors.push((
                 kind.area(),
                 target,
-                "ServerClaimsUnavailable",
+                Reason::ServerClaimsUnavailable,
                 format!(
                     "{} {name} belongs to the whole server, and which policy owns it is recorded in database {}, which could not be read: {why}; nothing server-wide is changed until it can be (the role needs CONNECT on {} and, for the first claim, CREATE there)",
                     kind.noun(),
@@ -280,7 +281,7 @@ pub fn refuse(plan: &mut Plan, touched: &Touched, observed: &Observed) {
         errors.push((
             kind.area(),
             target,
-            "OwnershipConflict",
+            Reason::OwnershipConflict,
             format!(
                 "{} {name} is claimed server-wide by {}{value}: a server-wide item has one owner; declare it in one policy only (a deleted policy's claims are freed by `dbpolicy release`)",
                 kind.noun(),
@@ -496,10 +497,10 @@ pub enum TakeError {
 }
 
 impl TakeError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            TakeError::Conflict(_) => "OwnershipConflict",
-            TakeError::Database(_) => "ServerClaimsUnavailable",
+            TakeError::Conflict(_) => Reason::OwnershipConflict,
+            TakeError::Database(_) => Reason::ServerClaimsUnavailable,
         }
     }
     /// The first line stands alone.
@@ -724,9 +725,9 @@ mod tests {
         }
         Plan { areas: vec![a] }
     }
-    fn reasons(p: &Plan) -> Vec<(Area, String, String)> {
+    fn reasons(p: &Plan) -> Vec<(Area, String, Reason)> {
         p.errors()
-            .map(|e| (e.area, e.target.clone(), e.reason.clone()))
+            .map(|e| (e.area, e.target.clone(), e.reason))
             .collect()
     }
 
@@ -780,7 +781,7 @@ mod tests {
             [(
                 Area::ServerSettings,
                 "log_statement".into(),
-                "OwnershipConflict".into()
+                Reason::OwnershipConflict
             )]
         );
         let msg = &p.errors().next().unwrap().message;
@@ -852,7 +853,7 @@ mod tests {
         );
         assert_eq!(
             reasons(&p),
-            [(Area::Replicas, "r1_slot".into(), "OwnershipConflict".into())]
+            [(Area::Replicas, "r1_slot".into(), Reason::OwnershipConflict)]
         );
         assert!(p.errors().next().unwrap().message.starts_with(
             "replication slot r1_slot is claimed server-wide by policy ns/b on database app_b:"
@@ -887,7 +888,7 @@ mod tests {
             [(
                 Area::ServerSettings,
                 "work_mem".into(),
-                "OwnershipConflict".into()
+                Reason::OwnershipConflict
             )]
         );
     }
@@ -908,13 +909,9 @@ mod tests {
                 (
                     Area::ServerSettings,
                     "log_statement".into(),
-                    "ServerClaimsUnavailable".into()
+                    Reason::ServerClaimsUnavailable
                 ),
-                (
-                    Area::Replicas,
-                    "s1".into(),
-                    "ServerClaimsUnavailable".into()
-                )
+                (Area::Replicas, "s1".into(), Reason::ServerClaimsUnavailable)
             ]
         );
         let msg = &p.errors().next().unwrap().message;

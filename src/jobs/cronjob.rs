@@ -1,5 +1,5 @@
-//! CronJobs the operator owns for a policy (one per scheduled materialized-view refresh;
-//! backups later): deterministic names, an owner reference to the policy, restricted pod
+//! CronJobs the operator owns for a policy (one per scheduled materialized-view refresh,
+//! one for backups): deterministic names, an owner reference to the policy, restricted pod
 //! security, credentials only from Secrets, `concurrencyPolicy: Forbid`.
 //!
 //! Why CronJobs rather than the operator's own scheduler: a refresh can run for minutes

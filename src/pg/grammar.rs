@@ -42,6 +42,7 @@ pub const MAX_FRAGMENT_BYTES: usize = 100_000;
 /// drift check at thousands of tables, and a verdict depends on the text alone.
 static VERDICTS: LazyLock<[Verdicts; 2]> = LazyLock::new(Default::default);
 
+/// The verdicts of one kind of fragment, by text.
 type Verdicts = Mutex<HashMap<Box<str>, Result<(), FragmentError>>>;
 
 /// Verdicts kept at most; past it the memo starts again (a cap, not an LRU: specs that

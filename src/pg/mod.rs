@@ -1,5 +1,5 @@
-//! PostgreSQL plumbing: identifier and literal quoting, connections, and mapping of
-//! SQLSTATEs to the reasons users see (never by matching message text).
+//! PostgreSQL plumbing: identifier and literal quoting, connections, and the SQLSTATE of an
+//! error (which [`crate::reason::Reason::from_sqlstate`] maps to what users see).
 
 pub mod grammar;
 
@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::reason::Reason;
 
 /// `"ident"`, with embedded quotes doubled: every identifier the engine emits goes through here.
 pub fn quote_ident(ident: &str) -> String {
@@ -91,10 +93,7 @@ pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(opts)
         .await
-        .map_err(|source| ConnectError::Failed {
-            target,
-            reason: error_summary(&source),
-        })
+        .map_err(|source| ConnectError::failed(target, &source))
 }
 
 fn describe(opts: &PgConnectOptions) -> String {
@@ -111,19 +110,34 @@ pub enum ConnectError {
     #[error("the database URL is not a valid postgres:// URI")]
     InvalidUrl,
     #[error("cannot connect to {target}: {reason}")]
-    Failed { target: String, reason: String },
+    Failed {
+        target: String,
+        reason: String,
+        /// PostgreSQL's SQLSTATE, when the server answered with an error.
+        sqlstate: Option<String>,
+    },
 }
 
 impl ConnectError {
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn failed(target: String, source: &sqlx::Error) -> Self {
+        ConnectError::Failed {
+            target,
+            reason: error_summary(source),
+            sqlstate: sqlstate(source),
+        }
+    }
+
+    /// `AuthenticationFailed` when PostgreSQL's SQLSTATE says so (class 28), else
+    /// `ConnectionFailed`.
+    pub fn reason(&self) -> Reason {
         match self {
-            ConnectError::InvalidUrl => "InvalidConnectionUrl",
-            ConnectError::Failed { reason, .. }
-                if reason.contains("28P01") || reason.contains("28000") =>
-            {
-                "AuthenticationFailed"
+            ConnectError::InvalidUrl => Reason::InvalidConnectionUrl,
+            ConnectError::Failed { sqlstate, .. } => {
+                match Reason::from_sqlstate(sqlstate.as_deref()) {
+                    Some(Reason::AuthenticationFailed) => Reason::AuthenticationFailed,
+                    _ => Reason::ConnectionFailed,
+                }
             }
-            ConnectError::Failed { .. } => "ConnectionFailed",
         }
     }
 }
@@ -145,11 +159,9 @@ pub async fn connect_one(url: &str) -> Result<sqlx::PgConnection, ConnectError> 
     .map_err(|_| ConnectError::Failed {
         target: target.clone(),
         reason: "timed out after 15s".into(),
+        sqlstate: None,
     })?
-    .map_err(|source| ConnectError::Failed {
-        target,
-        reason: error_summary(&source),
-    })
+    .map_err(|source| ConnectError::failed(target, &source))
 }
 
 /// A one-line description of a sqlx error with the SQLSTATE when PostgreSQL sent one.
@@ -168,28 +180,6 @@ pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
     match e {
         sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
         _ => None,
-    }
-}
-
-/// CamelCase reason for a failed statement, from its SQLSTATE.
-pub fn reason_for_sqlstate(code: Option<&str>) -> &'static str {
-    match code {
-        Some("55P03") => "LockTimeout",
-        Some("57014") => "StatementTimeout",
-        Some("42P01") => "TableNotFound",
-        Some("42703") => "ColumnNotFound",
-        Some("42704") => "ObjectNotFound",
-        Some("42883") => "FunctionNotFound",
-        Some("42601") => "SyntaxError",
-        Some("42804") | Some("42846") => "InvalidPolicyExpression",
-        Some("22023") | Some("22P02") => "InvalidParameterValue",
-        Some("42501") => "InsufficientPrivilege",
-        Some("40P01") => "Deadlock",
-        Some("55000") => "ObjectNotInPrerequisiteState",
-        Some(c) if c.starts_with("08") => "ConnectionFailed",
-        Some(c) if c.starts_with("28") => "AuthenticationFailed",
-        Some(c) if c.starts_with("57P") => "ServerShutdown",
-        _ => "ApplyFailed",
     }
 }
 
@@ -253,13 +243,6 @@ mod tests {
             "postgres://u:p@h1:5432,h2/new%20db?sslmode=require"
         );
         assert_eq!(url_with_database("postgres://h", "d"), "postgres://h/d");
-    }
-
-    #[test]
-    fn reasons() {
-        assert_eq!(reason_for_sqlstate(Some("55P03")), "LockTimeout");
-        assert_eq!(reason_for_sqlstate(Some("08006")), "ConnectionFailed");
-        assert_eq!(reason_for_sqlstate(None), "ApplyFailed");
     }
 
     #[test]

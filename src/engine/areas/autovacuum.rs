@@ -6,10 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::PgConnection;
 
-use crate::api::{AutovacuumSpec, AutovacuumTable, TableTarget};
+use crate::api::{AutovacuumSpec, AutovacuumTable, DatabasePolicySpec, TableTarget};
+use crate::engine::areas::{AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::pg::QualifiedName;
+use crate::reason::Reason;
 
 const AREA: Area = Area::Autovacuum;
 
@@ -195,14 +197,14 @@ pub fn diff(
     for t in &spec.tables {
         let name = t.qualified();
         match observed.tables.get(&name) {
-            None => plan.error(name.to_string(), "TableNotFound", format!("table {name} does not exist")),
+            None => plan.error(name.to_string(), Reason::TableNotFound, format!("table {name} does not exist")),
             Some(state) if state.relkind == "p" => plan.error(
                 name.to_string(),
-                "PartitionedTable",
+                Reason::PartitionedTable,
                 format!("{name} is partitioned: autovacuum runs on its partitions, set the parameters there"),
             ),
             Some(state) if !matches!(state.relkind.as_str(), "r" | "m") => {
-                plan.error(name.to_string(), "NotATable", format!("{name} is not a table or materialized view"))
+                plan.error(name.to_string(), Reason::NotATable, format!("{name} is not a table or materialized view"))
             }
             Some(state) => {
                 let want = desired_options(t);
@@ -299,18 +301,6 @@ fn render_value(v: &str) -> String {
     }
 }
 
-pub fn plan(spec: &AutovacuumSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
-    let mut plan = AreaPlan::new(AREA);
-    let ops = diff(spec, observed, ledger, &mut plan);
-    plan.changes = ops.iter().map(render).collect();
-    plan.refuse_unowned(|target| {
-        QualifiedName::parse(target)
-            .and_then(|t| observed.tables.get(&t))
-            .is_some_and(|t| t.not_owned)
-    });
-    plan
-}
-
 /// The catalog as it will be after `ops` (for tests of convergence).
 pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
@@ -333,10 +323,64 @@ pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     next
 }
 
+/// Storage parameters of tables, reset when the section leaves the spec.
+pub struct Autovacuum;
+
+impl AreaModule for Autovacuum {
+    const AREA: Area = AREA;
+    const RESETS_WHEN_REMOVED: bool = true;
+    type Spec = AutovacuumSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &DatabasePolicySpec) -> Option<&AutovacuumSpec> {
+        spec.autovacuum.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &AutovacuumSpec,
+        ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section, ctx.ledger).await?)
+    }
+
+    fn diff(
+        section: &AutovacuumSpec,
+        observed: &Observed,
+        ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, ctx.ledger, plan)
+    }
+
+    fn render(_: &AutovacuumSpec, op: &Op) -> Vec<Change> {
+        vec![render(op)]
+    }
+
+    fn simulate(_: &AutovacuumSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    fn finish(_: &AutovacuumSpec, observed: &Observed, plan: &mut AreaPlan) {
+        plan.refuse_unowned(|target| {
+            QualifiedName::parse(target)
+                .and_then(|t| observed.tables.get(&t))
+                .is_some_and(|t| t.not_owned)
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::areas::convergence::converges;
     use proptest::prelude::*;
+
+    fn plan(spec: &AutovacuumSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
+        let whole = DatabasePolicySpec::default();
+        Autovacuum::plan(spec, observed, &mut PlanContext::new(&whole, ledger))
+    }
 
     fn table(name: &str, scale: Option<f64>, threshold: Option<i64>) -> AutovacuumTable {
         AutovacuumTable {
@@ -461,9 +505,9 @@ mod tests {
         obs.tables.values_mut().for_each(|t| t.relkind = "p".into());
         let p = plan(&spec, &obs, &Ledger::default());
         assert!(p.changes.is_empty());
-        assert_eq!(p.errors[0].reason, "TableNotFound");
+        assert_eq!(p.errors[0].reason, Reason::TableNotFound);
         assert_eq!(p.errors[0].target, "public.nope");
-        assert_eq!(p.errors[1].reason, "PartitionedTable");
+        assert_eq!(p.errors[1].reason, Reason::PartitionedTable);
     }
 
     #[test]
@@ -558,12 +602,7 @@ mod tests {
             let spec = AutovacuumSpec { tables };
             let mut ledger = Ledger::for_policy("p");
             for (t, k) in owned { ledger.insert(AREA, &format!("public.{t}"), k, "p"); }
-            let mut scratch = AreaPlan::new(AREA);
-            let ops = diff(&spec, &obs, &ledger, &mut scratch);
-            let after = simulate(&obs, &ops);
-            for c in ops.iter().map(render) { ledger.apply_ops(&c.ledger); }
-            let mut again = AreaPlan::new(AREA);
-            prop_assert!(diff(&spec, &after, &ledger, &mut again).is_empty());
+            converges::<Autovacuum>(&spec, &obs, &ledger, |_, _| Ok(()))?;
         }
     }
 }

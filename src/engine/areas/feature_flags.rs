@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use sqlx::PgConnection;
 
 use crate::api::{FeatureFlag, FeatureFlagsSpec, DEFAULT_SCHEMA};
+use crate::engine::areas::{AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
 use crate::engine::plan::{Area, AreaPlan, Change, LedgerOp};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
+use crate::reason::Reason;
 
 const AREA: Area = Area::FeatureFlags;
 pub const DEFAULT_TABLE: &str = "feature_flags";
@@ -193,7 +195,7 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
     if !observed.schema_exists {
         plan.error(
             table.to_string(),
-            "SchemaNotFound",
+            Reason::SchemaNotFound,
             format!("schema {} does not exist", table.schema),
         );
         return Vec::new();
@@ -201,7 +203,7 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
     if let Some(why) = &observed.incompatible {
         plan.error(
             table.to_string(),
-            "IncompatibleFlagsTable",
+            Reason::IncompatibleFlagsTable,
             format!("{table} exists but is not a flags table: {why}"),
         );
         return Vec::new();
@@ -217,7 +219,7 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
         if !observed.owner_exists {
             plan.error(
                 table.to_string(),
-                "RoleNotFound",
+                Reason::RoleNotFound,
                 format!("featureFlags.owner {owner:?} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
             );
             return Vec::new();
@@ -305,7 +307,7 @@ pub fn plan(spec: &FeatureFlagsSpec, observed: &Observed, ledger: &Ledger) -> Ar
     if let Some(owner) = ledger.owned_by_other(AREA, &target, OWNED_TABLE) {
         plan.error(
             &target,
-            "OwnershipConflict",
+            Reason::OwnershipConflict,
             format!("the flags table {target} is managed by policy {owner}: give this policy its own featureFlags.table"),
         );
         return plan;
@@ -348,6 +350,54 @@ pub fn simulate(spec: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Obs
         }
     }
     next
+}
+
+/// Feature flags: a table of flags and the function that reads it.
+pub struct FeatureFlags;
+
+impl AreaModule for FeatureFlags {
+    const AREA: Area = AREA;
+    type Spec = FeatureFlagsSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&FeatureFlagsSpec> {
+        spec.feature_flags.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &FeatureFlagsSpec,
+        _ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section).await?)
+    }
+
+    fn diff(
+        section: &FeatureFlagsSpec,
+        observed: &Observed,
+        _ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, plan)
+    }
+
+    fn render(section: &FeatureFlagsSpec, op: &Op) -> Vec<Change> {
+        vec![render(&table_name(section), op)]
+    }
+
+    fn simulate(section: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(section, observed, ops)
+    }
+
+    /// Refused when another policy owns the table; the first change claims it.
+    fn plan(
+        section: &FeatureFlagsSpec,
+        observed: &Observed,
+        ctx: &mut PlanContext<'_>,
+    ) -> AreaPlan {
+        plan(section, observed, ctx.ledger)
+    }
 }
 
 #[cfg(test)]
@@ -448,7 +498,7 @@ mod tests {
         };
         assert_eq!(
             plan(&spec, &Observed::default(), &Ledger::default()).errors[0].reason,
-            "SchemaNotFound"
+            Reason::SchemaNotFound
         );
         let o = Observed {
             incompatible: Some("column \"enabled\" does not exist".into()),
@@ -456,7 +506,7 @@ mod tests {
         };
         assert_eq!(
             plan(&FeatureFlagsSpec::default(), &o, &Ledger::default()).errors[0].reason,
-            "IncompatibleFlagsTable"
+            Reason::IncompatibleFlagsTable
         );
     }
 
@@ -498,7 +548,7 @@ mod tests {
         other.insert(AREA, "public.feature_flags", OWNED_TABLE, "ns/a");
         let refused = plan(&spec, &existing(&[]), &other);
         assert!(refused.changes.is_empty());
-        assert_eq!(refused.errors[0].reason, "OwnershipConflict");
+        assert_eq!(refused.errors[0].reason, Reason::OwnershipConflict);
         assert!(refused.errors[0].message.contains("ns/a"));
     }
 
@@ -512,11 +562,7 @@ mod tests {
             let spec = FeatureFlagsSpec { flags: desired.iter().map(|(n, (e, p))| flag(n, *e, *p)).collect(), ..Default::default() };
             let mut o = existing(&current.iter().map(|(n, (e, p))| FlagRow { name: n.clone(), enabled: *e, rollout_percentage: *p, description: None }).collect::<Vec<_>>());
             if !table_exists { o.table_exists = false; o.rows.clear(); o.function_body = None; }
-            let mut scratch = AreaPlan::new(AREA);
-            let ops = diff(&spec, &o, &mut scratch);
-            let after = simulate(&spec, &o, &ops);
-            let mut again = AreaPlan::new(AREA);
-            prop_assert!(diff(&spec, &after, &mut again).is_empty());
+            crate::engine::areas::convergence::converges::<FeatureFlags>(&spec, &o, &Ledger::default(), |_, _| Ok(()))?;
         }
     }
 }

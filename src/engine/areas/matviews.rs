@@ -12,9 +12,11 @@ use sqlx::PgConnection;
 use crate::api::{
     IndexesSpec, MaterializedView, MaterializedViewsSpec, TableTarget, DEFAULT_SCHEMA,
 };
+use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
 use crate::engine::scratch;
-use crate::pg::{grammar, quote_ident, reason_for_sqlstate, QualifiedName};
+use crate::pg::{grammar, quote_ident, QualifiedName};
+use crate::reason::Reason;
 
 const AREA: Area = Area::MaterializedViews;
 const OWNED: &str = "view";
@@ -213,7 +215,7 @@ pub fn diff(
             if s.relkind != "m" {
                 plan.error(
                     target,
-                    "NotAMaterializedView",
+                    Reason::NotAMaterializedView,
                     format!("{name} exists and is not a materialized view"),
                 );
                 continue;
@@ -226,24 +228,26 @@ pub fn diff(
                 Err(e) => {
                     plan.error(
                         target,
-                        "InvalidViewDefinition",
+                        Reason::InvalidViewDefinition,
                         format!("definition of {name} {e}"),
                     );
                     continue;
                 }
             };
-            let desired =
-                match scratch::checked(observed.normalized.get(&name), "InvalidViewDefinition") {
-                    Ok(d) => d,
-                    Err((reason, message)) => {
-                        plan.error(target, reason, format!("definition of {name}: {message}"));
-                        continue;
-                    }
-                };
+            let desired = match scratch::checked(
+                observed.normalized.get(&name),
+                Reason::InvalidViewDefinition,
+            ) {
+                Ok(d) => d,
+                Err((reason, message)) => {
+                    plan.error(target, reason, format!("definition of {name}: {message}"));
+                    continue;
+                }
+            };
             if let Some(owner) = v.owner.as_deref().filter(|o| !observed.roles.contains(*o)) {
                 plan.error(
                     target,
-                    "RoleNotFound",
+                    Reason::RoleNotFound,
                     format!("owner {owner:?} of {name} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
                 );
                 continue;
@@ -275,7 +279,7 @@ pub fn diff(
         if !will_exist {
             plan.error(
                 target,
-                "MaterializedViewNotFound",
+                Reason::MaterializedViewNotFound,
                 format!("{name} does not exist and the spec gives no definition to create it"),
             );
             continue;
@@ -293,7 +297,7 @@ pub fn diff(
             if !declared_unique && !has_unique {
                 plan.error(
                     target,
-                    "RequiresUniqueIndex",
+                    Reason::RequiresUniqueIndex,
                     format!("{name} is refreshed concurrently, which needs a unique index without WHERE on it: declare one under spec.indexes"),
                 );
             }
@@ -395,17 +399,6 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
-pub fn plan(
-    spec: &MaterializedViewsSpec,
-    indexes: Option<&IndexesSpec>,
-    observed: &Observed,
-) -> AreaPlan {
-    let mut plan = AreaPlan::new(AREA);
-    let ops = diff(spec, indexes, observed, &mut plan);
-    plan.changes = ops.iter().flat_map(render).collect();
-    plan
-}
-
 /// Last refresh per declared view, for status.
 pub fn status(
     spec: &MaterializedViewsSpec,
@@ -448,13 +441,13 @@ pub enum RefreshError {
     #[error("{view}: {message}")]
     NotRefreshable {
         view: String,
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
     #[error("{view}: {message}")]
     Failed {
         view: String,
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
 }
@@ -470,7 +463,7 @@ pub async fn refresh(
 ) -> Result<RefreshOutcome, RefreshError> {
     let failed = |e: sqlx::Error| RefreshError::Failed {
         view: view.to_string(),
-        reason: reason_for_sqlstate(crate::pg::sqlstate(&e).as_deref()),
+        reason: Reason::of_error(&e, Reason::ApplyFailed),
         message: crate::pg::error_summary(&e),
     };
     let state: Option<(String, bool, bool)> = sqlx::query_as(
@@ -486,21 +479,21 @@ pub async fn refresh(
     let Some((relkind, populated, unique)) = state else {
         return Err(RefreshError::NotRefreshable {
             view: view.to_string(),
-            reason: "MaterializedViewNotFound",
+            reason: Reason::MaterializedViewNotFound,
             message: "does not exist".into(),
         });
     };
     if relkind != "m" {
         return Err(RefreshError::NotRefreshable {
             view: view.to_string(),
-            reason: "NotAMaterializedView",
+            reason: Reason::NotAMaterializedView,
             message: "is not a materialized view".into(),
         });
     }
     if concurrently && !unique {
         return Err(RefreshError::NotRefreshable {
             view: view.to_string(),
-            reason: "RequiresUniqueIndex",
+            reason: Reason::RequiresUniqueIndex,
             message: "REFRESH … CONCURRENTLY needs a unique index without WHERE on the view".into(),
         });
     }
@@ -548,10 +541,110 @@ pub async fn refresh(
     })
 }
 
+/// Materialized views: created, replaced when their query changes, handed to an owner.
+pub struct MaterializedViews;
+
+impl AreaModule for MaterializedViews {
+    const AREA: Area = AREA;
+    type Spec = MaterializedViewsSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&MaterializedViewsSpec> {
+        spec.materialized_views.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &MaterializedViewsSpec,
+        _ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section).await?)
+    }
+
+    fn diff(
+        section: &MaterializedViewsSpec,
+        observed: &Observed,
+        ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, ctx.spec.indexes.as_ref(), observed, plan)
+    }
+
+    fn render(_: &MaterializedViewsSpec, op: &Op) -> Vec<Change> {
+        render(op)
+    }
+
+    fn simulate(_: &MaterializedViewsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    /// Also tells the indexes, planned next, which views this plan builds again.
+    fn plan(
+        section: &MaterializedViewsSpec,
+        observed: &Observed,
+        ctx: &mut PlanContext<'_>,
+    ) -> AreaPlan {
+        let mut plan = AreaPlan::new(AREA);
+        let ops = Self::diff(section, observed, ctx, &mut plan);
+        plan.changes = ops.iter().flat_map(render).collect();
+        ctx.recreated_views = recreated(&plan, ctx.spec.allow_destructive());
+        plan
+    }
+
+    fn facts(section: Option<&MaterializedViewsSpec>, observed: &Observed, facts: &mut Facts) {
+        facts.materialized_views = section.map(|s| status(s, observed));
+    }
+}
+
+/// The catalog as it will be after `ops` (for tests of convergence).
+pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+    let mut next = observed.clone();
+    for op in ops {
+        match op {
+            Op::Create { name, owner, .. } | Op::Replace { name, owner, .. } => {
+                let before = next.views.remove(name).unwrap_or_default();
+                let definition = next.normalized.get(name).and_then(|d| d.clone().ok());
+                next.views.insert(
+                    name.clone(),
+                    ViewState {
+                        relkind: "m".into(),
+                        definition,
+                        populated: true,
+                        // Dropping the view dropped its indexes.
+                        has_unique_index: false,
+                        owner: owner.clone().unwrap_or(before.owner),
+                    },
+                );
+            }
+            Op::SetOwner { name, owner } => {
+                if let Some(v) = next.views.get_mut(name) {
+                    v.owner = owner.clone();
+                }
+            }
+        }
+    }
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::IndexSpec;
+    use crate::engine::ledger::Ledger;
+
+    fn plan(
+        spec: &MaterializedViewsSpec,
+        indexes: Option<&IndexesSpec>,
+        observed: &Observed,
+    ) -> AreaPlan {
+        let whole = crate::api::DatabasePolicySpec {
+            indexes: indexes.cloned(),
+            ..Default::default()
+        };
+        let ledger = Ledger::default();
+        MaterializedViews::plan(spec, observed, &mut PlanContext::new(&whole, &ledger))
+    }
 
     fn view(name: &str, def: Option<&str>, concurrently: bool) -> MaterializedView {
         MaterializedView {
@@ -584,7 +677,7 @@ mod tests {
         // An existing view of another owner is handed over; a missing role is an error.
         let o2 = observed(&[("v", "SELECT 1;", false)], &[("v", "SELECT 1;")]);
         let p = plan(&spec, None, &o2);
-        assert_eq!(p.errors[0].reason, "RoleNotFound");
+        assert_eq!(p.errors[0].reason, Reason::RoleNotFound);
         let mut o3 = o2.clone();
         o3.roles.insert("reporting".into());
         let p = plan(&spec, None, &o3);
@@ -673,7 +766,7 @@ mod tests {
             views: vec![view("v", None, true)],
         };
         let p = plan(&spec, None, &observed(&[("v", "x", false)], &[]));
-        assert_eq!(p.errors[0].reason, "RequiresUniqueIndex");
+        assert_eq!(p.errors[0].reason, Reason::RequiresUniqueIndex);
         assert!(plan(&spec, None, &observed(&[("v", "x", true)], &[]))
             .errors
             .is_empty());
@@ -709,8 +802,40 @@ mod tests {
             )),
         );
         let p = plan(&spec, None, &o);
-        assert_eq!(p.errors[0].reason, "MaterializedViewNotFound");
-        assert_eq!(p.errors[1].reason, "ColumnNotFound");
+        assert_eq!(p.errors[0].reason, Reason::MaterializedViewNotFound);
+        assert_eq!(p.errors[1].reason, Reason::ColumnNotFound);
         assert!(p.changes.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Whatever views exist (with the desired query or another, of this owner or
+        /// another), applying the plan converges.
+        #[test]
+        fn applying_a_plan_converges(
+            wanted in proptest::collection::btree_map(0usize..3, (proptest::option::of(proptest::bool::ANY), proptest::bool::ANY), 0..3),
+            existing in proptest::collection::btree_map(0usize..3, (proptest::bool::ANY, proptest::bool::ANY), 0..3),
+        ) {
+            let query = |same: bool| if same { "SELECT 1 AS k;" } else { "SELECT 2 AS k;" };
+            let views = wanted
+                .iter()
+                .map(|(i, (owner, defined))| {
+                    let mut v = view(&format!("v{i}"), defined.then_some("SELECT 1 AS k"), false);
+                    v.owner = owner.map(|o| if o { "reporting".into() } else { "postgres".into() });
+                    v
+                })
+                .collect();
+            let spec = MaterializedViewsSpec { views };
+            let current: Vec<(String, &str, bool)> = existing
+                .iter()
+                .map(|(i, (same, unique))| (format!("v{i}"), query(*same), *unique))
+                .collect();
+            let current: Vec<(&str, &str, bool)> =
+                current.iter().map(|(n, q, u)| (n.as_str(), *q, *u)).collect();
+            let names: Vec<String> = (0..3).map(|i| format!("v{i}")).collect();
+            let normalized: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), query(true))).collect();
+            let mut o = observed(&current, &normalized);
+            o.roles.extend(["reporting".to_string(), "postgres".to_string()]);
+            crate::engine::areas::convergence::converges::<MaterializedViews>(&spec, &o, &Ledger::default(), |_, _| Ok(()))?;
+        }
     }
 }

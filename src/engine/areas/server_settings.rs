@@ -20,9 +20,11 @@ use sqlx::{Connection, PgConnection, Row};
 
 use crate::api::ServerSettingsSpec;
 use crate::engine::apply::ApplyReport;
+use crate::engine::areas::{AfterApply, AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::{self, Ledger};
 use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LedgerOp};
 use crate::pg::{error_summary, execute_one, quote_ident, quote_literal, sqlstate};
+use crate::reason::Reason;
 
 const AREA: Area = Area::ServerSettings;
 /// The ledger target under which owned parameters are recorded.
@@ -184,13 +186,23 @@ const NOT_CHECKED_IN_SESSION: &[&str] = &[
     "transaction_timeout",
 ];
 
+/// An `--allow-setting` value that is not a parameter name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--allow-setting {0:?}: not a parameter name (letters, digits, '_' and '.')")]
+pub struct NotAParameterName(pub String);
+
 /// The denied settings the platform team allows (`--allow-setting`), lower case.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllowedSettings(BTreeSet<String>);
 
 impl AllowedSettings {
+    /// No setting denied by default is allowed.
+    pub fn none() -> &'static AllowedSettings {
+        static NONE: AllowedSettings = AllowedSettings(BTreeSet::new());
+        &NONE
+    }
     /// From `--allow-setting` values; a name that is not a parameter name is refused.
-    pub fn new<I, S>(names: I) -> Result<Self, String>
+    pub fn new<I, S>(names: I) -> Result<Self, NotAParameterName>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -199,9 +211,7 @@ impl AllowedSettings {
         for name in names {
             let name = name.as_ref().trim();
             if !is_parameter_name(name) {
-                return Err(format!(
-                    "--allow-setting {name:?}: not a parameter name (letters, digits, '_' and '.')"
-                ));
+                return Err(NotAParameterName(name.to_string()));
             }
             set.insert(name.to_lowercase());
         }
@@ -496,7 +506,7 @@ pub fn diff(
         if let Some((other, _)) = desired.get(&lower) {
             plan.error(
                 key,
-                "DuplicateSetting",
+                Reason::DuplicateSetting,
                 format!(
                     "{} and {}: one parameter spelled twice (names are case-insensitive); keep one",
                     field(other),
@@ -514,7 +524,7 @@ pub fn diff(
         if SESSION_ONLY.contains(&lower.as_str()) {
             plan.error(
                 name,
-                "SessionOnlySetting",
+                Reason::SessionOnlySetting,
                 format!(
                     "{}: {name} belongs to a session or transaction; ALTER SYSTEM cannot set it",
                     field(key)
@@ -526,7 +536,7 @@ pub fn diff(
             if !allowed.allows(lower) {
                 plan.error(
                     name,
-                    "SettingNotAllowed",
+                    Reason::SettingNotAllowed,
                     format!(
                         "{}: {name} {why}, so it is denied by default; only the platform team can allow it: `dbpolicy plan/apply --allow-setting {lower}`, or the operator's `--allow-setting {lower}` (Helm value allowedServerSettings)",
                         field(key)
@@ -538,7 +548,7 @@ pub fn diff(
         if !is_safe_value(value) {
             plan.error(
                 name,
-                "InvalidValue",
+                Reason::InvalidValue,
                 format!("{}: a value cannot contain a line break or NUL", field(key)),
             );
             continue;
@@ -548,7 +558,7 @@ pub fn diff(
                 if meta.context == "internal" {
                     plan.error(
                         name,
-                        "ReadOnlySetting",
+                        Reason::ReadOnlySetting,
                         format!(
                             "{}: {name} is fixed when the server is built and cannot be set",
                             field(key)
@@ -559,7 +569,7 @@ pub fn diff(
                 if let Err(why) = check_value(meta, value) {
                     plan.error(
                         name,
-                        "InvalidValue",
+                        Reason::InvalidValue,
                         format!("{}: invalid value {value:?} for {name}: {why}", field(key)),
                     );
                     continue;
@@ -568,7 +578,7 @@ pub fn diff(
                 if let Some(Verdict::Invalid(why)) = verdict {
                     plan.error(
                         name,
-                        "InvalidValue",
+                        Reason::InvalidValue,
                         format!(
                             "{}: PostgreSQL refuses {value:?} for {name}: {why}",
                             field(key)
@@ -579,7 +589,7 @@ pub fn diff(
                 if meta.pending_restart {
                     plan.notice(
                         name,
-                        "RestartRequired",
+                        Reason::RestartRequired,
                         format!("{name} = {value} waits for a server restart"),
                     );
                 }
@@ -595,7 +605,7 @@ pub fn diff(
             None => {
                 plan.error(
                     name,
-                    "UnknownSetting",
+                    Reason::UnknownSetting,
                     format!("{}: {name} is not a PostgreSQL server setting", field(key)),
                 );
                 continue;
@@ -604,7 +614,7 @@ pub fn diff(
         if observed.not_alterable.contains(lower) {
             plan.error(
                 name,
-                "InsufficientPrivilege",
+                Reason::InsufficientPrivilege,
                 format!("{}: this role may not ALTER SYSTEM SET {name}: connect as a superuser, or GRANT ALTER SYSTEM ON PARAMETER {name} TO the operator's role", field(key)),
             );
             continue;
@@ -612,7 +622,7 @@ pub fn diff(
         if let Some(error) = observed.file_errors.get(lower) {
             plan.notice(
                 name,
-                "SettingNotApplied",
+                Reason::SettingNotApplied,
                 format!("{name}: PostgreSQL did not apply the configured value: {error}"),
             );
         }
@@ -784,7 +794,7 @@ pub fn plan_with(
     if !diff.not_loaded.is_empty() {
         plan.notice(
             RELOAD_TARGET,
-            "NotLoaded",
+            Reason::NotLoaded,
             format!(
                 "written to postgresql.auto.conf but not loaded: {}",
                 diff.not_loaded.join(", ")
@@ -795,7 +805,7 @@ pub fn plan_with(
     if stale_file && diff.ops.is_empty() && diff.not_loaded.is_empty() {
         plan.notice(
             RELOAD_TARGET,
-            "NotLoaded",
+            Reason::NotLoaded,
             "postgresql.auto.conf was written after the configuration was last loaded",
         );
     }
@@ -808,7 +818,7 @@ pub fn plan_with(
     if !plan.changes.is_empty() && !observed.can_reload {
         plan.error(
             RELOAD_TARGET,
-            "InsufficientPrivilege",
+            Reason::InsufficientPrivilege,
             "this role may not call pg_reload_conf(): connect as a superuser, or GRANT EXECUTE ON FUNCTION pg_reload_conf() TO the operator's role",
         );
     }
@@ -1055,6 +1065,61 @@ fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Res
     Ok(n * f / param_base)
 }
 
+/// Server settings, through `ALTER SYSTEM` and a reload; reset when the section leaves
+/// the spec.
+pub struct ServerSettings;
+
+impl AreaModule for ServerSettings {
+    const AREA: Area = AREA;
+    const RESETS_WHEN_REMOVED: bool = true;
+    type Spec = ServerSettingsSpec;
+    type Observed = Observed;
+    type Op = Op;
+
+    fn section(spec: &crate::api::DatabasePolicySpec) -> Option<&ServerSettingsSpec> {
+        spec.server_settings.as_ref()
+    }
+
+    async fn observe(
+        conn: &mut PgConnection,
+        section: &ServerSettingsSpec,
+        ctx: ObserveContext<'_>,
+    ) -> Result<Observed, ObserveError> {
+        Ok(observe(conn, section, ctx.ledger).await?)
+    }
+
+    fn diff(
+        section: &ServerSettingsSpec,
+        observed: &Observed,
+        ctx: &PlanContext<'_>,
+        plan: &mut AreaPlan,
+    ) -> Vec<Op> {
+        diff(section, observed, ctx.ledger, ctx.allowed_settings, plan).ops
+    }
+
+    fn render(_: &ServerSettingsSpec, op: &Op) -> Vec<Change> {
+        vec![render(op)]
+    }
+
+    fn simulate(_: &ServerSettingsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+        simulate(observed, ops)
+    }
+
+    /// The writes, then one reload (and what is written but not loaded, as notices).
+    fn plan(
+        section: &ServerSettingsSpec,
+        observed: &Observed,
+        ctx: &mut PlanContext<'_>,
+    ) -> AreaPlan {
+        plan_with(section, observed, ctx.ledger, ctx.allowed_settings)
+    }
+
+    /// A failed settings run leaves postgresql.auto.conf as it began, reloaded.
+    async fn after_apply(conn: &mut PgConnection, observed: &Observed, ctx: AfterApply<'_>) {
+        recover(conn, observed, ctx.ledger, ctx.report, ctx.policy).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,10 +1232,10 @@ mod tests {
         }
     }
 
-    fn reasons(p: &AreaPlan) -> Vec<(&str, &str)> {
+    fn reasons(p: &AreaPlan) -> Vec<(&str, Reason)> {
         p.errors
             .iter()
-            .map(|e| (e.target.as_str(), e.reason.as_str()))
+            .map(|e| (e.target.as_str(), e.reason))
             .collect()
     }
 
@@ -1214,7 +1279,7 @@ mod tests {
         o.meta.get_mut("max_connections").unwrap().pending_restart = true;
         let p = plan(&spec(&[("max_connections", "200")]), &o, &Ledger::default());
         assert!(p.changes.is_empty(), "waiting for a restart is not drift");
-        assert_eq!(p.notices[0].reason, "RestartRequired");
+        assert_eq!(p.notices[0].reason, Reason::RestartRequired);
     }
 
     #[test]
@@ -1257,13 +1322,13 @@ mod tests {
         assert_eq!(
             reasons(&p),
             vec![
-                ("block_size", "ReadOnlySetting"),
-                ("log_checkpoints", "InvalidValue"),
-                ("log_statement", "InvalidValue"),
-                ("no_such_setting", "UnknownSetting"),
-                ("role", "SessionOnlySetting"),
-                ("TimeZone", "InvalidValue"),
-                ("work_mem", "InvalidValue")
+                ("block_size", Reason::ReadOnlySetting),
+                ("log_checkpoints", Reason::InvalidValue),
+                ("log_statement", Reason::InvalidValue),
+                ("no_such_setting", Reason::UnknownSetting),
+                ("role", Reason::SessionOnlySetting),
+                ("TimeZone", Reason::InvalidValue),
+                ("work_mem", Reason::InvalidValue)
             ]
         );
         assert!(p.errors[0]
@@ -1316,7 +1381,7 @@ mod tests {
             &o,
             &Ledger::default(),
         );
-        assert_eq!(reasons(&p), vec![("work_mem", "DuplicateSetting")]);
+        assert_eq!(reasons(&p), vec![("work_mem", Reason::DuplicateSetting)]);
     }
 
     #[test]
@@ -1331,8 +1396,8 @@ mod tests {
         assert_eq!(
             reasons(&p),
             vec![
-                ("archive_command", "SettingNotAllowed"),
-                ("shared_preload_libraries", "SettingNotAllowed")
+                ("archive_command", Reason::SettingNotAllowed),
+                ("shared_preload_libraries", Reason::SettingNotAllowed)
             ]
         );
         let msg = &p.errors[0].message;
@@ -1399,7 +1464,7 @@ mod tests {
         let p = plan(&s, &o, &Ledger::default());
         assert_eq!(p.changes.len(), 1);
         assert_eq!(p.changes[0].sql, "SELECT pg_reload_conf()");
-        assert_eq!(p.notices[0].reason, "NotLoaded");
+        assert_eq!(p.notices[0].reason, Reason::NotLoaded);
         assert!(
             p.notices[0].message.ends_with("work_mem"),
             "{:?}",
@@ -1476,8 +1541,8 @@ mod tests {
         assert_eq!(
             reasons(&p),
             vec![
-                ("work_mem", "InsufficientPrivilege"),
-                ("server", "InsufficientPrivilege")
+                ("work_mem", Reason::InsufficientPrivilege),
+                ("server", Reason::InsufficientPrivilege)
             ]
         );
     }
@@ -1591,14 +1656,8 @@ mod tests {
             o.auto_conf = current.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             let mut ledger = Ledger::for_policy("p");
             for n in owned { ledger.insert(AREA, TARGET, n, "p"); }
-            let mut scratch = AreaPlan::new(AREA);
-            let allowed = AllowedSettings::default();
-            let d = diff(&spec, &o, &ledger, &allowed, &mut scratch);
-            let after = simulate(&o, &d.ops);
-            for c in d.ops.iter().map(render) { ledger.apply_ops(&c.ledger); }
-            let mut again = AreaPlan::new(AREA);
             // invalid values never become ops, so they never need converging
-            prop_assert!(diff(&spec, &after, &ledger, &allowed, &mut again).ops.is_empty());
+            crate::engine::areas::convergence::converges::<ServerSettings>(&spec, &o, &ledger, |_, _| Ok(()))?;
         }
     }
 }

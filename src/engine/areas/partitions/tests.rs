@@ -1,4 +1,6 @@
 use super::*;
+use crate::engine::areas::convergence::converges;
+use crate::reason::Reason;
 use proptest::prelude::*;
 
 fn date(s: &str) -> NaiveDate {
@@ -370,7 +372,7 @@ fn a_role_that_may_not_set_the_replication_role_is_refused_with_the_grant_that_f
     assert!(p.changes.is_empty(), "{:?}", sqls(&p));
     assert_eq!(p.errors.len(), 1);
     let e = &p.errors[0];
-    assert_eq!(e.reason, "InsufficientPrivilege");
+    assert_eq!(e.reason, Reason::InsufficientPrivilege);
     assert!(
         e.message
             .contains(r#"GRANT SET ON PARAMETER session_replication_role TO "app""owner""#),
@@ -408,7 +410,7 @@ fn a_trigger_that_fires_even_for_replicas_refuses_the_move() {
         &observed("2024-03-15T00:00:00Z", vec![("t", st.clone())]),
     );
     assert!(p.changes.is_empty());
-    assert_eq!(p.errors[0].reason, "TriggerFiresOnMove");
+    assert_eq!(p.errors[0].reason, Reason::TriggerFiresOnMove);
     assert!(p.errors[0]
         .message
         .contains(r#"trigger "audit" (ENABLE ALWAYS)"#));
@@ -554,7 +556,10 @@ fn hand_made_partitions_are_reported_and_left_alone() {
     assert!(p.errors.is_empty(), "{:?}", p.errors);
     assert!(p.changes.is_empty(), "{:?}", sqls(&p));
     assert_eq!(p.notices.len(), 3);
-    assert!(p.notices.iter().all(|n| n.reason == "PartitionNotManaged"));
+    assert!(p
+        .notices
+        .iter()
+        .all(|n| n.reason == Reason::PartitionNotManaged));
     assert!(p
         .notices
         .iter()
@@ -572,7 +577,7 @@ fn a_hand_made_partition_overlapping_a_needed_range_is_an_error() {
     );
     assert!(p.changes.is_empty());
     assert_eq!(p.errors.len(), 1);
-    assert_eq!(p.errors[0].reason, "OverlappingPartition");
+    assert_eq!(p.errors[0].reason, Reason::OverlappingPartition);
     assert_eq!(p.errors[0].target, "public.t");
     assert!(
         p.errors[0].message.contains("public.t_mid"),
@@ -596,7 +601,7 @@ fn minvalue_partitions_overlap_everything_before_them() {
         &spec(vec![spec_table("t", PartitionInterval::Monthly)]),
         &observed("2024-03-15T00:00:00Z", vec![("t", st)]),
     );
-    assert_eq!(p.errors[0].reason, "OverlappingPartition");
+    assert_eq!(p.errors[0].reason, Reason::OverlappingPartition);
     assert!(p.errors[0].message.contains("[MINVALUE, 2024-03-20)"));
 }
 
@@ -611,7 +616,7 @@ fn a_detached_partition_in_the_way_of_a_current_range_is_an_error() {
         &spec(vec![t.clone()]),
         &observed("2024-03-15T00:00:00Z", vec![("t", st.clone())]),
     );
-    assert_eq!(p.errors[0].reason, "NameTaken");
+    assert_eq!(p.errors[0].reason, Reason::NameTaken);
     // A past range only: reported, skipped, the rest goes on.
     st.other_relations.remove("t_2024_03");
     let p = plan(
@@ -619,7 +624,7 @@ fn a_detached_partition_in_the_way_of_a_current_range_is_an_error() {
         &observed("2024-03-15T00:00:00Z", vec![("t", st)]),
     );
     assert!(p.errors.is_empty());
-    assert_eq!(p.notices[0].reason, "NameTaken");
+    assert_eq!(p.notices[0].reason, Reason::NameTaken);
     assert!(!sqls(&p).iter().any(|s| s.contains("t_2024_01")));
 }
 
@@ -662,21 +667,21 @@ fn bad_tables_are_errors_naming_the_table_and_change_nothing_for_them() {
         ],
     );
     let p = plan(&s, &o);
-    let reasons: Vec<(&str, &str)> = p
+    let reasons: Vec<(&str, Reason)> = p
         .errors
         .iter()
-        .map(|e| (e.target.as_str(), e.reason.as_str()))
+        .map(|e| (e.target.as_str(), e.reason))
         .collect();
     assert_eq!(
         reasons,
         vec![
-            ("public.missing", "TableNotFound"),
-            ("public.plain", "NotPartitioned"),
-            ("public.list", "UnsupportedPartitionStrategy"),
-            ("public.hash", "UnsupportedPartitionStrategy"),
-            ("public.text", "UnsupportedKeyType"),
-            ("public.expr", "UnsupportedPartitionKey"),
-            ("public.mismatch", "ColumnMismatch"),
+            ("public.missing", Reason::TableNotFound),
+            ("public.plain", Reason::NotPartitioned),
+            ("public.list", Reason::UnsupportedPartitionStrategy),
+            ("public.hash", Reason::UnsupportedPartitionStrategy),
+            ("public.text", Reason::UnsupportedKeyType),
+            ("public.expr", Reason::UnsupportedPartitionKey),
+            ("public.mismatch", Reason::ColumnMismatch),
         ]
     );
     assert!(p.errors[2].message.contains("LIST"));
@@ -691,7 +696,7 @@ fn a_far_start_date_is_refused() {
         &spec(vec![t]),
         &observed("2024-03-15T00:00:00Z", vec![("t", state("date"))]),
     );
-    assert_eq!(p.errors[0].reason, "TooManyPartitions");
+    assert_eq!(p.errors[0].reason, Reason::TooManyPartitions);
 }
 
 // ------------------------------------------------------------ status
@@ -810,17 +815,14 @@ proptest! {
     /// again after time passes and one more maintenance runs.
     #[test]
     fn applying_a_plan_converges((s, o, advance) in arb_case()) {
-        let mut scratch = AreaPlan::new(AREA);
-        let ops = diff(&s, &o, &mut scratch);
-        prop_assert!(scratch.errors.is_empty(), "{:?}", scratch.errors);
-        let after = simulate(&o, &ops);
-        let again = diff(&s, &after, &mut AreaPlan::new(AREA));
-        prop_assert!(again.is_empty(), "{again:?}");
+        let ledger = crate::engine::ledger::Ledger::default();
+        let after = converges::<Partitions>(&s, &o, &ledger, |_, first| {
+            prop_assert!(first.errors.is_empty(), "{:?}", first.errors);
+            Ok(())
+        })?;
         let mut later = after.clone();
         later.now = o.now + chrono::Duration::days(advance);
-        let ops = diff(&s, &later, &mut AreaPlan::new(AREA));
-        let after = simulate(&later, &ops);
-        prop_assert!(diff(&s, &after, &mut AreaPlan::new(AREA)).is_empty());
+        converges::<Partitions>(&s, &later, &ledger, |_, _| Ok(()))?;
     }
 
     /// Safety: nothing retired holds rows inside the window, the default is never
