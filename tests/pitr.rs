@@ -195,6 +195,15 @@ async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
         message["baseBackup"].is_string() && message["endLsn"].is_string(),
         "{message}"
     );
+    // The window after the backup, for the operator's status: it starts at the backup's end.
+    assert_eq!(
+        message["windowEarliest"]
+            .as_str()
+            .map(|t| t[..19].to_string()),
+        message["finishedAt"].as_str().map(|t| t[..19].to_string()),
+        "{message}"
+    );
+    assert!(message["windowCheckedAt"].is_string(), "{message}");
     std::fs::remove_file(&termination).unwrap();
     assert!(
         base.stdout.contains("checked by pg_verifybackup"),

@@ -7,6 +7,7 @@ pub mod context;
 pub mod error;
 pub mod lease;
 pub mod metrics;
+pub mod pitr;
 pub mod reconcile;
 pub mod replicas;
 pub mod status;
