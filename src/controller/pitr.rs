@@ -648,6 +648,15 @@ impl Pitr {
         found: &mut Children,
     ) -> Option<Verdict> {
         let Some((b, p)) = enabled(policy) else {
+            // Off: the previous PITR status goes too (found.backups is None when the
+            // dumps' status was not read, e.g. without batch/v1 CronJobs).
+            let had = input
+                .previous
+                .and_then(|s| s.backups.as_ref())
+                .is_some_and(|b| b.point_in_time_recovery.is_some());
+            if had && found.backups.is_none() {
+                found.backups = input.previous.and_then(|s| s.backups.clone());
+            }
             if let Some(backups) = found.backups.as_mut() {
                 backups.point_in_time_recovery = None;
             }
@@ -1174,20 +1183,23 @@ backups:
             let spec = SPEC.replace("{baseBackupSchedule", "{enabled: false, baseBackupSchedule");
             let mut policy = test_policy(&spec, true);
             let on = test_policy(SPEC, true);
-            let mut status = DatabasePolicyStatus::default();
-            status.backups = Some(crate::api::BackupStatus {
-                point_in_time_recovery: Some(PitrStatus::default()),
+            policy.status = Some(DatabasePolicyStatus {
+                backups: Some(crate::api::BackupStatus {
+                    point_in_time_recovery: Some(PitrStatus::default()),
+                    ..Default::default()
+                }),
+                conditions: vec![Condition {
+                    type_: CONDITION.into(),
+                    status: "True".into(),
+                    reason: "Recoverable".into(),
+                    message: String::new(),
+                    observed_generation: None,
+                    last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(
+                        NOW,
+                    )),
+                }],
                 ..Default::default()
             });
-            status.conditions.push(Condition {
-                type_: CONDITION.into(),
-                status: "True".into(),
-                reason: "Recoverable".into(),
-                message: String::new(),
-                observed_generation: None,
-                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(NOW)),
-            });
-            policy.status = Some(status);
             let base = base_backup_cronjob(&on, DEFAULT_JOB_IMAGE).unwrap();
             let ok =
                 json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"});

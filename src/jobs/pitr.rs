@@ -507,6 +507,40 @@ mod tests {
     }
 
     #[test]
+    fn the_example_is_a_valid_policy_with_every_pitr_object() {
+        let p: DatabasePolicy =
+            serde_yaml::from_str(include_str!("../../examples/pitr.yaml")).unwrap();
+        let errors = crate::api::validate_spec(&p.spec);
+        assert!(errors.is_empty(), "{errors:?}");
+        let d = receiver_deployment(&p, IMAGE).expect("receiver");
+        assert_eq!(
+            d.metadata.name.as_deref(),
+            Some("certquiz-pitr-wal-receiver")
+        );
+        assert_eq!(
+            spool_pvc(&p).unwrap().metadata.name.as_deref(),
+            Some("certquiz-pitr-wal-spool")
+        );
+        let cj = base_backup_cronjob(&p, IMAGE).expect("base backups");
+        assert_eq!(
+            cj.metadata.name.as_deref(),
+            Some("certquiz-pitr-base-backup")
+        );
+        let args = d.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert!(
+            args.windows(2).any(|w| w == ["--slot", "certquiz_pitr"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--cluster", "certquiz"]),
+            "{args:?}"
+        );
+    }
+
+    #[test]
     fn manifests_round_trip_through_their_api_types() {
         let p = policy(PVC);
         let d = receiver_deployment(&p, IMAGE).unwrap();
