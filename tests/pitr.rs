@@ -516,7 +516,8 @@ async fn the_slot_the_operator_reads_follows_the_receiver() {
     };
     let deployment: k8s_openapi::api::apps::v1::Deployment =
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "r"}, "spec": {"selector": {}, "template": {}},
+            "metadata": {"name": "r", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"selector": {}, "template": {}},
             "status": {"availableReplicas": 1},
         }))
         .unwrap();

@@ -383,11 +383,12 @@ pub fn readiness(
     let slot = p.slot();
     let retained = status.slot_retained_bytes.unwrap_or(0);
     let receiver_up = receiver.is_some_and(available);
+    let created = receiver
+        .and_then(|d| d.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0);
+    let starting = created.is_none_or(|c| since(c) < STARTUP_GRACE);
     if !receiver_up {
-        let created = receiver
-            .and_then(|d| d.metadata.creation_timestamp.as_ref())
-            .map(|t| t.0);
-        if created.is_none_or(|c| since(c) < STARTUP_GRACE) {
+        if starting {
             return ready(
                 Status::Unknown,
                 "WalReceiverStarting",
@@ -408,6 +409,14 @@ pub fn readiness(
         );
     }
     if status.slot_active == Some(false) {
+        if starting {
+            // The pod is up and creating the slot, or connecting.
+            return ready(
+                Status::Unknown,
+                "WalReceiverStarting",
+                format!("the WAL receiver is up and not streaming through slot {slot} yet"),
+            );
+        }
         return ready(
             Status::False,
             "WalReceiverDown",
@@ -877,10 +886,12 @@ mod tests {
         let r = state(&ok, Some(&down));
         assert_eq!((r.status, r.reason), (Status::False, "WalReceiverDown"));
         assert!(r.message.contains("minimum availability"), "{}", r.message);
-        // Pod up but nobody on the slot.
+        // Pod up but nobody on the slot: starting for a while after the creation, then down.
         let mut idle = ok.clone();
         idle.slot_active = Some(false);
         assert_eq!(state(&idle, Some(&up)).reason, "WalReceiverDown");
+        let young = deployment(1, "2026-11-25T11:58:00Z");
+        assert_eq!(state(&idle, Some(&young)).reason, "WalReceiverStarting");
 
         let mut retaining = ok.clone();
         retaining.slot_retained_bytes = Some(2 << 30);
