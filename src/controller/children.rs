@@ -183,11 +183,12 @@ pub async fn sync_cronjobs(
                     Error::NotOwned {
                         kind: "CronJob",
                         name: format!("{ns}/{}", name(d)),
-                        wanted_by: if area_of(d) == Area::Backups {
-                            "spec.backups".to_string()
-                        } else {
-                            "spec.materializedViews".to_string()
-                        },
+                        wanted_by: match role(d) {
+                            Some(BASE_BACKUP_ROLE) => "spec.backups.pointInTimeRecovery",
+                            Some("backup") => "spec.backups",
+                            _ => "spec.materializedViews",
+                        }
+                        .to_string(),
                     }
                 } else {
                     Error::CronJobs {

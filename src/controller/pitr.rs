@@ -1135,6 +1135,53 @@ backups:
         }
 
         #[tokio::test]
+        async fn a_base_backup_cronjob_of_another_owner_is_never_taken_over() {
+            let policy = test_policy(SPEC, true);
+            let mut scenario = vec![
+                Expect::ListCronJobs(vec![]),
+                Expect::CreateCronJob("test-backup".into(), false),
+                Expect::CreateCronJob("test-base-backup".into(), true),
+                missing(&format!("{}/test-wal-spool", claims())),
+                Expect::Request(
+                    format!("POST {}?fieldManager=dbpolicy", claims()),
+                    201,
+                    None,
+                ),
+                missing(&format!("{}/test-wal-receiver", deployments())),
+                Expect::Request(
+                    format!("POST {}?fieldManager=dbpolicy", deployments()),
+                    201,
+                    None,
+                ),
+            ];
+            scenario.extend(base_jobs(json!({"jobs": []})));
+            scenario.extend([
+                Expect::GetSecret(None),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ]);
+            let (result, sent) = reconcile_with(policy, scenario).await;
+            assert_eq!(result.unwrap_err().reason(), "SecretNotFound");
+            assert!(
+                !sent
+                    .iter()
+                    .any(|s| s.request.starts_with("PATCH /apis/batch")),
+                "never applied over theirs"
+            );
+            let b = condition(&sent[9].body, "BackupsReady");
+            assert_eq!(
+                (&b["status"], &b["reason"]),
+                (&json!("False"), &json!("CronJobNotOwned"))
+            );
+            assert!(
+                b["message"].as_str().unwrap().starts_with(
+                    "CronJob default/test-base-backup (spec.backups.pointInTimeRecovery) exists and was not created by this policy"
+                ),
+                "{b}"
+            );
+        }
+
+        #[tokio::test]
         async fn a_deployment_of_another_owner_is_left_alone() {
             let policy = test_policy(SPEC, true);
             let theirs = json!({"apiVersion": "apps/v1", "kind": "Deployment",
