@@ -44,6 +44,9 @@ const REQUIRED_RBAC: &[(&str, &str, &[&str])] = &[
         "jobs",
         &["get", "list", "watch", "create", "patch", "delete"],
     ),
+    // Point-in-time recovery: the WAL receiver Deployment and its spool claim.
+    ("apps", "deployments", &["get", "create", "patch", "delete"]),
+    ("", "persistentvolumeclaims", &["get", "create", "delete"]),
     // Events through kube's Recorder (patch: repeats become a series).
     ("events.k8s.io", "events", &["create", "patch"]),
     // kube-lease-manager gets, creates and patches its Lease (never replaces or deletes it).

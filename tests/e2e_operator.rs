@@ -514,3 +514,215 @@ async fn certquiz_example_becomes_ready() {
         .await;
     assert_eq!(flags, 3, "the certquiz flags were applied");
 }
+
+/// `kubectl get KIND NAME -o json`, None when it does not exist.
+fn get_object(env: &Envtest, kind: &str, name: &str) -> Option<Value> {
+    let out = env.kubectl(
+        &[
+            "get",
+            kind,
+            name,
+            "-n",
+            NS,
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ],
+        None,
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("json"))
+}
+
+/// Point-in-time recovery's WAL receiver against the real API server: a Deployment owned
+/// by the policy, restricted, server-side applied by the operator; someone else's
+/// Deployment of the same name is never adopted; turning PITR off removes the receiver
+/// and its spool claim. (kube-apiserver 1.20 serves Deployments and claims but no
+/// batch/v1 CronJob, and nothing runs the pods: the receiver stays WalReceiverStarting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pitr_receiver_is_owned_restricted_never_adopted_and_removed_when_off() {
+    let db = TestDb::new().await;
+    let env = Envtest::start(ApiServer::Kube);
+    env.install_crds();
+    env.kubectl_ok(&["create", "namespace", NS], None);
+    env.kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "app-db",
+            "-n",
+            NS,
+            &format!("--from-literal=uri={}", db.url()),
+        ],
+        None,
+    );
+    // Someone else's Deployment with the name policy "theirs" would give its receiver.
+    env.kubectl_ok(
+        &[
+            "create",
+            "deployment",
+            "theirs-wal-receiver",
+            "-n",
+            NS,
+            "--image=registry.local/their-app:1",
+        ],
+        None,
+    );
+    let pitr = json!({"backups": {
+        "schedule": "0 3 * * *",
+        "storage": {"pvc": {"claimName": "backups"}},
+        "pointInTimeRecovery": {"baseBackupSchedule": "0 2 * * 0", "slot": "e2e_pitr", "spoolSize": "2Gi"},
+    }});
+    let apply = |doc: &str| env.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(doc));
+    apply(&policy("pitr", "app-db", pitr.clone()));
+    apply(&policy("theirs", "app-db", pitr));
+    let mut op = Operator::start(&env, NS);
+
+    // Both policies list the same flags table, so one of them is Ready=False
+    // (OwnershipConflict): wait for what PITR reports instead.
+    let obj = wait_for(Duration::from_secs(60), "pitr: slot observed", || {
+        if let Ok(Some(exit)) = op.child.try_wait() {
+            panic!("the operator exited ({exit})");
+        }
+        let obj = get(&env, NS, "pitr");
+        if obj["status"]["backups"]["pointInTimeRecovery"]["slotActive"].is_boolean() {
+            Ok(obj)
+        } else {
+            Err(obj["status"].to_string())
+        }
+    });
+    let uid = obj["metadata"]["uid"].clone();
+    let pitr_condition = |obj: &Value| condition(obj, "PointInTimeRecoveryReady");
+    let c = pitr_condition(&obj).expect("PointInTimeRecoveryReady");
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&json!("Unknown"), &json!("WalReceiverStarting")),
+        "{c}"
+    );
+    let status = &obj["status"]["backups"]["pointInTimeRecovery"];
+    assert_eq!(status["receiverAvailable"], false, "{status}");
+    // The slot was read on the primary: not there (no receiver ever ran), not active.
+    assert_eq!(
+        (&status["slot"], &status["slotActive"]),
+        (&json!("e2e_pitr"), &json!(false)),
+        "{status}"
+    );
+
+    let d = get_object(&env, "deployment", "pitr-wal-receiver").expect("the receiver");
+    let owner = &d["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (
+            &owner["kind"],
+            &owner["name"],
+            &owner["uid"],
+            &owner["controller"]
+        ),
+        (&json!("DatabasePolicy"), &json!("pitr"), &uid, &json!(true)),
+        "{owner}"
+    );
+    assert!(
+        d["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["manager"] == "dbpolicy"),
+        "written by the operator's field manager: {}",
+        d["metadata"]["managedFields"]
+    );
+    let spec = &d["spec"];
+    assert_eq!(
+        (&spec["replicas"], &spec["strategy"]["type"]),
+        (&json!(1), &json!("Recreate"))
+    );
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c0 = &pod["containers"][0];
+    let sc = &c0["securityContext"];
+    assert_eq!(
+        (
+            &sc["readOnlyRootFilesystem"],
+            &sc["allowPrivilegeEscalation"],
+            &sc["capabilities"]["drop"]
+        ),
+        (&json!(true), &json!(false), &json!(["ALL"])),
+        "{sc}"
+    );
+    assert_eq!(c0["args"][1], "wal-receive");
+    let claim = get_object(&env, "pvc", "pitr-wal-spool").expect("the spool claim");
+    assert_eq!(claim["metadata"]["ownerReferences"][0]["uid"], uid);
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "2Gi");
+
+    // Not adopted: theirs stays exactly theirs, and the policy says why.
+    let theirs = wait_for(
+        Duration::from_secs(60),
+        "theirs: DeploymentNotOwned",
+        || {
+            let obj = get(&env, NS, "theirs");
+            match pitr_condition(&obj) {
+                Some(c) if c["reason"] == "DeploymentNotOwned" => Ok(obj),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    let backups = condition(&theirs, "BackupsReady").unwrap();
+    assert_eq!(
+        (&backups["status"], &backups["reason"]),
+        (&json!("False"), &json!("DeploymentNotOwned")),
+        "{backups}"
+    );
+    assert_eq!(condition(&theirs, "Ready").unwrap()["status"], "False");
+    let d = get_object(&env, "deployment", "theirs-wal-receiver").unwrap();
+    assert!(
+        d["metadata"]["ownerReferences"].is_null(),
+        "{}",
+        d["metadata"]
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.local/their-app:1"
+    );
+    assert!(!d["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["manager"] == "dbpolicy"));
+
+    // Turned off: the receiver goes, its claim is deleted (kept in Terminating by
+    // kubernetes.io/pvc-protection until the pod is gone: no controller runs here), and
+    // the condition disappears.
+    patch(
+        &env,
+        "pitr",
+        json!({"spec": {"backups": {"pointInTimeRecovery": {"enabled": false}}}}),
+    );
+    let obj = wait_for(Duration::from_secs(60), "receiver removed", || {
+        let obj = get(&env, NS, "pitr");
+        let deployment = get_object(&env, "deployment", "pitr-wal-receiver");
+        let claim = get_object(&env, "pvc", "pitr-wal-spool");
+        let claim_going = claim
+            .as_ref()
+            .is_none_or(|c| !c["metadata"]["deletionTimestamp"].is_null());
+        if obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+            && deployment.is_none()
+            && claim_going
+        {
+            Ok(obj)
+        } else {
+            Err(format!(
+                "deployment {:?}, claim {:?}",
+                deployment.map(|d| d["metadata"]["name"].clone()),
+                claim.map(|c| c["metadata"].clone())
+            ))
+        }
+    });
+    assert!(pitr_condition(&obj).is_none(), "{}", obj["status"]);
+    assert!(obj["status"]["backups"]["pointInTimeRecovery"].is_null());
+    assert!(get_object(&env, "deployment", "theirs-wal-receiver").is_some());
+    drop(op);
+}

@@ -195,6 +195,15 @@ async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
         message["baseBackup"].is_string() && message["endLsn"].is_string(),
         "{message}"
     );
+    // The window after the backup, for the operator's status: it starts at the backup's end.
+    assert_eq!(
+        message["windowEarliest"]
+            .as_str()
+            .map(|t| t[..19].to_string()),
+        message["finishedAt"].as_str().map(|t| t[..19].to_string()),
+        "{message}"
+    );
+    assert!(message["windowCheckedAt"].is_string(), "{message}");
     std::fs::remove_file(&termination).unwrap();
     assert!(
         base.stdout.contains("checked by pg_verifybackup"),
@@ -427,4 +436,104 @@ async fn a_killed_receiver_loses_no_wal_and_prune_keeps_the_window_recoverable()
         dbp(&["backup", "verify", "--pitr", "--latest"], store.path()),
         "verify --pitr --latest after prune",
     );
+}
+
+/// What the operator reads on the primary for `status.backups.pointInTimeRecovery`
+/// (`backup::pitr::slot::observe`), with a real receiver: no slot before it starts, an
+/// active slot less than a segment behind while it streams, and once it is killed an
+/// inactive slot whose retained WAL grows with what the server writes, until
+/// `PointInTimeRecoveryReady` says `SlotRetainingTooMuch`.
+#[tokio::test]
+async fn the_slot_the_operator_reads_follows_the_receiver() {
+    use dbpolicy::backup::pitr::slot;
+    let pg = primary();
+    let store = scratch("dbpolicy-pitr-store-");
+    let spool = scratch("dbpolicy-pitr-spool-");
+    let url = pg.admin_url();
+    let mut conn = pg.connect().await;
+    assert_eq!(
+        slot::observe(&mut conn, "dbpolicy_pitr").await.unwrap(),
+        None
+    );
+
+    let mut receiver = Receiver::start(&url, store.path(), spool.path());
+    exec(
+        &mut conn,
+        "CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g",
+    )
+    .await;
+    exec(&mut conn, "SELECT pg_switch_wal()").await;
+    // Streaming: active, and behind by less than one (1 MB) segment once the switch is
+    // received (pg_receivewal confirms a segment when it is synced in the spool).
+    let streaming = eventually(WAIT, || async {
+        let mut conn = pg.connect().await;
+        {
+            match slot::observe(&mut conn, "dbpolicy_pitr").await.unwrap() {
+                Some(f) if f.active && f.lag_bytes.is_some_and(|l| l < 1 << 20) => Ok(f),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(
+        streaming.retained_bytes.is_some_and(|r| r < 1 << 20),
+        "{streaming:?}"
+    );
+
+    receiver.kill();
+    exec(
+        &mut conn,
+        "CREATE TABLE u AS SELECT g, md5(g::text) FROM generate_series(1, 60000) g",
+    )
+    .await;
+    exec(&mut conn, "SELECT pg_switch_wal()").await;
+    let down = eventually(WAIT, || async {
+        let mut conn = pg.connect().await;
+        {
+            match slot::observe(&mut conn, "dbpolicy_pitr").await.unwrap() {
+                Some(f) if !f.active => Ok(f),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let retained = down.retained_bytes.expect("the slot reserved WAL");
+    assert!(
+        retained > 2 << 20,
+        "the WAL written since the kill is held: {down:?}"
+    );
+
+    // What the condition makes of it, through the operator's own code.
+    let p: dbpolicy::api::PointInTimeRecovery =
+        serde_yaml::from_str("{baseBackupSchedule: '@daily', maxSlotRetainedBytes: 1048576}")
+            .unwrap();
+    let status = dbpolicy::api::PitrStatus {
+        receiver_available: Some(true),
+        slot_active: Some(down.active),
+        slot_retained_bytes: down.retained_bytes,
+        archive_lag_bytes: down.lag_bytes,
+        ..Default::default()
+    };
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "r", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"selector": {}, "template": {}},
+            "status": {"availableReplicas": 1},
+        }))
+        .unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let r = dbpolicy::controller::pitr::readiness(&p, false, &status, Some(&deployment), None, now);
+    // The pod is up but nothing streams: the receiver is down, and its slot grows.
+    assert_eq!(r.reason, "WalReceiverDown", "{}", r.message);
+    let mut streaming_again = status.clone();
+    streaming_again.slot_active = Some(true);
+    let r = dbpolicy::controller::pitr::readiness(
+        &p,
+        false,
+        &streaming_again,
+        Some(&deployment),
+        None,
+        now,
+    );
+    assert_eq!(r.reason, "SlotRetainingTooMuch", "{}", r.message);
 }

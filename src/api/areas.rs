@@ -382,14 +382,15 @@ pub struct PointInTimeRecovery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub spool_storage_class_name: Option<String>,
-    /// Report `WalArchivingLagging` when the newest archived segment is older than this
-    /// while the server writes (default `15m`).
+    /// Report `WalArchivingLagging` when the receiver is this many bytes of WAL behind the
+    /// server (`pg_current_wal_lsn()` minus the position the receiver has made durable in
+    /// its spool, read on the server; default 64 MiB). The segment being filled counts
+    /// until it is complete, so keep this above the server's `wal_segment_size` (16 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 15m or 1h"))]
-    pub max_archive_lag: Option<String>,
+    #[schemars(range(min = 1))]
+    pub max_archive_lag_bytes: Option<u64>,
     /// Report `SlotRetainingTooMuch` when the slot holds back more WAL than this many
-    /// bytes (default 1 GiB).
+    /// bytes (`pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)`; default 1 GiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_slot_retained_bytes: Option<u64>,
@@ -399,6 +400,44 @@ pub struct PointInTimeRecovery {
     pub verify: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+}
+
+impl BackupsSpec {
+    /// The point-in-time recovery section when it asks for the receiver and base backups
+    /// to run (present and not `enabled: false`).
+    pub fn pitr(&self) -> Option<&PointInTimeRecovery> {
+        self.point_in_time_recovery
+            .as_ref()
+            .filter(|p| p.enabled.unwrap_or(true))
+    }
+}
+
+impl PointInTimeRecovery {
+    pub const DEFAULT_SLOT: &'static str = "dbpolicy_pitr";
+    pub const DEFAULT_CLUSTER: &'static str = "main";
+    pub const DEFAULT_SPOOL_SIZE: &'static str = "1Gi";
+    pub const DEFAULT_MAX_ARCHIVE_LAG_BYTES: u64 = 64 * 1024 * 1024;
+    pub const DEFAULT_MAX_SLOT_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
+
+    pub fn slot(&self) -> &str {
+        self.slot.as_deref().unwrap_or(Self::DEFAULT_SLOT)
+    }
+    pub fn cluster(&self) -> &str {
+        self.cluster.as_deref().unwrap_or(Self::DEFAULT_CLUSTER)
+    }
+    pub fn spool_size(&self) -> &str {
+        self.spool_size
+            .as_deref()
+            .unwrap_or(Self::DEFAULT_SPOOL_SIZE)
+    }
+    pub fn max_archive_lag_bytes(&self) -> u64 {
+        self.max_archive_lag_bytes
+            .unwrap_or(Self::DEFAULT_MAX_ARCHIVE_LAG_BYTES)
+    }
+    pub fn max_slot_retained_bytes(&self) -> u64 {
+        self.max_slot_retained_bytes
+            .unwrap_or(Self::DEFAULT_MAX_SLOT_RETAINED_BYTES)
+    }
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

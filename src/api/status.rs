@@ -122,6 +122,53 @@ pub struct BackupStatus {
     pub last_failure_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub newest_backup_bytes: Option<i64>,
+    /// Point-in-time recovery (`spec.backups.pointInTimeRecovery`), when enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point_in_time_recovery: Option<PitrStatus>,
+}
+
+/// Where point-in-time recovery stands. The window is what the last base backup Job
+/// listed in the store after its retention ran (only that Job deletes from it, so the
+/// earliest time holds until the next one); the receiver extends the latest time
+/// continuously after `windowCheckedTime` while `PointInTimeRecoveryReady` is True.
+/// `dbpolicy backup list --pitr` shows the live window.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PitrStatus {
+    /// The earliest time a restore can reach (the oldest kept base backup's end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest_recoverable_time: Option<String>,
+    /// The latest time a restore could reach when the window was listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_recoverable_time: Option<String>,
+    /// When the window was listed (the last base backup Job's end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_checked_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_base_backup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_base_backup_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_base_backup_bytes: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_base_backup_failure_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_base_backup_failure_reason: Option<String>,
+    /// Whether the receiver Deployment has an available replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver_available: Option<bool>,
+    /// The replication slot, as the server reports it (absent: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// Whether a receiver is streaming through the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_active: Option<bool>,
+    /// WAL the slot holds back on the server: `pg_current_wal_lsn() - restart_lsn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_retained_bytes: Option<i64>,
+    /// WAL the server has written that the receiver has not made durable yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_lag_bytes: Option<i64>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -493,7 +493,8 @@ async fn cmd_wal_receive(a: WalReceiveArgs) -> Result<(), BackupError> {
 /// does, so the operator learns the last base backup without reading the store.
 async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
     let mut stored = None;
-    let result = base_steps(a, &mut stored).await;
+    let mut window = None;
+    let result = base_steps(a, &mut stored, &mut window).await;
     if let Some(path) = termination_log() {
         let mut doc = serde_json::Map::new();
         doc.insert(
@@ -513,6 +514,16 @@ async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
             let size: u64 = r.files.iter().map(|f| f.size_bytes).sum();
             doc.insert("sizeBytes".into(), size.into());
         }
+        // The window after retention ran, for status: the operator cannot list a PVC store.
+        if let Some((earliest, latest, at)) = window {
+            if let Some(t) = earliest {
+                doc.insert("windowEarliest".into(), t.to_rfc3339().into());
+            }
+            if let Some(t) = latest {
+                doc.insert("windowLatest".into(), t.to_rfc3339().into());
+            }
+            doc.insert("windowCheckedAt".into(), at.to_rfc3339().into());
+        }
         if let Err(e) = &result {
             doc.insert("reason".into(), e.reason().into());
             let message: String = e.to_string().chars().take(1500).collect();
@@ -526,9 +537,17 @@ async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
     result
 }
 
+/// The recoverable window (earliest, latest) and when it was listed.
+type WindowSeen = (
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+    chrono::DateTime<chrono::Utc>,
+);
+
 async fn base_steps(
     a: BaseArgs,
     stored: &mut Option<pitr::base::BaseRecord>,
+    window: &mut Option<WindowSeen>,
 ) -> Result<(), BackupError> {
     let url = need_url(a.database_url)?;
     let retention = a.retention.retention();
@@ -552,6 +571,20 @@ async fn base_steps(
     if retention.is_set() {
         pitr_prune(&store, &dir, retention, false).await?;
     }
+    let listed = pitr::listing(&dir, &pitr::scan(&store, &dir).await?);
+    println!(
+        "{dir}: recoverable from {} to {}",
+        listed
+            .window
+            .earliest
+            .map_or("-".into(), |t| t.to_rfc3339()),
+        listed.window.latest.map_or("-".into(), |t| t.to_rfc3339())
+    );
+    *window = Some((
+        listed.window.earliest,
+        listed.window.latest,
+        chrono::Utc::now(),
+    ));
     Ok(())
 }
 

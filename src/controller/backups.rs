@@ -35,13 +35,22 @@ pub struct Run {
     pub message: Option<String>,
 }
 
-fn ts(s: Option<&str>) -> Option<Timestamp> {
+pub(crate) fn ts(s: Option<&str>) -> Option<Timestamp> {
     s.and_then(|s| s.parse().ok())
 }
 
 /// The newest terminated container's message among the pods of `job` (matched by the
 /// Job's uid in the pods' owner references).
 fn termination_message(job: &Job, pods: &[Pod]) -> Option<TerminationMessage> {
+    termination_json(job, pods)
+}
+
+/// [`termination_message`] as any type the message parses into (the base backup Job's
+/// message has more fields).
+pub(crate) fn termination_json<T: serde::de::DeserializeOwned>(
+    job: &Job,
+    pods: &[Pod],
+) -> Option<T> {
     let uid = job.metadata.uid.as_deref()?;
     pods.iter()
         .filter(|p| {
@@ -59,7 +68,7 @@ fn termination_message(job: &Job, pods: &[Pod]) -> Option<TerminationMessage> {
         .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
         .filter_map(|t| {
             let finished = t.finished_at.as_ref().map(|f| f.0);
-            let msg: TerminationMessage = serde_json::from_str(t.message.as_deref()?).ok()?;
+            let msg: T = serde_json::from_str(t.message.as_deref()?).ok()?;
             Some((finished, msg))
         })
         .max_by_key(|(finished, _)| *finished)
@@ -407,6 +416,7 @@ mod tests {
                 last_failure_time: Some("2026-11-24T03:02:00Z".into()),
                 last_failure_reason: Some("BackoffLimitExceeded".into()),
                 newest_backup_bytes: Some(2048),
+                point_in_time_recovery: None,
             }
         );
         // The Jobs were deleted (TTL): nothing is forgotten.

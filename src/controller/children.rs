@@ -21,11 +21,14 @@ use crate::engine::{Area, Change};
 use crate::jobs::cronjob::{
     backup_cronjob, refresh_cronjobs, MANAGED_BY, POLICY_LABEL, ROLE_LABEL,
 };
+use crate::jobs::pitr::{base_backup_cronjob, BASE_BACKUP_ROLE};
 
-/// Every CronJob the policy asks for: one per scheduled view, one for backups.
+/// Every CronJob the policy asks for: one per scheduled view, one for backups, one for
+/// point-in-time recovery's base backups.
 pub fn desired_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
     let mut jobs = refresh_cronjobs(policy, image);
     jobs.extend(backup_cronjob(policy, image));
+    jobs.extend(base_backup_cronjob(policy, image));
     jobs
 }
 
@@ -40,7 +43,7 @@ pub fn cronjob_selector(policy: &DatabasePolicy) -> String {
 /// The area a CronJob serves, from its role label.
 pub fn area_of(cj: &CronJob) -> Area {
     match cj.labels().get(ROLE_LABEL).map(String::as_str) {
-        Some("backup") => Area::Backups,
+        Some("backup") | Some(BASE_BACKUP_ROLE) => Area::Backups,
         _ => Area::MaterializedViews,
     }
 }
@@ -48,7 +51,7 @@ pub fn area_of(cj: &CronJob) -> Area {
 /// Whether the policy controls `obj`: labels can be copied by hand, owner references are
 /// what the operator wrote. The uid, when both sides have one, tells a policy from an
 /// earlier one of the same name.
-fn controlled_by<K: Resource>(obj: &K, policy: &DatabasePolicy) -> bool {
+pub(crate) fn controlled_by<K: Resource>(obj: &K, policy: &DatabasePolicy) -> bool {
     obj.meta().owner_references.iter().flatten().any(|o| {
         o.controller == Some(true)
             && o.kind == DatabasePolicy::kind(&())
@@ -58,13 +61,13 @@ fn controlled_by<K: Resource>(obj: &K, policy: &DatabasePolicy) -> bool {
 }
 
 /// An HTTP 409 from the API server: the object exists (AlreadyExists) or changed.
-fn is_conflict(e: &kube::Error) -> bool {
+pub(crate) fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(r) if r.code == 409)
 }
 
 /// Whether every field of `want` has the same value in `have` (which the API server filled
 /// with defaults): the desired object is already in place.
-fn contains(have: &Value, want: &Value) -> bool {
+pub(crate) fn contains(have: &Value, want: &Value) -> bool {
     match (have, want) {
         (Value::Object(h), Value::Object(w)) => w
             .iter()
@@ -123,6 +126,12 @@ pub struct CronJobSync {
     /// The backup CronJob as the API server last returned it (its status holds
     /// `lastScheduleTime`).
     pub backup: Option<CronJob>,
+    /// The base backup CronJob of point-in-time recovery, likewise.
+    pub base_backup: Option<CronJob>,
+}
+
+fn role(cj: &CronJob) -> Option<&str> {
+    cj.labels().get(ROLE_LABEL).map(String::as_str)
 }
 
 /// Lists the policy's CronJobs; in Apply mode applies each desired one (server-side apply,
@@ -148,16 +157,12 @@ pub async fn sync_cronjobs(
         .filter(|cj| controlled_by(cj, policy))
         .collect();
     let desired = desired_cronjobs(policy, image);
-    let backup_existing = || {
-        existing
-            .iter()
-            .find(|e| area_of(e) == Area::Backups)
-            .cloned()
-    };
+    let existing_role = |r: &str| existing.iter().find(|e| role(e) == Some(r)).cloned();
     if mode == Mode::Plan {
         return Ok(CronJobSync {
             pending: pending_cronjobs(&desired, &existing),
-            backup: backup_existing(),
+            backup: existing_role("backup"),
+            base_backup: existing_role(BASE_BACKUP_ROLE),
         });
     }
     let mut sync = CronJobSync::default();
@@ -178,11 +183,12 @@ pub async fn sync_cronjobs(
                     Error::NotOwned {
                         kind: "CronJob",
                         name: format!("{ns}/{}", name(d)),
-                        wanted_by: if area_of(d) == Area::Backups {
-                            "spec.backups".to_string()
-                        } else {
-                            "spec.materializedViews".to_string()
-                        },
+                        wanted_by: match role(d) {
+                            Some(BASE_BACKUP_ROLE) => "spec.backups.pointInTimeRecovery",
+                            Some("backup") => "spec.backups",
+                            _ => "spec.materializedViews",
+                        }
+                        .to_string(),
                     }
                 } else {
                     Error::CronJobs {
@@ -192,8 +198,10 @@ pub async fn sync_cronjobs(
                 }
             })?
         };
-        if area_of(d) == Area::Backups {
-            sync.backup = Some(applied);
+        match role(d) {
+            Some("backup") => sync.backup = Some(applied),
+            Some(BASE_BACKUP_ROLE) => sync.base_backup = Some(applied),
+            _ => {}
         }
     }
     for e in existing
@@ -211,10 +219,19 @@ pub async fn sync_cronjobs(
 /// The backup CronJob's Jobs and their pods (same labels, set by the Job template). No pod
 /// request when there is no Job.
 pub async fn backup_jobs(client: &Client, policy: &DatabasePolicy) -> Result<(Vec<Job>, Vec<Pod>)> {
+    jobs_of_role(client, policy, "backup").await
+}
+
+/// The Jobs (and their pods) of the policy's CronJob with role label `role`.
+pub async fn jobs_of_role(
+    client: &Client,
+    policy: &DatabasePolicy,
+    role: &str,
+) -> Result<(Vec<Job>, Vec<Pod>)> {
     let ns = policy
         .namespace()
         .ok_or(Error::MissingObjectKey("namespace"))?;
-    let selector = format!("{POLICY_LABEL}={},{ROLE_LABEL}=backup", policy.name_any());
+    let selector = format!("{POLICY_LABEL}={},{ROLE_LABEL}={role}", policy.name_any());
     let lp = ListParams::default().labels(&selector);
     let jobs = Api::<Job>::namespaced(client.clone(), &ns)
         .list(&lp)

@@ -73,6 +73,17 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// Reading, creating, applying or deleting the point-in-time recovery children (the
+    /// WAL receiver Deployment, its spool claim) failed.
+    #[error("{action} {kind} {name} (spec.backups.pointInTimeRecovery): {source}")]
+    Pitr {
+        action: &'static str,
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
     /// Reading the backup CronJob's Jobs or their pods failed.
     #[error("reading the backup Jobs and their pods: {0}")]
     BackupJobs(#[source] kube::Error),
@@ -125,6 +136,7 @@ impl Error {
             Error::PatchStatus(_) => "patch_status",
             Error::CronJobs { .. } => "cronjobs",
             Error::BackupJobs(_) => "backup_jobs",
+            Error::Pitr { .. } => "pitr",
             Error::ReadEndpoint { .. } => "read_endpoint",
             Error::NotOwned { .. } => "not_owned",
             Error::Release(_) => "release",
@@ -147,11 +159,19 @@ impl Error {
             Error::PatchStatus(_) => "StatusPatchFailed",
             Error::CronJobs { .. } => "CronJobSyncFailed",
             Error::BackupJobs(_) => "BackupStatusFailed",
+            Error::Pitr { .. } => "WalReceiverSyncFailed",
             Error::ReadEndpoint { .. } => "ReadEndpointFailed",
             Error::NotOwned { kind: "Secret", .. } => "SecretNotOwned",
             Error::NotOwned {
                 kind: "CronJob", ..
             } => "CronJobNotOwned",
+            Error::NotOwned {
+                kind: "Deployment", ..
+            } => "DeploymentNotOwned",
+            Error::NotOwned {
+                kind: "PersistentVolumeClaim",
+                ..
+            } => "PersistentVolumeClaimNotOwned",
             Error::NotOwned { .. } => "NotOwned",
             Error::Release(e) => e.reason().as_str(),
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {

@@ -57,6 +57,9 @@ pub enum Expect {
     ApplySecret(String),
     /// POST of a new Secret of this name (the read endpoint).
     CreateSecret(String),
+    /// Any request, matched as `METHOD path?query` with the query decoded; answered with
+    /// this status and body, or (None) with what was sent.
+    Request(String, u16, Option<Value>),
 }
 
 /// The expected requests, in order.
@@ -68,7 +71,7 @@ pub const NS: &str = "default";
 pub const NAME: &str = "test";
 pub const SECRET: &str = "test-db";
 
-fn not_found(what: &str) -> (StatusCode, Value) {
+pub fn not_found(what: &str) -> (StatusCode, Value) {
     (
         StatusCode::NOT_FOUND,
         json!({
@@ -271,6 +274,13 @@ impl ApiServerVerifier {
                         );
                         assert_eq!(body["metadata"]["name"], json!(name));
                         (StatusCode::CREATED, body.clone())
+                    }
+                    Expect::Request(expected, code, reply) => {
+                        assert_eq!(decoded(&what), *expected);
+                        (
+                            StatusCode::from_u16(*code).unwrap(),
+                            reply.clone().unwrap_or_else(|| body.clone()),
+                        )
                     }
                 };
                 send.send_response(

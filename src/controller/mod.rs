@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod lease;
 pub mod metrics;
+pub mod pitr;
 pub mod policy_metrics;
 pub mod process_metrics;
 pub mod read_endpoint;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
@@ -17,7 +18,7 @@ use tracing::{info, instrument, warn};
 use super::context::{key, Context, FIELD_MANAGER, FINALIZER};
 use super::error::{Error, Result};
 use super::status::{self, AreaState, Children, Input, Status};
-use super::{backups, children, events, replicas};
+use super::{backups, children, events, pitr, replicas};
 use crate::api::{
     DatabasePolicy, DatabasePolicyStatus, DeletionPolicy, Mode, SecretKeyRef,
     DEFAULT_DRIFT_CHECK_INTERVAL, MAX_DRIFT_CHECK_INTERVAL, MIN_DRIFT_CHECK_INTERVAL,
@@ -108,6 +109,17 @@ async fn apply(
         } else {
             None
         };
+        // The WAL receiver is scaled to zero (its slot keeps the WAL meanwhile).
+        let paused = match (mode, pitr::enabled_in(&policy)) {
+            (Mode::Apply, true) => {
+                paused.or(
+                    pitr::sync_receiver(&ctx.client, &policy, &ctx.job_image, mode, false)
+                        .await
+                        .err(),
+                )
+            }
+            _ => paused,
+        };
         let new_status = status::suspended(&input);
         record_metrics(ctx, &policy, &new_status, None);
         patch_status(api, &name, &new_status).await?;
@@ -118,7 +130,21 @@ async fn apply(
     }
 
     // Kubernetes objects first: they do not depend on the database being reachable.
-    let (mut found, mut child_error) = cronjobs_and_backups(ctx, &policy, &input).await;
+    let (mut found, mut child_error, base_cronjob) =
+        cronjobs_and_backups(ctx, &policy, &input).await;
+    // Point-in-time recovery: the receiver Deployment, the base backup Jobs.
+    let mut pitr = pitr::gather(
+        &ctx.client,
+        &policy,
+        &ctx.job_image,
+        &input,
+        base_cronjob.as_ref(),
+        &mut found,
+    )
+    .await;
+    if let Some(e) = pitr.take_error() {
+        child_error.get_or_insert(e);
+    }
 
     let outcome = async {
         let url = read_connection_uri(ctx, &ns, &spec.database.connection_secret_ref).await?;
@@ -138,7 +164,10 @@ async fn apply(
     let (outcome, url, replica_urls, notes) = match outcome {
         Ok(o) => o,
         Err(e) => {
-            let new_status = status::from_error_with(&input, e.reason(), &e.to_string(), &found);
+            let pitr_ready = pitr.report(&policy, &input, &mut found);
+            let mut new_status =
+                status::from_error_with(&input, e.reason(), &e.to_string(), &found);
+            pitr::add_condition(&input, &mut new_status, pitr_ready.as_ref());
             record_metrics(ctx, &policy, &new_status, None);
             patch_status(api, &name, &new_status).await?;
             return Err(e);
@@ -169,9 +198,12 @@ async fn apply(
             }
         }
     }
+    pitr.observe(&policy, &url).await;
     drop(url);
 
-    let new_status = status::from_outcome_with(&input, &outcome, &found);
+    let pitr_ready = pitr.report(&policy, &input, &mut found);
+    let mut new_status = status::from_outcome_with(&input, &outcome, &found);
+    pitr::add_condition(&input, &mut new_status, pitr_ready.as_ref());
     let drifted_areas = status::drifted_areas(&input, &outcome, mode);
     for area in &drifted_areas {
         ctx.metrics.policy.drifted(&ns, &name, *area);
@@ -275,12 +307,12 @@ fn record_metrics(
 
 /// The CronJobs (applied, or pending in Plan mode) and the backups' status and condition.
 /// A failure is said in the areas it concerns and returned, to be retried once status
-/// is written.
+/// is written. Also the base backup CronJob of point-in-time recovery as applied.
 async fn cronjobs_and_backups(
     ctx: &Context,
     policy: &DatabasePolicy,
     input: &Input<'_>,
-) -> (Children, Option<Error>) {
+) -> (Children, Option<Error>, Option<CronJob>) {
     let mut found = Children::default();
     let spec = &policy.spec;
     let mode = spec.effective_mode();
@@ -309,7 +341,7 @@ async fn cronjobs_and_backups(
                 format!("{what}; this API server does not serve batch/v1 CronJob (Kubernetes 1.21 or later does)"),
             ));
         }
-        return (found, None);
+        return (found, None, None);
     }
     let sync = match children::sync_cronjobs(&ctx.client, policy, &ctx.job_image, mode).await {
         Ok(s) => s,
@@ -319,7 +351,7 @@ async fn cronjobs_and_backups(
                     .areas
                     .push(state(area, Status::False, e.reason(), e.to_string()));
             }
-            return (found, Some(e));
+            return (found, Some(e), None);
         }
     };
     let mut error = None;
@@ -371,7 +403,7 @@ async fn cronjobs_and_backups(
         ));
     }
     found.pending = sync.pending;
-    (found, error)
+    (found, error, sync.base_backup)
 }
 
 /// Each replica's URL from its `connectionSecretRef` (same namespace). A replica whose

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{DatabasePolicy, MaterializedView, DEFAULT_SCHEMA};
+use crate::api::{BackupsSpec, DatabasePolicy, MaterializedView, DEFAULT_SCHEMA};
 use crate::duration::parse_duration;
 use crate::engine::areas::matviews::DEFAULT_REFRESH_TIMEOUT;
 
@@ -59,7 +59,7 @@ pub fn labels(policy: &DatabasePolicy, role: &str) -> BTreeMap<String, String> {
 }
 
 /// The database URL from the policy's connection Secret: never in args, logs or the spec.
-fn database_url_env(policy: &DatabasePolicy) -> EnvVar {
+pub(crate) fn database_url_env(policy: &DatabasePolicy) -> EnvVar {
     let r = &policy.spec.database.connection_secret_ref;
     EnvVar {
         name: "DATABASE_URL".into(),
@@ -75,8 +75,37 @@ fn database_url_env(policy: &DatabasePolicy) -> EnvVar {
     }
 }
 
+/// The pod half of the `restricted` Pod Security Standard: non-root (the image's
+/// nonroot uid), the runtime's default seccomp profile.
+pub(crate) fn restricted_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The container half: no privilege escalation, no capabilities, read-only root.
+pub(crate) fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A restricted-profile pod running `dbpolicy <args>` once.
-fn job_template(
+pub(crate) fn job_template(
     policy: &DatabasePolicy,
     image: &str,
     args: Vec<String>,
@@ -100,31 +129,13 @@ fn job_template(
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(restricted_pod_security()),
                     containers: vec![Container {
                         name: role.into(),
                         image: Some(image.into()),
                         args: Some(args),
                         env: Some(vec![database_url_env(policy)]),
-                        security_context: Some(SecurityContext {
-                            allow_privilege_escalation: Some(false),
-                            read_only_root_filesystem: Some(true),
-                            run_as_non_root: Some(true),
-                            capabilities: Some(Capabilities {
-                                drop: Some(vec!["ALL".into()]),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
+                        security_context: Some(restricted_container_security()),
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -206,7 +217,7 @@ pub fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
 /// Where the backup job mounts the PersistentVolumeClaim of `storage.pvc`.
 pub const BACKUP_MOUNT: &str = "/backups";
 
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+pub(crate) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -221,20 +232,18 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// The CronJob running `dbpolicy backup run` for the policy; None without `spec.backups`.
-///
-/// Storage settings are flags (nothing secret, and `kubectl describe` shows them); the
-/// database URL and S3 keys come from Secrets as environment variables. The root file
-/// system is read-only, so `/tmp` (where `--verify` downloads the dump) is an emptyDir.
-/// No active deadline: a dump takes as long as the database is big.
-pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
-    let spec = policy.spec.backups.as_ref()?;
-    let mut args = vec![
-        "backup".to_string(),
-        "run".into(),
-        "--compression".into(),
-        spec.compression.unwrap_or(6).to_string(),
-    ];
+/// How a pod reaches the backup store: the store flags, the S3 keys (from the credentials
+/// Secret), and the volumes: `/tmp` as an emptyDir (the root file system is read-only)
+/// and the claim of `storage.pvc` at [`BACKUP_MOUNT`].
+pub struct StoreMount {
+    pub args: Vec<String>,
+    pub env: Vec<EnvVar>,
+    pub volumes: Vec<Volume>,
+    pub mounts: Vec<VolumeMount>,
+}
+
+pub fn store_mount(spec: &BackupsSpec) -> StoreMount {
+    let mut args = Vec::new();
     let mut env = Vec::new();
     let mut volumes = vec![Volume {
         name: "tmp".into(),
@@ -287,6 +296,35 @@ pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
             "AWS_SECRET_ACCESS_KEY",
         ));
     }
+    StoreMount {
+        args,
+        env,
+        volumes,
+        mounts,
+    }
+}
+
+/// The CronJob running `dbpolicy backup run` for the policy; None without `spec.backups`.
+///
+/// Storage settings are flags (nothing secret, and `kubectl describe` shows them); the
+/// database URL and S3 keys come from Secrets as environment variables. The root file
+/// system is read-only, so `/tmp` (where `--verify` downloads the dump) is an emptyDir.
+/// No active deadline: a dump takes as long as the database is big.
+pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
+    let spec = policy.spec.backups.as_ref()?;
+    let mut args = vec![
+        "backup".to_string(),
+        "run".into(),
+        "--compression".into(),
+        spec.compression.unwrap_or(6).to_string(),
+    ];
+    let StoreMount {
+        args: store_args,
+        mut env,
+        volumes,
+        mounts,
+    } = store_mount(spec);
+    args.extend(store_args);
     if let Some(r) = &spec.retention {
         if let Some(days) = r.days {
             args.extend(["--retention-days".into(), days.to_string()]);

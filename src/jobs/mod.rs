@@ -3,4 +3,5 @@
 //! [`crate::backup`].
 
 pub mod cronjob;
+pub mod pitr;
 pub mod refresh;

@@ -10,6 +10,7 @@
 
 pub mod base;
 pub mod restore;
+pub mod slot;
 pub mod wal;
 pub mod window;
 
