@@ -633,6 +633,19 @@ pub fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
     count_by_area(outcome.report.iter().flat_map(|r| r.applied.iter()))
 }
 
+/// Whether `new` says nothing `previous` (as the API server returned it) does not:
+/// compared as JSON, the form both take on the wire, so that a field the server dropped
+/// or defaulted (empty lists, `None`) is not a difference.
+pub fn unchanged(previous: Option<&DatabasePolicyStatus>, new: &DatabasePolicyStatus) -> bool {
+    let Some(previous) = previous else {
+        return false;
+    };
+    match (serde_json::to_value(previous), serde_json::to_value(new)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
