@@ -13,7 +13,9 @@ use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
+use futures::{Stream, StreamExt};
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::api::DatabasePolicy;
@@ -71,6 +73,31 @@ pub fn policy_trigger(policy: &DatabasePolicy) -> Option<u64> {
     Some(h.finish())
 }
 
+/// The objects of a (reflected) watch stream that changed after the first complete list:
+/// added, modified, deleted, and those of a later re-list (which may hide a change made
+/// while the watch was broken). The first list is left out: every policy is reconciled
+/// when the operator starts anyway, so mapping each Secret of that list to its policies
+/// would only repeat those reconciles.
+pub fn changes_after_first_list<K, S>(stream: S) -> impl Stream<Item = Result<K, watcher::Error>>
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut listed = false;
+    stream.filter_map(move |event| {
+        let out = match event {
+            Ok(watcher::Event::Init) => None,
+            Ok(watcher::Event::InitDone) => {
+                listed = true;
+                None
+            }
+            Ok(watcher::Event::InitApply(obj)) => listed.then_some(Ok(obj)),
+            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => Some(Ok(obj)),
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(out)
+    })
+}
+
 /// The cached Secret `ns/name`.
 pub fn secret(store: &Store<Secret>, ns: &str, name: &str) -> Option<std::sync::Arc<Secret>> {
     store.get(&ObjectRef::new(name).within(ns))
@@ -125,6 +152,29 @@ mod tests {
         release.type_ = Some("helm.sh/release.v1".into());
         trim_secret(&mut release);
         assert!(release.data.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_first_list_triggers_nothing_later_changes_and_relists_do() {
+        use watcher::Event;
+        let s = |n: &str| *named_secret(n, "x");
+        let events = vec![
+            Event::Init,
+            Event::InitApply(s("a")),
+            Event::InitApply(s("b")),
+            Event::InitDone,
+            Event::Apply(s("a")),
+            Event::Delete(s("b")),
+            Event::Init,
+            Event::InitApply(s("c")),
+            Event::InitDone,
+        ];
+        let names: Vec<String> =
+            changes_after_first_list(futures::stream::iter(events.into_iter().map(Ok)))
+                .map(|r: Result<Secret, _>| r.unwrap().name_any())
+                .collect()
+                .await;
+        assert_eq!(names, ["a", "b", "c"]);
     }
 
     #[test]

@@ -278,20 +278,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // cache of data rather than a metadata-only watch); a Secret created, changed or
     // deleted triggers the policies that reference it, and no other.
     let (secret_store, secret_writer) = reflector::store();
-    let secret_stream = watcher(secrets, watcher::Config::default())
-        .default_backoff()
-        .modify(cache::trim_secret)
-        .reflect(secret_writer)
-        .touched_objects();
+    let secret_stream = cache::changes_after_first_list(
+        watcher(secrets, watcher::Config::default())
+            .default_backoff()
+            .modify(cache::trim_secret)
+            .reflect(secret_writer),
+    );
     // Children: a CronJob changed or deleted by hand is put back (and read from this cache,
     // never listed); a finished backup Job updates status.backups at once.
     let (cronjob_store, cronjob_writer) = reflector::store();
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=dbpolicy");
-    let cronjob_stream = watcher(cronjob_api, managed)
-        .default_backoff()
-        .modify(cache::trim_cronjob)
-        .reflect(cronjob_writer)
-        .touched_objects();
+    let cronjob_stream = cache::changes_after_first_list(
+        watcher(cronjob_api, managed)
+            .default_backoff()
+            .modify(cache::trim_cronjob)
+            .reflect(cronjob_writer),
+    );
 
     let ctx = Arc::new(
         Context::new(client.clone(), Some(identity), metrics.clone())
