@@ -46,7 +46,7 @@ pub enum Expect {
     /// true (someone else's CronJob has that name), else with what was sent.
     CreateCronJob(String, bool),
     /// GET of a CronJob, answered with it.
-    GetCronJob(CronJob),
+    GetCronJob(Box<CronJob>),
     /// DELETE of the CronJob of this name, with its Jobs (background propagation).
     DeleteCronJob(String),
     /// LIST of the backup Jobs of the policy, answered with these.

@@ -1537,7 +1537,7 @@ materializedViews: {views: [{name: stats, schedule: '*/15 * * * *'}, {name: dail
             served[..1].to_vec(),
             vec![
                 Expect::CreateCronJob(served[1].name_any(), true),
-                Expect::GetCronJob(served[1].clone()),
+                Expect::GetCronJob(Box::new(served[1].clone())),
                 Expect::ApplyCronJob(served[1].name_any()),
             ],
         )
