@@ -1,4 +1,4 @@
-//! The reconciler: `finalizer()` as the single top-level step; Apply reads the Secret, runs the engine and writes status by server-side apply; Cleanup releases the policy.
+//! The reconciler: `finalizer()` as the single top-level step; Apply reads the Secret (from the watch cache), runs the engine and writes status by server-side apply when it changed; Cleanup releases the policy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -965,7 +965,7 @@ featureFlags:
         )
         .await;
         first.unwrap();
-        // The status write wakes the controller: a converged check writes the same status.
+        // The next drift check: a converged check writes only what changed (Drifted).
         let policy = with_status(policy, &sent[2].body);
         let (second, sent) = reconcile_with(
             policy.clone(),
