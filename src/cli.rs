@@ -347,7 +347,8 @@ async fn run_release(args: ReleaseArgs) -> u8 {
             let mut conn = crate::pg::connect_one(url)
                 .await
                 .map_err(|e| e.to_string())?;
-            let r = engine::release::release(&mut conn, spec, id, reset).await;
+            let claims = engine::server_claims::ClaimsTarget::for_policy_url(url);
+            let r = engine::release::release(&mut conn, spec, id, reset, &claims).await;
             let _ = conn.close().await;
             r.map_err(|e| e.to_string())
         }
@@ -363,6 +364,9 @@ async fn run_release(args: ReleaseArgs) -> u8 {
                 }
                 for (area, target, item) in &released.claims {
                     println!("released {area} {target} {item}");
+                }
+                for (kind, name) in &released.server_claims {
+                    println!("released server-wide {} {name}", kind.as_str());
                 }
                 println!("# released {} claim(s) of {}", released.claims.len(), id.0);
                 for slot in &released.remaining_slots {
@@ -448,7 +452,11 @@ async fn run_one(
     let mut conn = crate::pg::connect_one(url)
         .await
         .map_err(|e| e.to_string())?;
-    let result = engine::run_with(&mut conn, &policy.spec, mode, id, options)
+    let options = engine::RunOptions {
+        claims: engine::server_claims::ClaimsTarget::for_policy_url(url),
+        ..options.clone()
+    };
+    let result = engine::run_with(&mut conn, &policy.spec, mode, id, &options)
         .await
         .map_err(|e| e.to_string());
     let _ = conn.close().await;

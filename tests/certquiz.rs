@@ -70,6 +70,62 @@ async fn certquiz_policy_applies_from_empty_and_converges() {
     assert_eq!(slow, "500ms");
 }
 
+/// The replica is an overlay (examples/certquiz-replica), rendered by kustomize: the base
+/// has none, so the quick start can be Ready without a standby; the overlay adds exactly
+/// `spec.replicas` and, applied, creates the slot (the replica is reported as not checked).
+#[tokio::test]
+async fn the_replica_overlay_adds_only_the_replica_and_applies() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let render = |dir: &str| {
+        let out = std::process::Command::new("kubectl")
+            .args(["kustomize", &format!("{root}/{dir}")])
+            .output()
+            .expect("kubectl (kustomize) on PATH");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let spec = |yaml: &str| {
+        let (policies, _) = dbpolicy::cli::parse_policies(yaml).expect("a valid policy");
+        assert_eq!(policies.len(), 1);
+        serde_json::to_value(&policies[0].spec).unwrap()
+    };
+    let base = spec(POLICY);
+    assert!(base.get("replicas").is_none(), "the base has no replica");
+    assert_eq!(spec(&render("examples/certquiz")), base);
+    let overlay = render("examples/certquiz-replica");
+    let mut with_replica = spec(&overlay);
+    let replicas = with_replica
+        .as_object_mut()
+        .unwrap()
+        .remove("replicas")
+        .expect("the overlay adds spec.replicas");
+    assert_eq!(with_replica, base, "and nothing else");
+    assert_eq!(replicas["replicas"][0]["slot"], "certquiz_replica_1");
+
+    let server = PgServer::start();
+    let db = TestDb::on(&server).await;
+    db.exec(SCHEMA).await;
+    db.exec(SEED).await;
+    let apply = cli("apply", db.url(), &overlay);
+    expect_code(&apply, 0);
+    assert!(
+        apply
+            .stdout
+            .contains("pg_create_physical_replication_slot('certquiz_replica_1', true)")
+            || apply.stdout.contains("create physical replication slot"),
+        "{}",
+        apply.stdout
+    );
+    let slots = db
+        .query_column::<String>("SELECT slot_name::text FROM pg_replication_slots")
+        .await;
+    assert_eq!(slots, ["certquiz_replica_1"]);
+}
+
 /// examples/least-privilege.yaml on the certquiz schema: the view and the flags function
 /// belong to the narrow roles it names, and the plan converges.
 #[tokio::test]

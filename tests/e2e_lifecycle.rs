@@ -9,6 +9,9 @@
 //!   name adopts the same flags without a hand edit; Retain keeps what was set;
 //! - a replication slot the policy created is reported in a Warning Event on deletion
 //!   (Retain) or dropped (`deletionPolicy: Reset`) (a throwaway server: slots are server-wide);
+//! - a server setting is owned server-wide: a policy on another database of the same server
+//!   that wants another value is `OwnershipConflict` naming the owner, and the value is not
+//!   flipped; the owner's deletion frees it for the other (a throwaway server);
 //! - `driftCheckInterval` outside 10s..24h is refused by the CRD server's CEL rule.
 //!
 //! The CronJob half of "never adopt" runs against the mocked API (1.20 serves no batch/v1
@@ -384,6 +387,93 @@ async fn a_created_slot_is_reported_on_retain_and_dropped_on_reset() {
     assert!(note.starts_with("deletionPolicy Reset: reset "), "{note}");
     assert_eq!(slots().await, ["keeper_slot"]);
     assert!(events(&env, "resetter", "ReplicationSlotRetained").is_empty());
+    drop(op);
+}
+
+/// Issue 14, case 3: two policies on two databases of one server set `log_statement`
+/// differently. Before, each reconcile flipped it back; now the second is refused with
+/// `OwnershipConflict` naming the first, until the first is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_setting_has_one_owner_across_the_databases_of_a_server() {
+    // ALTER SYSTEM changes the whole server: a throwaway one.
+    let server = PgServer::start();
+    let a = TestDb::on(&server).await;
+    let b = TestDb::on(&server).await;
+    let env = kube_with_namespace();
+    secret(&env, "a-db", "uri", a.url());
+    secret(&env, "b-db", "uri", b.url());
+    let logging = |name: &str, secret: &str, value: &str| {
+        policy(
+            name,
+            json!({
+                "database": {"connectionSecretRef": {"name": secret}},
+                "serverSettings": {"parameters": {"log_statement": value}},
+            }),
+        )
+    };
+    let written = || async {
+        let mut c = server.connect().await;
+        let v: Option<String> = sqlx::query_scalar(
+            "SELECT setting FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf' AND name = 'log_statement'",
+        )
+        .fetch_optional(&mut c)
+        .await
+        .unwrap();
+        v
+    };
+    apply(&env, &logging("first", "a-db", "ddl"));
+    let mut op = Operator::start(&env);
+    wait_status(&env, &mut op, "first", "Ready", |o| {
+        ready_is(o, "True", "Reconciled")
+    });
+    apply(&env, &logging("second", "b-db", "all"));
+    let obj = wait_status(&env, &mut op, "second", "OwnershipConflict", |o| {
+        condition(o, "ServerSettingsReady")["reason"] == "OwnershipConflict"
+    });
+    let message = condition(&obj, "ServerSettingsReady")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&format!(
+            "server setting log_statement is claimed server-wide by policy e2e/first on database {}",
+            a.name()
+        )),
+        "{message}"
+    );
+    assert_eq!(condition(&obj, "Ready")["status"], "False");
+    // The first policy's next reconcile finds nothing to fix: no flip.
+    assert_eq!(written().await.as_deref(), Some("ddl"));
+    // A spec edit: a new generation, reconciled at once.
+    patch(
+        &env,
+        "first",
+        json!({"spec": {"driftCheckInterval": "11m"}}),
+    );
+    wait_status(&env, &mut op, "first", "Ready", |o| {
+        ready_is(o, "True", "Reconciled")
+    });
+    assert_eq!(written().await.as_deref(), Some("ddl"));
+
+    // The owner is deleted (Retain): its claim goes, the other policy takes over.
+    env.kubectl_ok(
+        &["delete", "dbpol", "first", "-n", NS, "--timeout=60s"],
+        None,
+    );
+    let (_, note) = wait_event(&env, "first", "Released");
+    assert!(
+        note.contains("1 server-wide claim(s) in dbpolicy.server_claims"),
+        "{note}"
+    );
+    patch(
+        &env,
+        "second",
+        json!({"spec": {"driftCheckInterval": "11m"}}),
+    );
+    wait_status(&env, &mut op, "second", "Ready", |o| {
+        ready_is(o, "True", "Reconciled")
+    });
+    assert_eq!(written().await.as_deref(), Some("all"));
     drop(op);
 }
 

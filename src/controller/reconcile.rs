@@ -24,6 +24,7 @@ use crate::api::{
 };
 use crate::duration::{parse_bounded, parse_duration};
 use crate::engine::replica_health::ReplicaTargets;
+use crate::engine::server_claims::ClaimsTarget;
 use crate::engine::{self, release, Area, Outcome, PolicyId, RunOptions};
 
 /// Entry point for the `Controller`: the finalizer decides between Apply and Cleanup.
@@ -132,6 +133,7 @@ async fn apply(
                 ..Default::default()
             },
             allowed_settings: ctx.allowed_settings.clone(),
+            claims: ClaimsTarget::for_policy_url(&url),
         };
         let outcome = run_engine(url.clone(), &policy, PolicyId(key(&policy)), options).await?;
         Ok::<_, Error>((outcome, url, replica_urls, notes))
@@ -424,8 +426,9 @@ async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
             .ok_or(Error::MissingObjectKey("namespace"))?;
         let url = read_connection_uri(ctx, &ns, &spec.database.connection_secret_ref).await?;
         let mut conn = crate::pg::connect_one(&url).await?;
+        let claims = ClaimsTarget::for_policy_url(&url);
         drop(url);
-        let released = release::release(&mut conn, spec, &id, reset).await;
+        let released = release::release(&mut conn, spec, &id, reset, &claims).await;
         let _ = conn.close().await;
         released.map_err(Error::Release)
     }
@@ -465,6 +468,13 @@ async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
         "released {} claim(s) in dbpolicy.managed",
         released.claims.len()
     ));
+    if !released.server_claims.is_empty() {
+        note.push_str(&format!(
+            " and {} server-wide claim(s) in {}",
+            released.server_claims.len(),
+            crate::engine::server_claims::CLAIMS_TABLE
+        ));
+    }
     ctx.publish(
         &policy,
         EventType::Normal,

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod release;
 pub mod replica_health;
 pub mod scratch;
+pub mod server_claims;
 
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub struct Observed {
     pub materialized_views: Option<areas::matviews::Observed>,
     pub indexes: Option<areas::indexes::Observed>,
     pub replicas: Option<areas::replicas::Observed>,
+    /// Who claims the server-wide items the policy touches (see [`server_claims`]); None
+    /// when it touches none, or when the caller observed without the claims database.
+    pub server_claims: Option<server_claims::Observed>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +249,10 @@ pub fn plan_with(
         ));
     }
     refuse_conflicts(&mut plan, &observed.ledger);
+    if let Some(claims) = &observed.server_claims {
+        let touched = server_claims::touched(spec, &observed.ledger);
+        server_claims::refuse(&mut plan, &touched, claims);
+    }
     plan.areas.sort_by_key(|a| a.area);
     plan
 }
@@ -352,6 +360,9 @@ pub struct RunOptions {
     /// Server settings denied by default that the platform team allows (operator and CLI
     /// flag `--allow-setting`): never read from the spec.
     pub allowed_settings: AllowedSettings,
+    /// Where server-wide items are claimed (see [`server_claims`]); without it every
+    /// server setting and slot of the policy is refused (`ServerClaimsUnavailable`).
+    pub claims: server_claims::ClaimsTarget,
 }
 
 /// Observe, plan and (in Apply mode, when the plan is valid) apply, under the policy lock.
@@ -400,15 +411,37 @@ pub async fn run_with(
     // meant for production tables.
     let wait = Duration::from_millis(statement_ms.max(lock_ms));
     acquire_lock(conn, wait).await?;
+    let mut claims_conn = None;
     let result = async {
         let mut observed = observe(conn, spec, policy).await?;
         if let (Some(replicas), Some(probes)) = (observed.replicas.as_mut(), probes) {
             replicas.probes = probes.await.unwrap_or_default();
         }
+        let touched = server_claims::touched(spec, &observed.ledger);
+        if !touched.is_empty() {
+            let (claims, connection) =
+                observe_claims(conn, &options.claims, policy, &touched, statement_ms).await?;
+            observed.server_claims = Some(claims);
+            claims_conn = connection;
+        }
         let plan = plan_with(spec, &observed, &options.allowed_settings);
         let facts = facts(spec, &observed);
         let report = if mode == Mode::Apply && !plan.has_errors() {
-            let mut report = apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await;
+            // Server-wide items are claimed before anything changes: a run on another
+            // database that planned at the same time loses here, not after ALTER SYSTEM.
+            let taken = match (&observed.server_claims, claims_conn.as_mut()) {
+                (Some(claims), Some(c)) => {
+                    let items = server_claims::to_take(&touched, claims);
+                    server_claims::take(c, &claims.me, &items)
+                        .await
+                        .map_err(|e| (e, claims.claims_database.clone()))
+                }
+                _ => Ok(()),
+            };
+            let mut report = match taken {
+                Ok(()) => apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await,
+                Err((e, database)) => claims_not_taken(&plan, &e, &database),
+            };
             if let Some(settings) = &observed.server_settings {
                 // A failed settings run leaves postgresql.auto.conf as it began, reloaded.
                 areas::server_settings::recover(
@@ -423,6 +456,9 @@ pub async fn run_with(
             if report.succeeded() {
                 fill_cache(conn, &observed, &policy.0).await;
             }
+            if let (Some(claims), Some(c)) = (&observed.server_claims, claims_conn.as_mut()) {
+                server_claims::settle(c, spec, &observed.ledger, claims, &report.applied).await;
+            }
             Some(report)
         } else {
             None
@@ -434,12 +470,74 @@ pub async fn run_with(
         })
     }
     .await;
+    if let Some(c) = claims_conn {
+        let _ = sqlx::Connection::close(c).await;
+    }
     // A broken connection releases the lock by itself; otherwise release it now.
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(ADVISORY_LOCK_KEY)
         .execute(&mut *conn)
         .await;
     result
+}
+
+/// Reads who claims the server-wide items `touched`, on a connection of its own to the
+/// claims database (kept for the run's claim writes). A claims database that cannot be
+/// reached is observed as unavailable: the plan refuses every server-wide item.
+async fn observe_claims(
+    conn: &mut PgConnection,
+    target: &server_claims::ClaimsTarget,
+    policy: &PolicyId,
+    touched: &server_claims::Touched,
+    statement_ms: u64,
+) -> Result<(server_claims::Observed, Option<PgConnection>), EngineError> {
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(observe_err("serverClaims"))?;
+    let me = server_claims::Claimant {
+        database,
+        policy: policy.0.clone(),
+    };
+    let mut connection = server_claims::connect(target, statement_ms).await;
+    let observed = server_claims::observe(
+        connection.as_mut().map_err(|e| e.clone()),
+        target,
+        me,
+        touched,
+    )
+    .await;
+    Ok((observed, connection.ok()))
+}
+
+/// The report of an apply that stopped before its first change: its server-wide claims
+/// could not be taken.
+fn claims_not_taken(
+    plan: &Plan,
+    error: &server_claims::TakeError,
+    claims_database: &str,
+) -> ApplyReport {
+    let first = plan.changes().next();
+    let (area, target) = match (error, first) {
+        (server_claims::TakeError::Conflict(lost), _) if !lost.is_empty() => {
+            let ((kind, name), _) = &lost[0];
+            (kind.area(), name.clone())
+        }
+        (_, Some(c)) => (c.area, c.target.clone()),
+        _ => (Area::ServerSettings, "server".to_string()),
+    };
+    ApplyReport {
+        not_attempted: plan.changes().cloned().collect(),
+        failure: Some(ApplyFailure {
+            area,
+            target,
+            statement: format!("(claims in {})", server_claims::CLAIMS_TABLE),
+            reason: error.reason().to_string(),
+            sqlstate: None,
+            message: error.message(claims_database),
+        }),
+        ..Default::default()
+    }
 }
 
 /// Takes the per-database advisory lock, waiting at most `wait` for another run to finish.

@@ -3,11 +3,13 @@
 //! adopt what it set without a hand edit; with `deletionPolicy: Reset` what it set is
 //! reset first, by the engine itself (a run against an empty spec resets what the ledger
 //! says the policy owns). Replication slots it created and that still exist are named, so
-//! that the caller tells the user: a slot retains WAL until it is dropped.
+//! that the caller tells the user: a slot retains WAL until it is dropped. The policy's
+//! server-wide claims (settings, slots: see [`super::server_claims`]) are released last.
 
 use sqlx::{Connection, PgConnection};
 
-use super::{run, EngineError, Outcome, PolicyId, ADVISORY_LOCK_KEY};
+use super::server_claims::{self, ClaimsTarget};
+use super::{run_with, EngineError, Outcome, PolicyId, RunOptions, ADVISORY_LOCK_KEY};
 use crate::api::{DatabasePolicySpec, Mode, Safety};
 use crate::duration::pg_millis;
 use crate::engine::areas::replicas::OWNED_SLOT;
@@ -23,6 +25,8 @@ pub struct Released {
     pub remaining_slots: Vec<String>,
     /// The reset run (`Reset` only).
     pub reset: Option<Outcome>,
+    /// The server-wide claims released (kind, name), from the claims database.
+    pub server_claims: Vec<server_claims::Item>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +36,17 @@ pub enum ReleaseError {
     Reset(#[from] EngineError),
     #[error("releasing the policy's claims in dbpolicy.managed: {0}")]
     Ledger(String),
+    /// The database's claims were released, the server-wide ones not: releasing again
+    /// once the claims database can be reached finishes the job.
+    #[error("releasing the policy's server-wide claims in database {database} ({table}): {message}; run `dbpolicy release` again once it can be reached", table = server_claims::CLAIMS_TABLE)]
+    ServerClaims { database: String, message: String },
 }
 
 impl ReleaseError {
     pub fn reason(&self) -> &'static str {
         match self {
             ReleaseError::Reset(e) => e.reason(),
-            ReleaseError::Ledger(_) => "ReleaseFailed",
+            ReleaseError::Ledger(_) | ReleaseError::ServerClaims { .. } => "ReleaseFailed",
         }
     }
 }
@@ -58,16 +66,23 @@ pub fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
     }
 }
 
-/// Resets (when `reset`) and releases what `policy` owns in the database of `conn`.
+/// Resets (when `reset`) and releases what `policy` owns in the database of `conn`, and
+/// its server-wide claims in the database `claims` names.
 pub async fn release(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
     policy: &PolicyId,
     reset: bool,
+    claims: &ClaimsTarget,
 ) -> Result<Released, ReleaseError> {
     let mut released = Released::default();
     if reset {
-        released.reset = Some(run(conn, &reset_spec(spec), Mode::Apply, policy).await?);
+        let options = RunOptions {
+            claims: claims.clone(),
+            ..Default::default()
+        };
+        released.reset =
+            Some(run_with(conn, &reset_spec(spec), Mode::Apply, policy, &options).await?);
     }
     let timeout = pg_millis(spec.statement_timeout()).map_err(ReleaseError::Ledger)?;
     // One transaction under the advisory lock every run takes: a run of the same policy
@@ -82,7 +97,49 @@ pub async fn release(
         .bind(ADVISORY_LOCK_KEY)
         .execute(&mut *conn)
         .await;
-    result
+    let mut released = result?;
+    // A policy with nothing server-wide must not fail its release because the claims
+    // database is out of reach; one with server-wide items must say what it left.
+    let server_wide = !server_claims::touched(spec, &Default::default()).is_empty()
+        || released.claims.iter().any(|(area, _, item)| {
+            area == Area::ServerSettings.as_str()
+                || (area == Area::Replicas.as_str() && item == OWNED_SLOT)
+        });
+    match release_server_claims(conn, policy, timeout, claims).await {
+        Ok(items) => released.server_claims = items,
+        Err(e) if server_wide => return Err(e),
+        Err(e) => tracing::debug!(error = %e, "no server-wide claims released"),
+    }
+    Ok(released)
+}
+
+/// Deletes every server-wide claim of (this database, `policy`) in the claims database.
+async fn release_server_claims(
+    conn: &mut PgConnection,
+    policy: &PolicyId,
+    timeout: u64,
+    claims: &ClaimsTarget,
+) -> Result<Vec<server_claims::Item>, ReleaseError> {
+    let failed = |message: String| ReleaseError::ServerClaims {
+        database: claims.database().to_string(),
+        message,
+    };
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| ReleaseError::Ledger(crate::pg::error_summary(&e)))?;
+    let me = server_claims::Claimant {
+        database,
+        policy: policy.0.clone(),
+    };
+    let mut c = server_claims::connect(claims, timeout)
+        .await
+        .map_err(failed)?;
+    let items = server_claims::release_all(&mut c, &me)
+        .await
+        .map_err(|e| failed(crate::pg::error_summary(&e)));
+    let _ = c.close().await;
+    items
 }
 
 /// Deletes the policy's ledger rows and names the slots it leaves, in one transaction.
