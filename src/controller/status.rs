@@ -470,8 +470,8 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
             "the database is being brought to this generation of the policy",
         );
     }
-    // A repaired drift stays visible for one drift-check interval: the status write of
-    // the repair wakes the controller at once, and that check would otherwise erase it.
+    // A repaired drift stays visible for one drift-check interval: a check woken sooner
+    // (a Secret change, the reconcile-at annotation) would otherwise erase it.
     if let Some(prev) = previous_condition(input.previous, DRIFTED) {
         if prev.status == "True" && prev.reason == "DriftRepaired" {
             let since = input.now.0.duration_since(prev.last_transition_time.0);
