@@ -934,7 +934,7 @@ mod tests {
         assert!(d.message.contains("featureFlags 1"), "{}", d.message);
         assert_eq!(d.last_transition_time, at(300));
         assert_eq!(cond(&repaired, READY).status, "True");
-        // The status write wakes the controller at once: the repair stays visible.
+        // A check soon after (a Secret change, the annotation): the repair stays visible.
         let soon = from_outcome(&input(&spec, Some(&repaired), at(301)), &applied(vec![]));
         assert_eq!(cond(&soon, DRIFTED), d);
         // One interval later, a clean check clears it.
