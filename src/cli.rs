@@ -53,6 +53,27 @@ pub enum Command {
     Restore(crate::backup::pitr::RestoreArgs),
     /// Run the operator: reconcile DatabasePolicies in the cluster until SIGTERM.
     Run(crate::controller::RunArgs),
+    /// The kubectl plugin (`kubectl dbpolicy …` when installed as `kubectl-dbpolicy`):
+    /// status, pending plan as SQL, reconcile now.
+    Kubectl(crate::kubectl::PluginArgs),
+}
+
+/// The plugin's executable name: kubectl runs `kubectl-dbpolicy` for `kubectl dbpolicy`.
+pub const PLUGIN_NAME: &str = "kubectl-dbpolicy";
+
+/// The command line as [`Cli`] parses it: invoked as `kubectl-dbpolicy` (a symlink or a
+/// copy of this binary), the arguments are those of the `kubectl` subcommand.
+pub fn args_for(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let as_plugin = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_stem())
+        .is_some_and(|stem| stem == PLUGIN_NAME);
+    if !as_plugin {
+        return args;
+    }
+    let mut out = vec!["dbpolicy".into(), "kubectl".into()];
+    out.extend(args.into_iter().skip(1));
+    out
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,6 +228,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Apply(args) => run_target(args, Mode::Apply).await,
         Command::Release(args) => run_release(args).await,
         Command::Restore(args) => crate::backup::pitr::cmd_restore(args).await,
+        Command::Kubectl(args) => crate::kubectl::run(args).await,
         Command::Run(args) => match crate::controller::run(args).await {
             Ok(()) => EXIT_OK,
             Err(e) => {
@@ -581,6 +603,28 @@ fn print_text(id: &PolicyId, outcome: &Outcome, mode: Mode) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plugin_name_selects_the_kubectl_subcommand() {
+        let os = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        for argv0 in ["kubectl-dbpolicy", "/usr/local/bin/kubectl-dbpolicy"] {
+            let cli =
+                Cli::try_parse_from(args_for(os(&[argv0, "status", "certquiz", "-n", "quiz"])))
+                    .unwrap();
+            let Command::Kubectl(a) = cli.command else {
+                panic!("not the plugin")
+            };
+            assert_eq!(a.namespace.as_deref(), Some("quiz"));
+            assert!(
+                matches!(a.command, crate::kubectl::PluginCommand::Status { ref name } if name == "certquiz")
+            );
+        }
+        // As dbpolicy, the arguments are left alone: `dbpolicy kubectl plan NAME` works too.
+        assert_eq!(args_for(os(&["dbpolicy", "crd"])), os(&["dbpolicy", "crd"]));
+        let cli = Cli::try_parse_from(os(&["dbpolicy", "kubectl", "plan", "x"])).unwrap();
+        assert!(matches!(cli.command, Command::Kubectl(_)));
+        assert!(Cli::try_parse_from(args_for(os(&["kubectl-dbpolicy", "status"]))).is_err());
+    }
 
     #[test]
     fn parses_several_documents_and_skips_other_kinds() {

@@ -11,5 +11,6 @@ pub mod crd;
 pub mod duration;
 pub mod engine;
 pub mod jobs;
+pub mod kubectl;
 pub mod logging;
 pub mod pg;

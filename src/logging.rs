@@ -34,6 +34,32 @@ pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// sqlx logs every PostgreSQL NOTICE at INFO under this target ("relation … already exists,
+/// skipping" from each `IF NOT EXISTS`): chatter for an operator's log, so they are kept to
+/// debugging.
+pub const NOTICE_TARGET: &str = "sqlx::postgres::notice";
+
+/// The log filter: `rust_log` (`RUST_LOG`) when set and valid, else `default`; PostgreSQL
+/// NOTICEs (and INFO/LOG messages) are left out unless the filter asks for debug or trace
+/// output or names the notice target itself. WARNINGs and errors always pass.
+pub fn filter(rust_log: Option<&str>, default: &str) -> EnvFilter {
+    let spec = rust_log
+        .filter(|s| !s.trim().is_empty() && EnvFilter::try_new(s).is_ok())
+        .unwrap_or(default);
+    let debugging = spec.contains(NOTICE_TARGET)
+        || spec
+            .split(',')
+            .any(|d| matches!(d.trim().rsplit('=').next(), Some("debug" | "trace")));
+    let filter = EnvFilter::new(spec);
+    if debugging {
+        return filter;
+    }
+    match format!("{NOTICE_TARGET}=warn").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 /// Installs the global subscriber: `filter` (from `RUST_LOG` or the default), text or JSON.
 pub fn init(json: bool, filter: EnvFilter) {
     let builder = tracing_subscriber::fmt()
@@ -125,6 +151,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notices_are_for_debugging_only() {
+        let shown = |rust_log: Option<&str>, default: &str| {
+            let f = filter(rust_log, default).to_string();
+            !f.contains("sqlx::postgres::notice=warn")
+        };
+        assert!(!shown(None, "info"));
+        assert!(!shown(None, "warn"));
+        assert!(!shown(Some("info,dbpolicy=info"), "warn"));
+        assert!(!shown(Some("not a filter=="), "info"));
+        assert!(shown(Some("debug"), "info"));
+        assert!(shown(Some("info,sqlx=debug"), "info"));
+        assert!(shown(Some("sqlx::postgres::notice=info"), "info"));
+        assert_eq!(
+            filter(Some("info"), "warn").to_string(),
+            "sqlx::postgres::notice=warn,info"
+        );
+    }
 
     #[test]
     fn long_values_are_cut_on_a_character_boundary() {

@@ -307,6 +307,30 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
     let (code, metrics) = op.get("/metrics").expect("/metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("dbpolicy_"), "{metrics}");
+    // Per policy, from the first scrape: the ready one 1, the broken one 0.
+    let series =
+        |name: &str, policy: &str| format!("{name}{{namespace=\"{NS}\",policy=\"{policy}\"}}");
+    assert!(
+        metrics.contains(&format!("{} 1\n", series("dbpolicy_policy_ready", "flags"))),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "{} 0\n",
+            series("dbpolicy_policy_ready", "broken")
+        )),
+        "{metrics}"
+    );
+    for family in [
+        "dbpolicy_replica_lag_seconds",
+        "dbpolicy_backup_last_success_timestamp_seconds",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} gauge")),
+            "{family}: {metrics}"
+        );
+    }
 
     // Drift: a manual change in the database is repaired on the next drift check.
     db.exec("UPDATE public.feature_flags SET rollout_percentage = 99 WHERE name = 'new_engine'")
@@ -318,6 +342,17 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
         }
     })
     .await;
+    wait_for(Duration::from_secs(60), "the drift is counted", || {
+        let (_, text) = op.get("/metrics").expect("/metrics");
+        let drift = format!(
+            "dbpolicy_drift_detected_total{{namespace=\"{NS}\",policy=\"flags\",area=\"featureFlags\"}} 1"
+        );
+        if text.contains(&drift) {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
 
     // Plan mode: the new flag is reported as pending, not created.
     patch(
@@ -398,6 +433,12 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
     );
     let out = env.kubectl(&["get", "dbpol", "flags", "-n", NS], None);
     assert!(!out.status.success(), "flags still exists after delete");
+    let (_, text) = op.get("/metrics").expect("/metrics");
+    assert!(
+        !text.contains("policy=\"flags\""),
+        "a deleted policy's series remain: {text}"
+    );
+    assert!(text.contains("policy=\"broken\""), "{text}");
     assert_eq!(rollout(&db, "new_engine").await, Some(25));
     env.kubectl_ok(
         &["delete", "dbpol", "broken", "-n", NS, "--timeout=60s"],

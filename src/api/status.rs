@@ -64,6 +64,10 @@ pub struct PendingChange {
     pub target: String,
     pub hazard: String,
     pub summary: String,
+    /// The statement (`kubectl dbpolicy plan`); absent for changes to Kubernetes objects
+    /// and for statements over 2000 bytes (`dbpolicy plan` prints those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

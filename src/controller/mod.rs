@@ -6,8 +6,11 @@ pub mod cache;
 pub mod children;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod lease;
 pub mod metrics;
+pub mod policy_metrics;
+pub mod process_metrics;
 pub mod reconcile;
 pub mod replicas;
 pub mod status;
@@ -27,7 +30,6 @@ use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, PredicateConfig, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
-use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::api::DatabasePolicy;
@@ -164,8 +166,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("cannot list DatabasePolicies: is the CRD installed (`dbpolicy crd | kubectl apply -f -`) and may this account list them?")?;
 
-    let mut registry = Registry::with_prefix("dbpolicy");
-    let metrics = metrics::Metrics::default().register(&mut registry);
+    let (registry, metrics) = metrics::registry();
     let ready = admin::Readiness::default();
     let stop = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.admin_addr)

@@ -17,7 +17,7 @@ use tracing::{info, instrument, warn};
 use super::context::{key, Context, FIELD_MANAGER, FINALIZER};
 use super::error::{Error, Result};
 use super::status::{self, AreaState, Children, Input, Status};
-use super::{backups, children, replicas};
+use super::{backups, children, events, replicas};
 use crate::api::{
     DatabasePolicy, DatabasePolicyStatus, DeletionPolicy, Mode, SecretKeyRef,
     DEFAULT_DRIFT_CHECK_INTERVAL, MAX_DRIFT_CHECK_INTERVAL, MIN_DRIFT_CHECK_INTERVAL,
@@ -114,7 +114,9 @@ async fn apply(
         } else {
             None
         };
-        patch_status(api, &policy, &status::suspended(&input)).await?;
+        let new_status = status::suspended(&input);
+        record_metrics(ctx, &policy, &new_status, None);
+        patch_status(api, &policy, &new_status).await?;
         return match paused {
             Some(e) => Err(e),
             None => Ok(Action::await_change()),
@@ -142,12 +144,9 @@ async fn apply(
     let (outcome, url, replica_urls, notes) = match outcome {
         Ok(o) => o,
         Err(e) => {
-            patch_status(
-                api,
-                &policy,
-                &status::from_error_with(&input, e.reason(), &e.to_string(), &found),
-            )
-            .await?;
+            let new_status = status::from_error_with(&input, e.reason(), &e.to_string(), &found);
+            record_metrics(ctx, &policy, &new_status, None);
+            patch_status(api, &policy, &new_status).await?;
             return Err(e);
         }
     };
@@ -187,9 +186,12 @@ async fn apply(
     drop(url);
 
     let new_status = status::from_outcome_with(&input, &outcome, &found);
-    for area in status::drifted_areas(&input, &outcome, mode) {
-        ctx.metrics.drifted(area);
+    let drifted_areas = status::drifted_areas(&input, &outcome, mode);
+    for area in &drifted_areas {
+        ctx.metrics.policy.drifted(&ns, &name, *area);
     }
+    let pending = status::pending(&outcome, mode, &found);
+    record_metrics(ctx, &policy, &new_status, Some((&outcome, &pending)));
     let applied = status::applied_by_area(&outcome);
     for (area, n) in &applied {
         ctx.metrics.applied(*area, *n);
@@ -199,18 +201,35 @@ async fn apply(
     if !applied.is_empty() {
         let total: usize = applied.values().sum();
         info!(changes = total, "applied");
-        ctx.publish(
-            &policy,
-            EventType::Normal,
-            "Applied",
-            "Apply",
-            format!(
-                "applied {total} change(s): {}",
-                status::counts_note(&applied)
-            ),
-            true,
-        )
-        .await;
+    }
+    // Drift gets one Event naming what drifted and whether it was repaired (a Warning
+    // when row-level security had been weakened); other change sets an `Applied` one.
+    let note = if !drifted_areas.is_empty() {
+        let drifted: Vec<&engine::Change> = outcome
+            .plan
+            .changes()
+            .filter(|c| drifted_areas.contains(&c.area))
+            .collect();
+        let repaired = mode == Mode::Apply
+            && outcome
+                .report
+                .as_ref()
+                .is_some_and(|r| r.succeeded() && r.refused.is_empty());
+        Some((events::drift(&drifted, repaired), repaired))
+    } else if !applied.is_empty() {
+        let changes: Vec<&engine::Change> = outcome
+            .report
+            .iter()
+            .flat_map(|r| r.applied.iter())
+            .collect();
+        Some((events::applied(&changes), true))
+    } else {
+        None
+    };
+    if let Some((n, distinct)) = note {
+        // A repair is a change set of its own; drift left in place folds into a series.
+        ctx.publish(&policy, n.type_, n.reason, "Apply", n.note, distinct)
+            .await;
     }
     if let Some(report) = &outcome.report {
         if !report.refused.is_empty() {
@@ -243,6 +262,29 @@ async fn apply(
         return Err(e);
     }
     Ok(Action::requeue(interval))
+}
+
+/// The policy's metrics from the status about to be written; `found` is what the engine
+/// run found (None when the database was not observed: those series stay as they were).
+fn record_metrics(
+    ctx: &Context,
+    policy: &DatabasePolicy,
+    status: &DatabasePolicyStatus,
+    found: Option<(&Outcome, &[engine::Change])>,
+) {
+    let snapshot = super::policy_metrics::snapshot(
+        &policy.spec,
+        status,
+        found.map(|(_, pending)| pending),
+        found.and_then(|(o, _)| o.facts.replicas.as_deref()),
+        found.and_then(|(o, _)| o.facts.slot_retained_bytes.as_ref()),
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    ctx.metrics.policy.record(
+        &policy.namespace().unwrap_or_default(),
+        &policy.name_any(),
+        &snapshot,
+    );
 }
 
 /// The CronJobs (applied, or pending in Plan mode) and the backups' status and condition.
@@ -416,6 +458,10 @@ fn failure_of(outcome: &Outcome) -> Result<()> {
 /// objects (CronJobs, the read-endpoint Secret) carry owner references and are collected
 /// by Kubernetes' garbage collector.
 async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
+    // The policy is going: its series go now, whatever the release below does.
+    ctx.metrics
+        .policy
+        .forget(&policy.namespace().unwrap_or_default(), &policy.name_any());
     let id = PolicyId(key(&policy));
     let spec = &policy.spec;
     let wants_reset = spec.effective_deletion_policy() == DeletionPolicy::Reset;
@@ -617,7 +663,7 @@ mod tests {
     use super::*;
     use crate::controller::context::DEFAULT_JOB_IMAGE;
     use crate::controller::fixtures::{
-        condition, named_secret, test_context_with, test_policy, test_secret, Expect, Sent,
+        condition, named_secret, test_context_with, test_policy, test_secret, Expect, Sent, NS,
     };
     use crate::jobs::cronjob::{backup_cronjob, refresh_cronjobs};
     use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -640,15 +686,28 @@ mod tests {
         policy: DatabasePolicy,
         scenario: Vec<Expect>,
     ) -> (Result<Action>, Vec<Sent>) {
+        let (result, sent, _) = reconcile_metered(cronjobs, policy, scenario).await;
+        (result, sent)
+    }
+
+    /// [`reconcile_on`], and the `/metrics` text afterwards.
+    async fn reconcile_metered(
+        cronjobs: bool,
+        policy: DatabasePolicy,
+        scenario: Vec<Expect>,
+    ) -> (Result<Action>, Vec<Sent>, String) {
         let (ctx, server) = test_context_with(cronjobs);
         let verifier = server.run(policy.clone(), scenario);
         let result = reconcile(Arc::new(policy), ctx.clone()).await;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("dbpolicy");
+        ctx.metrics.clone().register(&mut registry);
+        let metrics = crate::controller::metrics::encode(&registry);
         drop(ctx);
         let sent = tokio::time::timeout(Duration::from_secs(30), verifier)
             .await
             .expect("the scenario did not finish")
             .expect("the scenario failed");
-        (result, sent)
+        (result, sent, metrics)
     }
 
     fn all_bodies(sent: &[Sent]) -> String {
@@ -911,7 +970,9 @@ featureFlags:
         assert_eq!(event["action"], "Apply");
         let note = event["note"].as_str().unwrap();
         assert!(
-            note.starts_with("applied ") && note.contains("featureFlags"),
+            note.starts_with("applied 4 change(s) (featureFlags 4): ")
+                && note.contains("featureFlags new_quiz_engine: ")
+                && note.contains("featureFlags ai_explanations: "),
             "{note}"
         );
     }
@@ -1002,7 +1063,8 @@ featureFlags:
         .unwrap();
         let _ = conn.close().await;
 
-        let (third, sent) = reconcile_with(
+        let (third, sent, metrics) = reconcile_metered(
+            true,
             policy,
             vec![
                 Expect::ListCronJobs(vec![]),
@@ -1014,6 +1076,20 @@ featureFlags:
         .await;
         drop_database(&name).await;
         third.unwrap();
+        let labels = format!("namespace=\"{NS}\",policy=\"test\"");
+        for needle in [
+            format!("dbpolicy_drift_detected_total{{{labels},area=\"featureFlags\"}} 1\n"),
+            format!("dbpolicy_policy_ready{{{labels}}} 1\n"),
+        ] {
+            assert!(
+                metrics.contains(&needle),
+                "{needle} missing from\n{metrics}"
+            );
+        }
+        assert!(
+            !metrics.contains("dbpolicy_policy_pending_changes{"),
+            "{metrics}"
+        );
         let drifted = condition(&sent[2].body, "Drifted");
         assert_eq!(drifted["status"], "True", "{:#}", sent[2].body);
         assert_eq!(drifted["reason"], "DriftRepaired");
@@ -1022,7 +1098,109 @@ featureFlags:
             .unwrap()
             .contains("featureFlags"));
         assert_eq!(condition(&sent[2].body, "Ready")["status"], "True");
-        assert_eq!(sent[3].body["reason"], "Applied");
+        let event = &sent[3].body;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Normal"), Some("DriftRepaired"))
+        );
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.starts_with("the database differed from the policy (featureFlags 1), repaired: featureFlags new_quiz_engine: "),
+            "{note}"
+        );
+    }
+
+    const RLS: &str = "database: {connectionSecretRef: {name: x}}
+rowLevelSecurity:
+  tables:
+    - table: answers
+      enabled: true
+      force: true
+      policies:
+        - {name: answers_owner, command: All, using: \"owner = current_user\"}
+";
+
+    /// Someone opens the table by hand: the repair is a Warning naming the policy and the
+    /// table, not a routine Normal event.
+    #[tokio::test]
+    async fn weakened_row_level_security_is_repaired_with_a_warning_naming_it() {
+        let (url, name) = create_database().await;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE public.answers (id int, owner name)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let policy = test_policy(RLS, true);
+        let secret = || Expect::GetSecret(Some(test_secret(&url)));
+        let converge = |policy| {
+            reconcile_with(
+                policy,
+                vec![
+                    Expect::ListCronJobs(vec![]),
+                    secret(),
+                    Expect::PatchStatus,
+                    Expect::CreateEvent,
+                ],
+            )
+        };
+        let (first, sent) = converge(policy.clone()).await;
+        first.unwrap();
+        assert_eq!(sent[3].body["reason"], "Applied", "{:#}", sent[3].body);
+        let policy = with_status(policy, &sent[2].body);
+        assert_eq!(condition(&sent[2].body, "Ready")["status"], "True");
+
+        sqlx::raw_sql(
+            "DROP POLICY answers_owner ON public.answers;
+             ALTER TABLE public.answers NO FORCE ROW LEVEL SECURITY",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let (third, sent, metrics) = reconcile_metered(
+            true,
+            policy,
+            vec![
+                Expect::ListCronJobs(vec![]),
+                secret(),
+                Expect::PatchStatus,
+                Expect::CreateEvent,
+            ],
+        )
+        .await;
+        let (enabled, forced, policies): (bool, bool, i64) = sqlx::query_as(
+            "SELECT relrowsecurity, relforcerowsecurity,
+                    (SELECT count(*) FROM pg_policy WHERE polrelid = c.oid)
+             FROM pg_class c WHERE oid = 'public.answers'::regclass",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let _ = conn.close().await;
+        drop_database(&name).await;
+        third.unwrap();
+        assert_eq!((enabled, forced, policies), (true, true, 1), "repaired");
+        let event = &sent[3].body;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Warning"), Some("SecurityDriftRepaired")),
+            "{event:#}"
+        );
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.starts_with(
+                "row-level security was weakened outside the policy (2 change(s) to undo it)"
+            ),
+            "{note}"
+        );
+        assert!(
+            note.contains("rowLevelSecurity public.answers: create policy answers_owner")
+                && note.contains("rowLevelSecurity public.answers: force row level security"),
+            "{note}"
+        );
+        assert!(
+            metrics.contains("dbpolicy_drift_detected_total{namespace=\"default\",policy=\"test\",area=\"rowLevelSecurity\"} 1"),
+            "{metrics}"
+        );
     }
 
     const CHILDREN: &str = "database: {connectionSecretRef: {name: x}}

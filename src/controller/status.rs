@@ -398,6 +398,14 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
 }
 
 /// Changes found at this check but not carried out.
+/// Every change found and not carried out: the engine's (see [`pending_changes`]) and the
+/// child objects' (Plan mode). What `pendingChanges` counts.
+pub fn pending(outcome: &Outcome, mode: Mode, children: &Children) -> Vec<Change> {
+    let mut pending = pending_changes(outcome, mode);
+    pending.extend(children.pending.iter().cloned());
+    pending
+}
+
 fn pending_changes(outcome: &Outcome, mode: Mode) -> Vec<Change> {
     match (&outcome.report, mode) {
         (Some(r), Mode::Apply) => r
@@ -566,8 +574,7 @@ pub fn from_outcome_with(
     }
     conditions.push(drifted_condition(input, outcome, mode));
 
-    let mut pending = pending_changes(outcome, mode);
-    pending.extend(children.pending.iter().cloned());
+    let pending = pending(outcome, mode, children);
     let pending_plan = (!pending.is_empty()).then(|| {
         let mut plan = Plan::default();
         for c in &pending {

@@ -328,6 +328,10 @@ pub struct Facts {
     /// Health and lag of each declared replica (`Unknown` when it could not be checked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Vec<crate::api::ReplicaStatus>>,
+    /// WAL retained by each replication slot of the server (bytes), when slots were
+    /// observed: for the operator's metrics, not status.
+    #[serde(skip)]
+    pub slot_retained_bytes: Option<std::collections::BTreeMap<String, i64>>,
 }
 
 /// The status details of what was observed.
@@ -348,6 +352,12 @@ pub fn facts(spec: &DatabasePolicySpec, observed: &Observed) -> Facts {
             .as_ref()
             .zip(observed.replicas.as_ref())
             .map(|(s, o)| areas::replicas::status(s, o)),
+        slot_retained_bytes: observed.replicas.as_ref().map(|o| {
+            o.slots
+                .iter()
+                .filter_map(|(name, slot)| slot.retained_bytes.map(|b| (name.clone(), b)))
+                .collect()
+        }),
     }
 }
 

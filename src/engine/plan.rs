@@ -450,12 +450,18 @@ impl Plan {
                     target: c.target.clone(),
                     hazard: c.hazard.as_str().into(),
                     summary: truncate(&c.summary, 200),
+                    sql: (!c.sql.is_empty() && c.sql.len() <= MAX_SQL_IN_STATUS)
+                        .then(|| c.sql.clone()),
                 })
                 .collect(),
             truncated: total > MAX_PENDING_IN_STATUS,
         }
     }
 }
+
+/// Longer statements (a huge partition list, a long policy expression) are left out of
+/// status rather than cut: a cut statement must never look runnable.
+const MAX_SQL_IN_STATUS: usize = 2000;
 
 fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -496,6 +502,21 @@ mod tests {
         assert_eq!(s.by_area["featureFlags"], 120);
         assert_eq!(s.changes.len(), MAX_PENDING_IN_STATUS);
         assert!(s.truncated);
+        assert!(s.changes.iter().all(|c| c.sql.is_some()));
+        let mut p = Plan::default();
+        let mut a = AreaPlan::new(Area::FeatureFlags);
+        a.changes.push(Change::new(
+            Area::FeatureFlags,
+            "long",
+            "s",
+            "x".repeat(2001),
+        ));
+        a.changes
+            .push(Change::new(Area::FeatureFlags, "k8s", "create CronJob", ""));
+        p.areas.push(a);
+        let s = p.summary();
+        assert_eq!(s.changes[0].sql, None);
+        assert_eq!(s.changes[1].sql, None);
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //! The executor additionally parses every statement it sends and sends it alone, in one
 //! extended-protocol message, so a smuggled `;` would be at worst a syntax error.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
 use pg_query::protobuf::{node::Node as N, Token};
 use pg_query::{NodeRef, ParserOptions};
 
@@ -33,8 +36,48 @@ fn fail<T>(message: impl Into<String>) -> Result<T, FragmentError> {
 /// Longest fragment accepted (the CRD's limits are lower; the CLI has no API server).
 pub const MAX_FRAGMENT_BYTES: usize = 100_000;
 
+/// The verdicts already given in this process, per kind of fragment and text. A spec repeats
+/// the same fragment on many tables (one tenant rule for every table), and validation,
+/// observation and planning each ask about every fragment: parsing is the cost of a no-op
+/// drift check at thousands of tables, and a verdict depends on the text alone.
+static VERDICTS: LazyLock<[Mutex<HashMap<Box<str>, Result<(), FragmentError>>>; 2]> =
+    LazyLock::new(Default::default);
+
+/// Verdicts kept at most; past it the memo starts again (a cap, not an LRU: specs that
+/// large re-parse at most once per run).
+const MAX_VERDICTS: usize = 200_000;
+
+#[derive(Debug, Clone, Copy)]
+enum Fragment {
+    Expression = 0,
+    IndexKey = 1,
+}
+
+fn memoized(
+    kind: Fragment,
+    text: &str,
+    check: fn(&str) -> Result<(), FragmentError>,
+) -> Result<(), FragmentError> {
+    let memo = &VERDICTS[kind as usize];
+    // A poisoned lock only means another thread panicked mid-insert: the map is still valid.
+    if let Some(v) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(text) {
+        return v.clone();
+    }
+    let verdict = check(text);
+    let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
+    if memo.len() >= MAX_VERDICTS {
+        memo.clear();
+    }
+    memo.insert(text.into(), verdict.clone());
+    verdict
+}
+
 /// One scalar SQL expression: an RLS `using` or `withCheck`, an index `where`.
 pub fn check_expression(text: &str) -> Result<(), FragmentError> {
+    memoized(Fragment::Expression, text, parse_expression)
+}
+
+fn parse_expression(text: &str) -> Result<(), FragmentError> {
     check_tokens(text)?;
     if has_top_level_comma(text)? {
         // `SELECT (a, b)` is a row, but `USING (a, b)` is not an expression at all.
@@ -70,6 +113,10 @@ pub fn check_expression(text: &str) -> Result<(), FragmentError> {
 /// ordering (`email text_pattern_ops`, `created_at DESC`), or an expression
 /// (`lower(email)`, `((stats->>'n')::numeric)`).
 pub fn check_index_key(text: &str) -> Result<(), FragmentError> {
+    memoized(Fragment::IndexKey, text, parse_index_key)
+}
+
+fn parse_index_key(text: &str) -> Result<(), FragmentError> {
     check_tokens(text)?;
     let parsed = parse(&format!("CREATE INDEX i ON t ({text}\n)"))?;
     let index = match one_statement(&parsed)? {
@@ -260,6 +307,17 @@ fn no_data_modification(parsed: &pg_query::ParseResult) -> Result<(), FragmentEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_verdicts_are_per_kind_and_stay_refusals() {
+        // `a DESC` is one index key but not an expression: the memo must not mix kinds.
+        for _ in 0..2 {
+            assert_eq!(check_index_key("a DESC"), Ok(()));
+            assert!(check_expression("a DESC").is_err());
+            assert!(check_expression("1); DROP TABLE t; --").is_err());
+            assert_eq!(check_expression("a = 1"), Ok(()));
+        }
+    }
 
     #[test]
     fn expressions_that_are_one_expression() {

@@ -292,8 +292,8 @@ async fn normalize(
             .policies
             .iter()
             // Text that is not one expression never reaches PostgreSQL (see check_expression).
-            .filter(|p| expressions(p).is_ok())
             .filter(|p| misses.contains(&(name.clone(), p.name.clone())))
+            .filter(|p| expressions(p).is_ok())
             .map(|p| NormalizePolicy {
                 name: &p.name,
                 command: command_sql(p.command.unwrap_or_default()),
@@ -1144,6 +1144,24 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
+/// Whether `change` (one [`render`] made) undoes a change that weakened the table's
+/// protection, when it repairs drift: a policy dropped or altered by hand (recreated,
+/// altered back), one added by hand (dropped: an extra permissive policy opens rows), or
+/// RLS disabled or unforced by hand (enabled, forced again). Turning RLS off or unforcing
+/// it, as the spec asks, repairs the opposite and is not one.
+pub fn repairs_weakened_security(change: &Change) -> bool {
+    if change.area != AREA {
+        return false;
+    }
+    let sql = change.sql.as_str();
+    sql.starts_with("CREATE POLICY ")
+        || sql.starts_with("ALTER POLICY ")
+        || sql.starts_with("DROP POLICY ")
+        || sql.ends_with(" ENABLE ROW LEVEL SECURITY")
+        || (sql.ends_with(" FORCE ROW LEVEL SECURITY")
+            && !sql.ends_with(" NO FORCE ROW LEVEL SECURITY"))
+}
+
 pub fn plan(spec: &RowLevelSecuritySpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
     let mut plan = AreaPlan::new(AREA);
     let ops = diff(spec, observed, ledger, &mut plan);
@@ -1289,6 +1307,56 @@ mod tests {
 
     fn sqls(p: &AreaPlan) -> Vec<&str> {
         p.changes.iter().map(|c| c.sql.as_str()).collect()
+    }
+
+    #[test]
+    fn repairs_of_weakened_protection_are_told_apart() {
+        // Hand changes that weaken: dropped, altered, added, RLS disabled and unforced.
+        let mut tbl = table("up", vec![policy("own", None, Some(OWN))]);
+        tbl.force = Some(true);
+        let mut o = observed(&[("up", vec![("extra", state(Some("true"), None))])]);
+        o.tables.get_mut(&t("up")).unwrap().enabled = false;
+        let mut s = spec(vec![tbl]);
+        s.tables[0].own_all_policies = Some(true);
+        let p = run(&s, &o);
+        assert!(p.changes.len() >= 4, "{:?}", sqls(&p));
+        for c in &p.changes {
+            assert!(repairs_weakened_security(c), "{}", c.sql);
+        }
+        let altered = with_normalized(
+            observed(&[("up", vec![("own", state(Some("true"), None))])]),
+            "up",
+            "own",
+            Normalized {
+                using: Some(OWN_PG.into()),
+                with_check: None,
+            },
+        );
+        let p = run(
+            &spec(vec![table("up", vec![policy("own", None, Some(OWN))])]),
+            &altered,
+        );
+        assert!(!p.changes.is_empty());
+        assert!(
+            p.changes.iter().all(repairs_weakened_security),
+            "{:?}",
+            sqls(&p)
+        );
+
+        // The spec turning protection off: not a weakening repaired.
+        let mut off = table("up", vec![]);
+        off.enabled = Some(false);
+        let mut o = observed(&[("up", vec![])]);
+        o.tables.get_mut(&t("up")).unwrap().force = true;
+        let p = run(&spec(vec![off]), &o);
+        assert_eq!(p.changes.len(), 2, "{:?}", sqls(&p));
+        assert!(
+            !p.changes.iter().any(repairs_weakened_security),
+            "{:?}",
+            sqls(&p)
+        );
+        let other = Change::new(Area::FeatureFlags, "f", "set", "CREATE POLICY x ON y");
+        assert!(!repairs_weakened_security(&other));
     }
 
     #[test]
