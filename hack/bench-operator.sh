@@ -202,3 +202,24 @@ print(f"| operator RSS (VmRSS / peak VmHWM) | {$RSS1 / 1024:.1f} MiB / {$HWM1 / 
 print()
 print(f"- binary: {$SIZE} bytes ({$SIZE / 1024 / 1024:.1f} MiB), {'$DBPOLICY_BIN'}")
 PY
+
+# Where the operator's requests went, by verb and resource (converging and steady state
+# together): the first place to look when requests per reconcile go up.
+python3 - "$RUN/audit.log" "$SA_USER" <<'PY'
+import collections, json, sys
+counts = collections.Counter()
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e.get("user", {}).get("username") != sys.argv[2]:
+        continue
+    ref = e.get("objectRef") or {}
+    res = ref.get("resource", e.get("requestURI", "?").split("?")[0])
+    if ref.get("subresource"):
+        res += "/" + ref["subresource"]
+    counts[(e.get("verb"), res)] += 1
+print()
+print("| requests | verb | resource |")
+print("|---:|---|---|")
+for (verb, res), n in counts.most_common():
+    print(f"| {n} | {verb} | {res} |")
+PY

@@ -5,6 +5,7 @@
 //! accepted by a real kube-apiserver whose RBAC then grants the operator's ServiceAccount
 //! what it needs and nothing more (tests/e2e_operator.rs runs the operator under it).
 
+mod support;
 mod support_envtest;
 mod support_helm;
 
@@ -92,28 +93,44 @@ fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
-fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
-    let role = one(docs, "ClusterRole");
+/// Every (group, resource, verb) the chart's ClusterRole and Roles grant, with where:
+/// the ClusterRole (`None`) or the namespace of the Role.
+fn grants(docs: &[Value]) -> BTreeSet<(Option<String>, String, String, String)> {
     let mut set = BTreeSet::new();
-    for rule in role["rules"].as_array().expect("rules") {
-        let list = |k: &str| -> Vec<String> {
-            rule[k]
-                .as_array()
-                .unwrap_or_else(|| panic!("rule without {k}: {rule}"))
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned())
-                .collect()
-        };
-        for g in list("apiGroups") {
-            for r in list("resources") {
-                for v in list("verbs") {
-                    set.insert((g.clone(), r.clone(), v));
+    for role in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
+        let ns = role["metadata"]["namespace"].as_str().map(str::to_owned);
+        assert_eq!(ns.is_some(), role["kind"] == "Role", "{role}");
+        for rule in role["rules"].as_array().expect("rules") {
+            let list = |k: &str| -> Vec<String> {
+                rule[k]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("rule without {k}: {rule}"))
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            for g in list("apiGroups") {
+                for r in list("resources") {
+                    for v in list("verbs") {
+                        set.insert((ns.clone(), g.clone(), r.clone(), v));
+                    }
                 }
             }
+            assert!(rule.get("resourceNames").is_none() || rule["resourceNames"].is_array());
         }
-        assert!(rule.get("resourceNames").is_none() || rule["resourceNames"].is_array());
     }
     set
+}
+
+/// [`grants`] without where.
+fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
+    grants(docs)
+        .into_iter()
+        .map(|(_, g, r, v)| (g, r, v))
+        .collect()
 }
 
 fn required() -> BTreeSet<(String, String, String)> {
@@ -158,6 +175,8 @@ fn default_values_render_a_restricted_deployment() {
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount"
         ]
@@ -257,9 +276,11 @@ fn overrides_render_service_monitor_namespace_and_extras() {
     assert_eq!(
         kinds(&docs),
         [
-            "ClusterRole",
-            "ClusterRoleBinding",
             "Deployment",
+            "Role",
+            "Role",
+            "RoleBinding",
+            "RoleBinding",
             "Service",
             "ServiceAccount",
             "ServiceMonitor"
@@ -363,14 +384,56 @@ fn cluster_role_grants_exactly_what_the_controller_needs() {
     let required = required();
     let missing: Vec<_> = required.difference(&granted).collect();
     let extra: Vec<_> = granted.difference(&required).collect();
-    assert!(missing.is_empty(), "the ClusterRole lacks {missing:?}");
+    assert!(missing.is_empty(), "the chart's roles lack {missing:?}");
     assert!(
         extra.is_empty(),
-        "the ClusterRole grants more than needed: {extra:?}"
+        "the chart's roles grant more than needed: {extra:?}"
     );
     assert!(granted
         .iter()
         .all(|(g, r, v)| g != "*" && r != "*" && v != "*"));
+    // Leases only in the release namespace, whatever the scope of the rest.
+    for (ns, g, _, _) in grants(&docs) {
+        if g == "coordination.k8s.io" {
+            assert_eq!(ns.as_deref(), Some(RELEASE_NAMESPACE));
+        }
+    }
+}
+
+/// `watchNamespace`: the same rules, as a Role in that namespace (and the Lease's Role in
+/// the release namespace); nothing cluster-wide.
+#[test]
+fn watch_namespace_renders_namespaced_roles_only() {
+    let docs = manifests(json!({"watchNamespace": "apps"}));
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ClusterRole" || d["kind"] == "ClusterRoleBinding"),
+        "cluster-scoped RBAC with watchNamespace"
+    );
+    assert_eq!(granted(&docs), required());
+    for (ns, g, r, v) in grants(&docs) {
+        let want = if g == "coordination.k8s.io" {
+            RELEASE_NAMESPACE
+        } else {
+            "apps"
+        };
+        assert_eq!(ns.as_deref(), Some(want), "{v} {r}.{g}");
+    }
+    for binding in docs.iter().filter(|d| d["kind"] == "RoleBinding") {
+        let role = docs
+            .iter()
+            .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == binding["roleRef"]["name"])
+            .expect("the bound Role");
+        assert_eq!(
+            binding["metadata"]["namespace"],
+            role["metadata"]["namespace"]
+        );
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "dbpolicy", "namespace": RELEASE_NAMESPACE}])
+        );
+    }
 }
 
 #[test]
@@ -400,40 +463,49 @@ fn values_schema_accepts_the_defaults_and_rejects_bad_values() {
     }
 }
 
-/// What `helm template --kube-version 1.25.0` renders, as Helm printed it, against the full
-/// kube-apiserver 1.20: accepted (schema of Deployment, Service, RBAC), and the ClusterRole authorises the ServiceAccount for every
-/// required action and no neighbouring one (SubjectAccessReview via `kubectl auth can-i`).
-#[test]
-fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
-    let env = Envtest::start(ApiServer::Kube);
-    env.install_crds();
-    env.kubectl_ok(&["create", "namespace", RELEASE_NAMESPACE], None);
-    let rendered = template_text(&json!({})).unwrap_or_else(|e| panic!("helm template: {e}"));
-    env.kubectl_ok(&["apply", "-f", "-"], Some(&rendered));
-
+/// `kubectl auth can-i VERB RESOURCE.GROUP` as the chart's ServiceAccount, in namespace
+/// `ns` (None: across all namespaces, i.e. cluster-wide).
+fn can(env: &Envtest, verb: &str, group: &str, resource: &str, ns: Option<&str>) -> bool {
     let sa = format!("system:serviceaccount:{RELEASE_NAMESPACE}:dbpolicy");
-    let can = |verb: &str, group: &str, resource: &str| -> bool {
-        // kubectl auth can-i takes resource.group, and a subresource as a flag (a
-        // `resource/x` argument would name an object).
-        let (resource, sub) = match resource.split_once('/') {
-            Some((r, sub)) => (r, Some(sub)),
-            None => (resource, None),
-        };
-        let res = if group.is_empty() {
-            resource.to_owned()
+    // kubectl auth can-i takes resource.group, and a subresource as a flag (a
+    // `resource/x` argument would name an object).
+    let (resource, sub) = match resource.split_once('/') {
+        Some((r, sub)) => (r, Some(sub)),
+        None => (resource, None),
+    };
+    let res = if group.is_empty() {
+        resource.to_owned()
+    } else {
+        format!("{resource}.{group}")
+    };
+    let mut args = vec!["auth", "can-i", verb, &res, "--as", &sa];
+    match ns {
+        Some(ns) => args.extend(["-n", ns]),
+        None => args.push("--all-namespaces"),
+    }
+    let sub_flag = sub.map(|s| format!("--subresource={s}"));
+    args.extend(sub_flag.as_deref());
+    let out = env.kubectl(&args, None);
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+/// Renders the chart with `values`, applies it, and checks as the ServiceAccount that every
+/// required action is allowed in `watched` (the Lease's in the release namespace) and no
+/// neighbouring one; returns what was wrong.
+fn rbac_mismatches(env: &Envtest, values: &Value, watched: &str) -> Vec<String> {
+    let rendered = template_text(values).unwrap_or_else(|e| panic!("helm template: {e}"));
+    env.kubectl_ok(&["apply", "-f", "-"], Some(&rendered));
+    let ns_of = |g: &str| {
+        if g == "coordination.k8s.io" {
+            RELEASE_NAMESPACE
         } else {
-            format!("{resource}.{group}")
-        };
-        let mut args = vec!["auth", "can-i", verb, &res, "-n", "apps", "--as", &sa];
-        let sub_flag = sub.map(|s| format!("--subresource={s}"));
-        args.extend(sub_flag.as_deref());
-        let out = env.kubectl(&args, None);
-        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+            watched
+        }
     };
     let mut wrong = Vec::new();
     for (g, r, v) in required() {
-        if !can(&v, &g, &r) {
-            wrong.push(format!("denied {v} {r}.{g}"));
+        if !can(env, &v, &g, &r, Some(ns_of(&g))) {
+            wrong.push(format!("denied {v} {r}.{g} in {}", ns_of(&g)));
         }
     }
     for (v, g, r) in [
@@ -449,9 +521,184 @@ fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
         ("create", "", "pods"),
         ("update", "", "namespaces"),
     ] {
-        if can(v, g, r) {
-            wrong.push(format!("allowed {v} {r}.{g}"));
+        if can(env, v, g, r, Some(ns_of(g))) {
+            wrong.push(format!("allowed {v} {r}.{g} in {}", ns_of(g)));
+        }
+    }
+    wrong
+}
+
+/// What `helm template --kube-version 1.25.0` renders, as Helm printed it, against the full
+/// kube-apiserver 1.20: accepted (schema of Deployment, Service, RBAC), and the ClusterRole
+/// authorises the ServiceAccount for every required action in any namespace and no
+/// neighbouring one (SubjectAccessReview via `kubectl auth can-i`); Leases only in the
+/// release namespace.
+#[test]
+fn rendered_manifests_are_accepted_and_rbac_authorises_the_service_account() {
+    let env = Envtest::start(ApiServer::Kube);
+    env.install_crds();
+    env.kubectl_ok(&["create", "namespace", RELEASE_NAMESPACE], None);
+    let mut wrong = rbac_mismatches(&env, &json!({}), "apps");
+    if !can(&env, "watch", "", "secrets", None) {
+        wrong.push("denied watch secrets cluster-wide".into());
+    }
+    if can(
+        &env,
+        "create",
+        "coordination.k8s.io",
+        "leases",
+        Some("apps"),
+    ) {
+        wrong.push("allowed create leases outside the release namespace".into());
+    }
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
+
+/// `watchNamespace: apps`: the same actions in `apps`, none in another namespace or
+/// cluster-wide; and the operator itself, as that ServiceAccount with `--namespace apps`
+/// as the chart runs it, reconciles a policy in `apps` to Ready and never touches one in
+/// another namespace (RBAC would forbid it: it does not even list there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_namespace_rbac_is_namespaced_and_the_operator_works_under_it() {
+    let db = support::TestDb::new().await;
+    let env = Envtest::start(ApiServer::Kube);
+    env.install_crds();
+    for ns in [RELEASE_NAMESPACE, "apps", "other"] {
+        env.kubectl_ok(&["create", "namespace", ns], None);
+    }
+    let values = json!({"watchNamespace": "apps"});
+    let mut wrong = rbac_mismatches(&env, &values, "apps");
+    for (v, g, r) in required() {
+        if g == "coordination.k8s.io" {
+            continue;
+        }
+        if can(&env, &v, &g, &r, Some("other")) {
+            wrong.push(format!("allowed {v} {r}.{g} in other"));
+        }
+        if can(&env, &v, &g, &r, None) {
+            wrong.push(format!("allowed {v} {r}.{g} cluster-wide"));
         }
     }
     assert!(wrong.is_empty(), "{wrong:?}");
+
+    // The Deployment's arguments, as rendered.
+    let docs = manifests(values);
+    let args: Vec<String> = one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        ["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert!(args.contains(&"--namespace=apps".to_owned()), "{args:?}");
+
+    for ns in ["apps", "other"] {
+        env.kubectl_ok(
+            &[
+                "create",
+                "secret",
+                "generic",
+                "app-db",
+                "-n",
+                ns,
+                &format!("--from-literal=uri={}", db.url()),
+            ],
+            None,
+        );
+        let policy = json!({
+            "apiVersion": "dbpolicy.dev/v1alpha1", "kind": "DatabasePolicy",
+            "metadata": {"name": "quiz", "namespace": ns},
+            "spec": {"database": {"connectionSecretRef": {"name": "app-db"}},
+                     "featureFlags": {"flags": [{"name": "new_engine", "enabled": true}]}},
+        });
+        env.kubectl_ok(&["apply", "-f", "-"], Some(&policy.to_string()));
+    }
+
+    let kubeconfig = env.kubeconfig_for_service_account(RELEASE_NAMESPACE, "dbpolicy");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let log = env.run_dir().join("operator-namespaced.log");
+    let file = std::fs::File::create(&log).expect("operator log");
+    let mut args = args;
+    args.retain(|a| !a.starts_with("--admin-addr") && !a.starts_with("--log-format"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dbpolicy"))
+        .args(&args)
+        .arg(format!("--admin-addr=127.0.0.1:{port}"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAMESPACE", RELEASE_NAMESPACE)
+        .env("POD_NAME", "dbpolicy-0")
+        .env("RUST_LOG", "info")
+        .env_remove("DATABASE_URL")
+        .env_remove("WATCH_NAMESPACE")
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("start dbpolicy run");
+    struct Kill<'a>(&'a mut std::process::Child, &'a std::path::Path);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            if std::thread::panicking() {
+                eprintln!(
+                    "--- the operator's log:\n{}",
+                    std::fs::read_to_string(self.1).unwrap_or_default()
+                );
+            }
+        }
+    }
+    let guard = Kill(&mut child, &log);
+
+    let ready = |ns: &str| -> Option<String> {
+        let obj: Value = serde_json::from_str(
+            &env.kubectl_ok(&["get", "dbpol", "quiz", "-n", ns, "-o", "json"], None),
+        )
+        .unwrap();
+        obj["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .map(|c| c["status"].as_str().unwrap_or("").to_owned())
+    };
+    support_envtest::wait_for(
+        std::time::Duration::from_secs(60),
+        "apps/quiz Ready=True",
+        || match ready("apps").as_deref() {
+            Some("True") => Ok(()),
+            other => Err(format!("Ready {other:?}")),
+        },
+    );
+    // The policy in `apps` was reconciled; the one in `other`, created at the same time,
+    // has no status and no finalizer.
+    assert_eq!(ready("other"), None);
+    let other: Value = serde_json::from_str(
+        &env.kubectl_ok(&["get", "dbpol", "quiz", "-n", "other", "-o", "json"], None),
+    )
+    .unwrap();
+    assert!(other["metadata"]["finalizers"].is_null(), "{other}");
+    // And the operator's identity may not even read there.
+    let as_operator = |args: &[&str]| {
+        let out = env
+            .kubectl_cmd()
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for args in [
+        &["get", "secret", "app-db", "-n", "other"][..],
+        &["get", "dbpol", "-A"][..],
+        &["get", "secrets", "-A"][..],
+    ] {
+        let err = as_operator(args);
+        assert!(
+            err.contains("Forbidden") || err.contains("forbidden"),
+            "{args:?}: {err}"
+        );
+    }
+    drop(guard);
 }

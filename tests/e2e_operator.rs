@@ -38,8 +38,10 @@ struct Operator {
 
 impl Operator {
     /// Runs as the chart's ServiceAccount, bound by the chart's ClusterRole: the operator
-    /// gets exactly the RBAC a Helm install gives it. Its leader Lease is in `lease_ns`.
-    fn start(env: &Envtest, lease_ns: &str) -> Operator {
+    /// gets exactly the RBAC a Helm install gives it. Its leader Lease is in the release
+    /// namespace, where the chart's Role grants it (as POD_NAMESPACE says in a Deployment).
+    fn start(env: &Envtest) -> Operator {
+        let lease_ns = support_helm::RELEASE_NAMESPACE;
         let kubeconfig = support_helm::install_rbac(env);
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -221,7 +223,7 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
     apply(&policy("flags", "app-db", json!({})));
     apply(&policy("broken", "broken-db", json!({})));
 
-    let mut op = Operator::start(&env, NS);
+    let mut op = Operator::start(&env);
 
     let obj = wait_ready(&env, &mut op, NS, "flags", "True", None);
     // ... and through kubectl wait, as a user would.
@@ -281,7 +283,7 @@ async fn operator_reconciles_reports_repairs_drift_and_cleans_up() {
             "lease",
             "dbpolicy-controller",
             "-n",
-            NS,
+            support_helm::RELEASE_NAMESPACE,
             "-o",
             "json",
         ],
@@ -475,7 +477,7 @@ async fn certquiz_example_becomes_ready() {
         &["apply", "--validate=false", "-f", policy.to_str().unwrap()],
         None,
     );
-    let mut op = Operator::start(&env, "default");
+    let mut op = Operator::start(&env);
     let obj = wait_ready(&env, &mut op, "default", "certquiz", "True", None);
     // kube-apiserver 1.20 has no batch/v1 CronJob: said, without blocking Ready.
     let backups = condition(&obj, "BackupsReady").expect("BackupsReady");

@@ -22,6 +22,9 @@ use support::TestDb;
 use support_envtest::{process_running, wait_for, ApiServer, Envtest};
 
 const NS: &str = "scale";
+/// Where the operators' Leases are: the chart's release namespace.
+const LEASE_NS: &str = support_helm::RELEASE_NAMESPACE;
+
 /// The operator's Lease duration (`src/controller/lease.rs`).
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 const WAIT: Duration = Duration::from_secs(30);
@@ -44,7 +47,8 @@ impl Operator {
         let log = env.run_dir().join(format!("operator-{name}.log"));
         let file = std::fs::File::create(&log).expect("operator log");
         let child = Command::new(env!("CARGO_BIN_EXE_dbpolicy"))
-            .args(["run", "--admin-addr", &admin, "--lease-namespace", NS])
+            // The Lease in the release namespace, where the chart's Role grants it.
+            .args(["run", "--admin-addr", &admin, "--lease-namespace", LEASE_NS])
             .args(["--lease-identity", name])
             .args(args)
             .env("KUBECONFIG", kubeconfig)
@@ -319,7 +323,7 @@ fn lease_holder(env: &Envtest, lease: &str) -> String {
             "lease",
             lease,
             "-n",
-            NS,
+            LEASE_NS,
             "-o",
             "jsonpath={.spec.holderIdentity}",
         ],

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 
@@ -87,6 +88,17 @@ fn schedule(cj: &CronJob) -> &str {
     cj.spec.as_ref().map(|s| s.schedule.as_str()).unwrap_or("")
 }
 
+/// Whether the CronJob `have` (as the API server returned it) already is `want`: its spec,
+/// labels and annotations hold every value `want` sets.
+fn in_place(have: &CronJob, want: &CronJob) -> bool {
+    let (Ok(h), Ok(w)) = (serde_json::to_value(have), serde_json::to_value(want)) else {
+        return false;
+    };
+    contains(&h["spec"], &w["spec"])
+        && contains(&h["metadata"]["labels"], &w["metadata"]["labels"])
+        && contains(&h["metadata"]["annotations"], &w["metadata"]["annotations"])
+}
+
 /// What applying the desired CronJobs would do, as changes (Plan mode). Pure.
 pub fn pending_cronjobs(desired: &[CronJob], existing: &[CronJob]) -> Vec<Change> {
     let mut pending = Vec::new();
@@ -95,9 +107,7 @@ pub fn pending_cronjobs(desired: &[CronJob], existing: &[CronJob]) -> Vec<Change
         let summary = match existing.iter().find(|e| name(e) == name(d)) {
             None => format!("create CronJob {} (schedule {})", name(d), schedule(d)),
             Some(e) => {
-                let (have, want) = (serde_json::to_value(e), serde_json::to_value(d));
-                let same = matches!((&have, &want), (Ok(h), Ok(w)) if contains(&h["spec"], &w["spec"]) && contains(&h["metadata"]["labels"], &w["metadata"]["labels"]));
-                if same {
+                if in_place(e, d) {
                     continue;
                 }
                 format!("update CronJob {} (schedule {})", name(d), schedule(d))
@@ -134,11 +144,14 @@ fn role(cj: &CronJob) -> Option<&str> {
     cj.labels().get(ROLE_LABEL).map(String::as_str)
 }
 
-/// Lists the policy's CronJobs; in Apply mode applies each desired one (server-side apply,
+/// Finds the policy's CronJobs (in the operator's watch cache when given, else by a LIST);
+/// in Apply mode applies each desired one that is not already in place (server-side apply,
 /// field manager `dbpolicy`, forced) and deletes those no longer desired (with their Jobs);
-/// in Plan mode changes nothing and reports what it would do.
+/// in Plan mode changes nothing and reports what it would do. Nothing is sent when every
+/// CronJob is in place.
 pub async fn sync_cronjobs(
     client: &Client,
+    cache: Option<&Store<CronJob>>,
     policy: &DatabasePolicy,
     image: &str,
     mode: Mode,
@@ -148,11 +161,19 @@ pub async fn sync_cronjobs(
         .ok_or(Error::MissingObjectKey("namespace"))?;
     let api: Api<CronJob> = Api::namespaced(client.clone(), &ns);
     let err = |action| move |source| Error::CronJobs { action, source };
-    let existing: Vec<CronJob> = api
-        .list(&ListParams::default().labels(&cronjob_selector(policy)))
-        .await
-        .map_err(err("listing"))?
-        .items
+    let listed = match cache {
+        Some(store) => {
+            let _ = store.wait_until_ready().await;
+            super::cache::cronjobs_of(store, policy)
+        }
+        None => {
+            api.list(&ListParams::default().labels(&cronjob_selector(policy)))
+                .await
+                .map_err(err("listing"))?
+                .items
+        }
+    };
+    let existing: Vec<CronJob> = listed
         .into_iter()
         .filter(|cj| controlled_by(cj, policy))
         .collect();
@@ -167,36 +188,53 @@ pub async fn sync_cronjobs(
     }
     let mut sync = CronJobSync::default();
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let not_owned = |d: &CronJob| Error::NotOwned {
+        kind: "CronJob",
+        name: format!("{ns}/{}", name(d)),
+        wanted_by: match role(d) {
+            Some(BASE_BACKUP_ROLE) => "spec.backups.pointInTimeRecovery",
+            Some("backup") => "spec.backups",
+            _ => "spec.materializedViews",
+        }
+        .to_string(),
+    };
     for d in &desired {
-        let applied = if existing.iter().any(|e| name(e) == name(d)) {
-            api.patch(&name(d), &params, &Patch::Apply(d))
+        let applied = match existing.iter().find(|e| name(e) == name(d)) {
+            Some(e) if in_place(e, d) => e.clone(),
+            Some(_) => api
+                .patch(&name(d), &params, &Patch::Apply(d))
                 .await
-                .map_err(err("applying"))?
-        } else {
-            // Not ours (or not there): create, and never take over one that exists.
-            let post = PostParams {
-                field_manager: Some(FIELD_MANAGER.to_string()),
-                ..Default::default()
-            };
-            api.create(&post, d).await.map_err(|source| {
-                if is_conflict(&source) {
-                    Error::NotOwned {
-                        kind: "CronJob",
-                        name: format!("{ns}/{}", name(d)),
-                        wanted_by: match role(d) {
-                            Some(BASE_BACKUP_ROLE) => "spec.backups.pointInTimeRecovery",
-                            Some("backup") => "spec.backups",
-                            _ => "spec.materializedViews",
-                        }
-                        .to_string(),
+                .map_err(err("applying"))?,
+            None => {
+                // Not ours (or not there): create, and never take over one that exists.
+                let post = PostParams {
+                    field_manager: Some(FIELD_MANAGER.to_string()),
+                    ..Default::default()
+                };
+                match api.create(&post, d).await {
+                    Ok(created) => created,
+                    Err(source) if is_conflict(&source) && cache.is_none() => {
+                        return Err(not_owned(d))
                     }
-                } else {
-                    Error::CronJobs {
-                        action: "creating",
-                        source,
+                    Err(source) if is_conflict(&source) => {
+                        // The cache may not hold a CronJob this operator created a moment
+                        // ago: ours when its owner reference says so, else another's.
+                        match api.get_opt(&name(d)).await.map_err(err("reading"))? {
+                            Some(found) if controlled_by(&found, policy) => api
+                                .patch(&name(d), &params, &Patch::Apply(d))
+                                .await
+                                .map_err(err("applying"))?,
+                            _ => return Err(not_owned(d)),
+                        }
+                    }
+                    Err(source) => {
+                        return Err(Error::CronJobs {
+                            action: "creating",
+                            source,
+                        })
                     }
                 }
-            })?
+            }
         };
         match role(d) {
             Some("backup") => sync.backup = Some(applied),
@@ -294,8 +332,12 @@ pub fn read_endpoint_secret(
 /// policy controls it (an unchanged Secret is a no-op write), and never touched when it
 /// belongs to someone else (`SecretNotOwned`: an application's Secret of that name keeps
 /// its data and gets no ownerReference, which would let garbage collection delete it).
+///
+/// With the operator's watch cache of Secrets the existing Secret is read from it, and a
+/// Secret already holding the data, labels and owner sent is not written again.
 pub async fn publish_read_endpoint(
     client: &Client,
+    cache: Option<&Store<Secret>>,
     policy: &DatabasePolicy,
     secret: &Secret,
 ) -> Result<()> {
@@ -311,15 +353,25 @@ pub async fn publish_read_endpoint(
         name: format!("{ns}/{name}"),
         wanted_by: "spec.replicas.readEndpointSecretName".to_string(),
     };
-    match api.get_opt(&name).await.map_err(failed)? {
+    let apply = || async {
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(secret),
+        )
+        .await
+        .map(drop)
+        .map_err(failed)
+    };
+    let existing = match cache {
+        Some(store) => super::cache::secret(store, &ns, &name).map(|s| s.as_ref().clone()),
+        None => api.get_opt(&name).await.map_err(failed)?,
+    };
+    match existing {
         Some(existing) if controlled_by(&existing, policy) => {
-            api.patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(secret),
-            )
-            .await
-            .map_err(failed)?;
+            if !secret_in_place(&existing, secret) {
+                apply().await?;
+            }
         }
         Some(_) => return Err(not_owned()),
         None => {
@@ -327,17 +379,32 @@ pub async fn publish_read_endpoint(
                 field_manager: Some(FIELD_MANAGER.to_string()),
                 ..Default::default()
             };
-            api.create(&post, secret).await.map_err(|e| {
-                if is_conflict(&e) {
-                    // Created by someone else since the read: theirs.
-                    not_owned()
-                } else {
-                    failed(e)
+            match api.create(&post, secret).await {
+                Ok(_) => {}
+                // Created by someone else since the read: theirs. With the cache, possibly
+                // by this operator a moment ago (not cached yet): the owner tells.
+                Err(e) if is_conflict(&e) && cache.is_some() => {
+                    match api.get_opt(&name).await.map_err(failed)? {
+                        Some(found) if controlled_by(&found, policy) => apply().await?,
+                        _ => return Err(not_owned()),
+                    }
                 }
-            })?;
+                Err(e) if is_conflict(&e) => return Err(not_owned()),
+                Err(e) => return Err(failed(e)),
+            }
         }
     }
     Ok(())
+}
+
+/// Whether the Secret `have` already holds `want`'s data (exactly: a key removed from the
+/// endpoint must go), type and labels.
+fn secret_in_place(have: &Secret, want: &Secret) -> bool {
+    let labels_in = want
+        .labels()
+        .iter()
+        .all(|(k, v)| have.labels().get(k) == Some(v));
+    have.data == want.data && have.type_ == want.type_ && labels_in
 }
 
 #[cfg(test)]

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 
 use super::error::Error;
@@ -46,6 +49,11 @@ pub struct Context {
     pub cronjobs_supported: bool,
     /// Server settings denied by default that the platform team allows (`--allow-setting`).
     pub allowed_settings: crate::engine::AllowedSettings,
+    /// The operator's watch cache of Secrets (`dbpolicy run`): Secrets are read from it,
+    /// never fetched. None: one GET per Secret read (tests of the request sequence).
+    pub secret_cache: Option<Store<Secret>>,
+    /// The watch cache of the operator's CronJobs: none listed per reconcile when set.
+    pub cronjob_cache: Option<Store<CronJob>>,
 }
 
 impl Context {
@@ -63,7 +71,16 @@ impl Context {
             job_image: DEFAULT_JOB_IMAGE.to_string(),
             cronjobs_supported: true,
             allowed_settings: Default::default(),
+            secret_cache: None,
+            cronjob_cache: None,
         }
+    }
+
+    /// Reads Secrets and the policies' CronJobs from these watch caches instead of the API.
+    pub fn with_caches(mut self, secrets: Store<Secret>, cronjobs: Option<Store<CronJob>>) -> Self {
+        self.secret_cache = Some(secrets);
+        self.cronjob_cache = cronjobs;
+        self
     }
 
     /// The denied server settings that policies may set (`--allow-setting`).

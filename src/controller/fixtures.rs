@@ -45,6 +45,8 @@ pub enum Expect {
     /// POST of a new CronJob of this name; answered 409 AlreadyExists when the bool is
     /// true (someone else's CronJob has that name), else with what was sent.
     CreateCronJob(String, bool),
+    /// GET of a CronJob, answered with it.
+    GetCronJob(Box<CronJob>),
     /// DELETE of the CronJob of this name, with its Jobs (background propagation).
     DeleteCronJob(String),
     /// LIST of the backup Jobs of the policy, answered with these.
@@ -222,6 +224,16 @@ impl ApiServerVerifier {
                             reply["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
                             (StatusCode::CREATED, reply)
                         }
+                    }
+                    Expect::GetCronJob(cj) => {
+                        assert_eq!(
+                            what,
+                            format!(
+                                "GET /apis/batch/v1/namespaces/{NS}/cronjobs/{}",
+                                cj.name_any()
+                            )
+                        );
+                        (StatusCode::OK, serde_json::to_value(cj).unwrap())
                     }
                     Expect::DeleteCronJob(name) => {
                         assert_eq!(
@@ -412,4 +424,34 @@ pub fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
         .unwrap_or_else(|| panic!("no condition {type_} in {status_patch:#}"))
+}
+
+/// A complete watch cache holding `objects`, as the operator's are once listed.
+pub fn filled_store<K>(objects: Vec<K>) -> kube::runtime::reflector::Store<K>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    use kube::runtime::watcher::Event;
+    let (store, mut writer) = kube::runtime::reflector::store();
+    writer.apply_watcher_event(&Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    store
+}
+
+/// A context reading Secrets and CronJobs from watch caches holding these objects (as
+/// `dbpolicy run` does), on a mocked API server that serves batch/v1 CronJobs.
+pub fn test_context_cached(
+    secrets: Vec<Secret>,
+    cronjobs: Vec<CronJob>,
+) -> (Arc<Context>, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NS);
+    let ctx = Context::new(client, Some("test-instance".into()), Metrics::default())
+        .with_jobs(super::context::DEFAULT_JOB_IMAGE, true)
+        .with_caches(filled_store(secrets), Some(filled_store(cronjobs)));
+    (Arc::new(ctx), ApiServerVerifier(handle))
 }

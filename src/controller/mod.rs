@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod backups;
+pub mod cache;
 pub mod children;
 pub mod context;
 pub mod error;
@@ -28,8 +29,8 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, PredicateConfig, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
@@ -249,42 +250,72 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             "this API server does not serve batch/v1 CronJob (Kubernetes 1.21+): running without the backup and refresh CronJobs; policies that need them say CronJobsUnsupported"
         );
     }
-    let ctx = Arc::new(
-        Context::new(client.clone(), Some(identity), metrics.clone())
-            .with_jobs(args.job_image.clone(), cronjobs)
-            .with_allowed_settings(allowed_settings.clone()),
-    );
     let mut wc = watcher::Config::default();
     if let Some(sel) = &args.selector {
         wc = wc.labels(sel);
     }
-    let secrets: Api<Secret> = match &args.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let controller = Controller::new(policies, wc);
-    let store = controller.store();
-    let lost = leadership.as_ref().map(|l| l.lost());
-    let controller = controller
-        .watches(secrets, watcher::Config::default(), move |secret| {
-            policies_for_secret(&store.state(), &secret)
-        })
-        .with_config(ControllerConfig::default().concurrency(args.concurrency));
-    // Children: a CronJob changed or deleted by hand is put back; a finished backup Job
-    // updates status.backups at once.
-    let controller = if cronjobs {
-        let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=dbpolicy");
-        let backup_jobs = watcher::Config::default().labels("dbpolicy.dev/job=backup");
-        let (cronjobs, jobs): (Api<CronJob>, Api<Job>) = match &args.namespace {
+    let (secrets, cronjob_api, job_api): (Api<Secret>, Api<CronJob>, Api<Job>) =
+        match &args.namespace {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
                 Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
             ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
         };
+
+    // The policies, cached without managedFields; only a change of spec or metadata
+    // triggers a reconcile, never the operator's own status write.
+    let (policy_store, policy_writer) = reflector::store();
+    let policy_stream = watcher(policies, wc)
+        .default_backoff()
+        .modify(cache::trim_policy)
+        .reflect(policy_writer)
+        .applied_objects()
+        .predicate_filter(cache::policy_trigger, PredicateConfig::default());
+    // Secrets: the watch cache every Secret read is served from (see cache.rs for why a
+    // cache of data rather than a metadata-only watch); a Secret created, changed or
+    // deleted triggers the policies that reference it, and no other.
+    let (secret_store, secret_writer) = reflector::store();
+    let secret_stream = cache::changes_after_first_list(
+        watcher(secrets, watcher::Config::default())
+            .default_backoff()
+            .modify(cache::trim_secret)
+            .reflect(secret_writer),
+    );
+    // Children: a CronJob changed or deleted by hand is put back (and read from this cache,
+    // never listed); a finished backup Job updates status.backups at once.
+    let (cronjob_store, cronjob_writer) = reflector::store();
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=dbpolicy");
+    let cronjob_stream = cache::changes_after_first_list(
+        watcher(cronjob_api, managed)
+            .default_backoff()
+            .modify(cache::trim_cronjob)
+            .reflect(cronjob_writer),
+    );
+
+    let ctx = Arc::new(
+        Context::new(client.clone(), Some(identity), metrics.clone())
+            .with_jobs(args.job_image.clone(), cronjobs)
+            .with_allowed_settings(allowed_settings.clone())
+            .with_caches(secret_store, cronjobs.then_some(cronjob_store)),
+    );
+    let mapper_store = policy_store.clone();
+    let lost = leadership.as_ref().map(|l| l.lost());
+    let controller = Controller::for_stream(policy_stream, policy_store)
+        .watches_stream(secret_stream, move |secret| {
+            policies_for_secret(&mapper_store.state(), &secret)
+        })
+        .with_config(ControllerConfig::default().concurrency(args.concurrency));
+    let controller = if cronjobs {
+        let backup_jobs = watcher::Config::default().labels("dbpolicy.dev/job=backup");
         controller
-            .owns(cronjobs, managed)
-            .watches(jobs, backup_jobs, |job| policy_for_job(&job))
+            .owns_stream(cronjob_stream)
+            .watches(job_api, backup_jobs, |job| policy_for_job(&job))
     } else {
         controller
     };

@@ -1,4 +1,4 @@
-//! The reconciler: `finalizer()` as the single top-level step; Apply reads the Secret, runs the engine and writes status by server-side apply; Cleanup releases the policy.
+//! The reconciler: `finalizer()` as the single top-level step; Apply reads the Secret (from the watch cache), runs the engine and writes status by server-side apply when it changed; Cleanup releases the policy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -103,9 +103,15 @@ async fn apply(
         // Suspended: no Secret read, no database access, no requeue until the spec changes.
         // The CronJobs are paused too (the builders set `suspend`); Plan mode changes nothing.
         let paused = if mode == Mode::Apply && ctx.cronjobs_supported {
-            children::sync_cronjobs(&ctx.client, &policy, &ctx.job_image, mode)
-                .await
-                .err()
+            children::sync_cronjobs(
+                &ctx.client,
+                ctx.cronjob_cache.as_ref(),
+                &policy,
+                &ctx.job_image,
+                mode,
+            )
+            .await
+            .err()
         } else {
             None
         };
@@ -122,7 +128,7 @@ async fn apply(
         };
         let new_status = status::suspended(&input);
         record_metrics(ctx, &policy, &new_status, None);
-        patch_status(api, &name, &new_status).await?;
+        patch_status(api, &policy, &new_status).await?;
         return match paused {
             Some(e) => Err(e),
             None => Ok(Action::await_change()),
@@ -169,7 +175,7 @@ async fn apply(
                 status::from_error_with(&input, e.reason(), &e.to_string(), &found);
             pitr::add_condition(&input, &mut new_status, pitr_ready.as_ref());
             record_metrics(ctx, &policy, &new_status, None);
-            patch_status(api, &name, &new_status).await?;
+            patch_status(api, &policy, &new_status).await?;
             return Err(e);
         }
     };
@@ -187,7 +193,14 @@ async fn apply(
             let endpoint = super::read_endpoint::read_endpoint(rspec, current, &url, &replica_urls);
             let secret =
                 children::read_endpoint_secret(&policy, &secret_name, endpoint.secret_data());
-            if let Err(e) = children::publish_read_endpoint(&ctx.client, &policy, &secret).await {
+            if let Err(e) = children::publish_read_endpoint(
+                &ctx.client,
+                ctx.secret_cache.as_ref(),
+                &policy,
+                &secret,
+            )
+            .await
+            {
                 found.areas.push(AreaState {
                     area: Area::Replicas,
                     status: Status::False,
@@ -214,7 +227,7 @@ async fn apply(
     for (area, n) in &applied {
         ctx.metrics.applied(*area, *n);
     }
-    patch_status(api, &name, &new_status).await?;
+    patch_status(api, &policy, &new_status).await?;
 
     if !applied.is_empty() {
         let total: usize = applied.values().sum();
@@ -343,7 +356,15 @@ async fn cronjobs_and_backups(
         }
         return (found, None, None);
     }
-    let sync = match children::sync_cronjobs(&ctx.client, policy, &ctx.job_image, mode).await {
+    let sync = match children::sync_cronjobs(
+        &ctx.client,
+        ctx.cronjob_cache.as_ref(),
+        policy,
+        &ctx.job_image,
+        mode,
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             for area in needing {
@@ -578,22 +599,34 @@ async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
 
 /// The libpq URI from `spec.database.connectionSecretRef`. Surrounding whitespace (a
 /// trailing newline from `kubectl create secret --from-file`) is dropped.
+///
+/// With the operator's watch cache the Secret is read from it (no API request); the cache
+/// is complete before the first read (see `wait_until_ready`), and a Secret created or
+/// changed later triggers the policies that reference it.
 async fn read_connection_uri(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Result<String> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let key = r.effective_key().to_string();
-    let secret = secrets
-        .get_opt(&r.name)
-        .await
-        .map_err(|source| Error::SecretRead {
-            namespace: ns.into(),
-            name: r.name.clone(),
-            source,
-        })?
-        .ok_or_else(|| Error::SecretNotFound {
-            namespace: ns.into(),
-            name: r.name.clone(),
-            key: key.clone(),
-        })?;
+    let secret = match &ctx.secret_cache {
+        Some(store) => {
+            // Resolves at once after the initial list; the controller keeps polling the
+            // watch meanwhile, so this never waits on itself.
+            let _ = store.wait_until_ready().await;
+            super::cache::secret(store, ns, &r.name)
+        }
+        None => Api::<Secret>::namespaced(ctx.client.clone(), ns)
+            .get_opt(&r.name)
+            .await
+            .map_err(|source| Error::SecretRead {
+                namespace: ns.into(),
+                name: r.name.clone(),
+                source,
+            })?
+            .map(std::sync::Arc::new),
+    };
+    let secret = secret.ok_or_else(|| Error::SecretNotFound {
+        namespace: ns.into(),
+        name: r.name.clone(),
+        key: key.clone(),
+    })?;
     let bytes = secret
         .data
         .as_ref()
@@ -627,12 +660,20 @@ async fn run_engine(
 }
 
 /// Server-side apply of the whole status under the operator's field manager, on the
-/// `/status` subresource: the operator never writes `spec`.
+/// `/status` subresource: the operator never writes `spec`. Nothing is sent when the
+/// status is the one the policy already has (the steady state: the builders keep
+/// `lastTransitionTime` and the replicas' figures unless something changed), so a
+/// no-op drift check costs no API request.
 async fn patch_status(
     api: &Api<DatabasePolicy>,
-    name: &str,
+    policy: &DatabasePolicy,
     status: &DatabasePolicyStatus,
 ) -> Result<()> {
+    if status::unchanged(policy.status.as_ref(), status) {
+        return Ok(());
+    }
+    let name = policy.name_any();
+    let name = name.as_str();
     let patch = serde_json::json!({
         "apiVersion": DatabasePolicy::api_version(&()),
         "kind": DatabasePolicy::kind(&()),
@@ -1026,7 +1067,7 @@ featureFlags:
         )
         .await;
         first.unwrap();
-        // The status write wakes the controller: a converged check writes the same status.
+        // The next drift check: a converged check writes only what changed (Drifted).
         let policy = with_status(policy, &sent[2].body);
         let (second, sent) = reconcile_with(
             policy.clone(),
@@ -1536,12 +1577,11 @@ replicas:
     #[tokio::test]
     async fn a_cronjob_of_another_owner_is_never_taken_over() {
         // test-backup exists but is not the policy's (the create answers AlreadyExists);
-        // test-refresh-stats is the policy's own and is applied.
+        // test-refresh-stats is the policy's own and in place: not applied again.
         let (result, sent) = reconcile_with(
             test_policy(CHILDREN, true),
             vec![
                 Expect::ListCronJobs(vec![owned_cronjob(CHILDREN, "test-refresh-stats")]),
-                Expect::ApplyCronJob("test-refresh-stats".into()),
                 Expect::CreateCronJob("test-backup".into(), true),
                 Expect::GetSecret(None),
                 Expect::PatchStatus,
@@ -1550,7 +1590,7 @@ replicas:
         )
         .await;
         assert_eq!(result.unwrap_err().reason(), "SecretNotFound");
-        let backups = condition(&sent[4].body, "BackupsReady");
+        let backups = condition(&sent[3].body, "BackupsReady");
         assert_eq!(
             (&backups["status"], &backups["reason"]),
             (&json!("False"), &json!("CronJobNotOwned")),
@@ -1593,6 +1633,191 @@ backups: {schedule: '0 3 * * *', storage: {pvc: {claimName: backups}}}
         assert_eq!(backups["reason"], "PlanPending", "{backups}");
         assert_eq!(condition(patch, "Ready")["reason"], "PlanPending");
         assert_eq!(patch["status"]["backups"], json!({}));
+    }
+
+    /// [`reconcile_with`] on a context that reads Secrets and CronJobs from watch caches
+    /// holding these objects, as `dbpolicy run` does.
+    async fn reconcile_cached(
+        policy: DatabasePolicy,
+        secrets: Vec<Secret>,
+        cronjobs: Vec<CronJob>,
+        scenario: Vec<Expect>,
+    ) -> (Result<Action>, Vec<Sent>) {
+        let (ctx, server) = crate::controller::fixtures::test_context_cached(secrets, cronjobs);
+        let verifier = server.run(policy.clone(), scenario);
+        let result = reconcile(Arc::new(policy), ctx.clone()).await;
+        drop(ctx);
+        let sent = tokio::time::timeout(Duration::from_secs(30), verifier)
+            .await
+            .expect("the scenario did not finish")
+            .expect("the scenario failed");
+        (result, sent)
+    }
+
+    /// Issue 17: a steady-state reconcile (nothing changed in the database, the Secret or
+    /// the spec) sends no API request at all: the Secret comes from the watch cache, and the
+    /// status it would write is the one the policy has. The mocked API server fails on any
+    /// request beyond the scenario.
+    #[tokio::test]
+    async fn a_steady_state_reconcile_sends_no_api_request() {
+        let (url, name) = create_database().await;
+        let secrets = || vec![*test_secret(&url)];
+        let policy = test_policy(FLAGS, true);
+        let (first, sent) = reconcile_cached(
+            policy.clone(),
+            secrets(),
+            vec![],
+            vec![Expect::PatchStatus, Expect::CreateEvent],
+        )
+        .await;
+        first.unwrap();
+        // The first check after the apply finds the database in sync: Drifted says so.
+        let policy = with_status(policy, &sent[0].body);
+        let (second, sent) =
+            reconcile_cached(policy.clone(), secrets(), vec![], vec![Expect::PatchStatus]).await;
+        second.unwrap();
+        assert_eq!(condition(&sent[0].body, "Drifted")["reason"], "InSync");
+        let policy = with_status(policy, &sent[0].body);
+        for _ in 0..2 {
+            let (steady, sent) = reconcile_cached(policy.clone(), secrets(), vec![], vec![]).await;
+            assert_eq!(steady.unwrap(), Action::requeue(Duration::from_secs(300)));
+            assert!(sent.is_empty());
+        }
+        // The Secret changed (another password, the same database): read from the cache,
+        // still no request, and the database is reached with the new value.
+        let moved = format!("{url}?application_name=rotated");
+        let (rotated, sent) =
+            reconcile_cached(policy.clone(), vec![*test_secret(&moved)], vec![], vec![]).await;
+        rotated.unwrap();
+        assert!(sent.is_empty());
+        // A Secret missing from the cache is SecretNotFound, without a GET.
+        let (missing, _) = reconcile_cached(
+            policy,
+            vec![],
+            vec![],
+            vec![Expect::PatchStatus, Expect::CreateEvent],
+        )
+        .await;
+        drop_database(&name).await;
+        assert_eq!(missing.unwrap_err().reason(), "SecretNotFound");
+    }
+
+    /// CronJobs come from the watch cache; one in place (as the API server returns it, with
+    /// defaults and status) is not applied again, a changed one is, and nothing is listed.
+    #[tokio::test]
+    async fn cronjobs_in_place_are_neither_listed_nor_applied_again() {
+        let spec = "database: {connectionSecretRef: {name: x}}
+materializedViews: {views: [{name: stats, schedule: '*/15 * * * *'}, {name: daily, schedule: '0 1 * * *'}]}
+";
+        let policy = test_policy(spec, true);
+        let served: Vec<CronJob> = refresh_cronjobs(&policy, DEFAULT_JOB_IMAGE)
+            .into_iter()
+            .map(|mut cj| {
+                let spec = cj.spec.as_mut().unwrap();
+                spec.concurrency_policy.get_or_insert("Allow".into());
+                spec.job_template.spec.as_mut().unwrap().completions = Some(1);
+                cj.metadata.resource_version = Some("7".into());
+                cj.metadata.creation_timestamp =
+                    Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+                cj
+            })
+            .collect();
+        let sync = |cached: Vec<CronJob>, scenario: Vec<Expect>| {
+            let policy = policy.clone();
+            async move {
+                let (ctx, server) =
+                    crate::controller::fixtures::test_context_cached(vec![], cached);
+                let verifier = server.run(policy.clone(), scenario);
+                let result = children::sync_cronjobs(
+                    &ctx.client,
+                    ctx.cronjob_cache.as_ref(),
+                    &policy,
+                    &ctx.job_image,
+                    Mode::Apply,
+                )
+                .await;
+                drop(ctx);
+                (result, verifier.await.expect("the scenario failed"))
+            }
+        };
+        let (result, sent) = sync(served.clone(), vec![]).await;
+        result.unwrap();
+        assert!(sent.is_empty(), "{sent:?}");
+
+        let mut changed = served.clone();
+        changed[1].spec.as_mut().unwrap().schedule = "0 2 * * *".into();
+        let name = changed[1].name_any();
+        let (result, _) = sync(changed, vec![Expect::ApplyCronJob(name)]).await;
+        result.unwrap();
+
+        // Not in the cache yet (created a moment ago): the create conflicts, the owner
+        // reference says it is ours, and it is applied, not reported as another's.
+        let (result, sent) = sync(
+            served[..1].to_vec(),
+            vec![
+                Expect::CreateCronJob(served[1].name_any(), true),
+                Expect::GetCronJob(Box::new(served[1].clone())),
+                Expect::ApplyCronJob(served[1].name_any()),
+            ],
+        )
+        .await;
+        result.unwrap();
+        assert_eq!(sent.len(), 3);
+    }
+
+    /// The read-endpoint Secret in the cache with the data to publish is not written again;
+    /// changed data is applied; another owner's is never written, and no GET is sent.
+    #[tokio::test]
+    async fn the_read_endpoint_secret_in_place_is_not_written_again() {
+        let policy = test_policy(
+            "database: {connectionSecretRef: {name: x}}\nreplicas: {replicas: []}\n",
+            true,
+        );
+        let data = |v: &str| BTreeMap::from([("DATABASE_READ_URL".to_string(), v.to_string())]);
+        let ours = children::read_endpoint_secret(&policy, "test-read", data("postgres://r1"));
+        let publish = |cached: Vec<Secret>, want: Secret, scenario: Vec<Expect>| {
+            let policy = policy.clone();
+            async move {
+                let (ctx, server) =
+                    crate::controller::fixtures::test_context_cached(cached, vec![]);
+                let verifier = server.run(policy.clone(), scenario);
+                let result = children::publish_read_endpoint(
+                    &ctx.client,
+                    ctx.secret_cache.as_ref(),
+                    &policy,
+                    &want,
+                )
+                .await;
+                drop(ctx);
+                (result, verifier.await.expect("the scenario failed"))
+            }
+        };
+        let (result, sent) = publish(vec![ours.clone()], ours.clone(), vec![]).await;
+        result.unwrap();
+        assert!(sent.is_empty());
+
+        let moved = children::read_endpoint_secret(&policy, "test-read", data("postgres://r2"));
+        let (result, _) = publish(
+            vec![ours.clone()],
+            moved,
+            vec![Expect::ApplySecret("test-read".into())],
+        )
+        .await;
+        result.unwrap();
+
+        let mut theirs = ours.clone();
+        theirs.metadata.owner_references = None;
+        let (result, sent) = publish(vec![theirs], ours.clone(), vec![]).await;
+        assert_eq!(result.unwrap_err().reason(), "SecretNotOwned");
+        assert!(sent.is_empty());
+
+        let (result, _) = publish(
+            vec![],
+            ours.clone(),
+            vec![Expect::CreateSecret("test-read".into())],
+        )
+        .await;
+        result.unwrap();
     }
 
     /// Schema-valid specs with hostile values where the schema allows them (durations of

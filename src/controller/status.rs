@@ -444,8 +444,8 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
             "the database is being brought to this generation of the policy",
         );
     }
-    // A repaired drift stays visible for one drift-check interval: the status write of
-    // the repair wakes the controller at once, and that check would otherwise erase it.
+    // A repaired drift stays visible for one drift-check interval: a check woken sooner
+    // (a Secret change, the reconcile-at annotation) would otherwise erase it.
     if let Some(prev) = previous_condition(input.previous, DRIFTED) {
         if prev.status == "True" && prev.reason == "DriftRepaired" {
             let since = input.now.0.duration_since(prev.last_transition_time.0);
@@ -606,6 +606,19 @@ pub fn from_outcome_with(
 /// Applied changes per area, for the `Applied` event and the metrics.
 pub fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
     count_by_area(outcome.report.iter().flat_map(|r| r.applied.iter()))
+}
+
+/// Whether `new` says nothing `previous` (as the API server returned it) does not:
+/// compared as JSON, the form both take on the wire, so that a field the server dropped
+/// or defaulted (empty lists, `None`) is not a difference.
+pub fn unchanged(previous: Option<&DatabasePolicyStatus>, new: &DatabasePolicyStatus) -> bool {
+    let Some(previous) = previous else {
+        return false;
+    };
+    match (serde_json::to_value(previous), serde_json::to_value(new)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -896,7 +909,7 @@ mod tests {
         assert!(d.message.contains("featureFlags 1"), "{}", d.message);
         assert_eq!(d.last_transition_time, at(300));
         assert_eq!(cond(&repaired, READY).status, "True");
-        // The status write wakes the controller at once: the repair stays visible.
+        // A check soon after (a Secret change, the annotation): the repair stays visible.
         let soon = from_outcome(&input(&spec, Some(&repaired), at(301)), &applied(vec![]));
         assert_eq!(cond(&soon, DRIFTED), d);
         // One interval later, a clean check clears it.
