@@ -580,7 +580,7 @@ async fn pitr_receiver_is_owned_restricted_never_adopted_and_removed_when_off() 
     let apply = |doc: &str| env.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(doc));
     apply(&policy("pitr", "app-db", pitr.clone()));
     apply(&policy("theirs", "app-db", pitr));
-    let mut op = Operator::start(&env, NS);
+    let mut op = Operator::start(&env);
 
     // Both policies list the same flags table, so one of them is Ready=False
     // (OwnershipConflict): wait for what PITR reports instead.
