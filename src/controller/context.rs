@@ -54,6 +54,8 @@ pub struct Context {
     pub secret_cache: Option<Store<Secret>>,
     /// The watch cache of the operator's CronJobs: none listed per reconcile when set.
     pub cronjob_cache: Option<Store<CronJob>>,
+    /// Database connections kept between runs, one per connection URL.
+    pub connections: super::connections::Connections,
 }
 
 impl Context {
@@ -73,6 +75,7 @@ impl Context {
             allowed_settings: Default::default(),
             secret_cache: None,
             cronjob_cache: None,
+            connections: Default::default(),
         }
     }
 

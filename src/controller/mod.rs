@@ -4,6 +4,7 @@ pub mod admin;
 pub mod backups;
 pub mod cache;
 pub mod children;
+pub mod connections;
 pub mod context;
 pub mod error;
 pub mod events;

@@ -163,7 +163,8 @@ async fn apply(
             allowed_settings: ctx.allowed_settings.clone(),
             claims: ClaimsTarget::for_policy_url(&url),
         };
-        let outcome = run_engine(url.clone(), &policy, PolicyId(key(&policy)), options).await?;
+        let outcome =
+            run_engine(ctx, url.clone(), &policy, PolicyId(key(&policy)), options).await?;
         Ok::<_, Error>((outcome, url, replica_urls, notes))
     }
     .await;
@@ -644,18 +645,26 @@ async fn read_connection_uri(ctx: &Context, ns: &str, r: &SecretKeyRef) -> Resul
     Ok(text.trim().to_string())
 }
 
-/// One connection per run: the engine's session settings and advisory lock belong to it.
-/// At most `--concurrency` runs are in flight at once.
+/// One connection per run, lent by `ctx.connections`: the engine's session settings and
+/// advisory lock belong to it while the run lasts, and it is kept for the next run on the
+/// same URL only after a run that succeeded and a reset. At most `--concurrency` runs are
+/// in flight at once.
 async fn run_engine(
+    ctx: &Context,
     url: String,
     policy: &DatabasePolicy,
     id: PolicyId,
     options: RunOptions,
 ) -> Result<Outcome> {
     let spec = &policy.spec;
-    let mut conn = crate::pg::connect_one(&url).await?;
-    let result = engine::run_with(&mut conn, spec, spec.effective_mode(), &id, &options).await;
-    let _ = conn.close().await;
+    let mut lease = ctx
+        .connections
+        .checkout(&url, engine::lock_wait(spec))
+        .await?;
+    let result = engine::run_with(lease.conn(), spec, spec.effective_mode(), &id, &options).await;
+    let succeeded =
+        matches!(&result, Ok(o) if o.report.as_ref().is_none_or(|r| r.failure.is_none()));
+    ctx.connections.checkin(lease, succeeded).await;
     Ok(result?)
 }
 

@@ -230,9 +230,7 @@ pub async fn run_with(
     )
     .await
     .map_err(session)?;
-    // Waiting for another run: as long as one statement may take, not the lock_timeout
-    // meant for production tables.
-    let wait = Duration::from_millis(statement_ms.max(lock_ms));
+    let wait = lock_wait(spec);
     acquire_lock(conn, wait).await?;
     let mut claims_conn = None;
     let result = async {
@@ -352,6 +350,14 @@ fn claims_not_taken(
         }),
         ..Default::default()
     }
+}
+
+/// How long a run waits for another run on its database: as long as one statement may
+/// take, not the lock_timeout meant for production tables. (An invalid timeout fails the
+/// run before it waits: see `run_with`.)
+pub fn lock_wait(spec: &DatabasePolicySpec) -> Duration {
+    let ms = |s: &str| pg_millis(s).unwrap_or(0);
+    Duration::from_millis(ms(spec.statement_timeout()).max(ms(spec.lock_timeout())))
 }
 
 /// Takes the per-database advisory lock, waiting at most `wait` for another run to finish.
