@@ -20,7 +20,7 @@
 #                        never conflict: each manages the flags table of its own schema
 #   BENCH_STEADY_SECONDS length of the steady-state window (default 60)
 #   BENCH_DRIFT          spec.driftCheckInterval of every policy (default 5m, the default)
-#   BENCH_CONCURRENCY    --concurrency of the operator (default 4, the default)
+#   BENCH_CONCURRENCY    --concurrency of the operator (default 8, the default)
 #   DBPOLICY_BENCH_ADMIN_URL  superuser URL (default postgres://postgres@127.0.0.1:5432/postgres)
 #   DBPOLICY_BIN         the binary (default: cargo build --release, target/release/dbpolicy)
 #   KEEP=1               leave the run directory (logs, audit log) in place
@@ -33,7 +33,7 @@ N=${1:-500}
 DBS=${BENCH_DATABASES:-10}
 STEADY=${BENCH_STEADY_SECONDS:-60}
 DRIFT=${BENCH_DRIFT:-5m}
-CONC=${BENCH_CONCURRENCY:-4}
+CONC=${BENCH_CONCURRENCY:-8}
 export PGOPTIONS="-c client_min_messages=warning"
 ADMIN_URL=${DBPOLICY_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 NS=bench
