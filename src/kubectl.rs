@@ -245,7 +245,7 @@ pub fn render_status(p: &DatabasePolicy) -> String {
 }
 
 /// `kubectl dbpolicy plan NAME`: the pending changes as a SQL script, each statement
-/// preceded by a comment with its area, target, hazard and summary. Changes to Kubernetes
+/// preceded by a comment with its area, target, hazard, summary and lock. Changes to Kubernetes
 /// objects and statements too long for status are comments only.
 pub fn render_plan(p: &DatabasePolicy) -> String {
     let status = p.status.clone().unwrap_or_default();
@@ -263,9 +263,14 @@ pub fn render_plan(p: &DatabasePolicy) -> String {
             .unwrap_or_else(|| "?".into())
     );
     for c in &plan.changes {
+        let lock = c
+            .lock
+            .as_deref()
+            .map(|l| format!(" (lock {})", one_line(l)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "\n-- {} {} [{}]: {}",
+            "\n-- {} {} [{}]: {}{lock}",
             c.area,
             one_line(&c.target),
             c.hazard,
@@ -398,7 +403,7 @@ mod tests {
                 {"area": "featureFlags", "target": "new_quiz_engine", "hazard": "safe",
                  "summary": "upsert flag new_quiz_engine", "sql": "INSERT INTO public.feature_flags VALUES ('new_quiz_engine')"},
                 {"area": "featureFlags", "target": "old", "hazard": "destructive",
-                 "summary": "delete flag old", "sql": "DELETE FROM public.feature_flags WHERE name = 'old';"},
+                 "lock": "ROW EXCLUSIVE", "summary": "delete flag old", "sql": "DELETE FROM public.feature_flags WHERE name = 'old';"},
                 {"area": "backups", "target": "CronJob/certquiz-backup", "hazard": "safe",
                  "summary": "create CronJob certquiz-backup"},
             ]},
@@ -456,7 +461,7 @@ Last failure:    -
 -- featureFlags new_quiz_engine [safe]: upsert flag new_quiz_engine
 INSERT INTO public.feature_flags VALUES ('new_quiz_engine');
 
--- featureFlags old [destructive]: delete flag old
+-- featureFlags old [destructive]: delete flag old (lock ROW EXCLUSIVE)
 DELETE FROM public.feature_flags WHERE name = 'old';
 
 -- backups CronJob/certquiz-backup [safe]: create CronJob certquiz-backup

@@ -6,14 +6,13 @@
 mod support;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::moto::Moto;
 use support::{dbpolicy_cmd, expect_code, RunOutput, TestDb};
 
 const SCHEMA: &str = "
@@ -686,104 +685,8 @@ async fn the_password_travels_in_the_environment_only() {
 }
 
 // ---------------------------------------------------------------------------------------
-// S3-compatible store: moto
+// S3-compatible store: moto (tests/support/moto.rs)
 // ---------------------------------------------------------------------------------------
-
-/// A `moto_server` on a free loopback port, stopped on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `MOTO_SERVER`, the venv hack/install-deps.sh makes, or `moto_server` in PATH.
-fn moto_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("MOTO_SERVER") {
-        return PathBuf::from(p);
-    }
-    let venv = PathBuf::from(
-        std::env::var("DBPOLICY_TOOLS_DIR").unwrap_or_else(|_| "/opt/dbpolicy-tools".into()),
-    )
-    .join("moto/bin/moto_server");
-    if venv.is_file() {
-        return venv;
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if dir.join("moto_server").is_file() {
-                return dir.join("moto_server");
-            }
-        }
-    }
-    panic!(
-        "moto_server not found (MOTO_SERVER, {}, PATH): the S3 backup test needs it. \
-         Run hack/install-deps.sh, which installs PyPI's moto[server] into a venv",
-        venv.display()
-    );
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let bin = moto_binary();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "could not start {}: {e}; the S3 backup test needs moto[server]: run hack/install-deps.sh (or set MOTO_SERVER)",
-                    bin.display()
-                )
-            });
-        let mut moto = Moto { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = moto.child.try_wait().unwrap() {
-                panic!(
-                    "{} exited ({status}):\n{}",
-                    bin.display(),
-                    fs::read_to_string(log.path()).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on {port} within 60s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        moto
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// `PUT /<bucket>`: moto accepts it unsigned; the backup code never creates buckets.
-    fn create_bucket(&self, bucket: &str) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).unwrap();
-        let mut response = String::new();
-        s.read_to_string(&mut response).unwrap();
-        assert!(
-            response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
-            "{response}"
-        );
-    }
-}
 
 #[tokio::test]
 async fn run_list_verify_prune_with_an_s3_compatible_store() {

@@ -195,3 +195,137 @@ async fn a_role_that_does_not_own_the_table_gets_a_plan_error_and_nothing_change
     .await;
     expect_code(&cli("apply", &url, &p), 0);
 }
+
+/// An index expression that sleeps 300 ms per row: IMMUTABLE is a lie PostgreSQL takes on
+/// trust, which lets a build take as long as the test needs, with no table of any size.
+const SLOW_INDEX_SCHEMA: &str = "
+CREATE FUNCTION slow(i int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN i; END $$;
+CREATE TABLE slowly (id int);
+INSERT INTO slowly SELECT generate_series(1, 5);";
+
+fn slow_index_policy(safety: &str) -> String {
+    policy(
+        "slowbuild",
+        &format!(
+            "  safety: {{{safety}}}\n  indexes:\n    indexes: [{{name: slowly_slow, table: slowly, columns: [\"slow(id)\"]}}]\n"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_concurrent_index_build_runs_under_its_own_timeout_not_the_policys() {
+    let db = TestDb::new().await;
+    db.exec(SLOW_INDEX_SCHEMA).await;
+
+    // The plan says which lock the build takes and which timeout it runs under.
+    let p = slow_index_policy("statementTimeout: 1s");
+    let plan = cli("plan", db.url(), &p);
+    expect_code(&plan, 2);
+    assert!(
+        plan.stdout.contains(
+            "(lock SHARE UPDATE EXCLUSIVE, timeout safety.indexBuildTimeout)\nCREATE INDEX CONCURRENTLY"
+        ),
+        "{}",
+        plan.stdout
+    );
+
+    // Its own timeout applies: set below what five sleeps of 300 ms take at least, the
+    // build is cancelled (whatever the policy's statementTimeout says).
+    let short = slow_index_policy("statementTimeout: 60s, indexBuildTimeout: 500ms");
+    let out = cli("apply", db.url(), &short);
+    expect_code(&out, 1);
+    assert!(
+        out.stdout.contains("StatementTimeout") && out.stdout.contains("57014"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("statement: CREATE INDEX CONCURRENTLY"),
+        "{}",
+        out.stdout
+    );
+
+    // The build takes longer than the policy's 1s statementTimeout (1.5 s of sleeps at
+    // least) and succeeds under the default indexBuildTimeout (20m), repairing the
+    // invalid index the cancelled build left (its drop runs under the same timeout).
+    expect_code(&cli("apply", db.url(), &p), 0);
+    let valid = db
+        .query_scalar::<bool>(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'slowly_slow'::regclass",
+        )
+        .await;
+    assert!(valid);
+    expect_code(&cli("plan", db.url(), &p), 0);
+}
+
+#[tokio::test]
+async fn the_policys_statement_timeout_applies_again_after_an_own_timeout() {
+    use dbpolicy::engine::apply::{execute, Timeouts};
+    use dbpolicy::engine::plan::{Area, AreaPlan, Change, LockLevel, OwnTimeout, Plan};
+    use dbpolicy::reason::Reason;
+
+    let db = TestDb::new().await;
+    db.exec(SLOW_INDEX_SCHEMA).await;
+    let mut conn = db.connect().await;
+    // The session as the engine sets it up: the policy's timeout, 1s.
+    sqlx::raw_sql("SET statement_timeout = 1000")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let timeouts = Timeouts {
+        statement_ms: 1000,
+        index_build_ms: 600_000,
+    };
+    let build = |name: &str| {
+        Change::new(
+            Area::Indexes,
+            format!("public.{name}"),
+            "build",
+            format!("CREATE INDEX CONCURRENTLY {name} ON slowly (slow(id))"),
+        )
+        .autonomous()
+        .lock(LockLevel::ShareUpdateExclusive)
+        .own_timeout(OwnTimeout::IndexBuild)
+    };
+    // After the build, a statement of 1.5 s at least: the policy's 1s cancels it.
+    let next = Change::new(
+        Area::Indexes,
+        "public.slowly",
+        "slow statement",
+        "SELECT pg_sleep(1.5)",
+    )
+    .autonomous();
+    let mut area = AreaPlan::new(Area::Indexes);
+    area.changes = vec![build("built"), next];
+    let report = execute(
+        &mut conn,
+        &Plan { areas: vec![area] },
+        false,
+        "p",
+        &timeouts,
+    )
+    .await;
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+    let failure = report.failure.expect("the slow statement is cancelled");
+    assert_eq!(failure.reason, Reason::StatementTimeout, "{failure:?}");
+    assert_eq!(failure.statement, "SELECT pg_sleep(1.5)");
+
+    // Restored after a failed build too: a build cancelled by its own (short) timeout
+    // leaves the session at the policy's.
+    let mut area = AreaPlan::new(Area::Indexes);
+    area.changes = vec![build("cancelled")];
+    let short = Timeouts {
+        statement_ms: 1000,
+        index_build_ms: 200,
+    };
+    let report = execute(&mut conn, &Plan { areas: vec![area] }, false, "p", &short).await;
+    assert_eq!(
+        report.failure.map(|f| f.reason),
+        Some(Reason::StatementTimeout)
+    );
+    let now: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(now, "1s");
+}

@@ -20,6 +20,9 @@ pub const API_VERSION: &str = "v1alpha1";
 pub const DEFAULT_SECRET_KEY: &str = "uri";
 pub const DEFAULT_LOCK_TIMEOUT: &str = "5s";
 pub const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
+/// The statement timeout of a concurrent index build or drop: as stripe/pg-schema-diff,
+/// 20 minutes; such a statement blocks no reads or writes while it runs.
+pub const DEFAULT_INDEX_BUILD_TIMEOUT: &str = "20m";
 pub const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "5m";
 /// Bounds of `spec.driftCheckInterval`, checked by the CRD's CEL rule and `validate_spec`.
 pub const MIN_DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
@@ -163,6 +166,14 @@ pub struct Safety {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
     pub statement_timeout: Option<String>,
+    /// `statement_timeout` of `CREATE INDEX CONCURRENTLY` and `DROP INDEX CONCURRENTLY`
+    /// instead of `statementTimeout` (default 20m; `0s` for none). They take SHARE UPDATE
+    /// EXCLUSIVE, blocking no reads or writes, but wait for every older transaction and
+    /// scan the table: long by nature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 20m, 2h or 0s (no limit)"))]
+    pub index_build_timeout: Option<String>,
     /// Allow changes that drop or delete what the operator did not create in this run
     /// (policies, partitions, indexes, replication slots, replaced views). Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -213,6 +224,12 @@ impl DatabasePolicySpec {
             .as_ref()
             .and_then(|s| s.statement_timeout.as_deref())
             .unwrap_or(DEFAULT_STATEMENT_TIMEOUT)
+    }
+    pub fn index_build_timeout(&self) -> &str {
+        self.safety
+            .as_ref()
+            .and_then(|s| s.index_build_timeout.as_deref())
+            .unwrap_or(DEFAULT_INDEX_BUILD_TIMEOUT)
     }
     pub fn drift_check_interval(&self) -> &str {
         self.drift_check_interval

@@ -63,6 +63,10 @@ pub struct PendingChange {
     pub area: String,
     pub target: String,
     pub hazard: String,
+    /// The table lock the statement takes on its target (`ACCESS EXCLUSIVE`, `SHARE UPDATE
+    /// EXCLUSIVE`, …); absent when it takes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
     pub summary: String,
     /// The statement (`kubectl dbpolicy plan`); absent for changes to Kubernetes objects
     /// and for statements over 2000 bytes (`dbpolicy plan` prints those).

@@ -40,6 +40,7 @@ pub fn validate_spec(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
     if let Some(s) = &spec.safety {
         duration("safety.lockTimeout", s.lock_timeout.as_deref());
         duration("safety.statementTimeout", s.statement_timeout.as_deref());
+        duration("safety.indexBuildTimeout", s.index_build_timeout.as_deref());
     }
     errors.extend(duration_bounds(spec));
     if let Some(rls) = &spec.row_level_security {
@@ -427,6 +428,7 @@ mod tests {
         let s = spec("database: {connectionSecretRef: {name: db}}");
         assert!(validate_spec(&s).is_empty());
         assert_eq!(s.lock_timeout(), "5s");
+        assert_eq!(s.index_build_timeout(), "20m");
         assert_eq!(s.effective_mode(), Mode::Apply);
     }
 
@@ -435,7 +437,7 @@ mod tests {
         let s = spec(
             r#"
 database: {connectionSecretRef: {name: db}}
-safety: {lockTimeout: soon}
+safety: {lockTimeout: soon, indexBuildTimeout: 1.5h}
 autovacuum:
   tables: [{table: a}, {table: a, schema: public}]
 featureFlags:
@@ -443,10 +445,11 @@ featureFlags:
 "#,
         );
         let errors: Vec<String> = validate_spec(&s).iter().map(|e| e.to_string()).collect();
-        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(errors[0].starts_with("spec.safety.lockTimeout"));
-        assert!(errors[1].contains("public.a is listed more than once"));
-        assert!(errors[2].contains("featureFlags.flags[0].name"));
+        assert!(errors[1].starts_with("spec.safety.indexBuildTimeout"));
+        assert!(errors[2].contains("public.a is listed more than once"));
+        assert!(errors[3].contains("featureFlags.flags[0].name"));
     }
 
     #[test]

@@ -352,8 +352,10 @@ fn unavailable_because(d: &Deployment) -> Option<String> {
         .find_map(|c| c.message.clone())
 }
 
-fn mib(bytes: i64) -> String {
-    format!("{} MiB", bytes / (1024 * 1024))
+/// Bytes in a condition message, in the one spelling of [`crate::units::bytes`] (a
+/// negative figure, which PostgreSQL never reports here, reads as zero).
+fn size(bytes: i64) -> String {
+    crate::units::bytes(bytes.max(0) as u64)
 }
 
 /// What `PointInTimeRecoveryReady` says, worst first: the receiver down (nothing is
@@ -404,7 +406,7 @@ pub fn readiness(
             "WalReceiverDown",
             format!(
                 "the WAL receiver Deployment has no available pod{why}; no WAL is archived and slot {slot} retains it on the server ({} so far)",
-                mib(retained)
+                size(retained)
             ),
         );
     }
@@ -422,7 +424,7 @@ pub fn readiness(
             "WalReceiverDown",
             format!(
                 "no receiver streams through slot {slot} (the pod is up but not connected: see its log); the slot retains {} of WAL",
-                mib(retained)
+                size(retained)
             ),
         );
     }
@@ -433,8 +435,8 @@ pub fn readiness(
             "SlotRetainingTooMuch",
             format!(
                 "slot {slot} retains {} of WAL on the server, over maxSlotRetainedBytes ({}); drop it with pg_drop_replication_slot('{slot}') if PITR is no longer wanted",
-                mib(retained),
-                mib(max_retained as i64)
+                size(retained),
+                size(max_retained as i64)
             ),
         );
     }
@@ -446,8 +448,8 @@ pub fn readiness(
             "WalArchivingLagging",
             format!(
                 "the WAL receiver is {} behind the server, over maxArchiveLagBytes ({})",
-                mib(lag),
-                mib(max_lag as i64)
+                size(lag),
+                size(max_lag as i64)
             ),
         );
     }
@@ -902,7 +904,7 @@ mod tests {
             (Status::False, "SlotRetainingTooMuch")
         );
         assert!(
-            r.message.contains("2048 MiB") && r.message.contains("1024 MiB"),
+            r.message.contains("2.0 GiB") && r.message.contains("1.0 GiB"),
             "{}",
             r.message
         );

@@ -4,13 +4,15 @@
 //! statements PostgreSQL refuses inside a transaction run alone: intent before effect, the
 //! intent to build what they record is committed before they run, and their ledger
 //! entries are written in one transaction right after (see [`super::ledger`]).
+//! A change with a timeout of its own (a concurrent index build) runs with the session's
+//! `statement_timeout` set to it, and the policy's set back right after, failed or not.
 //! Destructive changes are refused unless the policy allows them.
 //! The first failure stops the run: what follows may depend on it.
 
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
 
-use super::plan::{Area, Change, Hazard, LedgerOp, Plan};
+use super::plan::{Area, Change, Hazard, LedgerOp, OwnTimeout, Plan};
 use super::{ledger, normcache};
 use crate::pg::{error_summary, execute_one, sqlstate};
 use crate::reason::Reason;
@@ -66,12 +68,37 @@ impl ApplyFailure {
     }
 }
 
-/// Runs `plan` on `conn`. `policy` names the owner written to the ledger.
+/// The statement timeouts of a run, in milliseconds (0: none, as in PostgreSQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `safety.statementTimeout`: what the session runs under.
+    pub statement_ms: u64,
+    /// `safety.indexBuildTimeout`.
+    pub index_build_ms: u64,
+}
+
+impl Timeouts {
+    pub fn from_spec(spec: &crate::api::DatabasePolicySpec) -> Result<Self, String> {
+        Ok(Timeouts {
+            statement_ms: crate::duration::pg_millis(spec.statement_timeout())?,
+            index_build_ms: crate::duration::pg_millis(spec.index_build_timeout())?,
+        })
+    }
+    fn of(&self, timeout: OwnTimeout) -> u64 {
+        match timeout {
+            OwnTimeout::IndexBuild => self.index_build_ms,
+        }
+    }
+}
+
+/// Runs `plan` on `conn`, whose session runs under `timeouts.statement_ms`. `policy`
+/// names the owner written to the ledger.
 pub async fn execute(
     conn: &mut PgConnection,
     plan: &Plan,
     allow_destructive: bool,
     policy: &str,
+    timeouts: &Timeouts,
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
     let refused_bundles: std::collections::BTreeSet<&str> = plan
@@ -115,7 +142,7 @@ pub async fn execute(
         let result = if first.transactional {
             run_transaction(conn, group, policy).await
         } else {
-            run_autonomous(conn, first, policy).await
+            run_autonomous(conn, first, policy, timeouts).await
         };
         match result {
             Ok(rows) => report
@@ -181,14 +208,38 @@ async fn run_autonomous(
     conn: &mut PgConnection,
     change: &Change,
     policy: &str,
+    timeouts: &Timeouts,
 ) -> Result<Vec<u64>, ApplyFailure> {
     write_ledger(conn, change, &intents(change), policy).await?;
-    let done = execute_one(&mut *conn, &change.sql)
-        .await
-        .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
+    // Outside any transaction, a plain SET lasts for the session: set back below.
+    if let Some(own) = change.timeout {
+        set_statement_timeout(conn, change, timeouts.of(own)).await?;
+    }
+    let done = execute_one(&mut *conn, &change.sql).await;
+    if change.timeout.is_some() {
+        // Whatever happened: the next statement runs under the policy's timeout again.
+        let restored = set_statement_timeout(conn, change, timeouts.statement_ms).await;
+        if done.is_ok() {
+            restored?;
+        }
+    }
+    let done = done.map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
     let outcome: Vec<LedgerOp> = outcome_ops(change).cloned().collect();
     write_ledger(conn, change, &outcome, policy).await?;
     Ok(vec![done.rows_affected()])
+}
+
+/// `SET statement_timeout` (a number the engine computed, no spec text).
+async fn set_statement_timeout(
+    conn: &mut PgConnection,
+    change: &Change,
+    ms: u64,
+) -> Result<(), ApplyFailure> {
+    let sql = format!("SET statement_timeout = {ms}");
+    sqlx::Executor::execute(&mut *conn, sql.as_str())
+        .await
+        .map(|_| ())
+        .map_err(|e| ApplyFailure::from_sqlx(change, &sql, &e))
 }
 
 /// What an autonomous change commits before it runs, so a run killed while it runs (or

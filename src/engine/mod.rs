@@ -213,6 +213,7 @@ pub async fn run_with(
     }
     let lock_ms = pg_millis(spec.lock_timeout()).map_err(EngineError::Session)?;
     let statement_ms = pg_millis(spec.statement_timeout()).map_err(EngineError::Session)?;
+    let timeouts = apply::Timeouts::from_spec(spec).map_err(EngineError::Session)?;
     let session = |e: sqlx::Error| EngineError::Session(crate::pg::error_summary(&e));
     // Replicas are checked while this run waits for the lock and observes the primary:
     // each check is bounded, and none needs the lock.
@@ -257,7 +258,10 @@ pub async fn run_with(
                 _ => Ok(()),
             };
             let mut report = match taken {
-                Ok(()) => apply::execute(conn, &plan, spec.allow_destructive(), &policy.0).await,
+                Ok(()) => {
+                    apply::execute(conn, &plan, spec.allow_destructive(), &policy.0, &timeouts)
+                        .await
+                }
                 Err((e, database)) => claims_not_taken(&plan, &e, &database),
             };
             for area in areas::AREAS {

@@ -38,6 +38,92 @@ impl Hazard {
     }
 }
 
+/// The strongest table-level lock a change takes on a relation that already exists: its
+/// target, or (partitions) the parent, its default or the partition detached. PostgreSQL's
+/// eight modes, weakest first, and `None` for statements that take no relation lock anyone
+/// could queue behind: `ALTER SYSTEM`, functions, replication slots, a relation created
+/// by the same statement. Ordered by strength, so a plan's strongest lock is its max.
+///
+/// Each level below was checked against the PostgreSQL documentation ("Explicit
+/// Locking", table 13.2, and the Notes/Description of each command) and, where the docs
+/// are silent, the source (`tablecmds.c` `AlterTableGetLockLevel`,
+/// `AlterTableGetRelOptionsLockLevel`; `policy.c` opens the table in
+/// `AccessExclusiveLock` for CREATE, ALTER and DROP POLICY). It is what the change takes
+/// on its target; a statement that also reads other tables takes ACCESS SHARE on those.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LockLevel {
+    /// No relation lock that traffic or DDL could wait on.
+    #[default]
+    None,
+    /// SELECT; conflicts only with ACCESS EXCLUSIVE.
+    AccessShare,
+    /// INSERT, UPDATE, DELETE.
+    RowExclusive,
+    /// VACUUM, CREATE INDEX CONCURRENTLY, DROP INDEX CONCURRENTLY, ATTACH PARTITION and
+    /// DETACH … CONCURRENTLY (on the parent), ALTER TABLE SET/RESET of autovacuum storage
+    /// parameters, ALTER INDEX RENAME (PostgreSQL 12+): reads and writes go on, other DDL
+    /// and VACUUM wait.
+    ShareUpdateExclusive,
+    /// CREATE INDEX (not concurrently): blocks writes, not reads.
+    Share,
+    /// Blocks writes and other DDL, not reads (what a row move holds on a parent).
+    ShareRowExclusive,
+    /// REFRESH MATERIALIZED VIEW CONCURRENTLY: blocks everything but reads.
+    Exclusive,
+    /// Most ALTER TABLE forms, DROP, CREATE/ALTER/DROP POLICY, ENABLE/FORCE ROW LEVEL
+    /// SECURITY, CREATE TABLE … PARTITION OF (on the parent), DETACH (on the partition;
+    /// plain DETACH on the parent too), non-concurrent REFRESH, OWNER TO: blocks reads too, while it waits (up to lock_timeout) and while
+    /// it holds the lock.
+    AccessExclusive,
+}
+
+impl LockLevel {
+    /// PostgreSQL's name of the mode (as in `LOCK TABLE … IN <mode> MODE`).
+    pub fn as_sql(self) -> &'static str {
+        match self {
+            LockLevel::None => "none",
+            LockLevel::AccessShare => "ACCESS SHARE",
+            LockLevel::RowExclusive => "ROW EXCLUSIVE",
+            LockLevel::ShareUpdateExclusive => "SHARE UPDATE EXCLUSIVE",
+            LockLevel::Share => "SHARE",
+            LockLevel::ShareRowExclusive => "SHARE ROW EXCLUSIVE",
+            LockLevel::Exclusive => "EXCLUSIVE",
+            LockLevel::AccessExclusive => "ACCESS EXCLUSIVE",
+        }
+    }
+    /// Whether plain reads (SELECT) queue behind it.
+    pub fn blocks_reads(self) -> bool {
+        self == LockLevel::AccessExclusive
+    }
+    /// Whether writes (INSERT, UPDATE, DELETE) queue behind it.
+    pub fn blocks_writes(self) -> bool {
+        self >= LockLevel::Share
+    }
+}
+
+/// A statement timeout of its own, instead of the policy's `safety.statementTimeout`,
+/// for a statement that is long by nature but holds no lock that blocks traffic. The
+/// executor resolves it against the spec and sets it around that statement only (such
+/// statements run outside a transaction), restoring the policy's timeout right after.
+/// Modelled on stripe/pg-schema-diff, which gives `CREATE INDEX CONCURRENTLY` and
+/// `DROP INDEX CONCURRENTLY` their own 20-minute timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OwnTimeout {
+    /// `safety.indexBuildTimeout` (default 20m; `0s` for none): concurrent index builds
+    /// and drops, which wait for every transaction older than themselves.
+    IndexBuild,
+}
+
+impl OwnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OwnTimeout::IndexBuild => "indexBuildTimeout",
+        }
+    }
+}
+
 /// Bookkeeping of what the policy owns, written in the same transaction as the change it
 /// belongs to, so "removed from the spec" can be told from "never managed". For a change
 /// that cannot run in a transaction, intents are committed before it runs (see
@@ -76,6 +162,11 @@ pub struct Change {
     /// One SQL statement.
     pub sql: String,
     pub hazard: Hazard,
+    /// The lock the statement takes on its target (see [`LockLevel`]).
+    pub lock: LockLevel,
+    /// Runs under this timeout rather than the policy's statement timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<OwnTimeout>,
     /// False for statements PostgreSQL refuses inside a transaction block
     /// (`ALTER SYSTEM`, `CREATE INDEX CONCURRENTLY`, `DETACH … CONCURRENTLY`).
     pub transactional: bool,
@@ -118,6 +209,8 @@ impl Change {
             summary: summary.into(),
             sql: sql.into(),
             hazard: Hazard::Safe,
+            lock: LockLevel::None,
+            timeout: None,
             transactional: true,
             requires_restart: false,
             ledger: Vec::new(),
@@ -139,6 +232,21 @@ impl Change {
     }
     pub fn hazard(mut self, hazard: Hazard) -> Self {
         self.hazard = hazard;
+        self
+    }
+    /// The lock the statement takes on its target.
+    pub fn lock(mut self, lock: LockLevel) -> Self {
+        self.lock = lock;
+        self
+    }
+    /// Runs the statement under its own timeout (it must be autonomous: the executor sets
+    /// a session timeout around it, which a transaction would not scope).
+    pub fn own_timeout(mut self, timeout: OwnTimeout) -> Self {
+        debug_assert!(
+            !self.transactional,
+            "own timeouts are for autonomous changes"
+        );
+        self.timeout = Some(timeout);
         self
     }
     pub fn autonomous(mut self) -> Self {
@@ -358,9 +466,22 @@ impl Plan {
                 } else {
                     ""
                 };
+                // After the summary, so `-- [hazard] target: summary` stays greppable.
+                let mut takes = Vec::new();
+                if c.lock != LockLevel::None {
+                    takes.push(format!("lock {}", c.lock.as_sql()));
+                }
+                if let Some(t) = c.timeout {
+                    takes.push(format!("timeout safety.{}", t.as_str()));
+                }
+                let takes = if takes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", takes.join(", "))
+                };
                 let _ = writeln!(
                     out,
-                    "-- [{}{restart}] {}: {}",
+                    "-- [{}{restart}] {}: {}{takes}",
                     c.hazard.as_str(),
                     c.target,
                     c.summary
@@ -390,6 +511,7 @@ impl Plan {
                     area: c.area.as_str().into(),
                     target: c.target.clone(),
                     hazard: c.hazard.as_str().into(),
+                    lock: (c.lock != LockLevel::None).then(|| c.lock.as_sql().into()),
                     summary: truncate(&c.summary, 200),
                     sql: (!c.sql.is_empty() && c.sql.len() <= MAX_SQL_IN_STATUS)
                         .then(|| c.sql.clone()),
@@ -466,6 +588,57 @@ mod tests {
         assert!(sql.contains("-- area: featureFlags"));
         assert!(sql.contains("-- [safe] f0: upsert\nSELECT 1;"));
         assert!(sql.contains("-- [destructive] f1"));
+    }
+
+    #[test]
+    fn lock_and_own_timeout_show_in_sql_json_and_status() {
+        let mut a = AreaPlan::new(Area::Indexes);
+        a.changes.push(
+            Change::new(
+                Area::Indexes,
+                "public.t_a",
+                "create index",
+                "CREATE INDEX …",
+            )
+            .autonomous()
+            .lock(LockLevel::ShareUpdateExclusive)
+            .own_timeout(OwnTimeout::IndexBuild),
+        );
+        a.changes.push(Change::new(
+            Area::Indexes,
+            "public.t_a",
+            "adopt",
+            "SELECT 1",
+        ));
+        let p = Plan { areas: vec![a] };
+        let sql = p.render_sql();
+        assert!(
+            sql.contains("-- [safe] public.t_a: create index (lock SHARE UPDATE EXCLUSIVE, timeout safety.indexBuildTimeout)\nCREATE INDEX …;"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("-- [safe] public.t_a: adopt\nSELECT 1;"),
+            "{sql}"
+        );
+        let json = serde_json::to_value(&p).unwrap();
+        let c = &json["areas"][0]["changes"];
+        assert_eq!(c[0]["lock"], "shareUpdateExclusive");
+        assert_eq!(c[0]["timeout"], "indexBuild");
+        assert_eq!(c[1]["lock"], "none");
+        assert!(c[1].get("timeout").is_none());
+        let s = p.summary();
+        assert_eq!(s.changes[0].lock.as_deref(), Some("SHARE UPDATE EXCLUSIVE"));
+        assert_eq!(s.changes[1].lock, None);
+    }
+
+    #[test]
+    fn lock_levels_are_ordered_by_strength() {
+        assert!(LockLevel::None < LockLevel::AccessShare);
+        assert!(LockLevel::ShareUpdateExclusive < LockLevel::Share);
+        assert!(LockLevel::Exclusive < LockLevel::AccessExclusive);
+        assert!(!LockLevel::ShareUpdateExclusive.blocks_writes());
+        assert!(LockLevel::Share.blocks_writes() && !LockLevel::Share.blocks_reads());
+        assert!(LockLevel::AccessExclusive.blocks_reads());
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
         safety: Some(Safety {
             lock_timeout: Some(spec.lock_timeout().to_string()),
             statement_timeout: Some(spec.statement_timeout().to_string()),
+            index_build_timeout: Some(spec.index_build_timeout().to_string()),
             allow_destructive: Some(true),
         }),
         ..Default::default()

@@ -498,14 +498,7 @@ mod backup_tests {
 
     const IMAGE: &str = "ghcr.io/dbpolicy/dbpolicy:0.1.0";
 
-    fn policy(backups: &str) -> DatabasePolicy {
-        let mut p: DatabasePolicy = serde_yaml::from_str(&format!(
-            "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {{name: certquiz, namespace: quiz}}\nspec:\n  database: {{connectionSecretRef: {{name: certquiz-db}}}}\n{backups}"
-        ))
-        .unwrap();
-        p.metadata.uid = Some("1234-5678".into());
-        p
-    }
+    use crate::jobs::test_policy as policy;
 
     fn pvc_policy() -> DatabasePolicy {
         policy(

@@ -262,14 +262,7 @@ mod tests {
 
     const IMAGE: &str = "ghcr.io/dbpolicy/dbpolicy:0.1.0";
 
-    fn policy(backups: &str) -> DatabasePolicy {
-        let mut p: DatabasePolicy = serde_yaml::from_str(&format!(
-            "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {{name: certquiz, namespace: quiz}}\nspec:\n  database: {{connectionSecretRef: {{name: certquiz-db}}}}\n{backups}"
-        ))
-        .unwrap();
-        p.metadata.uid = Some("1234-5678".into());
-        p
-    }
+    use crate::jobs::test_policy as policy;
 
     const PVC: &str = "  backups:\n    schedule: '0 3 * * *'\n    storage: {pvc: {claimName: certquiz-backups}}\n    pointInTimeRecovery:\n      baseBackupSchedule: '0 2 * * 0'\n      retention: {count: 4}\n      slot: quiz_pitr\n      cluster: quiz\n      spoolSize: 2Gi\n      spoolStorageClassName: fast\n";
     const S3: &str = "  backups:\n    schedule: '0 3 * * *'\n    storage:\n      s3: {bucket: quiz-backups, endpoint: 'https://minio:9000', credentialsSecretRef: {name: s3-creds}}\n    image: registry.local/dbpolicy:dev\n    pointInTimeRecovery: {baseBackupSchedule: '@daily', retention: {days: 14}}\n";

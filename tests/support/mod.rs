@@ -26,6 +26,8 @@
 
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::ffi::OsStr;
 use std::fmt::{Debug, Write as _};
 use std::fs;

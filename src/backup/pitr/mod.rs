@@ -105,7 +105,8 @@ impl ClusterArgs {
 }
 
 /// Everything committed in a server's directory, from one listing and one read per base
-/// backup record (segment records are not read: their listing time is their time).
+/// backup record (segment records are not read: their listing time is their time, see
+/// [`window::archived_by`]).
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     /// Oldest first.
@@ -156,7 +157,7 @@ pub async fn scan(store: &Store, dir: &str) -> Result<Catalog, PitrError> {
                 if has(&format!("{f}{DATA_SUFFIX}")) {
                     cat.segments.push(SegmentInfo {
                         name,
-                        archived_at: e.last_modified,
+                        archived_at: window::archived_by(e.last_modified),
                     });
                 }
             }

@@ -61,6 +61,20 @@ pub struct Window {
     pub bases: Vec<Reach>,
 }
 
+/// When a segment listed at `listed` was archived by, at the latest. S3 lists objects
+/// to the second (`LastModified` has no fraction), truncated: a segment uploaded at
+/// 12:00:00.7 lists as 12:00:00, before commits it holds, and a target in that second
+/// would look unrecoverable. A time with no fraction is read as the end of its second,
+/// which keeps `Reach::to` after every commit in the run (a store that lists to the
+/// nanosecond is left as it is).
+pub fn archived_by(listed: DateTime<Utc>) -> DateTime<Utc> {
+    if listed.timestamp_subsec_nanos() == 0 {
+        listed + Duration::seconds(1)
+    } else {
+        listed
+    }
+}
+
 type Index = BTreeMap<(u32, u64), DateTime<Utc>>;
 
 fn index(segments: &[SegmentInfo]) -> Index {
@@ -233,6 +247,14 @@ mod tests {
     use chrono::TimeZone;
 
     const MB: u64 = 1024 * 1024;
+
+    #[test]
+    fn a_time_listed_to_the_second_is_read_as_the_end_of_that_second() {
+        let s3 = Utc.with_ymd_and_hms(2026, 11, 29, 16, 2, 27).unwrap();
+        assert_eq!(archived_by(s3), s3 + Duration::seconds(1));
+        let fine = s3 + Duration::nanoseconds(1_868_951);
+        assert_eq!(archived_by(fine), fine);
+    }
 
     fn at(min: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::minutes(min)

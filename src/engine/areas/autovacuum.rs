@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use crate::api::{AutovacuumSpec, AutovacuumTable, DatabasePolicySpec, TableTarget};
 use crate::engine::areas::{AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
-use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
+use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel};
 use crate::pg::QualifiedName;
 use crate::reason::Reason;
 
@@ -268,8 +268,12 @@ pub fn render(op: &Op) -> Change {
                     assignments.join(", ")
                 ),
             )
-            // SHARE UPDATE EXCLUSIVE: does not block reads or writes, but queues behind DDL.
-            .hazard(Hazard::Locking);
+            // SHARE UPDATE EXCLUSIVE: every autovacuum_* storage parameter is declared
+            // with that lock mode (reloptions.c; `AlterTableGetRelOptionsLockLevel` takes
+            // the strongest of the keys set). It does not block reads or writes, but
+            // queues behind DDL.
+            .hazard(Hazard::Locking)
+            .lock(LockLevel::ShareUpdateExclusive);
             for k in values.keys() {
                 change = change.record(k);
             }
@@ -282,7 +286,8 @@ pub fn render(op: &Op) -> Change {
                 format!("reset {}", keys.join(", ")),
                 format!("ALTER TABLE {} RESET ({})", table.quoted(), keys.join(", ")),
             )
-            .hazard(Hazard::Locking);
+            .hazard(Hazard::Locking)
+            .lock(LockLevel::ShareUpdateExclusive);
             for k in keys {
                 change = change.forget(k);
             }
@@ -425,6 +430,8 @@ mod tests {
             r#"ALTER TABLE "public"."t" SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 50)"#
         );
         assert_eq!(p.changes[0].hazard, Hazard::Locking);
+        // Autovacuum storage parameters: reads and writes go on.
+        assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
         assert_eq!(p.changes[0].ledger.len(), 2);
     }
 
@@ -478,6 +485,7 @@ mod tests {
             p.changes[0].sql,
             r#"ALTER TABLE "public"."t" RESET (autovacuum_vacuum_threshold)"#
         );
+        assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 use crate::api::{FeatureFlag, FeatureFlagsSpec, DEFAULT_SCHEMA};
 use crate::engine::areas::{AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
-use crate::engine::plan::{Area, AreaPlan, Change, LedgerOp};
+use crate::engine::plan::{Area, AreaPlan, Change, LedgerOp, LockLevel};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
 use crate::reason::Reason;
 
@@ -248,6 +248,10 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
     ops
 }
 
+/// Lock levels: CREATE TABLE and CREATE OR REPLACE FUNCTION lock nothing anyone waits on
+/// (the table is new; a function takes no relation lock); ALTER TABLE OWNER TO takes
+/// ACCESS EXCLUSIVE (ALTER TABLE: forms not listed otherwise do); rows are written under
+/// ROW EXCLUSIVE.
 pub fn render(table: &QualifiedName, op: &Op) -> Change {
     match op {
         Op::CreateTable => Change::new(AREA, table.to_string(), "create the flags table", create_table_sql(table)),
@@ -262,7 +266,8 @@ pub fn render(table: &QualifiedName, op: &Op) -> Change {
             table.to_string(),
             format!("hand the flags table to {owner}"),
             format!("ALTER TABLE {} OWNER TO {}", table.quoted(), quote_ident(owner)),
-        ),
+        )
+        .lock(LockLevel::AccessExclusive),
         Op::SetFunctionOwner(owner) => Change::new(
             AREA,
             format!("{}.{FUNCTION}", table.schema),
@@ -288,7 +293,8 @@ ON CONFLICT (name) DO UPDATE SET enabled = EXCLUDED.enabled, rollout_percentage 
                 row.rollout_percentage,
                 row.description.as_deref().map(quote_literal).unwrap_or_else(|| "NULL".into())
             ),
-        ),
+        )
+        .lock(LockLevel::RowExclusive),
         // The policy owns the rows of its flags table: a flag no longer listed is removed,
         // as its definition in Git was.
         Op::Delete(name) => Change::new(
@@ -296,7 +302,8 @@ ON CONFLICT (name) DO UPDATE SET enabled = EXCLUDED.enabled, rollout_percentage 
             name,
             format!("delete flag {name} (no longer in the spec)"),
             format!("DELETE FROM {} WHERE name = {}", table.quoted(), quote_literal(name)),
-        ),
+        )
+        .lock(LockLevel::RowExclusive),
     }
 }
 
@@ -452,6 +459,24 @@ mod tests {
         assert!(p.changes[0]
             .sql
             .starts_with(r#"CREATE TABLE "public"."feature_flags""#));
+        // A new table and a function lock nothing anyone waits on; rows, ROW EXCLUSIVE.
+        let locks: Vec<LockLevel> = p.changes.iter().map(|c| c.lock).collect();
+        assert_eq!(
+            locks,
+            [LockLevel::None, LockLevel::None, LockLevel::RowExclusive]
+        );
+    }
+
+    #[test]
+    fn handing_the_table_over_takes_access_exclusive() {
+        let t = QualifiedName::new("public", "feature_flags");
+        let lock = |op: &Op| render(&t, op).lock;
+        assert_eq!(
+            lock(&Op::SetTableOwner("app".into())),
+            LockLevel::AccessExclusive
+        );
+        assert_eq!(lock(&Op::SetFunctionOwner("app".into())), LockLevel::None);
+        assert_eq!(lock(&Op::Delete("x".into())), LockLevel::RowExclusive);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use sqlx::PgConnection;
 use crate::api::{IndexMethod, IndexSpec, IndexesSpec, TableTarget};
 use crate::engine::areas::{AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
-use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
+use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel, OwnTimeout};
 use crate::engine::scratch;
 use crate::pg::{grammar, quote_ident, quote_literal, QualifiedName};
 use crate::reason::Reason;
@@ -461,7 +461,10 @@ pub fn diff(
     ops
 }
 
-/// A concurrent build: outside any transaction, its intent committed first.
+/// A concurrent build: outside any transaction, its intent committed first. SHARE UPDATE
+/// EXCLUSIVE on the table (reads and writes go on), but it waits for every transaction
+/// older than itself and scans the table twice: under `safety.indexBuildTimeout`, not
+/// the policy's statement timeout.
 fn build_concurrently(spec: &IndexSpec, summary: String) -> Change {
     let name = index_name(spec);
     Change::new(
@@ -471,7 +474,18 @@ fn build_concurrently(spec: &IndexSpec, summary: String) -> Change {
         create_sql(spec, &spec.name, true),
     )
     .autonomous()
+    .lock(LockLevel::ShareUpdateExclusive)
+    .own_timeout(OwnTimeout::IndexBuild)
     .record(OWNED)
+}
+
+/// `DROP INDEX CONCURRENTLY`: SHARE UPDATE EXCLUSIVE on the table and the index, and, as
+/// a build, it waits for every transaction using the index: the build's timeout.
+fn drop_concurrently(change: Change) -> Change {
+    change
+        .autonomous()
+        .lock(LockLevel::ShareUpdateExclusive)
+        .own_timeout(OwnTimeout::IndexBuild)
 }
 
 /// Renames the replacement into place and records it, in one transaction.
@@ -489,6 +503,9 @@ fn rename_into_place(spec: &IndexSpec) -> Change {
         ),
     )
     .hazard(Hazard::Locking)
+    // PostgreSQL 12 on, renaming an index takes SHARE UPDATE EXCLUSIVE on it (ALTER INDEX,
+    // "RENAME"); the change stays `Locking`: it queues behind any DDL on the table.
+    .lock(LockLevel::ShareUpdateExclusive)
     .record(OWNED)
     .forget_under(temp.to_string(), OWNED)
 }
@@ -516,6 +533,8 @@ pub fn render(op: &Op) -> Vec<Change> {
                 create_sql(spec, &spec.name, false),
             )
             .record(OWNED)
+            // Plain CREATE INDEX: SHARE, which blocks writes (not reads) while it builds.
+            .lock(LockLevel::Share)
             .hazard(Hazard::Locking)]
         }
         Op::Adopt { spec } => {
@@ -534,13 +553,12 @@ pub fn render(op: &Op) -> Vec<Change> {
             let name = index_name(spec);
             let bundle = format!("rebuild index {name}");
             vec![
-                Change::new(
+                drop_concurrently(Change::new(
                     AREA,
                     name.to_string(),
                     "drop the invalid index a failed build left",
                     format!("DROP INDEX CONCURRENTLY IF EXISTS {}", name.quoted()),
-                )
-                .autonomous()
+                ))
                 .hazard(if *ours {
                     Hazard::Safe
                 } else {
@@ -571,17 +589,18 @@ pub fn render(op: &Op) -> Vec<Change> {
                         create_sql(spec, &temp.name, true),
                     )
                     .autonomous()
+                    .lock(LockLevel::ShareUpdateExclusive)
+                    .own_timeout(OwnTimeout::IndexBuild)
                     .intend_under(temp.to_string(), OWNED),
                 );
             }
             changes.push(
-                Change::new(
+                drop_concurrently(Change::new(
                     AREA,
                     name.to_string(),
                     "drop the old definition",
                     format!("DROP INDEX CONCURRENTLY {}", name.quoted()),
-                )
-                .autonomous()
+                ))
                 .hazard(drop_hazard),
             );
             changes.push(rename_into_place(spec));
@@ -593,22 +612,20 @@ pub fn render(op: &Op) -> Vec<Change> {
         Op::Finish { spec } => vec![rename_into_place(spec)],
         Op::DropLeftover { spec } => {
             let temp = replacement_name(spec);
-            vec![Change::new(
+            vec![drop_concurrently(Change::new(
                 AREA,
                 index_name(spec).to_string(),
                 format!("drop {temp}, an unusable replacement an earlier run began"),
                 format!("DROP INDEX CONCURRENTLY IF EXISTS {}", temp.quoted()),
-            )
-            .autonomous()
+            ))
             .forget_under(temp.to_string(), OWNED)]
         }
-        Op::Drop { index } => vec![Change::new(
+        Op::Drop { index } => vec![drop_concurrently(Change::new(
             AREA,
             index.to_string(),
             "drop index no longer in the spec (prune)",
             format!("DROP INDEX CONCURRENTLY {}", index.quoted()),
-        )
-        .autonomous()
+        ))
         .hazard(Hazard::Destructive)
         .forget(OWNED)],
     }
@@ -792,6 +809,9 @@ mod tests {
         assert!(p.changes[0].sql.starts_with("CREATE INDEX CONCURRENTLY"));
         assert!(!p.changes[0].transactional);
         assert_eq!(p.changes[0].hazard, Hazard::Safe);
+        // Reads and writes go on; the build runs under safety.indexBuildTimeout.
+        assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
+        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::IndexBuild));
     }
 
     #[test]
@@ -805,6 +825,9 @@ mod tests {
         assert!(p.changes[0].sql.starts_with("CREATE INDEX \"i\""));
         assert!(p.changes[0].transactional);
         assert_eq!(p.changes[0].hazard, Hazard::Locking);
+        // A plain build blocks writes, and in a transaction keeps the policy's timeout.
+        assert_eq!(p.changes[0].lock, LockLevel::Share);
+        assert_eq!(p.changes[0].timeout, None);
     }
 
     #[test]
@@ -847,6 +870,12 @@ mod tests {
             .changes
             .iter()
             .all(|c| c.hazard == Hazard::Safe && !c.transactional));
+        // The drop of the invalid index waits for transactions as a build does.
+        assert!(p
+            .changes
+            .iter()
+            .all(|c| c.lock == LockLevel::ShareUpdateExclusive
+                && c.timeout == Some(OwnTimeout::IndexBuild)));
 
         // Someone else's invalid index (perhaps a build still running): not ours to drop.
         let p = plan(&spec, &o, &Ledger::for_policy("p"), &Context::default());
@@ -1085,6 +1114,22 @@ mod tests {
         assert_eq!(p.changes.len(), 3);
         assert_eq!(p.changes[1].hazard, Hazard::Destructive);
         assert!(p.changes[2].sql.contains(r#"RENAME TO "i""#));
+        let locks: Vec<_> = p.changes.iter().map(|c| (c.lock, c.timeout)).collect();
+        assert_eq!(
+            locks,
+            [
+                (
+                    LockLevel::ShareUpdateExclusive,
+                    Some(OwnTimeout::IndexBuild)
+                ),
+                (
+                    LockLevel::ShareUpdateExclusive,
+                    Some(OwnTimeout::IndexBuild)
+                ),
+                // The rename is in a transaction: the policy's timeout.
+                (LockLevel::ShareUpdateExclusive, None),
+            ]
+        );
         let mut ledger = Ledger::for_policy("p");
         ledger.insert(AREA, "public.i", OWNED, "p");
         assert_eq!(
@@ -1121,6 +1166,8 @@ mod tests {
         assert_eq!(p.changes.len(), 1);
         assert_eq!(p.changes[0].hazard, Hazard::Destructive);
         assert!(p.changes[0].sql.ends_with(r#""public"."mine""#));
+        assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
+        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::IndexBuild));
         let no_prune = IndexesSpec {
             indexes: vec![],
             prune: None,

@@ -13,7 +13,7 @@ use crate::api::{
     IndexesSpec, MaterializedView, MaterializedViewsSpec, TableTarget, DEFAULT_SCHEMA,
 };
 use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
-use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
+use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel};
 use crate::engine::scratch;
 use crate::pg::{grammar, quote_ident, QualifiedName};
 use crate::reason::Reason;
@@ -317,7 +317,9 @@ fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Ch
             &target,
             "create the materialized view",
             format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
-        )],
+        )
+        // The view is new; the query reads its tables under ACCESS SHARE.
+        .lock(LockLevel::AccessShare)],
         Some(owner) => vec![
             Change::new(
                 AREA,
@@ -327,7 +329,9 @@ fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Ch
                     "CREATE MATERIALIZED VIEW {} AS {definition} WITH NO DATA",
                     name.quoted()
                 ),
-            ),
+            )
+            // Analysing the query locks its tables in ACCESS SHARE; nothing runs.
+            .lock(LockLevel::AccessShare),
             Change::new(
                 AREA,
                 &target,
@@ -337,13 +341,17 @@ fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Ch
                     name.quoted(),
                     quote_ident(owner)
                 ),
-            ),
+            )
+            .lock(LockLevel::AccessExclusive),
             Change::new(
                 AREA,
                 &target,
                 format!("fill it, with {owner}'s rights"),
                 format!("REFRESH MATERIALIZED VIEW {}", name.quoted()),
-            ),
+            )
+            // Not concurrently (the view is empty): ACCESS EXCLUSIVE on the view, which
+            // nobody can read yet anyway, in the transaction that created it.
+            .lock(LockLevel::AccessExclusive),
         ],
     }
 }
@@ -376,11 +384,17 @@ pub fn render(op: &Op) -> Vec<Change> {
                 format!("DROP MATERIALIZED VIEW {}", name.quoted()),
             )
             .hazard(Hazard::Destructive)
+            .lock(LockLevel::AccessExclusive)
             .bundle(&bundle)];
             let created = create(name, definition, owner.as_deref());
             let n = created.len();
             for (i, c) in created.into_iter().enumerate() {
-                let c = c.hazard(Hazard::Locking).bundle(&bundle);
+                // The view was dropped in this transaction: its ACCESS EXCLUSIVE is held
+                // to the commit, whatever the statements recreating it take.
+                let c = c
+                    .hazard(Hazard::Locking)
+                    .lock(LockLevel::AccessExclusive)
+                    .bundle(&bundle);
                 changes.push(if i + 1 == n { c.record(OWNED) } else { c });
             }
             changes
@@ -395,7 +409,8 @@ pub fn render(op: &Op) -> Vec<Change> {
                 quote_ident(owner)
             ),
         )
-        .hazard(Hazard::Locking)],
+        .hazard(Hazard::Locking)
+        .lock(LockLevel::AccessExclusive)],
     }
 }
 
@@ -673,6 +688,16 @@ mod tests {
             ]
         );
         assert!(p.changes[2].ledger.len() == 1 && p.changes[0].ledger.is_empty());
+        // Creating reads the query's tables; handing over and filling lock the new view.
+        let locks: Vec<LockLevel> = p.changes.iter().map(|c| c.lock).collect();
+        assert_eq!(
+            locks,
+            [
+                LockLevel::AccessShare,
+                LockLevel::AccessExclusive,
+                LockLevel::AccessExclusive
+            ]
+        );
 
         // An existing view of another owner is handed over; a missing role is an error.
         let o2 = observed(&[("v", "SELECT 1;", false)], &[("v", "SELECT 1;")]);
@@ -685,6 +710,7 @@ mod tests {
             p.changes[0].sql,
             "ALTER MATERIALIZED VIEW \"public\".\"v\" OWNER TO \"reporting\""
         );
+        assert_eq!(p.changes[0].lock, LockLevel::AccessExclusive);
     }
 
     fn observed(views: &[(&str, &str, bool)], normalized: &[(&str, &str)]) -> Observed {
@@ -758,6 +784,11 @@ mod tests {
         assert_eq!(p.changes.len(), 2);
         assert_eq!(p.changes[0].hazard, Hazard::Destructive);
         assert!(p.changes.iter().all(|c| c.transactional));
+        // The drop's ACCESS EXCLUSIVE is held to the commit: readers wait, never miss it.
+        assert!(p
+            .changes
+            .iter()
+            .all(|c| c.lock == LockLevel::AccessExclusive && c.timeout.is_none()));
     }
 
     #[test]

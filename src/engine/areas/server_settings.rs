@@ -1256,6 +1256,11 @@ mod tests {
         assert_eq!(p.changes[1].sql, "SELECT pg_reload_conf()");
         assert_eq!(p.changes[1].hazard, Hazard::Server);
         assert_eq!(p.changes[0].ledger.len(), 1);
+        // Server-wide, but no relation lock: the hazard says what it risks.
+        assert!(p
+            .changes
+            .iter()
+            .all(|c| c.lock == crate::engine::plan::LockLevel::None && c.timeout.is_none()));
     }
 
     #[test]

@@ -561,5 +561,6 @@ pub(super) fn owner_change(
             ),
         )
         .hazard(Hazard::Locking)
+        .lock(LockLevel::AccessExclusive)
     })
 }

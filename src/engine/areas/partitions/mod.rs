@@ -20,7 +20,7 @@ use crate::api::{PartitionInterval, PartitionTableStatus, PartitionedTable, Part
 use crate::api::{RetentionPolicy, TableTarget};
 use crate::duration::{parse_retention, Retention};
 use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
-use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
+use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel};
 use crate::pg::{quote_ident, quote_literal, QualifiedName};
 use crate::reason::Reason;
 

@@ -1,5 +1,8 @@
 //! Partition operations as statements: creation, row moves, detach and drop, each with
-//! the lock it takes.
+//! the lock it takes. A change's target is the partitioned table; its [`LockLevel`] is the
+//! strongest lock the statement takes on a relation that already exists (the parent, its
+//! default partition or the partition detached or dropped), as the documentation of
+//! CREATE TABLE … PARTITION OF and ALTER TABLE ATTACH/DETACH PARTITION states it.
 
 use super::*;
 
@@ -13,6 +16,10 @@ pub(super) enum ParentLock {
 }
 
 pub(super) fn lock_parent(table: &QualifiedName, mode: ParentLock) -> Change {
+    let level = match mode {
+        ParentLock::ShareRowExclusive => LockLevel::ShareRowExclusive,
+        ParentLock::AccessExclusive => LockLevel::AccessExclusive,
+    };
     let (mode, why) = match mode {
         ParentLock::ShareRowExclusive => (
             "SHARE ROW EXCLUSIVE",
@@ -30,6 +37,7 @@ pub(super) fn lock_parent(table: &QualifiedName, mode: ParentLock) -> Change {
         format!("LOCK TABLE ONLY {} IN {mode} MODE", table.quoted()),
     )
     .hazard(Hazard::Locking)
+    .lock(level)
 }
 
 /// The statements of one op.
@@ -59,7 +67,8 @@ pub fn render(op: &Op) -> Vec<Change> {
                 ),
             )
             // ACCESS EXCLUSIVE on the parent for a moment (and a scan of the default).
-            .hazard(Hazard::Locking)];
+            .hazard(Hazard::Locking)
+            .lock(LockLevel::AccessExclusive)];
             out.extend(owner_change(table, &p, owner));
             out
         }
@@ -113,7 +122,8 @@ pub fn render(op: &Op) -> Vec<Change> {
                     format!("lock {} to move its rows of [{}, {})", default.name, range.start, range.end),
                     format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", default.quoted()),
                 )
-                .hazard(Hazard::Locking),
+                .hazard(Hazard::Locking)
+                .lock(LockLevel::AccessExclusive),
                 Change::new(
                     AREA,
                     table.to_string(),
@@ -124,7 +134,9 @@ pub fn render(op: &Op) -> Vec<Change> {
                         table.quoted(),
                         if *compression { " INCLUDING COMPRESSION" } else { "" }
                     ),
-                ),
+                )
+                // LIKE reads the parent's definition under ACCESS SHARE.
+                .lock(LockLevel::AccessShare),
                 Change::new(
                     AREA,
                     table.to_string(),
@@ -141,6 +153,7 @@ pub fn render(op: &Op) -> Vec<Change> {
                         p.quoted()
                     ),
                 )
+                .lock(LockLevel::RowExclusive)
                 .reports_rows(),
                 Change::new(
                     AREA,
@@ -158,7 +171,10 @@ pub fn render(op: &Op) -> Vec<Change> {
                         p.quoted()
                     ),
                 )
-                .hazard(Hazard::Locking),
+                // SHARE UPDATE EXCLUSIVE on the parent, ACCESS EXCLUSIVE on the table
+                // attached and on the default partition (held already, from step 2).
+                .hazard(Hazard::Locking)
+                .lock(LockLevel::AccessExclusive),
             ];
             out.extend(owner_change(table, &p, owner));
             out
@@ -179,7 +195,8 @@ pub fn render(op: &Op) -> Vec<Change> {
                     table.quoted()
                 ),
             )
-            .hazard(Hazard::Locking)];
+            .hazard(Hazard::Locking)
+            .lock(LockLevel::AccessExclusive)];
             out.extend(owner_change(table, &p, owner));
             out
         }
@@ -204,8 +221,12 @@ pub fn render(op: &Op) -> Vec<Change> {
                         partition.quoted()
                     ),
                 )
-                // SHARE UPDATE EXCLUSIVE only; not allowed in a transaction block.
-                .autonomous()]
+                // SHARE UPDATE EXCLUSIVE on the parent throughout, so traffic on the
+                // table goes on; ACCESS EXCLUSIVE on the partition in its second,
+                // internal transaction (what the level records: the strongest lock).
+                // Not allowed in a transaction block.
+                .autonomous()
+                .lock(LockLevel::AccessExclusive)]
             } else {
                 // With a default partition PostgreSQL refuses CONCURRENTLY; the plain
                 // form takes ACCESS EXCLUSIVE briefly, inside the table's transaction.
@@ -219,7 +240,8 @@ pub fn render(op: &Op) -> Vec<Change> {
                         partition.quoted()
                     ),
                 )
-                .hazard(Hazard::Locking)]
+                .hazard(Hazard::Locking)
+                .lock(LockLevel::AccessExclusive)]
             }
         }
         Op::FinalizeDetach { table, partition } => vec![Change::new(
@@ -232,7 +254,9 @@ pub fn render(op: &Op) -> Vec<Change> {
                 partition.quoted()
             ),
         )
-        .autonomous()],
+        // As the second transaction of DETACH … CONCURRENTLY.
+        .autonomous()
+        .lock(LockLevel::AccessExclusive)],
         Op::Drop {
             table,
             partition,
@@ -246,6 +270,7 @@ pub fn render(op: &Op) -> Vec<Change> {
             ),
             format!("DROP TABLE {}", partition.quoted()),
         )
-        .hazard(Hazard::Destructive)],
+        .hazard(Hazard::Destructive)
+        .lock(LockLevel::AccessExclusive)],
     }
 }

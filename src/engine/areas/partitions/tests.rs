@@ -199,6 +199,11 @@ fn creates_current_and_premade_partitions_and_a_default() {
     );
     assert!(p.changes.iter().all(|c| c.transactional));
     assert!(p.changes.iter().all(|c| c.hazard == Hazard::Locking));
+    // CREATE TABLE … PARTITION OF: ACCESS EXCLUSIVE on the parent.
+    assert!(p
+        .changes
+        .iter()
+        .all(|c| c.lock == LockLevel::AccessExclusive && c.timeout.is_none()));
 }
 
 #[test]
@@ -345,6 +350,22 @@ fn a_move_alone_locks_the_parent_share_row_exclusive_first_and_fires_nothing() {
     let o = observed("2024-03-15T00:00:00Z", vec![("t", st)]);
     let p = plan(&spec(vec![t]), &o);
     assert_eq!(sqls(&p), MOVE_APRIL[..7].to_vec());
+    // Writers wait on the parent, readers do not; the default (and the table attached)
+    // are ACCESS EXCLUSIVE; the copy reads the parent's definition; rows move under
+    // ROW EXCLUSIVE.
+    let locks: Vec<LockLevel> = p.changes.iter().map(|c| c.lock).collect();
+    assert_eq!(
+        locks,
+        [
+            LockLevel::ShareRowExclusive,
+            LockLevel::AccessExclusive,
+            LockLevel::AccessShare,
+            LockLevel::None,
+            LockLevel::RowExclusive,
+            LockLevel::None,
+            LockLevel::AccessExclusive,
+        ]
+    );
     // The replica role covers exactly the move: set right before, reset right after.
     let sql = sqls(&p);
     let at = sql
@@ -463,6 +484,10 @@ fn retention_detaches_only_partitions_entirely_older_than_the_window() {
         p.changes[0].sql,
         r#"ALTER TABLE "public"."t" DETACH PARTITION "public"."t_2024_02_01""#
     );
+    assert!(p
+        .changes
+        .iter()
+        .all(|c| c.lock == LockLevel::AccessExclusive));
 }
 
 #[test]
@@ -474,6 +499,12 @@ fn without_a_default_detach_is_concurrent_and_runs_alone() {
         .changes
         .iter()
         .all(|c| !c.transactional && c.sql.ends_with(" CONCURRENTLY")));
+    // SHARE UPDATE EXCLUSIVE on the parent, but ACCESS EXCLUSIVE on the partition in the
+    // second internal transaction: the level says the strongest. Policy timeout.
+    assert!(p
+        .changes
+        .iter()
+        .all(|c| c.lock == LockLevel::AccessExclusive && c.timeout.is_none()));
     // Before PostgreSQL 14 there is no CONCURRENTLY.
     let mut old = o.clone();
     old.server_version = 130_010;
@@ -487,6 +518,10 @@ fn drop_policy_drops_and_is_destructive() {
     let p = plan(&s, &o);
     assert_eq!(p.changes.len(), 13);
     assert!(p.changes.iter().all(|c| c.hazard == Hazard::Destructive));
+    assert!(p
+        .changes
+        .iter()
+        .all(|c| c.lock == LockLevel::AccessExclusive));
     assert_eq!(p.changes[0].sql, r#"DROP TABLE "public"."t_2024_02_01""#);
 }
 

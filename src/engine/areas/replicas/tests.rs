@@ -82,6 +82,11 @@ fn creates_declared_slots_with_wal_reserved_and_records_them() {
     );
     assert_eq!(c.hazard, Hazard::Safe);
     assert!(!c.transactional, "slot creation survives a rollback");
+    assert_eq!(
+        c.lock,
+        crate::engine::plan::LockLevel::None,
+        "no relation lock"
+    );
     assert_eq!(c.ledger.len(), 1);
 }
 
@@ -109,6 +114,7 @@ fn only_owned_slots_are_dropped_and_only_as_destructive() {
     assert_eq!(p.changes.len(), 1);
     assert_eq!(p.changes[0].sql, "SELECT pg_drop_replication_slot('mine')");
     assert_eq!(p.changes[0].hazard, Hazard::Destructive);
+    assert_eq!(p.changes[0].lock, crate::engine::plan::LockLevel::None);
     assert!(matches!(
         p.changes[0].ledger[0],
         crate::engine::plan::LedgerOp::Forget { .. }

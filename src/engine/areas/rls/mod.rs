@@ -14,7 +14,7 @@ use crate::api::{
 use crate::engine::areas::{AfterApply, AreaModule, ObserveContext, ObserveError, PlanContext};
 use crate::engine::ledger::Ledger;
 use crate::engine::normcache;
-use crate::engine::plan::{Area, AreaPlan, Change, Hazard};
+use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel};
 use crate::engine::scratch;
 use crate::pg::grammar::check_expression;
 use crate::pg::{execute_one, quote_ident, QualifiedName};

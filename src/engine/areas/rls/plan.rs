@@ -424,8 +424,18 @@ pub(super) fn create_summary(p: &DesiredPolicy) -> String {
     )
 }
 
-/// Every statement here takes ACCESS EXCLUSIVE on the table (bounded by lock_timeout).
+/// Every statement here takes ACCESS EXCLUSIVE on the table (bounded by lock_timeout):
+/// `policy.c` opens it in `AccessExclusiveLock` for CREATE, ALTER and DROP POLICY, and
+/// ALTER TABLE … ENABLE/DISABLE/FORCE/NO FORCE ROW LEVEL SECURITY is an ALTER TABLE form
+/// the documentation lists under no weaker lock.
 pub fn render(op: &Op) -> Vec<Change> {
+    render_op(op)
+        .into_iter()
+        .map(|c| c.lock(LockLevel::AccessExclusive))
+        .collect()
+}
+
+fn render_op(op: &Op) -> Vec<Change> {
     match op {
         Op::Create { table, policy } => vec![Change::new(
             AREA,

@@ -152,6 +152,11 @@ fn creates_policy_then_enables_and_forces() {
         .changes
         .iter()
         .all(|c| c.hazard == Hazard::Locking && c.transactional));
+    // CREATE POLICY and ENABLE/FORCE ROW LEVEL SECURITY: ACCESS EXCLUSIVE on the table.
+    assert!(p
+        .changes
+        .iter()
+        .all(|c| c.lock == LockLevel::AccessExclusive && c.timeout.is_none()));
     assert_eq!(p.changes[0].ledger.len(), 1, "a created policy is recorded");
 }
 
@@ -309,6 +314,7 @@ fn command_kind_or_removed_clause_is_dropped_and_recreated_in_one_group() {
         // transactional and of one area: the executor runs both in one transaction.
         for c in &p.changes {
             assert_eq!(c.hazard, Hazard::Locking);
+            assert_eq!(c.lock, LockLevel::AccessExclusive);
             assert!(c.transactional);
             assert_eq!(c.area, AREA);
         }
@@ -332,6 +338,7 @@ fn unlisted_policies_are_left_alone_unless_owned_all() {
     let p = run(&s, &o);
     assert_eq!(sqls(&p), vec![r#"DROP POLICY "theirs" ON "public"."up""#]);
     assert_eq!(p.changes[0].hazard, Hazard::Destructive);
+    assert_eq!(p.changes[0].lock, LockLevel::AccessExclusive);
     assert_eq!(
         p.changes[0].ledger.len(),
         1,
