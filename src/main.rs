@@ -5,9 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use dbpolicy::cli::{Cli, Command, LogFormat};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     // Installed as `kubectl-dbpolicy`, the binary is the kubectl plugin.
