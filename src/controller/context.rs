@@ -153,7 +153,7 @@ impl Context {
         self.publish(
             policy,
             EventType::Warning,
-            error.reason(),
+            error.reason().as_str(),
             "Reconcile",
             error.to_string(),
             false,

@@ -92,7 +92,7 @@ pub fn replicas_area(
         } else {
             Status::False
         },
-        reason: reason.to_string(),
+        reason,
         message,
     })
 }
