@@ -126,6 +126,19 @@ reasons! {
     /// The database is being brought to a new generation of the policy (not drift).
     Converging,
 
+    // Events only: what a run or a deletion did.
+    /// A change set applied for other reasons than drift (a spec edit, a first run).
+    Applied,
+    /// Drift that weakened row-level security, repaired / left in place (a Warning).
+    SecurityDriftRepaired,
+    SecurityDriftDetected,
+    /// A deleted policy's claims released.
+    Released,
+    /// `deletionPolicy: Reset` could not reset everything.
+    ResetIncomplete,
+    /// A replication slot the deleted policy created remains (it retains WAL).
+    ReplicationSlotRetained,
+
     // `BackupsReady`, from the backup CronJob's Jobs.
     BackupSucceeded,
     BackupFailed,

@@ -117,7 +117,7 @@ pub fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
                 finished,
                 succeeded: false,
                 size_bytes: None,
-                reason: Some(reason.unwrap_or_else(|| "BackupFailed".into())),
+                reason: Some(reason.unwrap_or_else(|| Reason::BackupFailed.into())),
                 message: text,
             })
         })
@@ -211,7 +211,7 @@ pub fn readiness(
         let reason = status
             .last_failure_reason
             .as_deref()
-            .unwrap_or("BackupFailed");
+            .unwrap_or(Reason::BackupFailed.as_str());
         let detail = last_failure_message
             .map(|m| format!(": {m}"))
             .unwrap_or_default();

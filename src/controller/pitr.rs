@@ -465,7 +465,7 @@ pub fn readiness(
                 status
                     .last_base_backup_failure_reason
                     .as_deref()
-                    .unwrap_or("BaseBackupFailed")
+                    .unwrap_or(Reason::BaseBackupFailed.as_str())
             ),
         );
     }

@@ -58,7 +58,7 @@ pub(super) async fn announce(
             ctx.publish(
                 policy,
                 EventType::Warning,
-                Reason::DestructiveChangesRefused.as_str(),
+                Reason::DestructiveChangesRefused,
                 "Apply",
                 format!(
                     "refused {} destructive change(s): {}; set spec.safety.allowDestructive: true to allow them",

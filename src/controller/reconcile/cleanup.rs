@@ -17,6 +17,7 @@ use crate::controller::error::{Error, Result};
 use crate::controller::status;
 use crate::engine::server_claims::ClaimsTarget;
 use crate::engine::{release, PolicyId};
+use crate::reason::Reason;
 
 /// Deletion, per `spec.deletionPolicy`: the policy's claims in the database's ledger
 /// (`dbpolicy.managed`) are released so that a successor can adopt what it set; with
@@ -57,7 +58,7 @@ pub(super) async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Resul
             ctx.publish(
                 &policy,
                 EventType::Warning,
-                "ReleaseFailed",
+                Reason::ReleaseFailed,
                 "Cleanup",
                 format!(
                     "deleted without releasing its claims: {e}. What it set stays in the database and is recorded as owned by {id} in dbpolicy.managed; release it with `dbpolicy release --policy-id {id} --database-url URL`{}",
@@ -95,7 +96,7 @@ pub(super) async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Resul
     ctx.publish(
         &policy,
         EventType::Normal,
-        "Released",
+        Reason::Released,
         "Cleanup",
         note,
         false,
@@ -106,7 +107,7 @@ pub(super) async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Resul
             ctx.publish(
                 &policy,
                 EventType::Warning,
-                "ResetIncomplete",
+                Reason::ResetIncomplete,
                 "Cleanup",
                 format!("deletionPolicy Reset: {e}; what was not reset is left in place"),
                 false,
@@ -118,7 +119,7 @@ pub(super) async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Resul
         ctx.publish(
             &policy,
             EventType::Warning,
-            "ReplicationSlotRetained",
+            Reason::ReplicationSlotRetained,
             "Cleanup",
             format!(
                 "replication slot(s) {} created by this policy remain and retain WAL until dropped; when no replica uses them: {}",

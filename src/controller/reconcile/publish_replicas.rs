@@ -11,9 +11,10 @@ use crate::controller::context::Context;
 use crate::controller::status::AreaState;
 use crate::controller::{children, read_endpoint, replicas};
 use crate::engine::{Area, Outcome};
+use crate::reason::Reason;
 
 /// An Event about one replica whose state changed: (type, reason, note).
-pub(super) type ReplicaEvent = (EventType, &'static str, String);
+pub(super) type ReplicaEvent = (EventType, Reason, String);
 
 /// Puts the replicas' area state and `status.replicas` into `gathered.found`, publishes
 /// the read endpoint; a failure to publish it is kept in `gathered`. Returns the Events of
