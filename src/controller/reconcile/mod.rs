@@ -89,7 +89,11 @@ async fn reconcile_inner(policy: Arc<DatabasePolicy>, ctx: &Arc<Context>) -> Res
 }
 
 /// Retry a failed policy with a per-policy exponential backoff; other policies go on.
-pub(crate) fn error_policy(policy: Arc<DatabasePolicy>, _error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(
+    policy: Arc<DatabasePolicy>,
+    _error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     Action::requeue(ctx.next_backoff(&key(&policy)))
 }
 
