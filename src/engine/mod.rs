@@ -211,8 +211,9 @@ pub(crate) async fn run_with(
     if !errors.is_empty() {
         return Err(EngineError::InvalidSpec(errors));
     }
-    let lock_ms = pg_millis(spec.lock_timeout()).map_err(EngineError::Session)?;
-    let statement_ms = pg_millis(spec.statement_timeout()).map_err(EngineError::Session)?;
+    let lock_ms = pg_millis(spec.lock_timeout()).map_err(|e| EngineError::Session(e.into()))?;
+    let statement_ms =
+        pg_millis(spec.statement_timeout()).map_err(|e| EngineError::Session(e.into()))?;
     let timeouts = apply::Timeouts::from_spec(spec).map_err(EngineError::Session)?;
     let session = |e: sqlx::Error| EngineError::Session(crate::pg::error_summary(&e));
     // Replicas are checked while this run waits for the lock and observes the primary:
