@@ -1,6 +1,7 @@
-//! The command line: `plan`, `apply`, `release`, `crd`. Exit status of `plan`: 0 nothing
-//! to change, 2 changes pending, 1 error. `apply`: 0 done, 2 done but destructive changes
-//! refused, 1 on any failure. `release`: 0 done, 1 on any failure.
+//! The command line: `plan`, `apply`, `release`, `crd` here; `refresh`, `backup`,
+//! `restore`, `run` (the operator) and `kubectl` dispatched to their modules. Exit status of
+//! `plan`: 0 nothing to change, 2 changes pending, 1 error. `apply`: 0 done, 2 done but
+//! destructive changes refused, 1 on any failure. `release`: 0 done, 1 on any failure.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

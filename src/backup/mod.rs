@@ -3,7 +3,8 @@
 //! an S3-compatible bucket ([`store`]), each committed by a manifest written last
 //! ([`manifest`]), proven by a restore into a scratch database ([`verify`]) whose
 //! conclusion is recorded beside it ([`state`]), and pruned by retention rules that count
-//! only backups known good ([`prune`]).
+//! only backups known good ([`prune`]). Point-in-time recovery (`backup wal-receive | base
+//! | wal-fetch`, `dbpolicy restore`) is [`pitr`].
 //!
 //! Exit status: 0 when everything asked for succeeded, 1 otherwise; errors on stderr name
 //! the step that failed.

@@ -374,7 +374,6 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     )
 }
 
-/// Changes found at this check but not carried out.
 /// Every change found and not carried out: the engine's (see [`pending_changes`]) and the
 /// child objects' (Plan mode). What `pendingChanges` counts.
 pub(crate) fn pending(outcome: &Outcome, mode: Mode, children: &Children) -> Vec<Change> {
