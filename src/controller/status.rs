@@ -192,7 +192,7 @@ pub(crate) struct AreaState {
 }
 
 impl AreaState {
-    pub fn new(area: Area, status: Status, reason: Reason, message: String) -> AreaState {
+    pub(crate) fn new(area: Area, status: Status, reason: Reason, message: String) -> AreaState {
         AreaState {
             area,
             status,
@@ -202,7 +202,7 @@ impl AreaState {
     }
 
     /// The area fails with a step's error: its reason, its message.
-    pub fn failed(area: Area, e: &crate::controller::error::Error) -> AreaState {
+    pub(crate) fn failed(area: Area, e: &crate::controller::error::Error) -> AreaState {
         AreaState::new(area, Status::False, e.reason(), e.to_string())
     }
 }

@@ -42,7 +42,7 @@ impl std::fmt::Display for Lsn {
     }
 }
 
-/// Text that is not an LSN.
+/// Text that is not an LSN (`pub` as `Lsn` is: the error of its `FromStr`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not an LSN (like 0/3000148)")]
 pub struct NotAnLsn(String);
