@@ -41,3 +41,62 @@ pub(super) fn failure_of(outcome: &Outcome) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ApplyFailure, ApplyReport, Area, AreaPlan, Plan};
+    use crate::reason::Reason;
+
+    const INTERVAL: Duration = Duration::from_secs(300);
+
+    fn outcome(plan: Plan, report: Option<ApplyReport>) -> Outcome {
+        Outcome {
+            facts: Default::default(),
+            plan,
+            report,
+        }
+    }
+
+    fn child_error() -> Error {
+        Error::MissingObjectKey("namespace")
+    }
+
+    #[test]
+    fn a_clean_run_waits_for_the_next_drift_check() {
+        let fine = outcome(Plan::default(), Some(ApplyReport::default()));
+        assert_eq!(
+            verdict(&fine, None, INTERVAL).unwrap(),
+            Action::requeue(INTERVAL)
+        );
+        let e = verdict(&fine, Some(child_error()), INTERVAL).unwrap_err();
+        assert_eq!(e.reason(), Reason::InvalidObject);
+    }
+
+    #[test]
+    fn the_engines_failure_comes_before_the_childrens() {
+        let mut area = AreaPlan::new(Area::FeatureFlags);
+        area.error("public.flags", Reason::TableNotFound, "no table");
+        area.error("public.other", Reason::NotATable, "a view");
+        let plan = Plan { areas: vec![area] };
+        let e = verdict(&outcome(plan, None), Some(child_error()), INTERVAL).unwrap_err();
+        assert_eq!(e.reason(), Reason::TableNotFound);
+        assert!(e.to_string().contains("2 error(s)"), "{e}");
+
+        let report = ApplyReport {
+            failure: Some(ApplyFailure {
+                area: Area::ServerSettings,
+                target: "work_mem".into(),
+                statement: "ALTER SYSTEM …".into(),
+                reason: Reason::LockTimeout,
+                sqlstate: Some("55P03".into()),
+                message: "canceling statement due to lock timeout".into(),
+            }),
+            ..Default::default()
+        };
+        let failed = outcome(Plan::default(), Some(report));
+        let e = verdict(&failed, Some(child_error()), INTERVAL).unwrap_err();
+        assert_eq!(e.reason(), Reason::LockTimeout);
+        assert!(e.to_string().contains("work_mem"), "{e}");
+    }
+}
