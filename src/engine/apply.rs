@@ -187,16 +187,23 @@ async fn run_transaction(
             .await
             .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
         rows.push(done.rows_affected());
-        // All or nothing: an intent would announce what commits with it anyway.
-        for op in outcome_ops(change) {
-            ledger::write(&mut tx, op, policy)
-                .await
-                .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
-        }
-        normcache::write(&mut tx, &change.cache, policy)
-            .await
-            .map_err(|e| ApplyFailure::from_sqlx(change, "(normalisation cache)", &e))?;
     }
+    // All or nothing, so the group's bookkeeping is written once, after its statements:
+    // an intent would announce what commits with it anyway.
+    let last = group[group.len() - 1];
+    let ops: Vec<LedgerOp> = group.iter().flat_map(|c| outcome_ops(c).cloned()).collect();
+    ledger::write_all(&mut tx, &ops, policy)
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(last, "(ledger)", &e))?;
+    // One row per key, the last change's (the statement keeps one per key, not in order).
+    let mut last_of: std::collections::HashMap<&str, &normcache::Record> = Default::default();
+    for record in group.iter().flat_map(|c| c.cache.iter()) {
+        last_of.insert(record.key.as_str(), record);
+    }
+    let cache: Vec<normcache::Record> = last_of.into_values().cloned().collect();
+    normcache::write(&mut tx, &cache, policy)
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(last, "(normalisation cache)", &e))?;
     // Dropping `tx` on an early return rolls back.
     tx.commit()
         .await
@@ -281,8 +288,8 @@ async fn write_ledger(
     }
     let failed = |e: sqlx::Error| ApplyFailure::from_sqlx(change, "(ledger)", &e);
     let mut tx = conn.begin().await.map_err(failed)?;
-    for op in ops {
-        ledger::write(&mut tx, op, policy).await.map_err(failed)?;
-    }
+    ledger::write_all(&mut tx, ops, policy)
+        .await
+        .map_err(failed)?;
     tx.commit().await.map_err(failed)
 }
