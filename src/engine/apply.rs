@@ -34,7 +34,7 @@ impl ApplyReport {
     pub fn succeeded(&self) -> bool {
         self.failure.is_none()
     }
-    pub fn restart_required(&self) -> Vec<&str> {
+    pub(crate) fn restart_required(&self) -> Vec<&str> {
         self.applied
             .iter()
             .filter(|c| c.requires_restart)
@@ -88,13 +88,13 @@ pub struct InvalidTimeout {
 }
 
 impl InvalidTimeout {
-    pub fn reason(&self) -> Reason {
+    pub(crate) fn reason(&self) -> Reason {
         Reason::InvalidSpec
     }
 }
 
 /// The `spec.safety.<field>` duration `value` in milliseconds, as PostgreSQL takes it.
-pub fn millis(field: &'static str, value: &str) -> Result<u64, InvalidTimeout> {
+pub(crate) fn millis(field: &'static str, value: &str) -> Result<u64, InvalidTimeout> {
     crate::duration::pg_millis(value).map_err(|e| InvalidTimeout {
         field,
         message: e.to_string(),
@@ -102,7 +102,7 @@ pub fn millis(field: &'static str, value: &str) -> Result<u64, InvalidTimeout> {
 }
 
 impl Timeouts {
-    pub fn from_spec(spec: &crate::api::DatabasePolicySpec) -> Result<Self, InvalidTimeout> {
+    pub(crate) fn from_spec(spec: &crate::api::DatabasePolicySpec) -> Result<Self, InvalidTimeout> {
         Ok(Timeouts {
             statement_ms: millis("statementTimeout", spec.statement_timeout())?,
             long_operation_ms: millis("indexBuildTimeout", spec.index_build_timeout())?,
@@ -187,7 +187,7 @@ pub async fn execute(
 }
 
 /// Creates the ledger and the normalisation cache beside it (fixed text, no spec text).
-pub async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::Executor::execute(&mut *tx, ledger::BOOTSTRAP_SQL).await?;
     sqlx::Executor::execute(&mut *tx, normcache::BOOTSTRAP_SQL).await?;
@@ -291,7 +291,7 @@ async fn set_statement_timeout(
 /// What an autonomous change commits before it runs, so a run killed while it runs (or
 /// between it and its ledger entries) leaves a trace the next run finds: the intents it
 /// declares, and the intent to build everything it records.
-pub fn intents(change: &Change) -> Vec<LedgerOp> {
+pub(crate) fn intents(change: &Change) -> Vec<LedgerOp> {
     change
         .ledger
         .iter()

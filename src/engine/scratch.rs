@@ -24,7 +24,7 @@ use crate::reason::Reason;
 /// One item to normalise: the statements that build its twin (one statement each) and the
 /// query that reads PostgreSQL's form of it back (one text column, `$1` = `read_arg`).
 #[derive(Debug, Clone)]
-pub struct Twin {
+pub(crate) struct Twin {
     pub item: QualifiedName,
     pub build: Vec<String>,
     pub read: &'static str,
@@ -32,13 +32,13 @@ pub struct Twin {
 }
 
 /// The twin relation name of the `n`th item, in `pg_temp`.
-pub fn twin_name(n: usize) -> String {
+pub(crate) fn twin_name(n: usize) -> String {
     format!("dbpolicy_twin_{n}")
 }
 
 /// Where the names of the items' statements resolve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Names {
+pub(crate) enum Names {
     /// As in the session: twins are named `pg_temp.…` explicitly.
     AsSession,
     /// `pg_temp` last in the search path, so a twin named like its real table stands in
@@ -53,7 +53,7 @@ pub enum Names {
 /// order). Lock and statement timeouts and errors that are not PostgreSQL's are errors of
 /// the whole run, not of an item (see [`item_outcome`]). `work` may start its item over
 /// with [`restart_item`].
-pub async fn run<T, R>(
+pub(crate) async fn run<T, R>(
     conn: &mut PgConnection,
     items: &[T],
     names: Names,
@@ -91,7 +91,7 @@ pub async fn run<T, R>(
 
 /// Builds every twin (see [`run`]) and returns PostgreSQL's form of each item, or its
 /// refusal.
-pub async fn twins(
+pub(crate) async fn twins(
     conn: &mut PgConnection,
     items: Vec<Twin>,
 ) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
@@ -111,7 +111,7 @@ pub async fn twins(
 }
 
 /// What an item's work returned, or PostgreSQL's refusal of it (SQLSTATE, message).
-pub type ItemResult<T> = Result<T, (Option<String>, String)>;
+pub(crate) type ItemResult<T> = Result<T, (Option<String>, String)>;
 
 async fn build_and_read(
     conn: &mut PgConnection,
@@ -146,14 +146,16 @@ async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 
 /// Undoes what the current item's work did so far, also after an error, so that it can
 /// start over (the item's savepoint stays).
-pub async fn restart_item(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn restart_item(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT dbpolicy_item").await?;
     Ok(())
 }
 
 /// An item's result: a database error is the item's refusal; lock and statement timeouts
 /// and errors that are not PostgreSQL's abort the whole scratch run.
-pub fn item_outcome<T>(result: Result<T, sqlx::Error>) -> Result<ItemResult<T>, sqlx::Error> {
+pub(crate) fn item_outcome<T>(
+    result: Result<T, sqlx::Error>,
+) -> Result<ItemResult<T>, sqlx::Error> {
     match result {
         Ok(value) => Ok(Ok(value)),
         Err(e) => match (&e, sqlstate(&e).as_deref()) {
@@ -168,11 +170,14 @@ pub fn item_outcome<T>(result: Result<T, sqlx::Error>) -> Result<ItemResult<T>, 
 
 /// What the scratch transaction made of one item: PostgreSQL's form of it, or the
 /// SQLSTATE and message PostgreSQL refused it with.
-pub type Normalized = Result<String, (Option<String>, String)>;
+pub(crate) type Normalized = Result<String, (Option<String>, String)>;
 
 /// The normalised text of an item, or the reason and message of the plan error for it:
 /// PostgreSQL's SQLSTATE decides the reason, `fallback` when it says nothing specific.
-pub fn checked(item: Option<&Normalized>, fallback: Reason) -> Result<&str, (Reason, String)> {
+pub(crate) fn checked(
+    item: Option<&Normalized>,
+    fallback: Reason,
+) -> Result<&str, (Reason, String)> {
     match item {
         Some(Ok(text)) => Ok(text),
         Some(Err((code, message))) => Err((
