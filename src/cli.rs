@@ -1,9 +1,10 @@
-//! The command line: `plan`, `apply`, `release`, `crd`. Exit status of `plan`: 0 nothing
-//! to change, 2 changes pending, 1 error. `apply`: 0 done, 2 done but destructive changes
-//! refused, 1 on any failure. `release`: 0 done, 1 on any failure.
+//! The command line: `plan`, `apply`, `release`, `crd` here; `refresh`, `backup`,
+//! `restore`, `run` (the operator) and `kubectl` dispatched to their modules. Exit status of
+//! `plan`: 0 nothing to change, 2 changes pending, 1 error. `apply`: 0 done, 2 done but
+//! destructive changes refused, 1 on any failure. `release`: 0 done, 1 on any failure.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -131,15 +132,54 @@ pub(crate) const EXIT_OK: u8 = 0;
 pub(crate) const EXIT_ERROR: u8 = 1;
 pub(crate) const EXIT_PENDING: u8 = 2;
 
+/// Why a policy file gives no policies to run. Each message names the file or the
+/// document (counted from 1) and, for a bad field, its path.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    #[error("reading {what}: {source}")]
+    Read {
+        /// `stdin` or the file's path.
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("line {line}: more than {MAX_FLOW_DEPTH} nested [ or {{: not a DatabasePolicy")]
+    TooDeep { line: usize },
+    #[error("document {document}: {source}")]
+    Yaml {
+        document: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("document {document}: apiVersion {found:?} is not {expected}")]
+    ApiVersion {
+        document: usize,
+        found: String,
+        expected: String,
+    },
+    #[error("document {document}: {path}: {source}")]
+    Field {
+        document: usize,
+        /// Where in the document, as serde_path_to_error spells it
+        /// (`spec.autovacuum.tables[0].vacuumScaleFactor`).
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("no DatabasePolicy document found")]
+    NoPolicy,
+}
+
 /// Reads every `DatabasePolicy` document of a YAML stream; other kinds are reported and
 /// skipped, never silently.
-pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), String> {
+pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), PolicyFileError> {
     check_flow_depth(text)?;
     let mut policies = Vec::new();
     let mut skipped = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        let document = i + 1;
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|source| PolicyFileError::Yaml { document, source })?;
         if value.is_null() {
             continue;
         }
@@ -157,18 +197,22 @@ pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), 
         }
         let expected = format!("{API_GROUP}/{API_VERSION}");
         if api_version != expected {
-            return Err(format!(
-                "document {}: apiVersion {api_version:?} is not {expected}",
-                i + 1
-            ));
+            return Err(PolicyFileError::ApiVersion {
+                document,
+                found: api_version.to_string(),
+                expected,
+            });
         }
-        // serde_path_to_error names the field (`spec.autovacuum.tables[0].vacuumScaleFactor`).
-        let policy: DatabasePolicy = serde_path_to_error::deserialize(value)
-            .map_err(|e| format!("document {}: {}: {}", i + 1, e.path(), e.inner()))?;
+        let policy: DatabasePolicy =
+            serde_path_to_error::deserialize(value).map_err(|e| PolicyFileError::Field {
+                document,
+                path: e.path().to_string(),
+                source: e.into_inner(),
+            })?;
         policies.push(policy);
     }
     if policies.is_empty() {
-        return Err("no DatabasePolicy document found".into());
+        return Err(PolicyFileError::NoPolicy);
     }
     Ok((policies, skipped))
 }
@@ -179,7 +223,7 @@ const MAX_FLOW_DEPTH: usize = 1000;
 /// libyaml's scanner is quadratic in the nesting depth of flow collections: a few hundred
 /// kilobytes of `[` take minutes before serde_yaml's recursion limit refuses them. Counted
 /// naively (brackets inside strings count too), in linear time, before parsing.
-fn check_flow_depth(text: &str) -> Result<(), String> {
+fn check_flow_depth(text: &str) -> Result<(), PolicyFileError> {
     let mut depth = 0usize;
     for (line, l) in text.lines().enumerate() {
         for c in l.chars() {
@@ -189,25 +233,24 @@ fn check_flow_depth(text: &str) -> Result<(), String> {
                 _ => {}
             }
             if depth > MAX_FLOW_DEPTH {
-                return Err(format!(
-                    "line {}: more than {MAX_FLOW_DEPTH} nested [ or {{: not a DatabasePolicy",
-                    line + 1
-                ));
+                return Err(PolicyFileError::TooDeep { line: line + 1 });
             }
         }
     }
     Ok(())
 }
 
-fn read_file(path: &PathBuf) -> Result<String, String> {
+/// The file at `path`, or standard input for `-`.
+pub(crate) fn read_file(path: &Path) -> Result<String, PolicyFileError> {
+    let read_failed = |what: String| move |source| PolicyFileError::Read { what, source };
     if path.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
-            .map_err(|e| format!("reading stdin: {e}"))?;
+            .map_err(read_failed("stdin".into()))?;
         return Ok(s);
     }
-    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    std::fs::read_to_string(path).map_err(read_failed(path.display().to_string()))
 }
 
 fn policy_id(p: &DatabasePolicy) -> PolicyId {
@@ -247,11 +290,11 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
     };
     let text = match read_file(&args.file) {
         Ok(t) => t,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let (policies, skipped) = match parse_policies(&text) {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     for s in skipped {
         eprintln!("note: {s}");
@@ -292,7 +335,7 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
             Err(e) => {
                 if args.output == Output::Json {
                     json.push(
-                        serde_json::json!({ "policy": id.0, "error": e, "exitCode": EXIT_ERROR }),
+                        serde_json::json!({ "policy": id.0, "error": e.to_string(), "exitCode": EXIT_ERROR }),
                     );
                 }
                 eprintln!("error: {}: {e}", id.0);
@@ -323,11 +366,11 @@ async fn run_release(args: ReleaseArgs) -> u8 {
         Some(path) => {
             let text = match read_file(path) {
                 Ok(t) => t,
-                Err(e) => return fail(e),
+                Err(e) => return fail(e.to_string()),
             };
             let (policies, skipped) = match parse_policies(&text) {
                 Ok(p) => p,
-                Err(e) => return fail(e),
+                Err(e) => return fail(e.to_string()),
             };
             for s in skipped {
                 eprintln!("note: {s}");
@@ -470,19 +513,25 @@ async fn run_one(
     id: &PolicyId,
     mode: Mode,
     options: &engine::RunOptions,
-) -> Result<Outcome, String> {
-    let mut conn = crate::pg::connect_one(url)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<Outcome, RunError> {
+    let mut conn = crate::pg::connect_one(url).await?;
     let options = engine::RunOptions {
         claims: engine::server_claims::ClaimsTarget::for_policy_url(url),
         ..options.clone()
     };
-    let result = engine::run_with(&mut conn, &policy.spec, mode, id, &options)
-        .await
-        .map_err(|e| e.to_string());
+    let result = engine::run_with(&mut conn, &policy.spec, mode, id, &options).await;
     let _ = conn.close().await;
-    result
+    Ok(result?)
+}
+
+/// Why one policy of the file was not run: the database could not be reached, or the
+/// engine's run failed as a whole (plan errors and failed statements are in the outcome).
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
 }
 
 pub(crate) fn exit_code(outcome: &Outcome, mode: Mode) -> u8 {
@@ -639,9 +688,11 @@ mod tests {
     fn errors_name_the_document() {
         let text = "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: a}\nspec:\n  database: {connectionSecretRef: {name: db}}\n  autovacuum: {tables: [{table: t, vacuumScaleFactor: lots}]}\n";
         let e = parse_policies(text).unwrap_err();
-        assert!(e.starts_with("document 1:"), "{e}");
+        assert!(e.to_string().starts_with("document 1:"), "{e}");
+        assert!(e.to_string().contains("vacuumScaleFactor"), "{e}");
         assert!(parse_policies("apiVersion: v9\nkind: DatabasePolicy\n")
             .unwrap_err()
+            .to_string()
             .contains("apiVersion"));
         assert!(parse_policies("").is_err());
     }

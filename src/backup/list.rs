@@ -121,11 +121,11 @@ pub(crate) async fn scan(store: &Store, database: Option<&str>) -> Result<Listin
             let bytes = store.get(&e.database, &e.file).await?;
             let manifest = match Manifest::from_json(&bytes) {
                 Ok(m) => m,
-                Err(reason) => {
+                Err(why) => {
                     listing.unreadable.push(Unreadable {
                         database_dir: e.database.clone(),
                         file: e.file.clone(),
-                        reason,
+                        reason: why.to_string(),
                     });
                     continue;
                 }

@@ -8,6 +8,47 @@ use serde::{Deserialize, Serialize};
 /// Version of the manifest format this build writes and reads.
 pub(crate) const MANIFEST_VERSION: u32 = 1;
 
+/// Why a JSON record of the store (a manifest, a verification record) cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// Written by another (newer) dbpolicy: `field` is the record's version field.
+    #[error("{field} {} is not supported (this dbpolicy reads {supported})", found.map_or("missing".to_string(), |v| v.to_string()))]
+    Version {
+        field: &'static str,
+        found: Option<u64>,
+        supported: u32,
+    },
+    #[error("{path}: {source}")]
+    Field {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads a record of version `supported` (in its field `field`) from `bytes`.
+pub(crate) fn read_record<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    field: &'static str,
+    supported: u32,
+) -> Result<T, RecordError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(RecordError::NotJson)?;
+    let found = value.get(field).and_then(|v| v.as_u64());
+    if found != Some(u64::from(supported)) {
+        return Err(RecordError::Version {
+            field,
+            found,
+            supported,
+        });
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| RecordError::Field {
+        path: e.path().to_string(),
+        source: e.into_inner(),
+    })
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Manifest {
@@ -50,17 +91,8 @@ impl Manifest {
         out
     }
 
-    pub(crate) fn from_json(bytes: &[u8]) -> Result<Manifest, String> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-        let version = value.get("manifestVersion").and_then(|v| v.as_u64());
-        if version != Some(u64::from(MANIFEST_VERSION)) {
-            return Err(format!(
-                "manifestVersion {} is not supported (this dbpolicy reads {MANIFEST_VERSION})",
-                version.map_or("missing".to_string(), |v| v.to_string())
-            ));
-        }
-        serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<Manifest, RecordError> {
+        read_record(bytes, "manifestVersion", MANIFEST_VERSION)
     }
 
     pub(crate) fn total_rows(&self) -> i64 {
@@ -160,12 +192,13 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
         v["manifestVersion"] = 2.into();
         let e = Manifest::from_json(v.to_string().as_bytes()).unwrap_err();
-        assert!(e.contains("manifestVersion 2"), "{e}");
+        assert!(e.to_string().contains("manifestVersion 2"), "{e}");
         assert!(Manifest::from_json(b"{").is_err());
         v["manifestVersion"] = 1.into();
         v["sizeBytes"] = "big".into();
         assert!(Manifest::from_json(v.to_string().as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("sizeBytes"));
     }
 

@@ -3,7 +3,8 @@
 //! an S3-compatible bucket ([`store`]), each committed by a manifest written last
 //! ([`manifest`]), proven by a restore into a scratch database ([`verify`]) whose
 //! conclusion is recorded beside it ([`state`]), and pruned by retention rules that count
-//! only backups known good ([`prune`]).
+//! only backups known good ([`prune`]). Point-in-time recovery (`backup wal-receive | base
+//! | wal-fetch`, `dbpolicy restore`) is [`pitr`].
 //!
 //! Exit status: 0 when everything asked for succeeded, 1 otherwise; errors on stderr name
 //! the step that failed.
@@ -132,8 +133,32 @@ pub struct StoreArgs {
     pub s3_prefix: Option<String>,
 }
 
+/// Arguments of a `dbpolicy backup` command that cannot work, alone or together; each
+/// message says which flag to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ArgsError {
+    #[error("pass either --dir or --s3-bucket, not both")]
+    TwoStores,
+    #[error(
+        "no backup store: pass --dir PATH or --s3-bucket NAME (or set {ENV_DIR} / {ENV_S3_BUCKET})"
+    )]
+    NoStore,
+    #[error("no retention rule: pass --retention-days, --retention-count or both")]
+    NoRetention,
+    #[error("--retention-days must be at least 1")]
+    ZeroRetentionDays,
+    #[error("--retention-count must be at least 1")]
+    ZeroRetentionCount,
+    #[error("slot name {0:?}: use 1-63 lower-case letters, digits and underscores")]
+    SlotName(String),
+    #[error("{0:?}: use 1-63 letters, digits, '-' and '_'")]
+    ClusterName(String),
+    #[error(transparent)]
+    Url(#[from] tools::UrlError),
+}
+
 impl StoreArgs {
-    pub(crate) fn config(&self) -> Result<StoreConfig, String> {
+    pub(crate) fn config(&self) -> Result<StoreConfig, ArgsError> {
         match (&self.dir, &self.s3_bucket) {
             (Some(dir), None) => Ok(StoreConfig::Dir(dir.clone())),
             (None, Some(bucket)) => Ok(StoreConfig::S3(S3Config {
@@ -142,10 +167,8 @@ impl StoreArgs {
                 region: self.s3_region.clone().filter(|s| !s.is_empty()),
                 prefix: self.s3_prefix.clone().filter(|s| !s.is_empty()),
             })),
-            (Some(_), Some(_)) => Err("pass either --dir or --s3-bucket, not both".into()),
-            (None, None) => Err(format!(
-                "no backup store: pass --dir PATH or --s3-bucket NAME (or set {ENV_DIR} / {ENV_S3_BUCKET})"
-            )),
+            (Some(_), Some(_)) => Err(ArgsError::TwoStores),
+            (None, None) => Err(ArgsError::NoStore),
         }
     }
 }
@@ -289,12 +312,16 @@ pub struct PruneArgs {
 pub(crate) enum BackupError {
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Args(#[from] ArgsError),
     #[error("connect: {0}")]
     Connect(#[from] crate::pg::ConnectError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Tool(String),
+    #[error(transparent)]
+    FindTool(#[from] tools::ToolError),
     #[error("source database: {0}")]
     Source(String),
     #[error("pg_dump failed ({status}); nothing was stored:\n{stderr}")]
@@ -324,10 +351,10 @@ impl BackupError {
     /// CamelCase reason, for conditions and metrics.
     pub(crate) fn reason(&self) -> &'static str {
         match self {
-            BackupError::Usage(_) => "InvalidArguments",
+            BackupError::Usage(_) | BackupError::Args(_) => "InvalidArguments",
             BackupError::Connect(e) => e.reason().as_str(),
             BackupError::Store(_) => "StoreFailed",
-            BackupError::Tool(_) => "ToolFailed",
+            BackupError::Tool(_) | BackupError::FindTool(_) => "ToolFailed",
             BackupError::Source(_) => "SourceReadFailed",
             BackupError::PgDump { .. } => "DumpFailed",
             BackupError::Upload { .. } => "UploadFailed",
@@ -363,7 +390,7 @@ pub(crate) async fn run(args: BackupArgs) -> u8 {
 }
 
 fn open(store: &StoreArgs, create: bool) -> Result<Store, BackupError> {
-    let config = store.config().map_err(BackupError::Usage)?;
+    let config = store.config()?;
     Ok(Store::open(&config, create)?)
 }
 
@@ -434,7 +461,7 @@ async fn run_steps(a: RunArgs, stored: &mut Option<manifest::Manifest>) -> Resul
     }
     let retention = a.retention.retention();
     if retention.is_set() {
-        retention.validate().map_err(BackupError::Usage)?;
+        retention.validate()?;
     }
     let url = need_url(a.database_url)?;
     let store = open(&a.store, true)?;

@@ -28,7 +28,7 @@ use super::list::{self, Listing};
 use super::manifest::{DUMP_SUFFIX, MANIFEST_SUFFIX};
 use super::state::{State, VERIFY_SUFFIX};
 use super::store::Store;
-use super::BackupError;
+use super::{ArgsError, BackupError};
 
 /// How old a leftover of an interrupted run must be before `prune` deletes it.
 pub(crate) const LEFTOVER_GRACE: Duration = Duration::hours(24);
@@ -40,13 +40,11 @@ pub(crate) struct Retention {
 }
 
 impl Retention {
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), ArgsError> {
         match (self.days, self.count) {
-            (None, None) => {
-                Err("no retention rule: pass --retention-days, --retention-count or both".into())
-            }
-            (Some(0), _) => Err("--retention-days must be at least 1".into()),
-            (_, Some(0)) => Err("--retention-count must be at least 1".into()),
+            (None, None) => Err(ArgsError::NoRetention),
+            (Some(0), _) => Err(ArgsError::ZeroRetentionDays),
+            (_, Some(0)) => Err(ArgsError::ZeroRetentionCount),
             _ => Ok(()),
         }
     }
@@ -244,7 +242,7 @@ pub(crate) async fn plan(
     retention: Retention,
     now: DateTime<Utc>,
 ) -> Result<PrunePlan, BackupError> {
-    retention.validate().map_err(BackupError::Usage)?;
+    retention.validate()?;
     let listing: Listing = list::scan(store, database).await?;
     let mut plan = PrunePlan::default();
     let mut databases: Vec<&str> = listing

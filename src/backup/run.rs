@@ -20,7 +20,7 @@ use super::manifest::{
 };
 use super::store::Store;
 use super::tools::{self, LibpqEnv};
-use super::BackupError;
+use super::{ArgsError, BackupError};
 use crate::pg::{error_summary, QualifiedName};
 use crate::units;
 
@@ -83,7 +83,7 @@ pub(crate) struct Done {
 }
 
 pub(crate) async fn run(store: &Store, url: &str, opts: &RunOptions) -> Result<Done, BackupError> {
-    let env = LibpqEnv::from_url(url).map_err(BackupError::Usage)?;
+    let env = LibpqEnv::from_url(url).map_err(ArgsError::from)?;
     let mut conn = tools::connect(url).await.map_err(BackupError::Connect)?;
     let result = run_on(store, &env, &mut conn, opts).await;
     let _ = conn.close().await;
@@ -111,7 +111,7 @@ async fn run_on(
         Some(tools::server_major(version_num)),
     )
     .await
-    .map_err(BackupError::Tool)?;
+    .map_err(BackupError::FindTool)?;
 
     let lock_ms = opts.lock_wait_timeout.as_millis();
     sqlx::raw_sql(&format!(

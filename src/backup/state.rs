@@ -11,7 +11,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::manifest::Manifest;
+use super::manifest::{read_record, Manifest, RecordError};
 
 /// File name of a backup's verification record: `<id>.verify.json`.
 pub(crate) const VERIFY_SUFFIX: &str = ".verify.json";
@@ -110,17 +110,8 @@ impl VerifyRecord {
         out
     }
 
-    pub(crate) fn from_json(bytes: &[u8]) -> Result<VerifyRecord, String> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-        let version = value.get("recordVersion").and_then(|v| v.as_u64());
-        if version != Some(u64::from(RECORD_VERSION)) {
-            return Err(format!(
-                "recordVersion {} is not supported (this dbpolicy reads {RECORD_VERSION})",
-                version.map_or("missing".to_string(), |v| v.to_string())
-            ));
-        }
-        serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<VerifyRecord, RecordError> {
+        read_record(bytes, "recordVersion", RECORD_VERSION)
     }
 }
 
@@ -178,7 +169,7 @@ pub(crate) fn assess(
     manifest: &Manifest,
     id: &str,
     dump: Option<&DumpObject>,
-    record: Option<&Result<VerifyRecord, String>>,
+    record: Option<&Result<VerifyRecord, RecordError>>,
 ) -> Assessment {
     let at = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let plain = |state, detail: String| Assessment {
@@ -300,7 +291,7 @@ mod tests {
         }
     }
 
-    fn record(outcome: Outcome, dump: DumpObject) -> Result<VerifyRecord, String> {
+    fn record(outcome: Outcome, dump: DumpObject) -> Result<VerifyRecord, RecordError> {
         let failure = (outcome != Outcome::Verified).then(|| ("BackupCorrupt", "bad\nmore".into()));
         Ok(VerifyRecord::new("B", dump, outcome, failure))
     }
@@ -308,18 +299,18 @@ mod tests {
     fn state(
         size: u64,
         dump: Option<DumpObject>,
-        rec: Option<Result<VerifyRecord, String>>,
+        rec: Option<Result<VerifyRecord, RecordError>>,
     ) -> State {
         assess(&manifest(size), "B", dump.as_ref(), rec.as_ref()).state
     }
 
     #[test]
     fn the_cheap_check_comes_first() {
-        let v = Some(record(Outcome::Verified, object(10, 1)));
-        assert_eq!(state(10, None, v.clone()), State::Incomplete);
-        assert_eq!(state(10, Some(object(9, 1)), v.clone()), State::Incomplete);
-        assert_eq!(state(10, Some(object(11, 1)), v.clone()), State::Corrupt);
-        assert_eq!(state(10, Some(object(10, 1)), v), State::Verified);
+        let v = || Some(record(Outcome::Verified, object(10, 1)));
+        assert_eq!(state(10, None, v()), State::Incomplete);
+        assert_eq!(state(10, Some(object(9, 1)), v()), State::Incomplete);
+        assert_eq!(state(10, Some(object(11, 1)), v()), State::Corrupt);
+        assert_eq!(state(10, Some(object(10, 1)), v()), State::Verified);
         assert_eq!(state(10, Some(object(10, 1)), None), State::Unverified);
     }
 
@@ -363,7 +354,8 @@ mod tests {
             state(10, Some(etag), v(Outcome::Verified)),
             State::Unverified
         );
-        let unreadable = Some(Err("not JSON".to_string()));
+        let unreadable = Some(VerifyRecord::from_json(b"not JSON"));
+        assert!(matches!(unreadable, Some(Err(RecordError::NotJson(_)))));
         assert_eq!(state(10, Some(now), unreadable), State::Unverified);
     }
 
@@ -407,6 +399,7 @@ mod tests {
         v["recordVersion"] = 9.into();
         assert!(VerifyRecord::from_json(v.to_string().as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("recordVersion 9"));
         assert!(VerifyRecord::from_json(b"").is_err());
         let long = VerifyRecord::new(

@@ -51,17 +51,28 @@ const PARAMS: &[(&str, &str)] = &[
     ("load_balance_hosts", "PGLOADBALANCEHOSTS"),
 ];
 
+/// A database URL libpq's variables cannot be made from. Says the problem, never the URL
+/// (it may hold a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UrlError {
+    #[error("the database URL is not a valid postgres:// URI ({0})")]
+    Invalid(#[source] url::ParseError),
+    #[error("the database URL must start with postgres:// or postgresql://, not {0}://")]
+    Scheme(String),
+    #[error("the database URL has an invalid %-escape")]
+    BadEscape,
+    #[error("the database URL has %-escapes that are not UTF-8")]
+    NotUtf8,
+    #[error("the database URL has a parameter libpq does not know: {0}")]
+    UnknownParameter(String),
+}
+
 impl LibpqEnv {
-    /// Splits a `postgres://` URI into libpq variables. Errors name the problem, never the
-    /// URI (it may hold a password).
-    pub(crate) fn from_url(url: &str) -> Result<LibpqEnv, String> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| format!("the database URL is not a valid postgres:// URI ({e})"))?;
+    /// Splits a `postgres://` URI into libpq variables.
+    pub(crate) fn from_url(url: &str) -> Result<LibpqEnv, UrlError> {
+        let parsed = url::Url::parse(url).map_err(UrlError::Invalid)?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-            return Err(format!(
-                "the database URL must start with postgres:// or postgresql://, not {}://",
-                parsed.scheme()
-            ));
+            return Err(UrlError::Scheme(parsed.scheme().to_string()));
         }
         let mut vars: Vec<(&'static str, String)> = Vec::new();
         let mut set = |name: &'static str, value: String| {
@@ -91,9 +102,7 @@ impl LibpqEnv {
         );
         for (key, value) in parsed.query_pairs() {
             let Some((_, var)) = PARAMS.iter().find(|(p, _)| *p == key) else {
-                return Err(format!(
-                    "the database URL has a parameter libpq does not know: {key}"
-                ));
+                return Err(UrlError::UnknownParameter(key.into_owned()));
             };
             set(var, value.into_owned());
         }
@@ -134,7 +143,7 @@ impl LibpqEnv {
     }
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
+fn percent_decode(s: &str) -> Result<String, UrlError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -144,7 +153,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("the database URL has an invalid %-escape")?;
+                .ok_or(UrlError::BadEscape)?;
             out.push(hex);
             i += 3;
         } else {
@@ -152,7 +161,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| "the database URL has %-escapes that are not UTF-8".into())
+    String::from_utf8(out).map_err(|_| UrlError::NotUtf8)
 }
 
 /// A client program and its PostgreSQL major version.
@@ -179,21 +188,59 @@ pub(crate) fn parse_major(version_output: &str) -> Option<u32> {
     Some(first)
 }
 
-/// Picks the newest candidate; it must be at least `min_major` (a client refuses to dump
-/// a newer server, and only a newer `pg_restore` reads a newer archive).
-pub(crate) fn choose(candidates: &[Tool], min_major: Option<u32>) -> Result<&Tool, String> {
+/// A client program (`pg_dump`, `pg_restore`, …) that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ToolError {
+    #[error("{name} not found in PATH nor in /usr/lib/postgresql/<version>/bin: install the PostgreSQL client (postgresql-client)")]
+    NotFound { name: String },
+    #[error("{name}: {} is not runnable", path.display())]
+    NotRunnable { name: String, path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Start {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} --version: {status}", path.display())]
+    VersionFailed {
+        path: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("{}: cannot read its version from {output:?}", path.display())]
+    UnknownVersion { path: PathBuf, output: String },
+    /// The newest copy found is older than the server or archive needs.
+    #[error(
+        "{name}: the newest one found ({}, version {major}) is older than PostgreSQL {}: install postgresql-client-{}",
+        path.display(),
+        display_major(*min),
+        display_major(*min)
+    )]
+    TooOld {
+        name: String,
+        path: PathBuf,
+        major: u32,
+        min: u32,
+    },
+}
+
+/// Picks the newest candidate of `name`; it must be at least `min_major` (a client refuses
+/// to dump a newer server, and only a newer `pg_restore` reads a newer archive).
+pub(crate) fn choose<'a>(
+    name: &str,
+    candidates: &'a [Tool],
+    min_major: Option<u32>,
+) -> Result<&'a Tool, ToolError> {
     let newest = candidates
         .iter()
         .max_by_key(|t| t.major)
-        .ok_or("not found")?;
+        .ok_or_else(|| ToolError::NotFound { name: name.into() })?;
     match min_major {
-        Some(min) if newest.major < min => Err(format!(
-            "the newest one found ({}, version {}) is older than PostgreSQL {}: install postgresql-client-{}",
-            newest.path.display(),
-            newest.major,
-            display_major(min),
-            display_major(min)
-        )),
+        Some(min) if newest.major < min => Err(ToolError::TooOld {
+            name: name.into(),
+            path: newest.path.clone(),
+            major: newest.major,
+            min,
+        }),
         _ => Ok(newest),
     }
 }
@@ -222,7 +269,7 @@ pub(crate) async fn find(
     name: &str,
     explicit: Option<&Path>,
     min_major: Option<u32>,
-) -> Result<Tool, String> {
+) -> Result<Tool, ToolError> {
     let mut paths: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         paths.push(p.to_path_buf());
@@ -248,10 +295,10 @@ pub(crate) async fn find(
                     version,
                 }),
                 None if explicit.is_some() => {
-                    return Err(format!(
-                        "{}: cannot read its version from {version:?}",
-                        path.display()
-                    ))
+                    return Err(ToolError::UnknownVersion {
+                        path,
+                        output: version,
+                    })
                 }
                 None => {}
             },
@@ -259,28 +306,30 @@ pub(crate) async fn find(
             Err(_) => {}
         }
     }
-    if found.is_empty() {
-        return Err(match explicit {
-            Some(p) => format!("{name}: {} is not runnable", p.display()),
-            None => format!(
-                "{name} not found in PATH nor in /usr/lib/postgresql/<version>/bin: install the PostgreSQL client (postgresql-client)"
-            ),
+    if let (true, Some(p)) = (found.is_empty(), explicit) {
+        return Err(ToolError::NotRunnable {
+            name: name.into(),
+            path: p.to_path_buf(),
         });
     }
-    choose(&found, min_major)
-        .cloned()
-        .map_err(|e| format!("{name}: {e}"))
+    choose(name, &found, min_major).cloned()
 }
 
-async fn version_of(path: &Path) -> Result<String, String> {
+async fn version_of(path: &Path) -> Result<String, ToolError> {
     let out = tokio::process::Command::new(path)
         .arg("--version")
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| ToolError::Start {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!("{} --version: {}", path.display(), out.status));
+        return Err(ToolError::VersionFailed {
+            path: path.to_path_buf(),
+            status: out.status,
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -381,7 +430,7 @@ mod tests {
             "not a url hunter2",
         ] {
             let e = LibpqEnv::from_url(url).unwrap_err();
-            assert!(!e.contains("hunter2"), "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
         }
     }
 
@@ -406,11 +455,11 @@ mod tests {
             version: v.to_string(),
         };
         let tools = [tool(15), tool(17), tool(16)];
-        assert_eq!(choose(&tools, Some(15)).unwrap().major, 17);
-        assert_eq!(choose(&tools, Some(17)).unwrap().major, 17);
-        assert_eq!(choose(&tools, None).unwrap().major, 17);
-        let e = choose(&tools, Some(18)).unwrap_err();
-        assert!(e.contains("postgresql-client-18"), "{e}");
-        assert!(choose(&[], None).is_err());
+        assert_eq!(choose("pg_dump", &tools, Some(15)).unwrap().major, 17);
+        assert_eq!(choose("pg_dump", &tools, Some(17)).unwrap().major, 17);
+        assert_eq!(choose("pg_dump", &tools, None).unwrap().major, 17);
+        let e = choose("pg_dump", &tools, Some(18)).unwrap_err();
+        assert!(e.to_string().contains("postgresql-client-18"), "{e}");
+        assert!(choose("pg_dump", &[], None).is_err());
     }
 }

@@ -26,7 +26,7 @@ use super::run::{hex, table_rows};
 use super::state::{DumpObject, Outcome, VerifyRecord};
 use super::store::Store;
 use super::tools::{self, LibpqEnv};
-use super::BackupError;
+use super::{ArgsError, BackupError};
 use crate::pg::{error_summary, quote_ident, quote_literal};
 use crate::units;
 
@@ -55,7 +55,7 @@ pub(crate) async fn verify(
     url: &str,
     opts: &VerifyOptions,
 ) -> Result<Verified, BackupError> {
-    let env = LibpqEnv::from_url(url).map_err(BackupError::Usage)?;
+    let env = LibpqEnv::from_url(url).map_err(ArgsError::from)?;
     let mut conn = tools::connect(url).await.map_err(BackupError::Connect)?;
     let result = verify_on(store, url, &env, &mut conn, opts).await;
     let _ = conn.close().await;
@@ -243,7 +243,7 @@ async fn check(
         tools::parse_major(&m.pg_dump_version),
     )
     .await
-    .map_err(BackupError::Tool)?;
+    .map_err(BackupError::FindTool)?;
     let scratch = scratch_name();
     let create = format!(
         "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::status::Status;
 use crate::api::BackupStatus;
+use crate::reason::Reason;
 
 /// What `dbpolicy backup run` writes to its termination log (see `backup::termination_message`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -116,7 +117,7 @@ pub(crate) fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
                 finished,
                 succeeded: false,
                 size_bytes: None,
-                reason: Some(reason.unwrap_or_else(|| "BackupFailed".into())),
+                reason: Some(reason.unwrap_or_else(|| Reason::BackupFailed.into())),
                 message: text,
             })
         })
@@ -175,7 +176,7 @@ pub(crate) fn window(schedule: &str, now: Timestamp) -> Option<Duration> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
     pub status: Status,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -202,7 +203,7 @@ pub(crate) fn readiness(
     if suspended {
         return ready(
             Status::Unknown,
-            "BackupsSuspended",
+            Reason::BackupsSuspended,
             "backups are suspended (spec.backups.suspend or spec.suspend)".into(),
         );
     }
@@ -210,20 +211,20 @@ pub(crate) fn readiness(
         let reason = status
             .last_failure_reason
             .as_deref()
-            .unwrap_or("BackupFailed");
+            .unwrap_or(Reason::BackupFailed.as_str());
         let detail = last_failure_message
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
         return ready(
             Status::False,
-            "BackupFailed",
+            Reason::BackupFailed,
             format!("the last backup failed at {f} ({reason}){detail}"),
         );
     }
     let Some(window) = window(schedule, now) else {
         return ready(
             Status::Unknown,
-            "InvalidSchedule",
+            Reason::InvalidSchedule,
             format!("spec.backups.schedule {schedule:?} is not a cron schedule this operator can evaluate"),
         );
     };
@@ -231,7 +232,7 @@ pub(crate) fn readiness(
     match success {
         Some(s) if since(s) <= window => ready(
             Status::True,
-            "BackupSucceeded",
+            Reason::BackupSucceeded,
             format!(
                 "last backup succeeded at {s}{}",
                 status
@@ -242,7 +243,7 @@ pub(crate) fn readiness(
         ),
         Some(s) => ready(
             Status::False,
-            "BackupOverdue",
+            Reason::BackupOverdue,
             format!(
                 "no successful backup within {} (twice the schedule's interval); the last one succeeded at {s}",
                 crate::units::duration(window)
@@ -250,7 +251,7 @@ pub(crate) fn readiness(
         ),
         None if created.is_some_and(|c| since(c) > window) => ready(
             Status::False,
-            "BackupOverdue",
+            Reason::BackupOverdue,
             format!(
                 "no successful backup within {} of the CronJob's creation",
                 crate::units::duration(window)
@@ -258,7 +259,7 @@ pub(crate) fn readiness(
         ),
         None => ready(
             Status::Unknown,
-            "NoBackupYet",
+            Reason::NoBackupYet,
             match &status.last_schedule_time {
                 Some(t) => format!("the first backup was started at {t} and has not finished"),
                 None => format!("no backup has run yet (schedule {schedule:?})"),
@@ -447,7 +448,10 @@ mod tests {
             ..Default::default()
         };
         let r = readiness("0 3 * * *", false, &ok, None, None, now);
-        assert_eq!((r.status, r.reason), (Status::True, "BackupSucceeded"));
+        assert_eq!(
+            (r.status, r.reason),
+            (Status::True, Reason::BackupSucceeded)
+        );
         assert!(r.message.contains("4096 bytes"), "{}", r.message);
 
         // The last run failed: False, whatever the window says.
@@ -465,7 +469,7 @@ mod tests {
             None,
             now,
         );
-        assert_eq!((r.status, r.reason), (Status::False, "BackupFailed"));
+        assert_eq!((r.status, r.reason), (Status::False, Reason::BackupFailed));
         assert!(r.message.contains("DumpFailed") && r.message.contains("pg_dump: error"));
 
         // A success after the failure clears it.
@@ -487,7 +491,7 @@ mod tests {
             None,
             at("2026-11-27T04:00:00Z"),
         );
-        assert_eq!((r.status, r.reason), (Status::False, "BackupOverdue"));
+        assert_eq!((r.status, r.reason), (Status::False, Reason::BackupOverdue));
         assert!(r.message.contains("2d"), "{}", r.message);
 
         // Before the first run; and a CronJob that never succeeded for a whole window.
@@ -500,7 +504,7 @@ mod tests {
             Some(at("2026-11-25T10:00:00Z")),
             now,
         );
-        assert_eq!((r.status, r.reason), (Status::Unknown, "NoBackupYet"));
+        assert_eq!((r.status, r.reason), (Status::Unknown, Reason::NoBackupYet));
         let r = readiness(
             "0 3 * * *",
             false,
@@ -509,10 +513,13 @@ mod tests {
             Some(at("2026-11-20T10:00:00Z")),
             now,
         );
-        assert_eq!((r.status, r.reason), (Status::False, "BackupOverdue"));
+        assert_eq!((r.status, r.reason), (Status::False, Reason::BackupOverdue));
 
         let r = readiness("0 3 * * *", true, &failed, None, None, now);
-        assert_eq!((r.status, r.reason), (Status::Unknown, "BackupsSuspended"));
+        assert_eq!(
+            (r.status, r.reason),
+            (Status::Unknown, Reason::BackupsSuspended)
+        );
 
         // The message does not change while time passes within the window.
         let a = readiness("0 3 * * *", false, &ok, None, None, now);

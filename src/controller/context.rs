@@ -13,6 +13,7 @@ use kube::{Client, Resource, ResourceExt};
 use super::error::Error;
 use super::metrics::Metrics;
 use crate::api::DatabasePolicy;
+use crate::reason::Reason;
 
 /// The field manager of every server-side apply the operator sends (status, children).
 pub(crate) const FIELD_MANAGER: &str = "dbpolicy";
@@ -127,14 +128,14 @@ impl Context {
         &self,
         policy: &DatabasePolicy,
         type_: EventType,
-        reason: &str,
+        reason: Reason,
         action: &str,
         note: String,
         distinct: bool,
     ) {
         let event = Event {
             type_,
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             note: Some(bounded(note)),
             action: action.into(),
             secondary: None,
@@ -147,7 +148,7 @@ impl Context {
             &self.recorder
         };
         if let Err(e) = recorder.publish(&event, &policy.object_ref(&())).await {
-            tracing::warn!(policy = %key(policy), reason, error = %e, "could not publish event");
+            tracing::warn!(policy = %key(policy), %reason, error = %e, "could not publish event");
         }
     }
 

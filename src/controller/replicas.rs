@@ -92,7 +92,7 @@ pub(crate) fn replicas_area(
         } else {
             Status::False
         },
-        reason: reason.to_string(),
+        reason,
         message,
     })
 }
@@ -103,7 +103,7 @@ pub(crate) fn replicas_area(
 pub(crate) fn replica_events(
     previous: &[ReplicaStatus],
     current: &[ReplicaStatus],
-) -> Vec<(EventType, &'static str, String)> {
+) -> Vec<(EventType, Reason, String)> {
     transitions(previous, current)
         .into_iter()
         .map(|t| {
@@ -111,7 +111,7 @@ pub(crate) fn replica_events(
             if t.healthy {
                 (
                     EventType::Normal,
-                    "ReplicaHealthy",
+                    Reason::ReplicaHealthy,
                     format!("replica {} is Healthy again (was {from})", t.name),
                 )
             } else {
@@ -128,7 +128,7 @@ pub(crate) fn replica_events(
                 .into_iter()
                 .find(|s| s.as_str() == t.to)
                 .and_then(|s| s.reason())
-                .map_or("ReplicaNotChecked", Reason::as_str);
+                .unwrap_or(Reason::ReplicaNotChecked);
                 (
                     EventType::Warning,
                     reason,
@@ -263,7 +263,7 @@ mod tests {
         let events = replica_events(&healthy, &lagging);
         assert_eq!(events.len(), 1);
         let (ty, reason, note) = &events[0];
-        assert_eq!((ty, *reason), (&EventType::Warning, "ReplicaLagging"));
+        assert_eq!((ty, *reason), (&EventType::Warning, Reason::ReplicaLagging));
         assert_eq!(
             note,
             "replica r1 is Lagging (was Healthy): replay lag 42.0s, 83886080 bytes"
@@ -271,7 +271,7 @@ mod tests {
         let events = replica_events(&lagging, &healthy);
         assert_eq!(
             (&events[0].0, events[0].1),
-            (&EventType::Normal, "ReplicaHealthy")
+            (&EventType::Normal, Reason::ReplicaHealthy)
         );
         assert!(replica_events(&healthy, &healthy).is_empty());
         assert!(

@@ -59,7 +59,7 @@ pub(crate) fn condition(
     input: &Input<'_>,
     type_: &str,
     status: Status,
-    reason: &str,
+    reason: Reason,
     message: &str,
 ) -> Condition {
     let status = status.as_str();
@@ -70,7 +70,7 @@ pub(crate) fn condition(
     Condition {
         type_: type_.to_string(),
         status: status.to_string(),
-        reason: reason.to_string(),
+        reason: reason.as_str().to_string(),
         message: bounded(message),
         observed_generation: input.generation,
         last_transition_time,
@@ -105,7 +105,7 @@ pub(crate) fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
         input,
         READY,
         Status::False,
-        "Suspended",
+        Reason::Suspended,
         "spec.suspend is true: the database is neither observed nor changed",
     )];
     for area in spec_areas(input.spec) {
@@ -113,7 +113,7 @@ pub(crate) fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
             input,
             area.condition_type(),
             Status::Unknown,
-            "Suspended",
+            Reason::Suspended,
             NOT_CHECKED,
         ));
     }
@@ -121,7 +121,7 @@ pub(crate) fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
         input,
         DRIFTED,
         Status::Unknown,
-        "Suspended",
+        Reason::Suspended,
         NOT_CHECKED,
     ));
     status.conditions = conditions;
@@ -133,7 +133,7 @@ pub(crate) fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
 /// A failure before or while observing the database (Secret, connection, engine): the
 /// areas and drift are Unknown, the pending plan of the last check is kept.
 #[cfg(test)]
-pub(crate) fn from_error(input: &Input<'_>, reason: &str, message: &str) -> DatabasePolicyStatus {
+pub(crate) fn from_error(input: &Input<'_>, reason: Reason, message: &str) -> DatabasePolicyStatus {
     from_error_with(input, reason, message, &Children::default())
 }
 
@@ -141,7 +141,7 @@ pub(crate) fn from_error(input: &Input<'_>, reason: &str, message: &str) -> Data
 /// only the areas the engine decides become Unknown.
 pub(crate) fn from_error_with(
     input: &Input<'_>,
-    reason: &str,
+    reason: Reason,
     message: &str,
     children: &Children,
 ) -> DatabasePolicyStatus {
@@ -153,13 +153,7 @@ pub(crate) fn from_error_with(
             .iter()
             .find(|a| a.area == area && area == Area::Backups);
         conditions.push(match found {
-            Some(a) => condition(
-                input,
-                area.condition_type(),
-                a.status,
-                &a.reason,
-                &a.message,
-            ),
+            Some(a) => condition(input, area.condition_type(), a.status, a.reason, &a.message),
             None => condition(
                 input,
                 area.condition_type(),
@@ -193,8 +187,24 @@ pub(crate) fn from_error_with(
 pub(crate) struct AreaState {
     pub area: Area,
     pub status: Status,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
+}
+
+impl AreaState {
+    pub(crate) fn new(area: Area, status: Status, reason: Reason, message: String) -> AreaState {
+        AreaState {
+            area,
+            status,
+            reason,
+            message,
+        }
+    }
+
+    /// The area fails with a step's error: its reason, its message.
+    pub(crate) fn failed(area: Area, e: &crate::controller::error::Error) -> AreaState {
+        AreaState::new(area, Status::False, e.reason(), e.to_string())
+    }
 }
 
 /// What the controller found outside the engine's run: replica health, backups, the
@@ -228,7 +238,7 @@ fn overlay(states: &mut Vec<AreaState>, overrides: &[AreaState]) {
 fn severity(s: &AreaState) -> u8 {
     match s.status {
         Status::True | Status::Unknown => 0,
-        Status::False => Reason::severity_of(&s.reason),
+        Status::False => s.reason.severity(),
     }
 }
 
@@ -253,7 +263,7 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     let state = |status, reason: Reason, message: String| AreaState {
         area,
         status,
-        reason: reason.to_string(),
+        reason,
         message,
     };
     let Some(ap) = plan else {
@@ -364,7 +374,6 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     )
 }
 
-/// Changes found at this check but not carried out.
 /// Every change found and not carried out: the engine's (see [`pending_changes`]) and the
 /// child objects' (Plan mode). What `pendingChanges` counts.
 pub(crate) fn pending(outcome: &Outcome, mode: Mode, children: &Children) -> Vec<Change> {
@@ -394,7 +403,7 @@ pub(crate) fn drifted_areas(input: &Input<'_>, outcome: &Outcome, _mode: Mode) -
         p.observed_generation == input.generation
             && (previous_condition(Some(p), READY).is_some_and(|c| c.status == "True")
                 || previous_condition(Some(p), DRIFTED)
-                    .is_some_and(|c| c.status == "True" && c.reason == "DriftDetected"))
+                    .is_some_and(|c| c.status == "True" && Reason::DriftDetected == *c.reason))
     });
     if !converged {
         return Vec::new();
@@ -412,9 +421,9 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
                 .as_ref()
                 .is_some_and(|r| r.succeeded() && r.refused.is_empty());
         let (reason, what) = if all_applied {
-            ("DriftRepaired", "repaired")
+            (Reason::DriftRepaired, "repaired")
         } else {
-            ("DriftDetected", "not repaired")
+            (Reason::DriftDetected, "not repaired")
         };
         return condition(
             input,
@@ -432,7 +441,7 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
             input,
             DRIFTED,
             Status::False,
-            "ChangesPending",
+            Reason::ChangesPending,
             "the policy asks for changes not yet made (spec.mode is Plan; see status.pendingPlan): pending, not drift",
         );
     }
@@ -441,14 +450,14 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
             input,
             DRIFTED,
             Status::False,
-            "Converging",
+            Reason::Converging,
             "the database is being brought to this generation of the policy",
         );
     }
     // A repaired drift stays visible for one drift-check interval: a check woken sooner
     // (a Secret change, the reconcile-at annotation) would otherwise erase it.
     if let Some(prev) = previous_condition(input.previous, DRIFTED) {
-        if prev.status == "True" && prev.reason == "DriftRepaired" {
+        if prev.status == "True" && Reason::DriftRepaired == *prev.reason {
             let since = input.now.0.duration_since(prev.last_transition_time.0);
             let interval = k8s_openapi::jiff::SignedDuration::try_from(input.drift_interval)
                 .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
@@ -461,7 +470,7 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
         input,
         DRIFTED,
         Status::False,
-        "InSync",
+        Reason::InSync,
         "the database matched the policy at the last check",
     )
 }
@@ -510,7 +519,7 @@ pub(crate) fn from_outcome_with(
                     worst.area, worst.message
                 )
             };
-            condition(input, READY, Status::False, &worst.reason, &message)
+            condition(input, READY, Status::False, worst.reason, &message)
         }
         None => {
             let skipped: Vec<String> = states
@@ -526,7 +535,7 @@ pub(crate) fn from_outcome_with(
                     skipped.join(", ")
                 )
             };
-            condition(input, READY, Status::True, "Reconciled", &message)
+            condition(input, READY, Status::True, Reason::Reconciled, &message)
         }
     };
 
@@ -536,7 +545,7 @@ pub(crate) fn from_outcome_with(
             input,
             s.area.condition_type(),
             s.status,
-            &s.reason,
+            s.reason,
             &s.message,
         ));
     }
@@ -739,7 +748,7 @@ mod tests {
         assert_eq!(first, second, "a steady state writes the same status");
         let failed = from_error(
             &input(&spec, Some(&second), at(120)),
-            "ConnectionFailed",
+            Reason::ConnectionFailed,
             "x",
         );
         assert_eq!(cond(&failed, READY).last_transition_time, at(120));
@@ -747,7 +756,7 @@ mod tests {
         assert_eq!(cond(&failed, "FeatureFlagsReady").status, "Unknown");
         let again = from_error(
             &input(&spec, Some(&failed), at(180)),
-            "ConnectionFailed",
+            Reason::ConnectionFailed,
             "y",
         );
         assert_eq!(cond(&again, READY).last_transition_time, at(120));
@@ -966,7 +975,7 @@ mod tests {
         let failed = AreaState {
             area: Area::Backups,
             status: Status::False,
-            reason: "BackupFailed".into(),
+            reason: Reason::BackupFailed,
             message: "the last backup failed".into(),
         };
         let children = Children {
@@ -993,7 +1002,7 @@ mod tests {
             areas: vec![AreaState {
                 area: Area::FeatureFlags,
                 status: Status::False,
-                reason: "PlanPending".into(),
+                reason: Reason::PlanPending,
                 message: "x".into(),
             }],
             pending: vec![change(Area::Backups, "CronJob/test-backup")],
@@ -1008,7 +1017,7 @@ mod tests {
             areas: vec![AreaState {
                 area: Area::Backups,
                 status: Status::Unknown,
-                reason: "CronJobsUnsupported".into(),
+                reason: Reason::CronJobsUnsupported,
                 message: "no batch/v1".into(),
             }],
             ..Default::default()
@@ -1033,7 +1042,11 @@ mod tests {
     #[test]
     fn long_messages_are_bounded() {
         let spec = spec();
-        let s = from_error(&input(&spec, None, at(0)), "X", &"é".repeat(5000));
+        let s = from_error(
+            &input(&spec, None, at(0)),
+            Reason::ApplyFailed,
+            &"é".repeat(5000),
+        );
         assert!(cond(&s, READY).message.len() <= MAX_MESSAGE + 3);
     }
 

@@ -87,7 +87,8 @@ pub(crate) async fn release(
         released.reset =
             Some(run_with(conn, &reset_spec(spec), Mode::Apply, policy, &options).await?);
     }
-    let timeout = pg_millis(spec.statement_timeout()).map_err(ReleaseError::Ledger)?;
+    let timeout =
+        pg_millis(spec.statement_timeout()).map_err(|e| ReleaseError::Ledger(e.into()))?;
     // One transaction under the advisory lock every run takes: a run of the same policy
     // in flight finishes (and records) before its claims go. The lock is awaited the way
     // every run awaits it (polled, no snapshot held, so no deadlock with that run's

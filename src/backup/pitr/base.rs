@@ -12,12 +12,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::wal::{hex, Lsn};
+use super::wal::{hex, Lsn, NotAnLsn};
 use super::window::BaseInfo;
 use super::PitrError;
 use crate::backup::manifest::backup_id;
 use crate::backup::store::Store;
 use crate::backup::tools::{self, LibpqEnv};
+use crate::backup::ArgsError;
 
 pub(crate) const BASE_PREFIX: &str = "base-";
 pub(crate) const RECORD_SUFFIX: &str = ".json";
@@ -74,32 +75,45 @@ impl BaseRecord {
     }
 }
 
+/// A `backup_manifest` (pg_basebackup's) whose WAL range cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WalRangeError {
+    #[error("backup_manifest is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("backup_manifest has no WAL-Ranges")]
+    NoRanges,
+    #[error(
+        "backup_manifest has {0} WAL ranges; a backup spanning a timeline switch is not supported"
+    )]
+    SeveralRanges(usize),
+    #[error("WAL-Ranges has no {0}")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Lsn(#[from] NotAnLsn),
+}
+
 /// `WAL-Ranges` of a backup manifest: timeline, start and end LSN.
-pub(crate) fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
-    let v: serde_json::Value = serde_json::from_slice(manifest)
-        .map_err(|e| format!("backup_manifest is not JSON: {e}"))?;
+pub(crate) fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), WalRangeError> {
+    let v: serde_json::Value = serde_json::from_slice(manifest).map_err(WalRangeError::NotJson)?;
     let ranges = v
         .get("WAL-Ranges")
         .and_then(|r| r.as_array())
-        .ok_or("backup_manifest has no WAL-Ranges")?;
+        .ok_or(WalRangeError::NoRanges)?;
     let [range] = &ranges[..] else {
-        return Err(format!(
-            "backup_manifest has {} WAL ranges; a backup spanning a timeline switch is not supported",
-            ranges.len()
-        ));
+        return Err(WalRangeError::SeveralRanges(ranges.len()));
     };
-    let lsn = |k: &str| -> Result<Lsn, String> {
-        range
+    let lsn = |k: &'static str| -> Result<Lsn, WalRangeError> {
+        Ok(range
             .get(k)
             .and_then(|s| s.as_str())
-            .ok_or(format!("WAL-Ranges has no {k}"))?
-            .parse()
+            .ok_or(WalRangeError::Missing(k))?
+            .parse()?)
     };
     let tli = range
         .get("Timeline")
         .and_then(|t| t.as_u64())
         .and_then(|t| u32::try_from(t).ok())
-        .ok_or("WAL-Ranges has no Timeline")?;
+        .ok_or(WalRangeError::Missing("Timeline"))?;
     Ok((tli, lsn("Start-LSN")?, lsn("End-LSN")?))
 }
 
@@ -193,13 +207,13 @@ pub(crate) async fn run(
     url: &str,
     opts: &BaseOptions,
 ) -> Result<BaseRecord, PitrError> {
-    let env = LibpqEnv::from_url(url).map_err(PitrError::Usage)?;
+    let env = LibpqEnv::from_url(url).map_err(ArgsError::from)?;
     let basebackup = tools::find("pg_basebackup", opts.pg_basebackup.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     let verifybackup = tools::find("pg_verifybackup", opts.pg_verifybackup.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     let work = match &opts.work_dir {
         Some(d) => tempfile::Builder::new()
             .prefix("dbpolicy-base-")
@@ -272,7 +286,7 @@ pub(crate) async fn run(
     }
     let manifest = std::fs::read(out_dir.join("backup_manifest"))
         .map_err(|e| PitrError::Io(format!("reading backup_manifest: {e}")))?;
-    let (timeline, start_lsn, end_lsn) = wal_range(&manifest).map_err(PitrError::BaseBackup)?;
+    let (timeline, start_lsn, end_lsn) = wal_range(&manifest)?;
     let wal_segment_size = segment_size_in(&check.join("pg_wal"))?;
     // The check copy is no longer needed: free its space before uploading.
     let _ = std::fs::remove_dir_all(&check);
@@ -363,6 +377,7 @@ mod tests {
         assert!(wal_range(b"{}").is_err());
         assert!(wal_range(br#"{"WAL-Ranges": []}"#)
             .unwrap_err()
+            .to_string()
             .contains("0 WAL ranges"));
         assert!(wal_range(
             br#"{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "x", "End-LSN": "0/1"}]}"#

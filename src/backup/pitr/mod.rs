@@ -24,7 +24,8 @@ use self::base::{BaseRecord, BASE_PREFIX};
 use self::wal::{SegmentName, DATA_SUFFIX, RECORD_SUFFIX};
 use self::window::{PitrRetention, SegmentInfo, Target};
 use super::store::{Entry, Store, StoreError};
-use super::StoreArgs;
+use super::tools::ToolError;
+use super::{ArgsError, StoreArgs};
 
 /// Default segment size when no base backup tells it (PostgreSQL's default).
 const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
@@ -38,23 +39,29 @@ pub(crate) enum PitrError {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
+    Args(#[from] ArgsError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Tool(String),
+    #[error(transparent)]
+    FindTool(#[from] ToolError),
     #[error("{0}")]
     Io(String),
     #[error("WAL receiver: {0}")]
     Receiver(String),
     #[error("base backup: {0}")]
     BaseBackup(String),
+    #[error("base backup: {0}")]
+    BaseManifest(#[from] base::WalRangeError),
     #[error("archived WAL file {file} is corrupt: {reason}")]
     CorruptWal { file: String, reason: String },
     #[error("base backup object {object} is corrupt: {reason}")]
     CorruptBase { object: String, reason: String },
     #[error("archiving {file}: {reason}")]
     Conflict { file: String, reason: String },
-    #[error("{0}")]
-    NoBase(String),
+    #[error(transparent)]
+    NoBase(#[from] window::NotRecoverable),
     #[error("point-in-time restore from base backup {base} failed verification: {reason}")]
     VerifyFailed { base: String, reason: String },
     #[error("interrupted by {0}")]
@@ -65,12 +72,12 @@ impl PitrError {
     /// CamelCase reason, for conditions and metrics.
     pub(crate) fn reason(&self) -> &'static str {
         match self {
-            PitrError::Usage(_) => "InvalidArguments",
+            PitrError::Usage(_) | PitrError::Args(_) => "InvalidArguments",
             PitrError::Store(_) => "StoreFailed",
-            PitrError::Tool(_) => "ToolFailed",
+            PitrError::Tool(_) | PitrError::FindTool(_) => "ToolFailed",
             PitrError::Io(_) => "LocalIoFailed",
             PitrError::Receiver(_) => "WalReceiverFailed",
-            PitrError::BaseBackup(_) => "BaseBackupFailed",
+            PitrError::BaseBackup(_) | PitrError::BaseManifest(_) => "BaseBackupFailed",
             PitrError::CorruptWal { .. } => "WalCorrupt",
             PitrError::CorruptBase { .. } => "BaseBackupCorrupt",
             PitrError::Conflict { .. } => "WalConflict",
@@ -89,13 +96,13 @@ pub struct ClusterArgs {
     pub cluster: String,
 }
 
-fn parse_cluster(s: &str) -> Result<String, String> {
+fn parse_cluster(s: &str) -> Result<String, ArgsError> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     ok.then(|| s.to_string())
-        .ok_or_else(|| format!("{s:?}: use 1-63 letters, digits, '-' and '_'"))
+        .ok_or_else(|| ArgsError::ClusterName(s.to_string()))
 }
 
 impl ClusterArgs {
@@ -409,7 +416,7 @@ pub(crate) async fn cmd_restore(a: RestoreArgs) -> u8 {
 }
 
 pub(crate) fn open(store: &StoreArgs) -> Result<Store, PitrError> {
-    let config = store.config().map_err(PitrError::Usage)?;
+    let config = store.config()?;
     Store::open(&config, false).map_err(PitrError::from)
 }
 

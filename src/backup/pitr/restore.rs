@@ -103,7 +103,7 @@ pub(crate) async fn restore(
     action: Action,
 ) -> Result<Restored, PitrError> {
     let infos: Vec<_> = catalog.bases.iter().map(BaseRecord::info).collect();
-    let chosen = window::choose(&infos, &catalog.segments, target).map_err(PitrError::NoBase)?;
+    let chosen = window::choose(&infos, &catalog.segments, target)?;
     let record = catalog
         .bases
         .iter()
@@ -233,7 +233,7 @@ pub(crate) async fn verify(
     let started = std::time::Instant::now();
     let pg_ctl = tools::find("pg_ctl", opts.pg_ctl.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     let controldata = pg_ctl.path.with_file_name("pg_controldata");
     // /tmp: as root, $TMPDIR may be somewhere the postgres account cannot enter.
     let parent = if is_root() {
@@ -390,12 +390,17 @@ fn keep(dir: tempfile::TempDir, keep: bool) -> Option<PathBuf> {
 
 /// Parses `--target-time`: RFC 3339 (`2026-11-25T03:12:00Z`, `…+01:00`) or PostgreSQL's
 /// `2026-11-25 03:12:00+00`.
-pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, NotATime> {
     DateTime::parse_from_rfc3339(s)
         .or_else(|_| DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z"))
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| format!("{s:?} is not a time with a zone, like 2026-11-25T03:12:00Z"))
+        .map_err(|_| NotATime(s.to_string()))
 }
+
+/// `--target-time` text that is not a time with a zone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a time with a zone, like 2026-11-25T03:12:00Z")]
+pub(crate) struct NotATime(String);
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use super::PitrError;
 use crate::backup::store::Store;
 use crate::backup::tools::{self, LibpqEnv};
+use crate::backup::ArgsError;
 
 /// A WAL position, printed as PostgreSQL does (`0/3000148`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -41,10 +42,15 @@ impl std::fmt::Display for Lsn {
     }
 }
 
+/// Text that is not an LSN (`pub` as `Lsn` is: the error of its `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an LSN (like 0/3000148)")]
+pub struct NotAnLsn(String);
+
 impl std::str::FromStr for Lsn {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Lsn, String> {
-        let bad = || format!("{s:?} is not an LSN (like 0/3000148)");
+    type Err = NotAnLsn;
+    fn from_str(s: &str) -> Result<Lsn, NotAnLsn> {
+        let bad = || NotAnLsn(s.to_string());
         let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
         let ok =
             |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
@@ -64,8 +70,8 @@ impl From<Lsn> for String {
 }
 
 impl TryFrom<String> for Lsn {
-    type Error = String;
-    fn try_from(s: String) -> Result<Lsn, String> {
+    type Error = NotAnLsn;
+    fn try_from(s: String) -> Result<Lsn, NotAnLsn> {
         s.parse()
     }
 }
@@ -311,16 +317,14 @@ pub(crate) struct ReceiveOptions {
 }
 
 /// A replication slot name PostgreSQL accepts: lower-case letters, digits, underscore.
-pub(crate) fn check_slot_name(slot: &str) -> Result<(), String> {
+pub(crate) fn check_slot_name(slot: &str) -> Result<(), ArgsError> {
     if slot.is_empty()
         || slot.len() > 63
         || !slot
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
-        return Err(format!(
-            "slot name {slot:?}: use 1-63 lower-case letters, digits and underscores"
-        ));
+        return Err(ArgsError::SlotName(slot.to_string()));
     }
     Ok(())
 }
@@ -424,11 +428,11 @@ pub(crate) async fn receive(
     dir: &str,
     opts: &ReceiveOptions,
 ) -> Result<(), PitrError> {
-    check_slot_name(&opts.slot).map_err(PitrError::Usage)?;
-    let env = LibpqEnv::from_url(&opts.url).map_err(PitrError::Usage)?;
+    check_slot_name(&opts.slot)?;
+    let env = LibpqEnv::from_url(&opts.url).map_err(ArgsError::from)?;
     let tool = tools::find("pg_receivewal", opts.pg_receivewal.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     std::fs::create_dir_all(&opts.spool)
         .map_err(|e| PitrError::Io(format!("creating the spool {}: {e}", opts.spool.display())))?;
     // Files completed before a kill go first.

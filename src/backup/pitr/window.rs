@@ -149,12 +149,12 @@ pub(crate) fn choose<'a>(
     bases: &'a [BaseInfo],
     segments: &[SegmentInfo],
     target: &Target,
-) -> Result<&'a BaseInfo, String> {
+) -> Result<&'a BaseInfo, NotRecoverable> {
     let idx = index(segments);
     let mut sorted: Vec<&BaseInfo> = bases.iter().collect();
     sorted.sort_by(|a, b| b.id.cmp(&a.id));
     if sorted.is_empty() {
-        return Err("the store holds no base backup: run `dbpolicy backup base` first".into());
+        return Err(NotRecoverable::NoBase);
     }
     let fits = |b: &BaseInfo| {
         let r = reach_in(b, &idx);
@@ -168,13 +168,33 @@ pub(crate) fn choose<'a>(
         return Ok(b);
     }
     let w = window(bases, segments);
-    let show = |t: Option<DateTime<Utc>>| t.map_or("-".into(), |t| t.to_rfc3339());
-    Err(format!(
+    Err(NotRecoverable::OutsideWindow {
+        target: target.to_string(),
+        earliest: w.earliest,
+        latest: w.latest,
+    })
+}
+
+/// Why no base backup can be restored to a target; says what the window is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotRecoverable {
+    #[error("the store holds no base backup: run `dbpolicy backup base` first")]
+    NoBase,
+    #[error(
         "no base backup can be recovered to {target}: the recoverable window is {} to {} \
          (`dbpolicy backup list --pitr` shows each base backup's reach)",
-        show(w.earliest),
-        show(w.latest)
-    ))
+        show(*earliest),
+        show(*latest)
+    )]
+    OutsideWindow {
+        target: String,
+        earliest: Option<DateTime<Utc>>,
+        latest: Option<DateTime<Utc>>,
+    },
+}
+
+fn show(t: Option<DateTime<Utc>>) -> String {
+    t.map_or("-".into(), |t| t.to_rfc3339())
 }
 
 /// Retention for base backups (and the WAL that goes with them).
@@ -301,13 +321,17 @@ mod tests {
         assert_eq!(pick(Target::Time(at(55))).unwrap(), "b2");
         assert_eq!(pick(Target::Latest).unwrap(), "b2");
         // In the gap between b1's reach and b2's start, and before everything.
-        assert!(pick(Target::Time(at(40))).unwrap_err().contains("window"));
+        assert!(pick(Target::Time(at(40)))
+            .unwrap_err()
+            .to_string()
+            .contains("window"));
         assert!(pick(Target::Time(at(5))).is_err());
         assert!(pick(Target::Time(at(61))).is_err());
         assert_eq!(pick(Target::Lsn(Lsn(3 * MB + 5))).unwrap(), "b1");
         assert_eq!(pick(Target::Lsn(Lsn(7 * MB))).unwrap(), "b2");
         assert!(choose(&[], &segs, &Target::Latest)
             .unwrap_err()
+            .to_string()
             .contains("no base backup"));
     }
 

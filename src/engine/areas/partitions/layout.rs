@@ -107,7 +107,7 @@ pub(super) fn layout(
         None => None,
     };
     let retention = match &t.retention {
-        Some(r) => Some(parse_retention(r).map_err(|e| (Reason::InvalidRetention, e))?),
+        Some(r) => Some(parse_retention(r).map_err(|e| (Reason::InvalidRetention, e.to_string()))?),
         None => None,
     };
     let mut out = Layout::default();
