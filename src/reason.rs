@@ -129,6 +129,10 @@ reasons! {
     CronJobNotOwned,
     NotOwned,
     FinalizerFailed,
+    /// `spec.driftDetection.eventTrigger`: the `DriftEventTrigger` condition.
+    EventTriggerActive,
+    EventTriggerNotInstalled,
+    EventTriggerNotPermitted,
 }
 
 impl Reason {

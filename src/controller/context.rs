@@ -56,6 +56,9 @@ pub struct Context {
     pub cronjob_cache: Option<Store<CronJob>>,
     /// Database connections kept between runs, one per connection URL.
     pub connections: super::connections::Connections,
+    /// LISTEN connections of the policies with the drift event trigger, one per URL
+    /// (`dbpolicy run`); without it, none.
+    pub ddl_listeners: super::ddl_listener::DdlListeners,
 }
 
 impl Context {
@@ -76,7 +79,14 @@ impl Context {
             secret_cache: None,
             cronjob_cache: None,
             connections: Default::default(),
+            ddl_listeners: Default::default(),
         }
+    }
+
+    /// Listens for the drift event trigger's notifications (`dbpolicy run`).
+    pub fn with_ddl_listeners(mut self, listeners: super::ddl_listener::DdlListeners) -> Self {
+        self.ddl_listeners = listeners;
+        self
     }
 
     /// Reads Secrets and the policies' CronJobs from these watch caches instead of the API.

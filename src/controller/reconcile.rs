@@ -11,6 +11,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use sqlx::Connection;
 use tracing::{info, instrument, warn};
@@ -18,7 +19,7 @@ use tracing::{info, instrument, warn};
 use super::context::{key, Context, FIELD_MANAGER, FINALIZER};
 use super::error::{Error, Result};
 use super::status::{self, AreaState, Children, Input, Status};
-use super::{backups, children, events, pitr, replicas};
+use super::{backups, children, ddl_listener, events, pitr, replicas};
 use crate::api::{
     DatabasePolicy, DatabasePolicyStatus, DeletionPolicy, Mode, SecretKeyRef,
     DEFAULT_DRIFT_CHECK_INTERVAL, MAX_DRIFT_CHECK_INTERVAL, MIN_DRIFT_CHECK_INTERVAL,
@@ -126,6 +127,8 @@ async fn apply(
             }
             _ => paused,
         };
+        ctx.ddl_listeners
+            .unsubscribe(&ObjectRef::from_obj(policy.as_ref()));
         let new_status = status::suspended(&input);
         record_metrics(ctx, &policy, &new_status, None);
         patch_status(api, &policy, &new_status).await?;
@@ -175,11 +178,14 @@ async fn apply(
             let mut new_status =
                 status::from_error_with(&input, e.reason(), &e.to_string(), &found);
             pitr::add_condition(&input, &mut new_status, pitr_ready.as_ref());
+            ddl_listener::keep_condition(&input, &mut new_status);
             record_metrics(ctx, &policy, &new_status, None);
             patch_status(api, &policy, &new_status).await?;
             return Err(e);
         }
     };
+    ctx.ddl_listeners
+        .follow(&policy, &url, outcome.drift_trigger.as_ref());
 
     // Replicas: health into status, the read endpoint published (Apply mode only).
     let mut replica_events = Vec::new();
@@ -218,6 +224,7 @@ async fn apply(
     let pitr_ready = pitr.report(&policy, &input, &mut found);
     let mut new_status = status::from_outcome_with(&input, &outcome, &found);
     pitr::add_condition(&input, &mut new_status, pitr_ready.as_ref());
+    ddl_listener::add_condition(&input, &mut new_status, outcome.drift_trigger.as_ref());
     let drifted_areas = status::drifted_areas(&input, &outcome, mode);
     for area in &drifted_areas {
         ctx.metrics.policy.drifted(&ns, &name, *area);
@@ -490,7 +497,10 @@ fn failure_of(outcome: &Outcome) -> Result<()> {
 /// objects (CronJobs, the read-endpoint Secret) carry owner references and are collected
 /// by Kubernetes' garbage collector.
 async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
-    // The policy is going: its series go now, whatever the release below does.
+    // The policy is going: its series and its drift listener go now, whatever the
+    // release below does.
+    ctx.ddl_listeners
+        .unsubscribe(&ObjectRef::from_obj(policy.as_ref()));
     ctx.metrics
         .policy
         .forget(&policy.namespace().unwrap_or_default(), &policy.name_any());
