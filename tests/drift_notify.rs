@@ -263,3 +263,13 @@ async fn a_role_that_is_not_a_superuser_gets_a_clear_reason_and_the_rest_is_appl
     let outcome = run(&db.url_as(&role), &spec(true), "tests/a").await;
     assert_eq!(outcome.drift_trigger, Some(TriggerState::Active));
 }
+
+#[test]
+fn the_example_asks_for_the_event_trigger_and_is_valid() {
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(include_str!("../examples/drift-in-seconds.yaml")).unwrap();
+    let spec: DatabasePolicySpec = serde_yaml::from_value(doc["spec"].clone()).unwrap();
+    assert!(spec.drift_event_trigger());
+    assert_eq!(spec.drift_check_interval(), "1h");
+    assert!(dbpolicy::api::validate_spec(&spec).is_empty());
+}
