@@ -59,7 +59,7 @@ pub enum Command {
 }
 
 /// The plugin's executable name: kubectl runs `kubectl-dbpolicy` for `kubectl dbpolicy`.
-pub const PLUGIN_NAME: &str = "kubectl-dbpolicy";
+pub(crate) const PLUGIN_NAME: &str = "kubectl-dbpolicy";
 
 /// The command line as [`Cli`] parses it: invoked as `kubectl-dbpolicy` (a symlink or a
 /// copy of this binary), the arguments are those of the `kubectl` subcommand.
@@ -127,9 +127,9 @@ pub enum Output {
     Json,
 }
 
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_ERROR: u8 = 1;
-pub const EXIT_PENDING: u8 = 2;
+pub(crate) const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_ERROR: u8 = 1;
+pub(crate) const EXIT_PENDING: u8 = 2;
 
 /// Reads every `DatabasePolicy` document of a YAML stream; other kinds are reported and
 /// skipped, never silently.
@@ -485,7 +485,7 @@ async fn run_one(
     result
 }
 
-pub fn exit_code(outcome: &Outcome, mode: Mode) -> u8 {
+pub(crate) fn exit_code(outcome: &Outcome, mode: Mode) -> u8 {
     if outcome.plan.has_errors() {
         return EXIT_ERROR;
     }

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 /// The longest duration any field takes: 10 years. Far beyond every bound a field sets,
 /// and small enough that no arithmetic on it (timers, `Instant + d`) can overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
 
 /// Parses `<digits><unit>` with unit ms, s, m or min, h, d. Overflow-safe: a value past
 /// [`MAX_DURATION`] is an error, never a panic or a wrapped number.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration such as 500ms, 5s, 5m or 1h");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -36,7 +36,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Parses a duration and checks it lies in `min..=max`.
-pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+pub(crate) fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < min || d > max {
         return Err(format!(
@@ -49,20 +49,20 @@ pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, 
 }
 
 /// A duration as PostgreSQL's `lock_timeout`/`statement_timeout` take it: milliseconds.
-pub fn pg_millis(s: &str) -> Result<u64, String> {
+pub(crate) fn pg_millis(s: &str) -> Result<u64, String> {
     parse_duration(s).map(|d| d.as_millis() as u64)
 }
 
 /// A calendar retention: whole days, weeks, months or years.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retention {
+pub(crate) enum Retention {
     Days(u32),
     Weeks(u32),
     Months(u32),
     Years(u32),
 }
 
-pub fn parse_retention(s: &str) -> Result<Retention, String> {
+pub(crate) fn parse_retention(s: &str) -> Result<Retention, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let bad = || format!("{s:?} is not a retention such as 30d, 12w, 6mo or 2y");

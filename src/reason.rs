@@ -15,10 +15,10 @@ macro_rules! reasons {
 
         impl Reason {
             /// Every reason, in declaration order.
-            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+            pub(crate) const ALL: &'static [Reason] = &[$(Reason::$name,)*];
 
             /// The CamelCase text of the reason.
-            pub const fn as_str(self) -> &'static str {
+            pub(crate) const fn as_str(self) -> &'static str {
                 match self {
                     $(Reason::$name => stringify!($name),)*
                 }
@@ -139,7 +139,7 @@ impl Reason {
     /// The reason PostgreSQL's SQLSTATE names, by code only (never by message text);
     /// None when the code says nothing more specific than "the statement failed": each
     /// caller then names its own fallback (`ApplyFailed`, `InvalidIndexDefinition`, …).
-    pub fn from_sqlstate(code: Option<&str>) -> Option<Reason> {
+    pub(crate) fn from_sqlstate(code: Option<&str>) -> Option<Reason> {
         Some(match code? {
             "55P03" => Reason::LockTimeout,
             "57014" => Reason::StatementTimeout,
@@ -162,14 +162,14 @@ impl Reason {
 
     /// [`Reason::from_sqlstate`] of a sqlx error, `fallback` when it names nothing
     /// specific (or is not PostgreSQL's).
-    pub fn of_error(e: &sqlx::Error, fallback: Reason) -> Reason {
+    pub(crate) fn of_error(e: &sqlx::Error, fallback: Reason) -> Reason {
         Reason::from_sqlstate(crate::pg::sqlstate(e).as_deref()).unwrap_or(fallback)
     }
 
     /// How bad a failing area with this reason is, to pick the one `Ready` shows: a
     /// pending plan least, another owner's object in the way most (nothing the next check
     /// can fix by itself).
-    pub fn severity(self) -> u8 {
+    pub(crate) fn severity(self) -> u8 {
         match self {
             Reason::PlanPending => 1,
             Reason::DestructiveChangesRefused => 2,
@@ -182,7 +182,7 @@ impl Reason {
 
     /// [`Reason::severity`] of a reason read back as text (a condition of a previous
     /// status, a backup job's report): one that is not a `Reason` ranks as a failure.
-    pub fn severity_of(text: &str) -> u8 {
+    pub(crate) fn severity_of(text: &str) -> u8 {
         text.parse().map_or(5, Reason::severity)
     }
 }

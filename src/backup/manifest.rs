@@ -6,11 +6,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Version of the manifest format this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub manifest_version: u32,
     /// Backup id: the UTC start time, `20261125T030000.123Z`.
     pub id: String,
@@ -37,20 +37,20 @@ pub struct Manifest {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct TableRows {
+pub(crate) struct TableRows {
     pub schema: String,
     pub table: String,
     pub rows: i64,
 }
 
 impl Manifest {
-    pub fn to_json(&self) -> Vec<u8> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serialises");
         out.push(b'\n');
         out
     }
 
-    pub fn from_json(bytes: &[u8]) -> Result<Manifest, String> {
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<Manifest, String> {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
         let version = value.get("manifestVersion").and_then(|v| v.as_u64());
@@ -63,23 +63,23 @@ impl Manifest {
         serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
     }
 
-    pub fn total_rows(&self) -> i64 {
+    pub(crate) fn total_rows(&self) -> i64 {
         self.tables.iter().map(|t| t.rows).sum()
     }
 }
 
 /// File names of a backup: `<id>.dump` and `<id>.manifest.json`.
-pub const DUMP_SUFFIX: &str = ".dump";
-pub const MANIFEST_SUFFIX: &str = ".manifest.json";
+pub(crate) const DUMP_SUFFIX: &str = ".dump";
+pub(crate) const MANIFEST_SUFFIX: &str = ".manifest.json";
 
 /// Backup id of a start time; ids sort in time order.
-pub fn backup_id(started: DateTime<Utc>) -> String {
+pub(crate) fn backup_id(started: DateTime<Utc>) -> String {
     started.format("%Y%m%dT%H%M%S%.3fZ").to_string()
 }
 
 /// Differences between the tables of a manifest and those of a restore, as sentences;
 /// empty when they match.
-pub fn compare_tables(expected: &[TableRows], actual: &[TableRows]) -> Vec<String> {
+pub(crate) fn compare_tables(expected: &[TableRows], actual: &[TableRows]) -> Vec<String> {
     let mut problems = Vec::new();
     for e in expected {
         match actual

@@ -8,15 +8,15 @@
 //! Exit status: 0 when everything asked for succeeded, 1 otherwise; errors on stderr name
 //! the step that failed.
 
-pub mod list;
-pub mod manifest;
+pub(crate) mod list;
+pub(crate) mod manifest;
 pub mod pitr;
-pub mod prune;
-pub mod run;
-pub mod state;
-pub mod store;
-pub mod tools;
-pub mod verify;
+pub(crate) mod prune;
+pub(crate) mod run;
+pub(crate) mod state;
+pub(crate) mod store;
+pub(crate) mod tools;
+pub(crate) mod verify;
 
 use std::path::PathBuf;
 
@@ -28,10 +28,10 @@ use self::store::{S3Config, Store, StoreConfig, StoreError};
 use crate::units;
 
 /// Environment variables the CronJob sets instead of flags (flags win).
-pub const ENV_DIR: &str = "DBPOLICY_BACKUP_DIR";
-pub const ENV_S3_BUCKET: &str = "DBPOLICY_BACKUP_S3_BUCKET";
-pub const ENV_S3_ENDPOINT: &str = "DBPOLICY_BACKUP_S3_ENDPOINT";
-pub const ENV_S3_REGION: &str = "DBPOLICY_BACKUP_S3_REGION";
+pub(crate) const ENV_DIR: &str = "DBPOLICY_BACKUP_DIR";
+pub(crate) const ENV_S3_BUCKET: &str = "DBPOLICY_BACKUP_S3_BUCKET";
+pub(crate) const ENV_S3_ENDPOINT: &str = "DBPOLICY_BACKUP_S3_ENDPOINT";
+pub(crate) const ENV_S3_REGION: &str = "DBPOLICY_BACKUP_S3_REGION";
 pub const ENV_S3_PREFIX: &str = "DBPOLICY_BACKUP_S3_PREFIX";
 
 #[derive(Args, Debug)]
@@ -133,7 +133,7 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn config(&self) -> Result<StoreConfig, String> {
+    pub(crate) fn config(&self) -> Result<StoreConfig, String> {
         match (&self.dir, &self.s3_bucket) {
             (Some(dir), None) => Ok(StoreConfig::Dir(dir.clone())),
             (None, Some(bucket)) => Ok(StoreConfig::S3(S3Config {
@@ -286,7 +286,7 @@ pub struct PruneArgs {
 
 /// One variant per step; the message names what failed and, where it helps, what to do.
 #[derive(Debug, thiserror::Error)]
-pub enum BackupError {
+pub(crate) enum BackupError {
     #[error("{0}")]
     Usage(String),
     #[error("connect: {0}")]
@@ -322,7 +322,7 @@ pub enum BackupError {
 
 impl BackupError {
     /// CamelCase reason, for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             BackupError::Usage(_) => "InvalidArguments",
             BackupError::Connect(e) => e.reason().as_str(),
@@ -343,7 +343,7 @@ impl BackupError {
 }
 
 /// Runs a `dbpolicy backup` command; the exit status.
-pub async fn run(args: BackupArgs) -> u8 {
+pub(crate) async fn run(args: BackupArgs) -> u8 {
     let (what, result) = match args.command {
         BackupCommand::Run(a) => ("backup run", cmd_run(a).await),
         BackupCommand::List(a) => ("backup list", cmd_list(a).await),
@@ -386,7 +386,7 @@ fn termination_log() -> Option<PathBuf> {
 }
 
 /// The termination message: one small JSON object.
-pub fn termination_message(
+pub(crate) fn termination_message(
     stored: Option<&manifest::Manifest>,
     error: Option<&BackupError>,
 ) -> String {

@@ -14,18 +14,18 @@ use serde::{Deserialize, Serialize};
 use super::manifest::Manifest;
 
 /// File name of a backup's verification record: `<id>.verify.json`.
-pub const VERIFY_SUFFIX: &str = ".verify.json";
+pub(crate) const VERIFY_SUFFIX: &str = ".verify.json";
 /// Version of the record format this build writes and reads.
-pub const RECORD_VERSION: u32 = 1;
+pub(crate) const RECORD_VERSION: u32 = 1;
 /// The detail of a backup no verify has looked at.
-pub const NEVER_VERIFIED: &str = "never verified";
+pub(crate) const NEVER_VERIFIED: &str = "never verified";
 /// How much of an error message a record keeps.
 const MESSAGE_MAX: usize = 2000;
 
 /// The dump object as the store lists it; what a record is about.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub struct DumpObject {
+pub(crate) struct DumpObject {
     pub size_bytes: u64,
     pub last_modified: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,7 +35,7 @@ pub struct DumpObject {
 /// What a verify run concluded about the bytes it read.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Checksum matched, the restore succeeded and every table's row count matched.
     Verified,
     /// The bytes are not the ones the manifest recorded (size or SHA-256).
@@ -47,7 +47,7 @@ pub enum Outcome {
 /// `<id>.verify.json`: the last verification of a backup.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct VerifyRecord {
+pub(crate) struct VerifyRecord {
     pub record_version: u32,
     /// Backup id the record is about.
     pub backup: String,
@@ -69,7 +69,7 @@ pub struct VerifyRecord {
 }
 
 impl VerifyRecord {
-    pub fn new(
+    pub(crate) fn new(
         backup: &str,
         dump: DumpObject,
         outcome: Outcome,
@@ -96,7 +96,7 @@ impl VerifyRecord {
         }
     }
 
-    pub fn outcome_word(&self) -> &'static str {
+    pub(crate) fn outcome_word(&self) -> &'static str {
         match self.outcome {
             Outcome::Verified => "verified",
             Outcome::Corrupt => "corrupt",
@@ -104,13 +104,13 @@ impl VerifyRecord {
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a record always serialises");
         out.push(b'\n');
         out
     }
 
-    pub fn from_json(bytes: &[u8]) -> Result<VerifyRecord, String> {
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<VerifyRecord, String> {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
         let version = value.get("recordVersion").and_then(|v| v.as_u64());
@@ -127,7 +127,7 @@ impl VerifyRecord {
 /// What `list` shows and `prune` decides on.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
-pub enum State {
+pub(crate) enum State {
     /// Restored and matched its manifest, and the dump has not changed since.
     Verified,
     /// The dump is there with the recorded size; never verified, or changed since.
@@ -142,11 +142,11 @@ pub enum State {
 
 impl State {
     /// A backup one could restore from, as far as anyone knows: counted by retention.
-    pub fn is_good(self) -> bool {
+    pub(crate) fn is_good(self) -> bool {
         matches!(self, State::Verified | State::Unverified)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Verified => "verified",
             State::Unverified => "unverified",
@@ -165,7 +165,7 @@ impl std::fmt::Display for State {
 
 /// A backup's state, why, and when a verify last judged these very bytes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Assessment {
+pub(crate) struct Assessment {
     pub state: State,
     /// One sentence for people.
     pub detail: String,
@@ -174,7 +174,7 @@ pub struct Assessment {
 
 /// The state of a backup from its manifest, its dump as listed (None: missing) and its
 /// verification record (None: none; Err: unreadable).
-pub fn assess(
+pub(crate) fn assess(
     manifest: &Manifest,
     id: &str,
     dump: Option<&DumpObject>,

@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 /// A connection given as libpq environment variables (the password among them).
 #[derive(Clone, PartialEq, Eq)]
-pub struct LibpqEnv {
+pub(crate) struct LibpqEnv {
     vars: Vec<(&'static str, String)>,
 }
 
@@ -54,7 +54,7 @@ const PARAMS: &[(&str, &str)] = &[
 impl LibpqEnv {
     /// Splits a `postgres://` URI into libpq variables. Errors name the problem, never the
     /// URI (it may hold a password).
-    pub fn from_url(url: &str) -> Result<LibpqEnv, String> {
+    pub(crate) fn from_url(url: &str) -> Result<LibpqEnv, String> {
         let parsed = url::Url::parse(url)
             .map_err(|e| format!("the database URL is not a valid postgres:// URI ({e})"))?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
@@ -101,7 +101,7 @@ impl LibpqEnv {
     }
 
     /// The same connection to another database of the server.
-    pub fn with_database(&self, database: &str) -> LibpqEnv {
+    pub(crate) fn with_database(&self, database: &str) -> LibpqEnv {
         let mut vars: Vec<_> = self
             .vars
             .iter()
@@ -112,7 +112,8 @@ impl LibpqEnv {
         LibpqEnv { vars }
     }
 
-    pub fn get(&self, name: &str) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.vars
             .iter()
             .find(|(k, _)| *k == name)
@@ -120,7 +121,7 @@ impl LibpqEnv {
     }
 
     /// Replaces whatever libpq variables the command would inherit with these.
-    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+    pub(crate) fn apply(&self, cmd: &mut tokio::process::Command) {
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PG") {
                 cmd.env_remove(&key);
@@ -156,7 +157,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
 
 /// A client program and its PostgreSQL major version.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tool {
+pub(crate) struct Tool {
     pub path: PathBuf,
     pub major: u32,
     /// `pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)`.
@@ -164,7 +165,7 @@ pub struct Tool {
 }
 
 /// Major version from `pg_dump --version` output (`pg_dump (PostgreSQL) 15.20 …`, or `9.6.24`).
-pub fn parse_major(version_output: &str) -> Option<u32> {
+pub(crate) fn parse_major(version_output: &str) -> Option<u32> {
     let number = version_output
         .split_whitespace()
         .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
@@ -180,7 +181,7 @@ pub fn parse_major(version_output: &str) -> Option<u32> {
 
 /// Picks the newest candidate; it must be at least `min_major` (a client refuses to dump
 /// a newer server, and only a newer `pg_restore` reads a newer archive).
-pub fn choose(candidates: &[Tool], min_major: Option<u32>) -> Result<&Tool, String> {
+pub(crate) fn choose(candidates: &[Tool], min_major: Option<u32>) -> Result<&Tool, String> {
     let newest = candidates
         .iter()
         .max_by_key(|t| t.major)
@@ -206,7 +207,7 @@ fn display_major(major: u32) -> String {
 }
 
 /// Major version of a `server_version_num` (150020 → 15, 90624 → 906).
-pub fn server_major(version_num: i32) -> u32 {
+pub(crate) fn server_major(version_num: i32) -> u32 {
     let v = version_num.max(0) as u32;
     if v >= 100_000 {
         v / 10_000
@@ -217,7 +218,7 @@ pub fn server_major(version_num: i32) -> u32 {
 
 /// Finds `name` (`pg_dump`, `pg_restore`): `explicit` when given, otherwise every copy in
 /// `PATH` and in `/usr/lib/postgresql/<v>/bin`, the newest chosen.
-pub async fn find(
+pub(crate) async fn find(
     name: &str,
     explicit: Option<&Path>,
     min_major: Option<u32>,
@@ -285,7 +286,7 @@ async fn version_of(path: &Path) -> Result<String, String> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM (a Job being deleted), with the signal's name.
-pub async fn interrupted() -> &'static str {
+pub(crate) async fn interrupted() -> &'static str {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -302,7 +303,7 @@ pub async fn interrupted() -> &'static str {
 
 /// One connection, like [`crate::pg::connect_one`], without sqlx's slow-statement
 /// warnings: counting the rows of a big table takes seconds by nature.
-pub async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::ConnectError> {
+pub(crate) async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::ConnectError> {
     use crate::pg::ConnectError;
     use sqlx::{ConnectOptions, Connection};
     let opts: sqlx::postgres::PgConnectOptions =
@@ -334,7 +335,7 @@ pub async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::Connect
 }
 
 /// The last `max` bytes of a program's stderr, for error messages.
-pub fn tail(stderr: &[u8], max: usize) -> String {
+pub(crate) fn tail(stderr: &[u8], max: usize) -> String {
     let start = stderr.len().saturating_sub(max);
     String::from_utf8_lossy(&stderr[start..]).trim().to_string()
 }

@@ -33,7 +33,7 @@ use crate::units;
 const STDERR_TAIL: usize = 4000;
 
 #[derive(Debug, Clone, Default)]
-pub struct VerifyOptions {
+pub(crate) struct VerifyOptions {
     /// Backup id (`20261125T030000.000Z`); the newest when absent.
     pub backup: Option<String>,
     /// Database whose backups to check; the URL's database when absent.
@@ -42,7 +42,7 @@ pub struct VerifyOptions {
 }
 
 #[derive(Debug, Clone)]
-pub struct Verified {
+pub(crate) struct Verified {
     pub database: String,
     pub id: String,
     pub tables: usize,
@@ -50,7 +50,7 @@ pub struct Verified {
     pub restore_seconds: f64,
 }
 
-pub async fn verify(
+pub(crate) async fn verify(
     store: &Store,
     url: &str,
     opts: &VerifyOptions,

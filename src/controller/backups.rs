@@ -26,7 +26,7 @@ struct TerminationMessage {
 
 /// One finished backup Job.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Run {
+pub(crate) struct Run {
     pub finished: Timestamp,
     pub succeeded: bool,
     pub size_bytes: Option<i64>,
@@ -76,7 +76,7 @@ pub(crate) fn termination_json<T: serde::de::DeserializeOwned>(
 }
 
 /// The finished runs among `jobs`, oldest first; running Jobs are left out.
-pub fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
+pub(crate) fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
     let mut runs: Vec<Run> = jobs
         .iter()
         .filter_map(|job| {
@@ -128,7 +128,7 @@ pub fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
 /// `status.backups`: what the CronJob and its Jobs say, merged with the previous status.
 /// Kubernetes deletes finished Jobs (history limits, TTL), so a time only moves forward
 /// and the newest size stays known after its Job is gone.
-pub fn backup_status(
+pub(crate) fn backup_status(
     previous: Option<&BackupStatus>,
     cronjob: Option<&CronJob>,
     runs: &[Run],
@@ -162,7 +162,7 @@ pub fn backup_status(
 /// be late or slow, but a missed run is noticed. Schedules are evaluated in UTC, as
 /// kube-controller-manager does for a CronJob without `timeZone`. None when the schedule
 /// does not parse or never fires.
-pub fn window(schedule: &str, now: Timestamp) -> Option<Duration> {
+pub(crate) fn window(schedule: &str, now: Timestamp) -> Option<Duration> {
     let cron = croner::Cron::from_str(schedule.trim()).ok()?;
     let now = chrono::DateTime::<chrono::Utc>::from_timestamp(now.as_second(), 0)?;
     let last = cron.find_previous_occurrence(&now, true).ok()?;
@@ -184,7 +184,7 @@ pub struct Readiness {
 /// a CronJob that never produced a success within a window of its creation is overdue
 /// too. No message holds a duration that grows with the clock, so a steady state writes
 /// the same condition.
-pub fn readiness(
+pub(crate) fn readiness(
     schedule: &str,
     suspended: bool,
     status: &BackupStatus,
@@ -269,7 +269,7 @@ pub fn readiness(
 
 /// The message of the newest failed run, for the condition (the status field keeps the
 /// reason only).
-pub fn last_failure_message(runs: &[Run]) -> Option<String> {
+pub(crate) fn last_failure_message(runs: &[Run]) -> Option<String> {
     let m = runs
         .iter()
         .rev()

@@ -15,25 +15,25 @@ use super::metrics::Metrics;
 use crate::api::DatabasePolicy;
 
 /// The field manager of every server-side apply the operator sends (status, children).
-pub const FIELD_MANAGER: &str = "dbpolicy";
+pub(crate) const FIELD_MANAGER: &str = "dbpolicy";
 /// Name of the controller in Events' `reportingController`.
-pub const CONTROLLER_NAME: &str = "dbpolicy.dev/controller";
+pub(crate) const CONTROLLER_NAME: &str = "dbpolicy.dev/controller";
 /// The finalizer the operator puts on every policy it reconciles.
-pub const FINALIZER: &str = "dbpolicy.dev/cleanup";
+pub(crate) const FINALIZER: &str = "dbpolicy.dev/cleanup";
 
 /// First retry after a failure; doubled per consecutive failure up to [`MAX_BACKOFF`].
-pub const MIN_BACKOFF: Duration = Duration::from_secs(5);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_secs(5);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The image of the backup and refresh Jobs unless `--job-image` / `DBPOLICY_IMAGE` says
 /// otherwise: the operator's own, at its own version.
-pub const DEFAULT_JOB_IMAGE: &str =
+pub(crate) const DEFAULT_JOB_IMAGE: &str =
     concat!("ghcr.io/dbpolicy/dbpolicy:", env!("CARGO_PKG_VERSION"));
 
 /// Events notes are limited to 1 KiB by the API.
 const MAX_NOTE: usize = 1000;
 
-pub struct Context {
+pub(crate) struct Context {
     pub client: Client,
     /// Repeats of one event (same type, reason, action, object) within minutes become a
     /// series on the first Event, keeping the first note: right for a failure that
@@ -62,7 +62,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, instance: Option<String>, metrics: Metrics) -> Self {
+    pub(crate) fn new(client: Client, instance: Option<String>, metrics: Metrics) -> Self {
         let reporter = Reporter {
             controller: CONTROLLER_NAME.into(),
             instance,
@@ -90,27 +90,31 @@ impl Context {
     }
 
     /// Reads Secrets and the policies' CronJobs from these watch caches instead of the API.
-    pub fn with_caches(mut self, secrets: Store<Secret>, cronjobs: Option<Store<CronJob>>) -> Self {
+    pub(crate) fn with_caches(
+        mut self,
+        secrets: Store<Secret>,
+        cronjobs: Option<Store<CronJob>>,
+    ) -> Self {
         self.secret_cache = Some(secrets);
         self.cronjob_cache = cronjobs;
         self
     }
 
     /// The denied server settings that policies may set (`--allow-setting`).
-    pub fn with_allowed_settings(mut self, allowed: crate::engine::AllowedSettings) -> Self {
+    pub(crate) fn with_allowed_settings(mut self, allowed: crate::engine::AllowedSettings) -> Self {
         self.allowed_settings = allowed;
         self
     }
 
     /// The image of the CronJobs, and whether the API server can hold them.
-    pub fn with_jobs(mut self, image: impl Into<String>, cronjobs_supported: bool) -> Self {
+    pub(crate) fn with_jobs(mut self, image: impl Into<String>, cronjobs_supported: bool) -> Self {
         self.job_image = image.into();
         self.cronjobs_supported = cronjobs_supported;
         self
     }
 
     /// The delay before retrying a policy that just failed: 5s, 10s, 20s, … up to 5m.
-    pub fn next_backoff(&self, key: &str) -> Duration {
+    pub(crate) fn next_backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
         let delay = MIN_BACKOFF
@@ -120,7 +124,7 @@ impl Context {
         delay
     }
 
-    pub fn reset_backoff(&self, key: &str) {
+    pub(crate) fn reset_backoff(&self, key: &str) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         failures.remove(key);
     }
@@ -129,7 +133,7 @@ impl Context {
     /// the status already says what the event says. `distinct` events (applied change
     /// sets, whose notes differ) go through a fresh Recorder, so that they are never folded
     /// into the series of an earlier one.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         policy: &DatabasePolicy,
         type_: EventType,
@@ -158,7 +162,7 @@ impl Context {
     }
 
     /// The one place a failure is counted and told as a Warning event.
-    pub async fn report_failure(&self, policy: &DatabasePolicy, error: &Error) {
+    pub(crate) async fn report_failure(&self, policy: &DatabasePolicy, error: &Error) {
         self.metrics.reconcile_failed(error);
         self.publish(
             policy,
@@ -173,7 +177,7 @@ impl Context {
 }
 
 /// `namespace/name`, the key of a policy in logs, backoff and the ledger.
-pub fn key(policy: &DatabasePolicy) -> String {
+pub(crate) fn key(policy: &DatabasePolicy) -> String {
     format!(
         "{}/{}",
         policy.namespace().unwrap_or_default(),

@@ -104,7 +104,8 @@ impl DdlListeners {
     }
 
     /// How many connections listen now.
-    pub fn listening(&self) -> usize {
+    #[cfg(test)]
+    fn listening(&self) -> usize {
         self.lock().by_url.len()
     }
 

@@ -4,7 +4,7 @@ use crate::engine::EngineError;
 use crate::pg::ConnectError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The object lacks a name or namespace (hand-made objects only).
     #[error("the DatabasePolicy has no {0}")]
     MissingObjectKey(&'static str),
@@ -122,7 +122,7 @@ pub enum Error {
 
 impl Error {
     /// Label of `dbpolicy_reconcile_errors_total`: the step that failed, in snake_case.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::SecretNotFound { .. } => "secret_not_found",
@@ -145,7 +145,7 @@ impl Error {
     }
 
     /// CamelCase reason for the `Ready` condition and the Warning event.
-    pub fn reason(&self) -> &str {
+    pub(crate) fn reason(&self) -> &str {
         match self {
             Error::MissingObjectKey(_) => "InvalidObject",
             Error::SecretNotFound { .. } => "SecretNotFound",
@@ -180,18 +180,6 @@ impl Error {
         }
     }
 
-    /// Whether the failure was already written into status by the reconciler (the
-    /// others happened while talking to the API server, so status cannot say them).
-    pub fn in_status(&self) -> bool {
-        !matches!(
-            self,
-            Error::PatchStatus(_)
-                | Error::AddFinalizer(_)
-                | Error::RemoveFinalizer(_)
-                | Error::Finalizer(_)
-        )
-    }
-
     pub(crate) fn from_finalizer(e: kube::runtime::finalizer::Error<Error>) -> Error {
         use kube::runtime::finalizer::Error as F;
         match e {
@@ -203,7 +191,7 @@ impl Error {
     }
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {

@@ -15,14 +15,14 @@ use crate::engine::{Area, Change};
 const LIST_BUDGET: usize = 760;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Note {
+pub(crate) struct Note {
     pub type_: EventType,
     pub reason: &'static str,
     pub note: String,
 }
 
 /// `area target: summary; …`, whole entries only, then `… and N more`.
-pub fn list(changes: &[&Change]) -> String {
+pub(crate) fn list(changes: &[&Change]) -> String {
     let mut out = String::new();
     for (i, c) in changes.iter().enumerate() {
         let entry = format!("{} {}: {}", c.area, c.target, c.summary);
@@ -60,7 +60,7 @@ fn counts(changes: &[&Change]) -> String {
 
 /// The Event of a check that found drift. `drifted` are the changes that undo it (the
 /// plan's changes in the drifted areas); `repaired` says whether they were all applied.
-pub fn drift(drifted: &[&Change], repaired: bool) -> Note {
+pub(crate) fn drift(drifted: &[&Change], repaired: bool) -> Note {
     let weakened: Vec<&Change> = drifted
         .iter()
         .copied()
@@ -98,7 +98,7 @@ pub fn drift(drifted: &[&Change], repaired: bool) -> Note {
 
 /// The Event of a change set applied for other reasons than drift (a spec edit, a first
 /// run): counts by area, then what each change was.
-pub fn applied(changes: &[&Change]) -> Note {
+pub(crate) fn applied(changes: &[&Change]) -> Note {
     Note {
         type_: EventType::Normal,
         reason: "Applied",

@@ -42,7 +42,7 @@ use crate::jobs::pitr::{
 };
 
 /// The condition's type.
-pub const CONDITION: &str = "PointInTimeRecoveryReady";
+pub(crate) const CONDITION: &str = "PointInTimeRecoveryReady";
 /// A receiver not available this long after its Deployment was created is down, not
 /// starting (an image pull and the first connection take well under this).
 const STARTUP_GRACE: Duration = Duration::from_secs(300);
@@ -153,7 +153,7 @@ where
 
 /// What the receiver step found or did.
 #[derive(Debug, Clone, Default)]
-pub struct ReceiverSync {
+pub(crate) struct ReceiverSync {
     /// The Deployment as the API server holds it (None: PITR off, or Plan mode before
     /// its creation).
     pub deployment: Option<Deployment>,
@@ -166,7 +166,7 @@ pub struct ReceiverSync {
 /// read for the many policies that never used it). The claim goes after the Deployment;
 /// Kubernetes keeps a claim in use until its pod is gone, and the pod ships what is
 /// complete on SIGTERM.
-pub async fn sync_receiver(
+pub(crate) async fn sync_receiver(
     client: &Client,
     policy: &DatabasePolicy,
     image: &str,
@@ -258,7 +258,7 @@ struct BaseMessage {
 
 /// One finished base backup Job.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BaseRun {
+pub(crate) struct BaseRun {
     pub run: backups::Run,
     pub base_backup: Option<String>,
     pub window_earliest: Option<Timestamp>,
@@ -267,7 +267,7 @@ pub struct BaseRun {
 }
 
 /// The finished base backup runs, oldest first.
-pub fn base_runs(jobs: &[Job], pods: &[Pod]) -> Vec<BaseRun> {
+pub(crate) fn base_runs(jobs: &[Job], pods: &[Pod]) -> Vec<BaseRun> {
     let mut out: Vec<BaseRun> = jobs
         .iter()
         .filter_map(|job| {
@@ -290,7 +290,7 @@ pub fn base_runs(jobs: &[Job], pods: &[Pod]) -> Vec<BaseRun> {
 /// `status.backups.pointInTimeRecovery`: the previous one, moved forward by the newest
 /// runs (finished Jobs are deleted; their facts stay), the receiver and the slot.
 /// `slot` None: the primary was not observed this time, the previous slot facts stay.
-pub fn pitr_status(
+pub(crate) fn pitr_status(
     previous: Option<&PitrStatus>,
     p: &PointInTimeRecovery,
     receiver: Option<&Deployment>,
@@ -510,7 +510,7 @@ pub fn readiness(
 
 /// What one reconcile gathered about point-in-time recovery.
 #[derive(Debug, Default)]
-pub struct Pitr {
+pub(crate) struct Pitr {
     receiver: Option<Deployment>,
     base_created: Option<Timestamp>,
     runs: Vec<BaseRun>,
@@ -524,7 +524,7 @@ pub struct Pitr {
 
 /// `PointInTimeRecoveryReady`'s status, reason and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     pub status: Status,
     pub reason: String,
     pub message: String,
@@ -541,13 +541,13 @@ impl From<Readiness> for Verdict {
 }
 
 /// Whether the policy runs point-in-time recovery.
-pub fn enabled_in(policy: &DatabasePolicy) -> bool {
+pub(crate) fn enabled_in(policy: &DatabasePolicy) -> bool {
     enabled(policy).is_some()
 }
 
 /// Syncs the receiver and reads the base backup Jobs; failures go into `found` as the
 /// Backups area's state and are kept to be returned once status is written.
-pub async fn gather(
+pub(crate) async fn gather(
     client: &Client,
     policy: &DatabasePolicy,
     image: &str,
@@ -624,13 +624,13 @@ fn overlay_backups(areas: &mut Vec<AreaState>, state: AreaState) {
 
 impl Pitr {
     /// The failure to return once status is written (it is in `found` already).
-    pub fn take_error(&mut self) -> Option<Error> {
+    pub(crate) fn take_error(&mut self) -> Option<Error> {
         self.error.take()
     }
 
     /// Reads the slot on the primary; a failure leaves it unobserved (status keeps the
     /// previous facts) and is logged: it never fails the reconcile.
-    pub async fn observe(&mut self, policy: &DatabasePolicy, url: &str) {
+    pub(crate) async fn observe(&mut self, policy: &DatabasePolicy, url: &str) {
         let Some((_, p)) = enabled(policy) else {
             return;
         };
@@ -652,7 +652,7 @@ impl Pitr {
     /// Fills `status.backups.pointInTimeRecovery` in `found` (removes it when PITR is
     /// off) and, when the receiver or the base backups are not ready, makes the Backups
     /// area say so. Returns the condition's state, None when PITR is off.
-    pub fn report(
+    pub(crate) fn report(
         &self,
         policy: &DatabasePolicy,
         input: &Input<'_>,
@@ -721,7 +721,11 @@ impl Pitr {
 
 /// Adds `PointInTimeRecoveryReady` to a status built by `status::from_*` (which know
 /// only the areas); without PITR the condition is simply absent.
-pub fn add_condition(input: &Input<'_>, status: &mut DatabasePolicyStatus, r: Option<&Verdict>) {
+pub(crate) fn add_condition(
+    input: &Input<'_>,
+    status: &mut DatabasePolicyStatus,
+    r: Option<&Verdict>,
+) {
     status.conditions.retain(|c| c.type_ != CONDITION);
     if let Some(r) = r {
         let c: Condition = condition(input, CONDITION, r.status, &r.reason, &r.message);

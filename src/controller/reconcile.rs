@@ -32,7 +32,7 @@ use crate::engine::{self, release, Area, Outcome, PolicyId, RunOptions};
 /// Entry point for the `Controller`: the finalizer decides between Apply and Cleanup.
 /// Failures are counted and published here, once; `error_policy` only schedules the retry.
 #[instrument(skip(policy, ctx), fields(policy = %key(&policy)))]
-pub async fn reconcile(policy: Arc<DatabasePolicy>, ctx: Arc<Context>) -> Result<Action> {
+pub(crate) async fn reconcile(policy: Arc<DatabasePolicy>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started();
     let result = reconcile_inner(policy.clone(), &ctx).await;
     match &result {
@@ -61,14 +61,18 @@ async fn reconcile_inner(policy: Arc<DatabasePolicy>, ctx: &Arc<Context>) -> Res
 }
 
 /// Retry a failed policy with a per-policy exponential backoff; other policies go on.
-pub fn error_policy(policy: Arc<DatabasePolicy>, _error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(
+    policy: Arc<DatabasePolicy>,
+    _error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     Action::requeue(ctx.next_backoff(&key(&policy)))
 }
 
 /// `spec.driftCheckInterval`, or the default when it does not parse or lies outside
 /// 10s..24h (the CRD's CEL rule rejects such values, so this only guards objects written
 /// before the rule or on API servers without CEL; the engine reports them as InvalidSpec).
-pub fn drift_interval(policy: &DatabasePolicy) -> Duration {
+pub(crate) fn drift_interval(policy: &DatabasePolicy) -> Duration {
     parse_bounded(
         policy.spec.drift_check_interval(),
         MIN_DRIFT_CHECK_INTERVAL,

@@ -36,7 +36,7 @@ fn moved_i(a: Option<i64>, b: Option<i64>, step: i64) -> bool {
 /// slot changed, or its lag moved by a step worth telling: a tenth of its limit, at least
 /// 1 s or 1 MiB. Otherwise the previous entry stays as it was, so a steady state writes
 /// the same status. The state itself is always current.
-pub fn stable_statuses(
+pub(crate) fn stable_statuses(
     spec: &ReplicasSpec,
     previous: Option<&[ReplicaStatus]>,
     current: Vec<ReplicaStatus>,
@@ -75,7 +75,7 @@ pub fn stable_statuses(
 /// lagging, unreachable or promoted; Unknown when some could only not be checked (no
 /// Secret for it). `notes` says why a replica was not checked. None: all healthy, the
 /// engine's state of the area (its slots) stands.
-pub fn replicas_area(
+pub(crate) fn replicas_area(
     statuses: &[ReplicaStatus],
     notes: &BTreeMap<String, String>,
 ) -> Option<AreaState> {
@@ -100,7 +100,7 @@ pub fn replicas_area(
 /// One Event per replica whose state changed: a Warning with the state's reason
 /// (`ReplicaLagging` when it crossed its lag limit), a Normal `ReplicaHealthy` when it
 /// recovered.
-pub fn replica_events(
+pub(crate) fn replica_events(
     previous: &[ReplicaStatus],
     current: &[ReplicaStatus],
 ) -> Vec<(EventType, &'static str, String)> {

@@ -12,15 +12,15 @@ use crate::api::{
 use crate::engine::{Area, AreaPlan, Change, Outcome, Plan};
 use crate::reason::Reason;
 
-pub const READY: &str = "Ready";
-pub const DRIFTED: &str = "Drifted";
+pub(crate) const READY: &str = "Ready";
+pub(crate) const DRIFTED: &str = "Drifted";
 
 /// Condition messages are capped well below the API's 32 KiB: they are for people.
 const MAX_MESSAGE: usize = 1024;
 
 /// What every builder needs besides the finding itself.
 #[derive(Debug, Clone)]
-pub struct Input<'a> {
+pub(crate) struct Input<'a> {
     pub spec: &'a DatabasePolicySpec,
     pub generation: Option<i64>,
     pub previous: Option<&'a DatabasePolicyStatus>,
@@ -32,7 +32,7 @@ pub struct Input<'a> {
 
 /// The areas present in the spec, in apply order (the registry's, see
 /// `engine::areas`).
-pub fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
+pub(crate) fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
     Area::ALL.into_iter().filter(|a| a.in_spec(spec)).collect()
 }
 
@@ -55,7 +55,7 @@ impl Status {
 }
 
 /// Builds a condition, keeping the previous `lastTransitionTime` unless the status changed.
-pub fn condition(
+pub(crate) fn condition(
     input: &Input<'_>,
     type_: &str,
     status: Status,
@@ -98,7 +98,7 @@ fn bounded(message: &str) -> String {
 /// `spec.suspend: true`: `Ready=False/Suspended`, and every area and `Drifted` Unknown
 /// with reason `Suspended` (they are not being checked; a stale True would say otherwise).
 /// The details last seen (`status.replicas`, `status.backups`, …) are kept as they were.
-pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
+pub(crate) fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
     let mut status = input.previous.cloned().unwrap_or_default();
     const NOT_CHECKED: &str = "not checked: spec.suspend is true";
     let mut conditions = vec![condition(
@@ -132,13 +132,14 @@ pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
 
 /// A failure before or while observing the database (Secret, connection, engine): the
 /// areas and drift are Unknown, the pending plan of the last check is kept.
-pub fn from_error(input: &Input<'_>, reason: &str, message: &str) -> DatabasePolicyStatus {
+#[cfg(test)]
+pub(crate) fn from_error(input: &Input<'_>, reason: &str, message: &str) -> DatabasePolicyStatus {
     from_error_with(input, reason, message, &Children::default())
 }
 
 /// [`from_error`], with what was found outside the database (backups) kept as found:
 /// only the areas the engine decides become Unknown.
-pub fn from_error_with(
+pub(crate) fn from_error_with(
     input: &Input<'_>,
     reason: &str,
     message: &str,
@@ -189,7 +190,7 @@ pub fn from_error_with(
 
 /// The state of one area after a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AreaState {
+pub(crate) struct AreaState {
     pub area: Area,
     pub status: Status,
     pub reason: String,
@@ -199,7 +200,7 @@ pub struct AreaState {
 /// What the controller found outside the engine's run: replica health, backups, the
 /// CronJobs and the read-endpoint Secret.
 #[derive(Debug, Clone, Default)]
-pub struct Children {
+pub(crate) struct Children {
     /// Area states decided outside the engine (replica health, backups, CronJobs): each
     /// replaces the engine's state of its area, unless that one is a worse failure.
     pub areas: Vec<AreaState>,
@@ -240,7 +241,7 @@ fn count_by_area<'a>(changes: impl Iterator<Item = &'a Change>) -> BTreeMap<Area
 }
 
 /// `autovacuum 2, serverSettings 1`
-pub fn counts_note(counts: &BTreeMap<Area, usize>) -> String {
+pub(crate) fn counts_note(counts: &BTreeMap<Area, usize>) -> String {
     counts
         .iter()
         .map(|(a, n)| format!("{a} {n}"))
@@ -366,7 +367,7 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
 /// Changes found at this check but not carried out.
 /// Every change found and not carried out: the engine's (see [`pending_changes`]) and the
 /// child objects' (Plan mode). What `pendingChanges` counts.
-pub fn pending(outcome: &Outcome, mode: Mode, children: &Children) -> Vec<Change> {
+pub(crate) fn pending(outcome: &Outcome, mode: Mode, children: &Children) -> Vec<Change> {
     let mut pending = pending_changes(outcome, mode);
     pending.extend(children.pending.iter().cloned());
     pending
@@ -388,7 +389,7 @@ fn pending_changes(outcome: &Outcome, mode: Mode) -> Vec<Change> {
 /// (the last check of this generation found it Ready, or had already found drift).
 /// Differences right after a spec change (or after a failed run) are not drift, in Plan
 /// mode too: there a spec edit is pending, not drift.
-pub fn drifted_areas(input: &Input<'_>, outcome: &Outcome, _mode: Mode) -> Vec<Area> {
+pub(crate) fn drifted_areas(input: &Input<'_>, outcome: &Outcome, _mode: Mode) -> Vec<Area> {
     let converged = input.previous.is_some_and(|p| {
         p.observed_generation == input.generation
             && (previous_condition(Some(p), READY).is_some_and(|c| c.status == "True")
@@ -467,12 +468,13 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
 
 /// The status after the engine ran: `Ready`, one condition per area of the spec, `Drifted`,
 /// the pending plan.
-pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatus {
+#[cfg(test)]
+pub(crate) fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatus {
     from_outcome_with(input, outcome, &Children::default())
 }
 
 /// [`from_outcome`], with the areas and pending changes found outside the engine.
-pub fn from_outcome_with(
+pub(crate) fn from_outcome_with(
     input: &Input<'_>,
     outcome: &Outcome,
     children: &Children,
@@ -604,14 +606,17 @@ pub fn from_outcome_with(
 }
 
 /// Applied changes per area, for the `Applied` event and the metrics.
-pub fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
+pub(crate) fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
     count_by_area(outcome.report.iter().flat_map(|r| r.applied.iter()))
 }
 
 /// Whether `new` says nothing `previous` (as the API server returned it) does not:
 /// compared as JSON, the form both take on the wire, so that a field the server dropped
 /// or defaulted (empty lists, `None`) is not a difference.
-pub fn unchanged(previous: Option<&DatabasePolicyStatus>, new: &DatabasePolicyStatus) -> bool {
+pub(crate) fn unchanged(
+    previous: Option<&DatabasePolicyStatus>,
+    new: &DatabasePolicyStatus,
+) -> bool {
     let Some(previous) = previous else {
         return false;
     };

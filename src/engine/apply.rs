@@ -32,7 +32,7 @@ impl ApplyReport {
     pub fn succeeded(&self) -> bool {
         self.failure.is_none()
     }
-    pub fn restart_required(&self) -> Vec<&str> {
+    pub(crate) fn restart_required(&self) -> Vec<&str> {
         self.applied
             .iter()
             .filter(|c| c.requires_restart)
@@ -78,7 +78,7 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
-    pub fn from_spec(spec: &crate::api::DatabasePolicySpec) -> Result<Self, String> {
+    pub(crate) fn from_spec(spec: &crate::api::DatabasePolicySpec) -> Result<Self, String> {
         Ok(Timeouts {
             statement_ms: crate::duration::pg_millis(spec.statement_timeout())?,
             index_build_ms: crate::duration::pg_millis(spec.index_build_timeout())?,
@@ -163,7 +163,7 @@ pub async fn execute(
 }
 
 /// Creates the ledger and the normalisation cache beside it (fixed text, no spec text).
-pub async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::Executor::execute(&mut *tx, ledger::BOOTSTRAP_SQL).await?;
     sqlx::Executor::execute(&mut *tx, normcache::BOOTSTRAP_SQL).await?;
@@ -245,7 +245,7 @@ async fn set_statement_timeout(
 /// What an autonomous change commits before it runs, so a run killed while it runs (or
 /// between it and its ledger entries) leaves a trace the next run finds: the intents it
 /// declares, and the intent to build everything it records.
-pub fn intents(change: &Change) -> Vec<LedgerOp> {
+pub(crate) fn intents(change: &Change) -> Vec<LedgerOp> {
     change
         .ledger
         .iter()

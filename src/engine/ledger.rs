@@ -16,9 +16,7 @@ use sqlx::PgConnection;
 
 use super::plan::{Area, LedgerOp};
 
-pub const LEDGER_TABLE: &str = "dbpolicy.managed";
-
-pub const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
+pub(crate) const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
 CREATE TABLE IF NOT EXISTS dbpolicy.managed (
     area text NOT NULL,
     target text NOT NULL,
@@ -43,7 +41,7 @@ pub struct Ledger {
 }
 
 /// The ledger item of an intent to build `item`.
-pub const INTENT_PREFIX: &str = "intent:";
+pub(crate) const INTENT_PREFIX: &str = "intent:";
 
 fn intent_item(item: &str) -> String {
     format!("{INTENT_PREFIX}{item}")
@@ -88,21 +86,21 @@ impl Ledger {
         &self.drift_subscribers
     }
     /// What this policy owns in `area`.
-    pub fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
         self.mine
             .get(area.as_str())
             .into_iter()
             .flatten()
             .map(|(t, i)| (t.as_str(), i.as_str()))
     }
-    pub fn contains(&self, area: Area, target: &str, item: &str) -> bool {
+    pub(crate) fn contains(&self, area: Area, target: &str, item: &str) -> bool {
         self.mine
             .get(area.as_str())
             .is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
     }
     /// Whether a run of this policy committed its intent to build this item and never
     /// recorded it: a run killed (or failed) while building it.
-    pub fn intends(&self, area: Area, target: &str, item: &str) -> bool {
+    pub(crate) fn intends(&self, area: Area, target: &str, item: &str) -> bool {
         self.intents.contains(&key(area, target, item))
     }
     /// The other policy that owns this item, if any.
@@ -116,7 +114,7 @@ impl Ledger {
             .map(String::as_str)
     }
     /// The ledger as it will be once `ops` are applied (for plan simulation in tests).
-    pub fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>) {
+    pub(crate) fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>) {
         let me = self.me.clone();
         for op in ops {
             match op {
@@ -139,7 +137,7 @@ impl Ledger {
 }
 
 /// Reads the whole ledger in one query; an absent ledger is an empty one.
-pub async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::Error> {
+pub(crate) async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::Error> {
     let rows: Vec<(String, String, String, String)> =
         sqlx::query_as("SELECT area, target, item, policy FROM dbpolicy.managed")
             .fetch_all(&mut *conn)
@@ -164,7 +162,7 @@ pub async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::
 
 /// Writes one ledger operation (inside the caller's transaction; an intent is committed
 /// on its own before the change it announces, see [`crate::engine::apply`]).
-pub async fn write(
+pub(crate) async fn write(
     conn: &mut PgConnection,
     op: &LedgerOp,
     policy: &str,

@@ -24,10 +24,10 @@ use sqlx::PgConnection;
 
 use crate::pg::QualifiedName;
 
-pub const CACHE_TABLE: &str = "dbpolicy.normalized";
+pub(crate) const CACHE_TABLE: &str = "dbpolicy.normalized";
 
 /// Appended to the ledger's bootstrap: created with it, in the same transaction.
-pub const BOOTSTRAP_SQL: &str = "CREATE TABLE IF NOT EXISTS dbpolicy.normalized (
+pub(crate) const BOOTSTRAP_SQL: &str = "CREATE TABLE IF NOT EXISTS dbpolicy.normalized (
     key text PRIMARY KEY,
     policy text NOT NULL,
     using_expr text,
@@ -52,7 +52,7 @@ pub struct Record {
 /// recorded against. Any later change to that catalog row (an `ALTER POLICY` by hand, a
 /// drop and re-create) changes its version, and the row is not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cached {
+pub(crate) struct Cached {
     pub using: Option<String>,
     pub with_check: Option<String>,
     pub version: Option<String>,
@@ -64,7 +64,7 @@ pub struct Cached {
 /// types; not the `dbpolicy` schema, which the first apply creates, nor temporary ones).
 /// A `CREATE FUNCTION` that would capture a name changes it, and every key.
 /// One query per run.
-pub const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
+pub(crate) const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
     current_setting('search_path'), current_setting('server_version_num'),
     (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_proc),
     (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_operator),
@@ -75,7 +75,7 @@ pub const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
     (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_type
       WHERE typrelid = 0 AND typcategory <> 'A'))";
 
-pub async fn environment(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+pub(crate) async fn environment(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
     sqlx::query_scalar(ENVIRONMENT_SQL)
         .fetch_one(&mut *conn)
         .await
@@ -83,7 +83,7 @@ pub async fn environment(conn: &mut PgConnection) -> Result<String, sqlx::Error>
 
 /// The cache key of one item: SHA-256 over its parts, each length-prefixed so that no two
 /// different lists of parts hash alike.
-pub fn key(parts: &[&str]) -> String {
+pub(crate) fn key(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update((p.len() as u64).to_le_bytes());
@@ -93,7 +93,7 @@ pub fn key(parts: &[&str]) -> String {
 }
 
 /// The rows for `keys` (one query); an absent cache table is an empty cache.
-pub async fn read(
+pub(crate) async fn read(
     conn: &mut PgConnection,
     keys: &[String],
 ) -> Result<BTreeMap<String, Cached>, sqlx::Error> {
@@ -130,7 +130,7 @@ pub async fn read(
 /// Upserts `records` in one statement (inside the caller's transaction when it has one),
 /// each with the version of its policy's catalog row as the database has it now (after
 /// the change that created or altered it, in the same transaction).
-pub async fn write(
+pub(crate) async fn write(
     conn: &mut PgConnection,
     records: &[Record],
     policy: &str,

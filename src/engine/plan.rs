@@ -28,7 +28,7 @@ pub enum Hazard {
 }
 
 impl Hazard {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Hazard::Safe => "safe",
             Hazard::Locking => "locking",
@@ -80,7 +80,7 @@ pub enum LockLevel {
 
 impl LockLevel {
     /// PostgreSQL's name of the mode (as in `LOCK TABLE … IN <mode> MODE`).
-    pub fn as_sql(self) -> &'static str {
+    pub(crate) fn as_sql(self) -> &'static str {
         match self {
             LockLevel::None => "none",
             LockLevel::AccessShare => "ACCESS SHARE",
@@ -91,14 +91,6 @@ impl LockLevel {
             LockLevel::Exclusive => "EXCLUSIVE",
             LockLevel::AccessExclusive => "ACCESS EXCLUSIVE",
         }
-    }
-    /// Whether plain reads (SELECT) queue behind it.
-    pub fn blocks_reads(self) -> bool {
-        self == LockLevel::AccessExclusive
-    }
-    /// Whether writes (INSERT, UPDATE, DELETE) queue behind it.
-    pub fn blocks_writes(self) -> bool {
-        self >= LockLevel::Share
     }
 }
 
@@ -117,7 +109,7 @@ pub enum OwnTimeout {
 }
 
 impl OwnTimeout {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             OwnTimeout::IndexBuild => "indexBuildTimeout",
         }
@@ -222,15 +214,15 @@ impl Change {
         }
     }
     /// Records `row` in the normalisation cache when this change commits.
-    pub fn cache(mut self, row: Option<super::normcache::Record>) -> Self {
+    pub(crate) fn cache(mut self, row: Option<super::normcache::Record>) -> Self {
         self.cache.extend(row);
         self
     }
-    pub fn bundle(mut self, key: impl Into<String>) -> Self {
+    pub(crate) fn bundle(mut self, key: impl Into<String>) -> Self {
         self.bundle = Some(key.into());
         self
     }
-    pub fn hazard(mut self, hazard: Hazard) -> Self {
+    pub(crate) fn hazard(mut self, hazard: Hazard) -> Self {
         self.hazard = hazard;
         self
     }
@@ -254,20 +246,20 @@ impl Change {
         self
     }
     /// Puts the change in a transaction group of its area (see [`Change::group`]).
-    pub fn in_group(mut self, group: impl Into<String>) -> Self {
+    pub(crate) fn in_group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
         self
     }
     /// Asks the executor to report the rows the statement affected.
-    pub fn reports_rows(mut self) -> Self {
+    pub(crate) fn reports_rows(mut self) -> Self {
         self.reports_rows = true;
         self
     }
-    pub fn restart(mut self, requires_restart: bool) -> Self {
+    pub(crate) fn restart(mut self, requires_restart: bool) -> Self {
         self.requires_restart = requires_restart;
         self
     }
-    pub fn record(mut self, item: impl Into<String>) -> Self {
+    pub(crate) fn record(mut self, item: impl Into<String>) -> Self {
         self.ledger.push(LedgerOp::Record {
             area: self.area,
             target: self.target.clone(),
@@ -275,7 +267,7 @@ impl Change {
         });
         self
     }
-    pub fn forget(mut self, item: impl Into<String>) -> Self {
+    pub(crate) fn forget(mut self, item: impl Into<String>) -> Self {
         self.ledger.push(LedgerOp::Forget {
             area: self.area,
             target: self.target.clone(),
@@ -284,7 +276,11 @@ impl Change {
         self
     }
     /// Records ownership under a ledger target other than the change's own.
-    pub fn record_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
+    pub(crate) fn record_under(
+        mut self,
+        target: impl Into<String>,
+        item: impl Into<String>,
+    ) -> Self {
         self.ledger.push(LedgerOp::Record {
             area: self.area,
             target: target.into(),
@@ -293,7 +289,11 @@ impl Change {
         self
     }
     /// Declares, before the change runs, that it builds `target` (see [`LedgerOp::Intend`]).
-    pub fn intend_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
+    pub(crate) fn intend_under(
+        mut self,
+        target: impl Into<String>,
+        item: impl Into<String>,
+    ) -> Self {
         self.ledger.push(LedgerOp::Intend {
             area: self.area,
             target: target.into(),
@@ -301,7 +301,11 @@ impl Change {
         });
         self
     }
-    pub fn forget_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
+    pub(crate) fn forget_under(
+        mut self,
+        target: impl Into<String>,
+        item: impl Into<String>,
+    ) -> Self {
         self.ledger.push(LedgerOp::Forget {
             area: self.area,
             target: target.into(),
@@ -368,13 +372,18 @@ impl AreaPlan {
             skipped: None,
         }
     }
-    pub fn skipped(area: Area, why: impl Into<String>) -> Self {
+    pub(crate) fn skipped(area: Area, why: impl Into<String>) -> Self {
         AreaPlan {
             skipped: Some(why.into()),
             ..AreaPlan::new(area)
         }
     }
-    pub fn error(&mut self, target: impl Into<String>, reason: Reason, message: impl Into<String>) {
+    pub(crate) fn error(
+        &mut self,
+        target: impl Into<String>,
+        reason: Reason,
+        message: impl Into<String>,
+    ) {
         self.errors.push(PlanError {
             area: self.area,
             target: target.into(),
@@ -386,7 +395,7 @@ impl AreaPlan {
     /// `InsufficientPrivilege` error per table, before anything runs: PostgreSQL lets only
     /// a table's owner (or a member of the owner role) alter it, and finding out half-way
     /// through an apply would leave earlier areas committed.
-    pub fn refuse_unowned(&mut self, not_owned: impl Fn(&str) -> bool) {
+    pub(crate) fn refuse_unowned(&mut self, not_owned: impl Fn(&str) -> bool) {
         let mut refused = std::collections::BTreeSet::new();
         self.changes.retain(|c| {
             let keep = !not_owned(&c.target);
@@ -403,7 +412,7 @@ impl AreaPlan {
             );
         }
     }
-    pub fn notice(
+    pub(crate) fn notice(
         &mut self,
         target: impl Into<String>,
         reason: Reason,
@@ -431,10 +440,10 @@ impl Plan {
     pub fn errors(&self) -> impl Iterator<Item = &PlanError> {
         self.areas.iter().flat_map(|a| a.errors.iter())
     }
-    pub fn notices(&self) -> impl Iterator<Item = &Notice> {
+    pub(crate) fn notices(&self) -> impl Iterator<Item = &Notice> {
         self.areas.iter().flat_map(|a| a.notices.iter())
     }
-    pub fn skipped(&self) -> impl Iterator<Item = (Area, &str)> {
+    pub(crate) fn skipped(&self) -> impl Iterator<Item = (Area, &str)> {
         self.areas
             .iter()
             .filter_map(|a| a.skipped.as_deref().map(|why| (a.area, why)))
@@ -445,10 +454,10 @@ impl Plan {
     pub fn has_errors(&self) -> bool {
         self.errors().next().is_some()
     }
-    pub fn area(&self, area: Area) -> Option<&AreaPlan> {
+    pub(crate) fn area(&self, area: Area) -> Option<&AreaPlan> {
         self.areas.iter().find(|a| a.area == area)
     }
-    pub fn count_by_hazard(&self, hazard: Hazard) -> usize {
+    pub(crate) fn count_by_hazard(&self, hazard: Hazard) -> usize {
         self.changes().filter(|c| c.hazard == hazard).count()
     }
 
@@ -636,9 +645,6 @@ mod tests {
         assert!(LockLevel::None < LockLevel::AccessShare);
         assert!(LockLevel::ShareUpdateExclusive < LockLevel::Share);
         assert!(LockLevel::Exclusive < LockLevel::AccessExclusive);
-        assert!(!LockLevel::ShareUpdateExclusive.blocks_writes());
-        assert!(LockLevel::Share.blocks_writes() && !LockLevel::Share.blocks_reads());
-        assert!(LockLevel::AccessExclusive.blocks_reads());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::engine::Area;
 
 /// What a release did.
 #[derive(Debug, Clone, Default)]
-pub struct Released {
+pub(crate) struct Released {
     /// The ledger rows deleted: (area, target, item).
     pub claims: Vec<(String, String, String)>,
     /// Replication slots the policy had created that still exist (Retain, or a Reset
@@ -30,7 +30,7 @@ pub struct Released {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReleaseError {
+pub(crate) enum ReleaseError {
     /// The reset run could not start (lock, session, invalid timeouts).
     #[error("resetting what the policy set: {0}")]
     Reset(#[from] EngineError),
@@ -43,7 +43,7 @@ pub enum ReleaseError {
 }
 
 impl ReleaseError {
-    pub fn reason(&self) -> crate::reason::Reason {
+    pub(crate) fn reason(&self) -> crate::reason::Reason {
         match self {
             ReleaseError::Reset(e) => e.reason(),
             ReleaseError::Ledger(_) | ReleaseError::ServerClaims { .. } => {
@@ -56,7 +56,7 @@ impl ReleaseError {
 /// The spec a Reset runs: no area, so the engine plans the reset of everything the ledger
 /// says the policy owns; destructive changes (dropping its slots) allowed, since deleting a
 /// policy with `deletionPolicy: Reset` asks for exactly that.
-pub fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
+pub(crate) fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
     DatabasePolicySpec {
         database: spec.database.clone(),
         safety: Some(Safety {
@@ -71,7 +71,7 @@ pub fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
 
 /// Resets (when `reset`) and releases what `policy` owns in the database of `conn`, and
 /// its server-wide claims in the database `claims` names.
-pub async fn release(
+pub(crate) async fn release(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
     policy: &PolicyId,
@@ -203,7 +203,7 @@ async fn claims_in_transaction(
 }
 
 /// The statement that drops a slot, for messages.
-pub fn drop_slot_sql(slot: &str) -> String {
+pub(crate) fn drop_slot_sql(slot: &str) -> String {
     format!(
         "SELECT pg_drop_replication_slot({})",
         crate::pg::quote_literal(slot)

@@ -20,7 +20,7 @@ use crate::reason::Reason;
 /// One item to normalise: the statements that build its twin (one statement each) and the
 /// query that reads PostgreSQL's form of it back (one text column, `$1` = `read_arg`).
 #[derive(Debug, Clone)]
-pub struct Twin {
+pub(crate) struct Twin {
     pub item: QualifiedName,
     pub build: Vec<String>,
     pub read: &'static str,
@@ -28,14 +28,14 @@ pub struct Twin {
 }
 
 /// The twin relation name of the `n`th item, in `pg_temp`.
-pub fn twin_name(n: usize) -> String {
+pub(crate) fn twin_name(n: usize) -> String {
     format!("dbpolicy_twin_{n}")
 }
 
 /// Builds every twin in a transaction that is rolled back, and returns PostgreSQL's form of
 /// each item, or its refusal. Lock and statement timeouts are errors of the whole run, not
 /// of an item.
-pub async fn twins(
+pub(crate) async fn twins(
     conn: &mut PgConnection,
     items: Vec<Twin>,
 ) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
@@ -66,7 +66,7 @@ pub async fn twins(
 }
 
 /// What an item's work returned, or PostgreSQL's refusal of it (SQLSTATE, message).
-pub type ItemResult<T> = Result<T, (Option<String>, String)>;
+pub(crate) type ItemResult<T> = Result<T, (Option<String>, String)>;
 
 async fn build_and_read(
     conn: &mut PgConnection,
@@ -83,14 +83,14 @@ async fn build_and_read(
 }
 
 /// Opens the savepoint one scratch item runs in.
-pub async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(&mut *conn, "SAVEPOINT dbpolicy_item").await?;
     Ok(())
 }
 
 /// Rolls the item's savepoint back and releases it, so savepoints do not nest item after
 /// item (fixed text: no spec text, so one simple-protocol round trip).
-pub async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(
         &mut *conn,
         "ROLLBACK TO SAVEPOINT dbpolicy_item; RELEASE SAVEPOINT dbpolicy_item",
@@ -101,7 +101,9 @@ pub async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Erro
 
 /// An item's result: a database error is the item's refusal; lock and statement timeouts
 /// and errors that are not PostgreSQL's abort the whole scratch run.
-pub fn item_outcome<T>(result: Result<T, sqlx::Error>) -> Result<ItemResult<T>, sqlx::Error> {
+pub(crate) fn item_outcome<T>(
+    result: Result<T, sqlx::Error>,
+) -> Result<ItemResult<T>, sqlx::Error> {
     match result {
         Ok(value) => Ok(Ok(value)),
         Err(e) => match (&e, sqlstate(&e).as_deref()) {
@@ -116,11 +118,14 @@ pub fn item_outcome<T>(result: Result<T, sqlx::Error>) -> Result<ItemResult<T>, 
 
 /// What the scratch transaction made of one item: PostgreSQL's form of it, or the
 /// SQLSTATE and message PostgreSQL refused it with.
-pub type Normalized = Result<String, (Option<String>, String)>;
+pub(crate) type Normalized = Result<String, (Option<String>, String)>;
 
 /// The normalised text of an item, or the reason and message of the plan error for it:
 /// PostgreSQL's SQLSTATE decides the reason, `fallback` when it says nothing specific.
-pub fn checked(item: Option<&Normalized>, fallback: Reason) -> Result<&str, (Reason, String)> {
+pub(crate) fn checked(
+    item: Option<&Normalized>,
+    fallback: Reason,
+) -> Result<&str, (Reason, String)> {
     match item {
         Some(Ok(text)) => Ok(text),
         Some(Err((code, message))) => Err((

@@ -22,14 +22,14 @@ use crate::api::{BackupsSpec, DatabasePolicy, MaterializedView, DEFAULT_SCHEMA};
 use crate::duration::parse_duration;
 use crate::engine::areas::matviews::DEFAULT_REFRESH_TIMEOUT;
 
-pub const MANAGED_BY: &str = "dbpolicy";
-pub const POLICY_LABEL: &str = "dbpolicy.dev/policy";
-pub const ROLE_LABEL: &str = "dbpolicy.dev/job";
+pub(crate) const MANAGED_BY: &str = "dbpolicy";
+pub(crate) const POLICY_LABEL: &str = "dbpolicy.dev/policy";
+pub(crate) const ROLE_LABEL: &str = "dbpolicy.dev/job";
 /// Kubernetes limits CronJob names to 52 characters (the Job name gets a suffix).
 const MAX_NAME: usize = 52;
 
 /// `<policy>-<suffix>`, shortened with a stable hash when too long.
-pub fn child_name(policy: &str, suffix: &str) -> String {
+pub(crate) fn child_name(policy: &str, suffix: &str) -> String {
     let name = format!("{policy}-{suffix}")
         .to_lowercase()
         .replace(['_', '.'], "-");
@@ -47,7 +47,7 @@ pub fn child_name(policy: &str, suffix: &str) -> String {
     )
 }
 
-pub fn labels(policy: &DatabasePolicy, role: &str) -> BTreeMap<String, String> {
+pub(crate) fn labels(policy: &DatabasePolicy, role: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/managed-by".to_string(),
@@ -147,7 +147,7 @@ pub(crate) fn job_template(
 }
 
 /// The CronJob refreshing one scheduled view; None when the view has no schedule.
-pub fn refresh_cronjob(
+pub(crate) fn refresh_cronjob(
     policy: &DatabasePolicy,
     view: &MaterializedView,
     image: &str,
@@ -204,7 +204,7 @@ pub fn refresh_cronjob(
 }
 
 /// Every refresh CronJob the policy asks for.
-pub fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
+pub(crate) fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
     policy
         .spec
         .materialized_views
@@ -215,7 +215,7 @@ pub fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
 }
 
 /// Where the backup job mounts the PersistentVolumeClaim of `storage.pvc`.
-pub const BACKUP_MOUNT: &str = "/backups";
+pub(crate) const BACKUP_MOUNT: &str = "/backups";
 
 pub(crate) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
@@ -235,14 +235,14 @@ pub(crate) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
 /// How a pod reaches the backup store: the store flags, the S3 keys (from the credentials
 /// Secret), and the volumes: `/tmp` as an emptyDir (the root file system is read-only)
 /// and the claim of `storage.pvc` at [`BACKUP_MOUNT`].
-pub struct StoreMount {
+pub(crate) struct StoreMount {
     pub args: Vec<String>,
     pub env: Vec<EnvVar>,
     pub volumes: Vec<Volume>,
     pub mounts: Vec<VolumeMount>,
 }
 
-pub fn store_mount(spec: &BackupsSpec) -> StoreMount {
+pub(crate) fn store_mount(spec: &BackupsSpec) -> StoreMount {
     let mut args = Vec::new();
     let mut env = Vec::new();
     let mut volumes = vec![Volume {
@@ -310,7 +310,7 @@ pub fn store_mount(spec: &BackupsSpec) -> StoreMount {
 /// database URL and S3 keys come from Secrets as environment variables. The root file
 /// system is read-only, so `/tmp` (where `--verify` downloads the dump) is an emptyDir.
 /// No active deadline: a dump takes as long as the database is big.
-pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
+pub(crate) fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
     let spec = policy.spec.backups.as_ref()?;
     let mut args = vec![
         "backup".to_string(),

@@ -29,30 +29,30 @@ use super::cronjob::{
 use crate::api::{BackupsSpec, DatabasePolicy, PointInTimeRecovery};
 
 /// Role labels (`dbpolicy.dev/job`) of the PITR objects.
-pub const RECEIVER_ROLE: &str = "wal-receiver";
-pub const BASE_BACKUP_ROLE: &str = "base-backup";
+pub(crate) const RECEIVER_ROLE: &str = "wal-receiver";
+pub(crate) const BASE_BACKUP_ROLE: &str = "base-backup";
 /// Where the receiver mounts its spool claim.
-pub const SPOOL_MOUNT: &str = "/spool";
+pub(crate) const SPOOL_MOUNT: &str = "/spool";
 /// Where the base backup is written and checked before upload.
-pub const WORK_MOUNT: &str = "/work";
+pub(crate) const WORK_MOUNT: &str = "/work";
 /// The receiver ships what is complete on SIGTERM before it exits: time for that.
 const RECEIVER_GRACE_SECONDS: i64 = 120;
 
 /// The PITR section when the policy runs it (backups present, PITR not disabled).
-pub fn enabled(policy: &DatabasePolicy) -> Option<(&BackupsSpec, &PointInTimeRecovery)> {
+pub(crate) fn enabled(policy: &DatabasePolicy) -> Option<(&BackupsSpec, &PointInTimeRecovery)> {
     let b = policy.spec.backups.as_ref()?;
     Some((b, b.pitr()?))
 }
 
-pub fn receiver_name(policy: &DatabasePolicy) -> String {
+pub(crate) fn receiver_name(policy: &DatabasePolicy) -> String {
     child_name(&policy.name_any(), RECEIVER_ROLE)
 }
 
-pub fn spool_claim_name(policy: &DatabasePolicy) -> String {
+pub(crate) fn spool_claim_name(policy: &DatabasePolicy) -> String {
     child_name(&policy.name_any(), "wal-spool")
 }
 
-pub fn base_backup_name(policy: &DatabasePolicy) -> String {
+pub(crate) fn base_backup_name(policy: &DatabasePolicy) -> String {
     child_name(&policy.name_any(), BASE_BACKUP_ROLE)
 }
 
@@ -86,7 +86,7 @@ fn pitr_mount(policy: &DatabasePolicy, b: &BackupsSpec, p: &PointInTimeRecovery)
 }
 
 /// The receiver's spool: ReadWriteOnce, `spoolSize`, `spoolStorageClassName`.
-pub fn spool_pvc(policy: &DatabasePolicy) -> Option<PersistentVolumeClaim> {
+pub(crate) fn spool_pvc(policy: &DatabasePolicy) -> Option<PersistentVolumeClaim> {
     let (_, p) = enabled(policy)?;
     Some(PersistentVolumeClaim {
         metadata: meta(policy, spool_claim_name(policy), RECEIVER_ROLE),
@@ -108,7 +108,7 @@ pub fn spool_pvc(policy: &DatabasePolicy) -> Option<PersistentVolumeClaim> {
 
 /// The WAL receiver: `dbpolicy backup wal-receive` in one restricted pod, `Recreate`,
 /// zero replicas while backups are suspended.
-pub fn receiver_deployment(policy: &DatabasePolicy, image: &str) -> Option<Deployment> {
+pub(crate) fn receiver_deployment(policy: &DatabasePolicy, image: &str) -> Option<Deployment> {
     let (b, p) = enabled(policy)?;
     let StoreMount {
         args: store_args,
@@ -189,7 +189,7 @@ pub fn receiver_deployment(policy: &DatabasePolicy, image: &str) -> Option<Deplo
 /// The base backups: `dbpolicy backup base` on `baseBackupSchedule`, its retention
 /// pruning base backups and WAL together. The backup is written and checked in an
 /// emptyDir before upload (about twice the database's size on the node).
-pub fn base_backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
+pub(crate) fn base_backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
     let (b, p) = enabled(policy)?;
     let StoreMount {
         args: store_args,

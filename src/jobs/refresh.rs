@@ -35,7 +35,7 @@ pub struct RefreshArgs {
 
 /// One view to refresh and how.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Job {
+pub(crate) struct Job {
     pub view: QualifiedName,
     pub concurrently: bool,
     pub timeout: Duration,
@@ -50,7 +50,7 @@ fn parse_view(s: &str) -> QualifiedName {
 }
 
 /// The refreshes the arguments ask for.
-pub fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
+pub(crate) fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
     let wanted: Vec<QualifiedName> = args.views.iter().map(|v| parse_view(v)).collect();
     let Some(file) = &args.file else {
         if wanted.is_empty() {
@@ -97,7 +97,7 @@ pub fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
 }
 
 /// Exit status: 0 when every view was refreshed, 1 otherwise.
-pub async fn run(args: RefreshArgs) -> u8 {
+pub(crate) async fn run(args: RefreshArgs) -> u8 {
     let jobs = match jobs(&args) {
         Ok(j) => j,
         Err(e) => {

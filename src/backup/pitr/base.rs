@@ -19,10 +19,10 @@ use crate::backup::manifest::backup_id;
 use crate::backup::store::Store;
 use crate::backup::tools::{self, LibpqEnv};
 
-pub const BASE_PREFIX: &str = "base-";
-pub const RECORD_SUFFIX: &str = ".json";
+pub(crate) const BASE_PREFIX: &str = "base-";
+pub(crate) const RECORD_SUFFIX: &str = ".json";
 /// The tars pg_basebackup writes, and their names in the store after `base-<id>.`.
-pub const PARTS: [(&str, &str); 3] = [
+pub(crate) const PARTS: [(&str, &str); 3] = [
     ("base.tar.gz", "base.tar.gz"),
     ("pg_wal.tar.gz", "pg_wal.tar.gz"),
     ("backup_manifest", "backup_manifest"),
@@ -31,7 +31,7 @@ pub const PARTS: [(&str, &str); 3] = [
 /// The record of a base backup, written last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BaseRecord {
+pub(crate) struct BaseRecord {
     pub id: String,
     pub timeline: u32,
     pub start_lsn: Lsn,
@@ -47,7 +47,7 @@ pub struct BaseRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BaseFile {
+pub(crate) struct BaseFile {
     /// Object name in the store.
     pub object: String,
     /// Name pg_basebackup gave it.
@@ -57,7 +57,7 @@ pub struct BaseFile {
 }
 
 impl BaseRecord {
-    pub fn info(&self) -> BaseInfo {
+    pub(crate) fn info(&self) -> BaseInfo {
         BaseInfo {
             id: self.id.clone(),
             timeline: self.timeline,
@@ -69,13 +69,13 @@ impl BaseRecord {
         }
     }
 
-    pub fn record_file(id: &str) -> String {
+    pub(crate) fn record_file(id: &str) -> String {
         format!("{BASE_PREFIX}{id}{RECORD_SUFFIX}")
     }
 }
 
 /// `WAL-Ranges` of a backup manifest: timeline, start and end LSN.
-pub fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
+pub(crate) fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
     let v: serde_json::Value = serde_json::from_slice(manifest)
         .map_err(|e| format!("backup_manifest is not JSON: {e}"))?;
     let ranges = v
@@ -105,7 +105,7 @@ pub fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
 
 /// Unpacks a (gzip) tar into `dir`, refusing entries that leave it. pg_basebackup writes
 /// its WAL tar as several gzip members: all are read.
-pub fn untar_gz(file: &Path, dir: &Path) -> Result<(), PitrError> {
+pub(crate) fn untar_gz(file: &Path, dir: &Path) -> Result<(), PitrError> {
     let f = std::fs::File::open(file)
         .map_err(|e| PitrError::Io(format!("opening {}: {e}", file.display())))?;
     let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(
@@ -178,7 +178,7 @@ async fn upload_file(store: &Store, dir: &str, object: &str, path: &Path) -> Res
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct BaseOptions {
+pub(crate) struct BaseOptions {
     pub pg_basebackup: Option<PathBuf>,
     pub pg_verifybackup: Option<PathBuf>,
     /// Where the backup is written and checked before upload (default: the system's
@@ -187,7 +187,7 @@ pub struct BaseOptions {
 }
 
 /// `dbpolicy backup base`.
-pub async fn run(
+pub(crate) async fn run(
     store: &Store,
     dir: &str,
     url: &str,
@@ -325,7 +325,7 @@ fn segment_size_in(pg_wal: &Path) -> Result<u64, PitrError> {
 }
 
 /// Downloads one part of a base backup to `to`, checking its SHA-256.
-pub async fn download(
+pub(crate) async fn download(
     store: &Store,
     dir: &str,
     file: &BaseFile,

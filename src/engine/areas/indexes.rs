@@ -28,13 +28,13 @@ const AREA: Area = Area::Indexes;
 const OWNED: &str = "index";
 
 /// The index's name: it always lives in its table's schema.
-pub fn index_name(ix: &IndexSpec) -> QualifiedName {
+pub(crate) fn index_name(ix: &IndexSpec) -> QualifiedName {
     QualifiedName::new(ix.qualified().schema, &ix.name)
 }
 
 /// Where a replacement is built before it is renamed into place: `<name>_dbpolicy_new`,
 /// the name cut (at a character boundary) so the whole stays within PostgreSQL's 63 bytes.
-pub fn replacement_name(ix: &IndexSpec) -> QualifiedName {
+pub(crate) fn replacement_name(ix: &IndexSpec) -> QualifiedName {
     let mut cut = ix.name.len().min(48);
     while !ix.name.is_char_boundary(cut) {
         cut -= 1;
@@ -75,7 +75,7 @@ fn render_key(key: &str) -> String {
 }
 
 /// `USING method (keys) [WHERE predicate]`: the part of the definition after the table.
-pub fn definition_tail(ix: &IndexSpec) -> String {
+pub(crate) fn definition_tail(ix: &IndexSpec) -> String {
     let keys: Vec<String> = ix.columns.iter().map(|c| render_key(c)).collect();
     let mut tail = format!("USING {} ({})", method(ix.method), keys.join(", "));
     if let Some(w) = &ix.where_clause {
@@ -101,7 +101,7 @@ fn create_sql(ix: &IndexSpec, name: &str, concurrently: bool) -> String {
 
 /// `(unique, "USING … ")` of a `pg_get_indexdef` text: what makes two indexes the same
 /// regardless of their names and of `ON ONLY` for partitioned tables.
-pub fn canonical(def: &str) -> (bool, String) {
+pub(crate) fn canonical(def: &str) -> (bool, String) {
     let unique = def.starts_with("CREATE UNIQUE INDEX");
     let tail = def
         .find(" USING ")
@@ -129,7 +129,7 @@ pub struct Observed {
 /// A twin index on an empty temporary copy of the table (LIKE takes only ACCESS SHARE).
 /// The keys and predicate as PostgreSQL's grammar reads them: each key one index element,
 /// the predicate one expression. Nothing else is ever placed in a statement.
-pub fn check_fragments(ix: &IndexSpec) -> Result<(), String> {
+pub(crate) fn check_fragments(ix: &IndexSpec) -> Result<(), String> {
     for (j, key) in ix.columns.iter().enumerate() {
         grammar::check_index_key(key).map_err(|e| format!("columns[{j}] {key:?} {e}"))?;
     }
@@ -170,7 +170,7 @@ fn twin(n: usize, ix: &IndexSpec) -> scratch::Twin {
     }
 }
 
-pub async fn observe(
+pub(crate) async fn observe(
     conn: &mut PgConnection,
     spec: &IndexesSpec,
     ledger: &Ledger,
@@ -246,7 +246,7 @@ pub async fn observe(
 /// What other areas of the same plan do to relations, so indexes on a view created or
 /// replaced in this run are planned now rather than one reconcile later.
 #[derive(Debug, Clone, Default)]
-pub struct Context {
+pub(crate) struct Context {
     /// Relations (re)created by an earlier area of this plan: their indexes must be built.
     pub recreated: BTreeSet<QualifiedName>,
 }
@@ -316,7 +316,7 @@ fn leftover(ix: &IndexSpec, desired: &str, observed: &Observed, ledger: &Ledger)
     }
 }
 
-pub fn diff(
+pub(crate) fn diff(
     spec: &IndexesSpec,
     observed: &Observed,
     ledger: &Ledger,
@@ -510,7 +510,7 @@ fn rename_into_place(spec: &IndexSpec) -> Change {
     .forget_under(temp.to_string(), OWNED)
 }
 
-pub fn render(op: &Op) -> Vec<Change> {
+pub(crate) fn render(op: &Op) -> Vec<Change> {
     match op {
         Op::Create {
             spec,
@@ -631,7 +631,7 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {

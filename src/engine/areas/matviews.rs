@@ -20,9 +20,9 @@ use crate::reason::Reason;
 
 const AREA: Area = Area::MaterializedViews;
 const OWNED: &str = "view";
-pub const DEFAULT_REFRESH_TIMEOUT: &str = "30m";
+pub(crate) const DEFAULT_REFRESH_TIMEOUT: &str = "30m";
 
-pub fn view_name(v: &MaterializedView) -> QualifiedName {
+pub(crate) fn view_name(v: &MaterializedView) -> QualifiedName {
     QualifiedName::new(v.schema.as_deref().unwrap_or(DEFAULT_SCHEMA), &v.name)
 }
 
@@ -74,7 +74,7 @@ fn twin(n: usize, name: QualifiedName, body: &str) -> scratch::Twin {
     }
 }
 
-pub async fn observe(
+pub(crate) async fn observe(
     conn: &mut PgConnection,
     spec: &MaterializedViewsSpec,
 ) -> Result<Observed, sqlx::Error> {
@@ -166,7 +166,7 @@ async fn observe_refreshes(
 
 /// Views (re)created by a plan: the indexes area builds their indexes in the same run.
 /// A replacement that will be refused (destructive, not allowed) recreates nothing.
-pub fn recreated(plan: &AreaPlan, allow_destructive: bool) -> BTreeSet<QualifiedName> {
+pub(crate) fn recreated(plan: &AreaPlan, allow_destructive: bool) -> BTreeSet<QualifiedName> {
     let refused: BTreeSet<&str> = plan
         .changes
         .iter()
@@ -200,7 +200,7 @@ pub enum Op {
 
 /// `indexes` is the spec's indexes section: a unique index declared there counts for
 /// `concurrently` even before it is built.
-pub fn diff(
+pub(crate) fn diff(
     spec: &MaterializedViewsSpec,
     indexes: Option<&IndexesSpec>,
     observed: &Observed,
@@ -356,7 +356,7 @@ fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Ch
     }
 }
 
-pub fn render(op: &Op) -> Vec<Change> {
+pub(crate) fn render(op: &Op) -> Vec<Change> {
     match op {
         Op::Create {
             name,
@@ -415,7 +415,7 @@ pub fn render(op: &Op) -> Vec<Change> {
 }
 
 /// Last refresh per declared view, for status.
-pub fn status(
+pub(crate) fn status(
     spec: &MaterializedViewsSpec,
     observed: &Observed,
 ) -> Vec<crate::api::MaterializedViewStatus> {
@@ -436,7 +436,7 @@ pub fn status(
 
 // ------------------------------------------------------------------ refresh
 
-pub const REFRESHES_BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
+pub(crate) const REFRESHES_BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
 CREATE TABLE IF NOT EXISTS dbpolicy.refreshes (
     view text PRIMARY KEY,
     refreshed_at timestamptz NOT NULL,
@@ -445,14 +445,14 @@ CREATE TABLE IF NOT EXISTS dbpolicy.refreshes (
 )";
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct RefreshOutcome {
+pub(crate) struct RefreshOutcome {
     pub view: String,
     pub concurrently: bool,
     pub seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RefreshError {
+pub(crate) enum RefreshError {
     #[error("{view}: {message}")]
     NotRefreshable {
         view: String,
@@ -469,7 +469,7 @@ pub enum RefreshError {
 
 /// Refreshes one view: `CONCURRENTLY` when asked and possible (populated, unique index),
 /// under its own statement timeout, and records when and how long in `dbpolicy.refreshes`.
-pub async fn refresh(
+pub(crate) async fn refresh(
     conn: &mut PgConnection,
     view: &QualifiedName,
     concurrently: bool,
@@ -613,7 +613,7 @@ impl AreaModule for MaterializedViews {
 }
 
 /// The catalog as it will be after `ops` (for tests of convergence).
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {

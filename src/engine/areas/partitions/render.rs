@@ -41,7 +41,7 @@ pub(super) fn lock_parent(table: &QualifiedName, mode: ParentLock) -> Change {
 }
 
 /// The statements of one op.
-pub fn render(op: &Op) -> Vec<Change> {
+pub(crate) fn render(op: &Op) -> Vec<Change> {
     match op {
         Op::Create {
             table,

@@ -91,7 +91,7 @@ mod plan;
 
 use normalize::*;
 pub use observe::*;
-pub use plan::*;
+pub(crate) use plan::*;
 
 /// Row-level security of tables: enable/force flags and policies.
 pub struct RowLevelSecurity;
