@@ -407,6 +407,94 @@ mod tests {
         assert_eq!(off.listening(), 0, "no trigger channel: no listener");
     }
 
+    async fn next(
+        rx: &mut futures::channel::mpsc::UnboundedReceiver<PolicyRef>,
+        secs: u64,
+    ) -> Option<PolicyRef> {
+        tokio::time::timeout(Duration::from_secs(secs), rx.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Against the local PostgreSQL (`DBPOLICY_TEST_ADMIN_URL`), on its maintenance
+    /// database: NOTIFY and sessions only, nothing is created.
+    #[tokio::test]
+    async fn notifications_ask_for_one_check_and_a_lost_connection_for_another() {
+        use sqlx::Connection;
+        let url = std::env::var("DBPOLICY_TEST_ADMIN_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let listeners = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'dbpolicy-drift-listener'";
+        let count = |sql: String| {
+            let url = url.clone();
+            async move {
+                let mut c = sqlx::PgConnection::connect(&url).await.expect("connect");
+                let n: i64 = sqlx::query_scalar(&sql).fetch_one(&mut c).await.unwrap();
+                let _ = c.close().await;
+                n
+            }
+        };
+        let wait_for = |sql: String, want: i64| async move {
+            for _ in 0..300 {
+                if count(sql.clone()).await == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{sql}: never {want}");
+        };
+        let (tx, mut rx) = futures::channel::mpsc::unbounded();
+        let metrics = PolicyMetrics::default();
+        let l = DdlListeners::new(tx, metrics.clone());
+        let p = policy("ns", "p");
+        l.subscribe(p.clone(), &url);
+        wait_for(format!("{listeners} AND query LIKE 'LISTEN%'"), 1).await;
+        // A burst (one migration's worth, committed at once) and DDL that concerns
+        // nothing managed: one check.
+        let relevant = r#"{"tag":"ALTER TABLE","objects":[["table","public.t"]],"more":0}"#;
+        let other = r#"{"tag":"CREATE FUNCTION","objects":[["function","public.f()"]],"more":0}"#;
+        let mut burst = String::from("BEGIN;");
+        for _ in 0..100 {
+            burst.push_str(&format!(
+                "SELECT pg_notify('dbpolicy_drift', '{relevant}');"
+            ));
+        }
+        burst.push_str("COMMIT");
+        sqlx::raw_sql(&burst).execute(&mut admin).await.unwrap();
+        assert_eq!(next(&mut rx, 30).await, Some(p.clone()));
+        sqlx::raw_sql(&format!("SELECT pg_notify('dbpolicy_drift', '{other}')"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut rx, 2).await,
+            None,
+            "one check per burst, none for other DDL"
+        );
+
+        // The connection killed: re-established, and a check for what may have been missed.
+        sqlx::raw_sql(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'dbpolicy-drift-listener'"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(next(&mut rx, 60).await, Some(p.clone()));
+        let labels = super::super::policy_metrics::PolicyLabels {
+            namespace: "ns".into(),
+            policy: "p".into(),
+        };
+        assert_eq!(metrics.drift_notifications.get_or_create(&labels).get(), 2);
+
+        // The last policy gone: so is the connection.
+        l.unsubscribe(&p);
+        wait_for(listeners.to_string(), 0).await;
+        let _ = admin.close().await;
+    }
+
     #[test]
     fn the_condition_says_why_drift_is_polled() {
         let spec: crate::api::DatabasePolicySpec = serde_yaml::from_str(
