@@ -475,10 +475,10 @@ mod tests {
         );
 
         // The connection killed: re-established, and a check for what may have been missed.
-        sqlx::raw_sql(&format!(
+        sqlx::raw_sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name = 'dbpolicy-drift-listener'"
-        ))
+             AND application_name = 'dbpolicy-drift-listener'",
+        )
         .execute(&mut admin)
         .await
         .unwrap();
