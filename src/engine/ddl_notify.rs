@@ -111,28 +111,39 @@ impl TriggerState {
 struct Installed {
     /// The function exists with this version's comment.
     function_current: bool,
-    /// Event triggers by name: (event, calls our function, enabled).
-    triggers: Vec<(String, String, bool, bool)>,
+    /// The event triggers with one of our names.
+    triggers: Vec<EventTrigger>,
     superuser: bool,
     role: String,
 }
 
+/// An event trigger of the database with one of our names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EventTrigger {
+    name: String,
+    event: String,
+    /// It calls [`FUNCTION`].
+    ours: bool,
+    enabled: bool,
+}
+
 impl Installed {
-    /// Both triggers in place, on their events, calling the current function, enabled.
+    /// The trigger `name` is in place: on `event`, calling our function, enabled.
+    fn serves(&self, name: &str, event: &str) -> bool {
+        self.triggers
+            .iter()
+            .any(|t| t.name == name && t.event == event && t.ours && t.enabled)
+    }
+    /// Both triggers in place, calling the current function.
     fn complete(&self) -> bool {
-        self.function_current
-            && TRIGGERS.iter().all(|(name, event)| {
-                self.triggers
-                    .iter()
-                    .any(|(n, e, ours, on)| n == name && e == event && *ours && *on)
-            })
+        self.function_current && TRIGGERS.iter().all(|(n, e)| self.serves(n, e))
     }
     /// A trigger with one of our names that calls another function: not ours to replace.
     fn foreign(&self) -> Option<&str> {
         self.triggers
             .iter()
-            .find(|(_, _, ours, _)| !ours)
-            .map(|(n, ..)| n.as_str())
+            .find(|t| !t.ours)
+            .map(|t| t.name.as_str())
     }
     fn any(&self) -> bool {
         !self.triggers.is_empty()
@@ -169,7 +180,12 @@ async fn observe(conn: &mut PgConnection) -> Result<Installed, sqlx::Error> {
         .into_iter()
         .zip(events)
         .zip(ours.into_iter().zip(enabled))
-        .map(|((n, e), (o, on))| (n, e, o, on))
+        .map(|((name, event), (ours, enabled))| EventTrigger {
+            name,
+            event,
+            ours,
+            enabled,
+        })
         .collect();
     Ok(Installed {
         function_current,
@@ -232,7 +248,7 @@ pub async fn sync(
     }
     match install(conn, &installed, policy, timeout_ms).await {
         Ok(()) => Some(TriggerState::Active),
-        Err(e) if crate::pg::sqlstate(&e).as_deref() == Some("42501") => {
+        Err(e) if !installed.complete() && crate::pg::sqlstate(&e).as_deref() == Some("42501") => {
             Some(not_permitted(&installed.role))
         }
         Err(e) => Some(failed(&e)),
@@ -297,11 +313,7 @@ async fn install(
             .await?;
         }
         for (name, event) in TRIGGERS {
-            let ok = installed
-                .triggers
-                .iter()
-                .any(|(n, e, ours, on)| n == name && e == event && *ours && *on);
-            if ok {
+            if installed.serves(name, event) {
                 continue;
             }
             let name = crate::pg::quote_ident(name);
@@ -366,12 +378,12 @@ async fn drop_unless_subscribed(conn: &mut PgConnection) -> Result<bool, sqlx::E
     if !installed.any() && !installed.function_current {
         return Ok(false);
     }
-    for (name, ..) in installed.triggers.iter().filter(|(_, _, ours, _)| *ours) {
+    for t in installed.triggers.iter().filter(|t| t.ours) {
         sqlx::Executor::execute(
             &mut *conn,
             format!(
                 "DROP EVENT TRIGGER IF EXISTS {}",
-                crate::pg::quote_ident(name)
+                crate::pg::quote_ident(&t.name)
             )
             .as_str(),
         )
@@ -511,7 +523,12 @@ mod tests {
 
     #[test]
     fn installed_state_is_read_by_name_event_and_function() {
-        let t = |n: &str, e: &str, ours, on| (n.to_string(), e.to_string(), ours, on);
+        let t = |n: &str, e: &str, ours, enabled| EventTrigger {
+            name: n.to_string(),
+            event: e.to_string(),
+            ours,
+            enabled,
+        };
         let mut i = Installed {
             function_current: true,
             triggers: vec![
@@ -522,7 +539,7 @@ mod tests {
             role: "app".into(),
         };
         assert!(i.complete() && i.foreign().is_none());
-        i.triggers[1].3 = false;
+        i.triggers[1].enabled = false;
         assert!(!i.complete(), "a disabled trigger is not in place");
         i.triggers[1] = t("dbpolicy_drift_drop", "sql_drop", false, true);
         assert_eq!(i.foreign(), Some("dbpolicy_drift_drop"));
