@@ -210,8 +210,20 @@ autovacuum:
     assert_eq!(function, None);
     assert!(subscribers().await.is_empty());
 
-    // Turned off in the last policy: gone as well.
-    run(db.url(), &spec(true), "tests/a").await;
+    // Turned off in the last policy: gone as well. (Installed again through the CLI,
+    // which says so.)
+    let yaml = support::policy(
+        "a",
+        "  driftDetection: {eventTrigger: true}\n  autovacuum:\n    tables: [{table: u, vacuumThreshold: 5}]\n",
+    );
+    let out = support::cli("apply", db.url(), &yaml);
+    support::expect_code(&out, 0);
+    assert!(
+        out.stdout
+            .contains("# drift event trigger: active (NOTIFY dbpolicy_drift on DDL)"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(triggers(&db).await.len(), 2);
     run(db.url(), &spec(false), "tests/a").await;
     assert!(triggers(&db).await.is_empty());

@@ -104,6 +104,15 @@ impl TriggerState {
     pub fn is_active(&self) -> bool {
         matches!(self, TriggerState::Active)
     }
+    /// One line for the CLI.
+    pub fn describe(&self) -> String {
+        match self {
+            TriggerState::Active => format!("active (NOTIFY {CHANNEL} on DDL)"),
+            TriggerState::NotInstalled => "not installed (Plan mode changes nothing)".into(),
+            TriggerState::NotPermitted { message } => format!("not permitted: {message}"),
+            TriggerState::Failed { reason, message } => format!("failed: {message} ({reason})"),
+        }
+    }
 }
 
 /// What one query says about the trigger in the database.
