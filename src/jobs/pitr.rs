@@ -12,9 +12,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
-use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec};
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{
-    EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    EmptyDirVolumeSource, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
@@ -23,8 +23,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::{Resource, ResourceExt};
 
 use super::cronjob::{
-    child_name, database_url_env, job_template, labels, restricted_container_security,
-    restricted_pod_security, store_mount, StoreMount,
+    child_name, labels, restricted_container_security, restricted_pod_security, retention_args,
+    store_cronjob, store_mount, StoreJob, StoreMount,
 };
 use crate::api::{BackupsSpec, DatabasePolicy, PointInTimeRecovery};
 
@@ -70,18 +70,11 @@ fn suspended(policy: &DatabasePolicy, b: &BackupsSpec) -> bool {
     policy.spec.is_suspended() || b.suspend.unwrap_or(false)
 }
 
-/// The store flags plus `--cluster`, the env (database URL, S3 keys, TMPDIR) and volumes
-/// every PITR pod needs.
+/// The store's mount plus `--cluster`, which every PITR pod needs.
 fn pitr_mount(policy: &DatabasePolicy, b: &BackupsSpec, p: &PointInTimeRecovery) -> StoreMount {
-    let mut m = store_mount(b);
+    let mut m = store_mount(policy, b);
     m.args
         .extend(["--cluster".to_string(), p.cluster().to_string()]);
-    m.env.insert(0, database_url_env(policy));
-    m.env.push(EnvVar {
-        name: "TMPDIR".into(),
-        value: Some("/tmp".into()),
-        ..Default::default()
-    });
     m
 }
 
@@ -191,67 +184,34 @@ pub(crate) fn receiver_deployment(policy: &DatabasePolicy, image: &str) -> Optio
 /// emptyDir before upload (about twice the database's size on the node).
 pub(crate) fn base_backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
     let (b, p) = enabled(policy)?;
-    let StoreMount {
-        args: store_args,
-        env,
-        mut volumes,
-        mut mounts,
-    } = pitr_mount(policy, b, p);
+    let mut mount = pitr_mount(policy, b, p);
     let mut args = vec!["backup".to_string(), "base".into()];
-    args.extend(store_args);
+    args.append(&mut mount.args);
     args.extend(["--work-dir".into(), WORK_MOUNT.into()]);
-    if let Some(r) = &p.retention {
-        if let Some(days) = r.days {
-            args.extend(["--retention-days".into(), days.to_string()]);
-        }
-        if let Some(count) = r.count {
-            args.extend(["--retention-count".into(), count.to_string()]);
-        }
-    }
-    volumes.push(Volume {
+    args.extend(retention_args(p.retention.as_ref()));
+    mount.volumes.push(Volume {
         name: "work".into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     });
-    mounts.push(VolumeMount {
+    mount.mounts.push(VolumeMount {
         name: "work".into(),
         mount_path: WORK_MOUNT.into(),
         ..Default::default()
     });
-    let image = b.image.as_deref().unwrap_or(image);
-    let mut template = job_template(policy, image, args, None, BASE_BACKUP_ROLE);
-    if let Some(pod) = template
-        .spec
-        .as_mut()
-        .and_then(|j| j.template.spec.as_mut())
-    {
-        if let Some(sc) = pod.security_context.as_mut() {
-            sc.fs_group = Some(65532);
-            sc.fs_group_change_policy = Some("OnRootMismatch".into());
-        }
-        pod.volumes = Some(volumes);
-        let c = &mut pod.containers[0];
-        // job_template set DATABASE_URL already; pitr_mount's env starts with it too.
-        c.env = Some(env);
-        c.volume_mounts = Some(mounts);
-        c.resources = p.resources.clone();
-        // `backup base` writes its outcome and the window to the termination log.
-        c.termination_message_policy = Some("FallbackToLogsOnError".into());
-    }
-    Some(CronJob {
-        metadata: meta(policy, base_backup_name(policy), BASE_BACKUP_ROLE),
-        spec: Some(CronJobSpec {
+    Some(store_cronjob(
+        policy,
+        StoreJob {
+            name: base_backup_name(policy),
+            role: BASE_BACKUP_ROLE,
+            image: b.image.as_deref().unwrap_or(image).to_string(),
+            args,
+            mount,
+            resources: p.resources.clone(),
             schedule: p.base_backup_schedule.clone(),
-            concurrency_policy: Some("Forbid".into()),
-            successful_jobs_history_limit: Some(3),
-            failed_jobs_history_limit: Some(3),
-            starting_deadline_seconds: Some(300),
-            suspend: Some(suspended(policy, b)),
-            job_template: template,
-            ..Default::default()
-        }),
-        status: None,
-    })
+            suspend: suspended(policy, b),
+        },
+    ))
 }
 
 #[cfg(test)]
