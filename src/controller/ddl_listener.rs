@@ -28,11 +28,11 @@ use crate::engine::ddl_notify::{self, TriggerState};
 use crate::reason::Reason;
 
 /// The condition type that says whether drift is reported within seconds.
-pub const CONDITION: &str = "DriftEventTrigger";
+pub(crate) const CONDITION: &str = "DriftEventTrigger";
 /// A check starts this long after the last notification of a burst.
-pub const QUIET: Duration = Duration::from_millis(500);
+pub(crate) const QUIET: Duration = Duration::from_millis(500);
 /// … and at the latest this long after the first, should the burst never pause.
-pub const MAX_DELAY: Duration = Duration::from_secs(10);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(10);
 /// Pause before reconnecting after a failure: doubling from the first, up to the last.
 const RECONNECT: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 /// Connecting and `LISTEN` are bounded like every other statement of the operator.
@@ -42,24 +42,24 @@ type PolicyRef = ObjectRef<DatabasePolicy>;
 
 /// When the burst of notifications seen so far should be answered by a check.
 #[derive(Debug, Clone, Default)]
-pub struct Debounce {
+pub(crate) struct Debounce {
     first: Option<Instant>,
     last: Option<Instant>,
 }
 
 impl Debounce {
     /// A notification that wants a check arrived at `now`.
-    pub fn notify(&mut self, now: Instant) {
+    pub(crate) fn notify(&mut self, now: Instant) {
         self.first.get_or_insert(now);
         self.last = Some(now);
     }
     /// When to check: [`QUIET`] after the last notification, at most [`MAX_DELAY`] after
     /// the first; None when nothing waits.
-    pub fn due(&self) -> Option<Instant> {
+    pub(crate) fn due(&self) -> Option<Instant> {
         Some((self.last? + QUIET).min(self.first? + MAX_DELAY))
     }
     /// The check was asked for: the next notification starts a new burst.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         *self = Debounce::default();
     }
 }
@@ -84,7 +84,7 @@ struct Listeners {
 /// The listeners of one operator. Without a trigger channel (tests of the request
 /// sequence, the CLI) it listens to nothing.
 #[derive(Default)]
-pub struct DdlListeners {
+pub(crate) struct DdlListeners {
     inner: Mutex<Listeners>,
     trigger: Option<(UnboundedSender<PolicyRef>, PolicyMetrics)>,
 }
@@ -92,7 +92,7 @@ pub struct DdlListeners {
 impl DdlListeners {
     /// Listeners that send the policies to check to `trigger` (the controller's
     /// `reconcile_on` stream) and count each in `metrics`.
-    pub fn new(trigger: UnboundedSender<PolicyRef>, metrics: PolicyMetrics) -> Self {
+    pub(crate) fn new(trigger: UnboundedSender<PolicyRef>, metrics: PolicyMetrics) -> Self {
         DdlListeners {
             inner: Mutex::default(),
             trigger: Some((trigger, metrics)),
@@ -111,7 +111,7 @@ impl DdlListeners {
 
     /// Follows the engine's word on the policy's trigger: listens on `url` for it when
     /// the trigger is active, else stops (turned off, not permitted, failed).
-    pub fn follow(&self, policy: &DatabasePolicy, url: &str, state: Option<&TriggerState>) {
+    pub(crate) fn follow(&self, policy: &DatabasePolicy, url: &str, state: Option<&TriggerState>) {
         let r = ObjectRef::from_obj(policy);
         match state {
             Some(s) if s.is_active() => self.subscribe(r, url),
@@ -120,7 +120,7 @@ impl DdlListeners {
     }
 
     /// Listens on `url` for `policy` (moving it from the URL it was on, if another).
-    pub fn subscribe(&self, policy: PolicyRef, url: &str) {
+    pub(crate) fn subscribe(&self, policy: PolicyRef, url: &str) {
         let Some((trigger, metrics)) = &self.trigger else {
             return;
         };
@@ -148,7 +148,7 @@ impl DdlListeners {
     }
 
     /// Stops listening for `policy`; the connection closes with its last policy.
-    pub fn unsubscribe(&self, policy: &PolicyRef) {
+    pub(crate) fn unsubscribe(&self, policy: &PolicyRef) {
         remove(&mut self.lock(), policy);
     }
 }
@@ -278,7 +278,7 @@ async fn listen(
 
 /// The `DriftEventTrigger` condition from the run's word on the trigger; none when the
 /// spec does not ask for it. Never part of `Ready`: the poll goes on without it.
-pub fn add_condition(
+pub(crate) fn add_condition(
     input: &Input<'_>,
     status: &mut DatabasePolicyStatus,
     state: Option<&TriggerState>,
@@ -312,7 +312,7 @@ pub fn add_condition(
 
 /// When the run did not get as far as the trigger (the database not reached), the last
 /// word on it stands, as long as the spec still asks for it.
-pub fn keep_condition(input: &Input<'_>, status: &mut DatabasePolicyStatus) {
+pub(crate) fn keep_condition(input: &Input<'_>, status: &mut DatabasePolicyStatus) {
     status.conditions.retain(|c| c.type_ != CONDITION);
     if !input.spec.drift_event_trigger() {
         return;

@@ -26,28 +26,30 @@ use crate::reason::Reason;
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "dbpolicy_drift";
 /// The session setting by which the engine's own DDL is not reported.
-pub const APPLYING_GUC: &str = "dbpolicy.applying";
+pub(crate) const APPLYING_GUC: &str = "dbpolicy.applying";
 /// The ledger area of a policy's subscription (target: the policy, item [`LEDGER_ITEM`]).
 /// Not an `Area`: nothing is planned for it, and `ledger::observe` keeps it apart.
-pub const LEDGER_AREA: &str = "driftEventTrigger";
-pub const LEDGER_ITEM: &str = "subscription";
+pub(crate) const LEDGER_AREA: &str = "driftEventTrigger";
+pub(crate) const LEDGER_ITEM: &str = "subscription";
 /// The function and the two event triggers, all in the `dbpolicy` schema's database.
-pub const FUNCTION: &str = "dbpolicy.notify_drift()";
-pub const TRIGGERS: [(&str, &str); 2] = [
+pub(crate) const FUNCTION: &str = "dbpolicy.notify_drift()";
+pub(crate) const TRIGGERS: [(&str, &str); 2] = [
     ("dbpolicy_drift_ddl", "ddl_command_end"),
     ("dbpolicy_drift_drop", "sql_drop"),
 ];
 /// The function's comment names its version: a function of another version is replaced.
 const VERSION_COMMENT: &str =
     "dbpolicy drift notifier v1: NOTIFY dbpolicy_drift on DDL; do not edit by hand.";
-/// Objects listed per notification; the rest is counted in `more`. 8 identities of at
-/// most 200 characters keep the payload far below NOTIFY's 8000 bytes.
-pub const MAX_OBJECTS: usize = 8;
+/// Objects listed per notification (the `8` of [`FUNCTION_SQL`], checked by a test); the
+/// rest is counted in `more`. 8 identities of at most 200 characters keep the payload far
+/// below NOTIFY's 8000 bytes.
+#[cfg(test)]
+const MAX_OBJECTS: usize = 8;
 
 /// Runs in the user's DDL as the user (no SECURITY DEFINER), with a fixed search_path so
 /// that no object of the user's stands in for a catalog function. Temporary objects and
 /// `REFRESH MATERIALIZED VIEW` (the refresh CronJobs) never drift anything managed.
-pub const FUNCTION_SQL: &str = r#"CREATE OR REPLACE FUNCTION dbpolicy.notify_drift() RETURNS event_trigger
+pub(crate) const FUNCTION_SQL: &str = r#"CREATE OR REPLACE FUNCTION dbpolicy.notify_drift() RETURNS event_trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $dbpolicy$
@@ -101,11 +103,11 @@ pub enum TriggerState {
 }
 
 impl TriggerState {
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         matches!(self, TriggerState::Active)
     }
     /// One line for the CLI.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             TriggerState::Active => format!("active (NOTIFY {CHANNEL} on DDL)"),
             TriggerState::NotInstalled => "not installed (Plan mode changes nothing)".into(),
@@ -210,7 +212,7 @@ async fn observe(conn: &mut PgConnection) -> Result<Installed, sqlx::Error> {
 /// when it no longer does. None when the spec does not ask for it.
 ///
 /// Never an error: what went wrong is the state (and the poll goes on).
-pub async fn sync(
+pub(crate) async fn sync(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
     mode: Mode,
@@ -410,7 +412,7 @@ async fn drop_unless_subscribed(conn: &mut PgConnection) -> Result<bool, sqlx::E
 
 /// After a release deleted the policy's ledger rows: drops the trigger if no policy
 /// subscribes any more. Whether it dropped it.
-pub async fn release(conn: &mut PgConnection, timeout_ms: u64) -> Result<bool, sqlx::Error> {
+pub(crate) async fn release(conn: &mut PgConnection, timeout_ms: u64) -> Result<bool, sqlx::Error> {
     let mut tx = begin_bounded(conn, timeout_ms).await?;
     let dropped = drop_unless_subscribed(&mut tx).await?;
     tx.commit().await?;
@@ -435,7 +437,8 @@ pub struct Payload {
 /// The object types a policy manages or depends on: tables (RLS switches, storage
 /// parameters, partitions), their indexes, policies, materialized views, and schemas
 /// (renamed or dropped under them).
-pub const MANAGED_TYPES: &[&str] = &["table", "index", "policy", "materialized view", "schema"];
+pub(crate) const MANAGED_TYPES: &[&str] =
+    &["table", "index", "policy", "materialized view", "schema"];
 
 impl Payload {
     pub fn parse(text: &str) -> Option<Payload> {
@@ -456,7 +459,7 @@ impl Payload {
     }
 
     /// One line for logs: the tag and the objects (no data, only names).
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let mut s = self.tag.clone();
         for (t, id) in &self.objects {
             s.push_str(&format!(" {t} {id};"));
@@ -470,7 +473,7 @@ impl Payload {
 
 /// Whether a notification's payload asks for a check. One that cannot be read (a trigger
 /// of another version) does: a needless check costs little, a missed repair much.
-pub fn wants_check(payload: &str) -> bool {
+pub(crate) fn wants_check(payload: &str) -> bool {
     Payload::parse(payload).is_none_or(|p| p.concerns_managed_objects())
 }
 
