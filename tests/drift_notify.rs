@@ -4,7 +4,7 @@
 //! last policy (turned off or released), and a role that may not create it gets a clear
 //! state while the rest of the policy is applied.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! keeping the window recoverable; and the same restore through an S3-compatible store
 //! served by moto (tests/support/moto.rs).
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

@@ -184,10 +184,11 @@ pub struct Safety {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
     pub statement_timeout: Option<String>,
-    /// `statement_timeout` of `CREATE INDEX CONCURRENTLY` and `DROP INDEX CONCURRENTLY`
-    /// instead of `statementTimeout` (default 20m; `0s` for none). They take SHARE UPDATE
-    /// EXCLUSIVE, blocking no reads or writes, but wait for every older transaction and
-    /// scan the table: long by nature.
+    /// The long-operation timeout: `statement_timeout` of `CREATE INDEX CONCURRENTLY`,
+    /// `DROP INDEX CONCURRENTLY`, `DETACH PARTITION … CONCURRENTLY` and the first fill of a
+    /// new materialized view instead of `statementTimeout` (default 20m; `0s` for none).
+    /// Long by nature, they block no reads or writes: the concurrent ones wait for every
+    /// older transaction, and nobody can read a new view before it is filled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 20m, 2h or 0s (no limit)"))]

@@ -42,6 +42,8 @@ pub enum EngineError {
     /// One line: the first problem stands alone (`kubectl get -o wide`, Event notes).
     #[error("invalid policy: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     InvalidSpec(Vec<ValidationError>),
+    #[error("invalid policy: {0}")]
+    InvalidTimeout(#[from] apply::InvalidTimeout),
     #[error("could not set up the session: {0}")]
     Session(String),
     #[error(
@@ -61,6 +63,7 @@ impl EngineError {
     pub(crate) fn reason(&self) -> Reason {
         match self {
             EngineError::InvalidSpec(_) => Reason::InvalidSpec,
+            EngineError::InvalidTimeout(e) => e.reason(),
             EngineError::Session(_) => Reason::ConnectionFailed,
             EngineError::Busy(_) => Reason::ConcurrentApply,
             EngineError::Observe { reason, .. } => *reason,
@@ -215,9 +218,9 @@ pub(crate) async fn run_with(
     if !errors.is_empty() {
         return Err(EngineError::InvalidSpec(errors));
     }
-    let lock_ms = pg_millis(spec.lock_timeout()).map_err(EngineError::Session)?;
-    let statement_ms = pg_millis(spec.statement_timeout()).map_err(EngineError::Session)?;
-    let timeouts = apply::Timeouts::from_spec(spec).map_err(EngineError::Session)?;
+    let lock_ms = apply::millis("lockTimeout", spec.lock_timeout())?;
+    let timeouts = apply::Timeouts::from_spec(spec)?;
+    let statement_ms = timeouts.statement_ms;
     let session = |e: sqlx::Error| EngineError::Session(crate::pg::error_summary(&e));
     // Replicas are checked while this run waits for the lock and observes the primary:
     // each check is bounded, and none needs the lock.

@@ -96,22 +96,28 @@ impl LockLevel {
 
 /// A statement timeout of its own, instead of the policy's `safety.statementTimeout`,
 /// for a statement that is long by nature but holds no lock that blocks traffic. The
-/// executor resolves it against the spec and sets it around that statement only (such
-/// statements run outside a transaction), restoring the policy's timeout right after.
-/// Modelled on stripe/pg-schema-diff, which gives `CREATE INDEX CONCURRENTLY` and
-/// `DROP INDEX CONCURRENTLY` their own 20-minute timeout.
+/// executor resolves it against the spec and sets it around that statement only (with
+/// `SET` around an autonomous statement, restored right after; with `SET LOCAL` inside a
+/// transaction, the policy's set back after it), so what follows runs under the policy's
+/// timeout again. Modelled on stripe/pg-schema-diff, which gives `CREATE INDEX
+/// CONCURRENTLY` and `DROP INDEX CONCURRENTLY` their own 20-minute timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum OwnTimeout {
-    /// `safety.indexBuildTimeout` (default 20m; `0s` for none): concurrent index builds
-    /// and drops, which wait for every transaction older than themselves.
-    IndexBuild,
+    /// `safety.indexBuildTimeout`, the long-operation timeout (default 20m; `0s` for
+    /// none). One field for every statement of this kind, as they are alike for whoever
+    /// sizes it (long by nature, no traffic waits on them): concurrent index builds and
+    /// drops and `DETACH PARTITION … CONCURRENTLY`, which wait for every transaction older
+    /// than themselves, and the first fill of a new materialized view, which nobody can
+    /// read before it commits.
+    LongOperation,
 }
 
 impl OwnTimeout {
+    /// The `spec.safety` field that sets it.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            OwnTimeout::IndexBuild => "indexBuildTimeout",
+            OwnTimeout::LongOperation => "indexBuildTimeout",
         }
     }
 }
@@ -231,13 +237,8 @@ impl Change {
         self.lock = lock;
         self
     }
-    /// Runs the statement under its own timeout (it must be autonomous: the executor sets
-    /// a session timeout around it, which a transaction would not scope).
+    /// Runs the statement under its own timeout (see [`OwnTimeout`]).
     pub fn own_timeout(mut self, timeout: OwnTimeout) -> Self {
-        debug_assert!(
-            !self.transactional,
-            "own timeouts are for autonomous changes"
-        );
         self.timeout = Some(timeout);
         self
     }
@@ -481,7 +482,8 @@ impl Plan {
                     takes.push(format!("lock {}", c.lock.as_sql()));
                 }
                 if let Some(t) = c.timeout {
-                    takes.push(format!("timeout safety.{}", t.as_str()));
+                    // Says why a DETACH or a view's fill runs under `indexBuildTimeout`.
+                    takes.push(format!("long-operation timeout safety.{}", t.as_str()));
                 }
                 let takes = if takes.is_empty() {
                     String::new()
@@ -611,7 +613,7 @@ mod tests {
             )
             .autonomous()
             .lock(LockLevel::ShareUpdateExclusive)
-            .own_timeout(OwnTimeout::IndexBuild),
+            .own_timeout(OwnTimeout::LongOperation),
         );
         a.changes.push(Change::new(
             Area::Indexes,
@@ -622,7 +624,7 @@ mod tests {
         let p = Plan { areas: vec![a] };
         let sql = p.render_sql();
         assert!(
-            sql.contains("-- [safe] public.t_a: create index (lock SHARE UPDATE EXCLUSIVE, timeout safety.indexBuildTimeout)\nCREATE INDEX …;"),
+            sql.contains("-- [safe] public.t_a: create index (lock SHARE UPDATE EXCLUSIVE, long-operation timeout safety.indexBuildTimeout)\nCREATE INDEX …;"),
             "{sql}"
         );
         assert!(
@@ -632,7 +634,7 @@ mod tests {
         let json = serde_json::to_value(&p).unwrap();
         let c = &json["areas"][0]["changes"];
         assert_eq!(c[0]["lock"], "shareUpdateExclusive");
-        assert_eq!(c[0]["timeout"], "indexBuild");
+        assert_eq!(c[0]["timeout"], "longOperation");
         assert_eq!(c[1]["lock"], "none");
         assert!(c[1].get("timeout").is_none());
         let s = p.summary();

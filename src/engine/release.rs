@@ -145,7 +145,7 @@ async fn release_server_claims(
     };
     let mut c = server_claims::connect(claims, timeout)
         .await
-        .map_err(failed)?;
+        .map_err(|e| failed(e.to_string()))?;
     let items = server_claims::release_all(&mut c, &me)
         .await
         .map_err(|e| failed(crate::pg::error_summary(&e)));

@@ -138,7 +138,9 @@ pub(crate) async fn probe_one(url: &str, timeout: Duration) -> Probe {
     }
     let result = match tokio::time::timeout(timeout, query(url)).await {
         Ok(Ok(side)) => ProbeResult::Reached(side),
-        Ok(Err(message)) => ProbeResult::Unreachable { message },
+        Ok(Err(e)) => ProbeResult::Unreachable {
+            message: e.to_string(),
+        },
         Err(_) => ProbeResult::Unreachable {
             message: format!(
                 "{}: no answer within {}",
@@ -153,20 +155,26 @@ pub(crate) async fn probe_one(url: &str, timeout: Duration) -> Probe {
     }
 }
 
-async fn query(url: &str) -> Result<ReplicaSide, String> {
-    // connect_one's errors name host, port and database, never the password.
-    let mut conn = crate::pg::connect_one(url)
-        .await
-        .map_err(|e| e.to_string())?;
+/// Why a replica that was reached in time could not say where it stands (the probe then
+/// reports it Unreachable). Neither variant ever shows the password.
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    /// Its errors name host, port and database only.
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
+    #[error("{target}: checking recovery state failed: {message}")]
+    RecoveryState { target: String, message: String },
+}
+
+async fn query(url: &str) -> Result<ReplicaSide, QueryError> {
+    let mut conn = crate::pg::connect_one(url).await?;
     let row: Result<ProbeRow, _> = sqlx::query_as(PROBE_SQL).fetch_one(&mut conn).await;
     let _ = conn.close().await;
-    let (in_recovery, receive, replay, paused, age, status, slot) = row.map_err(|e| {
-        format!(
-            "{}: checking recovery state failed: {}",
-            target(url),
-            crate::pg::error_summary(&e)
-        )
-    })?;
+    let (in_recovery, receive, replay, paused, age, status, slot) =
+        row.map_err(|e| QueryError::RecoveryState {
+            target: target(url),
+            message: crate::pg::error_summary(&e),
+        })?;
     Ok(ReplicaSide {
         in_recovery,
         receive_lsn: receive.as_deref().and_then(Lsn::parse),

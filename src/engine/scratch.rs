@@ -9,6 +9,10 @@
 //! fragment: a twin is built, never run, so nothing the spec says executes during a plan.
 //! Each item runs in its own savepoint, rolled back as soon as its result is read: the
 //! twins' locks never pile up, whatever the number of items.
+//!
+//! [`run`] is the mechanism, for every area: [`twins`] for one-statement twins read back
+//! with one query (index definitions, view queries), and RLS's normalisation
+//! (`areas/rls/normalize.rs`), whose item is a table twin and all its policies.
 
 use std::collections::BTreeMap;
 
@@ -32,29 +36,49 @@ pub(crate) fn twin_name(n: usize) -> String {
     format!("dbpolicy_twin_{n}")
 }
 
-/// Builds every twin in a transaction that is rolled back, and returns PostgreSQL's form of
-/// each item, or its refusal. Lock and statement timeouts are errors of the whole run, not
-/// of an item.
-pub(crate) async fn twins(
+/// Where the names of the items' statements resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Names {
+    /// As in the session: twins are named `pg_temp.…` explicitly.
+    AsSession,
+    /// `pg_temp` last in the search path, so a twin named like its real table stands in
+    /// for it only where the statement says `pg_temp`, and every other name resolves as
+    /// it does for the real table (RLS expressions that mention other tables).
+    TwinsLast,
+}
+
+/// The one scratch mechanism: runs `work` for each item in a transaction that is always
+/// rolled back, each item in its own savepoint rolled back as soon as its work returns,
+/// and returns what each item's work returned, or PostgreSQL's refusal of it (in item
+/// order). Lock and statement timeouts and errors that are not PostgreSQL's are errors of
+/// the whole run, not of an item (see [`item_outcome`]). `work` may start its item over
+/// with [`restart_item`].
+pub(crate) async fn run<T, R>(
     conn: &mut PgConnection,
-    items: Vec<Twin>,
-) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
-    let mut out = BTreeMap::new();
+    items: &[T],
+    names: Names,
+    mut work: impl AsyncFnMut(&mut PgConnection, &T) -> Result<R, sqlx::Error>,
+) -> Result<Vec<ItemResult<R>>, sqlx::Error> {
+    let mut out = Vec::with_capacity(items.len());
     if items.is_empty() {
         return Ok(out);
     }
     let mut tx = conn.begin().await?;
     let result = async {
-        for twin in &items {
+        if names == Names::TwinsLast {
+            sqlx::Executor::execute(
+                &mut *tx,
+                "SELECT set_config('search_path',
+                    CASE WHEN current_setting('search_path') = '' THEN 'pg_temp'
+                         ELSE current_setting('search_path') || ', pg_temp' END, true)",
+            )
+            .await?;
+        }
+        for item in items {
             savepoint(&mut tx).await?;
-            let built = build_and_read(&mut tx, twin).await;
+            let done = work(&mut tx, item).await;
             release_savepoint(&mut tx).await?;
-            let value = match item_outcome(built)? {
-                Ok(Some(def)) => Ok(def),
-                Ok(None) => Err((None, "PostgreSQL did not read the twin back".into())),
-                Err(refusal) => Err(refusal),
-            };
-            out.insert(twin.item.clone(), value);
+            out.push(item_outcome(done)?);
         }
         Ok::<_, sqlx::Error>(())
     }
@@ -63,6 +87,27 @@ pub(crate) async fn twins(
     result?;
     rolled_back?;
     Ok(out)
+}
+
+/// Builds every twin (see [`run`]) and returns PostgreSQL's form of each item, or its
+/// refusal.
+pub(crate) async fn twins(
+    conn: &mut PgConnection,
+    items: Vec<Twin>,
+) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
+    let read = run(conn, &items, Names::AsSession, build_and_read).await?;
+    Ok(items
+        .into_iter()
+        .zip(read)
+        .map(|(twin, built)| {
+            let value = match built {
+                Ok(Some(def)) => Ok(def),
+                Ok(None) => Err((None, "PostgreSQL did not read the twin back".into())),
+                Err(refusal) => Err(refusal),
+            };
+            (twin.item, value)
+        })
+        .collect())
 }
 
 /// What an item's work returned, or PostgreSQL's refusal of it (SQLSTATE, message).
@@ -83,19 +128,26 @@ async fn build_and_read(
 }
 
 /// Opens the savepoint one scratch item runs in.
-pub(crate) async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(&mut *conn, "SAVEPOINT dbpolicy_item").await?;
     Ok(())
 }
 
 /// Rolls the item's savepoint back and releases it, so savepoints do not nest item after
 /// item (fixed text: no spec text, so one simple-protocol round trip).
-pub(crate) async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(
         &mut *conn,
         "ROLLBACK TO SAVEPOINT dbpolicy_item; RELEASE SAVEPOINT dbpolicy_item",
     )
     .await?;
+    Ok(())
+}
+
+/// Undoes what the current item's work did so far, also after an error, so that it can
+/// start over (the item's savepoint stays).
+pub(crate) async fn restart_item(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT dbpolicy_item").await?;
     Ok(())
 }
 

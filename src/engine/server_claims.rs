@@ -334,11 +334,31 @@ pub(crate) fn touched_after(
 
 // ------------------------------------------------------------------ where the claims are
 
+/// Why the claims database cannot be used: every server-wide item is then refused
+/// (`ServerClaimsUnavailable`). No message shows the URL (it holds a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Unavailable {
+    #[error("no claims database was given to the engine")]
+    NotGiven,
+    #[error("the policy's connection URI cannot be parsed ({0}), so the claims database cannot be derived from it")]
+    UnparsableUrl(url::ParseError),
+    #[error(
+        "the policy's connection URI has no path, so the claims database cannot be derived from it"
+    )]
+    NoPath,
+    /// [`crate::pg::ConnectError`]'s message: host, port and database, never the password.
+    #[error("{0}")]
+    Connect(String),
+    /// Setting the connection's timeouts failed.
+    #[error("{0}")]
+    Session(String),
+}
+
 /// How to reach the claims database. Its `Debug` never shows the URL (it holds a password).
 #[derive(Clone)]
 pub(crate) struct ClaimsTarget {
     database: String,
-    url: Result<String, String>,
+    url: Result<String, Unavailable>,
 }
 
 impl std::fmt::Debug for ClaimsTarget {
@@ -355,7 +375,7 @@ impl Default for ClaimsTarget {
     fn default() -> Self {
         ClaimsTarget {
             database: DEFAULT_CLAIMS_DATABASE.into(),
-            url: Err("no claims database was given to the engine".into()),
+            url: Err(Unavailable::NotGiven),
         }
     }
 }
@@ -380,20 +400,15 @@ impl ClaimsTarget {
 
 /// `url` with its database replaced by `database` (the path, and any `dbname` query
 /// parameter, which libpq-style URLs may use instead).
-pub(crate) fn claims_url(url: &str, database: &str) -> Result<String, String> {
-    let mut parsed = url::Url::parse(url).map_err(|e| {
-        format!("the policy's connection URI cannot be parsed ({e}), so the claims database cannot be derived from it")
-    })?;
+pub(crate) fn claims_url(url: &str, database: &str) -> Result<String, Unavailable> {
+    let mut parsed = url::Url::parse(url).map_err(Unavailable::UnparsableUrl)?;
     if parsed.cannot_be_a_base() {
-        return Err(
-            "the policy's connection URI has no path, so the claims database cannot be derived from it"
-                .into(),
-        );
+        return Err(Unavailable::NoPath);
     }
     parsed.set_path("");
     parsed
         .path_segments_mut()
-        .map_err(|_| "the policy's connection URI has no path".to_string())?
+        .map_err(|_| Unavailable::NoPath)?
         .push(database);
     // The query is rewritten only when it names a database itself: everything else in
     // it (sslmode, host=/socket/dir, …) stays byte for byte.
@@ -416,18 +431,18 @@ pub(crate) fn claims_url(url: &str, database: &str) -> Result<String, String> {
 pub(crate) async fn connect(
     target: &ClaimsTarget,
     statement_ms: u64,
-) -> Result<PgConnection, String> {
+) -> Result<PgConnection, Unavailable> {
     let url = target.url.as_ref().map_err(Clone::clone)?;
     let mut conn = crate::pg::connect_one(url)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Unavailable::Connect(e.to_string()))?;
     sqlx::Executor::execute(
         &mut conn,
         format!("SET statement_timeout = {statement_ms}; SET lock_timeout = {statement_ms}")
             .as_str(),
     )
     .await
-    .map_err(|e| error_summary(&e))?;
+    .map_err(|e| Unavailable::Session(error_summary(&e)))?;
     Ok(conn)
 }
 
@@ -438,7 +453,7 @@ type ClaimRow = (String, String, String, String, Option<String>);
 /// Reads, in one query, the live claims of the touched items and every claim of `me`.
 /// `conn` is the claims database, or why it could not be reached.
 pub(crate) async fn observe(
-    conn: Result<&mut PgConnection, String>,
+    conn: Result<&mut PgConnection, Unavailable>,
     target: &ClaimsTarget,
     me: Claimant,
     touched: &Touched,
@@ -452,7 +467,7 @@ pub(crate) async fn observe(
     let conn = match conn {
         Ok(c) => c,
         Err(why) => {
-            observed.unavailable = Some(why);
+            observed.unavailable = Some(why.to_string());
             return observed;
         }
     };

@@ -126,15 +126,38 @@ pub struct Observed {
     pub normalized: BTreeMap<QualifiedName, scratch::Normalized>,
 }
 
+/// A key or predicate of an index that is not what its field means.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum IndexFragmentError {
+    #[error("columns[{index}] {key:?} {error}")]
+    Key {
+        index: usize,
+        key: String,
+        error: grammar::FragmentError,
+    },
+    #[error("where {0}")]
+    Where(grammar::FragmentError),
+}
+
+impl IndexFragmentError {
+    pub(crate) fn reason(&self) -> Reason {
+        Reason::InvalidIndexDefinition
+    }
+}
+
 /// A twin index on an empty temporary copy of the table (LIKE takes only ACCESS SHARE).
 /// The keys and predicate as PostgreSQL's grammar reads them: each key one index element,
 /// the predicate one expression. Nothing else is ever placed in a statement.
-pub(crate) fn check_fragments(ix: &IndexSpec) -> Result<(), String> {
-    for (j, key) in ix.columns.iter().enumerate() {
-        grammar::check_index_key(key).map_err(|e| format!("columns[{j}] {key:?} {e}"))?;
+pub(crate) fn check_fragments(ix: &IndexSpec) -> Result<(), IndexFragmentError> {
+    for (index, key) in ix.columns.iter().enumerate() {
+        grammar::check_index_key(key).map_err(|error| IndexFragmentError::Key {
+            index,
+            key: key.clone(),
+            error,
+        })?;
     }
     if let Some(w) = &ix.where_clause {
-        grammar::check_expression(w).map_err(|e| format!("where {e}"))?;
+        grammar::check_expression(w).map_err(IndexFragmentError::Where)?;
     }
     Ok(())
 }
@@ -344,12 +367,8 @@ pub(crate) fn diff(
             continue;
         };
         let partitioned = relkind == "p";
-        if let Err(message) = check_fragments(ix) {
-            plan.error(
-                target,
-                Reason::InvalidIndexDefinition,
-                format!("index {name} on {table}: {message}"),
-            );
+        if let Err(e) = check_fragments(ix) {
+            plan.error(target, e.reason(), format!("index {name} on {table}: {e}"));
             continue;
         }
         let desired = match scratch::checked(
@@ -475,7 +494,7 @@ fn build_concurrently(spec: &IndexSpec, summary: String) -> Change {
     )
     .autonomous()
     .lock(LockLevel::ShareUpdateExclusive)
-    .own_timeout(OwnTimeout::IndexBuild)
+    .own_timeout(OwnTimeout::LongOperation)
     .record(OWNED)
 }
 
@@ -485,7 +504,7 @@ fn drop_concurrently(change: Change) -> Change {
     change
         .autonomous()
         .lock(LockLevel::ShareUpdateExclusive)
-        .own_timeout(OwnTimeout::IndexBuild)
+        .own_timeout(OwnTimeout::LongOperation)
 }
 
 /// Renames the replacement into place and records it, in one transaction.
@@ -590,7 +609,7 @@ pub(crate) fn render(op: &Op) -> Vec<Change> {
                     )
                     .autonomous()
                     .lock(LockLevel::ShareUpdateExclusive)
-                    .own_timeout(OwnTimeout::IndexBuild)
+                    .own_timeout(OwnTimeout::LongOperation)
                     .intend_under(temp.to_string(), OWNED),
                 );
             }
@@ -811,7 +830,7 @@ mod tests {
         assert_eq!(p.changes[0].hazard, Hazard::Safe);
         // Reads and writes go on; the build runs under safety.indexBuildTimeout.
         assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
-        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::IndexBuild));
+        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::LongOperation));
     }
 
     #[test]
@@ -875,7 +894,7 @@ mod tests {
             .changes
             .iter()
             .all(|c| c.lock == LockLevel::ShareUpdateExclusive
-                && c.timeout == Some(OwnTimeout::IndexBuild)));
+                && c.timeout == Some(OwnTimeout::LongOperation)));
 
         // Someone else's invalid index (perhaps a build still running): not ours to drop.
         let p = plan(&spec, &o, &Ledger::for_policy("p"), &Context::default());
@@ -1120,11 +1139,11 @@ mod tests {
             [
                 (
                     LockLevel::ShareUpdateExclusive,
-                    Some(OwnTimeout::IndexBuild)
+                    Some(OwnTimeout::LongOperation)
                 ),
                 (
                     LockLevel::ShareUpdateExclusive,
-                    Some(OwnTimeout::IndexBuild)
+                    Some(OwnTimeout::LongOperation)
                 ),
                 // The rename is in a transaction: the policy's timeout.
                 (LockLevel::ShareUpdateExclusive, None),
@@ -1167,7 +1186,7 @@ mod tests {
         assert_eq!(p.changes[0].hazard, Hazard::Destructive);
         assert!(p.changes[0].sql.ends_with(r#""public"."mine""#));
         assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
-        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::IndexBuild));
+        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::LongOperation));
         let no_prune = IndexesSpec {
             indexes: vec![],
             prune: None,

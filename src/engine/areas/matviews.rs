@@ -13,7 +13,7 @@ use crate::api::{
     IndexesSpec, MaterializedView, MaterializedViewsSpec, TableTarget, DEFAULT_SCHEMA,
 };
 use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
-use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel};
+use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel, OwnTimeout};
 use crate::engine::scratch;
 use crate::pg::{grammar, quote_ident, QualifiedName};
 use crate::reason::Reason;
@@ -309,17 +309,29 @@ pub(crate) fn diff(
 /// Creating a view runs its query with the creating role's rights. With an `owner`, the
 /// view is created empty (nothing runs), handed to the owner, then filled by a refresh,
 /// which PostgreSQL runs with the owner's rights: the query never runs as the operator.
-fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Change> {
+/// The statement that fills the view runs under `fill`'s timeout when given.
+fn create(
+    name: &QualifiedName,
+    definition: &str,
+    owner: Option<&str>,
+    fill: Option<OwnTimeout>,
+) -> Vec<Change> {
     let target = name.to_string();
+    let fill_timeout = |c: Change| match fill {
+        Some(t) => c.own_timeout(t),
+        None => c,
+    };
     match owner {
-        None => vec![Change::new(
-            AREA,
-            &target,
-            "create the materialized view",
-            format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
-        )
-        // The view is new; the query reads its tables under ACCESS SHARE.
-        .lock(LockLevel::AccessShare)],
+        None => vec![fill_timeout(
+            Change::new(
+                AREA,
+                &target,
+                "create the materialized view",
+                format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
+            )
+            // The view is new; the query reads its tables under ACCESS SHARE.
+            .lock(LockLevel::AccessShare),
+        )],
         Some(owner) => vec![
             Change::new(
                 AREA,
@@ -343,15 +355,17 @@ fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Ch
                 ),
             )
             .lock(LockLevel::AccessExclusive),
-            Change::new(
-                AREA,
-                &target,
-                format!("fill it, with {owner}'s rights"),
-                format!("REFRESH MATERIALIZED VIEW {}", name.quoted()),
-            )
-            // Not concurrently (the view is empty): ACCESS EXCLUSIVE on the view, which
-            // nobody can read yet anyway, in the transaction that created it.
-            .lock(LockLevel::AccessExclusive),
+            fill_timeout(
+                Change::new(
+                    AREA,
+                    &target,
+                    format!("fill it, with {owner}'s rights"),
+                    format!("REFRESH MATERIALIZED VIEW {}", name.quoted()),
+                )
+                // Not concurrently (the view is empty): ACCESS EXCLUSIVE on the view,
+                // which nobody can read yet anyway, in the transaction that created it.
+                .lock(LockLevel::AccessExclusive),
+            ),
         ],
     }
 }
@@ -363,7 +377,20 @@ pub(crate) fn render(op: &Op) -> Vec<Change> {
             definition,
             owner,
         } => {
-            let mut changes = create(name, definition, owner.as_deref());
+            // A new view is filled under the long-operation timeout: nobody can read it
+            // before its transaction commits, so the query may take as long as it takes.
+            // That transaction is its own, so no lock another view's change took waits
+            // on the fill.
+            let group = format!("create {name}");
+            let mut changes: Vec<Change> = create(
+                name,
+                definition,
+                owner.as_deref(),
+                Some(OwnTimeout::LongOperation),
+            )
+            .into_iter()
+            .map(|c| c.in_group(&group))
+            .collect();
             if let Some(last) = changes.pop() {
                 changes.push(last.record(OWNED));
             }
@@ -386,7 +413,9 @@ pub(crate) fn render(op: &Op) -> Vec<Change> {
             .hazard(Hazard::Destructive)
             .lock(LockLevel::AccessExclusive)
             .bundle(&bundle)];
-            let created = create(name, definition, owner.as_deref());
+            // Refilled under the policy's statement timeout: readers of the view wait on
+            // its ACCESS EXCLUSIVE (bounded by their lock_timeout) until the fill commits.
+            let created = create(name, definition, owner.as_deref(), None);
             let n = created.len();
             for (i, c) in created.into_iter().enumerate() {
                 // The view was dropped in this transaction: its ACCESS EXCLUSIVE is held
@@ -698,6 +727,13 @@ mod tests {
                 LockLevel::AccessExclusive
             ]
         );
+        // The fill, under the long-operation timeout, in a transaction of the view's own.
+        let timeouts: Vec<Option<OwnTimeout>> = p.changes.iter().map(|c| c.timeout).collect();
+        assert_eq!(timeouts, [None, None, Some(OwnTimeout::LongOperation)]);
+        assert!(p
+            .changes
+            .iter()
+            .all(|c| c.transactional && c.group.as_deref() == Some("create public.v")));
 
         // An existing view of another owner is handed over; a missing role is an error.
         let o2 = observed(&[("v", "SELECT 1;", false)], &[("v", "SELECT 1;")]);

@@ -569,7 +569,7 @@ pub(crate) fn diff(
                 if let Err(why) = check_value(meta, value) {
                     plan.error(
                         name,
-                        Reason::InvalidValue,
+                        why.reason(),
                         format!("{}: invalid value {value:?} for {name}: {why}", field(key)),
                     );
                     continue;
@@ -954,19 +954,51 @@ fn undo_ledger(op: &LedgerOp, before: &Ledger) -> Option<LedgerOp> {
 
 // ------------------------------------------------------------------ value checks
 
+/// Why a value is not one PostgreSQL would take for a parameter (the message follows
+/// "invalid value … for <name>: ").
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum ValueError {
+    #[error("expected on or off")]
+    NotBool,
+    #[error("expected one of {}", .0.join(", "))]
+    NotAllowed(Vec<String>),
+    #[error("expected a number")]
+    NotANumber,
+    #[error("expected an integer")]
+    NotAnInteger,
+    #[error("this parameter takes no unit, got {0:?}")]
+    NoUnitTaken(String),
+    #[error("unknown unit {suffix:?}, valid units are {}", .valid.join(", "))]
+    UnknownUnit {
+        suffix: String,
+        valid: Vec<&'static str>,
+    },
+    #[error("out of range {min}..{max}{unit}")]
+    OutOfRange {
+        min: f64,
+        max: f64,
+        /// The parameter's unit with a leading space, or empty.
+        unit: String,
+    },
+}
+
+impl ValueError {
+    pub(crate) fn reason(&self) -> Reason {
+        Reason::InvalidValue
+    }
+}
+
 /// Checks a value as PostgreSQL would, from `pg_settings` metadata, so that one bad value
 /// refuses the whole area before any `ALTER SYSTEM` (which cannot be rolled back) runs.
-pub(crate) fn check_value(meta: &SettingMeta, value: &str) -> Result<(), String> {
+pub(crate) fn check_value(meta: &SettingMeta, value: &str) -> Result<(), ValueError> {
     match meta.vartype.as_str() {
-        "bool" => parse_pg_bool(value)
-            .map(|_| ())
-            .ok_or_else(|| "expected on or off".to_string()),
+        "bool" => parse_pg_bool(value).map(|_| ()).ok_or(ValueError::NotBool),
         "enum" => {
             let allowed = meta.enumvals.clone().unwrap_or_default();
             if allowed.iter().any(|a| a.eq_ignore_ascii_case(value.trim())) {
                 Ok(())
             } else {
-                Err(format!("expected one of {}", allowed.join(", ")))
+                Err(ValueError::NotAllowed(allowed))
             }
         }
         "integer" | "real" => {
@@ -980,7 +1012,7 @@ pub(crate) fn check_value(meta: &SettingMeta, value: &str) -> Result<(), String>
                         .as_deref()
                         .map(|u| format!(" {u}"))
                         .unwrap_or_default();
-                    return Err(format!("out of range {min}..{max}{unit}"));
+                    return Err(ValueError::OutOfRange { min, max, unit });
                 }
             }
             Ok(())
@@ -1033,7 +1065,11 @@ fn base_unit(unit: &str) -> Option<(f64, bool)> {
 }
 
 /// The value expressed in the parameter's own unit.
-fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Result<f64, String> {
+fn parse_number_with_unit(
+    value: &str,
+    unit: Option<&str>,
+    integer: bool,
+) -> Result<f64, ValueError> {
     let v = value.trim();
     let split = v
         .find(|c: char| {
@@ -1041,15 +1077,15 @@ fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Res
         })
         .unwrap_or(v.len());
     let (num, suffix) = (v[..split].trim(), v[split..].trim());
-    let n: f64 = num.parse().map_err(|_| "expected a number".to_string())?;
+    let n: f64 = num.parse().map_err(|_| ValueError::NotANumber)?;
     if integer && suffix.is_empty() && num.contains('.') {
-        return Err("expected an integer".into());
+        return Err(ValueError::NotAnInteger);
     }
     if suffix.is_empty() {
         return Ok(n);
     }
     let Some((param_base, param_is_memory)) = unit.and_then(base_unit) else {
-        return Err(format!("this parameter takes no unit, got {suffix:?}"));
+        return Err(ValueError::NoUnitTaken(suffix.to_string()));
     };
     let table: &[(&str, f64)] = if param_is_memory {
         &MEMORY_UNITS
@@ -1057,11 +1093,10 @@ fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Res
         &TIME_UNITS
     };
     let Some((_, f)) = table.iter().find(|(u, _)| *u == suffix) else {
-        let valid: Vec<&str> = table.iter().map(|(u, _)| *u).collect();
-        return Err(format!(
-            "unknown unit {suffix:?}, valid units are {}",
-            valid.join(", ")
-        ));
+        return Err(ValueError::UnknownUnit {
+            suffix: suffix.to_string(),
+            valid: table.iter().map(|(u, _)| *u).collect(),
+        });
     };
     Ok(n * f / param_base)
 }

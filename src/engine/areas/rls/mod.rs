@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
 use crate::api::{
     PolicyCommand, PolicyKind, RlsPolicy, RlsTable, RowLevelSecuritySpec, TableTarget,
