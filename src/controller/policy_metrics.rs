@@ -286,7 +286,7 @@ impl PolicyMetrics {
     }
 
     /// Counts a check of the policy asked for by a drift notification.
-    pub fn drift_notified(&self, namespace: &str, policy: &str) {
+    pub(crate) fn drift_notified(&self, namespace: &str, policy: &str) {
         let key = PolicyLabels {
             namespace: namespace.into(),
             policy: policy.into(),
