@@ -84,7 +84,10 @@ impl Context {
     }
 
     /// Listens for the drift event trigger's notifications (`dbpolicy run`).
-    pub(crate) fn with_ddl_listeners(mut self, listeners: super::ddl_listener::DdlListeners) -> Self {
+    pub(crate) fn with_ddl_listeners(
+        mut self,
+        listeners: super::ddl_listener::DdlListeners,
+    ) -> Self {
         self.ddl_listeners = listeners;
         self
     }
