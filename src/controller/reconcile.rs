@@ -162,6 +162,10 @@ async fn apply(
             },
             allowed_settings: ctx.allowed_settings.clone(),
             claims: ClaimsTarget::for_policy_url(&url),
+            // One kept connection per database (controller/connections.rs): the operator
+            // runs many policies at once, and a second connection per run would double
+            // what it holds on every server.
+            observe_url: None,
         };
         let outcome =
             run_engine(ctx, url.clone(), &policy, PolicyId(key(&policy)), options).await?;
