@@ -123,7 +123,7 @@ enum Document {
     Empty,
     /// A scalar or a list: not a policy.
     Other,
-    Map(Fields),
+    Map(Box<Fields>),
 }
 
 /// The top-level fields of a mapping document that a policy uses; the rest is skipped.
@@ -238,7 +238,7 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
             }
             *slot = Some(map.next_value()?);
         }
-        Ok(Document::Map(f))
+        Ok(Document::Map(Box::new(f)))
     }
 }
 
