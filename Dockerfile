@@ -7,6 +7,8 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# Only its manifest: cargo reads it (a workspace member), the release build compiles none of it.
+COPY tests/support/Cargo.toml ./tests/support/
 COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

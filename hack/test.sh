@@ -29,8 +29,8 @@ if [ "${DBPOLICY_MATRIX_ONLY:-0}" != 1 ]; then
     step "cargo fmt --check"
     cargo fmt --all --check
 
-    step "cargo clippy --all-targets -- -D warnings"
-    cargo clippy --all-targets -- -D warnings
+    step "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
 
     step "cargo test --all-targets --no-fail-fast"
     cargo test --all-targets --no-fail-fast "$@"

@@ -1,9 +1,10 @@
-//! The command line: `plan`, `apply`, `release`, `crd`. Exit status of `plan`: 0 nothing
-//! to change, 2 changes pending, 1 error. `apply`: 0 done, 2 done but destructive changes
-//! refused, 1 on any failure. `release`: 0 done, 1 on any failure.
+//! The command line: `plan`, `apply`, `release`, `crd` here; `refresh`, `backup`,
+//! `restore`, `run` (the operator) and `kubectl` dispatched to their modules. Exit status of
+//! `plan`: 0 nothing to change, 2 changes pending, 1 error. `apply`: 0 done, 2 done but
+//! destructive changes refused, 1 on any failure. `release`: 0 done, 1 on any failure.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -58,7 +59,7 @@ pub enum Command {
 }
 
 /// The plugin's executable name: kubectl runs `kubectl-dbpolicy` for `kubectl dbpolicy`.
-pub const PLUGIN_NAME: &str = "kubectl-dbpolicy";
+pub(crate) const PLUGIN_NAME: &str = "kubectl-dbpolicy";
 
 /// The command line as [`Cli`] parses it: invoked as `kubectl-dbpolicy` (a symlink or a
 /// copy of this binary), the arguments are those of the `kubectl` subcommand.
@@ -126,21 +127,64 @@ pub enum Output {
     Json,
 }
 
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_ERROR: u8 = 1;
-pub const EXIT_PENDING: u8 = 2;
+pub(crate) const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_ERROR: u8 = 1;
+pub(crate) const EXIT_PENDING: u8 = 2;
+
+/// Why a policy file gives no policies to run. Each message names the file or the
+/// document (counted from 1) and, for a bad field, its path.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    #[error("reading {what}: {source}")]
+    Read {
+        /// `stdin` or the file's path.
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "line {line}: more than {} nested [ or {{: not a DatabasePolicy",
+        crate::policy_yaml::MAX_FLOW_DEPTH
+    )]
+    TooDeep { line: usize },
+    #[error("document {document}: {source}")]
+    Yaml {
+        document: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("document {document}: apiVersion {found:?} is not {expected}")]
+    ApiVersion {
+        document: usize,
+        found: String,
+        expected: String,
+    },
+    #[error("document {document}: {path}: {}", crate::policy_yaml::without_yaml_path(source.to_string(), path))]
+    Field {
+        document: usize,
+        /// Where in the document, as serde_path_to_error spells it
+        /// (`spec.autovacuum.tables[0].vacuumScaleFactor`).
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("no DatabasePolicy document found")]
+    NoPolicy,
+}
 
 pub use crate::policy_yaml::parse_policies;
 
-fn read_file(path: &PathBuf) -> Result<String, String> {
+/// The file at `path`, or standard input for `-`.
+pub(crate) fn read_file(path: &Path) -> Result<String, PolicyFileError> {
+    let read_failed = |what: String| move |source| PolicyFileError::Read { what, source };
     if path.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
-            .map_err(|e| format!("reading stdin: {e}"))?;
+            .map_err(read_failed("stdin".into()))?;
         return Ok(s);
     }
-    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    std::fs::read_to_string(path).map_err(read_failed(path.display().to_string()))
 }
 
 fn policy_id(p: &DatabasePolicy) -> PolicyId {
@@ -188,11 +232,11 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
         .map(|url| tokio::spawn(async move { crate::pg::connect_one(&url).await }));
     let text = match read_file(&args.file) {
         Ok(t) => t,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let (policies, skipped) = match parse_policies(&text) {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     drop(text);
     for s in skipped {
@@ -244,7 +288,7 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
             Err(e) => {
                 if args.output == Output::Json {
                     json.push(
-                        serde_json::json!({ "policy": id.0, "error": e, "exitCode": EXIT_ERROR }),
+                        serde_json::json!({ "policy": id.0, "error": e.to_string(), "exitCode": EXIT_ERROR }),
                     );
                 }
                 eprintln!("error: {}: {e}", id.0);
@@ -275,11 +319,11 @@ async fn run_release(args: ReleaseArgs) -> u8 {
         Some(path) => {
             let text = match read_file(path) {
                 Ok(t) => t,
-                Err(e) => return fail(e),
+                Err(e) => return fail(e.to_string()),
             };
             let (policies, skipped) = match parse_policies(&text) {
                 Ok(p) => p,
-                Err(e) => return fail(e),
+                Err(e) => return fail(e.to_string()),
             };
             for s in skipped {
                 eprintln!("note: {s}");
@@ -423,21 +467,29 @@ async fn run_one(
     id: &PolicyId,
     mode: Mode,
     options: &engine::RunOptions,
-) -> Result<Outcome, String> {
-    let mut conn = conn.map_err(|e| e.to_string())?;
+) -> Result<Outcome, RunError> {
+    let mut conn = conn?;
     let options = engine::RunOptions {
         claims: engine::server_claims::ClaimsTarget::for_policy_url(url),
         observe_url: Some(url.to_string()),
         ..options.clone()
     };
-    let result = engine::run_with(&mut conn, &policy.spec, mode, id, &options)
-        .await
-        .map_err(|e| e.to_string());
+    let result = engine::run_with(&mut conn, &policy.spec, mode, id, &options).await;
     let _ = conn.close().await;
-    result
+    Ok(result?)
 }
 
-pub fn exit_code(outcome: &Outcome, mode: Mode) -> u8 {
+/// Why one policy of the file was not run: the database could not be reached, or the
+/// engine's run failed as a whole (plan errors and failed statements are in the outcome).
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+}
+
+pub(crate) fn exit_code(outcome: &Outcome, mode: Mode) -> u8 {
     if outcome.plan.has_errors() {
         return EXIT_ERROR;
     }
@@ -591,9 +643,11 @@ mod tests {
     fn errors_name_the_document() {
         let text = "apiVersion: dbpolicy.dev/v1alpha1\nkind: DatabasePolicy\nmetadata: {name: a}\nspec:\n  database: {connectionSecretRef: {name: db}}\n  autovacuum: {tables: [{table: t, vacuumScaleFactor: lots}]}\n";
         let e = parse_policies(text).unwrap_err();
-        assert!(e.starts_with("document 1:"), "{e}");
+        assert!(e.to_string().starts_with("document 1:"), "{e}");
+        assert!(e.to_string().contains("vacuumScaleFactor"), "{e}");
         assert!(parse_policies("apiVersion: v9\nkind: DatabasePolicy\n")
             .unwrap_err()
+            .to_string()
             .contains("apiVersion"));
         assert!(parse_policies("").is_err());
     }

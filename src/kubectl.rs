@@ -84,7 +84,7 @@ fn one_line(s: &str) -> String {
 }
 
 /// `kubectl dbpolicy status NAME`.
-pub fn render_status(p: &DatabasePolicy) -> String {
+pub(crate) fn render_status(p: &DatabasePolicy) -> String {
     let mut out = String::new();
     let status = p.status.clone().unwrap_or_default();
     let _ = writeln!(
@@ -247,7 +247,7 @@ pub fn render_status(p: &DatabasePolicy) -> String {
 /// `kubectl dbpolicy plan NAME`: the pending changes as a SQL script, each statement
 /// preceded by a comment with its area, target, hazard, summary and lock. Changes to Kubernetes
 /// objects and statements too long for status are comments only.
-pub fn render_plan(p: &DatabasePolicy) -> String {
+pub(crate) fn render_plan(p: &DatabasePolicy) -> String {
     let status = p.status.clone().unwrap_or_default();
     let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
     let Some(plan) = status.pending_plan.filter(|pp| pp.total > 0) else {
@@ -322,7 +322,7 @@ async fn client(args: &PluginArgs) -> anyhow::Result<(Client, String)> {
 }
 
 /// Runs a plugin command: 0 done, 1 on any failure (said on stderr).
-pub async fn run(args: PluginArgs) -> u8 {
+pub(crate) async fn run(args: PluginArgs) -> u8 {
     match run_inner(&args).await {
         Ok(out) => {
             print!("{out}");

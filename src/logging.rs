@@ -19,11 +19,11 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 /// The longest field value a log line carries, in characters.
-pub const MAX_FIELD_CHARS: usize = 300;
+pub(crate) const MAX_FIELD_CHARS: usize = 300;
 
 /// `text` cut to [`MAX_FIELD_CHARS`] characters (on a character boundary), with how much
 /// was left out.
-pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn cut(text: &str) -> std::borrow::Cow<'_, str> {
     match text.char_indices().nth(MAX_FIELD_CHARS) {
         None => std::borrow::Cow::Borrowed(text),
         Some((end, _)) => std::borrow::Cow::Owned(format!(
@@ -37,7 +37,7 @@ pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {
 /// sqlx logs every PostgreSQL NOTICE at INFO under this target ("relation … already exists,
 /// skipping" from each `IF NOT EXISTS`): chatter for an operator's log, so they are kept to
 /// debugging.
-pub const NOTICE_TARGET: &str = "sqlx::postgres::notice";
+pub(crate) const NOTICE_TARGET: &str = "sqlx::postgres::notice";
 
 /// The log filter: `rust_log` (`RUST_LOG`) when set and valid, else `default`; PostgreSQL
 /// NOTICEs (and INFO/LOG messages) are left out unless the filter asks for debug or trace
@@ -88,7 +88,7 @@ pub fn init(json: bool, filter: EnvFilter) {
 
 /// One JSON object per event: `timestamp`, `level`, `target`, `fields` (each cut), and
 /// `spans` (names of the enclosing spans, outermost first).
-pub struct JsonLine;
+pub(crate) struct JsonLine;
 
 struct JsonFields(serde_json::Map<String, serde_json::Value>);
 

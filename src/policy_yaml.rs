@@ -17,11 +17,12 @@ use serde_yaml::Value;
 use crate::api::{
     DatabasePolicy, DatabasePolicySpec, DatabasePolicyStatus, API_GROUP, API_VERSION,
 };
+use crate::cli::PolicyFileError;
 
 /// Reads every `DatabasePolicy` document of a YAML stream; other kinds are reported and
 /// skipped, never silently. Errors name the document and the field
 /// (`document 1: spec.autovacuum.tables[0].vacuumScaleFactor: invalid type: …`).
-pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), String> {
+pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), PolicyFileError> {
     check_flow_depth(text)?;
     let expected = format!("{API_GROUP}/{API_VERSION}");
     let mut policies = Vec::new();
@@ -35,10 +36,7 @@ pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), 
         let mut track = serde_path_to_error::Track::new();
         let document = seed
             .deserialize(serde_path_to_error::Deserializer::new(doc, &mut track))
-            .map_err(|e| {
-                let path = track.path().to_string();
-                at(n, &path, without_yaml_path(e.to_string(), &path))
-            })?;
+            .map_err(|source| at(n, track.path().to_string(), source))?;
         let Document::Map(d) = document else {
             if let Document::Other = document {
                 skipped.push(format!(
@@ -56,14 +54,22 @@ pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), 
         }
         let api_version = d.api_version.as_ref().and_then(Value::as_str).unwrap_or("");
         if api_version != expected {
-            return Err(format!(
-                "document {n}: apiVersion {api_version:?} is not {expected}"
-            ));
+            return Err(PolicyFileError::ApiVersion {
+                document: n,
+                found: api_version.to_string(),
+                expected,
+            });
         }
         let spec = match d.spec {
             Some(Spec::Typed(spec)) => *spec,
             Some(Spec::Buffered(v)) => typed(n, "spec", v)?,
-            None => return Err(at(n, ".", "missing field `spec`")),
+            None => {
+                let source = <serde_yaml::Error as de::Error>::missing_field("spec");
+                return Err(PolicyFileError::Yaml {
+                    document: n,
+                    source,
+                });
+            }
         };
         let metadata: ObjectMeta = match d.metadata {
             Some(v) => typed(n, "metadata", v)?,
@@ -79,7 +85,7 @@ pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), 
         policies.push(policy);
     }
     if policies.is_empty() {
-        return Err("no DatabasePolicy document found".into());
+        return Err(PolicyFileError::NoPolicy);
     }
     Ok((policies, skipped))
 }
@@ -87,7 +93,7 @@ pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), 
 /// serde_yaml starts its messages with the path of the mapping or list it was in
 /// (`spec.autovacuum.tables[0]: unknown field …`); the tracked path, which names the field
 /// itself, replaces it. Its position (`at line 7 column 5`) is kept.
-fn without_yaml_path(message: String, path: &str) -> String {
+pub(crate) fn without_yaml_path(message: String, path: &str) -> String {
     match message.split_once(": ") {
         Some((head, rest)) if !head.is_empty() && !head.contains(' ') && path.starts_with(head) => {
             rest.to_string()
@@ -96,8 +102,17 @@ fn without_yaml_path(message: String, path: &str) -> String {
     }
 }
 
-fn at(document: usize, path: &str, message: impl fmt::Display) -> String {
-    format!("document {document}: {path}: {message}")
+/// An error of document `document` at `path` (`.` for the document itself).
+fn at(document: usize, path: String, source: serde_yaml::Error) -> PolicyFileError {
+    if path == "." {
+        PolicyFileError::Yaml { document, source }
+    } else {
+        PolicyFileError::Field {
+            document,
+            path,
+            source,
+        }
+    }
 }
 
 /// A top-level field read as a `Value`, deserialised with its path (`metadata.name`).
@@ -105,7 +120,7 @@ fn typed<T: serde::de::DeserializeOwned>(
     document: usize,
     field: &str,
     value: Value,
-) -> Result<T, String> {
+) -> Result<T, PolicyFileError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." {
@@ -113,7 +128,7 @@ fn typed<T: serde::de::DeserializeOwned>(
         } else {
             format!("{field}.{path}")
         };
-        at(document, &path, e.inner())
+        at(document, path, e.into_inner())
     })
 }
 
@@ -243,12 +258,12 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
 }
 
 /// Deeper than this, `[` and `{` never make a policy (serde_yaml stops at 128 levels).
-const MAX_FLOW_DEPTH: usize = 1000;
+pub(crate) const MAX_FLOW_DEPTH: usize = 1000;
 
 /// libyaml's scanner is quadratic in the nesting depth of flow collections: a few hundred
 /// kilobytes of `[` take minutes before serde_yaml's recursion limit refuses them. Counted
 /// naively (brackets inside strings count too), in linear time, before parsing.
-fn check_flow_depth(text: &str) -> Result<(), String> {
+fn check_flow_depth(text: &str) -> Result<(), PolicyFileError> {
     // Bytes, not chars: the brackets are ASCII, and no byte of a multi-byte UTF-8
     // character is ASCII.
     let (mut depth, mut line) = (0usize, 1usize);
@@ -260,9 +275,7 @@ fn check_flow_depth(text: &str) -> Result<(), String> {
             _ => continue,
         }
         if depth > MAX_FLOW_DEPTH {
-            return Err(format!(
-                "line {line}: more than {MAX_FLOW_DEPTH} nested [ or {{: not a DatabasePolicy"
-            ));
+            return Err(PolicyFileError::TooDeep { line });
         }
     }
     Ok(())
@@ -291,28 +304,35 @@ mod tests {
     fn errors_name_the_field_whichever_the_order() {
         let bad = "spec:\n  database: {connectionSecretRef: {name: db}}\n  autovacuum: {tables: [{table: t, vacuumScaleFactor: lots}]}\n";
         for text in [format!("{HEADER}{bad}"), format!("{bad}{HEADER}")] {
-            let e = parse_policies(&text).unwrap_err();
+            let e = parse_policies(&text).unwrap_err().to_string();
             assert!(
                 e.starts_with("document 1: spec.autovacuum.tables[0].vacuumScaleFactor: "),
                 "{e}"
             );
         }
         let unknown = "spec:\n  database: {connectionSecretRef: {name: db}}\n  autovacuum: {tables: [{table: t, vacuumScaleFacter: 0.1}]}\n";
-        let e = parse_policies(&format!("{HEADER}{unknown}")).unwrap_err();
+        let e = parse_policies(&format!("{HEADER}{unknown}"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("document 1: spec.autovacuum.tables[0].vacuumScaleFacter: unknown field"),
             "{e}"
         );
         assert!(e.contains("at line 5 column"), "{e}");
-        let missing = parse_policies(&format!("{HEADER}spec: {{}}\n")).unwrap_err();
+        let missing = parse_policies(&format!("{HEADER}spec: {{}}\n"))
+            .unwrap_err()
+            .to_string();
         assert!(
             missing.contains("spec: missing field `database`"),
             "{missing}"
         );
-        let meta = parse_policies(&format!("{HEADER}metadata: {{name: [a]}}\n{SPEC}")).unwrap_err();
+        let meta = parse_policies(&format!("{HEADER}metadata: {{name: [a]}}\n{SPEC}"))
+            .unwrap_err()
+            .to_string();
         assert!(meta.starts_with("document 1: metadata.name: "), "{meta}");
         assert!(parse_policies(HEADER)
             .unwrap_err()
+            .to_string()
             .contains("missing field `spec`"));
     }
 
@@ -327,16 +347,21 @@ mod tests {
 
     #[test]
     fn a_duplicate_top_level_key_is_an_error() {
-        let e = parse_policies(&format!("{HEADER}{SPEC}{SPEC}")).unwrap_err();
+        let e = parse_policies(&format!("{HEADER}{SPEC}{SPEC}"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("duplicate"), "{e}");
-        let e = parse_policies(&format!("{HEADER}kind: DatabasePolicy\n{SPEC}")).unwrap_err();
+        let e = parse_policies(&format!("{HEADER}kind: DatabasePolicy\n{SPEC}"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("duplicate"), "{e}");
     }
 
     #[test]
     fn deep_flow_nesting_is_refused_with_its_line() {
-        let e =
-            check_flow_depth(&format!("a: 1\nb: {}", "[".repeat(MAX_FLOW_DEPTH + 1))).unwrap_err();
+        let e = check_flow_depth(&format!("a: 1\nb: {}", "[".repeat(MAX_FLOW_DEPTH + 1)))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("line 2:"), "{e}");
         assert!(check_flow_depth("é: [[[]]]\n").is_ok());
     }

@@ -15,10 +15,10 @@ macro_rules! reasons {
 
         impl Reason {
             /// Every reason, in declaration order.
-            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+            pub(crate) const ALL: &'static [Reason] = &[$(Reason::$name,)*];
 
             /// The CamelCase text of the reason.
-            pub const fn as_str(self) -> &'static str {
+            pub(crate) const fn as_str(self) -> &'static str {
                 match self {
                     $(Reason::$name => stringify!($name),)*
                 }
@@ -114,6 +114,49 @@ reasons! {
     PlanPending,
     NotAttempted,
     DestructiveChangesRefused,
+    /// `spec.suspend` is true: Ready, and every area and Drifted as not checked.
+    Suspended,
+
+    // `Drifted`.
+    InSync,
+    DriftDetected,
+    DriftRepaired,
+    /// Plan mode: the policy asks for changes not yet made (not drift).
+    ChangesPending,
+    /// The database is being brought to a new generation of the policy (not drift).
+    Converging,
+
+    // Events only: what a run or a deletion did.
+    /// A change set applied for other reasons than drift (a spec edit, a first run).
+    Applied,
+    /// Drift that weakened row-level security, repaired / left in place (a Warning).
+    SecurityDriftRepaired,
+    SecurityDriftDetected,
+    /// A deleted policy's claims released.
+    Released,
+    /// `deletionPolicy: Reset` could not reset everything.
+    ResetIncomplete,
+    /// A replication slot the deleted policy created remains (it retains WAL).
+    ReplicationSlotRetained,
+
+    // `BackupsReady`, from the backup CronJob's Jobs.
+    BackupSucceeded,
+    BackupFailed,
+    BackupOverdue,
+    NoBackupYet,
+    BackupsSuspended,
+    /// `spec.backups.schedule` is not a cron expression the operator can evaluate.
+    InvalidSchedule,
+
+    // `PointInTimeRecoveryReady` (and the Backups area while it is not ready).
+    Recoverable,
+    WalReceiverStarting,
+    WalReceiverDown,
+    SlotRetainingTooMuch,
+    WalArchivingLagging,
+    BaseBackupFailed,
+    BaseBackupOverdue,
+    NoBaseBackupYet,
 
     // The controller's own steps.
     InvalidObject,
@@ -127,7 +170,11 @@ reasons! {
     ReadEndpointFailed,
     SecretNotOwned,
     CronJobNotOwned,
+    DeploymentNotOwned,
+    PersistentVolumeClaimNotOwned,
     NotOwned,
+    /// Syncing point-in-time recovery's children (the WAL receiver) failed.
+    WalReceiverSyncFailed,
     FinalizerFailed,
 }
 
@@ -135,7 +182,7 @@ impl Reason {
     /// The reason PostgreSQL's SQLSTATE names, by code only (never by message text);
     /// None when the code says nothing more specific than "the statement failed": each
     /// caller then names its own fallback (`ApplyFailed`, `InvalidIndexDefinition`, …).
-    pub fn from_sqlstate(code: Option<&str>) -> Option<Reason> {
+    pub(crate) fn from_sqlstate(code: Option<&str>) -> Option<Reason> {
         Some(match code? {
             "55P03" => Reason::LockTimeout,
             "57014" => Reason::StatementTimeout,
@@ -158,28 +205,27 @@ impl Reason {
 
     /// [`Reason::from_sqlstate`] of a sqlx error, `fallback` when it names nothing
     /// specific (or is not PostgreSQL's).
-    pub fn of_error(e: &sqlx::Error, fallback: Reason) -> Reason {
+    pub(crate) fn of_error(e: &sqlx::Error, fallback: Reason) -> Reason {
         Reason::from_sqlstate(crate::pg::sqlstate(e).as_deref()).unwrap_or(fallback)
     }
 
     /// How bad a failing area with this reason is, to pick the one `Ready` shows: a
     /// pending plan least, another owner's object in the way most (nothing the next check
     /// can fix by itself).
-    pub fn severity(self) -> u8 {
+    pub(crate) fn severity(self) -> u8 {
         match self {
             Reason::PlanPending => 1,
             Reason::DestructiveChangesRefused => 2,
             Reason::RestartRequired | Reason::SettingNotApplied => 3,
             Reason::NotAttempted => 4,
-            Reason::SecretNotOwned | Reason::CronJobNotOwned => 6,
+            Reason::SecretNotOwned
+            | Reason::CronJobNotOwned
+            | Reason::DeploymentNotOwned
+            | Reason::PersistentVolumeClaimNotOwned
+            | Reason::NotOwned => 6,
+            // Every other reason a False area carries is a failure the next check may fix.
             _ => 5,
         }
-    }
-
-    /// [`Reason::severity`] of a reason read back as text (a condition of a previous
-    /// status, a backup job's report): one that is not a `Reason` ranks as a failure.
-    pub fn severity_of(text: &str) -> u8 {
-        text.parse().map_or(5, Reason::severity)
     }
 }
 
@@ -270,7 +316,7 @@ mod tests {
         assert!(Reason::PlanPending.severity() < Reason::DestructiveChangesRefused.severity());
         assert!(Reason::NotAttempted.severity() < Reason::LockTimeout.severity());
         assert!(Reason::LockTimeout.severity() < Reason::SecretNotOwned.severity());
-        assert_eq!(Reason::severity_of("DumpFailed"), 5);
-        assert_eq!(Reason::severity_of("CronJobNotOwned"), 6);
+        assert_eq!(Reason::BackupFailed.severity(), 5);
+        assert_eq!(Reason::DeploymentNotOwned.severity(), 6);
     }
 }

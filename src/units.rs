@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// `10s`, `24h`, `1500ms`: the largest whole unit.
-pub fn duration(d: Duration) -> String {
+pub(crate) fn duration(d: Duration) -> String {
     let ms = d.as_millis();
     for (unit, n) in [
         ("d", 86_400_000),
@@ -20,7 +20,7 @@ pub fn duration(d: Duration) -> String {
 }
 
 /// `12 B`, `1.5 KiB`, `5.0 GiB`: powers of 1024, one decimal.
-pub fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;

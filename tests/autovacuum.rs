@@ -1,7 +1,7 @@
 //! The autovacuum area against real PostgreSQL through the CLI: apply from empty,
 //! idempotence, drift, removal from the spec, bad input.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use support::{cli, expect_code, policy, TestDb};
 

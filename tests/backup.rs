@@ -3,7 +3,7 @@
 //! directory store, and an S3-compatible store served by moto (`moto_server`, installed
 //! from PyPI by hack/install-deps.sh).
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

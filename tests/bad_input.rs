@@ -3,7 +3,7 @@
 //! hosts, wrong passwords, TLS required but absent. Each gets exit 1, an error naming what
 //! is wrong, an unchanged database, and no password in any output.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::sync::OnceLock;
 

@@ -2,7 +2,7 @@
 //! throwaway server (the policy changes server settings), the whole certquiz policy
 //! applied from empty, and a second plan empty.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use support::{cli, expect_code, PgServer, TestDb};
 

@@ -5,9 +5,9 @@
 //! accepted by a real kube-apiserver whose RBAC then grants the operator's ServiceAccount
 //! what it needs and nothing more (tests/e2e_operator.rs runs the operator under it).
 
-mod support;
-mod support_envtest;
-mod support_helm;
+use dbpolicy_test_support as support;
+use dbpolicy_test_support::envtest as support_envtest;
+use dbpolicy_test_support::helm as support_helm;
 
 use std::collections::BTreeSet;
 

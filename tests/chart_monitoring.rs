@@ -4,8 +4,7 @@
 //! `promtool test rules`; and every metric the rules and the dashboard query is one the
 //! operator exports, read from the exposition of the registry `/metrics` serves.
 
-mod support_envtest;
-mod support_helm;
+use dbpolicy_test_support::helm as support_helm;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! The CLI contract outside checks rely on: exit codes, `--output json`, several documents,
 //! `crd`, and errors that say what failed without leaking credentials.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use support::{cli, expect_code, policy, run_dbpolicy, write_policy, TestDb};
 

@@ -3,7 +3,7 @@
 //! the next apply, and simultaneous applies wait for each other instead of deadlocking.
 //! See docs/faults.md ("Crashes and concurrent runs").
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

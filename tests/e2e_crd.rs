@@ -7,7 +7,7 @@
 //! the field. The full kube-apiserver 1.20 has no CEL and no server-side field validation,
 //! so these checks need the newer CRD server; `e2e_operator.rs` uses the full one.
 
-mod support_envtest;
+use dbpolicy_test_support::envtest as support_envtest;
 
 use std::time::Duration;
 

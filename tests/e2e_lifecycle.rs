@@ -17,9 +17,9 @@
 //! The CronJob half of "never adopt" runs against the mocked API (1.20 serves no batch/v1
 //! CronJob): `controller::reconcile::tests::a_cronjob_of_another_owner_is_never_taken_over`.
 
-mod support;
-mod support_envtest;
-mod support_helm;
+use dbpolicy_test_support as support;
+use dbpolicy_test_support::envtest as support_envtest;
+use dbpolicy_test_support::helm as support_helm;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -14,9 +14,9 @@
 //! no server-side field validation (`e2e_crd.rs` covers those against the CRD server), and
 //! its server-side apply is beta: the operator writes status through it here.
 
-mod support;
-mod support_envtest;
-mod support_helm;
+use dbpolicy_test_support as support;
+use dbpolicy_test_support::envtest as support_envtest;
+use dbpolicy_test_support::helm as support_helm;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 //! subresource, `reconcile` sets the force-reconcile annotation and nothing else, and a
 //! missing policy is an error with exit status 1.
 
-mod support_envtest;
+use dbpolicy_test_support::envtest as support_envtest;
 
 use std::path::Path;
 use std::process::Output;

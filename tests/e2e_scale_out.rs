@@ -8,9 +8,9 @@
 //! process's `/metrics` (`dbpolicy_reconciles_total`, `dbpolicy_changes_applied_total`,
 //! `dbpolicy_leader`) and its log. Nothing sleeps: every wait polls with a deadline.
 
-mod support;
-mod support_envtest;
-mod support_helm;
+use dbpolicy_test_support as support;
+use dbpolicy_test_support::envtest as support_envtest;
+use dbpolicy_test_support::helm as support_helm;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

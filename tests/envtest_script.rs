@@ -2,7 +2,7 @@
 //! process behind, and the watchdog stops the servers when the watched process is gone (so
 //! a test run that is killed leaves nothing running).
 
-mod support_envtest;
+use dbpolicy_test_support::envtest as support_envtest;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

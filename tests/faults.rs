@@ -3,7 +3,7 @@
 //! policies pointing at one database. No sleeps: the tests wait for what PostgreSQL reports
 //! (`pg_stat_activity`) with `eventually`.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! created from empty, upserts, drift, deletion of flags removed from the spec, bad input,
 //! and the deterministic bucketing the roll-out relies on.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use support::{cli, expect_code, policy, TestDb};
 

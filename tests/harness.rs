@@ -1,7 +1,7 @@
 //! Self-test of the integration-test harness in `tests/support`: throwaway servers,
 //! standbys, per-test databases and the polling helper.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::time::Duration;
 

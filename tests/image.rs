@@ -47,7 +47,19 @@ fn dockerignore_keeps_what_the_build_needs() {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
-    assert_eq!(rules, ["*", "!Cargo.toml", "!Cargo.lock", "!src/"]);
+    assert_eq!(
+        rules,
+        [
+            "*",
+            "!Cargo.toml",
+            "!Cargo.lock",
+            "!src/",
+            "!tests/support/Cargo.toml"
+        ]
+    );
+    // The test harness's manifest is there because cargo reads it; the Dockerfile copies it.
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains("COPY tests/support/Cargo.toml ./tests/support/"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     assert!(
         !root.join("build.rs").exists(),

@@ -2,7 +2,7 @@
 //! comparison (no perpetual drift), repair of an invalid index left by a failed concurrent
 //! build, a failed replacement, builds interrupted by `kill -9`, drift, prune, bad input.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::process::Stdio;
 use std::time::Duration;

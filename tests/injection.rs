@@ -6,7 +6,7 @@
 //! (`COPY … TO PROGRAM`); neither `plan` nor `apply` may ever touch either, whatever the
 //! exit code.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! The materializedViews area and `dbpolicy refresh` against real PostgreSQL.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use support::{cli, expect_code, policy, run_dbpolicy, write_policy, TestDb};
 

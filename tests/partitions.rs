@@ -3,7 +3,7 @@
 //! default partition, detach vs drop, hand-made partitions, bad input, and the certquiz
 //! `audit_logs` example.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! keeping the window recoverable; and the same restore through an S3-compatible store
 //! served by moto (tests/support/moto.rs).
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -179,6 +179,44 @@ fn segment_files(store: &Path) -> Vec<String> {
     v
 }
 
+/// Commits t1, t2 and t3 into `t`, and returns the WAL file t2 is written to and a target
+/// time after t2's commit and before t3's (commit timestamps come from the same clock, and
+/// clock_timestamp() moves on between statements).
+async fn three_commits_around_a_target(conn: &mut PgConnection) -> (String, String) {
+    exec(conn, "INSERT INTO t VALUES (1)").await; // t1
+    let seg_t2: String = scalar(conn, "SELECT pg_walfile_name(pg_current_wal_lsn())").await;
+    exec(conn, "INSERT INTO t VALUES (2)").await; // t2
+    let target: String = scalar(
+        conn,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+    .await;
+    exec(conn, "SELECT pg_sleep(0.01)").await; // strictly after the target
+    exec(conn, "INSERT INTO t VALUES (3)").await; // t3
+    (seg_t2, target)
+}
+
+/// The ids in `t` of a restored server, once it has left recovery.
+async fn rows_once_recovered(restored: &PgServer) -> Vec<i32> {
+    eventually(WAIT, || {
+        let url = restored.admin_url();
+        async move {
+            let mut c = <PgConnection as sqlx::Connection>::connect(&url)
+                .await
+                .map_err(|e| e.to_string())?;
+            if scalar::<bool>(&mut c, "SELECT pg_is_in_recovery()").await {
+                return Err("still recovering".to_string());
+            }
+            Ok(scalar::<Vec<i32>>(
+                &mut c,
+                "SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM t",
+            )
+            .await)
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
     restore_binary_for_the_server_user();
@@ -229,18 +267,7 @@ async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
         base.stdout
     );
 
-    exec(&mut conn, "INSERT INTO t VALUES (1)").await; // t1
-    let seg_t2: String = scalar(&mut conn, "SELECT pg_walfile_name(pg_current_wal_lsn())").await;
-    exec(&mut conn, "INSERT INTO t VALUES (2)").await; // t2
-                                                       // The target: after t2's commit, before t3's (commit timestamps come from the same
-                                                       // clock, and clock_timestamp() moves on between statements).
-    let target: String = scalar(
-        &mut conn,
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    )
-    .await;
-    exec(&mut conn, "SELECT pg_sleep(0.01)").await; // strictly after the target
-    exec(&mut conn, "INSERT INTO t VALUES (3)").await; // t3
+    let (seg_t2, target) = three_commits_around_a_target(&mut conn).await;
     let last = switch(&mut conn).await;
     archived(store.path(), &last).await;
 
@@ -269,33 +296,13 @@ async fn restore_to_a_time_holds_exactly_the_rows_committed_before_it() {
     );
     assert!(to.join("recovery.signal").exists(), "{}", out.stdout);
     let restored = PgServer::adopt(&to);
-    let mut rconn = restored.connect().await;
-    eventually(WAIT, || {
-        let url = restored.admin_url();
-        async move {
-            let mut c = <PgConnection as sqlx::Connection>::connect(&url)
-                .await
-                .map_err(|e| e.to_string())?;
-            let recovering: bool = scalar(&mut c, "SELECT pg_is_in_recovery()").await;
-            if recovering {
-                Err("still recovering".to_string())
-            } else {
-                Ok(())
-            }
-        }
-    })
-    .await;
-    let ids: Vec<i32> = sqlx::query_scalar("SELECT id FROM t ORDER BY id")
-        .fetch_all(&mut rconn)
-        .await
-        .unwrap();
+    let ids = rows_once_recovered(&restored).await;
     assert_eq!(
         ids,
         [1, 2],
         "restored to {target}:\n{}",
         restored.log_tail(3000)
     );
-    drop(rconn);
     drop(restored);
 
     // verify --pitr reaches the same target.
@@ -600,16 +607,7 @@ async fn restore_to_a_time_through_an_s3_store() {
         out.stdout
     );
 
-    exec(&mut conn, "INSERT INTO t VALUES (1)").await; // t1
-    let seg_t2: String = scalar(&mut conn, "SELECT pg_walfile_name(pg_current_wal_lsn())").await;
-    exec(&mut conn, "INSERT INTO t VALUES (2)").await; // t2
-    let target: String = scalar(
-        &mut conn,
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    )
-    .await;
-    exec(&mut conn, "SELECT pg_sleep(0.01)").await; // strictly after the target
-    exec(&mut conn, "INSERT INTO t VALUES (3)").await; // t3
+    let (seg_t2, target) = three_commits_around_a_target(&mut conn).await;
     let last = switch(&mut conn).await;
     // Archived once the bucket lists it (segment names of one timeline sort in order).
     let window = eventually(WAIT, || async {
@@ -650,19 +648,7 @@ async fn restore_to_a_time_through_an_s3_store() {
         out.stdout
     );
     let restored = PgServer::adopt(&to);
-    let ids: Vec<i32> = eventually(WAIT, || {
-        let url = restored.admin_url();
-        async move {
-            let mut c = <PgConnection as sqlx::Connection>::connect(&url)
-                .await
-                .map_err(|e| e.to_string())?;
-            if scalar::<bool>(&mut c, "SELECT pg_is_in_recovery()").await {
-                return Err("still recovering".to_string());
-            }
-            Ok(scalar::<Vec<i32>>(&mut c, "SELECT array_agg(id ORDER BY id) FROM t").await)
-        }
-    })
-    .await;
+    let ids = rows_once_recovered(&restored).await;
     assert_eq!(
         ids,
         [1, 2],

@@ -4,7 +4,7 @@
 //! created is named when it stays (Retain) and dropped on Reset. Slots are server-wide:
 //! that test starts its own server.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use support::{
     cli, expect_code, policy, run_dbpolicy, write_policy, PgServer, PgServerOptions, TestDb,

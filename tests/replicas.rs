@@ -4,7 +4,7 @@
 //! warning and the read endpoint following health. Every test starts its own primary:
 //! slots and replication are server-wide.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! nothing, expressions PostgreSQL rewrites, timeouts, rows actually isolated for a
 //! non-superuser, and the certquiz example.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use sqlx::{Connection, Row};
 use support::{cli, expect_code, policy, RunOutput, TestDb};

@@ -2,7 +2,7 @@
 //! PostgreSQL: a no-op drift check builds no twin, alike tables are normalised once, Plan
 //! mode writes nothing, and a stale or tampered cache never hides drift.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use dbpolicy::api::{DatabasePolicySpec, Mode};
 use dbpolicy::engine::{self, PolicyId};

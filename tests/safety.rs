@@ -1,7 +1,7 @@
 //! Safety of the executor against real PostgreSQL: every statement under lock_timeout, and
 //! the per-database advisory lock that keeps concurrent runs from interleaving.
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::time::{Duration, Instant};
 
@@ -223,7 +223,7 @@ async fn a_concurrent_index_build_runs_under_its_own_timeout_not_the_policys() {
     expect_code(&plan, 2);
     assert!(
         plan.stdout.contains(
-            "(lock SHARE UPDATE EXCLUSIVE, timeout safety.indexBuildTimeout)\nCREATE INDEX CONCURRENTLY"
+            "(lock SHARE UPDATE EXCLUSIVE, long-operation timeout safety.indexBuildTimeout)\nCREATE INDEX CONCURRENTLY"
         ),
         "{}",
         plan.stdout
@@ -274,7 +274,7 @@ async fn the_policys_statement_timeout_applies_again_after_an_own_timeout() {
         .unwrap();
     let timeouts = Timeouts {
         statement_ms: 1000,
-        index_build_ms: 600_000,
+        long_operation_ms: 600_000,
     };
     let build = |name: &str| {
         Change::new(
@@ -285,7 +285,7 @@ async fn the_policys_statement_timeout_applies_again_after_an_own_timeout() {
         )
         .autonomous()
         .lock(LockLevel::ShareUpdateExclusive)
-        .own_timeout(OwnTimeout::IndexBuild)
+        .own_timeout(OwnTimeout::LongOperation)
     };
     // After the build, a statement of 1.5 s at least: the policy's 1s cancels it.
     let next = Change::new(
@@ -316,13 +316,224 @@ async fn the_policys_statement_timeout_applies_again_after_an_own_timeout() {
     area.changes = vec![build("cancelled")];
     let short = Timeouts {
         statement_ms: 1000,
-        index_build_ms: 200,
+        long_operation_ms: 200,
     };
     let report = execute(&mut conn, &Plan { areas: vec![area] }, false, "p", &short).await;
     assert_eq!(
         report.failure.map(|f| f.reason),
         Some(Reason::StatementTimeout)
     );
+    let now: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(now, "1s");
+}
+
+/// Daily partitions of `hist` from 2024-02-27, no default partition (with one, PostgreSQL
+/// refuses CONCURRENTLY); with `retention: 2d` at [`DETACH_NOW`], 02-27 is detached.
+fn detach_policy(safety: &str, retention: &str) -> String {
+    policy(
+        "slowdetach",
+        &format!(
+            "  safety: {{{safety}}}\n  partitions:\n    tables:\n      - {{table: hist, interval: Daily, premake: 1, startDate: '2024-02-27', defaultPartition: false{retention}}}\n"
+        ),
+    )
+}
+
+const DETACH_NOW: &str = "2024-03-01T00:00:00Z";
+
+/// `dbpolicy <verb>` at [`DETACH_NOW`], without blocking the runtime (a reader runs beside).
+async fn at_detach_now(verb: &str, url: &str, yaml: &str) -> support::RunOutput {
+    let file = write_policy(yaml);
+    let mut cmd = tokio::process::Command::from(support::dbpolicy_cmd());
+    cmd.arg(verb)
+        .arg("-f")
+        .arg(file.path())
+        .env("DATABASE_URL", url)
+        .env("DBPOLICY_NOW", DETACH_NOW)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("dbpolicy finishes")
+        .expect("run dbpolicy");
+    support::RunOutput {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_concurrent_detach_runs_under_the_long_operation_timeout_not_the_policys() {
+    let db = TestDb::new().await;
+    db.exec("CREATE TABLE hist (at timestamptz NOT NULL) PARTITION BY RANGE (at)")
+        .await;
+    let create = at_detach_now("apply", db.url(), &detach_policy("", "")).await;
+    expect_code(&create, 0);
+
+    let p = detach_policy("lockTimeout: 30s, statementTimeout: 1s", ", retention: 2d");
+    let plan = at_detach_now("plan", db.url(), &p).await;
+    expect_code(&plan, 2);
+    assert!(
+        plan.stdout.contains(
+            "(lock ACCESS EXCLUSIVE, long-operation timeout safety.indexBuildTimeout)\nALTER TABLE \"public\".\"hist\" DETACH PARTITION \"public\".\"hist_2024_02_27\" CONCURRENTLY"
+        ),
+        "{}",
+        plan.stdout
+    );
+
+    // A reader of the table for 2 s at least: the detach waits for it, longer than the
+    // policy's 1s statementTimeout, and succeeds under the default indexBuildTimeout (20m).
+    let mut reader = db.connect().await;
+    let reading = async {
+        sqlx::query("SELECT count(*) FROM hist, pg_sleep(2)")
+            .execute(&mut reader)
+            .await
+            .map(drop)
+    };
+    let applying = async {
+        eventually(Duration::from_secs(30), || async {
+            let held = db
+                .query_scalar::<i64>(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                     WHERE c.relname = 'hist_2024_02_27' AND l.granted AND l.pid <> pg_backend_pid()",
+                )
+                .await;
+            if held > 0 {
+                Ok(())
+            } else {
+                Err("the reader holds no lock on the partition yet")
+            }
+        })
+        .await;
+        at_detach_now("apply", db.url(), &p).await
+    };
+    let (read, out) = tokio::join!(reading, applying);
+    expect_code(&out, 0);
+    read.expect("the reader is not disturbed");
+    let attached = db
+        .query_scalar::<i64>(
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'hist_2024_02_27'::regclass",
+        )
+        .await;
+    assert_eq!(attached, 0, "detached, and kept as a table");
+    expect_code(&at_detach_now("plan", db.url(), &p).await, 0);
+}
+
+/// A materialized view whose query takes 1.5 s at least.
+fn slow_view_policy(safety: &str) -> String {
+    policy(
+        "slowview",
+        &format!(
+            "  safety: {{{safety}}}\n  materializedViews:\n    views: [{{name: slow_view, definition: 'SELECT 1 AS one FROM pg_sleep(1.5)'}}]\n"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_new_views_first_fill_runs_under_the_long_operation_timeout_not_the_policys() {
+    let db = TestDb::new().await;
+    let p = slow_view_policy("statementTimeout: 1s");
+    let plan = cli("plan", db.url(), &p);
+    expect_code(&plan, 2);
+    assert!(
+        plan.stdout.contains(
+            "(lock ACCESS SHARE, long-operation timeout safety.indexBuildTimeout)\nCREATE MATERIALIZED VIEW"
+        ),
+        "{}",
+        plan.stdout
+    );
+
+    // Cut off by a long-operation timeout shorter than the query, whatever the policy's
+    // statementTimeout says; the view's transaction is rolled back.
+    let short = slow_view_policy("statementTimeout: 60s, indexBuildTimeout: 500ms");
+    let out = cli("apply", db.url(), &short);
+    expect_code(&out, 1);
+    assert!(
+        out.stdout.contains("StatementTimeout") && out.stdout.contains("57014"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("statement: CREATE MATERIALIZED VIEW"),
+        "{}",
+        out.stdout
+    );
+    let views = db
+        .query_scalar::<i64>("SELECT count(*) FROM pg_matviews WHERE matviewname = 'slow_view'")
+        .await;
+    assert_eq!(views, 0);
+
+    // Longer than the policy's 1s, under the default indexBuildTimeout (20m): filled.
+    expect_code(&cli("apply", db.url(), &p), 0);
+    let populated = db
+        .query_scalar::<bool>("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'slow_view'")
+        .await;
+    assert!(populated);
+    expect_code(&cli("plan", db.url(), &p), 0);
+}
+
+#[tokio::test]
+async fn an_own_timeout_inside_a_transaction_is_set_back_for_the_rest_of_it() {
+    use dbpolicy::engine::apply::{execute, Timeouts};
+    use dbpolicy::engine::plan::{Area, AreaPlan, Change, LockLevel, OwnTimeout, Plan};
+    use dbpolicy::reason::Reason;
+
+    let db = TestDb::new().await;
+    let mut conn = db.connect().await;
+    // The session as the engine sets it up: the policy's timeout, 1s.
+    sqlx::raw_sql("SET statement_timeout = 1000")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let timeouts = Timeouts {
+        statement_ms: 1000,
+        long_operation_ms: 600_000,
+    };
+    // Transactional, as a new view's fill: SET LOCAL around it.
+    let fill = Change::new(
+        Area::MaterializedViews,
+        "public.v",
+        "fill",
+        "CREATE MATERIALIZED VIEW v AS SELECT 1 AS one FROM pg_sleep(1.5)",
+    )
+    .lock(LockLevel::AccessShare)
+    .own_timeout(OwnTimeout::LongOperation);
+    // In the same transaction after it, a statement of 1.5 s: the policy's 1s cancels it.
+    let next = Change::new(
+        Area::MaterializedViews,
+        "public.v",
+        "slow statement",
+        "SELECT pg_sleep(1.5)",
+    );
+    let mut area = AreaPlan::new(Area::MaterializedViews);
+    area.changes = vec![fill.clone(), next];
+    let report = execute(
+        &mut conn,
+        &Plan { areas: vec![area] },
+        false,
+        "p",
+        &timeouts,
+    )
+    .await;
+    let failure = report.failure.expect("the slow statement is cancelled");
+    assert_eq!(failure.reason, Reason::StatementTimeout, "{failure:?}");
+    assert_eq!(failure.statement, "SELECT pg_sleep(1.5)");
+    assert!(report.applied.is_empty(), "one transaction, rolled back");
+
+    // Alone, the fill commits; the session is at the policy's timeout after it.
+    let mut area = AreaPlan::new(Area::MaterializedViews);
+    area.changes = vec![fill];
+    let report = execute(
+        &mut conn,
+        &Plan { areas: vec![area] },
+        false,
+        "p",
+        &timeouts,
+    )
+    .await;
+    assert!(report.succeeded(), "{report:?}");
     let now: String = sqlx::query_scalar("SHOW statement_timeout")
         .fetch_one(&mut conn)
         .await

@@ -3,7 +3,7 @@
 //! claims in `dbpolicy.server_claims` of the `postgres` database. Each test starts its own
 //! throwaway server (ALTER SYSTEM and slots change the whole server).
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::time::Duration;
 

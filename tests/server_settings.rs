@@ -1,7 +1,7 @@
 //! The serverSettings area against a throwaway PostgreSQL server (ALTER SYSTEM changes the
 //! whole server, so these tests never touch the shared one).
 
-mod support;
+use dbpolicy_test_support as support;
 
 use std::time::Duration;
 

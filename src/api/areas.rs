@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::pg::QualifiedName;
 
-pub const DEFAULT_SCHEMA: &str = "public";
+pub(crate) const DEFAULT_SCHEMA: &str = "public";
 
 /// Implemented by every item that names a table (`schema` defaults to `public`).
-pub trait TableTarget {
+pub(crate) trait TableTarget {
     fn schema(&self) -> Option<&str>;
     fn table(&self) -> &str;
     fn qualified(&self) -> QualifiedName {
@@ -405,7 +405,7 @@ pub struct PointInTimeRecovery {
 impl BackupsSpec {
     /// The point-in-time recovery section when it asks for the receiver and base backups
     /// to run (present and not `enabled: false`).
-    pub fn pitr(&self) -> Option<&PointInTimeRecovery> {
+    pub(crate) fn pitr(&self) -> Option<&PointInTimeRecovery> {
         self.point_in_time_recovery
             .as_ref()
             .filter(|p| p.enabled.unwrap_or(true))
@@ -413,28 +413,28 @@ impl BackupsSpec {
 }
 
 impl PointInTimeRecovery {
-    pub const DEFAULT_SLOT: &'static str = "dbpolicy_pitr";
-    pub const DEFAULT_CLUSTER: &'static str = "main";
-    pub const DEFAULT_SPOOL_SIZE: &'static str = "1Gi";
-    pub const DEFAULT_MAX_ARCHIVE_LAG_BYTES: u64 = 64 * 1024 * 1024;
-    pub const DEFAULT_MAX_SLOT_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
+    pub(crate) const DEFAULT_SLOT: &'static str = "dbpolicy_pitr";
+    pub(crate) const DEFAULT_CLUSTER: &'static str = "main";
+    pub(crate) const DEFAULT_SPOOL_SIZE: &'static str = "1Gi";
+    pub(crate) const DEFAULT_MAX_ARCHIVE_LAG_BYTES: u64 = 64 * 1024 * 1024;
+    pub(crate) const DEFAULT_MAX_SLOT_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
-    pub fn slot(&self) -> &str {
+    pub(crate) fn slot(&self) -> &str {
         self.slot.as_deref().unwrap_or(Self::DEFAULT_SLOT)
     }
-    pub fn cluster(&self) -> &str {
+    pub(crate) fn cluster(&self) -> &str {
         self.cluster.as_deref().unwrap_or(Self::DEFAULT_CLUSTER)
     }
-    pub fn spool_size(&self) -> &str {
+    pub(crate) fn spool_size(&self) -> &str {
         self.spool_size
             .as_deref()
             .unwrap_or(Self::DEFAULT_SPOOL_SIZE)
     }
-    pub fn max_archive_lag_bytes(&self) -> u64 {
+    pub(crate) fn max_archive_lag_bytes(&self) -> u64 {
         self.max_archive_lag_bytes
             .unwrap_or(Self::DEFAULT_MAX_ARCHIVE_LAG_BYTES)
     }
-    pub fn max_slot_retained_bytes(&self) -> u64 {
+    pub(crate) fn max_slot_retained_bytes(&self) -> u64 {
         self.max_slot_retained_bytes
             .unwrap_or(Self::DEFAULT_MAX_SLOT_RETAINED_BYTES)
     }

@@ -15,15 +15,15 @@ pub use validate::{validate_spec, ValidationError};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-pub const API_GROUP: &str = "dbpolicy.dev";
-pub const API_VERSION: &str = "v1alpha1";
-pub const DEFAULT_SECRET_KEY: &str = "uri";
-pub const DEFAULT_LOCK_TIMEOUT: &str = "5s";
-pub const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
+pub(crate) const API_GROUP: &str = "dbpolicy.dev";
+pub(crate) const API_VERSION: &str = "v1alpha1";
+pub(crate) const DEFAULT_SECRET_KEY: &str = "uri";
+pub(crate) const DEFAULT_LOCK_TIMEOUT: &str = "5s";
+pub(crate) const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
 /// The statement timeout of a concurrent index build or drop: as stripe/pg-schema-diff,
 /// 20 minutes; such a statement blocks no reads or writes while it runs.
-pub const DEFAULT_INDEX_BUILD_TIMEOUT: &str = "20m";
-pub const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "5m";
+pub(crate) const DEFAULT_INDEX_BUILD_TIMEOUT: &str = "20m";
+pub(crate) const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "5m";
 /// Bounds of `spec.driftCheckInterval`, checked by the CRD's CEL rule and `validate_spec`.
 pub const MIN_DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 pub const MAX_DRIFT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(86_400);
@@ -127,7 +127,7 @@ pub struct SecretKeyRef {
 }
 
 impl SecretKeyRef {
-    pub fn effective_key(&self) -> &str {
+    pub(crate) fn effective_key(&self) -> &str {
         self.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY)
     }
 }
@@ -166,10 +166,11 @@ pub struct Safety {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 30s, 5m or 1h"))]
     pub statement_timeout: Option<String>,
-    /// `statement_timeout` of `CREATE INDEX CONCURRENTLY` and `DROP INDEX CONCURRENTLY`
-    /// instead of `statementTimeout` (default 20m; `0s` for none). They take SHARE UPDATE
-    /// EXCLUSIVE, blocking no reads or writes, but wait for every older transaction and
-    /// scan the table: long by nature.
+    /// The long-operation timeout: `statement_timeout` of `CREATE INDEX CONCURRENTLY`,
+    /// `DROP INDEX CONCURRENTLY`, `DETACH PARTITION … CONCURRENTLY` and the first fill of a
+    /// new materialized view instead of `statementTimeout` (default 20m; `0s` for none).
+    /// Long by nature, they block no reads or writes: the concurrent ones wait for every
+    /// older transaction, and nobody can read a new view before it is filled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(ms|s|m|min|h|d)$')").message("must be a duration such as 20m, 2h or 0s (no limit)"))]
@@ -181,13 +182,13 @@ pub struct Safety {
 }
 
 impl DatabasePolicySpec {
-    pub fn effective_mode(&self) -> Mode {
+    pub(crate) fn effective_mode(&self) -> Mode {
         self.mode.unwrap_or_default()
     }
     /// The names of every Secret (in the policy's namespace) the policy reads: the
     /// primary's, each replica's and the S3 credentials. A change to any of them must
     /// re-trigger the policy.
-    pub fn referenced_secrets(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn referenced_secrets(&self) -> impl Iterator<Item = &str> {
         let primary = std::iter::once(self.database.connection_secret_ref.name.as_str());
         let replicas = self
             .replicas
@@ -201,37 +202,37 @@ impl DatabasePolicySpec {
             .map(|s| s.credentials_secret_ref.name.as_str());
         primary.chain(replicas).chain(s3)
     }
-    pub fn effective_deletion_policy(&self) -> DeletionPolicy {
+    pub(crate) fn effective_deletion_policy(&self) -> DeletionPolicy {
         self.deletion_policy.unwrap_or_default()
     }
-    pub fn is_suspended(&self) -> bool {
+    pub(crate) fn is_suspended(&self) -> bool {
         self.suspend.unwrap_or(false)
     }
-    pub fn allow_destructive(&self) -> bool {
+    pub(crate) fn allow_destructive(&self) -> bool {
         self.safety
             .as_ref()
             .and_then(|s| s.allow_destructive)
             .unwrap_or(false)
     }
-    pub fn lock_timeout(&self) -> &str {
+    pub(crate) fn lock_timeout(&self) -> &str {
         self.safety
             .as_ref()
             .and_then(|s| s.lock_timeout.as_deref())
             .unwrap_or(DEFAULT_LOCK_TIMEOUT)
     }
-    pub fn statement_timeout(&self) -> &str {
+    pub(crate) fn statement_timeout(&self) -> &str {
         self.safety
             .as_ref()
             .and_then(|s| s.statement_timeout.as_deref())
             .unwrap_or(DEFAULT_STATEMENT_TIMEOUT)
     }
-    pub fn index_build_timeout(&self) -> &str {
+    pub(crate) fn index_build_timeout(&self) -> &str {
         self.safety
             .as_ref()
             .and_then(|s| s.index_build_timeout.as_deref())
             .unwrap_or(DEFAULT_INDEX_BUILD_TIMEOUT)
     }
-    pub fn drift_check_interval(&self) -> &str {
+    pub(crate) fn drift_check_interval(&self) -> &str {
         self.drift_check_interval
             .as_deref()
             .unwrap_or(DEFAULT_DRIFT_CHECK_INTERVAL)

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::Mode;
 
 /// Most pending changes listed in status; the counts always cover all of them.
-pub const MAX_PENDING_IN_STATUS: usize = 50;
+pub(crate) const MAX_PENDING_IN_STATUS: usize = 50;
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

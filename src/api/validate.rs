@@ -359,7 +359,7 @@ fn relation_names_shared(spec: &DatabasePolicySpec, errors: &mut Vec<ValidationE
 /// `driftCheckInterval` between 10s and 24h (the CRD's CEL rule says the same): a drift
 /// check every few milliseconds would keep PostgreSQL busy, one beyond a day is no check.
 /// Values that do not parse are reported by `validate_spec` already.
-pub fn duration_bounds(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
+pub(crate) fn duration_bounds(spec: &DatabasePolicySpec) -> Vec<ValidationError> {
     use crate::duration::parse_bounded;
     let mut errors = Vec::new();
     if let Some(v) = spec.drift_check_interval.as_deref() {

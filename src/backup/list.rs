@@ -14,7 +14,7 @@ use crate::units;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Backup {
+pub(crate) struct Backup {
     /// The database's directory in the store.
     pub database_dir: String,
     pub id: String,
@@ -34,15 +34,11 @@ pub struct Backup {
 }
 
 impl Backup {
-    pub fn dump_file(&self) -> String {
+    pub(crate) fn dump_file(&self) -> String {
         format!("{}{DUMP_SUFFIX}", self.id)
     }
 
-    pub fn manifest_file(&self) -> String {
-        format!("{}{MANIFEST_SUFFIX}", self.id)
-    }
-
-    pub fn verify_file(&self) -> String {
+    pub(crate) fn verify_file(&self) -> String {
         format!("{}{VERIFY_SUFFIX}", self.id)
     }
 }
@@ -51,7 +47,7 @@ impl Backup {
 /// a prune killed after deleting the manifest), or a verification record left alone.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Leftover {
+pub(crate) struct Leftover {
     pub database_dir: String,
     pub file: String,
     pub size: u64,
@@ -61,7 +57,7 @@ pub struct Leftover {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Unreadable {
+pub(crate) struct Unreadable {
     pub database_dir: String,
     pub file: String,
     pub reason: String,
@@ -69,7 +65,7 @@ pub struct Unreadable {
 
 #[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Listing {
+pub(crate) struct Listing {
     /// Oldest first, per database.
     pub backups: Vec<Backup>,
     pub leftovers: Vec<Leftover>,
@@ -79,14 +75,14 @@ pub struct Listing {
 impl Listing {
     /// The newest backup of a database (by id, i.e. start time), whatever its state:
     /// `verify` must fail on a damaged newest backup, not quietly check an older one.
-    pub fn newest(&self, database_dir: &str) -> Option<&Backup> {
+    pub(crate) fn newest(&self, database_dir: &str) -> Option<&Backup> {
         self.backups
             .iter()
             .filter(|b| b.database_dir == database_dir)
             .max_by(|a, b| a.id.cmp(&b.id))
     }
 
-    pub fn find(&self, database_dir: &str, id: &str) -> Option<&Backup> {
+    pub(crate) fn find(&self, database_dir: &str, id: &str) -> Option<&Backup> {
         let id = id
             .trim_end_matches(DUMP_SUFFIX)
             .trim_end_matches(MANIFEST_SUFFIX)
@@ -106,7 +102,7 @@ fn dump_object(e: &Entry) -> DumpObject {
 }
 
 /// Reads the store: one listing, then one read per manifest and verification record.
-pub async fn scan(store: &Store, database: Option<&str>) -> Result<Listing, BackupError> {
+pub(crate) async fn scan(store: &Store, database: Option<&str>) -> Result<Listing, BackupError> {
     let dir = database.map(Store::database_dir);
     let entries = store.list(dir.as_deref()).await?;
     let mut listing = Listing::default();
@@ -125,11 +121,11 @@ pub async fn scan(store: &Store, database: Option<&str>) -> Result<Listing, Back
             let bytes = store.get(&e.database, &e.file).await?;
             let manifest = match Manifest::from_json(&bytes) {
                 Ok(m) => m,
-                Err(reason) => {
+                Err(why) => {
                     listing.unreadable.push(Unreadable {
                         database_dir: e.database.clone(),
                         file: e.file.clone(),
-                        reason,
+                        reason: why.to_string(),
                     });
                     continue;
                 }
@@ -179,7 +175,7 @@ pub async fn scan(store: &Store, database: Option<&str>) -> Result<Listing, Back
 /// The listing as a table for people: one row per backup with its state and when it was
 /// last checked, then a `#` line for each backup that is not known good, each leftover
 /// and each unreadable manifest.
-pub fn render_text(listing: &Listing) -> String {
+pub(crate) fn render_text(listing: &Listing) -> String {
     let mut rows = vec![[
         "DATABASE".to_string(),
         "BACKUP".into(),

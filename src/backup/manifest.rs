@@ -6,11 +6,52 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Version of the manifest format this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_VERSION: u32 = 1;
+
+/// Why a JSON record of the store (a manifest, a verification record) cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// Written by another (newer) dbpolicy: `field` is the record's version field.
+    #[error("{field} {} is not supported (this dbpolicy reads {supported})", found.map_or("missing".to_string(), |v| v.to_string()))]
+    Version {
+        field: &'static str,
+        found: Option<u64>,
+        supported: u32,
+    },
+    #[error("{path}: {source}")]
+    Field {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads a record of version `supported` (in its field `field`) from `bytes`.
+pub(crate) fn read_record<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    field: &'static str,
+    supported: u32,
+) -> Result<T, RecordError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(RecordError::NotJson)?;
+    let found = value.get(field).and_then(|v| v.as_u64());
+    if found != Some(u64::from(supported)) {
+        return Err(RecordError::Version {
+            field,
+            found,
+            supported,
+        });
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| RecordError::Field {
+        path: e.path().to_string(),
+        source: e.into_inner(),
+    })
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub manifest_version: u32,
     /// Backup id: the UTC start time, `20261125T030000.123Z`.
     pub id: String,
@@ -37,49 +78,40 @@ pub struct Manifest {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct TableRows {
+pub(crate) struct TableRows {
     pub schema: String,
     pub table: String,
     pub rows: i64,
 }
 
 impl Manifest {
-    pub fn to_json(&self) -> Vec<u8> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serialises");
         out.push(b'\n');
         out
     }
 
-    pub fn from_json(bytes: &[u8]) -> Result<Manifest, String> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-        let version = value.get("manifestVersion").and_then(|v| v.as_u64());
-        if version != Some(u64::from(MANIFEST_VERSION)) {
-            return Err(format!(
-                "manifestVersion {} is not supported (this dbpolicy reads {MANIFEST_VERSION})",
-                version.map_or("missing".to_string(), |v| v.to_string())
-            ));
-        }
-        serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<Manifest, RecordError> {
+        read_record(bytes, "manifestVersion", MANIFEST_VERSION)
     }
 
-    pub fn total_rows(&self) -> i64 {
+    pub(crate) fn total_rows(&self) -> i64 {
         self.tables.iter().map(|t| t.rows).sum()
     }
 }
 
 /// File names of a backup: `<id>.dump` and `<id>.manifest.json`.
-pub const DUMP_SUFFIX: &str = ".dump";
-pub const MANIFEST_SUFFIX: &str = ".manifest.json";
+pub(crate) const DUMP_SUFFIX: &str = ".dump";
+pub(crate) const MANIFEST_SUFFIX: &str = ".manifest.json";
 
 /// Backup id of a start time; ids sort in time order.
-pub fn backup_id(started: DateTime<Utc>) -> String {
+pub(crate) fn backup_id(started: DateTime<Utc>) -> String {
     started.format("%Y%m%dT%H%M%S%.3fZ").to_string()
 }
 
 /// Differences between the tables of a manifest and those of a restore, as sentences;
 /// empty when they match.
-pub fn compare_tables(expected: &[TableRows], actual: &[TableRows]) -> Vec<String> {
+pub(crate) fn compare_tables(expected: &[TableRows], actual: &[TableRows]) -> Vec<String> {
     let mut problems = Vec::new();
     for e in expected {
         match actual
@@ -160,12 +192,13 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
         v["manifestVersion"] = 2.into();
         let e = Manifest::from_json(v.to_string().as_bytes()).unwrap_err();
-        assert!(e.contains("manifestVersion 2"), "{e}");
+        assert!(e.to_string().contains("manifestVersion 2"), "{e}");
         assert!(Manifest::from_json(b"{").is_err());
         v["manifestVersion"] = 1.into();
         v["sizeBytes"] = "big".into();
         assert!(Manifest::from_json(v.to_string().as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("sizeBytes"));
     }
 

@@ -3,20 +3,21 @@
 //! an S3-compatible bucket ([`store`]), each committed by a manifest written last
 //! ([`manifest`]), proven by a restore into a scratch database ([`verify`]) whose
 //! conclusion is recorded beside it ([`state`]), and pruned by retention rules that count
-//! only backups known good ([`prune`]).
+//! only backups known good ([`prune`]). Point-in-time recovery (`backup wal-receive | base
+//! | wal-fetch`, `dbpolicy restore`) is [`pitr`].
 //!
 //! Exit status: 0 when everything asked for succeeded, 1 otherwise; errors on stderr name
 //! the step that failed.
 
-pub mod list;
-pub mod manifest;
+pub(crate) mod list;
+pub(crate) mod manifest;
 pub mod pitr;
-pub mod prune;
-pub mod run;
-pub mod state;
-pub mod store;
-pub mod tools;
-pub mod verify;
+pub(crate) mod prune;
+pub(crate) mod run;
+pub(crate) mod state;
+pub(crate) mod store;
+pub(crate) mod tools;
+pub(crate) mod verify;
 
 use std::path::PathBuf;
 
@@ -28,10 +29,10 @@ use self::store::{S3Config, Store, StoreConfig, StoreError};
 use crate::units;
 
 /// Environment variables the CronJob sets instead of flags (flags win).
-pub const ENV_DIR: &str = "DBPOLICY_BACKUP_DIR";
-pub const ENV_S3_BUCKET: &str = "DBPOLICY_BACKUP_S3_BUCKET";
-pub const ENV_S3_ENDPOINT: &str = "DBPOLICY_BACKUP_S3_ENDPOINT";
-pub const ENV_S3_REGION: &str = "DBPOLICY_BACKUP_S3_REGION";
+pub(crate) const ENV_DIR: &str = "DBPOLICY_BACKUP_DIR";
+pub(crate) const ENV_S3_BUCKET: &str = "DBPOLICY_BACKUP_S3_BUCKET";
+pub(crate) const ENV_S3_ENDPOINT: &str = "DBPOLICY_BACKUP_S3_ENDPOINT";
+pub(crate) const ENV_S3_REGION: &str = "DBPOLICY_BACKUP_S3_REGION";
 pub const ENV_S3_PREFIX: &str = "DBPOLICY_BACKUP_S3_PREFIX";
 
 #[derive(Args, Debug)]
@@ -132,8 +133,32 @@ pub struct StoreArgs {
     pub s3_prefix: Option<String>,
 }
 
+/// Arguments of a `dbpolicy backup` command that cannot work, alone or together; each
+/// message says which flag to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ArgsError {
+    #[error("pass either --dir or --s3-bucket, not both")]
+    TwoStores,
+    #[error(
+        "no backup store: pass --dir PATH or --s3-bucket NAME (or set {ENV_DIR} / {ENV_S3_BUCKET})"
+    )]
+    NoStore,
+    #[error("no retention rule: pass --retention-days, --retention-count or both")]
+    NoRetention,
+    #[error("--retention-days must be at least 1")]
+    ZeroRetentionDays,
+    #[error("--retention-count must be at least 1")]
+    ZeroRetentionCount,
+    #[error("slot name {0:?}: use 1-63 lower-case letters, digits and underscores")]
+    SlotName(String),
+    #[error("{0:?}: use 1-63 letters, digits, '-' and '_'")]
+    ClusterName(String),
+    #[error(transparent)]
+    Url(#[from] tools::UrlError),
+}
+
 impl StoreArgs {
-    pub fn config(&self) -> Result<StoreConfig, String> {
+    pub(crate) fn config(&self) -> Result<StoreConfig, ArgsError> {
         match (&self.dir, &self.s3_bucket) {
             (Some(dir), None) => Ok(StoreConfig::Dir(dir.clone())),
             (None, Some(bucket)) => Ok(StoreConfig::S3(S3Config {
@@ -142,10 +167,8 @@ impl StoreArgs {
                 region: self.s3_region.clone().filter(|s| !s.is_empty()),
                 prefix: self.s3_prefix.clone().filter(|s| !s.is_empty()),
             })),
-            (Some(_), Some(_)) => Err("pass either --dir or --s3-bucket, not both".into()),
-            (None, None) => Err(format!(
-                "no backup store: pass --dir PATH or --s3-bucket NAME (or set {ENV_DIR} / {ENV_S3_BUCKET})"
-            )),
+            (Some(_), Some(_)) => Err(ArgsError::TwoStores),
+            (None, None) => Err(ArgsError::NoStore),
         }
     }
 }
@@ -286,15 +309,19 @@ pub struct PruneArgs {
 
 /// One variant per step; the message names what failed and, where it helps, what to do.
 #[derive(Debug, thiserror::Error)]
-pub enum BackupError {
+pub(crate) enum BackupError {
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Args(#[from] ArgsError),
     #[error("connect: {0}")]
     Connect(#[from] crate::pg::ConnectError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Tool(String),
+    #[error(transparent)]
+    FindTool(#[from] tools::ToolError),
     #[error("source database: {0}")]
     Source(String),
     #[error("pg_dump failed ({status}); nothing was stored:\n{stderr}")]
@@ -322,12 +349,12 @@ pub enum BackupError {
 
 impl BackupError {
     /// CamelCase reason, for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
-            BackupError::Usage(_) => "InvalidArguments",
+            BackupError::Usage(_) | BackupError::Args(_) => "InvalidArguments",
             BackupError::Connect(e) => e.reason().as_str(),
             BackupError::Store(_) => "StoreFailed",
-            BackupError::Tool(_) => "ToolFailed",
+            BackupError::Tool(_) | BackupError::FindTool(_) => "ToolFailed",
             BackupError::Source(_) => "SourceReadFailed",
             BackupError::PgDump { .. } => "DumpFailed",
             BackupError::Upload { .. } => "UploadFailed",
@@ -343,7 +370,7 @@ impl BackupError {
 }
 
 /// Runs a `dbpolicy backup` command; the exit status.
-pub async fn run(args: BackupArgs) -> u8 {
+pub(crate) async fn run(args: BackupArgs) -> u8 {
     let (what, result) = match args.command {
         BackupCommand::Run(a) => ("backup run", cmd_run(a).await),
         BackupCommand::List(a) => ("backup list", cmd_list(a).await),
@@ -363,7 +390,7 @@ pub async fn run(args: BackupArgs) -> u8 {
 }
 
 fn open(store: &StoreArgs, create: bool) -> Result<Store, BackupError> {
-    let config = store.config().map_err(BackupError::Usage)?;
+    let config = store.config()?;
     Ok(Store::open(&config, create)?)
 }
 
@@ -386,7 +413,7 @@ fn termination_log() -> Option<PathBuf> {
 }
 
 /// The termination message: one small JSON object.
-pub fn termination_message(
+pub(crate) fn termination_message(
     stored: Option<&manifest::Manifest>,
     error: Option<&BackupError>,
 ) -> String {
@@ -434,7 +461,7 @@ async fn run_steps(a: RunArgs, stored: &mut Option<manifest::Manifest>) -> Resul
     }
     let retention = a.retention.retention();
     if retention.is_set() {
-        retention.validate().map_err(BackupError::Usage)?;
+        retention.validate()?;
     }
     let url = need_url(a.database_url)?;
     let store = open(&a.store, true)?;

@@ -28,30 +28,28 @@ use super::list::{self, Listing};
 use super::manifest::{DUMP_SUFFIX, MANIFEST_SUFFIX};
 use super::state::{State, VERIFY_SUFFIX};
 use super::store::Store;
-use super::BackupError;
+use super::{ArgsError, BackupError};
 
 /// How old a leftover of an interrupted run must be before `prune` deletes it.
-pub const LEFTOVER_GRACE: Duration = Duration::hours(24);
+pub(crate) const LEFTOVER_GRACE: Duration = Duration::hours(24);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Retention {
+pub(crate) struct Retention {
     pub days: Option<u32>,
     pub count: Option<u32>,
 }
 
 impl Retention {
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), ArgsError> {
         match (self.days, self.count) {
-            (None, None) => {
-                Err("no retention rule: pass --retention-days, --retention-count or both".into())
-            }
-            (Some(0), _) => Err("--retention-days must be at least 1".into()),
-            (_, Some(0)) => Err("--retention-count must be at least 1".into()),
+            (None, None) => Err(ArgsError::NoRetention),
+            (Some(0), _) => Err(ArgsError::ZeroRetentionDays),
+            (_, Some(0)) => Err(ArgsError::ZeroRetentionCount),
             _ => Ok(()),
         }
     }
 
-    pub fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         self.days.is_some() || self.count.is_some()
     }
 
@@ -75,14 +73,14 @@ impl Retention {
 
 /// A backup, as retention sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub id: String,
     pub finished_at: DateTime<Utc>,
     pub state: State,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The newest good backup.
     KeepNewest,
     KeepWithinCount,
@@ -102,12 +100,12 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn keep(self) -> bool {
+    pub(crate) fn keep(self) -> bool {
         !matches!(self, Verdict::Delete | Verdict::DeleteDamaged)
     }
 
     /// Why, for people.
-    pub fn why(self, retention: Retention) -> String {
+    pub(crate) fn why(self, retention: Retention) -> String {
         let rules = retention.describe();
         match self {
             Verdict::KeepNewest => "the newest good backup".into(),
@@ -127,7 +125,7 @@ impl Verdict {
 
 /// The verdict on every candidate, newest first. Ties on `finished_at` are broken by id so
 /// that the result does not depend on input order.
-pub fn select(
+pub(crate) fn select(
     candidates: &[Candidate],
     retention: Retention,
     now: DateTime<Utc>,
@@ -195,7 +193,7 @@ pub fn select(
 /// One backup and what prune does with it.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Decision {
+pub(crate) struct Decision {
     pub database_dir: String,
     pub id: String,
     pub state: State,
@@ -204,7 +202,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         format!("{}/{}", self.database_dir, self.id)
     }
 }
@@ -212,7 +210,7 @@ impl Decision {
 /// An object of no backup, old enough to delete.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct LeftoverDeletion {
+pub(crate) struct LeftoverDeletion {
     pub database_dir: String,
     pub file: String,
     pub why: String,
@@ -222,7 +220,7 @@ pub struct LeftoverDeletion {
 /// leftovers and local staging files it will remove.
 #[derive(Debug, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PrunePlan {
+pub(crate) struct PrunePlan {
     pub decisions: Vec<Decision>,
     pub leftovers: Vec<LeftoverDeletion>,
     pub staging_files: Vec<std::path::PathBuf>,
@@ -231,20 +229,20 @@ pub struct PrunePlan {
 /// What `prune` removed.
 #[derive(Debug, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PruneReport {
+pub(crate) struct PruneReport {
     pub deleted: Vec<String>,
     pub kept: Vec<String>,
     pub leftovers_deleted: Vec<String>,
 }
 
 /// Reads the store and decides; changes nothing.
-pub async fn plan(
+pub(crate) async fn plan(
     store: &Store,
     database: Option<&str>,
     retention: Retention,
     now: DateTime<Utc>,
 ) -> Result<PrunePlan, BackupError> {
-    retention.validate().map_err(BackupError::Usage)?;
+    retention.validate()?;
     let listing: Listing = list::scan(store, database).await?;
     let mut plan = PrunePlan::default();
     let mut databases: Vec<&str> = listing
@@ -292,7 +290,7 @@ pub async fn plan(
 }
 
 /// Carries out a plan; `done` is told of each deletion as it completes.
-pub async fn execute(
+pub(crate) async fn execute(
     store: &Store,
     plan: &PrunePlan,
     mut done: impl FnMut(String),

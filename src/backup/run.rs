@@ -20,7 +20,7 @@ use super::manifest::{
 };
 use super::store::Store;
 use super::tools::{self, LibpqEnv};
-use super::BackupError;
+use super::{ArgsError, BackupError};
 use crate::pg::{error_summary, QualifiedName};
 use crate::units;
 
@@ -30,7 +30,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const STDERR_TAIL: usize = 4000;
 
 #[derive(Debug, Clone)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     /// `pg_dump --compress` level, 0-9.
     pub compression: u8,
     /// A specific pg_dump binary instead of the newest one found.
@@ -57,7 +57,7 @@ ORDER BY 1, 2";
 
 /// Exact row count of every table, in the connection's current snapshot. One count per
 /// table: a backup reads every row anyway, and estimates could not be compared exactly.
-pub async fn table_rows(conn: &mut PgConnection) -> Result<Vec<TableRows>, sqlx::Error> {
+pub(crate) async fn table_rows(conn: &mut PgConnection) -> Result<Vec<TableRows>, sqlx::Error> {
     let tables: Vec<(String, String)> = sqlx::query_as(TABLES_SQL).fetch_all(&mut *conn).await?;
     let mut out = Vec::with_capacity(tables.len());
     for (schema, table) in tables {
@@ -77,13 +77,13 @@ pub async fn table_rows(conn: &mut PgConnection) -> Result<Vec<TableRows>, sqlx:
 
 /// What a successful run stored.
 #[derive(Debug, Clone)]
-pub struct Done {
+pub(crate) struct Done {
     pub database_dir: String,
     pub manifest: Manifest,
 }
 
-pub async fn run(store: &Store, url: &str, opts: &RunOptions) -> Result<Done, BackupError> {
-    let env = LibpqEnv::from_url(url).map_err(BackupError::Usage)?;
+pub(crate) async fn run(store: &Store, url: &str, opts: &RunOptions) -> Result<Done, BackupError> {
+    let env = LibpqEnv::from_url(url).map_err(ArgsError::from)?;
     let mut conn = tools::connect(url).await.map_err(BackupError::Connect)?;
     let result = run_on(store, &env, &mut conn, opts).await;
     let _ = conn.close().await;
@@ -111,7 +111,7 @@ async fn run_on(
         Some(tools::server_major(version_num)),
     )
     .await
-    .map_err(BackupError::Tool)?;
+    .map_err(BackupError::FindTool)?;
 
     let lock_ms = opts.lock_wait_timeout.as_millis();
     sqlx::raw_sql(&format!(
@@ -283,7 +283,7 @@ async fn run_on(
     })
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
         .iter()

@@ -11,21 +11,21 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::manifest::Manifest;
+use super::manifest::{read_record, Manifest, RecordError};
 
 /// File name of a backup's verification record: `<id>.verify.json`.
-pub const VERIFY_SUFFIX: &str = ".verify.json";
+pub(crate) const VERIFY_SUFFIX: &str = ".verify.json";
 /// Version of the record format this build writes and reads.
-pub const RECORD_VERSION: u32 = 1;
+pub(crate) const RECORD_VERSION: u32 = 1;
 /// The detail of a backup no verify has looked at.
-pub const NEVER_VERIFIED: &str = "never verified";
+pub(crate) const NEVER_VERIFIED: &str = "never verified";
 /// How much of an error message a record keeps.
 const MESSAGE_MAX: usize = 2000;
 
 /// The dump object as the store lists it; what a record is about.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub struct DumpObject {
+pub(crate) struct DumpObject {
     pub size_bytes: u64,
     pub last_modified: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,7 +35,7 @@ pub struct DumpObject {
 /// What a verify run concluded about the bytes it read.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Checksum matched, the restore succeeded and every table's row count matched.
     Verified,
     /// The bytes are not the ones the manifest recorded (size or SHA-256).
@@ -47,7 +47,7 @@ pub enum Outcome {
 /// `<id>.verify.json`: the last verification of a backup.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct VerifyRecord {
+pub(crate) struct VerifyRecord {
     pub record_version: u32,
     /// Backup id the record is about.
     pub backup: String,
@@ -69,7 +69,7 @@ pub struct VerifyRecord {
 }
 
 impl VerifyRecord {
-    pub fn new(
+    pub(crate) fn new(
         backup: &str,
         dump: DumpObject,
         outcome: Outcome,
@@ -96,7 +96,7 @@ impl VerifyRecord {
         }
     }
 
-    pub fn outcome_word(&self) -> &'static str {
+    pub(crate) fn outcome_word(&self) -> &'static str {
         match self.outcome {
             Outcome::Verified => "verified",
             Outcome::Corrupt => "corrupt",
@@ -104,30 +104,21 @@ impl VerifyRecord {
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a record always serialises");
         out.push(b'\n');
         out
     }
 
-    pub fn from_json(bytes: &[u8]) -> Result<VerifyRecord, String> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-        let version = value.get("recordVersion").and_then(|v| v.as_u64());
-        if version != Some(u64::from(RECORD_VERSION)) {
-            return Err(format!(
-                "recordVersion {} is not supported (this dbpolicy reads {RECORD_VERSION})",
-                version.map_or("missing".to_string(), |v| v.to_string())
-            ));
-        }
-        serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<VerifyRecord, RecordError> {
+        read_record(bytes, "recordVersion", RECORD_VERSION)
     }
 }
 
 /// What `list` shows and `prune` decides on.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
-pub enum State {
+pub(crate) enum State {
     /// Restored and matched its manifest, and the dump has not changed since.
     Verified,
     /// The dump is there with the recorded size; never verified, or changed since.
@@ -142,11 +133,11 @@ pub enum State {
 
 impl State {
     /// A backup one could restore from, as far as anyone knows: counted by retention.
-    pub fn is_good(self) -> bool {
+    pub(crate) fn is_good(self) -> bool {
         matches!(self, State::Verified | State::Unverified)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Verified => "verified",
             State::Unverified => "unverified",
@@ -165,7 +156,7 @@ impl std::fmt::Display for State {
 
 /// A backup's state, why, and when a verify last judged these very bytes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Assessment {
+pub(crate) struct Assessment {
     pub state: State,
     /// One sentence for people.
     pub detail: String,
@@ -174,11 +165,11 @@ pub struct Assessment {
 
 /// The state of a backup from its manifest, its dump as listed (None: missing) and its
 /// verification record (None: none; Err: unreadable).
-pub fn assess(
+pub(crate) fn assess(
     manifest: &Manifest,
     id: &str,
     dump: Option<&DumpObject>,
-    record: Option<&Result<VerifyRecord, String>>,
+    record: Option<&Result<VerifyRecord, RecordError>>,
 ) -> Assessment {
     let at = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let plain = |state, detail: String| Assessment {
@@ -300,7 +291,7 @@ mod tests {
         }
     }
 
-    fn record(outcome: Outcome, dump: DumpObject) -> Result<VerifyRecord, String> {
+    fn record(outcome: Outcome, dump: DumpObject) -> Result<VerifyRecord, RecordError> {
         let failure = (outcome != Outcome::Verified).then(|| ("BackupCorrupt", "bad\nmore".into()));
         Ok(VerifyRecord::new("B", dump, outcome, failure))
     }
@@ -308,18 +299,18 @@ mod tests {
     fn state(
         size: u64,
         dump: Option<DumpObject>,
-        rec: Option<Result<VerifyRecord, String>>,
+        rec: Option<Result<VerifyRecord, RecordError>>,
     ) -> State {
         assess(&manifest(size), "B", dump.as_ref(), rec.as_ref()).state
     }
 
     #[test]
     fn the_cheap_check_comes_first() {
-        let v = Some(record(Outcome::Verified, object(10, 1)));
-        assert_eq!(state(10, None, v.clone()), State::Incomplete);
-        assert_eq!(state(10, Some(object(9, 1)), v.clone()), State::Incomplete);
-        assert_eq!(state(10, Some(object(11, 1)), v.clone()), State::Corrupt);
-        assert_eq!(state(10, Some(object(10, 1)), v), State::Verified);
+        let v = || Some(record(Outcome::Verified, object(10, 1)));
+        assert_eq!(state(10, None, v()), State::Incomplete);
+        assert_eq!(state(10, Some(object(9, 1)), v()), State::Incomplete);
+        assert_eq!(state(10, Some(object(11, 1)), v()), State::Corrupt);
+        assert_eq!(state(10, Some(object(10, 1)), v()), State::Verified);
         assert_eq!(state(10, Some(object(10, 1)), None), State::Unverified);
     }
 
@@ -363,7 +354,8 @@ mod tests {
             state(10, Some(etag), v(Outcome::Verified)),
             State::Unverified
         );
-        let unreadable = Some(Err("not JSON".to_string()));
+        let unreadable = Some(VerifyRecord::from_json(b"not JSON"));
+        assert!(matches!(unreadable, Some(Err(RecordError::NotJson(_)))));
         assert_eq!(state(10, Some(now), unreadable), State::Unverified);
     }
 
@@ -407,6 +399,7 @@ mod tests {
         v["recordVersion"] = 9.into();
         assert!(VerifyRecord::from_json(v.to_string().as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("recordVersion 9"));
         assert!(VerifyRecord::from_json(b"").is_err());
         let long = VerifyRecord::new(

@@ -28,13 +28,13 @@ use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, Retry
 
 /// Which store, from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
+pub(crate) enum StoreConfig {
     Dir(PathBuf),
     S3(S3Config),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Config {
+pub(crate) struct S3Config {
     pub bucket: String,
     /// `http(s)://host:port` of an S3-compatible server; AWS when absent.
     pub endpoint: Option<String>,
@@ -43,7 +43,7 @@ pub struct S3Config {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("backup store {store}: cannot open: {reason}")]
     Open { store: String, reason: String },
     #[error("backup store {store}: {action} {key}: {source}")]
@@ -63,14 +63,14 @@ pub enum StoreError {
 
 impl StoreError {
     /// The object does not exist (as opposed to a store that cannot be read).
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, StoreError::Object { source, .. } if matches!(**source, object_store::Error::NotFound { .. }))
     }
 }
 
 /// One object found under the prefix: `<database>/<file>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The database directory, as stored (path-encoded).
     pub database: String,
     pub file: String,
@@ -81,7 +81,7 @@ pub struct Entry {
     pub e_tag: Option<String>,
 }
 
-pub struct Store {
+pub(crate) struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: Path,
     description: String,
@@ -99,7 +99,7 @@ impl Store {
     /// Opens the store; a missing local directory is created only when `create` (a run),
     /// so that a mistyped `--dir` for list, verify or prune is an error, not a new empty
     /// store.
-    pub fn open(config: &StoreConfig, create: bool) -> Result<Store, StoreError> {
+    pub(crate) fn open(config: &StoreConfig, create: bool) -> Result<Store, StoreError> {
         match config {
             StoreConfig::Dir(dir) => {
                 let description = format!("directory {}", dir.display());
@@ -162,12 +162,12 @@ impl Store {
         }
     }
 
-    pub fn describe(&self) -> &str {
+    pub(crate) fn describe(&self) -> &str {
         &self.description
     }
 
     /// Path-encoded name of a database's directory.
-    pub fn database_dir(database: &str) -> String {
+    pub(crate) fn database_dir(database: &str) -> String {
         PathPart::from(database).as_ref().to_string()
     }
 
@@ -196,7 +196,7 @@ impl Store {
 
     /// A writer that streams an object as a multipart upload: invisible until `shutdown`
     /// completes it; `abort` discards it.
-    pub fn writer(&self, database_dir: &str, file: &str) -> (BufWriter, String) {
+    pub(crate) fn writer(&self, database_dir: &str, file: &str) -> (BufWriter, String) {
         let key = self.key(database_dir, file);
         let shown = key.to_string();
         (
@@ -205,7 +205,7 @@ impl Store {
         )
     }
 
-    pub async fn put(
+    pub(crate) async fn put(
         &self,
         database_dir: &str,
         file: &str,
@@ -219,7 +219,7 @@ impl Store {
             .map_err(|e| self.object_err("writing", &key, e))
     }
 
-    pub async fn get(&self, database_dir: &str, file: &str) -> Result<Vec<u8>, StoreError> {
+    pub(crate) async fn get(&self, database_dir: &str, file: &str) -> Result<Vec<u8>, StoreError> {
         let key = self.key(database_dir, file);
         let result = self
             .inner
@@ -234,7 +234,7 @@ impl Store {
     }
 
     /// Streams an object: each chunk is passed to `sink` as it arrives.
-    pub async fn get_stream<F>(
+    pub(crate) async fn get_stream<F>(
         &self,
         database_dir: &str,
         file: &str,
@@ -273,7 +273,7 @@ impl Store {
 
     /// Makes the object absent: one that is already gone (a prune that was killed and
     /// re-run, two prunes at once) is no error.
-    pub async fn delete(&self, database_dir: &str, file: &str) -> Result<(), StoreError> {
+    pub(crate) async fn delete(&self, database_dir: &str, file: &str) -> Result<(), StoreError> {
         let key = self.key(database_dir, file);
         match self.inner.delete(&key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -285,7 +285,11 @@ impl Store {
     /// than `age`, in a local store; `object_store` hides them from listings. (S3 keeps
     /// such parts under an upload id: a bucket lifecycle rule aborting incomplete
     /// multipart uploads removes those.)
-    pub fn stale_staging_files(&self, database_dir: Option<&str>, age: Duration) -> Vec<PathBuf> {
+    pub(crate) fn stale_staging_files(
+        &self,
+        database_dir: Option<&str>,
+        age: Duration,
+    ) -> Vec<PathBuf> {
         let Some(root) = &self.local_root else {
             return Vec::new();
         };
@@ -324,7 +328,7 @@ impl Store {
 
     /// Every `<database>/<file>` under the prefix (of one database when given); other
     /// objects are ignored.
-    pub async fn list(&self, database: Option<&str>) -> Result<Vec<Entry>, StoreError> {
+    pub(crate) async fn list(&self, database: Option<&str>) -> Result<Vec<Entry>, StoreError> {
         let base = match database {
             Some(db) => self.prefix.clone().join(PathPart::from(db)),
             None => self.prefix.clone(),

@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 /// A connection given as libpq environment variables (the password among them).
 #[derive(Clone, PartialEq, Eq)]
-pub struct LibpqEnv {
+pub(crate) struct LibpqEnv {
     vars: Vec<(&'static str, String)>,
 }
 
@@ -51,17 +51,28 @@ const PARAMS: &[(&str, &str)] = &[
     ("load_balance_hosts", "PGLOADBALANCEHOSTS"),
 ];
 
+/// A database URL libpq's variables cannot be made from. Says the problem, never the URL
+/// (it may hold a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UrlError {
+    #[error("the database URL is not a valid postgres:// URI ({0})")]
+    Invalid(#[source] url::ParseError),
+    #[error("the database URL must start with postgres:// or postgresql://, not {0}://")]
+    Scheme(String),
+    #[error("the database URL has an invalid %-escape")]
+    BadEscape,
+    #[error("the database URL has %-escapes that are not UTF-8")]
+    NotUtf8,
+    #[error("the database URL has a parameter libpq does not know: {0}")]
+    UnknownParameter(String),
+}
+
 impl LibpqEnv {
-    /// Splits a `postgres://` URI into libpq variables. Errors name the problem, never the
-    /// URI (it may hold a password).
-    pub fn from_url(url: &str) -> Result<LibpqEnv, String> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| format!("the database URL is not a valid postgres:// URI ({e})"))?;
+    /// Splits a `postgres://` URI into libpq variables.
+    pub(crate) fn from_url(url: &str) -> Result<LibpqEnv, UrlError> {
+        let parsed = url::Url::parse(url).map_err(UrlError::Invalid)?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-            return Err(format!(
-                "the database URL must start with postgres:// or postgresql://, not {}://",
-                parsed.scheme()
-            ));
+            return Err(UrlError::Scheme(parsed.scheme().to_string()));
         }
         let mut vars: Vec<(&'static str, String)> = Vec::new();
         let mut set = |name: &'static str, value: String| {
@@ -91,9 +102,7 @@ impl LibpqEnv {
         );
         for (key, value) in parsed.query_pairs() {
             let Some((_, var)) = PARAMS.iter().find(|(p, _)| *p == key) else {
-                return Err(format!(
-                    "the database URL has a parameter libpq does not know: {key}"
-                ));
+                return Err(UrlError::UnknownParameter(key.into_owned()));
             };
             set(var, value.into_owned());
         }
@@ -101,7 +110,7 @@ impl LibpqEnv {
     }
 
     /// The same connection to another database of the server.
-    pub fn with_database(&self, database: &str) -> LibpqEnv {
+    pub(crate) fn with_database(&self, database: &str) -> LibpqEnv {
         let mut vars: Vec<_> = self
             .vars
             .iter()
@@ -112,7 +121,8 @@ impl LibpqEnv {
         LibpqEnv { vars }
     }
 
-    pub fn get(&self, name: &str) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.vars
             .iter()
             .find(|(k, _)| *k == name)
@@ -120,7 +130,7 @@ impl LibpqEnv {
     }
 
     /// Replaces whatever libpq variables the command would inherit with these.
-    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+    pub(crate) fn apply(&self, cmd: &mut tokio::process::Command) {
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PG") {
                 cmd.env_remove(&key);
@@ -133,7 +143,7 @@ impl LibpqEnv {
     }
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
+fn percent_decode(s: &str) -> Result<String, UrlError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -143,7 +153,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("the database URL has an invalid %-escape")?;
+                .ok_or(UrlError::BadEscape)?;
             out.push(hex);
             i += 3;
         } else {
@@ -151,12 +161,12 @@ fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| "the database URL has %-escapes that are not UTF-8".into())
+    String::from_utf8(out).map_err(|_| UrlError::NotUtf8)
 }
 
 /// A client program and its PostgreSQL major version.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tool {
+pub(crate) struct Tool {
     pub path: PathBuf,
     pub major: u32,
     /// `pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)`.
@@ -164,7 +174,7 @@ pub struct Tool {
 }
 
 /// Major version from `pg_dump --version` output (`pg_dump (PostgreSQL) 15.20 …`, or `9.6.24`).
-pub fn parse_major(version_output: &str) -> Option<u32> {
+pub(crate) fn parse_major(version_output: &str) -> Option<u32> {
     let number = version_output
         .split_whitespace()
         .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
@@ -178,21 +188,59 @@ pub fn parse_major(version_output: &str) -> Option<u32> {
     Some(first)
 }
 
-/// Picks the newest candidate; it must be at least `min_major` (a client refuses to dump
-/// a newer server, and only a newer `pg_restore` reads a newer archive).
-pub fn choose(candidates: &[Tool], min_major: Option<u32>) -> Result<&Tool, String> {
+/// A client program (`pg_dump`, `pg_restore`, …) that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ToolError {
+    #[error("{name} not found in PATH nor in /usr/lib/postgresql/<version>/bin: install the PostgreSQL client (postgresql-client)")]
+    NotFound { name: String },
+    #[error("{name}: {} is not runnable", path.display())]
+    NotRunnable { name: String, path: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Start {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} --version: {status}", path.display())]
+    VersionFailed {
+        path: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("{}: cannot read its version from {output:?}", path.display())]
+    UnknownVersion { path: PathBuf, output: String },
+    /// The newest copy found is older than the server or archive needs.
+    #[error(
+        "{name}: the newest one found ({}, version {major}) is older than PostgreSQL {}: install postgresql-client-{}",
+        path.display(),
+        display_major(*min),
+        display_major(*min)
+    )]
+    TooOld {
+        name: String,
+        path: PathBuf,
+        major: u32,
+        min: u32,
+    },
+}
+
+/// Picks the newest candidate of `name`; it must be at least `min_major` (a client refuses
+/// to dump a newer server, and only a newer `pg_restore` reads a newer archive).
+pub(crate) fn choose<'a>(
+    name: &str,
+    candidates: &'a [Tool],
+    min_major: Option<u32>,
+) -> Result<&'a Tool, ToolError> {
     let newest = candidates
         .iter()
         .max_by_key(|t| t.major)
-        .ok_or("not found")?;
+        .ok_or_else(|| ToolError::NotFound { name: name.into() })?;
     match min_major {
-        Some(min) if newest.major < min => Err(format!(
-            "the newest one found ({}, version {}) is older than PostgreSQL {}: install postgresql-client-{}",
-            newest.path.display(),
-            newest.major,
-            display_major(min),
-            display_major(min)
-        )),
+        Some(min) if newest.major < min => Err(ToolError::TooOld {
+            name: name.into(),
+            path: newest.path.clone(),
+            major: newest.major,
+            min,
+        }),
         _ => Ok(newest),
     }
 }
@@ -206,7 +254,7 @@ fn display_major(major: u32) -> String {
 }
 
 /// Major version of a `server_version_num` (150020 → 15, 90624 → 906).
-pub fn server_major(version_num: i32) -> u32 {
+pub(crate) fn server_major(version_num: i32) -> u32 {
     let v = version_num.max(0) as u32;
     if v >= 100_000 {
         v / 10_000
@@ -217,11 +265,11 @@ pub fn server_major(version_num: i32) -> u32 {
 
 /// Finds `name` (`pg_dump`, `pg_restore`): `explicit` when given, otherwise every copy in
 /// `PATH` and in `/usr/lib/postgresql/<v>/bin`, the newest chosen.
-pub async fn find(
+pub(crate) async fn find(
     name: &str,
     explicit: Option<&Path>,
     min_major: Option<u32>,
-) -> Result<Tool, String> {
+) -> Result<Tool, ToolError> {
     let mut paths: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         paths.push(p.to_path_buf());
@@ -247,10 +295,10 @@ pub async fn find(
                     version,
                 }),
                 None if explicit.is_some() => {
-                    return Err(format!(
-                        "{}: cannot read its version from {version:?}",
-                        path.display()
-                    ))
+                    return Err(ToolError::UnknownVersion {
+                        path,
+                        output: version,
+                    })
                 }
                 None => {}
             },
@@ -258,34 +306,36 @@ pub async fn find(
             Err(_) => {}
         }
     }
-    if found.is_empty() {
-        return Err(match explicit {
-            Some(p) => format!("{name}: {} is not runnable", p.display()),
-            None => format!(
-                "{name} not found in PATH nor in /usr/lib/postgresql/<version>/bin: install the PostgreSQL client (postgresql-client)"
-            ),
+    if let (true, Some(p)) = (found.is_empty(), explicit) {
+        return Err(ToolError::NotRunnable {
+            name: name.into(),
+            path: p.to_path_buf(),
         });
     }
-    choose(&found, min_major)
-        .cloned()
-        .map_err(|e| format!("{name}: {e}"))
+    choose(name, &found, min_major).cloned()
 }
 
-async fn version_of(path: &Path) -> Result<String, String> {
+async fn version_of(path: &Path) -> Result<String, ToolError> {
     let out = tokio::process::Command::new(path)
         .arg("--version")
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| ToolError::Start {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!("{} --version: {}", path.display(), out.status));
+        return Err(ToolError::VersionFailed {
+            path: path.to_path_buf(),
+            status: out.status,
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Resolves on Ctrl-C or SIGTERM (a Job being deleted), with the signal's name.
-pub async fn interrupted() -> &'static str {
+pub(crate) async fn interrupted() -> &'static str {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -302,7 +352,7 @@ pub async fn interrupted() -> &'static str {
 
 /// One connection, like [`crate::pg::connect_one`], without sqlx's slow-statement
 /// warnings: counting the rows of a big table takes seconds by nature.
-pub async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::ConnectError> {
+pub(crate) async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::ConnectError> {
     use crate::pg::ConnectError;
     use sqlx::{ConnectOptions, Connection};
     let opts: sqlx::postgres::PgConnectOptions =
@@ -334,7 +384,7 @@ pub async fn connect(url: &str) -> Result<sqlx::PgConnection, crate::pg::Connect
 }
 
 /// The last `max` bytes of a program's stderr, for error messages.
-pub fn tail(stderr: &[u8], max: usize) -> String {
+pub(crate) fn tail(stderr: &[u8], max: usize) -> String {
     let start = stderr.len().saturating_sub(max);
     String::from_utf8_lossy(&stderr[start..]).trim().to_string()
 }
@@ -380,7 +430,7 @@ mod tests {
             "not a url hunter2",
         ] {
             let e = LibpqEnv::from_url(url).unwrap_err();
-            assert!(!e.contains("hunter2"), "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
         }
     }
 
@@ -405,11 +455,11 @@ mod tests {
             version: v.to_string(),
         };
         let tools = [tool(15), tool(17), tool(16)];
-        assert_eq!(choose(&tools, Some(15)).unwrap().major, 17);
-        assert_eq!(choose(&tools, Some(17)).unwrap().major, 17);
-        assert_eq!(choose(&tools, None).unwrap().major, 17);
-        let e = choose(&tools, Some(18)).unwrap_err();
-        assert!(e.contains("postgresql-client-18"), "{e}");
-        assert!(choose(&[], None).is_err());
+        assert_eq!(choose("pg_dump", &tools, Some(15)).unwrap().major, 17);
+        assert_eq!(choose("pg_dump", &tools, Some(17)).unwrap().major, 17);
+        assert_eq!(choose("pg_dump", &tools, None).unwrap().major, 17);
+        let e = choose("pg_dump", &tools, Some(18)).unwrap_err();
+        assert!(e.to_string().contains("postgresql-client-18"), "{e}");
+        assert!(choose("pg_dump", &[], None).is_err());
     }
 }

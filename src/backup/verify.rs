@@ -26,14 +26,14 @@ use super::run::{hex, table_rows};
 use super::state::{DumpObject, Outcome, VerifyRecord};
 use super::store::Store;
 use super::tools::{self, LibpqEnv};
-use super::BackupError;
+use super::{ArgsError, BackupError};
 use crate::pg::{error_summary, quote_ident, quote_literal};
 use crate::units;
 
 const STDERR_TAIL: usize = 4000;
 
 #[derive(Debug, Clone, Default)]
-pub struct VerifyOptions {
+pub(crate) struct VerifyOptions {
     /// Backup id (`20261125T030000.000Z`); the newest when absent.
     pub backup: Option<String>,
     /// Database whose backups to check; the URL's database when absent.
@@ -42,7 +42,7 @@ pub struct VerifyOptions {
 }
 
 #[derive(Debug, Clone)]
-pub struct Verified {
+pub(crate) struct Verified {
     pub database: String,
     pub id: String,
     pub tables: usize,
@@ -50,12 +50,12 @@ pub struct Verified {
     pub restore_seconds: f64,
 }
 
-pub async fn verify(
+pub(crate) async fn verify(
     store: &Store,
     url: &str,
     opts: &VerifyOptions,
 ) -> Result<Verified, BackupError> {
-    let env = LibpqEnv::from_url(url).map_err(BackupError::Usage)?;
+    let env = LibpqEnv::from_url(url).map_err(ArgsError::from)?;
     let mut conn = tools::connect(url).await.map_err(BackupError::Connect)?;
     let result = verify_on(store, url, &env, &mut conn, opts).await;
     let _ = conn.close().await;
@@ -243,7 +243,7 @@ async fn check(
         tools::parse_major(&m.pg_dump_version),
     )
     .await
-    .map_err(BackupError::Tool)?;
+    .map_err(BackupError::FindTool)?;
     let scratch = scratch_name();
     let create = format!(
         "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",

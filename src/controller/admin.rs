@@ -12,13 +12,13 @@ use prometheus_client::registry::Registry;
 
 /// Readiness, flipped by the controller once it runs.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub(crate) struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
+    pub(crate) fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
     }
-    pub fn get(&self) -> bool {
+    pub(crate) fn get(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }
 }
@@ -29,7 +29,7 @@ struct AdminState {
     ready: Readiness,
 }
 
-pub fn router(registry: Arc<Registry>, ready: Readiness) -> Router {
+pub(crate) fn router(registry: Arc<Registry>, ready: Readiness) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -57,7 +57,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 
 /// Serves on `listener` (bound by the caller, so a taken port fails at startup) until
 /// `shutdown` resolves.
-pub fn serve(
+pub(crate) fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     ready: Readiness,

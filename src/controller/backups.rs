@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::status::Status;
 use crate::api::BackupStatus;
+use crate::reason::Reason;
 
 /// What `dbpolicy backup run` writes to its termination log (see `backup::termination_message`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -26,7 +27,7 @@ struct TerminationMessage {
 
 /// One finished backup Job.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Run {
+pub(crate) struct Run {
     pub finished: Timestamp,
     pub succeeded: bool,
     pub size_bytes: Option<i64>,
@@ -76,7 +77,7 @@ pub(crate) fn termination_json<T: serde::de::DeserializeOwned>(
 }
 
 /// The finished runs among `jobs`, oldest first; running Jobs are left out.
-pub fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
+pub(crate) fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
     let mut runs: Vec<Run> = jobs
         .iter()
         .filter_map(|job| {
@@ -116,7 +117,7 @@ pub fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
                 finished,
                 succeeded: false,
                 size_bytes: None,
-                reason: Some(reason.unwrap_or_else(|| "BackupFailed".into())),
+                reason: Some(reason.unwrap_or_else(|| Reason::BackupFailed.into())),
                 message: text,
             })
         })
@@ -128,7 +129,7 @@ pub fn runs(jobs: &[Job], pods: &[Pod]) -> Vec<Run> {
 /// `status.backups`: what the CronJob and its Jobs say, merged with the previous status.
 /// Kubernetes deletes finished Jobs (history limits, TTL), so a time only moves forward
 /// and the newest size stays known after its Job is gone.
-pub fn backup_status(
+pub(crate) fn backup_status(
     previous: Option<&BackupStatus>,
     cronjob: Option<&CronJob>,
     runs: &[Run],
@@ -162,7 +163,7 @@ pub fn backup_status(
 /// be late or slow, but a missed run is noticed. Schedules are evaluated in UTC, as
 /// kube-controller-manager does for a CronJob without `timeZone`. None when the schedule
 /// does not parse or never fires.
-pub fn window(schedule: &str, now: Timestamp) -> Option<Duration> {
+pub(crate) fn window(schedule: &str, now: Timestamp) -> Option<Duration> {
     let cron = croner::Cron::from_str(schedule.trim()).ok()?;
     let now = chrono::DateTime::<chrono::Utc>::from_timestamp(now.as_second(), 0)?;
     let last = cron.find_previous_occurrence(&now, true).ok()?;
@@ -175,7 +176,7 @@ pub fn window(schedule: &str, now: Timestamp) -> Option<Duration> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
     pub status: Status,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -184,7 +185,7 @@ pub struct Readiness {
 /// a CronJob that never produced a success within a window of its creation is overdue
 /// too. No message holds a duration that grows with the clock, so a steady state writes
 /// the same condition.
-pub fn readiness(
+pub(crate) fn readiness(
     schedule: &str,
     suspended: bool,
     status: &BackupStatus,
@@ -202,7 +203,7 @@ pub fn readiness(
     if suspended {
         return ready(
             Status::Unknown,
-            "BackupsSuspended",
+            Reason::BackupsSuspended,
             "backups are suspended (spec.backups.suspend or spec.suspend)".into(),
         );
     }
@@ -210,20 +211,20 @@ pub fn readiness(
         let reason = status
             .last_failure_reason
             .as_deref()
-            .unwrap_or("BackupFailed");
+            .unwrap_or(Reason::BackupFailed.as_str());
         let detail = last_failure_message
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
         return ready(
             Status::False,
-            "BackupFailed",
+            Reason::BackupFailed,
             format!("the last backup failed at {f} ({reason}){detail}"),
         );
     }
     let Some(window) = window(schedule, now) else {
         return ready(
             Status::Unknown,
-            "InvalidSchedule",
+            Reason::InvalidSchedule,
             format!("spec.backups.schedule {schedule:?} is not a cron schedule this operator can evaluate"),
         );
     };
@@ -231,7 +232,7 @@ pub fn readiness(
     match success {
         Some(s) if since(s) <= window => ready(
             Status::True,
-            "BackupSucceeded",
+            Reason::BackupSucceeded,
             format!(
                 "last backup succeeded at {s}{}",
                 status
@@ -242,7 +243,7 @@ pub fn readiness(
         ),
         Some(s) => ready(
             Status::False,
-            "BackupOverdue",
+            Reason::BackupOverdue,
             format!(
                 "no successful backup within {} (twice the schedule's interval); the last one succeeded at {s}",
                 crate::units::duration(window)
@@ -250,7 +251,7 @@ pub fn readiness(
         ),
         None if created.is_some_and(|c| since(c) > window) => ready(
             Status::False,
-            "BackupOverdue",
+            Reason::BackupOverdue,
             format!(
                 "no successful backup within {} of the CronJob's creation",
                 crate::units::duration(window)
@@ -258,7 +259,7 @@ pub fn readiness(
         ),
         None => ready(
             Status::Unknown,
-            "NoBackupYet",
+            Reason::NoBackupYet,
             match &status.last_schedule_time {
                 Some(t) => format!("the first backup was started at {t} and has not finished"),
                 None => format!("no backup has run yet (schedule {schedule:?})"),
@@ -269,7 +270,7 @@ pub fn readiness(
 
 /// The message of the newest failed run, for the condition (the status field keeps the
 /// reason only).
-pub fn last_failure_message(runs: &[Run]) -> Option<String> {
+pub(crate) fn last_failure_message(runs: &[Run]) -> Option<String> {
     let m = runs
         .iter()
         .rev()
@@ -447,7 +448,10 @@ mod tests {
             ..Default::default()
         };
         let r = readiness("0 3 * * *", false, &ok, None, None, now);
-        assert_eq!((r.status, r.reason), (Status::True, "BackupSucceeded"));
+        assert_eq!(
+            (r.status, r.reason),
+            (Status::True, Reason::BackupSucceeded)
+        );
         assert!(r.message.contains("4096 bytes"), "{}", r.message);
 
         // The last run failed: False, whatever the window says.
@@ -465,7 +469,7 @@ mod tests {
             None,
             now,
         );
-        assert_eq!((r.status, r.reason), (Status::False, "BackupFailed"));
+        assert_eq!((r.status, r.reason), (Status::False, Reason::BackupFailed));
         assert!(r.message.contains("DumpFailed") && r.message.contains("pg_dump: error"));
 
         // A success after the failure clears it.
@@ -487,7 +491,7 @@ mod tests {
             None,
             at("2026-11-27T04:00:00Z"),
         );
-        assert_eq!((r.status, r.reason), (Status::False, "BackupOverdue"));
+        assert_eq!((r.status, r.reason), (Status::False, Reason::BackupOverdue));
         assert!(r.message.contains("2d"), "{}", r.message);
 
         // Before the first run; and a CronJob that never succeeded for a whole window.
@@ -500,7 +504,7 @@ mod tests {
             Some(at("2026-11-25T10:00:00Z")),
             now,
         );
-        assert_eq!((r.status, r.reason), (Status::Unknown, "NoBackupYet"));
+        assert_eq!((r.status, r.reason), (Status::Unknown, Reason::NoBackupYet));
         let r = readiness(
             "0 3 * * *",
             false,
@@ -509,10 +513,13 @@ mod tests {
             Some(at("2026-11-20T10:00:00Z")),
             now,
         );
-        assert_eq!((r.status, r.reason), (Status::False, "BackupOverdue"));
+        assert_eq!((r.status, r.reason), (Status::False, Reason::BackupOverdue));
 
         let r = readiness("0 3 * * *", true, &failed, None, None, now);
-        assert_eq!((r.status, r.reason), (Status::Unknown, "BackupsSuspended"));
+        assert_eq!(
+            (r.status, r.reason),
+            (Status::Unknown, Reason::BackupsSuspended)
+        );
 
         // The message does not change while time passes within the window.
         let a = readiness("0 3 * * *", false, &ok, None, None, now);

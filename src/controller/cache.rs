@@ -29,7 +29,7 @@ const DATALESS_TYPES: &[&str] = &["helm.sh/release.v1", "kubernetes.io/service-a
 /// last-applied annotation repeats the data), and no data in the types of [`DATALESS_TYPES`].
 /// Labels and owner references stay: they tell the read-endpoint Secret the policy controls
 /// from another owner's, and whether it is in place.
-pub fn trim_secret(secret: &mut Secret) {
+pub(crate) fn trim_secret(secret: &mut Secret) {
     let meta = secret.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
@@ -45,12 +45,12 @@ pub fn trim_secret(secret: &mut Secret) {
 
 /// What the cache keeps of a policy: all but managedFields (never read, and about as large
 /// as the rest of the object once status is written).
-pub fn trim_policy(policy: &mut DatabasePolicy) {
+pub(crate) fn trim_policy(policy: &mut DatabasePolicy) {
     policy.meta_mut().managed_fields = None;
 }
 
 /// What the cache keeps of a CronJob: all but managedFields.
-pub fn trim_cronjob(cronjob: &mut CronJob) {
+pub(crate) fn trim_cronjob(cronjob: &mut CronJob) {
     cronjob.meta_mut().managed_fields = None;
 }
 
@@ -58,7 +58,7 @@ pub fn trim_cronjob(cronjob: &mut CronJob) {
 /// reconcile acts on (finalizers, deletion, labels, annotations such as
 /// `dbpolicy.dev/reconcile-at`) is worth a reconcile; a change of status alone — the
 /// operator's own write — is not.
-pub fn policy_trigger(policy: &DatabasePolicy) -> Option<u64> {
+pub(crate) fn policy_trigger(policy: &DatabasePolicy) -> Option<u64> {
     let meta = policy.meta();
     let mut h = DefaultHasher::new();
     meta.uid.hash(&mut h);
@@ -78,7 +78,9 @@ pub fn policy_trigger(policy: &DatabasePolicy) -> Option<u64> {
 /// while the watch was broken). The first list is left out: every policy is reconciled
 /// when the operator starts anyway, so mapping each Secret of that list to its policies
 /// would only repeat those reconciles.
-pub fn changes_after_first_list<K, S>(stream: S) -> impl Stream<Item = Result<K, watcher::Error>>
+pub(crate) fn changes_after_first_list<K, S>(
+    stream: S,
+) -> impl Stream<Item = Result<K, watcher::Error>>
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
@@ -99,12 +101,16 @@ where
 }
 
 /// The cached Secret `ns/name`.
-pub fn secret(store: &Store<Secret>, ns: &str, name: &str) -> Option<std::sync::Arc<Secret>> {
+pub(crate) fn secret(
+    store: &Store<Secret>,
+    ns: &str,
+    name: &str,
+) -> Option<std::sync::Arc<Secret>> {
     store.get(&ObjectRef::new(name).within(ns))
 }
 
 /// The cached CronJobs labelled as the policy's (ownership is checked by the caller).
-pub fn cronjobs_of(store: &Store<CronJob>, policy: &DatabasePolicy) -> Vec<CronJob> {
+pub(crate) fn cronjobs_of(store: &Store<CronJob>, policy: &DatabasePolicy) -> Vec<CronJob> {
     let ns = policy.namespace();
     let name = policy.name_any();
     let mut found: Vec<CronJob> = store

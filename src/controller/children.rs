@@ -26,7 +26,7 @@ use crate::jobs::pitr::{base_backup_cronjob, BASE_BACKUP_ROLE};
 
 /// Every CronJob the policy asks for: one per scheduled view, one for backups, one for
 /// point-in-time recovery's base backups.
-pub fn desired_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
+pub(crate) fn desired_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
     let mut jobs = refresh_cronjobs(policy, image);
     jobs.extend(backup_cronjob(policy, image));
     jobs.extend(base_backup_cronjob(policy, image));
@@ -34,7 +34,7 @@ pub fn desired_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
 }
 
 /// The label selector of the CronJobs of `policy`.
-pub fn cronjob_selector(policy: &DatabasePolicy) -> String {
+pub(crate) fn cronjob_selector(policy: &DatabasePolicy) -> String {
     format!(
         "app.kubernetes.io/managed-by={MANAGED_BY},{POLICY_LABEL}={}",
         policy.name_any()
@@ -42,7 +42,7 @@ pub fn cronjob_selector(policy: &DatabasePolicy) -> String {
 }
 
 /// The area a CronJob serves, from its role label.
-pub fn area_of(cj: &CronJob) -> Area {
+pub(crate) fn area_of(cj: &CronJob) -> Area {
     match cj.labels().get(ROLE_LABEL).map(String::as_str) {
         Some("backup") | Some(BASE_BACKUP_ROLE) => Area::Backups,
         _ => Area::MaterializedViews,
@@ -100,7 +100,7 @@ fn in_place(have: &CronJob, want: &CronJob) -> bool {
 }
 
 /// What applying the desired CronJobs would do, as changes (Plan mode). Pure.
-pub fn pending_cronjobs(desired: &[CronJob], existing: &[CronJob]) -> Vec<Change> {
+pub(crate) fn pending_cronjobs(desired: &[CronJob], existing: &[CronJob]) -> Vec<Change> {
     let mut pending = Vec::new();
     for d in desired {
         let target = format!("CronJob/{}", name(d));
@@ -130,7 +130,7 @@ pub fn pending_cronjobs(desired: &[CronJob], existing: &[CronJob]) -> Vec<Change
 
 /// What the CronJob step found or did.
 #[derive(Debug, Clone, Default)]
-pub struct CronJobSync {
+pub(crate) struct CronJobSync {
     /// Changes not carried out (Plan mode).
     pub pending: Vec<Change>,
     /// The backup CronJob as the API server last returned it (its status holds
@@ -149,7 +149,7 @@ fn role(cj: &CronJob) -> Option<&str> {
 /// field manager `dbpolicy`, forced) and deletes those no longer desired (with their Jobs);
 /// in Plan mode changes nothing and reports what it would do. Nothing is sent when every
 /// CronJob is in place.
-pub async fn sync_cronjobs(
+pub(crate) async fn sync_cronjobs(
     client: &Client,
     cache: Option<&Store<CronJob>>,
     policy: &DatabasePolicy,
@@ -256,12 +256,15 @@ pub async fn sync_cronjobs(
 
 /// The backup CronJob's Jobs and their pods (same labels, set by the Job template). No pod
 /// request when there is no Job.
-pub async fn backup_jobs(client: &Client, policy: &DatabasePolicy) -> Result<(Vec<Job>, Vec<Pod>)> {
+pub(crate) async fn backup_jobs(
+    client: &Client,
+    policy: &DatabasePolicy,
+) -> Result<(Vec<Job>, Vec<Pod>)> {
     jobs_of_role(client, policy, "backup").await
 }
 
 /// The Jobs (and their pods) of the policy's CronJob with role label `role`.
-pub async fn jobs_of_role(
+pub(crate) async fn jobs_of_role(
     client: &Client,
     policy: &DatabasePolicy,
     role: &str,
@@ -288,7 +291,7 @@ pub async fn jobs_of_role(
 }
 
 /// `spec.replicas.readEndpointSecretName`, default `<policy>-read`.
-pub fn read_endpoint_secret_name(policy: &DatabasePolicy) -> Option<String> {
+pub(crate) fn read_endpoint_secret_name(policy: &DatabasePolicy) -> Option<String> {
     let r = policy.spec.replicas.as_ref()?;
     Some(
         r.read_endpoint_secret_name
@@ -299,7 +302,7 @@ pub fn read_endpoint_secret_name(policy: &DatabasePolicy) -> Option<String> {
 
 /// The read-endpoint Secret, owned by the policy. Its `Debug` would show the data: never
 /// log it.
-pub fn read_endpoint_secret(
+pub(crate) fn read_endpoint_secret(
     policy: &DatabasePolicy,
     name: &str,
     data: BTreeMap<String, String>,
@@ -335,7 +338,7 @@ pub fn read_endpoint_secret(
 ///
 /// With the operator's watch cache of Secrets the existing Secret is read from it, and a
 /// Secret already holding the data, labels and owner sent is not written again.
-pub async fn publish_read_endpoint(
+pub(crate) async fn publish_read_endpoint(
     client: &Client,
     cache: Option<&Store<Secret>>,
     policy: &DatabasePolicy,

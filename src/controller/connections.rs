@@ -27,9 +27,9 @@ use crate::engine::EngineError;
 
 /// Idle connections kept at most, over all URLs: beyond it a connection is closed when its
 /// run ends (many databases must not mean many idle backends on the servers).
-pub const MAX_IDLE: usize = 16;
+pub(crate) const MAX_IDLE: usize = 16;
 /// An idle connection unused this long is closed (at the next checkout after it).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a connection's session is set back to before it is kept: everything `DISCARD ALL`
 /// does except `DEALLOCATE ALL` (the prepared statements are what reuse is for). Session
@@ -48,7 +48,7 @@ struct Slot {
 }
 
 /// The connections of one operator, by connection URL (held in memory only, never logged).
-pub struct Connections {
+pub(crate) struct Connections {
     slots: Mutex<HashMap<String, Arc<AsyncMutex<Slot>>>>,
     idle: AtomicUsize,
     max_idle: usize,
@@ -63,21 +63,22 @@ impl Default for Connections {
 
 /// A connection lent to one run; its URL's slot is held until it is checked in or
 /// dropped. Dropped without [`Connections::checkin`], the connection is closed.
-pub struct Checkout {
+pub(crate) struct Checkout {
     slot: OwnedMutexGuard<Slot>,
     conn: PgConnection,
-    /// Whether the connection was kept from an earlier run.
-    pub reused: bool,
+    /// Whether the connection was kept from an earlier run (read by the tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) reused: bool,
 }
 
 impl Checkout {
-    pub fn conn(&mut self) -> &mut PgConnection {
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
         &mut self.conn
     }
 }
 
 impl Connections {
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Connections {
             slots: Mutex::new(HashMap::new()),
             idle: AtomicUsize::new(0),
@@ -87,7 +88,7 @@ impl Connections {
     }
 
     /// Idle connections kept now.
-    pub fn idle(&self) -> usize {
+    pub(crate) fn idle(&self) -> usize {
         self.idle.load(Ordering::Relaxed)
     }
 
@@ -99,7 +100,7 @@ impl Connections {
     /// The connection for one run on `url`: waits at most `wait` for another run on the
     /// same URL to hand it back (then `Busy`, as the engine's own lock wait would say),
     /// reuses the kept connection when it still answers, else connects.
-    pub async fn checkout(&self, url: &str, wait: Duration) -> Result<Checkout, Error> {
+    pub(crate) async fn checkout(&self, url: &str, wait: Duration) -> Result<Checkout, Error> {
         self.close_expired().await;
         let slot = tokio::time::timeout(wait, self.slot(url).lock_owned())
             .await
@@ -134,7 +135,7 @@ impl Connections {
     /// Ends a run: after a successful one (`succeeded`) the connection is kept for the
     /// next run on its URL once its session is reset and found clean, within
     /// [`MAX_IDLE`]; otherwise it is closed.
-    pub async fn checkin(&self, checkout: Checkout, succeeded: bool) {
+    pub(crate) async fn checkin(&self, checkout: Checkout, succeeded: bool) {
         let Checkout {
             mut slot, mut conn, ..
         } = checkout;

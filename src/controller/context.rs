@@ -13,27 +13,28 @@ use kube::{Client, Resource, ResourceExt};
 use super::error::Error;
 use super::metrics::Metrics;
 use crate::api::DatabasePolicy;
+use crate::reason::Reason;
 
 /// The field manager of every server-side apply the operator sends (status, children).
-pub const FIELD_MANAGER: &str = "dbpolicy";
+pub(crate) const FIELD_MANAGER: &str = "dbpolicy";
 /// Name of the controller in Events' `reportingController`.
-pub const CONTROLLER_NAME: &str = "dbpolicy.dev/controller";
+pub(crate) const CONTROLLER_NAME: &str = "dbpolicy.dev/controller";
 /// The finalizer the operator puts on every policy it reconciles.
-pub const FINALIZER: &str = "dbpolicy.dev/cleanup";
+pub(crate) const FINALIZER: &str = "dbpolicy.dev/cleanup";
 
 /// First retry after a failure; doubled per consecutive failure up to [`MAX_BACKOFF`].
-pub const MIN_BACKOFF: Duration = Duration::from_secs(5);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_secs(5);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The image of the backup and refresh Jobs unless `--job-image` / `DBPOLICY_IMAGE` says
 /// otherwise: the operator's own, at its own version.
-pub const DEFAULT_JOB_IMAGE: &str =
+pub(crate) const DEFAULT_JOB_IMAGE: &str =
     concat!("ghcr.io/dbpolicy/dbpolicy:", env!("CARGO_PKG_VERSION"));
 
 /// Events notes are limited to 1 KiB by the API.
 const MAX_NOTE: usize = 1000;
 
-pub struct Context {
+pub(crate) struct Context {
     pub client: Client,
     /// Repeats of one event (same type, reason, action, object) within minutes become a
     /// series on the first Event, keeping the first note: right for a failure that
@@ -59,7 +60,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, instance: Option<String>, metrics: Metrics) -> Self {
+    pub(crate) fn new(client: Client, instance: Option<String>, metrics: Metrics) -> Self {
         let reporter = Reporter {
             controller: CONTROLLER_NAME.into(),
             instance,
@@ -80,27 +81,31 @@ impl Context {
     }
 
     /// Reads Secrets and the policies' CronJobs from these watch caches instead of the API.
-    pub fn with_caches(mut self, secrets: Store<Secret>, cronjobs: Option<Store<CronJob>>) -> Self {
+    pub(crate) fn with_caches(
+        mut self,
+        secrets: Store<Secret>,
+        cronjobs: Option<Store<CronJob>>,
+    ) -> Self {
         self.secret_cache = Some(secrets);
         self.cronjob_cache = cronjobs;
         self
     }
 
     /// The denied server settings that policies may set (`--allow-setting`).
-    pub fn with_allowed_settings(mut self, allowed: crate::engine::AllowedSettings) -> Self {
+    pub(crate) fn with_allowed_settings(mut self, allowed: crate::engine::AllowedSettings) -> Self {
         self.allowed_settings = allowed;
         self
     }
 
     /// The image of the CronJobs, and whether the API server can hold them.
-    pub fn with_jobs(mut self, image: impl Into<String>, cronjobs_supported: bool) -> Self {
+    pub(crate) fn with_jobs(mut self, image: impl Into<String>, cronjobs_supported: bool) -> Self {
         self.job_image = image.into();
         self.cronjobs_supported = cronjobs_supported;
         self
     }
 
     /// The delay before retrying a policy that just failed: 5s, 10s, 20s, … up to 5m.
-    pub fn next_backoff(&self, key: &str) -> Duration {
+    pub(crate) fn next_backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
         let delay = MIN_BACKOFF
@@ -110,7 +115,7 @@ impl Context {
         delay
     }
 
-    pub fn reset_backoff(&self, key: &str) {
+    pub(crate) fn reset_backoff(&self, key: &str) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         failures.remove(key);
     }
@@ -119,18 +124,18 @@ impl Context {
     /// the status already says what the event says. `distinct` events (applied change
     /// sets, whose notes differ) go through a fresh Recorder, so that they are never folded
     /// into the series of an earlier one.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         policy: &DatabasePolicy,
         type_: EventType,
-        reason: &str,
+        reason: Reason,
         action: &str,
         note: String,
         distinct: bool,
     ) {
         let event = Event {
             type_,
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             note: Some(bounded(note)),
             action: action.into(),
             secondary: None,
@@ -143,12 +148,12 @@ impl Context {
             &self.recorder
         };
         if let Err(e) = recorder.publish(&event, &policy.object_ref(&())).await {
-            tracing::warn!(policy = %key(policy), reason, error = %e, "could not publish event");
+            tracing::warn!(policy = %key(policy), %reason, error = %e, "could not publish event");
         }
     }
 
     /// The one place a failure is counted and told as a Warning event.
-    pub async fn report_failure(&self, policy: &DatabasePolicy, error: &Error) {
+    pub(crate) async fn report_failure(&self, policy: &DatabasePolicy, error: &Error) {
         self.metrics.reconcile_failed(error);
         self.publish(
             policy,
@@ -163,7 +168,7 @@ impl Context {
 }
 
 /// `namespace/name`, the key of a policy in logs, backoff and the ledger.
-pub fn key(policy: &DatabasePolicy) -> String {
+pub(crate) fn key(policy: &DatabasePolicy) -> String {
     format!(
         "{}/{}",
         policy.namespace().unwrap_or_default(),

@@ -2,9 +2,10 @@
 
 use crate::engine::EngineError;
 use crate::pg::ConnectError;
+use crate::reason::Reason;
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The object lacks a name or namespace (hand-made objects only).
     #[error("the DatabasePolicy has no {0}")]
     MissingObjectKey(&'static str),
@@ -54,13 +55,13 @@ pub enum Error {
     #[error("the plan has {count} error(s), nothing applied; first: {first}")]
     PlanErrors {
         count: usize,
-        reason: String,
+        reason: Reason,
         first: String,
     },
 
     /// A statement failed; what came after it was not attempted.
     #[error("applying failed: {message}")]
-    ApplyFailed { reason: String, message: String },
+    ApplyFailed { reason: Reason, message: String },
 
     #[error("writing status: {0}")]
     PatchStatus(#[source] kube::Error),
@@ -122,7 +123,7 @@ pub enum Error {
 
 impl Error {
     /// Label of `dbpolicy_reconcile_errors_total`: the step that failed, in snake_case.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::SecretNotFound { .. } => "secret_not_found",
@@ -144,52 +145,34 @@ impl Error {
         }
     }
 
-    /// CamelCase reason for the `Ready` condition and the Warning event.
-    pub fn reason(&self) -> &str {
+    /// The reason for the `Ready` condition and the Warning event.
+    pub(crate) fn reason(&self) -> Reason {
         match self {
-            Error::MissingObjectKey(_) => "InvalidObject",
-            Error::SecretNotFound { .. } => "SecretNotFound",
-            Error::SecretKeyNotFound { .. } => "SecretKeyNotFound",
-            Error::SecretNotUtf8 { .. } => "InvalidConnectionUrl",
-            Error::SecretRead { .. } => "SecretReadFailed",
-            Error::Connect(e) => e.reason().as_str(),
-            Error::Engine(e) => e.reason().as_str(),
-            Error::PlanErrors { reason, .. } => reason,
-            Error::ApplyFailed { reason, .. } => reason,
-            Error::PatchStatus(_) => "StatusPatchFailed",
-            Error::CronJobs { .. } => "CronJobSyncFailed",
-            Error::BackupJobs(_) => "BackupStatusFailed",
-            Error::Pitr { .. } => "WalReceiverSyncFailed",
-            Error::ReadEndpoint { .. } => "ReadEndpointFailed",
-            Error::NotOwned { kind: "Secret", .. } => "SecretNotOwned",
-            Error::NotOwned {
-                kind: "CronJob", ..
-            } => "CronJobNotOwned",
-            Error::NotOwned {
-                kind: "Deployment", ..
-            } => "DeploymentNotOwned",
-            Error::NotOwned {
-                kind: "PersistentVolumeClaim",
-                ..
-            } => "PersistentVolumeClaimNotOwned",
-            Error::NotOwned { .. } => "NotOwned",
-            Error::Release(e) => e.reason().as_str(),
+            Error::MissingObjectKey(_) => Reason::InvalidObject,
+            Error::SecretNotFound { .. } => Reason::SecretNotFound,
+            Error::SecretKeyNotFound { .. } => Reason::SecretKeyNotFound,
+            Error::SecretNotUtf8 { .. } => Reason::InvalidConnectionUrl,
+            Error::SecretRead { .. } => Reason::SecretReadFailed,
+            Error::Connect(e) => e.reason(),
+            Error::Engine(e) => e.reason(),
+            Error::PlanErrors { reason, .. } | Error::ApplyFailed { reason, .. } => *reason,
+            Error::PatchStatus(_) => Reason::StatusPatchFailed,
+            Error::CronJobs { .. } => Reason::CronJobSyncFailed,
+            Error::BackupJobs(_) => Reason::BackupStatusFailed,
+            Error::Pitr { .. } => Reason::WalReceiverSyncFailed,
+            Error::ReadEndpoint { .. } => Reason::ReadEndpointFailed,
+            Error::NotOwned { kind, .. } => match *kind {
+                "Secret" => Reason::SecretNotOwned,
+                "CronJob" => Reason::CronJobNotOwned,
+                "Deployment" => Reason::DeploymentNotOwned,
+                "PersistentVolumeClaim" => Reason::PersistentVolumeClaimNotOwned,
+                _ => Reason::NotOwned,
+            },
+            Error::Release(e) => e.reason(),
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) | Error::Finalizer(_) => {
-                "FinalizerFailed"
+                Reason::FinalizerFailed
             }
         }
-    }
-
-    /// Whether the failure was already written into status by the reconciler (the
-    /// others happened while talking to the API server, so status cannot say them).
-    pub fn in_status(&self) -> bool {
-        !matches!(
-            self,
-            Error::PatchStatus(_)
-                | Error::AddFinalizer(_)
-                | Error::RemoveFinalizer(_)
-                | Error::Finalizer(_)
-        )
     }
 
     pub(crate) fn from_finalizer(e: kube::runtime::finalizer::Error<Error>) -> Error {
@@ -203,7 +186,7 @@ impl Error {
     }
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
@@ -243,8 +226,6 @@ mod tests {
             let text = format!("{e} {e:?}");
             assert!(!text.contains("hunter2"), "{text}");
             assert!(!text.contains(URI), "{text}");
-            assert!(!e.reason().is_empty());
-            assert!(e.reason().chars().next().unwrap().is_ascii_uppercase());
         }
         assert_eq!(errors[0].reason(), "ConnectionFailed");
         assert_eq!(errors[0].metric_label(), "connect");

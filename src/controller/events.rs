@@ -9,20 +9,21 @@ use kube::runtime::events::EventType;
 
 use crate::engine::areas::rls::repairs_weakened_security;
 use crate::engine::{Area, Change};
+use crate::reason::Reason;
 
 /// Room for the list of changes in a note (the API caps notes at 1 KiB; the rest of the
 /// sentence and a "… and N more" fit in what is left).
 const LIST_BUDGET: usize = 760;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Note {
+pub(crate) struct Note {
     pub type_: EventType,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub note: String,
 }
 
 /// `area target: summary; …`, whole entries only, then `… and N more`.
-pub fn list(changes: &[&Change]) -> String {
+pub(crate) fn list(changes: &[&Change]) -> String {
     let mut out = String::new();
     for (i, c) in changes.iter().enumerate() {
         let entry = format!("{} {}: {}", c.area, c.target, c.summary);
@@ -60,17 +61,17 @@ fn counts(changes: &[&Change]) -> String {
 
 /// The Event of a check that found drift. `drifted` are the changes that undo it (the
 /// plan's changes in the drifted areas); `repaired` says whether they were all applied.
-pub fn drift(drifted: &[&Change], repaired: bool) -> Note {
+pub(crate) fn drift(drifted: &[&Change], repaired: bool) -> Note {
     let weakened: Vec<&Change> = drifted
         .iter()
         .copied()
         .filter(|c| repairs_weakened_security(c))
         .collect();
     let (type_, reason) = match (weakened.is_empty(), repaired) {
-        (true, true) => (EventType::Normal, "DriftRepaired"),
-        (true, false) => (EventType::Normal, "DriftDetected"),
-        (false, true) => (EventType::Warning, "SecurityDriftRepaired"),
-        (false, false) => (EventType::Warning, "SecurityDriftDetected"),
+        (true, true) => (EventType::Normal, Reason::DriftRepaired),
+        (true, false) => (EventType::Normal, Reason::DriftDetected),
+        (false, true) => (EventType::Warning, Reason::SecurityDriftRepaired),
+        (false, false) => (EventType::Warning, Reason::SecurityDriftDetected),
     };
     let done = if repaired { "repaired" } else { "not repaired" };
     // The security-relevant changes first, so that the cap never hides them.
@@ -98,10 +99,10 @@ pub fn drift(drifted: &[&Change], repaired: bool) -> Note {
 
 /// The Event of a change set applied for other reasons than drift (a spec edit, a first
 /// run): counts by area, then what each change was.
-pub fn applied(changes: &[&Change]) -> Note {
+pub(crate) fn applied(changes: &[&Change]) -> Note {
     Note {
         type_: EventType::Normal,
-        reason: "Applied",
+        reason: Reason::Applied,
         note: format!(
             "applied {} change(s) ({}): {}",
             changes.len(),
@@ -132,7 +133,10 @@ mod tests {
     fn drift_names_each_object_and_what_was_done() {
         let a = flag("new_quiz_engine");
         let n = drift(&[&a], true);
-        assert_eq!((n.type_, n.reason), (EventType::Normal, "DriftRepaired"));
+        assert_eq!(
+            (n.type_, n.reason),
+            (EventType::Normal, Reason::DriftRepaired)
+        );
         assert_eq!(
             n.note,
             "the database differed from the policy (featureFlags 1), repaired: featureFlags new_quiz_engine: set new_quiz_engine enabled=true"
@@ -158,7 +162,7 @@ mod tests {
         let n = drift(&[&a, &create, &enable], true);
         assert_eq!(
             (n.type_, n.reason),
-            (EventType::Warning, "SecurityDriftRepaired")
+            (EventType::Warning, Reason::SecurityDriftRepaired)
         );
         assert!(
             n.note.starts_with(

@@ -18,7 +18,7 @@ type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 /// A request the reconciler sent, as the API server received it.
 #[derive(Debug, Clone)]
-pub struct Sent {
+pub(crate) struct Sent {
     /// `METHOD /path?query`
     pub request: String,
     pub body: Value,
@@ -26,7 +26,7 @@ pub struct Sent {
 
 /// One expected request and the answer the mocked API server gives.
 #[derive(Debug, Clone)]
-pub enum Expect {
+pub(crate) enum Expect {
     /// The JSON patch that adds the finalizer.
     AddFinalizer,
     /// The JSON patch that removes it.
@@ -65,15 +65,15 @@ pub enum Expect {
 }
 
 /// The expected requests, in order.
-pub type Scenario = Vec<Expect>;
+pub(crate) type Scenario = Vec<Expect>;
 
-pub struct ApiServerVerifier(ApiServerHandle);
+pub(crate) struct ApiServerVerifier(ApiServerHandle);
 
-pub const NS: &str = "default";
-pub const NAME: &str = "test";
-pub const SECRET: &str = "test-db";
+pub(crate) const NS: &str = "default";
+pub(crate) const NAME: &str = "test";
+pub(crate) const SECRET: &str = "test-db";
 
-pub fn not_found(what: &str) -> (StatusCode, Value) {
+pub(crate) fn not_found(what: &str) -> (StatusCode, Value) {
     (
         StatusCode::NOT_FOUND,
         json!({
@@ -119,7 +119,7 @@ fn policy_path() -> String {
 impl ApiServerVerifier {
     /// Plays `scenario` against the reconciler; the task returns every request sent and
     /// fails on an unexpected one, or when a request is missing or one too many.
-    pub fn run(
+    pub(crate) fn run(
         self,
         policy: DatabasePolicy,
         scenario: Scenario,
@@ -143,7 +143,7 @@ impl ApiServerVerifier {
                     Expect::AddFinalizer => {
                         assert_eq!(what, format!("PATCH {}?", policy_path()));
                         let mut p = policy.clone();
-                        p.finalizers_mut().push(super::FINALIZER.into());
+                        p.finalizers_mut().push(super::context::FINALIZER.into());
                         (StatusCode::OK, serde_json::to_value(p).unwrap())
                     }
                     Expect::RemoveFinalizer => {
@@ -325,7 +325,7 @@ impl ApiServerVerifier {
     /// requests depend on the generated spec): GET of a Secret answers `secret` (or 404),
     /// a LIST an empty list, POST/PATCH echo what was sent (with the policy around a
     /// status patch), DELETE succeeds. Returns how many requests were answered.
-    pub fn serve_anything(
+    pub(crate) fn serve_anything(
         self,
         policy: DatabasePolicy,
         secret: Option<Box<Secret>>,
@@ -381,7 +381,7 @@ impl ApiServerVerifier {
 /// A context whose client talks to the mocked API server.
 ///
 /// A context on an API server that serves batch/v1 CronJobs or not.
-pub fn test_context_with(cronjobs: bool) -> (Arc<Context>, ApiServerVerifier) {
+pub(crate) fn test_context_with(cronjobs: bool) -> (Arc<Context>, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, NS);
     let ctx = Context::new(client, Some("test-instance".into()), Metrics::default())
@@ -391,7 +391,7 @@ pub fn test_context_with(cronjobs: bool) -> (Arc<Context>, ApiServerVerifier) {
 
 /// A policy named `default/test` reading Secret `test-db`, with the operator's finalizer
 /// (so that Apply runs) unless `finalized` is false.
-pub fn test_policy(spec_yaml: &str, finalized: bool) -> DatabasePolicy {
+pub(crate) fn test_policy(spec_yaml: &str, finalized: bool) -> DatabasePolicy {
     let mut spec: DatabasePolicySpec = serde_yaml::from_str(spec_yaml).unwrap();
     spec.database.connection_secret_ref.name = SECRET.into();
     let mut p = DatabasePolicy::new(NAME, spec);
@@ -400,17 +400,17 @@ pub fn test_policy(spec_yaml: &str, finalized: bool) -> DatabasePolicy {
     p.meta_mut().uid = Some("7c1c4b6e-0000-4000-8000-000000000001".into());
     p.meta_mut().resource_version = Some("1".into());
     if finalized {
-        p.finalizers_mut().push(super::FINALIZER.into());
+        p.finalizers_mut().push(super::context::FINALIZER.into());
     }
     p
 }
 
-pub fn test_secret(uri: &str) -> Box<Secret> {
+pub(crate) fn test_secret(uri: &str) -> Box<Secret> {
     named_secret(SECRET, uri)
 }
 
 /// A Secret `name` with key `uri`.
-pub fn named_secret(name: &str, uri: &str) -> Box<Secret> {
+pub(crate) fn named_secret(name: &str, uri: &str) -> Box<Secret> {
     let mut s = Secret::default();
     s.metadata.name = Some(name.into());
     s.metadata.namespace = Some(NS.into());
@@ -419,7 +419,7 @@ pub fn named_secret(name: &str, uri: &str) -> Box<Secret> {
 }
 
 /// The condition of `type_` in a status patch body.
-pub fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
+pub(crate) fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
     status_patch["status"]["conditions"]
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
@@ -427,7 +427,7 @@ pub fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
 }
 
 /// A complete watch cache holding `objects`, as the operator's are once listed.
-pub fn filled_store<K>(objects: Vec<K>) -> kube::runtime::reflector::Store<K>
+pub(crate) fn filled_store<K>(objects: Vec<K>) -> kube::runtime::reflector::Store<K>
 where
     K: kube::runtime::reflector::Lookup + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default,
@@ -444,7 +444,7 @@ where
 
 /// A context reading Secrets and CronJobs from watch caches holding these objects (as
 /// `dbpolicy run` does), on a mocked API server that serves batch/v1 CronJobs.
-pub fn test_context_cached(
+pub(crate) fn test_context_cached(
     secrets: Vec<Secret>,
     cronjobs: Vec<CronJob>,
 ) -> (Arc<Context>, ApiServerVerifier) {

@@ -10,11 +10,11 @@ use tokio::task::JoinHandle;
 
 /// How long a holder that stopped renewing keeps the lease (client-go's default), and how
 /// long before expiry the holder renews it.
-pub const LEASE_DURATION_SECONDS: u64 = 15;
-pub const LEASE_GRACE_SECONDS: u64 = 5;
+pub(crate) const LEASE_DURATION_SECONDS: u64 = 15;
+pub(crate) const LEASE_GRACE_SECONDS: u64 = 5;
 
 #[derive(Debug, Clone)]
-pub struct LeaseConfig {
+pub(crate) struct LeaseConfig {
     pub name: String,
     pub namespace: String,
     /// Unique per replica: the pod name.
@@ -23,13 +23,16 @@ pub struct LeaseConfig {
 
 /// A running election: a background task that acquires and renews the Lease, and the
 /// channel on which it says whether this replica holds it.
-pub struct Leadership {
+pub(crate) struct Leadership {
     rx: watch::Receiver<bool>,
     task: JoinHandle<Result<LeaseManager, LeaseManagerError>>,
 }
 
 /// Gets or creates the Lease and starts competing for it.
-pub async fn start(client: Client, config: &LeaseConfig) -> Result<Leadership, LeaseManagerError> {
+pub(crate) async fn start(
+    client: Client,
+    config: &LeaseConfig,
+) -> Result<Leadership, LeaseManagerError> {
     let manager = LeaseManagerBuilder::new(client, &config.name)
         .with_namespace(&config.namespace)
         .with_identity(&config.identity)
@@ -43,25 +46,25 @@ pub async fn start(client: Client, config: &LeaseConfig) -> Result<Leadership, L
 
 impl Leadership {
     /// Waits until this replica holds the Lease; false when the election loop ended.
-    pub async fn acquired(&mut self) -> bool {
+    pub(crate) async fn acquired(&mut self) -> bool {
         self.rx.wait_for(|leader| *leader).await.is_ok()
     }
 
     /// A future that resolves when this replica no longer holds the Lease.
-    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+    pub(crate) fn lost(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
         let mut rx = self.rx.clone();
         async move {
             let _ = rx.wait_for(|leader| !*leader).await;
         }
     }
 
-    pub fn is_leader(&self) -> bool {
+    pub(crate) fn is_leader(&self) -> bool {
         *self.rx.borrow()
     }
 
     /// Closing the channel makes the election task release the Lease (if held) and stop,
     /// so a successor takes over at once instead of after the lease duration.
-    pub async fn release(self) {
+    pub(crate) async fn release(self) {
         drop(self.rx);
         match tokio::time::timeout(Duration::from_secs(5), self.task).await {
             Ok(Ok(Ok(_))) => tracing::info!("leader lease released"),
@@ -73,14 +76,14 @@ impl Leadership {
 }
 
 /// How often a standby reads the Lease to notice that its holder released it.
-pub const RELEASE_POLL: Duration = Duration::from_secs(1);
+pub(crate) const RELEASE_POLL: Duration = Duration::from_secs(1);
 
 /// Resolves when the Lease has no holder: its holder released it (SIGTERM).
 /// kube-lease-manager's standby sleeps until the expiry of the lease it last read, so
 /// without this a released Lease would wait out the rest of its duration. Each read comes
 /// a second after the last, which leaves a fresh election the time to take a Lease that had
 /// no holder; read errors count as "still held".
-pub async fn released(client: Client, config: &LeaseConfig) {
+pub(crate) async fn released(client: Client, config: &LeaseConfig) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     loop {
         tokio::time::sleep(RELEASE_POLL).await;
@@ -99,7 +102,7 @@ pub async fn released(client: Client, config: &LeaseConfig) {
 
 /// The replica's identity: `POD_NAME` when set (the Deployment passes it), else the
 /// hostname and the process id, so two processes on one machine never share it.
-pub fn default_identity() -> String {
+pub(crate) fn default_identity() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())

@@ -57,7 +57,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers every metric in `registry`; returns the handles to update.
-    pub fn register(self, registry: &mut Registry) -> Self {
+    pub(crate) fn register(self, registry: &mut Registry) -> Self {
         registry.register(
             "reconciles",
             "Reconciliations started",
@@ -94,7 +94,7 @@ impl Metrics {
     }
 
     /// Counts a reconcile and times it until the guard drops (on every return path).
-    pub fn reconcile_started(&self) -> ReconcileTimer {
+    pub(crate) fn reconcile_started(&self) -> ReconcileTimer {
         self.reconciles.inc();
         ReconcileTimer {
             start: Instant::now(),
@@ -102,7 +102,7 @@ impl Metrics {
         }
     }
 
-    pub fn reconcile_failed(&self, e: &Error) {
+    pub(crate) fn reconcile_failed(&self, e: &Error) {
         self.errors
             .get_or_create(&ErrorLabels {
                 error: e.metric_label().to_string(),
@@ -110,7 +110,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn applied(&self, area: Area, n: usize) {
+    pub(crate) fn applied(&self, area: Area, n: usize) {
         self.changes_applied
             .get_or_create(&AreaLabels {
                 area: area.as_str().to_string(),
@@ -123,7 +123,7 @@ impl Metrics {
 /// leaves out empty families, and then a rule or dashboard cannot tell a metric without
 /// series yet from a name that does not exist.
 #[derive(Debug, Clone)]
-pub struct PresentFromStart<M>(pub M);
+pub(crate) struct PresentFromStart<M>(pub M);
 
 impl<M: EncodeMetric> EncodeMetric for PresentFromStart<M> {
     fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -147,7 +147,7 @@ pub fn registry() -> (Registry, Metrics) {
 }
 
 /// Observes the elapsed time into the duration histogram when dropped.
-pub struct ReconcileTimer {
+pub(crate) struct ReconcileTimer {
     start: Instant,
     histogram: Histogram,
 }

@@ -1,22 +1,22 @@
 //! The operator (`dbpolicy run`): a kube-runtime `Controller` on `DatabasePolicy`, re-triggered by the Secrets policies reference, behind a leader Lease, with an admin server.
 
-pub mod admin;
-pub mod backups;
-pub mod cache;
-pub mod children;
-pub mod connections;
-pub mod context;
-pub mod error;
-pub mod events;
-pub mod lease;
+pub(crate) mod admin;
+pub(crate) mod backups;
+pub(crate) mod cache;
+pub(crate) mod children;
+pub(crate) mod connections;
+pub(crate) mod context;
+pub(crate) mod error;
+pub(crate) mod events;
+pub(crate) mod lease;
 pub mod metrics;
 pub mod pitr;
-pub mod policy_metrics;
-pub mod process_metrics;
+pub(crate) mod policy_metrics;
+pub(crate) mod process_metrics;
 pub mod read_endpoint;
-pub mod reconcile;
-pub mod replicas;
-pub mod status;
+pub(crate) mod reconcile;
+pub(crate) mod replicas;
+pub(crate) mod status;
 
 #[cfg(test)]
 mod fixtures;
@@ -37,8 +37,7 @@ use tokio::sync::watch;
 
 use crate::api::DatabasePolicy;
 use crate::jobs;
-pub use context::{Context, FIELD_MANAGER, FINALIZER};
-pub use error::Error;
+pub(crate) use context::Context;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -81,7 +80,7 @@ pub struct RunArgs {
 
 /// Whether the API server serves `batch/v1` CronJobs (Kubernetes 1.21+). Discovery is
 /// open to every authenticated client; an error counts as "no", with its reason logged.
-pub async fn cronjobs_served(client: &Client) -> bool {
+pub(crate) async fn cronjobs_served(client: &Client) -> bool {
     match client.list_api_group_resources("batch/v1").await {
         Ok(list) => list.resources.iter().any(|r| r.name == "cronjobs"),
         Err(e) => {
@@ -92,14 +91,14 @@ pub async fn cronjobs_served(client: &Client) -> bool {
 }
 
 /// The policy a backup Job belongs to, from its labels (its owner is the CronJob).
-pub fn policy_for_job(job: &Job) -> Option<ObjectRef<DatabasePolicy>> {
+pub(crate) fn policy_for_job(job: &Job) -> Option<ObjectRef<DatabasePolicy>> {
     let name = job.labels().get(jobs::cronjob::POLICY_LABEL)?;
     Some(ObjectRef::new(name).within(&job.namespace()?))
 }
 
 /// The policies in `secret`'s namespace that read it (primary, replica or S3 credentials),
 /// from the controller's cache.
-pub fn policies_for_secret(
+pub(crate) fn policies_for_secret(
     policies: &[Arc<DatabasePolicy>],
     secret: &Secret,
 ) -> Vec<ObjectRef<DatabasePolicy>> {
@@ -151,7 +150,7 @@ fn stopped(
 
 /// Runs the operator until SIGTERM/ctrl-c (Ok) or until the leader Lease is lost (Err, so
 /// the process exits and restarts as a candidate: reconciles must never overlap).
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let allowed_settings = crate::engine::AllowedSettings::new(&args.allow_settings)
         .map_err(|e| anyhow::anyhow!(e))?;
     for name in allowed_settings.names() {

@@ -40,9 +40,10 @@ use crate::engine::{Area, Change};
 use crate::jobs::pitr::{
     enabled, receiver_deployment, receiver_name, spool_claim_name, spool_pvc, BASE_BACKUP_ROLE,
 };
+use crate::reason::Reason;
 
 /// The condition's type.
-pub const CONDITION: &str = "PointInTimeRecoveryReady";
+pub(crate) const CONDITION: &str = "PointInTimeRecoveryReady";
 /// A receiver not available this long after its Deployment was created is down, not
 /// starting (an image pull and the first connection take well under this).
 const STARTUP_GRACE: Duration = Duration::from_secs(300);
@@ -153,7 +154,7 @@ where
 
 /// What the receiver step found or did.
 #[derive(Debug, Clone, Default)]
-pub struct ReceiverSync {
+pub(crate) struct ReceiverSync {
     /// The Deployment as the API server holds it (None: PITR off, or Plan mode before
     /// its creation).
     pub deployment: Option<Deployment>,
@@ -166,7 +167,7 @@ pub struct ReceiverSync {
 /// read for the many policies that never used it). The claim goes after the Deployment;
 /// Kubernetes keeps a claim in use until its pod is gone, and the pod ships what is
 /// complete on SIGTERM.
-pub async fn sync_receiver(
+pub(crate) async fn sync_receiver(
     client: &Client,
     policy: &DatabasePolicy,
     image: &str,
@@ -258,7 +259,7 @@ struct BaseMessage {
 
 /// One finished base backup Job.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BaseRun {
+pub(crate) struct BaseRun {
     pub run: backups::Run,
     pub base_backup: Option<String>,
     pub window_earliest: Option<Timestamp>,
@@ -267,7 +268,7 @@ pub struct BaseRun {
 }
 
 /// The finished base backup runs, oldest first.
-pub fn base_runs(jobs: &[Job], pods: &[Pod]) -> Vec<BaseRun> {
+pub(crate) fn base_runs(jobs: &[Job], pods: &[Pod]) -> Vec<BaseRun> {
     let mut out: Vec<BaseRun> = jobs
         .iter()
         .filter_map(|job| {
@@ -290,7 +291,7 @@ pub fn base_runs(jobs: &[Job], pods: &[Pod]) -> Vec<BaseRun> {
 /// `status.backups.pointInTimeRecovery`: the previous one, moved forward by the newest
 /// runs (finished Jobs are deleted; their facts stay), the receiver and the slot.
 /// `slot` None: the primary was not observed this time, the previous slot facts stay.
-pub fn pitr_status(
+pub(crate) fn pitr_status(
     previous: Option<&PitrStatus>,
     p: &PointInTimeRecovery,
     receiver: Option<&Deployment>,
@@ -377,7 +378,7 @@ pub fn readiness(
     if suspended {
         return ready(
             Status::Unknown,
-            "BackupsSuspended",
+            Reason::BackupsSuspended,
             "the WAL receiver is scaled to zero and base backups are suspended (spec.backups.suspend or spec.suspend); the slot retains WAL meanwhile".into(),
         );
     }
@@ -393,7 +394,7 @@ pub fn readiness(
         if starting {
             return ready(
                 Status::Unknown,
-                "WalReceiverStarting",
+                Reason::WalReceiverStarting,
                 "the WAL receiver Deployment has no available pod yet".into(),
             );
         }
@@ -403,7 +404,7 @@ pub fn readiness(
             .unwrap_or_default();
         return ready(
             Status::False,
-            "WalReceiverDown",
+            Reason::WalReceiverDown,
             format!(
                 "the WAL receiver Deployment has no available pod{why}; no WAL is archived and slot {slot} retains it on the server ({} so far)",
                 size(retained)
@@ -415,13 +416,13 @@ pub fn readiness(
             // The pod is up and creating the slot, or connecting.
             return ready(
                 Status::Unknown,
-                "WalReceiverStarting",
+                Reason::WalReceiverStarting,
                 format!("the WAL receiver is up and not streaming through slot {slot} yet"),
             );
         }
         return ready(
             Status::False,
-            "WalReceiverDown",
+            Reason::WalReceiverDown,
             format!(
                 "no receiver streams through slot {slot} (the pod is up but not connected: see its log); the slot retains {} of WAL",
                 size(retained)
@@ -432,7 +433,7 @@ pub fn readiness(
     if retained > 0 && retained as u64 > max_retained {
         return ready(
             Status::False,
-            "SlotRetainingTooMuch",
+            Reason::SlotRetainingTooMuch,
             format!(
                 "slot {slot} retains {} of WAL on the server, over maxSlotRetainedBytes ({}); drop it with pg_drop_replication_slot('{slot}') if PITR is no longer wanted",
                 size(retained),
@@ -445,7 +446,7 @@ pub fn readiness(
     if lag > 0 && lag as u64 > max_lag {
         return ready(
             Status::False,
-            "WalArchivingLagging",
+            Reason::WalArchivingLagging,
             format!(
                 "the WAL receiver is {} behind the server, over maxArchiveLagBytes ({})",
                 size(lag),
@@ -458,13 +459,13 @@ pub fn readiness(
     if let Some(f) = failure.filter(|f| success.is_none_or(|s| *f > s)) {
         return ready(
             Status::False,
-            "BaseBackupFailed",
+            Reason::BaseBackupFailed,
             format!(
                 "the last base backup failed at {f} ({}); see the logs of the {BASE_BACKUP_ROLE} Job",
                 status
                     .last_base_backup_failure_reason
                     .as_deref()
-                    .unwrap_or("BaseBackupFailed")
+                    .unwrap_or(Reason::BaseBackupFailed.as_str())
             ),
         );
     }
@@ -472,7 +473,7 @@ pub fn readiness(
     match (success, window) {
         (None, Some(w)) if base_created.is_some_and(|c| since(c) > w) => ready(
             Status::False,
-            "BaseBackupOverdue",
+            Reason::BaseBackupOverdue,
             format!(
                 "no base backup succeeded within {} of the CronJob's creation: nothing can be restored yet",
                 crate::units::duration(w)
@@ -480,7 +481,7 @@ pub fn readiness(
         ),
         (None, _) => ready(
             Status::Unknown,
-            "NoBaseBackupYet",
+            Reason::NoBaseBackupYet,
             format!(
                 "WAL is archived; no base backup yet (schedule {:?}): nothing can be restored before the first one",
                 p.base_backup_schedule
@@ -488,7 +489,7 @@ pub fn readiness(
         ),
         (Some(s), Some(w)) if since(s) > w => ready(
             Status::False,
-            "BaseBackupOverdue",
+            Reason::BaseBackupOverdue,
             format!(
                 "no base backup within {} (twice the schedule's interval); the last one finished at {s}",
                 crate::units::duration(w)
@@ -496,7 +497,7 @@ pub fn readiness(
         ),
         (Some(s), _) => ready(
             Status::True,
-            "Recoverable",
+            Reason::Recoverable,
             format!(
                 "WAL is archived through slot {slot}; last base backup at {s}; recoverable from {} (window listed at {})",
                 status.earliest_recoverable_time.as_deref().unwrap_or("-"),
@@ -510,7 +511,7 @@ pub fn readiness(
 
 /// What one reconcile gathered about point-in-time recovery.
 #[derive(Debug, Default)]
-pub struct Pitr {
+pub(crate) struct Pitr {
     receiver: Option<Deployment>,
     base_created: Option<Timestamp>,
     runs: Vec<BaseRun>,
@@ -524,9 +525,9 @@ pub struct Pitr {
 
 /// `PointInTimeRecoveryReady`'s status, reason and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     pub status: Status,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -534,20 +535,20 @@ impl From<Readiness> for Verdict {
     fn from(r: Readiness) -> Self {
         Verdict {
             status: r.status,
-            reason: r.reason.to_string(),
+            reason: r.reason,
             message: r.message,
         }
     }
 }
 
 /// Whether the policy runs point-in-time recovery.
-pub fn enabled_in(policy: &DatabasePolicy) -> bool {
+pub(crate) fn enabled_in(policy: &DatabasePolicy) -> bool {
     enabled(policy).is_some()
 }
 
 /// Syncs the receiver and reads the base backup Jobs; failures go into `found` as the
 /// Backups area's state and are kept to be returned once status is written.
-pub async fn gather(
+pub(crate) async fn gather(
     client: &Client,
     policy: &DatabasePolicy,
     image: &str,
@@ -593,22 +594,14 @@ pub async fn gather(
 fn failed(e: &Error) -> Verdict {
     Verdict {
         status: Status::False,
-        reason: e.reason().to_string(),
+        reason: e.reason(),
         message: e.to_string(),
     }
 }
 
 /// The Backups area fails with `e` (a worse state already there stays).
 fn fail(found: &mut Children, e: &Error) {
-    overlay_backups(
-        &mut found.areas,
-        AreaState {
-            area: Area::Backups,
-            status: Status::False,
-            reason: e.reason().to_string(),
-            message: e.to_string(),
-        },
-    );
+    overlay_backups(&mut found.areas, AreaState::failed(Area::Backups, e));
 }
 
 /// Puts `state` over the Backups area's entry when it is worse (False over anything
@@ -624,13 +617,13 @@ fn overlay_backups(areas: &mut Vec<AreaState>, state: AreaState) {
 
 impl Pitr {
     /// The failure to return once status is written (it is in `found` already).
-    pub fn take_error(&mut self) -> Option<Error> {
+    pub(crate) fn take_error(&mut self) -> Option<Error> {
         self.error.take()
     }
 
     /// Reads the slot on the primary; a failure leaves it unobserved (status keeps the
     /// previous facts) and is logged: it never fails the reconcile.
-    pub async fn observe(&mut self, policy: &DatabasePolicy, url: &str) {
+    pub(crate) async fn observe(&mut self, policy: &DatabasePolicy, url: &str) {
         let Some((_, p)) = enabled(policy) else {
             return;
         };
@@ -652,7 +645,7 @@ impl Pitr {
     /// Fills `status.backups.pointInTimeRecovery` in `found` (removes it when PITR is
     /// off) and, when the receiver or the base backups are not ready, makes the Backups
     /// area say so. Returns the condition's state, None when PITR is off.
-    pub fn report(
+    pub(crate) fn report(
         &self,
         policy: &DatabasePolicy,
         input: &Input<'_>,
@@ -703,7 +696,7 @@ impl Pitr {
                 AreaState {
                     area: Area::Backups,
                     status: r.status,
-                    reason: r.reason.clone(),
+                    reason: r.reason,
                     message: format!("point-in-time recovery: {}", r.message),
                 },
             );
@@ -721,10 +714,14 @@ impl Pitr {
 
 /// Adds `PointInTimeRecoveryReady` to a status built by `status::from_*` (which know
 /// only the areas); without PITR the condition is simply absent.
-pub fn add_condition(input: &Input<'_>, status: &mut DatabasePolicyStatus, r: Option<&Verdict>) {
+pub(crate) fn add_condition(
+    input: &Input<'_>,
+    status: &mut DatabasePolicyStatus,
+    r: Option<&Verdict>,
+) {
     status.conditions.retain(|c| c.type_ != CONDITION);
     if let Some(r) = r {
-        let c: Condition = condition(input, CONDITION, r.status, &r.reason, &r.message);
+        let c: Condition = condition(input, CONDITION, r.status, r.reason, &r.message);
         status.conditions.push(c);
     }
 }
@@ -856,7 +853,7 @@ mod tests {
         let r = state(&newer, Some(&d));
         assert_eq!(
             (r.status, r.reason),
-            (Status::True, "Recoverable"),
+            (Status::True, Reason::Recoverable),
             "{}",
             r.message
         );
@@ -886,7 +883,10 @@ mod tests {
         // Unavailable for long: down, with the Deployment's own words.
         let down = deployment(0, "2026-11-01T00:00:00Z");
         let r = state(&ok, Some(&down));
-        assert_eq!((r.status, r.reason), (Status::False, "WalReceiverDown"));
+        assert_eq!(
+            (r.status, r.reason),
+            (Status::False, Reason::WalReceiverDown)
+        );
         assert!(r.message.contains("minimum availability"), "{}", r.message);
         // Pod up but nobody on the slot: starting for a while after the creation, then down.
         let mut idle = ok.clone();
@@ -901,7 +901,7 @@ mod tests {
         let r = state(&retaining, Some(&up));
         assert_eq!(
             (r.status, r.reason),
-            (Status::False, "SlotRetainingTooMuch")
+            (Status::False, Reason::SlotRetainingTooMuch)
         );
         assert!(
             r.message.contains("2.0 GiB") && r.message.contains("1.0 GiB"),
@@ -912,7 +912,10 @@ mod tests {
         let mut lagging = ok.clone();
         lagging.archive_lag_bytes = Some(100 << 20);
         let r = state(&lagging, Some(&up));
-        assert_eq!((r.status, r.reason), (Status::False, "WalArchivingLagging"));
+        assert_eq!(
+            (r.status, r.reason),
+            (Status::False, Reason::WalArchivingLagging)
+        );
         // Thresholds come from the spec.
         let mut p = spec();
         p.max_archive_lag_bytes = Some(200 << 20);
@@ -921,7 +924,10 @@ mod tests {
 
         // Suspended outranks everything: the receiver is scaled to zero on purpose.
         let r = readiness(&spec(), true, &ok, Some(&down), None, at(NOW));
-        assert_eq!((r.status, r.reason), (Status::Unknown, "BackupsSuspended"));
+        assert_eq!(
+            (r.status, r.reason),
+            (Status::Unknown, Reason::BackupsSuspended)
+        );
     }
 
     #[test]
@@ -938,12 +944,12 @@ mod tests {
         );
         assert_eq!(
             (young.status, young.reason),
-            (Status::Unknown, "NoBaseBackupYet")
+            (Status::Unknown, Reason::NoBaseBackupYet)
         );
         let old = state(&none, Some(&up));
         assert_eq!(
             (old.status, old.reason),
-            (Status::False, "BaseBackupOverdue")
+            (Status::False, Reason::BaseBackupOverdue)
         );
         // A daily schedule: 48 h without a base backup is overdue.
         let stale = pitr_status(
@@ -956,7 +962,7 @@ mod tests {
         let r = state(&stale, Some(&up));
         assert_eq!(
             (r.status, r.reason),
-            (Status::False, "BaseBackupOverdue"),
+            (Status::False, Reason::BaseBackupOverdue),
             "{}",
             r.message
         );
@@ -967,19 +973,19 @@ mod tests {
         let mut areas = vec![AreaState {
             area: Area::Backups,
             status: Status::True,
-            reason: "BackupSucceeded".into(),
+            reason: Reason::BackupSucceeded,
             message: "ok".into(),
         }];
         let down = AreaState {
             area: Area::Backups,
             status: Status::False,
-            reason: "WalReceiverDown".into(),
+            reason: Reason::WalReceiverDown,
             message: "down".into(),
         };
         overlay_backups(&mut areas, down.clone());
         assert_eq!(areas[0].reason, "WalReceiverDown");
         let mut failing = vec![AreaState {
-            reason: "BackupFailed".into(),
+            reason: Reason::BackupFailed,
             ..down.clone()
         }];
         overlay_backups(&mut failing, down);
@@ -989,13 +995,13 @@ mod tests {
         );
         let mut fine = areas.clone();
         fine[0].status = Status::True;
-        fine[0].reason = "BackupSucceeded".into();
+        fine[0].reason = Reason::BackupSucceeded;
         overlay_backups(
             &mut fine,
             AreaState {
                 area: Area::Backups,
                 status: Status::True,
-                reason: "Recoverable".into(),
+                reason: Reason::Recoverable,
                 message: String::new(),
             },
         );

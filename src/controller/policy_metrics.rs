@@ -58,7 +58,7 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// One replica's figures; None where not measured (unreachable) or not set in the spec.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ReplicaFigures {
+pub(crate) struct ReplicaFigures {
     pub lag_seconds: Option<f64>,
     pub lag_bytes: Option<i64>,
     pub max_lag_seconds: Option<f64>,
@@ -67,7 +67,7 @@ pub struct ReplicaFigures {
 
 /// The backups' figures; None where there is nothing to say yet.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct BackupFigures {
+pub(crate) struct BackupFigures {
     pub last_success_seconds: Option<f64>,
     pub last_size_bytes: Option<i64>,
     /// The interval of `spec.backups.schedule` (its two latest firings apart).
@@ -77,7 +77,7 @@ pub struct BackupFigures {
 /// What one reconcile found about a policy, in numbers. A `None` part was not observed
 /// at this check (the database was not reachable): its series stay as last exported.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub ready: bool,
     /// Changes not carried out, by (area, hazard); only non-zero counts.
     pub pending: Option<BTreeMap<(String, String), i64>>,
@@ -90,7 +90,7 @@ pub struct Snapshot {
 
 /// The figures of a policy from the status just written and what the run found.
 /// `pending` and `replicas`/`slots` are None when the database was not observed.
-pub fn snapshot(
+pub(crate) fn snapshot(
     spec: &DatabasePolicySpec,
     status: &DatabasePolicyStatus,
     pending: Option<&[Change]>,
@@ -194,7 +194,7 @@ where
 }
 
 impl PolicyMetrics {
-    pub fn register(&self, registry: &mut Registry) {
+    pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "policy_ready",
             "1 when the policy's Ready condition is True, else 0",
@@ -265,7 +265,7 @@ impl PolicyMetrics {
     }
 
     /// Counts a check that found drift in `area` of the policy.
-    pub fn drifted(&self, namespace: &str, policy: &str, area: Area) {
+    pub(crate) fn drifted(&self, namespace: &str, policy: &str, area: Area) {
         let labels = AreaLabels {
             namespace: namespace.into(),
             policy: policy.into(),
@@ -280,7 +280,7 @@ impl PolicyMetrics {
     }
 
     /// Replaces the policy's series with `snap`.
-    pub fn record(&self, namespace: &str, policy: &str, snap: &Snapshot) {
+    pub(crate) fn record(&self, namespace: &str, policy: &str, snap: &Snapshot) {
         let key = PolicyLabels {
             namespace: namespace.into(),
             policy: policy.into(),
@@ -362,7 +362,7 @@ impl PolicyMetrics {
     }
 
     /// Removes every series of a deleted policy.
-    pub fn forget(&self, namespace: &str, policy: &str) {
+    pub(crate) fn forget(&self, namespace: &str, policy: &str) {
         let key = PolicyLabels {
             namespace: namespace.into(),
             policy: policy.into(),

@@ -14,7 +14,7 @@ const USER_HZ: f64 = 100.0;
 
 /// One reading of the process.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ProcessStats {
+pub(crate) struct ProcessStats {
     pub cpu_seconds: f64,
     pub resident_bytes: Option<i64>,
     pub virtual_bytes: Option<i64>,
@@ -26,7 +26,7 @@ pub struct ProcessStats {
 
 /// Parses `/proc/self/stat`, `/proc/self/status`, `/proc/stat` (boot time) and
 /// `/proc/self/limits`; a missing or odd field is left out, never guessed.
-pub fn parse(stat: &str, status: &str, proc_stat: &str, limits: &str) -> ProcessStats {
+pub(crate) fn parse(stat: &str, status: &str, proc_stat: &str, limits: &str) -> ProcessStats {
     let mut s = ProcessStats::default();
     // The command name (field 2) is in parentheses and may hold spaces: split after it.
     let fields: Vec<&str> = stat
@@ -81,7 +81,7 @@ fn read() -> Option<ProcessStats> {
 /// Registered on the root registry (no `dbpolicy_` prefix): `process_cpu_seconds_total`,
 /// `process_resident_memory_bytes`, … as client_golang names them.
 #[derive(Debug, Default)]
-pub struct ProcessCollector;
+pub(crate) struct ProcessCollector;
 
 impl Collector for ProcessCollector {
     fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -108,7 +108,10 @@ where
     Ok(())
 }
 
-pub fn encode(s: &ProcessStats, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+pub(crate) fn encode(
+    s: &ProcessStats,
+    mut encoder: DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
     let cpu = ConstCounter::new(s.cpu_seconds);
     cpu.encode(encoder.encode_descriptor(
         "process_cpu_seconds",

@@ -21,7 +21,7 @@ pub enum ReadSource {
 }
 
 impl ReadSource {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ReadSource::Replicas => "replicas",
             ReadSource::Primary => "primary",
@@ -31,9 +31,9 @@ impl ReadSource {
 }
 
 /// Secret keys of the read endpoint.
-pub const KEY_READ_URL: &str = "DATABASE_READ_URL";
-pub const KEY_READ_URLS: &str = "DATABASE_READ_URLS";
-pub const KEY_READ_SOURCE: &str = "DATABASE_READ_SOURCE";
+pub(crate) const KEY_READ_URL: &str = "DATABASE_READ_URL";
+pub(crate) const KEY_READ_URLS: &str = "DATABASE_READ_URLS";
+pub(crate) const KEY_READ_SOURCE: &str = "DATABASE_READ_SOURCE";
 
 /// The contents of the read-endpoint Secret. Holds credentials: its `Debug` shows names,
 /// never URLs.

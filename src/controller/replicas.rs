@@ -36,7 +36,7 @@ fn moved_i(a: Option<i64>, b: Option<i64>, step: i64) -> bool {
 /// slot changed, or its lag moved by a step worth telling: a tenth of its limit, at least
 /// 1 s or 1 MiB. Otherwise the previous entry stays as it was, so a steady state writes
 /// the same status. The state itself is always current.
-pub fn stable_statuses(
+pub(crate) fn stable_statuses(
     spec: &ReplicasSpec,
     previous: Option<&[ReplicaStatus]>,
     current: Vec<ReplicaStatus>,
@@ -75,7 +75,7 @@ pub fn stable_statuses(
 /// lagging, unreachable or promoted; Unknown when some could only not be checked (no
 /// Secret for it). `notes` says why a replica was not checked. None: all healthy, the
 /// engine's state of the area (its slots) stands.
-pub fn replicas_area(
+pub(crate) fn replicas_area(
     statuses: &[ReplicaStatus],
     notes: &BTreeMap<String, String>,
 ) -> Option<AreaState> {
@@ -92,7 +92,7 @@ pub fn replicas_area(
         } else {
             Status::False
         },
-        reason: reason.to_string(),
+        reason,
         message,
     })
 }
@@ -100,10 +100,10 @@ pub fn replicas_area(
 /// One Event per replica whose state changed: a Warning with the state's reason
 /// (`ReplicaLagging` when it crossed its lag limit), a Normal `ReplicaHealthy` when it
 /// recovered.
-pub fn replica_events(
+pub(crate) fn replica_events(
     previous: &[ReplicaStatus],
     current: &[ReplicaStatus],
-) -> Vec<(EventType, &'static str, String)> {
+) -> Vec<(EventType, Reason, String)> {
     transitions(previous, current)
         .into_iter()
         .map(|t| {
@@ -111,7 +111,7 @@ pub fn replica_events(
             if t.healthy {
                 (
                     EventType::Normal,
-                    "ReplicaHealthy",
+                    Reason::ReplicaHealthy,
                     format!("replica {} is Healthy again (was {from})", t.name),
                 )
             } else {
@@ -128,7 +128,7 @@ pub fn replica_events(
                 .into_iter()
                 .find(|s| s.as_str() == t.to)
                 .and_then(|s| s.reason())
-                .map_or("ReplicaNotChecked", Reason::as_str);
+                .unwrap_or(Reason::ReplicaNotChecked);
                 (
                     EventType::Warning,
                     reason,
@@ -263,7 +263,7 @@ mod tests {
         let events = replica_events(&healthy, &lagging);
         assert_eq!(events.len(), 1);
         let (ty, reason, note) = &events[0];
-        assert_eq!((ty, *reason), (&EventType::Warning, "ReplicaLagging"));
+        assert_eq!((ty, *reason), (&EventType::Warning, Reason::ReplicaLagging));
         assert_eq!(
             note,
             "replica r1 is Lagging (was Healthy): replay lag 42.0s, 83886080 bytes"
@@ -271,7 +271,7 @@ mod tests {
         let events = replica_events(&lagging, &healthy);
         assert_eq!(
             (&events[0].0, events[0].1),
-            (&EventType::Normal, "ReplicaHealthy")
+            (&EventType::Normal, Reason::ReplicaHealthy)
         );
         assert!(replica_events(&healthy, &healthy).is_empty());
         assert!(

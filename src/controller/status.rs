@@ -12,15 +12,15 @@ use crate::api::{
 use crate::engine::{Area, AreaPlan, Change, Outcome, Plan};
 use crate::reason::Reason;
 
-pub const READY: &str = "Ready";
-pub const DRIFTED: &str = "Drifted";
+pub(crate) const READY: &str = "Ready";
+pub(crate) const DRIFTED: &str = "Drifted";
 
 /// Condition messages are capped well below the API's 32 KiB: they are for people.
 const MAX_MESSAGE: usize = 1024;
 
 /// What every builder needs besides the finding itself.
 #[derive(Debug, Clone)]
-pub struct Input<'a> {
+pub(crate) struct Input<'a> {
     pub spec: &'a DatabasePolicySpec,
     pub generation: Option<i64>,
     pub previous: Option<&'a DatabasePolicyStatus>,
@@ -32,7 +32,7 @@ pub struct Input<'a> {
 
 /// The areas present in the spec, in apply order (the registry's, see
 /// `engine::areas`).
-pub fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
+pub(crate) fn spec_areas(spec: &DatabasePolicySpec) -> Vec<Area> {
     Area::ALL.into_iter().filter(|a| a.in_spec(spec)).collect()
 }
 
@@ -55,11 +55,11 @@ impl Status {
 }
 
 /// Builds a condition, keeping the previous `lastTransitionTime` unless the status changed.
-pub fn condition(
+pub(crate) fn condition(
     input: &Input<'_>,
     type_: &str,
     status: Status,
-    reason: &str,
+    reason: Reason,
     message: &str,
 ) -> Condition {
     let status = status.as_str();
@@ -70,7 +70,7 @@ pub fn condition(
     Condition {
         type_: type_.to_string(),
         status: status.to_string(),
-        reason: reason.to_string(),
+        reason: reason.as_str().to_string(),
         message: bounded(message),
         observed_generation: input.generation,
         last_transition_time,
@@ -98,14 +98,14 @@ fn bounded(message: &str) -> String {
 /// `spec.suspend: true`: `Ready=False/Suspended`, and every area and `Drifted` Unknown
 /// with reason `Suspended` (they are not being checked; a stale True would say otherwise).
 /// The details last seen (`status.replicas`, `status.backups`, …) are kept as they were.
-pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
+pub(crate) fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
     let mut status = input.previous.cloned().unwrap_or_default();
     const NOT_CHECKED: &str = "not checked: spec.suspend is true";
     let mut conditions = vec![condition(
         input,
         READY,
         Status::False,
-        "Suspended",
+        Reason::Suspended,
         "spec.suspend is true: the database is neither observed nor changed",
     )];
     for area in spec_areas(input.spec) {
@@ -113,7 +113,7 @@ pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
             input,
             area.condition_type(),
             Status::Unknown,
-            "Suspended",
+            Reason::Suspended,
             NOT_CHECKED,
         ));
     }
@@ -121,7 +121,7 @@ pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
         input,
         DRIFTED,
         Status::Unknown,
-        "Suspended",
+        Reason::Suspended,
         NOT_CHECKED,
     ));
     status.conditions = conditions;
@@ -132,15 +132,16 @@ pub fn suspended(input: &Input<'_>) -> DatabasePolicyStatus {
 
 /// A failure before or while observing the database (Secret, connection, engine): the
 /// areas and drift are Unknown, the pending plan of the last check is kept.
-pub fn from_error(input: &Input<'_>, reason: &str, message: &str) -> DatabasePolicyStatus {
+#[cfg(test)]
+pub(crate) fn from_error(input: &Input<'_>, reason: Reason, message: &str) -> DatabasePolicyStatus {
     from_error_with(input, reason, message, &Children::default())
 }
 
 /// [`from_error`], with what was found outside the database (backups) kept as found:
 /// only the areas the engine decides become Unknown.
-pub fn from_error_with(
+pub(crate) fn from_error_with(
     input: &Input<'_>,
-    reason: &str,
+    reason: Reason,
     message: &str,
     children: &Children,
 ) -> DatabasePolicyStatus {
@@ -152,13 +153,7 @@ pub fn from_error_with(
             .iter()
             .find(|a| a.area == area && area == Area::Backups);
         conditions.push(match found {
-            Some(a) => condition(
-                input,
-                area.condition_type(),
-                a.status,
-                &a.reason,
-                &a.message,
-            ),
+            Some(a) => condition(input, area.condition_type(), a.status, a.reason, &a.message),
             None => condition(
                 input,
                 area.condition_type(),
@@ -189,17 +184,33 @@ pub fn from_error_with(
 
 /// The state of one area after a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AreaState {
+pub(crate) struct AreaState {
     pub area: Area,
     pub status: Status,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
+}
+
+impl AreaState {
+    pub(crate) fn new(area: Area, status: Status, reason: Reason, message: String) -> AreaState {
+        AreaState {
+            area,
+            status,
+            reason,
+            message,
+        }
+    }
+
+    /// The area fails with a step's error: its reason, its message.
+    pub(crate) fn failed(area: Area, e: &crate::controller::error::Error) -> AreaState {
+        AreaState::new(area, Status::False, e.reason(), e.to_string())
+    }
 }
 
 /// What the controller found outside the engine's run: replica health, backups, the
 /// CronJobs and the read-endpoint Secret.
 #[derive(Debug, Clone, Default)]
-pub struct Children {
+pub(crate) struct Children {
     /// Area states decided outside the engine (replica health, backups, CronJobs): each
     /// replaces the engine's state of its area, unless that one is a worse failure.
     pub areas: Vec<AreaState>,
@@ -227,7 +238,7 @@ fn overlay(states: &mut Vec<AreaState>, overrides: &[AreaState]) {
 fn severity(s: &AreaState) -> u8 {
     match s.status {
         Status::True | Status::Unknown => 0,
-        Status::False => Reason::severity_of(&s.reason),
+        Status::False => s.reason.severity(),
     }
 }
 
@@ -240,7 +251,7 @@ fn count_by_area<'a>(changes: impl Iterator<Item = &'a Change>) -> BTreeMap<Area
 }
 
 /// `autovacuum 2, serverSettings 1`
-pub fn counts_note(counts: &BTreeMap<Area, usize>) -> String {
+pub(crate) fn counts_note(counts: &BTreeMap<Area, usize>) -> String {
     counts
         .iter()
         .map(|(a, n)| format!("{a} {n}"))
@@ -252,7 +263,7 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     let state = |status, reason: Reason, message: String| AreaState {
         area,
         status,
-        reason: reason.to_string(),
+        reason,
         message,
     };
     let Some(ap) = plan else {
@@ -363,10 +374,9 @@ fn area_state(area: Area, plan: Option<&AreaPlan>, outcome: &Outcome, mode: Mode
     )
 }
 
-/// Changes found at this check but not carried out.
 /// Every change found and not carried out: the engine's (see [`pending_changes`]) and the
 /// child objects' (Plan mode). What `pendingChanges` counts.
-pub fn pending(outcome: &Outcome, mode: Mode, children: &Children) -> Vec<Change> {
+pub(crate) fn pending(outcome: &Outcome, mode: Mode, children: &Children) -> Vec<Change> {
     let mut pending = pending_changes(outcome, mode);
     pending.extend(children.pending.iter().cloned());
     pending
@@ -388,12 +398,12 @@ fn pending_changes(outcome: &Outcome, mode: Mode) -> Vec<Change> {
 /// (the last check of this generation found it Ready, or had already found drift).
 /// Differences right after a spec change (or after a failed run) are not drift, in Plan
 /// mode too: there a spec edit is pending, not drift.
-pub fn drifted_areas(input: &Input<'_>, outcome: &Outcome, _mode: Mode) -> Vec<Area> {
+pub(crate) fn drifted_areas(input: &Input<'_>, outcome: &Outcome, _mode: Mode) -> Vec<Area> {
     let converged = input.previous.is_some_and(|p| {
         p.observed_generation == input.generation
             && (previous_condition(Some(p), READY).is_some_and(|c| c.status == "True")
                 || previous_condition(Some(p), DRIFTED)
-                    .is_some_and(|c| c.status == "True" && c.reason == "DriftDetected"))
+                    .is_some_and(|c| c.status == "True" && Reason::DriftDetected == *c.reason))
     });
     if !converged {
         return Vec::new();
@@ -411,9 +421,9 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
                 .as_ref()
                 .is_some_and(|r| r.succeeded() && r.refused.is_empty());
         let (reason, what) = if all_applied {
-            ("DriftRepaired", "repaired")
+            (Reason::DriftRepaired, "repaired")
         } else {
-            ("DriftDetected", "not repaired")
+            (Reason::DriftDetected, "not repaired")
         };
         return condition(
             input,
@@ -431,7 +441,7 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
             input,
             DRIFTED,
             Status::False,
-            "ChangesPending",
+            Reason::ChangesPending,
             "the policy asks for changes not yet made (spec.mode is Plan; see status.pendingPlan): pending, not drift",
         );
     }
@@ -440,14 +450,14 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
             input,
             DRIFTED,
             Status::False,
-            "Converging",
+            Reason::Converging,
             "the database is being brought to this generation of the policy",
         );
     }
     // A repaired drift stays visible for one drift-check interval: a check woken sooner
     // (a Secret change, the reconcile-at annotation) would otherwise erase it.
     if let Some(prev) = previous_condition(input.previous, DRIFTED) {
-        if prev.status == "True" && prev.reason == "DriftRepaired" {
+        if prev.status == "True" && Reason::DriftRepaired == *prev.reason {
             let since = input.now.0.duration_since(prev.last_transition_time.0);
             let interval = k8s_openapi::jiff::SignedDuration::try_from(input.drift_interval)
                 .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
@@ -460,19 +470,20 @@ fn drifted_condition(input: &Input<'_>, outcome: &Outcome, mode: Mode) -> Condit
         input,
         DRIFTED,
         Status::False,
-        "InSync",
+        Reason::InSync,
         "the database matched the policy at the last check",
     )
 }
 
 /// The status after the engine ran: `Ready`, one condition per area of the spec, `Drifted`,
 /// the pending plan.
-pub fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatus {
+#[cfg(test)]
+pub(crate) fn from_outcome(input: &Input<'_>, outcome: &Outcome) -> DatabasePolicyStatus {
     from_outcome_with(input, outcome, &Children::default())
 }
 
 /// [`from_outcome`], with the areas and pending changes found outside the engine.
-pub fn from_outcome_with(
+pub(crate) fn from_outcome_with(
     input: &Input<'_>,
     outcome: &Outcome,
     children: &Children,
@@ -508,7 +519,7 @@ pub fn from_outcome_with(
                     worst.area, worst.message
                 )
             };
-            condition(input, READY, Status::False, &worst.reason, &message)
+            condition(input, READY, Status::False, worst.reason, &message)
         }
         None => {
             let skipped: Vec<String> = states
@@ -524,7 +535,7 @@ pub fn from_outcome_with(
                     skipped.join(", ")
                 )
             };
-            condition(input, READY, Status::True, "Reconciled", &message)
+            condition(input, READY, Status::True, Reason::Reconciled, &message)
         }
     };
 
@@ -534,7 +545,7 @@ pub fn from_outcome_with(
             input,
             s.area.condition_type(),
             s.status,
-            &s.reason,
+            s.reason,
             &s.message,
         ));
     }
@@ -604,14 +615,17 @@ pub fn from_outcome_with(
 }
 
 /// Applied changes per area, for the `Applied` event and the metrics.
-pub fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
+pub(crate) fn applied_by_area(outcome: &Outcome) -> BTreeMap<Area, usize> {
     count_by_area(outcome.report.iter().flat_map(|r| r.applied.iter()))
 }
 
 /// Whether `new` says nothing `previous` (as the API server returned it) does not:
 /// compared as JSON, the form both take on the wire, so that a field the server dropped
 /// or defaulted (empty lists, `None`) is not a difference.
-pub fn unchanged(previous: Option<&DatabasePolicyStatus>, new: &DatabasePolicyStatus) -> bool {
+pub(crate) fn unchanged(
+    previous: Option<&DatabasePolicyStatus>,
+    new: &DatabasePolicyStatus,
+) -> bool {
     let Some(previous) = previous else {
         return false;
     };
@@ -734,7 +748,7 @@ mod tests {
         assert_eq!(first, second, "a steady state writes the same status");
         let failed = from_error(
             &input(&spec, Some(&second), at(120)),
-            "ConnectionFailed",
+            Reason::ConnectionFailed,
             "x",
         );
         assert_eq!(cond(&failed, READY).last_transition_time, at(120));
@@ -742,7 +756,7 @@ mod tests {
         assert_eq!(cond(&failed, "FeatureFlagsReady").status, "Unknown");
         let again = from_error(
             &input(&spec, Some(&failed), at(180)),
-            "ConnectionFailed",
+            Reason::ConnectionFailed,
             "y",
         );
         assert_eq!(cond(&again, READY).last_transition_time, at(120));
@@ -961,7 +975,7 @@ mod tests {
         let failed = AreaState {
             area: Area::Backups,
             status: Status::False,
-            reason: "BackupFailed".into(),
+            reason: Reason::BackupFailed,
             message: "the last backup failed".into(),
         };
         let children = Children {
@@ -988,7 +1002,7 @@ mod tests {
             areas: vec![AreaState {
                 area: Area::FeatureFlags,
                 status: Status::False,
-                reason: "PlanPending".into(),
+                reason: Reason::PlanPending,
                 message: "x".into(),
             }],
             pending: vec![change(Area::Backups, "CronJob/test-backup")],
@@ -1003,7 +1017,7 @@ mod tests {
             areas: vec![AreaState {
                 area: Area::Backups,
                 status: Status::Unknown,
-                reason: "CronJobsUnsupported".into(),
+                reason: Reason::CronJobsUnsupported,
                 message: "no batch/v1".into(),
             }],
             ..Default::default()
@@ -1028,7 +1042,11 @@ mod tests {
     #[test]
     fn long_messages_are_bounded() {
         let spec = spec();
-        let s = from_error(&input(&spec, None, at(0)), "X", &"é".repeat(5000));
+        let s = from_error(
+            &input(&spec, None, at(0)),
+            Reason::ApplyFailed,
+            &"é".repeat(5000),
+        );
         assert!(cond(&s, READY).message.len() <= MAX_MESSAGE + 3);
     }
 

@@ -4,8 +4,10 @@
 //! statements PostgreSQL refuses inside a transaction run alone: intent before effect, the
 //! intent to build what they record is committed before they run, and their ledger
 //! entries are written in one transaction right after (see [`super::ledger`]).
-//! A change with a timeout of its own (a concurrent index build) runs with the session's
-//! `statement_timeout` set to it, and the policy's set back right after, failed or not.
+//! A change with a timeout of its own (a concurrent index build or detach, a new view's
+//! first fill) runs with `statement_timeout` set to it, and the policy's set back right
+//! after: for the session around an autonomous change, failed or not; with `SET LOCAL`
+//! around a change in a transaction (a failure rolls the whole transaction back anyway).
 //! Destructive changes are refused unless the policy allows them.
 //! The first failure stops the run: what follows may depend on it.
 
@@ -32,7 +34,7 @@ impl ApplyReport {
     pub fn succeeded(&self) -> bool {
         self.failure.is_none()
     }
-    pub fn restart_required(&self) -> Vec<&str> {
+    pub(crate) fn restart_required(&self) -> Vec<&str> {
         self.applied
             .iter()
             .filter(|c| c.requires_restart)
@@ -73,20 +75,42 @@ impl ApplyFailure {
 pub struct Timeouts {
     /// `safety.statementTimeout`: what the session runs under.
     pub statement_ms: u64,
-    /// `safety.indexBuildTimeout`.
-    pub index_build_ms: u64,
+    /// `safety.indexBuildTimeout`, the long-operation timeout (see [`OwnTimeout`]).
+    pub long_operation_ms: u64,
+}
+
+/// A `spec.safety` timeout PostgreSQL cannot be given (`validate_spec` refuses it first).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("spec.safety.{field}: {message}")]
+pub struct InvalidTimeout {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidTimeout {
+    pub(crate) fn reason(&self) -> Reason {
+        Reason::InvalidSpec
+    }
+}
+
+/// The `spec.safety.<field>` duration `value` in milliseconds, as PostgreSQL takes it.
+pub(crate) fn millis(field: &'static str, value: &str) -> Result<u64, InvalidTimeout> {
+    crate::duration::pg_millis(value).map_err(|e| InvalidTimeout {
+        field,
+        message: e.to_string(),
+    })
 }
 
 impl Timeouts {
-    pub fn from_spec(spec: &crate::api::DatabasePolicySpec) -> Result<Self, String> {
+    pub(crate) fn from_spec(spec: &crate::api::DatabasePolicySpec) -> Result<Self, InvalidTimeout> {
         Ok(Timeouts {
-            statement_ms: crate::duration::pg_millis(spec.statement_timeout())?,
-            index_build_ms: crate::duration::pg_millis(spec.index_build_timeout())?,
+            statement_ms: millis("statementTimeout", spec.statement_timeout())?,
+            long_operation_ms: millis("indexBuildTimeout", spec.index_build_timeout())?,
         })
     }
     fn of(&self, timeout: OwnTimeout) -> u64 {
         match timeout {
-            OwnTimeout::IndexBuild => self.index_build_ms,
+            OwnTimeout::LongOperation => self.long_operation_ms,
         }
     }
 }
@@ -140,7 +164,7 @@ pub async fn execute(
         };
         let (group, tail) = rest.split_at(len);
         let result = if first.transactional {
-            run_transaction(conn, group, policy).await
+            run_transaction(conn, group, policy, timeouts).await
         } else {
             run_autonomous(conn, first, policy, timeouts).await
         };
@@ -163,7 +187,7 @@ pub async fn execute(
 }
 
 /// Creates the ledger and the normalisation cache beside it (fixed text, no spec text).
-pub async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn bootstrap_ledger(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::Executor::execute(&mut *tx, ledger::BOOTSTRAP_SQL).await?;
     sqlx::Executor::execute(&mut *tx, normcache::BOOTSTRAP_SQL).await?;
@@ -175,6 +199,7 @@ async fn run_transaction(
     conn: &mut PgConnection,
     group: &[&Change],
     policy: &str,
+    timeouts: &Timeouts,
 ) -> Result<Vec<u64>, ApplyFailure> {
     let mut tx = conn
         .begin()
@@ -182,21 +207,35 @@ async fn run_transaction(
         .map_err(|e| ApplyFailure::from_sqlx(group[0], "BEGIN", &e))?;
     let mut rows = Vec::with_capacity(group.len());
     for change in group {
+        if let Some(own) = change.timeout {
+            set_statement_timeout(&mut tx, change, Scope::Local, timeouts.of(own)).await?;
+        }
         // One statement, alone in one extended-protocol message (see `execute_one`).
         let done = execute_one(&mut tx, &change.sql)
             .await
             .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
         rows.push(done.rows_affected());
-        // All or nothing: an intent would announce what commits with it anyway.
-        for op in outcome_ops(change) {
-            ledger::write(&mut tx, op, policy)
-                .await
-                .map_err(|e| ApplyFailure::from_sqlx(change, "(ledger)", &e))?;
+        if change.timeout.is_some() {
+            // The rest of the transaction runs under the policy's timeout again.
+            set_statement_timeout(&mut tx, change, Scope::Local, timeouts.statement_ms).await?;
         }
-        normcache::write(&mut tx, &change.cache, policy)
-            .await
-            .map_err(|e| ApplyFailure::from_sqlx(change, "(normalisation cache)", &e))?;
     }
+    // All or nothing, so the group's bookkeeping is written once, after its statements:
+    // an intent would announce what commits with it anyway.
+    let last = group[group.len() - 1];
+    let ops: Vec<LedgerOp> = group.iter().flat_map(|c| outcome_ops(c).cloned()).collect();
+    ledger::write_all(&mut tx, &ops, policy)
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(last, "(ledger)", &e))?;
+    // One row per key, the last change's (the statement keeps one per key, not in order).
+    let mut last_of: std::collections::HashMap<&str, &normcache::Record> = Default::default();
+    for record in group.iter().flat_map(|c| c.cache.iter()) {
+        last_of.insert(record.key.as_str(), record);
+    }
+    let cache: Vec<normcache::Record> = last_of.into_values().cloned().collect();
+    normcache::write(&mut tx, &cache, policy)
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(last, "(normalisation cache)", &e))?;
     // Dropping `tx` on an early return rolls back.
     tx.commit()
         .await
@@ -213,12 +252,13 @@ async fn run_autonomous(
     write_ledger(conn, change, &intents(change), policy).await?;
     // Outside any transaction, a plain SET lasts for the session: set back below.
     if let Some(own) = change.timeout {
-        set_statement_timeout(conn, change, timeouts.of(own)).await?;
+        set_statement_timeout(conn, change, Scope::Session, timeouts.of(own)).await?;
     }
     let done = execute_one(&mut *conn, &change.sql).await;
     if change.timeout.is_some() {
         // Whatever happened: the next statement runs under the policy's timeout again.
-        let restored = set_statement_timeout(conn, change, timeouts.statement_ms).await;
+        let restored =
+            set_statement_timeout(conn, change, Scope::Session, timeouts.statement_ms).await;
         if done.is_ok() {
             restored?;
         }
@@ -229,13 +269,26 @@ async fn run_autonomous(
     Ok(vec![done.rows_affected()])
 }
 
-/// `SET statement_timeout` (a number the engine computed, no spec text).
+/// How long a `SET` lasts.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// The session: outside a transaction, the only scope there is.
+    Session,
+    /// The transaction: a rollback restores the timeout before it.
+    Local,
+}
+
+/// `SET [LOCAL] statement_timeout` (a number the engine computed, no spec text).
 async fn set_statement_timeout(
     conn: &mut PgConnection,
     change: &Change,
+    scope: Scope,
     ms: u64,
 ) -> Result<(), ApplyFailure> {
-    let sql = format!("SET statement_timeout = {ms}");
+    let sql = match scope {
+        Scope::Session => format!("SET statement_timeout = {ms}"),
+        Scope::Local => format!("SET LOCAL statement_timeout = {ms}"),
+    };
     sqlx::Executor::execute(&mut *conn, sql.as_str())
         .await
         .map(|_| ())
@@ -245,7 +298,7 @@ async fn set_statement_timeout(
 /// What an autonomous change commits before it runs, so a run killed while it runs (or
 /// between it and its ledger entries) leaves a trace the next run finds: the intents it
 /// declares, and the intent to build everything it records.
-pub fn intents(change: &Change) -> Vec<LedgerOp> {
+pub(crate) fn intents(change: &Change) -> Vec<LedgerOp> {
     change
         .ledger
         .iter()
@@ -281,8 +334,8 @@ async fn write_ledger(
     }
     let failed = |e: sqlx::Error| ApplyFailure::from_sqlx(change, "(ledger)", &e);
     let mut tx = conn.begin().await.map_err(failed)?;
-    for op in ops {
-        ledger::write(&mut tx, op, policy).await.map_err(failed)?;
-    }
+    ledger::write_all(&mut tx, ops, policy)
+        .await
+        .map_err(failed)?;
     tx.commit().await.map_err(failed)
 }

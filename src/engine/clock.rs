@@ -4,18 +4,18 @@
 
 use chrono::{DateTime, Utc};
 
-pub const NOW_ENV: &str = "DBPOLICY_NOW";
+pub(crate) const NOW_ENV: &str = "DBPOLICY_NOW";
 
 /// `DBPOLICY_NOW` does not hold an RFC 3339 instant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{NOW_ENV}={value:?} is not an RFC 3339 instant: {why}")]
-pub struct ClockError {
+pub(crate) struct ClockError {
     pub value: String,
     pub why: String,
 }
 
 /// Now, or the instant `DBPOLICY_NOW` says.
-pub fn now() -> Result<DateTime<Utc>, ClockError> {
+pub(crate) fn now() -> Result<DateTime<Utc>, ClockError> {
     match std::env::var(NOW_ENV) {
         Ok(v) if !v.is_empty() => {
             let t = DateTime::parse_from_rfc3339(&v)

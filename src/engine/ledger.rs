@@ -16,9 +16,7 @@ use sqlx::PgConnection;
 
 use super::plan::{Area, LedgerOp};
 
-pub const LEDGER_TABLE: &str = "dbpolicy.managed";
-
-pub const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
+pub(crate) const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
 CREATE TABLE IF NOT EXISTS dbpolicy.managed (
     area text NOT NULL,
     target text NOT NULL,
@@ -41,7 +39,7 @@ pub struct Ledger {
 }
 
 /// The ledger item of an intent to build `item`.
-pub const INTENT_PREFIX: &str = "intent:";
+pub(crate) const INTENT_PREFIX: &str = "intent:";
 
 fn intent_item(item: &str) -> String {
     format!("{INTENT_PREFIX}{item}")
@@ -82,21 +80,21 @@ impl Ledger {
         }
     }
     /// What this policy owns in `area`.
-    pub fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
         self.mine
             .get(area.as_str())
             .into_iter()
             .flatten()
             .map(|(t, i)| (t.as_str(), i.as_str()))
     }
-    pub fn contains(&self, area: Area, target: &str, item: &str) -> bool {
+    pub(crate) fn contains(&self, area: Area, target: &str, item: &str) -> bool {
         self.mine
             .get(area.as_str())
             .is_some_and(|s| s.contains(&(target.to_string(), item.to_string())))
     }
     /// Whether a run of this policy committed its intent to build this item and never
     /// recorded it: a run killed (or failed) while building it.
-    pub fn intends(&self, area: Area, target: &str, item: &str) -> bool {
+    pub(crate) fn intends(&self, area: Area, target: &str, item: &str) -> bool {
         self.intents.contains(&key(area, target, item))
     }
     /// The other policy that owns this item, if any.
@@ -110,7 +108,7 @@ impl Ledger {
             .map(String::as_str)
     }
     /// The ledger as it will be once `ops` are applied (for plan simulation in tests).
-    pub fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>) {
+    pub(crate) fn apply_ops<'a>(&mut self, ops: impl IntoIterator<Item = &'a LedgerOp>) {
         let me = self.me.clone();
         for op in ops {
             match op {
@@ -133,7 +131,7 @@ impl Ledger {
 }
 
 /// Reads the whole ledger in one query; an absent ledger is an empty one.
-pub async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::Error> {
+pub(crate) async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::Error> {
     let rows: Vec<(String, String, String, String)> =
         sqlx::query_as("SELECT area, target, item, policy FROM dbpolicy.managed")
             .fetch_all(&mut *conn)
@@ -154,71 +152,113 @@ pub async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger, sqlx::
 
 /// Writes one ledger operation (inside the caller's transaction; an intent is committed
 /// on its own before the change it announces, see [`crate::engine::apply`]).
-pub async fn write(
+pub(crate) async fn write(
     conn: &mut PgConnection,
     op: &LedgerOp,
     policy: &str,
 ) -> Result<(), sqlx::Error> {
-    match op {
-        LedgerOp::Intend { area, target, item } => {
-            upsert(conn, *area, target, &intent_item(item), policy).await?;
+    write_all(conn, std::slice::from_ref(op), policy).await
+}
+
+/// What `ops`, applied in order, leave in the ledger table: per row, the last word.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NetEffect {
+    /// Rows (area, target, item) written as this policy's.
+    upsert: BTreeSet<(String, String, String)>,
+    /// Rows deleted whoever holds them (an item forgotten).
+    delete: BTreeSet<(String, String, String)>,
+    /// Intent rows deleted only if they are this policy's: another policy's unfinished
+    /// work is not ours to forget.
+    delete_mine: BTreeSet<(String, String, String)>,
+}
+
+impl NetEffect {
+    fn of(ops: &[LedgerOp]) -> Self {
+        let mut net = NetEffect::default();
+        let mut set = |row: (String, String, String), keep: bool, mine_only: bool| {
+            net.upsert.remove(&row);
+            net.delete.remove(&row);
+            net.delete_mine.remove(&row);
+            if keep {
+                net.upsert.insert(row);
+            } else if mine_only {
+                net.delete_mine.insert(row);
+            } else {
+                net.delete.insert(row);
+            }
+        };
+        for op in ops {
+            match op {
+                LedgerOp::Intend { area, target, item } => {
+                    set(key(*area, target, &intent_item(item)), true, false);
+                }
+                LedgerOp::Record { area, target, item } => {
+                    set(key(*area, target, item), true, false);
+                    set(key(*area, target, &intent_item(item)), false, true);
+                }
+                LedgerOp::Forget { area, target, item } => {
+                    set(key(*area, target, item), false, false);
+                    set(key(*area, target, &intent_item(item)), false, true);
+                }
+            }
         }
-        LedgerOp::Record { area, target, item } => {
-            upsert(conn, *area, target, item, policy).await?;
-            forget_intent(conn, *area, target, item, policy).await?;
-        }
-        LedgerOp::Forget { area, target, item } => {
-            sqlx::query(
-                "DELETE FROM dbpolicy.managed WHERE area = $1 AND target = $2 AND item = $3",
-            )
-            .bind(area.as_str())
-            .bind(target)
-            .bind(item)
-            .execute(&mut *conn)
-            .await?;
-            forget_intent(conn, *area, target, item, policy).await?;
-        }
+        net
     }
-    Ok(())
 }
 
-async fn upsert(
-    conn: &mut PgConnection,
-    area: Area,
-    target: &str,
-    item: &str,
-    policy: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO dbpolicy.managed (area, target, item, policy) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (area, target, item) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
-    )
-    .bind(area.as_str())
-    .bind(target)
-    .bind(item)
-    .bind(policy)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+fn columns(rows: &BTreeSet<(String, String, String)>) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+    let mut cols = (Vec::new(), Vec::new(), Vec::new());
+    for (a, t, i) in rows {
+        cols.0.push(a.as_str());
+        cols.1.push(t.as_str());
+        cols.2.push(i.as_str());
+    }
+    cols
 }
 
-/// Only this policy's intent: another policy's unfinished work is not ours to forget.
-async fn forget_intent(
+/// Writes `ops` (inside the caller's transaction) in at most two statements, whatever
+/// their number: a maintenance run creating and detaching thousands of partitions would
+/// otherwise spend two round trips per change on its bookkeeping.
+pub(crate) async fn write_all(
     conn: &mut PgConnection,
-    area: Area,
-    target: &str,
-    item: &str,
+    ops: &[LedgerOp],
     policy: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "DELETE FROM dbpolicy.managed WHERE area = $1 AND target = $2 AND item = $3 AND policy = $4",
-    )
-    .bind(area.as_str())
-    .bind(target)
-    .bind(intent_item(item))
-    .bind(policy)
-    .execute(&mut *conn)
-    .await?;
+    let net = NetEffect::of(ops);
+    if !net.delete.is_empty() || !net.delete_mine.is_empty() {
+        let (a, t, i) = columns(&net.delete);
+        let (ma, mt, mi) = columns(&net.delete_mine);
+        sqlx::query(
+            "DELETE FROM dbpolicy.managed m
+             USING (SELECT d.a, d.t, d.i, false AS mine_only FROM unnest($1::text[], $2::text[], $3::text[]) AS d(a, t, i)
+                    UNION ALL
+                    SELECT d.a, d.t, d.i, true FROM unnest($4::text[], $5::text[], $6::text[]) AS d(a, t, i)) AS d
+             WHERE m.area = d.a AND m.target = d.t AND m.item = d.i AND (NOT d.mine_only OR m.policy = $7)",
+        )
+        .bind(a)
+        .bind(t)
+        .bind(i)
+        .bind(ma)
+        .bind(mt)
+        .bind(mi)
+        .bind(policy)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !net.upsert.is_empty() {
+        let (a, t, i) = columns(&net.upsert);
+        sqlx::query(
+            "INSERT INTO dbpolicy.managed (area, target, item, policy)
+             SELECT a, t, i, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS r(a, t, i)
+             ON CONFLICT (area, target, item) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+        )
+        .bind(a)
+        .bind(t)
+        .bind(i)
+        .bind(policy)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
@@ -261,5 +301,40 @@ mod tests {
             },
         ]);
         assert!(!l.intends(Area::Indexes, "public.t", "index"));
+    }
+
+    fn row(item: &str) -> (String, String, String) {
+        ("indexes".into(), "public.t".into(), item.into())
+    }
+
+    #[test]
+    fn the_last_op_on_a_row_decides_what_is_written() {
+        let rec = |item: &str| LedgerOp::Record {
+            area: Area::Indexes,
+            target: "public.t".into(),
+            item: item.into(),
+        };
+        let forget = |item: &str| LedgerOp::Forget {
+            area: Area::Indexes,
+            target: "public.t".into(),
+            item: item.into(),
+        };
+        let intend = |item: &str| LedgerOp::Intend {
+            area: Area::Indexes,
+            target: "public.t".into(),
+            item: item.into(),
+        };
+        let net = NetEffect::of(&[intend("a"), rec("a"), rec("b"), forget("b"), forget("c")]);
+        assert_eq!(net.upsert, BTreeSet::from([row("a")]));
+        assert_eq!(net.delete, BTreeSet::from([row("b"), row("c")]));
+        assert_eq!(
+            net.delete_mine,
+            BTreeSet::from([row("intent:a"), row("intent:b"), row("intent:c")])
+        );
+        // An intent declared after a forget of the same item stands.
+        let net = NetEffect::of(&[forget("a"), intend("a")]);
+        assert_eq!(net.upsert, BTreeSet::from([row("intent:a")]));
+        assert_eq!(net.delete, BTreeSet::from([row("a")]));
+        assert!(net.delete_mine.is_empty());
     }
 }

@@ -5,14 +5,14 @@
 
 pub mod apply;
 pub mod areas;
-pub mod clock;
-pub mod ledger;
-pub mod normcache;
+pub(crate) mod clock;
+pub(crate) mod ledger;
+pub(crate) mod normcache;
 pub mod plan;
-pub mod release;
-pub mod replica_health;
-pub mod scratch;
-pub mod server_claims;
+pub(crate) mod release;
+pub(crate) mod replica_health;
+pub(crate) mod scratch;
+pub(crate) mod server_claims;
 
 use std::time::Duration;
 
@@ -22,8 +22,8 @@ use sqlx::PgConnection;
 use crate::api::{validate_spec, DatabasePolicySpec, Mode, ValidationError};
 use crate::duration::pg_millis;
 use crate::reason::Reason;
-pub use apply::{ApplyFailure, ApplyReport};
-pub use areas::server_settings::AllowedSettings;
+pub(crate) use apply::{ApplyFailure, ApplyReport};
+pub(crate) use areas::server_settings::AllowedSettings;
 pub use areas::{Facts, Observed};
 pub use ledger::Ledger;
 pub use plan::{Area, AreaPlan, Change, Hazard, Plan};
@@ -41,6 +41,8 @@ pub enum EngineError {
     /// One line: the first problem stands alone (`kubectl get -o wide`, Event notes).
     #[error("invalid policy: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     InvalidSpec(Vec<ValidationError>),
+    #[error("invalid policy: {0}")]
+    InvalidTimeout(#[from] apply::InvalidTimeout),
     #[error("could not set up the session: {0}")]
     Session(String),
     #[error(
@@ -57,9 +59,10 @@ pub enum EngineError {
 
 impl EngineError {
     /// The reason for conditions and metrics.
-    pub fn reason(&self) -> Reason {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
             EngineError::InvalidSpec(_) => Reason::InvalidSpec,
+            EngineError::InvalidTimeout(e) => e.reason(),
             EngineError::Session(_) => Reason::ConnectionFailed,
             EngineError::Busy(_) => Reason::ConcurrentApply,
             EngineError::Observe { reason, .. } => *reason,
@@ -180,7 +183,7 @@ pub fn plan(spec: &DatabasePolicySpec, observed: &Observed) -> Plan {
 }
 
 /// [`plan`], with the server settings the platform team allows (`--allow-setting`).
-pub fn plan_with(
+pub(crate) fn plan_with(
     spec: &DatabasePolicySpec,
     observed: &Observed,
     allowed_settings: &AllowedSettings,
@@ -249,7 +252,7 @@ pub fn facts(spec: &DatabasePolicySpec, observed: &Observed) -> Facts {
 
 /// What a run needs besides the primary's connection.
 #[derive(Debug, Clone, Default)]
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     /// How to reach the replicas of `spec.replicas`; a replica without a URL is reported
     /// as not checked.
     pub replicas: replica_health::ReplicaTargets,
@@ -278,7 +281,7 @@ pub async fn run(
 }
 
 /// [`run`], with replica health checked through `options.replicas`.
-pub async fn run_with(
+pub(crate) async fn run_with(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
     mode: Mode,
@@ -289,9 +292,9 @@ pub async fn run_with(
     if !errors.is_empty() {
         return Err(EngineError::InvalidSpec(errors));
     }
-    let lock_ms = pg_millis(spec.lock_timeout()).map_err(EngineError::Session)?;
-    let statement_ms = pg_millis(spec.statement_timeout()).map_err(EngineError::Session)?;
-    let timeouts = apply::Timeouts::from_spec(spec).map_err(EngineError::Session)?;
+    let lock_ms = apply::millis("lockTimeout", spec.lock_timeout())?;
+    let timeouts = apply::Timeouts::from_spec(spec)?;
+    let statement_ms = timeouts.statement_ms;
     let session = |e: sqlx::Error| EngineError::Session(crate::pg::error_summary(&e));
     // Replicas are checked while this run waits for the lock and observes the primary:
     // each check is bounded, and none needs the lock.
@@ -471,7 +474,7 @@ fn claims_not_taken(
 /// How long a run waits for another run on its database: as long as one statement may
 /// take, not the lock_timeout meant for production tables. (An invalid timeout fails the
 /// run before it waits: see `run_with`.)
-pub fn lock_wait(spec: &DatabasePolicySpec) -> Duration {
+pub(crate) fn lock_wait(spec: &DatabasePolicySpec) -> Duration {
     let ms = |s: &str| pg_millis(s).unwrap_or(0);
     Duration::from_millis(ms(spec.statement_timeout()).max(ms(spec.lock_timeout())))
 }

@@ -24,10 +24,10 @@ use sqlx::PgConnection;
 
 use crate::pg::QualifiedName;
 
-pub const CACHE_TABLE: &str = "dbpolicy.normalized";
+pub(crate) const CACHE_TABLE: &str = "dbpolicy.normalized";
 
 /// Appended to the ledger's bootstrap: created with it, in the same transaction.
-pub const BOOTSTRAP_SQL: &str = "CREATE TABLE IF NOT EXISTS dbpolicy.normalized (
+pub(crate) const BOOTSTRAP_SQL: &str = "CREATE TABLE IF NOT EXISTS dbpolicy.normalized (
     key text PRIMARY KEY,
     policy text NOT NULL,
     using_expr text,
@@ -52,7 +52,7 @@ pub struct Record {
 /// recorded against. Any later change to that catalog row (an `ALTER POLICY` by hand, a
 /// drop and re-create) changes its version, and the row is not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cached {
+pub(crate) struct Cached {
     pub using: Option<String>,
     pub with_check: Option<String>,
     pub version: Option<String>,
@@ -64,7 +64,7 @@ pub struct Cached {
 /// types; not the `dbpolicy` schema, which the first apply creates, nor temporary ones).
 /// A `CREATE FUNCTION` that would capture a name changes it, and every key.
 /// One query per run.
-pub const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
+pub(crate) const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
     current_setting('search_path'), current_setting('server_version_num'),
     (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_proc),
     (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_operator),
@@ -75,15 +75,16 @@ pub const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
     (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_type
       WHERE typrelid = 0 AND typcategory <> 'A'))";
 
-pub async fn environment(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+pub(crate) async fn environment(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
     sqlx::query_scalar(ENVIRONMENT_SQL)
         .fetch_one(&mut *conn)
         .await
 }
 
 /// The cache key of one item: SHA-256 over its parts, each length-prefixed so that no two
-/// different lists of parts hash alike.
-pub fn key(parts: &[&str]) -> String {
+/// different lists of parts hash alike. (The engine hashes through [`KeyPrefix`].)
+#[cfg(test)]
+pub(crate) fn key(parts: &[&str]) -> String {
     KeyPrefix::new(&[]).key(parts)
 }
 
@@ -91,16 +92,16 @@ pub fn key(parts: &[&str]) -> String {
 /// environment): hashed once per run, not once per item. `KeyPrefix::new(a).key(b)` is
 /// `key(a ++ b)`.
 #[derive(Clone)]
-pub struct KeyPrefix(Sha256);
+pub(crate) struct KeyPrefix(Sha256);
 
 impl KeyPrefix {
-    pub fn new(parts: &[&str]) -> Self {
+    pub(crate) fn new(parts: &[&str]) -> Self {
         let mut h = Sha256::new();
         absorb(&mut h, parts);
         KeyPrefix(h)
     }
 
-    pub fn key(&self, parts: &[&str]) -> String {
+    pub(crate) fn key(&self, parts: &[&str]) -> String {
         let mut h = self.0.clone();
         absorb(&mut h, parts);
         const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -121,7 +122,7 @@ fn absorb(h: &mut Sha256, parts: &[&str]) {
 }
 
 /// The rows for `keys` (one query); an absent cache table is an empty cache.
-pub async fn read(
+pub(crate) async fn read(
     conn: &mut PgConnection,
     keys: &[String],
 ) -> Result<BTreeMap<String, Cached>, sqlx::Error> {
@@ -158,7 +159,7 @@ pub async fn read(
 /// Upserts `records` in one statement (inside the caller's transaction when it has one),
 /// each with the version of its policy's catalog row as the database has it now (after
 /// the change that created or altered it, in the same transaction).
-pub async fn write(
+pub(crate) async fn write(
     conn: &mut PgConnection,
     records: &[Record],
     policy: &str,

@@ -28,7 +28,7 @@ pub enum Hazard {
 }
 
 impl Hazard {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Hazard::Safe => "safe",
             Hazard::Locking => "locking",
@@ -80,7 +80,7 @@ pub enum LockLevel {
 
 impl LockLevel {
     /// PostgreSQL's name of the mode (as in `LOCK TABLE … IN <mode> MODE`).
-    pub fn as_sql(self) -> &'static str {
+    pub(crate) fn as_sql(self) -> &'static str {
         match self {
             LockLevel::None => "none",
             LockLevel::AccessShare => "ACCESS SHARE",
@@ -92,34 +92,32 @@ impl LockLevel {
             LockLevel::AccessExclusive => "ACCESS EXCLUSIVE",
         }
     }
-    /// Whether plain reads (SELECT) queue behind it.
-    pub fn blocks_reads(self) -> bool {
-        self == LockLevel::AccessExclusive
-    }
-    /// Whether writes (INSERT, UPDATE, DELETE) queue behind it.
-    pub fn blocks_writes(self) -> bool {
-        self >= LockLevel::Share
-    }
 }
 
 /// A statement timeout of its own, instead of the policy's `safety.statementTimeout`,
 /// for a statement that is long by nature but holds no lock that blocks traffic. The
-/// executor resolves it against the spec and sets it around that statement only (such
-/// statements run outside a transaction), restoring the policy's timeout right after.
-/// Modelled on stripe/pg-schema-diff, which gives `CREATE INDEX CONCURRENTLY` and
-/// `DROP INDEX CONCURRENTLY` their own 20-minute timeout.
+/// executor resolves it against the spec and sets it around that statement only (with
+/// `SET` around an autonomous statement, restored right after; with `SET LOCAL` inside a
+/// transaction, the policy's set back after it), so what follows runs under the policy's
+/// timeout again. Modelled on stripe/pg-schema-diff, which gives `CREATE INDEX
+/// CONCURRENTLY` and `DROP INDEX CONCURRENTLY` their own 20-minute timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum OwnTimeout {
-    /// `safety.indexBuildTimeout` (default 20m; `0s` for none): concurrent index builds
-    /// and drops, which wait for every transaction older than themselves.
-    IndexBuild,
+    /// `safety.indexBuildTimeout`, the long-operation timeout (default 20m; `0s` for
+    /// none). One field for every statement of this kind, as they are alike for whoever
+    /// sizes it (long by nature, no traffic waits on them): concurrent index builds and
+    /// drops and `DETACH PARTITION … CONCURRENTLY`, which wait for every transaction older
+    /// than themselves, and the first fill of a new materialized view, which nobody can
+    /// read before it commits.
+    LongOperation,
 }
 
 impl OwnTimeout {
-    pub fn as_str(self) -> &'static str {
+    /// The `spec.safety` field that sets it.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
-            OwnTimeout::IndexBuild => "indexBuildTimeout",
+            OwnTimeout::LongOperation => "indexBuildTimeout",
         }
     }
 }
@@ -222,15 +220,15 @@ impl Change {
         }
     }
     /// Records `row` in the normalisation cache when this change commits.
-    pub fn cache(mut self, row: Option<super::normcache::Record>) -> Self {
+    pub(crate) fn cache(mut self, row: Option<super::normcache::Record>) -> Self {
         self.cache.extend(row);
         self
     }
-    pub fn bundle(mut self, key: impl Into<String>) -> Self {
+    pub(crate) fn bundle(mut self, key: impl Into<String>) -> Self {
         self.bundle = Some(key.into());
         self
     }
-    pub fn hazard(mut self, hazard: Hazard) -> Self {
+    pub(crate) fn hazard(mut self, hazard: Hazard) -> Self {
         self.hazard = hazard;
         self
     }
@@ -239,13 +237,8 @@ impl Change {
         self.lock = lock;
         self
     }
-    /// Runs the statement under its own timeout (it must be autonomous: the executor sets
-    /// a session timeout around it, which a transaction would not scope).
+    /// Runs the statement under its own timeout (see [`OwnTimeout`]).
     pub fn own_timeout(mut self, timeout: OwnTimeout) -> Self {
-        debug_assert!(
-            !self.transactional,
-            "own timeouts are for autonomous changes"
-        );
         self.timeout = Some(timeout);
         self
     }
@@ -254,20 +247,20 @@ impl Change {
         self
     }
     /// Puts the change in a transaction group of its area (see [`Change::group`]).
-    pub fn in_group(mut self, group: impl Into<String>) -> Self {
+    pub(crate) fn in_group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
         self
     }
     /// Asks the executor to report the rows the statement affected.
-    pub fn reports_rows(mut self) -> Self {
+    pub(crate) fn reports_rows(mut self) -> Self {
         self.reports_rows = true;
         self
     }
-    pub fn restart(mut self, requires_restart: bool) -> Self {
+    pub(crate) fn restart(mut self, requires_restart: bool) -> Self {
         self.requires_restart = requires_restart;
         self
     }
-    pub fn record(mut self, item: impl Into<String>) -> Self {
+    pub(crate) fn record(mut self, item: impl Into<String>) -> Self {
         self.ledger.push(LedgerOp::Record {
             area: self.area,
             target: self.target.clone(),
@@ -275,7 +268,7 @@ impl Change {
         });
         self
     }
-    pub fn forget(mut self, item: impl Into<String>) -> Self {
+    pub(crate) fn forget(mut self, item: impl Into<String>) -> Self {
         self.ledger.push(LedgerOp::Forget {
             area: self.area,
             target: self.target.clone(),
@@ -284,7 +277,11 @@ impl Change {
         self
     }
     /// Records ownership under a ledger target other than the change's own.
-    pub fn record_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
+    pub(crate) fn record_under(
+        mut self,
+        target: impl Into<String>,
+        item: impl Into<String>,
+    ) -> Self {
         self.ledger.push(LedgerOp::Record {
             area: self.area,
             target: target.into(),
@@ -293,7 +290,11 @@ impl Change {
         self
     }
     /// Declares, before the change runs, that it builds `target` (see [`LedgerOp::Intend`]).
-    pub fn intend_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
+    pub(crate) fn intend_under(
+        mut self,
+        target: impl Into<String>,
+        item: impl Into<String>,
+    ) -> Self {
         self.ledger.push(LedgerOp::Intend {
             area: self.area,
             target: target.into(),
@@ -301,7 +302,11 @@ impl Change {
         });
         self
     }
-    pub fn forget_under(mut self, target: impl Into<String>, item: impl Into<String>) -> Self {
+    pub(crate) fn forget_under(
+        mut self,
+        target: impl Into<String>,
+        item: impl Into<String>,
+    ) -> Self {
         self.ledger.push(LedgerOp::Forget {
             area: self.area,
             target: target.into(),
@@ -368,13 +373,18 @@ impl AreaPlan {
             skipped: None,
         }
     }
-    pub fn skipped(area: Area, why: impl Into<String>) -> Self {
+    pub(crate) fn skipped(area: Area, why: impl Into<String>) -> Self {
         AreaPlan {
             skipped: Some(why.into()),
             ..AreaPlan::new(area)
         }
     }
-    pub fn error(&mut self, target: impl Into<String>, reason: Reason, message: impl Into<String>) {
+    pub(crate) fn error(
+        &mut self,
+        target: impl Into<String>,
+        reason: Reason,
+        message: impl Into<String>,
+    ) {
         self.errors.push(PlanError {
             area: self.area,
             target: target.into(),
@@ -386,7 +396,7 @@ impl AreaPlan {
     /// `InsufficientPrivilege` error per table, before anything runs: PostgreSQL lets only
     /// a table's owner (or a member of the owner role) alter it, and finding out half-way
     /// through an apply would leave earlier areas committed.
-    pub fn refuse_unowned(&mut self, not_owned: impl Fn(&str) -> bool) {
+    pub(crate) fn refuse_unowned(&mut self, not_owned: impl Fn(&str) -> bool) {
         let mut refused = std::collections::BTreeSet::new();
         self.changes.retain(|c| {
             let keep = !not_owned(&c.target);
@@ -403,7 +413,7 @@ impl AreaPlan {
             );
         }
     }
-    pub fn notice(
+    pub(crate) fn notice(
         &mut self,
         target: impl Into<String>,
         reason: Reason,
@@ -431,10 +441,10 @@ impl Plan {
     pub fn errors(&self) -> impl Iterator<Item = &PlanError> {
         self.areas.iter().flat_map(|a| a.errors.iter())
     }
-    pub fn notices(&self) -> impl Iterator<Item = &Notice> {
+    pub(crate) fn notices(&self) -> impl Iterator<Item = &Notice> {
         self.areas.iter().flat_map(|a| a.notices.iter())
     }
-    pub fn skipped(&self) -> impl Iterator<Item = (Area, &str)> {
+    pub(crate) fn skipped(&self) -> impl Iterator<Item = (Area, &str)> {
         self.areas
             .iter()
             .filter_map(|a| a.skipped.as_deref().map(|why| (a.area, why)))
@@ -445,10 +455,10 @@ impl Plan {
     pub fn has_errors(&self) -> bool {
         self.errors().next().is_some()
     }
-    pub fn area(&self, area: Area) -> Option<&AreaPlan> {
+    pub(crate) fn area(&self, area: Area) -> Option<&AreaPlan> {
         self.areas.iter().find(|a| a.area == area)
     }
-    pub fn count_by_hazard(&self, hazard: Hazard) -> usize {
+    pub(crate) fn count_by_hazard(&self, hazard: Hazard) -> usize {
         self.changes().filter(|c| c.hazard == hazard).count()
     }
 
@@ -472,7 +482,8 @@ impl Plan {
                     takes.push(format!("lock {}", c.lock.as_sql()));
                 }
                 if let Some(t) = c.timeout {
-                    takes.push(format!("timeout safety.{}", t.as_str()));
+                    // Says why a DETACH or a view's fill runs under `indexBuildTimeout`.
+                    takes.push(format!("long-operation timeout safety.{}", t.as_str()));
                 }
                 let takes = if takes.is_empty() {
                     String::new()
@@ -602,7 +613,7 @@ mod tests {
             )
             .autonomous()
             .lock(LockLevel::ShareUpdateExclusive)
-            .own_timeout(OwnTimeout::IndexBuild),
+            .own_timeout(OwnTimeout::LongOperation),
         );
         a.changes.push(Change::new(
             Area::Indexes,
@@ -613,7 +624,7 @@ mod tests {
         let p = Plan { areas: vec![a] };
         let sql = p.render_sql();
         assert!(
-            sql.contains("-- [safe] public.t_a: create index (lock SHARE UPDATE EXCLUSIVE, timeout safety.indexBuildTimeout)\nCREATE INDEX …;"),
+            sql.contains("-- [safe] public.t_a: create index (lock SHARE UPDATE EXCLUSIVE, long-operation timeout safety.indexBuildTimeout)\nCREATE INDEX …;"),
             "{sql}"
         );
         assert!(
@@ -623,7 +634,7 @@ mod tests {
         let json = serde_json::to_value(&p).unwrap();
         let c = &json["areas"][0]["changes"];
         assert_eq!(c[0]["lock"], "shareUpdateExclusive");
-        assert_eq!(c[0]["timeout"], "indexBuild");
+        assert_eq!(c[0]["timeout"], "longOperation");
         assert_eq!(c[1]["lock"], "none");
         assert!(c[1].get("timeout").is_none());
         let s = p.summary();
@@ -636,9 +647,6 @@ mod tests {
         assert!(LockLevel::None < LockLevel::AccessShare);
         assert!(LockLevel::ShareUpdateExclusive < LockLevel::Share);
         assert!(LockLevel::Exclusive < LockLevel::AccessExclusive);
-        assert!(!LockLevel::ShareUpdateExclusive.blocks_writes());
-        assert!(LockLevel::Share.blocks_writes() && !LockLevel::Share.blocks_reads());
-        assert!(LockLevel::AccessExclusive.blocks_reads());
     }
 
     #[test]

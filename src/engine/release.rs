@@ -17,7 +17,7 @@ use crate::engine::Area;
 
 /// What a release did.
 #[derive(Debug, Clone, Default)]
-pub struct Released {
+pub(crate) struct Released {
     /// The ledger rows deleted: (area, target, item).
     pub claims: Vec<(String, String, String)>,
     /// Replication slots the policy had created that still exist (Retain, or a Reset
@@ -30,7 +30,7 @@ pub struct Released {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReleaseError {
+pub(crate) enum ReleaseError {
     /// The reset run could not start (lock, session, invalid timeouts).
     #[error("resetting what the policy set: {0}")]
     Reset(#[from] EngineError),
@@ -43,7 +43,7 @@ pub enum ReleaseError {
 }
 
 impl ReleaseError {
-    pub fn reason(&self) -> crate::reason::Reason {
+    pub(crate) fn reason(&self) -> crate::reason::Reason {
         match self {
             ReleaseError::Reset(e) => e.reason(),
             ReleaseError::Ledger(_) | ReleaseError::ServerClaims { .. } => {
@@ -56,7 +56,7 @@ impl ReleaseError {
 /// The spec a Reset runs: no area, so the engine plans the reset of everything the ledger
 /// says the policy owns; destructive changes (dropping its slots) allowed, since deleting a
 /// policy with `deletionPolicy: Reset` asks for exactly that.
-pub fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
+pub(crate) fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
     DatabasePolicySpec {
         database: spec.database.clone(),
         safety: Some(Safety {
@@ -71,7 +71,7 @@ pub fn reset_spec(spec: &DatabasePolicySpec) -> DatabasePolicySpec {
 
 /// Resets (when `reset`) and releases what `policy` owns in the database of `conn`, and
 /// its server-wide claims in the database `claims` names.
-pub async fn release(
+pub(crate) async fn release(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
     policy: &PolicyId,
@@ -87,7 +87,8 @@ pub async fn release(
         released.reset =
             Some(run_with(conn, &reset_spec(spec), Mode::Apply, policy, &options).await?);
     }
-    let timeout = pg_millis(spec.statement_timeout()).map_err(ReleaseError::Ledger)?;
+    let timeout =
+        pg_millis(spec.statement_timeout()).map_err(|e| ReleaseError::Ledger(e.into()))?;
     // One transaction under the advisory lock every run takes: a run of the same policy
     // in flight finishes (and records) before its claims go. The lock is awaited the way
     // every run awaits it (polled, no snapshot held, so no deadlock with that run's
@@ -137,7 +138,7 @@ async fn release_server_claims(
     };
     let mut c = server_claims::connect(claims, timeout)
         .await
-        .map_err(failed)?;
+        .map_err(|e| failed(e.to_string()))?;
     let items = server_claims::release_all(&mut c, &me)
         .await
         .map_err(|e| failed(crate::pg::error_summary(&e)));
@@ -195,7 +196,7 @@ async fn claims_in_transaction(
 }
 
 /// The statement that drops a slot, for messages.
-pub fn drop_slot_sql(slot: &str) -> String {
+pub(crate) fn drop_slot_sql(slot: &str) -> String {
     format!(
         "SELECT pg_drop_replication_slot({})",
         crate::pg::quote_literal(slot)

@@ -13,11 +13,11 @@ use crate::api::ReplicasSpec;
 use crate::engine::areas::replicas::{Lsn, Probe, ProbeResult, ReplicaSide};
 
 /// Default bound on one replica check (connect + query).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to reach the replicas: a libpq URI per replica name. Its `Debug` shows names only.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ReplicaTargets {
+pub(crate) struct ReplicaTargets {
     pub urls: BTreeMap<String, String>,
     /// Bound on each replica's check; the checks run concurrently.
     pub timeout: Duration,
@@ -43,7 +43,7 @@ impl fmt::Debug for ReplicaTargets {
 
 /// `DBPOLICY_REPLICA_<NAME>_URL`: the name upper-cased, every other character than a
 /// letter or digit turned into `_` (`read-1` → `DBPOLICY_REPLICA_READ_1_URL`).
-pub fn env_var_name(replica: &str) -> String {
+pub(crate) fn env_var_name(replica: &str) -> String {
     let name: String = replica
         .chars()
         .map(|c| {
@@ -60,10 +60,10 @@ pub fn env_var_name(replica: &str) -> String {
 /// An argument that is not `NAME=URL`. Never echoes the argument: it may hold a password.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("expected NAME=URL (e.g. replica-1=postgres://reader@host:5432/app)")]
-pub struct NotNameUrl;
+pub(crate) struct NotNameUrl;
 
 /// Parses `NAME=URL`.
-pub fn parse_name_url(s: &str) -> Result<(String, String), NotNameUrl> {
+pub(crate) fn parse_name_url(s: &str) -> Result<(String, String), NotNameUrl> {
     match s.split_once('=') {
         Some((name, url)) if !name.is_empty() && !url.is_empty() => {
             Ok((name.to_string(), url.to_string()))
@@ -94,7 +94,7 @@ type ProbeRow = (
 
 /// Checks every replica of the spec concurrently. Replicas without a URL are reported as
 /// not checked; none is left out.
-pub async fn probe_all(
+pub(crate) async fn probe_all(
     spec: Option<&ReplicasSpec>,
     targets: &ReplicaTargets,
 ) -> BTreeMap<String, Probe> {
@@ -127,7 +127,7 @@ pub async fn probe_all(
 /// Connects to one replica and asks it about itself, all within `timeout`. A URL that does
 /// not parse is a configuration problem, like a missing Secret: the replica is not checked
 /// (Unknown), rather than reported Unreachable (so `Ready` treats both alike).
-pub async fn probe_one(url: &str, timeout: Duration) -> Probe {
+pub(crate) async fn probe_one(url: &str, timeout: Duration) -> Probe {
     if url.parse::<sqlx::postgres::PgConnectOptions>().is_err() {
         return Probe {
             checked_at: None,
@@ -138,7 +138,9 @@ pub async fn probe_one(url: &str, timeout: Duration) -> Probe {
     }
     let result = match tokio::time::timeout(timeout, query(url)).await {
         Ok(Ok(side)) => ProbeResult::Reached(side),
-        Ok(Err(message)) => ProbeResult::Unreachable { message },
+        Ok(Err(e)) => ProbeResult::Unreachable {
+            message: e.to_string(),
+        },
         Err(_) => ProbeResult::Unreachable {
             message: format!(
                 "{}: no answer within {}",
@@ -153,20 +155,26 @@ pub async fn probe_one(url: &str, timeout: Duration) -> Probe {
     }
 }
 
-async fn query(url: &str) -> Result<ReplicaSide, String> {
-    // connect_one's errors name host, port and database, never the password.
-    let mut conn = crate::pg::connect_one(url)
-        .await
-        .map_err(|e| e.to_string())?;
+/// Why a replica that was reached in time could not say where it stands (the probe then
+/// reports it Unreachable). Neither variant ever shows the password.
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    /// Its errors name host, port and database only.
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
+    #[error("{target}: checking recovery state failed: {message}")]
+    RecoveryState { target: String, message: String },
+}
+
+async fn query(url: &str) -> Result<ReplicaSide, QueryError> {
+    let mut conn = crate::pg::connect_one(url).await?;
     let row: Result<ProbeRow, _> = sqlx::query_as(PROBE_SQL).fetch_one(&mut conn).await;
     let _ = conn.close().await;
-    let (in_recovery, receive, replay, paused, age, status, slot) = row.map_err(|e| {
-        format!(
-            "{}: checking recovery state failed: {}",
-            target(url),
-            crate::pg::error_summary(&e)
-        )
-    })?;
+    let (in_recovery, receive, replay, paused, age, status, slot) =
+        row.map_err(|e| QueryError::RecoveryState {
+            target: target(url),
+            message: crate::pg::error_summary(&e),
+        })?;
     Ok(ReplicaSide {
         in_recovery,
         receive_lsn: receive.as_deref().and_then(Lsn::parse),

@@ -9,6 +9,10 @@
 //! fragment: a twin is built, never run, so nothing the spec says executes during a plan.
 //! Each item runs in its own savepoint, rolled back as soon as its result is read: the
 //! twins' locks never pile up, whatever the number of items.
+//!
+//! [`run`] is the mechanism, for every area: [`twins`] for one-statement twins read back
+//! with one query (index definitions, view queries), and RLS's normalisation
+//! (`areas/rls/normalize.rs`), whose item is a table twin and all its policies.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +24,7 @@ use crate::reason::Reason;
 /// One item to normalise: the statements that build its twin (one statement each) and the
 /// query that reads PostgreSQL's form of it back (one text column, `$1` = `read_arg`).
 #[derive(Debug, Clone)]
-pub struct Twin {
+pub(crate) struct Twin {
     pub item: QualifiedName,
     pub build: Vec<String>,
     pub read: &'static str,
@@ -28,33 +32,53 @@ pub struct Twin {
 }
 
 /// The twin relation name of the `n`th item, in `pg_temp`.
-pub fn twin_name(n: usize) -> String {
+pub(crate) fn twin_name(n: usize) -> String {
     format!("dbpolicy_twin_{n}")
 }
 
-/// Builds every twin in a transaction that is rolled back, and returns PostgreSQL's form of
-/// each item, or its refusal. Lock and statement timeouts are errors of the whole run, not
-/// of an item.
-pub async fn twins(
+/// Where the names of the items' statements resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Names {
+    /// As in the session: twins are named `pg_temp.…` explicitly.
+    AsSession,
+    /// `pg_temp` last in the search path, so a twin named like its real table stands in
+    /// for it only where the statement says `pg_temp`, and every other name resolves as
+    /// it does for the real table (RLS expressions that mention other tables).
+    TwinsLast,
+}
+
+/// The one scratch mechanism: runs `work` for each item in a transaction that is always
+/// rolled back, each item in its own savepoint rolled back as soon as its work returns,
+/// and returns what each item's work returned, or PostgreSQL's refusal of it (in item
+/// order). Lock and statement timeouts and errors that are not PostgreSQL's are errors of
+/// the whole run, not of an item (see [`item_outcome`]). `work` may start its item over
+/// with [`restart_item`].
+pub(crate) async fn run<T, R>(
     conn: &mut PgConnection,
-    items: Vec<Twin>,
-) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
-    let mut out = BTreeMap::new();
+    items: &[T],
+    names: Names,
+    mut work: impl AsyncFnMut(&mut PgConnection, &T) -> Result<R, sqlx::Error>,
+) -> Result<Vec<ItemResult<R>>, sqlx::Error> {
+    let mut out = Vec::with_capacity(items.len());
     if items.is_empty() {
         return Ok(out);
     }
     let mut tx = conn.begin().await?;
     let result = async {
-        for twin in &items {
+        if names == Names::TwinsLast {
+            sqlx::Executor::execute(
+                &mut *tx,
+                "SELECT set_config('search_path',
+                    CASE WHEN current_setting('search_path') = '' THEN 'pg_temp'
+                         ELSE current_setting('search_path') || ', pg_temp' END, true)",
+            )
+            .await?;
+        }
+        for item in items {
             savepoint(&mut tx).await?;
-            let built = build_and_read(&mut tx, twin).await;
+            let done = work(&mut tx, item).await;
             release_savepoint(&mut tx).await?;
-            let value = match item_outcome(built)? {
-                Ok(Some(def)) => Ok(def),
-                Ok(None) => Err((None, "PostgreSQL did not read the twin back".into())),
-                Err(refusal) => Err(refusal),
-            };
-            out.insert(twin.item.clone(), value);
+            out.push(item_outcome(done)?);
         }
         Ok::<_, sqlx::Error>(())
     }
@@ -65,8 +89,29 @@ pub async fn twins(
     Ok(out)
 }
 
+/// Builds every twin (see [`run`]) and returns PostgreSQL's form of each item, or its
+/// refusal.
+pub(crate) async fn twins(
+    conn: &mut PgConnection,
+    items: Vec<Twin>,
+) -> Result<BTreeMap<QualifiedName, Normalized>, sqlx::Error> {
+    let read = run(conn, &items, Names::AsSession, build_and_read).await?;
+    Ok(items
+        .into_iter()
+        .zip(read)
+        .map(|(twin, built)| {
+            let value = match built {
+                Ok(Some(def)) => Ok(def),
+                Ok(None) => Err((None, "PostgreSQL did not read the twin back".into())),
+                Err(refusal) => Err(refusal),
+            };
+            (twin.item, value)
+        })
+        .collect())
+}
+
 /// What an item's work returned, or PostgreSQL's refusal of it (SQLSTATE, message).
-pub type ItemResult<T> = Result<T, (Option<String>, String)>;
+pub(crate) type ItemResult<T> = Result<T, (Option<String>, String)>;
 
 async fn build_and_read(
     conn: &mut PgConnection,
@@ -83,14 +128,14 @@ async fn build_and_read(
 }
 
 /// Opens the savepoint one scratch item runs in.
-pub async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(&mut *conn, "SAVEPOINT dbpolicy_item").await?;
     Ok(())
 }
 
 /// Rolls the item's savepoint back and releases it, so savepoints do not nest item after
 /// item (fixed text: no spec text, so one simple-protocol round trip).
-pub async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(
         &mut *conn,
         "ROLLBACK TO SAVEPOINT dbpolicy_item; RELEASE SAVEPOINT dbpolicy_item",
@@ -99,9 +144,18 @@ pub async fn release_savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Erro
     Ok(())
 }
 
+/// Undoes what the current item's work did so far, also after an error, so that it can
+/// start over (the item's savepoint stays).
+pub(crate) async fn restart_item(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(&mut *conn, "ROLLBACK TO SAVEPOINT dbpolicy_item").await?;
+    Ok(())
+}
+
 /// An item's result: a database error is the item's refusal; lock and statement timeouts
 /// and errors that are not PostgreSQL's abort the whole scratch run.
-pub fn item_outcome<T>(result: Result<T, sqlx::Error>) -> Result<ItemResult<T>, sqlx::Error> {
+pub(crate) fn item_outcome<T>(
+    result: Result<T, sqlx::Error>,
+) -> Result<ItemResult<T>, sqlx::Error> {
     match result {
         Ok(value) => Ok(Ok(value)),
         Err(e) => match (&e, sqlstate(&e).as_deref()) {
@@ -116,11 +170,14 @@ pub fn item_outcome<T>(result: Result<T, sqlx::Error>) -> Result<ItemResult<T>, 
 
 /// What the scratch transaction made of one item: PostgreSQL's form of it, or the
 /// SQLSTATE and message PostgreSQL refused it with.
-pub type Normalized = Result<String, (Option<String>, String)>;
+pub(crate) type Normalized = Result<String, (Option<String>, String)>;
 
 /// The normalised text of an item, or the reason and message of the plan error for it:
 /// PostgreSQL's SQLSTATE decides the reason, `fallback` when it says nothing specific.
-pub fn checked(item: Option<&Normalized>, fallback: Reason) -> Result<&str, (Reason, String)> {
+pub(crate) fn checked(
+    item: Option<&Normalized>,
+    fallback: Reason,
+) -> Result<&str, (Reason, String)> {
     match item {
         Some(Ok(text)) => Ok(text),
         Some(Err((code, message))) => Err((

@@ -41,13 +41,13 @@ use crate::reason::Reason;
 
 /// The database holding the claims unless the caller names another: every PostgreSQL
 /// server has it, and every role may connect to it by default.
-pub const DEFAULT_CLAIMS_DATABASE: &str = "postgres";
-pub const CLAIMS_TABLE: &str = "dbpolicy.server_claims";
+pub(crate) const DEFAULT_CLAIMS_DATABASE: &str = "postgres";
+pub(crate) const CLAIMS_TABLE: &str = "dbpolicy.server_claims";
 /// Advisory lock taken (per transaction) by every claim write in the claims database:
 /// serialises the bootstrap and the claims of runs on different databases. "dbpclaim".
-pub const CLAIMS_LOCK_KEY: i64 = 0x6462_7063_6c61_696d;
+pub(crate) const CLAIMS_LOCK_KEY: i64 = 0x6462_7063_6c61_696d;
 
-pub const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
+pub(crate) const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
 CREATE TABLE IF NOT EXISTS dbpolicy.server_claims (
     kind text NOT NULL CHECK (kind IN ('setting', 'slot')),
     name text NOT NULL,
@@ -69,7 +69,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Setting => "setting",
             Kind::Slot => "slot",
@@ -83,7 +83,7 @@ impl Kind {
         }
     }
     /// The area whose plan and condition report the item.
-    pub fn area(self) -> Area {
+    pub(crate) fn area(self) -> Area {
         match self {
             Kind::Setting => Area::ServerSettings,
             Kind::Slot => Area::Replicas,
@@ -100,7 +100,7 @@ impl Kind {
 
 /// A server-wide item: its kind and name (lower case for settings, as PostgreSQL matches
 /// them).
-pub type Item = (Kind, String);
+pub(crate) type Item = (Kind, String);
 
 /// Who claims an item: the database a policy governs and the policy's id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -124,7 +124,7 @@ pub struct Claim {
 
 /// A server-wide item the spec declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Declared {
+pub(crate) struct Declared {
     /// As the spec spells it (the target of plan errors).
     pub spelled: String,
     pub value: Option<String>,
@@ -133,13 +133,13 @@ pub struct Declared {
 /// The server-wide items a policy touches: what it declares and what the database's
 /// ledger says it set or created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Touched {
+pub(crate) struct Touched {
     pub declared: BTreeMap<Item, Declared>,
     pub owned: BTreeSet<Item>,
 }
 
 impl Touched {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.declared.is_empty() && self.owned.is_empty()
     }
     fn items(&self) -> BTreeSet<&Item> {
@@ -165,7 +165,7 @@ fn op_item(op: &LedgerOp) -> Option<Item> {
 }
 
 /// The server-wide items of `spec` and of what `ledger` says this policy owns.
-pub fn touched(spec: &DatabasePolicySpec, ledger: &Ledger) -> Touched {
+pub(crate) fn touched(spec: &DatabasePolicySpec, ledger: &Ledger) -> Touched {
     let mut t = Touched::default();
     if let Some(s) = &spec.server_settings {
         for (key, value) in &s.parameters {
@@ -233,7 +233,7 @@ fn area_plan(plan: &mut Plan, area: Area) -> &mut AreaPlan {
 /// Refuses, as plan errors, every server-wide item the policy declares or would change
 /// that another (database, policy) claims (`OwnershipConflict`), or all of them when the
 /// claims could not be read (`ServerClaimsUnavailable`).
-pub fn refuse(plan: &mut Plan, touched: &Touched, observed: &Observed) {
+pub(crate) fn refuse(plan: &mut Plan, touched: &Touched, observed: &Observed) {
     // Target of each item: the change's when there is one (PostgreSQL's spelling), else
     // the spec's.
     let mut items: BTreeMap<Item, String> = touched
@@ -296,7 +296,7 @@ pub fn refuse(plan: &mut Plan, touched: &Touched, observed: &Observed) {
 
 /// The claims an Apply run writes before its first change: each declared item not
 /// already claimed by this run with the same value.
-pub fn to_take(touched: &Touched, observed: &Observed) -> Vec<(Item, Option<String>)> {
+pub(crate) fn to_take(touched: &Touched, observed: &Observed) -> Vec<(Item, Option<String>)> {
     touched
         .declared
         .iter()
@@ -311,7 +311,7 @@ pub fn to_take(touched: &Touched, observed: &Observed) -> Vec<(Item, Option<Stri
 /// The claims of this run to release once its changes ran: those whose item it neither
 /// declares nor owns any more (`after`: the items touched once the applied ledger
 /// operations are counted).
-pub fn to_release(after: &Touched, observed: &Observed) -> Vec<Item> {
+pub(crate) fn to_release(after: &Touched, observed: &Observed) -> Vec<Item> {
     let keep = after.items();
     observed
         .claims
@@ -322,7 +322,11 @@ pub fn to_release(after: &Touched, observed: &Observed) -> Vec<Item> {
 }
 
 /// The items touched once `applied` changes ran: the ledger with their operations.
-pub fn touched_after(spec: &DatabasePolicySpec, ledger: &Ledger, applied: &[Change]) -> Touched {
+pub(crate) fn touched_after(
+    spec: &DatabasePolicySpec,
+    ledger: &Ledger,
+    applied: &[Change],
+) -> Touched {
     let mut ledger = ledger.clone();
     ledger.apply_ops(applied.iter().flat_map(|c| c.ledger.iter()));
     touched(spec, &ledger)
@@ -330,11 +334,31 @@ pub fn touched_after(spec: &DatabasePolicySpec, ledger: &Ledger, applied: &[Chan
 
 // ------------------------------------------------------------------ where the claims are
 
+/// Why the claims database cannot be used: every server-wide item is then refused
+/// (`ServerClaimsUnavailable`). No message shows the URL (it holds a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Unavailable {
+    #[error("no claims database was given to the engine")]
+    NotGiven,
+    #[error("the policy's connection URI cannot be parsed ({0}), so the claims database cannot be derived from it")]
+    UnparsableUrl(url::ParseError),
+    #[error(
+        "the policy's connection URI has no path, so the claims database cannot be derived from it"
+    )]
+    NoPath,
+    /// [`crate::pg::ConnectError`]'s message: host, port and database, never the password.
+    #[error("{0}")]
+    Connect(String),
+    /// Setting the connection's timeouts failed.
+    #[error("{0}")]
+    Session(String),
+}
+
 /// How to reach the claims database. Its `Debug` never shows the URL (it holds a password).
 #[derive(Clone)]
-pub struct ClaimsTarget {
+pub(crate) struct ClaimsTarget {
     database: String,
-    url: Result<String, String>,
+    url: Result<String, Unavailable>,
 }
 
 impl std::fmt::Debug for ClaimsTarget {
@@ -351,45 +375,40 @@ impl Default for ClaimsTarget {
     fn default() -> Self {
         ClaimsTarget {
             database: DEFAULT_CLAIMS_DATABASE.into(),
-            url: Err("no claims database was given to the engine".into()),
+            url: Err(Unavailable::NotGiven),
         }
     }
 }
 
 impl ClaimsTarget {
     /// The default claims database (`postgres`) of the server `policy_url` points at.
-    pub fn for_policy_url(policy_url: &str) -> Self {
+    pub(crate) fn for_policy_url(policy_url: &str) -> Self {
         Self::on_database(policy_url, DEFAULT_CLAIMS_DATABASE)
     }
     /// Database `database` of the server `policy_url` points at, with the same role,
     /// password and connection parameters.
-    pub fn on_database(policy_url: &str, database: &str) -> Self {
+    pub(crate) fn on_database(policy_url: &str, database: &str) -> Self {
         ClaimsTarget {
             database: database.to_string(),
             url: claims_url(policy_url, database),
         }
     }
-    pub fn database(&self) -> &str {
+    pub(crate) fn database(&self) -> &str {
         &self.database
     }
 }
 
 /// `url` with its database replaced by `database` (the path, and any `dbname` query
 /// parameter, which libpq-style URLs may use instead).
-pub fn claims_url(url: &str, database: &str) -> Result<String, String> {
-    let mut parsed = url::Url::parse(url).map_err(|e| {
-        format!("the policy's connection URI cannot be parsed ({e}), so the claims database cannot be derived from it")
-    })?;
+pub(crate) fn claims_url(url: &str, database: &str) -> Result<String, Unavailable> {
+    let mut parsed = url::Url::parse(url).map_err(Unavailable::UnparsableUrl)?;
     if parsed.cannot_be_a_base() {
-        return Err(
-            "the policy's connection URI has no path, so the claims database cannot be derived from it"
-                .into(),
-        );
+        return Err(Unavailable::NoPath);
     }
     parsed.set_path("");
     parsed
         .path_segments_mut()
-        .map_err(|_| "the policy's connection URI has no path".to_string())?
+        .map_err(|_| Unavailable::NoPath)?
         .push(database);
     // The query is rewritten only when it names a database itself: everything else in
     // it (sslmode, host=/socket/dir, …) stays byte for byte.
@@ -409,18 +428,21 @@ pub fn claims_url(url: &str, database: &str) -> Result<String, String> {
 }
 
 /// A connection to the claims database, with the run's timeouts.
-pub async fn connect(target: &ClaimsTarget, statement_ms: u64) -> Result<PgConnection, String> {
+pub(crate) async fn connect(
+    target: &ClaimsTarget,
+    statement_ms: u64,
+) -> Result<PgConnection, Unavailable> {
     let url = target.url.as_ref().map_err(Clone::clone)?;
     let mut conn = crate::pg::connect_one(url)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Unavailable::Connect(e.to_string()))?;
     sqlx::Executor::execute(
         &mut conn,
         format!("SET statement_timeout = {statement_ms}; SET lock_timeout = {statement_ms}")
             .as_str(),
     )
     .await
-    .map_err(|e| error_summary(&e))?;
+    .map_err(|e| Unavailable::Session(error_summary(&e)))?;
     Ok(conn)
 }
 
@@ -430,8 +452,8 @@ type ClaimRow = (String, String, String, String, Option<String>);
 
 /// Reads, in one query, the live claims of the touched items and every claim of `me`.
 /// `conn` is the claims database, or why it could not be reached.
-pub async fn observe(
-    conn: Result<&mut PgConnection, String>,
+pub(crate) async fn observe(
+    conn: Result<&mut PgConnection, Unavailable>,
     target: &ClaimsTarget,
     me: Claimant,
     touched: &Touched,
@@ -445,7 +467,7 @@ pub async fn observe(
     let conn = match conn {
         Ok(c) => c,
         Err(why) => {
-            observed.unavailable = Some(why);
+            observed.unavailable = Some(why.to_string());
             return observed;
         }
     };
@@ -489,7 +511,7 @@ pub async fn observe(
 
 /// Why claims could not be taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TakeError {
+pub(crate) enum TakeError {
     /// Claimed by others in the meantime (a run on another database that started at
     /// the same time): item and its claim.
     Conflict(Vec<(Item, Claim)>),
@@ -497,14 +519,14 @@ pub enum TakeError {
 }
 
 impl TakeError {
-    pub fn reason(&self) -> Reason {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
             TakeError::Conflict(_) => Reason::OwnershipConflict,
             TakeError::Database(_) => Reason::ServerClaimsUnavailable,
         }
     }
     /// The first line stands alone.
-    pub fn message(&self, claims_database: &str) -> String {
+    pub(crate) fn message(&self, claims_database: &str) -> String {
         match self {
             TakeError::Conflict(lost) => lost
                 .iter()
@@ -527,7 +549,7 @@ impl TakeError {
 /// Claims `items` for `me`, all or none, in one transaction of the claims database: an
 /// item is taken only when it is free, already `me`'s, or claimed by a database that no
 /// longer exists.
-pub async fn take(
+pub(crate) async fn take(
     conn: &mut PgConnection,
     me: &Claimant,
     items: &[(Item, Option<String>)],
@@ -609,7 +631,7 @@ pub async fn take(
 }
 
 /// Deletes `me`'s claims on `items`.
-pub async fn release(
+pub(crate) async fn release(
     conn: &mut PgConnection,
     me: &Claimant,
     items: &[Item],
@@ -635,7 +657,7 @@ pub async fn release(
 
 /// After an apply: releases the claims of items the policy neither declares nor owns any
 /// more. A failure only leaves a claim of ours behind, which the next run releases.
-pub async fn settle(
+pub(crate) async fn settle(
     conn: &mut PgConnection,
     spec: &DatabasePolicySpec,
     ledger: &Ledger,
@@ -652,7 +674,10 @@ pub async fn settle(
 }
 
 /// Every claim of `me` (a policy released or deleted): the items released.
-pub async fn release_all(conn: &mut PgConnection, me: &Claimant) -> Result<Vec<Item>, sqlx::Error> {
+pub(crate) async fn release_all(
+    conn: &mut PgConnection,
+    me: &Claimant,
+) -> Result<Vec<Item>, sqlx::Error> {
     let rows: Vec<(String, String)> = sqlx::query_as(
         "DELETE FROM dbpolicy.server_claims WHERE database = $1 AND policy = $2
          RETURNING kind, name",

@@ -13,23 +13,23 @@ use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{BackupsSpec, DatabasePolicy, MaterializedView, DEFAULT_SCHEMA};
+use crate::api::{BackupRetention, BackupsSpec, DatabasePolicy, MaterializedView, DEFAULT_SCHEMA};
 use crate::duration::parse_duration;
 use crate::engine::areas::matviews::DEFAULT_REFRESH_TIMEOUT;
 
-pub const MANAGED_BY: &str = "dbpolicy";
-pub const POLICY_LABEL: &str = "dbpolicy.dev/policy";
-pub const ROLE_LABEL: &str = "dbpolicy.dev/job";
+pub(crate) const MANAGED_BY: &str = "dbpolicy";
+pub(crate) const POLICY_LABEL: &str = "dbpolicy.dev/policy";
+pub(crate) const ROLE_LABEL: &str = "dbpolicy.dev/job";
 /// Kubernetes limits CronJob names to 52 characters (the Job name gets a suffix).
 const MAX_NAME: usize = 52;
 
 /// `<policy>-<suffix>`, shortened with a stable hash when too long.
-pub fn child_name(policy: &str, suffix: &str) -> String {
+pub(crate) fn child_name(policy: &str, suffix: &str) -> String {
     let name = format!("{policy}-{suffix}")
         .to_lowercase()
         .replace(['_', '.'], "-");
@@ -47,7 +47,7 @@ pub fn child_name(policy: &str, suffix: &str) -> String {
     )
 }
 
-pub fn labels(policy: &DatabasePolicy, role: &str) -> BTreeMap<String, String> {
+pub(crate) fn labels(policy: &DatabasePolicy, role: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/managed-by".to_string(),
@@ -147,7 +147,7 @@ pub(crate) fn job_template(
 }
 
 /// The CronJob refreshing one scheduled view; None when the view has no schedule.
-pub fn refresh_cronjob(
+pub(crate) fn refresh_cronjob(
     policy: &DatabasePolicy,
     view: &MaterializedView,
     image: &str,
@@ -204,7 +204,7 @@ pub fn refresh_cronjob(
 }
 
 /// Every refresh CronJob the policy asks for.
-pub fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
+pub(crate) fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
     policy
         .spec
         .materialized_views
@@ -215,7 +215,7 @@ pub fn refresh_cronjobs(policy: &DatabasePolicy, image: &str) -> Vec<CronJob> {
 }
 
 /// Where the backup job mounts the PersistentVolumeClaim of `storage.pvc`.
-pub const BACKUP_MOUNT: &str = "/backups";
+pub(crate) const BACKUP_MOUNT: &str = "/backups";
 
 pub(crate) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
@@ -232,19 +232,20 @@ pub(crate) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// How a pod reaches the backup store: the store flags, the S3 keys (from the credentials
-/// Secret), and the volumes: `/tmp` as an emptyDir (the root file system is read-only)
-/// and the claim of `storage.pvc` at [`BACKUP_MOUNT`].
-pub struct StoreMount {
+/// How a pod reaches the database and the backup store: the store flags; the env
+/// (`DATABASE_URL`, the S3 keys from the credentials Secret, `TMPDIR`); the volumes: `/tmp`
+/// as an emptyDir (the root file system is read-only) and the claim of `storage.pvc` at
+/// [`BACKUP_MOUNT`].
+pub(crate) struct StoreMount {
     pub args: Vec<String>,
     pub env: Vec<EnvVar>,
     pub volumes: Vec<Volume>,
     pub mounts: Vec<VolumeMount>,
 }
 
-pub fn store_mount(spec: &BackupsSpec) -> StoreMount {
+pub(crate) fn store_mount(policy: &DatabasePolicy, spec: &BackupsSpec) -> StoreMount {
     let mut args = Vec::new();
-    let mut env = Vec::new();
+    let mut env = vec![database_url_env(policy)];
     let mut volumes = vec![Volume {
         name: "tmp".into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -296,6 +297,11 @@ pub fn store_mount(spec: &BackupsSpec) -> StoreMount {
             "AWS_SECRET_ACCESS_KEY",
         ));
     }
+    env.push(EnvVar {
+        name: "TMPDIR".into(),
+        value: Some("/tmp".into()),
+        ..Default::default()
+    });
     StoreMount {
         args,
         env,
@@ -304,28 +310,10 @@ pub fn store_mount(spec: &BackupsSpec) -> StoreMount {
     }
 }
 
-/// The CronJob running `dbpolicy backup run` for the policy; None without `spec.backups`.
-///
-/// Storage settings are flags (nothing secret, and `kubectl describe` shows them); the
-/// database URL and S3 keys come from Secrets as environment variables. The root file
-/// system is read-only, so `/tmp` (where `--verify` downloads the dump) is an emptyDir.
-/// No active deadline: a dump takes as long as the database is big.
-pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
-    let spec = policy.spec.backups.as_ref()?;
-    let mut args = vec![
-        "backup".to_string(),
-        "run".into(),
-        "--compression".into(),
-        spec.compression.unwrap_or(6).to_string(),
-    ];
-    let StoreMount {
-        args: store_args,
-        mut env,
-        volumes,
-        mounts,
-    } = store_mount(spec);
-    args.extend(store_args);
-    if let Some(r) = &spec.retention {
+/// `--retention-days` / `--retention-count`, as `backup run` and `backup base` take them.
+pub(crate) fn retention_args(retention: Option<&BackupRetention>) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(r) = retention {
         if let Some(days) = r.days {
             args.extend(["--retention-days".into(), days.to_string()]);
         }
@@ -333,17 +321,36 @@ pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
             args.extend(["--retention-count".into(), count.to_string()]);
         }
     }
-    if spec.verify.unwrap_or(false) {
-        args.push("--verify".into());
-    }
-    env.push(EnvVar {
-        name: "TMPDIR".into(),
-        value: Some("/tmp".into()),
-        ..Default::default()
-    });
+    args
+}
 
-    let image = spec.image.as_deref().unwrap_or(image);
-    let mut template = job_template(policy, image, args, None, "backup");
+/// A scheduled job that writes to the backup store (`backup run`, `backup base`).
+pub(crate) struct StoreJob {
+    pub name: String,
+    pub role: &'static str,
+    pub image: String,
+    pub args: Vec<String>,
+    pub mount: StoreMount,
+    pub resources: Option<ResourceRequirements>,
+    pub schedule: String,
+    pub suspend: bool,
+}
+
+/// The CronJob of a [`StoreJob`]: one run at a time, no active deadline (a dump or a base
+/// backup takes as long as the database is big), the store's volumes and env, and the
+/// outcome in the termination message, where the controller reads it.
+pub(crate) fn store_cronjob(policy: &DatabasePolicy, job: StoreJob) -> CronJob {
+    let StoreJob {
+        name,
+        role,
+        image,
+        args,
+        mount,
+        resources,
+        schedule,
+        suspend,
+    } = job;
+    let mut template = job_template(policy, &image, args, None, role);
     if let Some(pod) = template
         .spec
         .as_mut()
@@ -354,35 +361,69 @@ pub fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
             sc.fs_group = Some(65532);
             sc.fs_group_change_policy = Some("OnRootMismatch".into());
         }
-        pod.volumes = Some(volumes);
+        pod.volumes = Some(mount.volumes);
         let container = &mut pod.containers[0];
-        container.env.get_or_insert_with(Vec::new).extend(env);
-        container.volume_mounts = Some(mounts);
-        container.resources = spec.resources.clone();
-        // `backup run` writes its outcome (newest size, or the failure's reason) to
-        // /dev/termination-log for the controller; a crash before that leaves the log tail.
+        container.env = Some(mount.env);
+        container.volume_mounts = Some(mount.mounts);
+        container.resources = resources;
+        // The command writes its outcome (newest size and window, or the failure's reason)
+        // to /dev/termination-log; a crash before that leaves the log tail.
         container.termination_message_policy = Some("FallbackToLogsOnError".into());
     }
-    Some(CronJob {
+    CronJob {
         metadata: ObjectMeta {
-            name: Some(child_name(&policy.name_any(), "backup")),
+            name: Some(name),
             namespace: policy.namespace(),
-            labels: Some(labels(policy, "backup")),
+            labels: Some(labels(policy, role)),
             owner_references: policy.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(CronJobSpec {
-            schedule: spec.schedule.clone(),
+            schedule,
             concurrency_policy: Some("Forbid".into()),
             successful_jobs_history_limit: Some(3),
             failed_jobs_history_limit: Some(3),
             starting_deadline_seconds: Some(300),
-            suspend: Some(policy.spec.is_suspended() || spec.suspend.unwrap_or(false)),
+            suspend: Some(suspend),
             job_template: template,
             ..Default::default()
         }),
         status: None,
-    })
+    }
+}
+
+/// The CronJob running `dbpolicy backup run` for the policy; None without `spec.backups`.
+///
+/// Storage settings are flags (nothing secret, and `kubectl describe` shows them); the
+/// database URL and S3 keys come from Secrets as environment variables. The root file
+/// system is read-only, so `/tmp` (where `--verify` downloads the dump) is an emptyDir.
+pub(crate) fn backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
+    let spec = policy.spec.backups.as_ref()?;
+    let mut mount = store_mount(policy, spec);
+    let mut args = vec![
+        "backup".to_string(),
+        "run".into(),
+        "--compression".into(),
+        spec.compression.unwrap_or(6).to_string(),
+    ];
+    args.append(&mut mount.args);
+    args.extend(retention_args(spec.retention.as_ref()));
+    if spec.verify.unwrap_or(false) {
+        args.push("--verify".into());
+    }
+    Some(store_cronjob(
+        policy,
+        StoreJob {
+            name: child_name(&policy.name_any(), "backup"),
+            role: "backup",
+            image: spec.image.as_deref().unwrap_or(image).to_string(),
+            args,
+            mount,
+            resources: spec.resources.clone(),
+            schedule: spec.schedule.clone(),
+            suspend: policy.spec.is_suspended() || spec.suspend.unwrap_or(false),
+        },
+    ))
 }
 
 #[cfg(test)]

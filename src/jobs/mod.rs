@@ -2,9 +2,9 @@
 //! jobs) and the refresh command they run ([`refresh`]); the backup commands are
 //! [`crate::backup`].
 
-pub mod cronjob;
-pub mod pitr;
-pub mod refresh;
+pub(crate) mod cronjob;
+pub(crate) mod pitr;
+pub(crate) mod refresh;
 
 /// A policy named `quiz/certquiz` with the given `spec.backups` lines, for the job
 /// builders' tests.

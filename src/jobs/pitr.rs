@@ -12,9 +12,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
-use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec};
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{
-    EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    EmptyDirVolumeSource, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
@@ -23,36 +23,36 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::{Resource, ResourceExt};
 
 use super::cronjob::{
-    child_name, database_url_env, job_template, labels, restricted_container_security,
-    restricted_pod_security, store_mount, StoreMount,
+    child_name, labels, restricted_container_security, restricted_pod_security, retention_args,
+    store_cronjob, store_mount, StoreJob, StoreMount,
 };
 use crate::api::{BackupsSpec, DatabasePolicy, PointInTimeRecovery};
 
 /// Role labels (`dbpolicy.dev/job`) of the PITR objects.
-pub const RECEIVER_ROLE: &str = "wal-receiver";
-pub const BASE_BACKUP_ROLE: &str = "base-backup";
+pub(crate) const RECEIVER_ROLE: &str = "wal-receiver";
+pub(crate) const BASE_BACKUP_ROLE: &str = "base-backup";
 /// Where the receiver mounts its spool claim.
-pub const SPOOL_MOUNT: &str = "/spool";
+pub(crate) const SPOOL_MOUNT: &str = "/spool";
 /// Where the base backup is written and checked before upload.
-pub const WORK_MOUNT: &str = "/work";
+pub(crate) const WORK_MOUNT: &str = "/work";
 /// The receiver ships what is complete on SIGTERM before it exits: time for that.
 const RECEIVER_GRACE_SECONDS: i64 = 120;
 
 /// The PITR section when the policy runs it (backups present, PITR not disabled).
-pub fn enabled(policy: &DatabasePolicy) -> Option<(&BackupsSpec, &PointInTimeRecovery)> {
+pub(crate) fn enabled(policy: &DatabasePolicy) -> Option<(&BackupsSpec, &PointInTimeRecovery)> {
     let b = policy.spec.backups.as_ref()?;
     Some((b, b.pitr()?))
 }
 
-pub fn receiver_name(policy: &DatabasePolicy) -> String {
+pub(crate) fn receiver_name(policy: &DatabasePolicy) -> String {
     child_name(&policy.name_any(), RECEIVER_ROLE)
 }
 
-pub fn spool_claim_name(policy: &DatabasePolicy) -> String {
+pub(crate) fn spool_claim_name(policy: &DatabasePolicy) -> String {
     child_name(&policy.name_any(), "wal-spool")
 }
 
-pub fn base_backup_name(policy: &DatabasePolicy) -> String {
+pub(crate) fn base_backup_name(policy: &DatabasePolicy) -> String {
     child_name(&policy.name_any(), BASE_BACKUP_ROLE)
 }
 
@@ -70,23 +70,16 @@ fn suspended(policy: &DatabasePolicy, b: &BackupsSpec) -> bool {
     policy.spec.is_suspended() || b.suspend.unwrap_or(false)
 }
 
-/// The store flags plus `--cluster`, the env (database URL, S3 keys, TMPDIR) and volumes
-/// every PITR pod needs.
+/// The store's mount plus `--cluster`, which every PITR pod needs.
 fn pitr_mount(policy: &DatabasePolicy, b: &BackupsSpec, p: &PointInTimeRecovery) -> StoreMount {
-    let mut m = store_mount(b);
+    let mut m = store_mount(policy, b);
     m.args
         .extend(["--cluster".to_string(), p.cluster().to_string()]);
-    m.env.insert(0, database_url_env(policy));
-    m.env.push(EnvVar {
-        name: "TMPDIR".into(),
-        value: Some("/tmp".into()),
-        ..Default::default()
-    });
     m
 }
 
 /// The receiver's spool: ReadWriteOnce, `spoolSize`, `spoolStorageClassName`.
-pub fn spool_pvc(policy: &DatabasePolicy) -> Option<PersistentVolumeClaim> {
+pub(crate) fn spool_pvc(policy: &DatabasePolicy) -> Option<PersistentVolumeClaim> {
     let (_, p) = enabled(policy)?;
     Some(PersistentVolumeClaim {
         metadata: meta(policy, spool_claim_name(policy), RECEIVER_ROLE),
@@ -108,7 +101,7 @@ pub fn spool_pvc(policy: &DatabasePolicy) -> Option<PersistentVolumeClaim> {
 
 /// The WAL receiver: `dbpolicy backup wal-receive` in one restricted pod, `Recreate`,
 /// zero replicas while backups are suspended.
-pub fn receiver_deployment(policy: &DatabasePolicy, image: &str) -> Option<Deployment> {
+pub(crate) fn receiver_deployment(policy: &DatabasePolicy, image: &str) -> Option<Deployment> {
     let (b, p) = enabled(policy)?;
     let StoreMount {
         args: store_args,
@@ -189,69 +182,36 @@ pub fn receiver_deployment(policy: &DatabasePolicy, image: &str) -> Option<Deplo
 /// The base backups: `dbpolicy backup base` on `baseBackupSchedule`, its retention
 /// pruning base backups and WAL together. The backup is written and checked in an
 /// emptyDir before upload (about twice the database's size on the node).
-pub fn base_backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
+pub(crate) fn base_backup_cronjob(policy: &DatabasePolicy, image: &str) -> Option<CronJob> {
     let (b, p) = enabled(policy)?;
-    let StoreMount {
-        args: store_args,
-        env,
-        mut volumes,
-        mut mounts,
-    } = pitr_mount(policy, b, p);
+    let mut mount = pitr_mount(policy, b, p);
     let mut args = vec!["backup".to_string(), "base".into()];
-    args.extend(store_args);
+    args.append(&mut mount.args);
     args.extend(["--work-dir".into(), WORK_MOUNT.into()]);
-    if let Some(r) = &p.retention {
-        if let Some(days) = r.days {
-            args.extend(["--retention-days".into(), days.to_string()]);
-        }
-        if let Some(count) = r.count {
-            args.extend(["--retention-count".into(), count.to_string()]);
-        }
-    }
-    volumes.push(Volume {
+    args.extend(retention_args(p.retention.as_ref()));
+    mount.volumes.push(Volume {
         name: "work".into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     });
-    mounts.push(VolumeMount {
+    mount.mounts.push(VolumeMount {
         name: "work".into(),
         mount_path: WORK_MOUNT.into(),
         ..Default::default()
     });
-    let image = b.image.as_deref().unwrap_or(image);
-    let mut template = job_template(policy, image, args, None, BASE_BACKUP_ROLE);
-    if let Some(pod) = template
-        .spec
-        .as_mut()
-        .and_then(|j| j.template.spec.as_mut())
-    {
-        if let Some(sc) = pod.security_context.as_mut() {
-            sc.fs_group = Some(65532);
-            sc.fs_group_change_policy = Some("OnRootMismatch".into());
-        }
-        pod.volumes = Some(volumes);
-        let c = &mut pod.containers[0];
-        // job_template set DATABASE_URL already; pitr_mount's env starts with it too.
-        c.env = Some(env);
-        c.volume_mounts = Some(mounts);
-        c.resources = p.resources.clone();
-        // `backup base` writes its outcome and the window to the termination log.
-        c.termination_message_policy = Some("FallbackToLogsOnError".into());
-    }
-    Some(CronJob {
-        metadata: meta(policy, base_backup_name(policy), BASE_BACKUP_ROLE),
-        spec: Some(CronJobSpec {
+    Some(store_cronjob(
+        policy,
+        StoreJob {
+            name: base_backup_name(policy),
+            role: BASE_BACKUP_ROLE,
+            image: b.image.as_deref().unwrap_or(image).to_string(),
+            args,
+            mount,
+            resources: p.resources.clone(),
             schedule: p.base_backup_schedule.clone(),
-            concurrency_policy: Some("Forbid".into()),
-            successful_jobs_history_limit: Some(3),
-            failed_jobs_history_limit: Some(3),
-            starting_deadline_seconds: Some(300),
-            suspend: Some(suspended(policy, b)),
-            job_template: template,
-            ..Default::default()
-        }),
-        status: None,
-    })
+            suspend: suspended(policy, b),
+        },
+    ))
 }
 
 #[cfg(test)]

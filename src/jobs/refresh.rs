@@ -8,7 +8,8 @@ use std::time::Duration;
 use sqlx::Connection;
 
 use crate::api::{DEFAULT_LOCK_TIMEOUT, DEFAULT_SCHEMA};
-use crate::duration::parse_duration;
+use crate::cli::PolicyFileError;
+use crate::duration::{parse_duration, DurationError};
 use crate::engine::areas::matviews::{self, DEFAULT_REFRESH_TIMEOUT};
 use crate::pg::QualifiedName;
 
@@ -35,7 +36,7 @@ pub struct RefreshArgs {
 
 /// One view to refresh and how.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Job {
+pub(crate) struct Job {
     pub view: QualifiedName,
     pub concurrently: bool,
     pub timeout: Duration,
@@ -49,12 +50,25 @@ fn parse_view(s: &str) -> QualifiedName {
     }
 }
 
+/// Why the arguments name no refresh to run.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JobsError {
+    #[error("nothing to refresh: pass -f POLICY.yaml or --view NAME")]
+    NothingToRefresh,
+    #[error(transparent)]
+    Duration(#[from] DurationError),
+    #[error(transparent)]
+    PolicyFile(#[from] PolicyFileError),
+    #[error("{0} is not a materialized view of the policy")]
+    NotAView(QualifiedName),
+}
+
 /// The refreshes the arguments ask for.
-pub fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
+pub(crate) fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, JobsError> {
     let wanted: Vec<QualifiedName> = args.views.iter().map(|v| parse_view(v)).collect();
     let Some(file) = &args.file else {
         if wanted.is_empty() {
-            return Err("nothing to refresh: pass -f POLICY.yaml or --view NAME".into());
+            return Err(JobsError::NothingToRefresh);
         }
         let timeout = parse_duration(&args.timeout)?;
         let lock_timeout = parse_duration(&args.lock_timeout)?;
@@ -68,8 +82,10 @@ pub fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
             })
             .collect());
     };
-    let text =
-        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file).map_err(|source| PolicyFileError::Read {
+        what: file.display().to_string(),
+        source,
+    })?;
     let (policies, _) = crate::cli::parse_policies(&text)?;
     let mut jobs = Vec::new();
     for p in &policies {
@@ -89,15 +105,13 @@ pub fn jobs(args: &RefreshArgs) -> Result<Vec<Job>, String> {
         }
     }
     if let Some(missing) = wanted.iter().find(|w| !jobs.iter().any(|j| &j.view == *w)) {
-        return Err(format!(
-            "{missing} is not a materialized view of the policy"
-        ));
+        return Err(JobsError::NotAView(missing.clone()));
     }
     Ok(jobs)
 }
 
 /// Exit status: 0 when every view was refreshed, 1 otherwise.
-pub async fn run(args: RefreshArgs) -> u8 {
+pub(crate) async fn run(args: RefreshArgs) -> u8 {
     let jobs = match jobs(&args) {
         Ok(j) => j,
         Err(e) => {
@@ -196,6 +210,7 @@ mod tests {
         assert_eq!(jobs(&args(Some(path.clone()), &["b"])).unwrap().len(), 1);
         assert!(jobs(&args(Some(path), &["c"]))
             .unwrap_err()
+            .to_string()
             .contains("public.c"));
     }
 }

@@ -34,7 +34,7 @@ fn fail<T>(message: impl Into<String>) -> Result<T, FragmentError> {
 }
 
 /// Longest fragment accepted (the CRD's limits are lower; the CLI has no API server).
-pub const MAX_FRAGMENT_BYTES: usize = 100_000;
+pub(crate) const MAX_FRAGMENT_BYTES: usize = 100_000;
 
 /// The verdicts already given in this process, per kind of fragment and text. A spec repeats
 /// the same fragment on many tables (one tenant rule for every table), and validation,
@@ -172,7 +172,7 @@ pub fn check_query(text: &str) -> Result<&str, FragmentError> {
 }
 
 /// The executor's last check on every statement it sends: exactly one statement.
-pub fn check_one_statement(sql: &str) -> Result<(), FragmentError> {
+pub(crate) fn check_one_statement(sql: &str) -> Result<(), FragmentError> {
     let parsed = parse(sql)?;
     one_statement(&parsed).map(|_| ())
 }

@@ -6,13 +6,13 @@ pub mod grammar;
 use std::fmt;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 
 use crate::reason::Reason;
 
 /// `"ident"`, with embedded quotes doubled: every identifier the engine emits goes through here.
-pub fn quote_ident(ident: &str) -> String {
+pub(crate) fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
@@ -20,7 +20,7 @@ pub fn quote_ident(ident: &str) -> String {
 /// here. A value with a backslash becomes `E'…'` with backslashes doubled (as PostgreSQL's
 /// own `quote_literal` does), so the literal means the same whatever
 /// `standard_conforming_strings` is.
-pub fn quote_literal(value: &str) -> String {
+pub(crate) fn quote_literal(value: &str) -> String {
     let quoted = value.replace('\'', "''");
     if value.contains('\\') {
         format!("E'{}'", quoted.replace('\\', "\\\\"))
@@ -33,7 +33,7 @@ pub fn quote_literal(value: &str) -> String {
 /// unnamed and not cached): PostgreSQL refuses a second statement there, so even text that
 /// slipped past [`grammar`] could not smuggle one in. The statement is parsed with
 /// PostgreSQL's grammar first and refused unless it is exactly one.
-pub async fn execute_one(
+pub(crate) async fn execute_one(
     conn: &mut sqlx::PgConnection,
     sql: &str,
 ) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
@@ -59,11 +59,11 @@ impl QualifiedName {
     }
     /// Reads back what [`Display`](fmt::Display) wrote (`schema.name`), split at the first
     /// dot: how the ledger and `dbpolicy.refreshes` store names.
-    pub fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         text.split_once('.').map(|(s, n)| Self::new(s, n))
     }
     /// `"schema"."name"`, for SQL.
-    pub fn quoted(&self) -> String {
+    pub(crate) fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 }
@@ -77,24 +77,7 @@ impl fmt::Display for QualifiedName {
 
 /// A statement slower than this is logged as a warning (its text cut by
 /// [`crate::logging`], like every logged statement).
-pub const SLOW_STATEMENT: Duration = Duration::from_secs(5);
-
-/// Opens a small pool. The URI's password never reaches an error message: sqlx's
-/// connection errors do not include the URI, and ours name only host, port and database.
-pub async fn connect(url: &str) -> Result<PgPool, ConnectError> {
-    let opts: PgConnectOptions = url.parse().map_err(|_| ConnectError::InvalidUrl)?;
-    let target = describe(&opts);
-    let opts = opts
-        .application_name("dbpolicy")
-        .log_statements(tracing::log::LevelFilter::Debug)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, SLOW_STATEMENT);
-    PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts)
-        .await
-        .map_err(|source| ConnectError::failed(target, &source))
-}
+pub(crate) const SLOW_STATEMENT: Duration = Duration::from_secs(5);
 
 fn describe(opts: &PgConnectOptions) -> String {
     format!(
@@ -129,7 +112,7 @@ impl ConnectError {
 
     /// `AuthenticationFailed` when PostgreSQL's SQLSTATE says so (class 28), else
     /// `ConnectionFailed`.
-    pub fn reason(&self) -> Reason {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
             ConnectError::InvalidUrl => Reason::InvalidConnectionUrl,
             ConnectError::Failed { sqlstate, .. } => {
@@ -165,7 +148,7 @@ pub async fn connect_one(url: &str) -> Result<sqlx::PgConnection, ConnectError> 
 }
 
 /// A one-line description of a sqlx error with the SQLSTATE when PostgreSQL sent one.
-pub fn error_summary(e: &sqlx::Error) -> String {
+pub(crate) fn error_summary(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(db) => match db.code() {
             Some(code) => format!("{} (SQLSTATE {code})", db.message()),
@@ -176,7 +159,7 @@ pub fn error_summary(e: &sqlx::Error) -> String {
 }
 
 /// The SQLSTATE of a database error, if it is one.
-pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+pub(crate) fn sqlstate(e: &sqlx::Error) -> Option<String> {
     match e {
         sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
         _ => None,
@@ -247,8 +230,8 @@ mod tests {
 
     #[test]
     fn bad_url_has_no_secret() {
-        let e =
-            futures::executor::block_on(connect("postgres://u:hunter2@:notaport/db")).unwrap_err();
+        let e = futures::executor::block_on(connect_one("postgres://u:hunter2@:notaport/db"))
+            .unwrap_err();
         assert!(!e.to_string().contains("hunter2"));
     }
 }

@@ -2,8 +2,9 @@
 //! standby), one fresh database per test, the `dbpolicy` binary, policy files and
 //! await-with-timeout polling.
 //!
-//! Every test binary that says `mod support;` compiles its own copy of this module, and
-//! each one uses a different subset of it, hence the crate-level `dead_code` allowance.
+//! A crate of its own (`dbpolicy-test-support`, a dev-dependency), compiled once for every
+//! test binary; tests say `use dbpolicy_test_support as support;`. It does not depend on
+//! dbpolicy. [`envtest`] (a real API server) and [`helm`] are its other modules.
 //!
 //! Environment variables:
 //! - `DBPOLICY_PG_BIN`: directory holding the server binaries `initdb`, `pg_ctl` and
@@ -24,8 +25,8 @@
 //! - `DBPOLICY_KEEP_TEST_DBS=1`: keep the database (and roles) of a test that failed, and
 //!   print its URL.
 
-#![allow(dead_code)]
-
+pub mod envtest;
+pub mod helm;
 pub mod moto;
 
 use std::ffi::OsStr;
@@ -1068,8 +1069,37 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-use dbpolicy::pg::percent_encode;
-pub use dbpolicy::pg::url_with_database;
+/// `url` with its database (the path) replaced by `db`; the query stays. The same as
+/// `dbpolicy::pg::url_with_database`, which this crate does not depend on.
+pub fn url_with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{}", &base[..path_start], percent_encode(db));
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encodes everything but unreserved characters, for URI parts (as
+/// `dbpolicy::pg::percent_encode`).
+pub fn percent_encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, URI_COMPONENT).to_string()
+}
 
 /// Replace the user (and drop any password) of a libpq URI.
 pub fn url_with_user(url: &str, user: &str) -> String {
@@ -1092,10 +1122,35 @@ pub fn url_with_user(url: &str, user: &str) -> String {
 // The dbpolicy binary and its inputs
 // ---------------------------------------------------------------------------------------
 
+/// The `dbpolicy` binary cargo built beside the test binary. `cargo test` says where
+/// (`CARGO_BIN_EXE_dbpolicy`, at run time); a test executable run directly (hack/test.sh's
+/// matrix) finds it in its profile directory, one level above `deps/`. (`env!` cannot
+/// say it: this crate is not the package's integration test.)
+pub fn dbpolicy_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("CARGO_BIN_EXE_dbpolicy") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|profile| profile.join("dbpolicy"))
+            .filter(|bin| bin.is_file());
+        bin.unwrap_or_else(|| {
+            panic!(
+                "no dbpolicy binary beside {} (build it with `cargo test --no-run`, or run the test through cargo)",
+                exe.display()
+            )
+        })
+    })
+}
+
 /// The `dbpolicy` binary built for these tests, without the developer's `DATABASE_URL`
 /// (tests pass the URL they mean explicitly).
 pub fn dbpolicy_cmd() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbpolicy"));
+    let mut cmd = Command::new(dbpolicy_bin());
     cmd.env_remove("DATABASE_URL").stdin(Stdio::null());
     cmd
 }

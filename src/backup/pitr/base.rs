@@ -12,17 +12,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::wal::{hex, Lsn};
+use super::wal::{hex, Lsn, NotAnLsn};
 use super::window::BaseInfo;
 use super::PitrError;
 use crate::backup::manifest::backup_id;
 use crate::backup::store::Store;
 use crate::backup::tools::{self, LibpqEnv};
+use crate::backup::ArgsError;
 
-pub const BASE_PREFIX: &str = "base-";
-pub const RECORD_SUFFIX: &str = ".json";
+pub(crate) const BASE_PREFIX: &str = "base-";
+pub(crate) const RECORD_SUFFIX: &str = ".json";
 /// The tars pg_basebackup writes, and their names in the store after `base-<id>.`.
-pub const PARTS: [(&str, &str); 3] = [
+pub(crate) const PARTS: [(&str, &str); 3] = [
     ("base.tar.gz", "base.tar.gz"),
     ("pg_wal.tar.gz", "pg_wal.tar.gz"),
     ("backup_manifest", "backup_manifest"),
@@ -31,7 +32,7 @@ pub const PARTS: [(&str, &str); 3] = [
 /// The record of a base backup, written last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BaseRecord {
+pub(crate) struct BaseRecord {
     pub id: String,
     pub timeline: u32,
     pub start_lsn: Lsn,
@@ -47,7 +48,7 @@ pub struct BaseRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BaseFile {
+pub(crate) struct BaseFile {
     /// Object name in the store.
     pub object: String,
     /// Name pg_basebackup gave it.
@@ -57,7 +58,7 @@ pub struct BaseFile {
 }
 
 impl BaseRecord {
-    pub fn info(&self) -> BaseInfo {
+    pub(crate) fn info(&self) -> BaseInfo {
         BaseInfo {
             id: self.id.clone(),
             timeline: self.timeline,
@@ -69,43 +70,56 @@ impl BaseRecord {
         }
     }
 
-    pub fn record_file(id: &str) -> String {
+    pub(crate) fn record_file(id: &str) -> String {
         format!("{BASE_PREFIX}{id}{RECORD_SUFFIX}")
     }
 }
 
+/// A `backup_manifest` (pg_basebackup's) whose WAL range cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WalRangeError {
+    #[error("backup_manifest is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("backup_manifest has no WAL-Ranges")]
+    NoRanges,
+    #[error(
+        "backup_manifest has {0} WAL ranges; a backup spanning a timeline switch is not supported"
+    )]
+    SeveralRanges(usize),
+    #[error("WAL-Ranges has no {0}")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Lsn(#[from] NotAnLsn),
+}
+
 /// `WAL-Ranges` of a backup manifest: timeline, start and end LSN.
-pub fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), String> {
-    let v: serde_json::Value = serde_json::from_slice(manifest)
-        .map_err(|e| format!("backup_manifest is not JSON: {e}"))?;
+pub(crate) fn wal_range(manifest: &[u8]) -> Result<(u32, Lsn, Lsn), WalRangeError> {
+    let v: serde_json::Value = serde_json::from_slice(manifest).map_err(WalRangeError::NotJson)?;
     let ranges = v
         .get("WAL-Ranges")
         .and_then(|r| r.as_array())
-        .ok_or("backup_manifest has no WAL-Ranges")?;
+        .ok_or(WalRangeError::NoRanges)?;
     let [range] = &ranges[..] else {
-        return Err(format!(
-            "backup_manifest has {} WAL ranges; a backup spanning a timeline switch is not supported",
-            ranges.len()
-        ));
+        return Err(WalRangeError::SeveralRanges(ranges.len()));
     };
-    let lsn = |k: &str| -> Result<Lsn, String> {
-        range
+    let lsn = |k: &'static str| -> Result<Lsn, WalRangeError> {
+        Ok(range
             .get(k)
             .and_then(|s| s.as_str())
-            .ok_or(format!("WAL-Ranges has no {k}"))?
-            .parse()
+            .ok_or(WalRangeError::Missing(k))?
+            .parse()?)
     };
     let tli = range
         .get("Timeline")
         .and_then(|t| t.as_u64())
         .and_then(|t| u32::try_from(t).ok())
-        .ok_or("WAL-Ranges has no Timeline")?;
+        .ok_or(WalRangeError::Missing("Timeline"))?;
     Ok((tli, lsn("Start-LSN")?, lsn("End-LSN")?))
 }
 
 /// Unpacks a (gzip) tar into `dir`, refusing entries that leave it. pg_basebackup writes
 /// its WAL tar as several gzip members: all are read.
-pub fn untar_gz(file: &Path, dir: &Path) -> Result<(), PitrError> {
+pub(crate) fn untar_gz(file: &Path, dir: &Path) -> Result<(), PitrError> {
     let f = std::fs::File::open(file)
         .map_err(|e| PitrError::Io(format!("opening {}: {e}", file.display())))?;
     let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(
@@ -178,7 +192,7 @@ async fn upload_file(store: &Store, dir: &str, object: &str, path: &Path) -> Res
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct BaseOptions {
+pub(crate) struct BaseOptions {
     pub pg_basebackup: Option<PathBuf>,
     pub pg_verifybackup: Option<PathBuf>,
     /// Where the backup is written and checked before upload (default: the system's
@@ -187,19 +201,19 @@ pub struct BaseOptions {
 }
 
 /// `dbpolicy backup base`.
-pub async fn run(
+pub(crate) async fn run(
     store: &Store,
     dir: &str,
     url: &str,
     opts: &BaseOptions,
 ) -> Result<BaseRecord, PitrError> {
-    let env = LibpqEnv::from_url(url).map_err(PitrError::Usage)?;
+    let env = LibpqEnv::from_url(url).map_err(ArgsError::from)?;
     let basebackup = tools::find("pg_basebackup", opts.pg_basebackup.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     let verifybackup = tools::find("pg_verifybackup", opts.pg_verifybackup.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     let work = match &opts.work_dir {
         Some(d) => tempfile::Builder::new()
             .prefix("dbpolicy-base-")
@@ -272,7 +286,7 @@ pub async fn run(
     }
     let manifest = std::fs::read(out_dir.join("backup_manifest"))
         .map_err(|e| PitrError::Io(format!("reading backup_manifest: {e}")))?;
-    let (timeline, start_lsn, end_lsn) = wal_range(&manifest).map_err(PitrError::BaseBackup)?;
+    let (timeline, start_lsn, end_lsn) = wal_range(&manifest)?;
     let wal_segment_size = segment_size_in(&check.join("pg_wal"))?;
     // The check copy is no longer needed: free its space before uploading.
     let _ = std::fs::remove_dir_all(&check);
@@ -325,7 +339,7 @@ fn segment_size_in(pg_wal: &Path) -> Result<u64, PitrError> {
 }
 
 /// Downloads one part of a base backup to `to`, checking its SHA-256.
-pub async fn download(
+pub(crate) async fn download(
     store: &Store,
     dir: &str,
     file: &BaseFile,
@@ -363,6 +377,7 @@ mod tests {
         assert!(wal_range(b"{}").is_err());
         assert!(wal_range(br#"{"WAL-Ranges": []}"#)
             .unwrap_err()
+            .to_string()
             .contains("0 WAL ranges"));
         assert!(wal_range(
             br#"{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "x", "End-LSN": "0/1"}]}"#

@@ -8,11 +8,11 @@
 //! `base-<id>.json`, written last. No name ends in `.dump`, `.manifest.json` or
 //! `.verify.json`, so the logical dumps' listing and prune never touch these.
 
-pub mod base;
-pub mod restore;
+pub(crate) mod base;
+pub(crate) mod restore;
 pub mod slot;
-pub mod wal;
-pub mod window;
+pub(crate) mod wal;
+pub(crate) mod window;
 
 use std::path::PathBuf;
 
@@ -24,7 +24,8 @@ use self::base::{BaseRecord, BASE_PREFIX};
 use self::wal::{SegmentName, DATA_SUFFIX, RECORD_SUFFIX};
 use self::window::{PitrRetention, SegmentInfo, Target};
 use super::store::{Entry, Store, StoreError};
-use super::StoreArgs;
+use super::tools::ToolError;
+use super::{ArgsError, StoreArgs};
 
 /// Default segment size when no base backup tells it (PostgreSQL's default).
 const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
@@ -34,27 +35,33 @@ const LEFTOVER_GRACE_HOURS: i64 = 24;
 
 /// One variant per step.
 #[derive(Debug, thiserror::Error)]
-pub enum PitrError {
+pub(crate) enum PitrError {
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Args(#[from] ArgsError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Tool(String),
+    #[error(transparent)]
+    FindTool(#[from] ToolError),
     #[error("{0}")]
     Io(String),
     #[error("WAL receiver: {0}")]
     Receiver(String),
     #[error("base backup: {0}")]
     BaseBackup(String),
+    #[error("base backup: {0}")]
+    BaseManifest(#[from] base::WalRangeError),
     #[error("archived WAL file {file} is corrupt: {reason}")]
     CorruptWal { file: String, reason: String },
     #[error("base backup object {object} is corrupt: {reason}")]
     CorruptBase { object: String, reason: String },
     #[error("archiving {file}: {reason}")]
     Conflict { file: String, reason: String },
-    #[error("{0}")]
-    NoBase(String),
+    #[error(transparent)]
+    NoBase(#[from] window::NotRecoverable),
     #[error("point-in-time restore from base backup {base} failed verification: {reason}")]
     VerifyFailed { base: String, reason: String },
     #[error("interrupted by {0}")]
@@ -63,14 +70,14 @@ pub enum PitrError {
 
 impl PitrError {
     /// CamelCase reason, for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
-            PitrError::Usage(_) => "InvalidArguments",
+            PitrError::Usage(_) | PitrError::Args(_) => "InvalidArguments",
             PitrError::Store(_) => "StoreFailed",
-            PitrError::Tool(_) => "ToolFailed",
+            PitrError::Tool(_) | PitrError::FindTool(_) => "ToolFailed",
             PitrError::Io(_) => "LocalIoFailed",
             PitrError::Receiver(_) => "WalReceiverFailed",
-            PitrError::BaseBackup(_) => "BaseBackupFailed",
+            PitrError::BaseBackup(_) | PitrError::BaseManifest(_) => "BaseBackupFailed",
             PitrError::CorruptWal { .. } => "WalCorrupt",
             PitrError::CorruptBase { .. } => "BaseBackupCorrupt",
             PitrError::Conflict { .. } => "WalConflict",
@@ -89,17 +96,17 @@ pub struct ClusterArgs {
     pub cluster: String,
 }
 
-fn parse_cluster(s: &str) -> Result<String, String> {
+fn parse_cluster(s: &str) -> Result<String, ArgsError> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     ok.then(|| s.to_string())
-        .ok_or_else(|| format!("{s:?}: use 1-63 letters, digits, '-' and '_'"))
+        .ok_or_else(|| ArgsError::ClusterName(s.to_string()))
 }
 
 impl ClusterArgs {
-    pub fn dir(&self) -> String {
+    pub(crate) fn dir(&self) -> String {
         format!("pitr.{}", self.cluster)
     }
 }
@@ -108,7 +115,7 @@ impl ClusterArgs {
 /// backup record (segment records are not read: their listing time is their time, see
 /// [`window::archived_by`]).
 #[derive(Debug, Default, Clone)]
-pub struct Catalog {
+pub(crate) struct Catalog {
     /// Oldest first.
     pub bases: Vec<BaseRecord>,
     pub segments: Vec<SegmentInfo>,
@@ -117,7 +124,7 @@ pub struct Catalog {
     pub unreadable: Vec<(String, String)>,
 }
 
-pub async fn scan(store: &Store, dir: &str) -> Result<Catalog, PitrError> {
+pub(crate) async fn scan(store: &Store, dir: &str) -> Result<Catalog, PitrError> {
     let entries: Vec<Entry> = store
         .list(Some(dir))
         .await?
@@ -173,7 +180,10 @@ pub async fn scan(store: &Store, dir: &str) -> Result<Catalog, PitrError> {
 
 /// The `restore_command` for a store: this very binary, with the store flags it was
 /// given (credentials stay in the environment, never in the command).
-pub fn restore_command(store: &StoreArgs, cluster: &ClusterArgs) -> Result<String, PitrError> {
+pub(crate) fn restore_command(
+    store: &StoreArgs,
+    cluster: &ClusterArgs,
+) -> Result<String, PitrError> {
     // The server's OS user runs this command: `DBPOLICY_RESTORE_BIN` names a copy it can
     // execute when this binary sits where it cannot (e.g. under root's home directory).
     let exe = match std::env::var_os("DBPOLICY_RESTORE_BIN") {
@@ -209,7 +219,7 @@ pub fn restore_command(store: &StoreArgs, cluster: &ClusterArgs) -> Result<Strin
 /// The window and each base backup, for `backup list --pitr`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PitrListing {
+pub(crate) struct PitrListing {
     pub cluster_dir: String,
     pub window: window::Window,
     pub segments: usize,
@@ -217,7 +227,7 @@ pub struct PitrListing {
     pub leftovers: Vec<String>,
 }
 
-pub fn listing(dir: &str, cat: &Catalog) -> PitrListing {
+pub(crate) fn listing(dir: &str, cat: &Catalog) -> PitrListing {
     let infos: Vec<_> = cat.bases.iter().map(BaseRecord::info).collect();
     PitrListing {
         cluster_dir: dir.to_string(),
@@ -228,7 +238,7 @@ pub fn listing(dir: &str, cat: &Catalog) -> PitrListing {
     }
 }
 
-pub fn render_text(l: &PitrListing) -> String {
+pub(crate) fn render_text(l: &PitrListing) -> String {
     let show = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.to_rfc3339());
     let mut s = format!(
         "# {}: recoverable from {} to {} ({} WAL segment(s) archived, latest {})\n",
@@ -266,7 +276,7 @@ pub fn render_text(l: &PitrListing) -> String {
 
 /// What a prune did.
 #[derive(Debug, Default)]
-pub struct Pruned {
+pub(crate) struct Pruned {
     pub bases: Vec<String>,
     pub segments: usize,
     pub leftovers: usize,
@@ -276,7 +286,7 @@ pub struct Pruned {
 /// backup), then the WAL no kept base backup needs, then old leftovers. A prune killed
 /// half-way leaves leftovers or WAL older than every base backup: the next one removes
 /// them, and the window stays recoverable throughout.
-pub async fn prune(
+pub(crate) async fn prune(
     store: &Store,
     dir: &str,
     retention: PitrRetention,
@@ -352,7 +362,7 @@ pub struct TargetArgs {
 }
 
 impl TargetArgs {
-    pub fn target(&self) -> Option<Target> {
+    pub(crate) fn target(&self) -> Option<Target> {
         match (self.target_time, self.target_lsn, self.latest) {
             (Some(t), _, _) => Some(Target::Time(t)),
             (_, Some(l), _) => Some(Target::Lsn(l)),
@@ -379,7 +389,7 @@ pub struct RestoreArgs {
     pub action: restore::Action,
 }
 
-pub async fn cmd_restore(a: RestoreArgs) -> u8 {
+pub(crate) async fn cmd_restore(a: RestoreArgs) -> u8 {
     let result = async {
         let target = a.target.target().ok_or_else(|| {
             PitrError::Usage("say what to recover to: --target-time T, --target-lsn L or --latest".into())
@@ -405,12 +415,12 @@ pub async fn cmd_restore(a: RestoreArgs) -> u8 {
     report("restore", result)
 }
 
-pub fn open(store: &StoreArgs) -> Result<Store, PitrError> {
-    let config = store.config().map_err(PitrError::Usage)?;
+pub(crate) fn open(store: &StoreArgs) -> Result<Store, PitrError> {
+    let config = store.config()?;
     Store::open(&config, false).map_err(PitrError::from)
 }
 
-pub fn report(what: &str, result: Result<(), PitrError>) -> u8 {
+pub(crate) fn report(what: &str, result: Result<(), PitrError>) -> u8 {
     match result {
         Ok(()) => 0,
         Err(e) => {

@@ -39,17 +39,17 @@ impl Action {
 
 /// Quotes one word for `/bin/sh` (which runs `restore_command`), and doubles `%`, which
 /// PostgreSQL would otherwise expand.
-pub fn shell_word(s: &str) -> String {
+pub(crate) fn shell_word(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''").replace('%', "%%"))
 }
 
 /// A `postgresql.conf` string literal.
-pub fn conf_literal(s: &str) -> String {
+pub(crate) fn conf_literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// The recovery settings, as `postgresql.auto.conf` lines (pure).
-pub fn recovery_settings(
+pub(crate) fn recovery_settings(
     restore_command: &str,
     target: &Target,
     action: Action,
@@ -83,7 +83,7 @@ pub fn recovery_settings(
 }
 
 #[derive(Debug, Clone)]
-pub struct Restored {
+pub(crate) struct Restored {
     pub base: BaseRecord,
     pub dir: PathBuf,
 }
@@ -93,7 +93,7 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> PitrError {
 }
 
 /// Unpacks the right base backup into `to` (absent or empty) and configures recovery.
-pub async fn restore(
+pub(crate) async fn restore(
     store: &Store,
     dir: &str,
     catalog: &Catalog,
@@ -103,7 +103,7 @@ pub async fn restore(
     action: Action,
 ) -> Result<Restored, PitrError> {
     let infos: Vec<_> = catalog.bases.iter().map(BaseRecord::info).collect();
-    let chosen = window::choose(&infos, &catalog.segments, target).map_err(PitrError::NoBase)?;
+    let chosen = window::choose(&infos, &catalog.segments, target)?;
     let record = catalog
         .bases
         .iter()
@@ -173,14 +173,14 @@ pub async fn restore(
 }
 
 /// Whether this process runs as root (then servers run as `postgres`).
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // /proc/self belongs to the process's effective user: no unsafe call needed.
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// The account throwaway servers run as when we are root.
-pub const SERVER_OS_USER: &str = "postgres";
+pub(crate) const SERVER_OS_USER: &str = "postgres";
 
 fn as_server_user(program: &Path) -> tokio::process::Command {
     if is_root() {
@@ -201,7 +201,7 @@ fn runuser() -> PathBuf {
 }
 
 #[derive(Debug, Clone)]
-pub struct VerifyOptions {
+pub(crate) struct VerifyOptions {
     pub pg_ctl: Option<PathBuf>,
     /// How long recovery may take.
     pub timeout: Duration,
@@ -210,7 +210,7 @@ pub struct VerifyOptions {
 }
 
 #[derive(Debug, Clone)]
-pub struct Verified {
+pub(crate) struct Verified {
     pub base: String,
     pub seconds: f64,
     /// What the server logged about where recovery stopped.
@@ -222,7 +222,7 @@ pub struct Verified {
 /// a private socket, wait until it has recovered to the target and been promoted (an
 /// unreachable target, a missing or corrupt segment make PostgreSQL stop with a FATAL
 /// error), stop it.
-pub async fn verify(
+pub(crate) async fn verify(
     store: &Store,
     dir: &str,
     catalog: &Catalog,
@@ -233,7 +233,7 @@ pub async fn verify(
     let started = std::time::Instant::now();
     let pg_ctl = tools::find("pg_ctl", opts.pg_ctl.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     let controldata = pg_ctl.path.with_file_name("pg_controldata");
     // /tmp: as root, $TMPDIR may be somewhere the postgres account cannot enter.
     let parent = if is_root() {
@@ -390,12 +390,17 @@ fn keep(dir: tempfile::TempDir, keep: bool) -> Option<PathBuf> {
 
 /// Parses `--target-time`: RFC 3339 (`2026-11-25T03:12:00Z`, `…+01:00`) or PostgreSQL's
 /// `2026-11-25 03:12:00+00`.
-pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, NotATime> {
     DateTime::parse_from_rfc3339(s)
         .or_else(|_| DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z"))
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| format!("{s:?} is not a time with a zone, like 2026-11-25T03:12:00Z"))
+        .map_err(|_| NotATime(s.to_string()))
 }
+
+/// `--target-time` text that is not a time with a zone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a time with a zone, like 2026-11-25T03:12:00Z")]
+pub(crate) struct NotATime(String);
 
 #[cfg(test)]
 mod tests {

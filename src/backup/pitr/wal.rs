@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use super::PitrError;
 use crate::backup::store::Store;
 use crate::backup::tools::{self, LibpqEnv};
+use crate::backup::ArgsError;
 
 /// A WAL position, printed as PostgreSQL does (`0/3000148`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -30,7 +31,7 @@ use crate::backup::tools::{self, LibpqEnv};
 pub struct Lsn(pub u64);
 
 impl Lsn {
-    pub fn segno(self, segment_size: u64) -> u64 {
+    pub(crate) fn segno(self, segment_size: u64) -> u64 {
         self.0 / segment_size
     }
 }
@@ -41,10 +42,15 @@ impl std::fmt::Display for Lsn {
     }
 }
 
+/// Text that is not an LSN (`pub` as `Lsn` is: the error of its `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an LSN (like 0/3000148)")]
+pub struct NotAnLsn(String);
+
 impl std::str::FromStr for Lsn {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Lsn, String> {
-        let bad = || format!("{s:?} is not an LSN (like 0/3000148)");
+    type Err = NotAnLsn;
+    fn from_str(s: &str) -> Result<Lsn, NotAnLsn> {
+        let bad = || NotAnLsn(s.to_string());
         let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
         let ok =
             |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
@@ -64,22 +70,22 @@ impl From<Lsn> for String {
 }
 
 impl TryFrom<String> for Lsn {
-    type Error = String;
-    fn try_from(s: String) -> Result<Lsn, String> {
+    type Error = NotAnLsn;
+    fn try_from(s: String) -> Result<Lsn, NotAnLsn> {
         s.parse()
     }
 }
 
 /// A WAL segment file name: timeline and segment number (`000000010000000000000003`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SegmentName {
+pub(crate) struct SegmentName {
     pub timeline: u32,
     pub segno: u64,
     segments_per_id: u64,
 }
 
 impl SegmentName {
-    pub fn new(timeline: u32, segno: u64, segment_size: u64) -> SegmentName {
+    pub(crate) fn new(timeline: u32, segno: u64, segment_size: u64) -> SegmentName {
         SegmentName {
             timeline,
             segno,
@@ -88,7 +94,7 @@ impl SegmentName {
     }
 
     /// Parses a 24-hex-digit name; the segment size is needed to number it.
-    pub fn parse(name: &str, segment_size: u64) -> Option<SegmentName> {
+    pub(crate) fn parse(name: &str, segment_size: u64) -> Option<SegmentName> {
         if !is_segment_file(name) {
             return None;
         }
@@ -114,7 +120,7 @@ impl std::fmt::Display for SegmentName {
 }
 
 /// `000000010000000000000003`: a WAL segment.
-pub fn is_segment_file(name: &str) -> bool {
+pub(crate) fn is_segment_file(name: &str) -> bool {
     name.len() == 24
         && name
             .bytes()
@@ -122,7 +128,7 @@ pub fn is_segment_file(name: &str) -> bool {
 }
 
 /// `00000002.history`: a timeline history file.
-pub fn is_history_file(name: &str) -> bool {
+pub(crate) fn is_history_file(name: &str) -> bool {
     name.len() == 16
         && name.ends_with(".history")
         && name[..8]
@@ -132,18 +138,18 @@ pub fn is_history_file(name: &str) -> bool {
 
 /// What `restore_command` may ask for and the receiver may ship: nothing else ever
 /// becomes an object name (the name comes from PostgreSQL's `%f`, or a directory).
-pub fn is_wal_file(name: &str) -> bool {
+pub(crate) fn is_wal_file(name: &str) -> bool {
     is_segment_file(name) || is_history_file(name)
 }
 
 /// Object names of an archived file.
-pub const DATA_SUFFIX: &str = ".gz";
-pub const RECORD_SUFFIX: &str = ".json";
+pub(crate) const DATA_SUFFIX: &str = ".gz";
+pub(crate) const RECORD_SUFFIX: &str = ".json";
 
 /// The checksum record written after the data: what makes the file archived.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct WalRecord {
+pub(crate) struct WalRecord {
     pub file: String,
     /// Bytes of the file itself (the segment size for a segment).
     pub size_bytes: u64,
@@ -154,12 +160,12 @@ pub struct WalRecord {
     pub archived_at: DateTime<Utc>,
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Compresses a WAL file and describes it.
-pub fn pack(file: &str, raw: &[u8], now: DateTime<Utc>) -> (Vec<u8>, WalRecord) {
+pub(crate) fn pack(file: &str, raw: &[u8], now: DateTime<Utc>) -> (Vec<u8>, WalRecord) {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
     gz.write_all(raw).expect("writing to memory");
     let stored = gz.finish().expect("writing to memory");
@@ -174,7 +180,7 @@ pub fn pack(file: &str, raw: &[u8], now: DateTime<Utc>) -> (Vec<u8>, WalRecord) 
 }
 
 /// Decompresses an archived file and checks it against its record.
-pub fn unpack(file: &str, stored: &[u8], record: &WalRecord) -> Result<Vec<u8>, PitrError> {
+pub(crate) fn unpack(file: &str, stored: &[u8], record: &WalRecord) -> Result<Vec<u8>, PitrError> {
     let corrupt = |reason: String| PitrError::CorruptWal {
         file: file.to_string(),
         reason,
@@ -207,7 +213,7 @@ pub fn unpack(file: &str, stored: &[u8], record: &WalRecord) -> Result<Vec<u8>, 
 /// Stores one completed WAL file: data, then record. Storing the same file again (a
 /// receiver restarted before it removed its spool copy) is no error; a different file
 /// under the same name is (two servers writing into one store).
-pub async fn ship(
+pub(crate) async fn ship(
     store: &Store,
     dir: &str,
     file: &str,
@@ -237,7 +243,7 @@ pub async fn ship(
     Ok(record)
 }
 
-pub async fn read_record(
+pub(crate) async fn read_record(
     store: &Store,
     dir: &str,
     file: &str,
@@ -257,7 +263,12 @@ pub async fn read_record(
 /// `dbpolicy backup wal-fetch FILE PATH`: one archived file, verified, written to `PATH`
 /// atomically (a temporary file renamed), as `restore_command` needs. `Ok(false)` when
 /// the store does not hold it, which PostgreSQL takes as "the archive ends here".
-pub async fn fetch(store: &Store, dir: &str, file: &str, to: &Path) -> Result<bool, PitrError> {
+pub(crate) async fn fetch(
+    store: &Store,
+    dir: &str,
+    file: &str,
+    to: &Path,
+) -> Result<bool, PitrError> {
     if !is_wal_file(file) {
         return Err(PitrError::Usage(format!(
             "{file:?} is not a WAL segment or timeline history file name"
@@ -296,7 +307,7 @@ pub async fn fetch(store: &Store, dir: &str, file: &str, to: &Path) -> Result<bo
 
 /// How the receiver runs.
 #[derive(Debug, Clone)]
-pub struct ReceiveOptions {
+pub(crate) struct ReceiveOptions {
     pub url: String,
     pub slot: String,
     pub spool: PathBuf,
@@ -306,23 +317,21 @@ pub struct ReceiveOptions {
 }
 
 /// A replication slot name PostgreSQL accepts: lower-case letters, digits, underscore.
-pub fn check_slot_name(slot: &str) -> Result<(), String> {
+pub(crate) fn check_slot_name(slot: &str) -> Result<(), ArgsError> {
     if slot.is_empty()
         || slot.len() > 63
         || !slot
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
-        return Err(format!(
-            "slot name {slot:?}: use 1-63 lower-case letters, digits and underscores"
-        ));
+        return Err(ArgsError::SlotName(slot.to_string()));
     }
     Ok(())
 }
 
 /// Completed WAL files in the spool, oldest first (history files before segments, as a
 /// new timeline's history precedes its segments).
-pub fn completed_files(spool: &Path) -> Result<Vec<String>, PitrError> {
+pub(crate) fn completed_files(spool: &Path) -> Result<Vec<String>, PitrError> {
     let rd = std::fs::read_dir(spool)
         .map_err(|e| PitrError::Io(format!("reading the spool {}: {e}", spool.display())))?;
     let mut files: Vec<String> = rd
@@ -339,7 +348,7 @@ pub fn completed_files(spool: &Path) -> Result<Vec<String>, PitrError> {
 /// file of an odd size that it then refuses to start with ("should be 0 or <segment
 /// size> bytes"). Such a file holds no WAL (nothing was confirmed from it, so the slot
 /// still has it), and removing it lets the restart resume from the slot.
-pub fn remove_empty_partials(spool: &Path) -> Result<Vec<String>, PitrError> {
+pub(crate) fn remove_empty_partials(spool: &Path) -> Result<Vec<String>, PitrError> {
     let rd = std::fs::read_dir(spool)
         .map_err(|e| PitrError::Io(format!("reading the spool {}: {e}", spool.display())))?;
     let mut removed = Vec::new();
@@ -378,7 +387,7 @@ pub fn remove_empty_partials(spool: &Path) -> Result<Vec<String>, PitrError> {
 }
 
 /// Ships every completed file of the spool, then removes it locally; the count shipped.
-pub async fn ship_spool(store: &Store, dir: &str, spool: &Path) -> Result<usize, PitrError> {
+pub(crate) async fn ship_spool(store: &Store, dir: &str, spool: &Path) -> Result<usize, PitrError> {
     let mut n = 0;
     for file in completed_files(spool)? {
         let path = spool.join(&file);
@@ -414,12 +423,16 @@ fn receivewal_command(
 /// `dbpolicy backup wal-receive`: creates the slot if missing, runs `pg_receivewal` and
 /// ships completed files until it exits or a signal arrives; then ships what is complete
 /// and stops. Returns only on a failure or a signal.
-pub async fn receive(store: &Store, dir: &str, opts: &ReceiveOptions) -> Result<(), PitrError> {
-    check_slot_name(&opts.slot).map_err(PitrError::Usage)?;
-    let env = LibpqEnv::from_url(&opts.url).map_err(PitrError::Usage)?;
+pub(crate) async fn receive(
+    store: &Store,
+    dir: &str,
+    opts: &ReceiveOptions,
+) -> Result<(), PitrError> {
+    check_slot_name(&opts.slot)?;
+    let env = LibpqEnv::from_url(&opts.url).map_err(ArgsError::from)?;
     let tool = tools::find("pg_receivewal", opts.pg_receivewal.as_deref(), None)
         .await
-        .map_err(PitrError::Tool)?;
+        .map_err(PitrError::FindTool)?;
     std::fs::create_dir_all(&opts.spool)
         .map_err(|e| PitrError::Io(format!("creating the spool {}: {e}", opts.spool.display())))?;
     // Files completed before a kill go first.

@@ -16,7 +16,7 @@ use super::wal::{Lsn, SegmentName};
 /// A committed base backup, as its record says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct BaseInfo {
+pub(crate) struct BaseInfo {
     pub id: String,
     pub timeline: u32,
     pub start_lsn: Lsn,
@@ -28,7 +28,7 @@ pub struct BaseInfo {
 
 /// A committed (checksummed) archived segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SegmentInfo {
+pub(crate) struct SegmentInfo {
     pub name: SegmentName,
     pub archived_at: DateTime<Utc>,
 }
@@ -36,7 +36,7 @@ pub struct SegmentInfo {
 /// How far one base backup can be recovered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Reach {
+pub(crate) struct Reach {
     pub base: String,
     /// Earliest recoverable time: when the backup finished (it is consistent by then).
     pub from: DateTime<Utc>,
@@ -54,7 +54,7 @@ pub struct Reach {
 /// The recoverable window of the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Window {
+pub(crate) struct Window {
     pub earliest: Option<DateTime<Utc>>,
     pub latest: Option<DateTime<Utc>>,
     /// One entry per base backup, oldest first.
@@ -67,7 +67,7 @@ pub struct Window {
 /// would look unrecoverable. A time with no fraction is read as the end of its second,
 /// which keeps `Reach::to` after every commit in the run (a store that lists to the
 /// nanosecond is left as it is).
-pub fn archived_by(listed: DateTime<Utc>) -> DateTime<Utc> {
+pub(crate) fn archived_by(listed: DateTime<Utc>) -> DateTime<Utc> {
     if listed.timestamp_subsec_nanos() == 0 {
         listed + Duration::seconds(1)
     } else {
@@ -82,11 +82,6 @@ fn index(segments: &[SegmentInfo]) -> Index {
         .iter()
         .map(|s| ((s.name.timeline, s.name.segno), s.archived_at))
         .collect()
-}
-
-/// How far `base` reaches with the archived segments.
-pub fn reach(base: &BaseInfo, segments: &[SegmentInfo]) -> Reach {
-    reach_in(base, &index(segments))
 }
 
 fn reach_in(base: &BaseInfo, idx: &Index) -> Reach {
@@ -117,7 +112,7 @@ fn reach_in(base: &BaseInfo, idx: &Index) -> Reach {
     }
 }
 
-pub fn window(bases: &[BaseInfo], segments: &[SegmentInfo]) -> Window {
+pub(crate) fn window(bases: &[BaseInfo], segments: &[SegmentInfo]) -> Window {
     let idx = index(segments);
     let mut sorted: Vec<&BaseInfo> = bases.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
@@ -131,7 +126,7 @@ pub fn window(bases: &[BaseInfo], segments: &[SegmentInfo]) -> Window {
 
 /// What a restore recovers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     Time(DateTime<Utc>),
     Lsn(Lsn),
     Latest,
@@ -150,16 +145,16 @@ impl std::fmt::Display for Target {
 /// The base backup to restore for `target`: the newest one that finished before it and
 /// whose archived WAL reaches it (the least WAL to replay). Errors say why none fits and
 /// what the window is.
-pub fn choose<'a>(
+pub(crate) fn choose<'a>(
     bases: &'a [BaseInfo],
     segments: &[SegmentInfo],
     target: &Target,
-) -> Result<&'a BaseInfo, String> {
+) -> Result<&'a BaseInfo, NotRecoverable> {
     let idx = index(segments);
     let mut sorted: Vec<&BaseInfo> = bases.iter().collect();
     sorted.sort_by(|a, b| b.id.cmp(&a.id));
     if sorted.is_empty() {
-        return Err("the store holds no base backup: run `dbpolicy backup base` first".into());
+        return Err(NotRecoverable::NoBase);
     }
     let fits = |b: &BaseInfo| {
         let r = reach_in(b, &idx);
@@ -173,18 +168,38 @@ pub fn choose<'a>(
         return Ok(b);
     }
     let w = window(bases, segments);
-    let show = |t: Option<DateTime<Utc>>| t.map_or("-".into(), |t| t.to_rfc3339());
-    Err(format!(
+    Err(NotRecoverable::OutsideWindow {
+        target: target.to_string(),
+        earliest: w.earliest,
+        latest: w.latest,
+    })
+}
+
+/// Why no base backup can be restored to a target; says what the window is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotRecoverable {
+    #[error("the store holds no base backup: run `dbpolicy backup base` first")]
+    NoBase,
+    #[error(
         "no base backup can be recovered to {target}: the recoverable window is {} to {} \
          (`dbpolicy backup list --pitr` shows each base backup's reach)",
-        show(w.earliest),
-        show(w.latest)
-    ))
+        show(*earliest),
+        show(*latest)
+    )]
+    OutsideWindow {
+        target: String,
+        earliest: Option<DateTime<Utc>>,
+        latest: Option<DateTime<Utc>>,
+    },
+}
+
+fn show(t: Option<DateTime<Utc>>) -> String {
+    t.map_or("-".into(), |t| t.to_rfc3339())
 }
 
 /// Retention for base backups (and the WAL that goes with them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PitrRetention {
+pub(crate) struct PitrRetention {
     /// Keep every base backup that finished within this many days (and the WAL after it).
     pub days: Option<u32>,
     /// Keep this many newest base backups.
@@ -195,13 +210,13 @@ pub struct PitrRetention {
 /// base backup's first segment. Never the newest base backup; never a segment a kept base
 /// backup needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PrunePlan {
+pub(crate) struct PrunePlan {
     pub delete_bases: Vec<String>,
     pub keep_bases: Vec<String>,
     pub delete_segments: Vec<SegmentName>,
 }
 
-pub fn plan_prune(
+pub(crate) fn plan_prune(
     bases: &[BaseInfo],
     segments: &[SegmentInfo],
     retention: PitrRetention,
@@ -306,13 +321,17 @@ mod tests {
         assert_eq!(pick(Target::Time(at(55))).unwrap(), "b2");
         assert_eq!(pick(Target::Latest).unwrap(), "b2");
         // In the gap between b1's reach and b2's start, and before everything.
-        assert!(pick(Target::Time(at(40))).unwrap_err().contains("window"));
+        assert!(pick(Target::Time(at(40)))
+            .unwrap_err()
+            .to_string()
+            .contains("window"));
         assert!(pick(Target::Time(at(5))).is_err());
         assert!(pick(Target::Time(at(61))).is_err());
         assert_eq!(pick(Target::Lsn(Lsn(3 * MB + 5))).unwrap(), "b1");
         assert_eq!(pick(Target::Lsn(Lsn(7 * MB))).unwrap(), "b2");
         assert!(choose(&[], &segs, &Target::Latest)
             .unwrap_err()
+            .to_string()
             .contains("no base backup"));
     }
 

@@ -17,7 +17,7 @@ const AREA: Area = Area::Autovacuum;
 
 /// The storage parameters of one table that this area manages, rendered as PostgreSQL
 /// stores them. Destructured without `..` so a new spec field cannot be forgotten.
-pub fn desired_options(t: &AutovacuumTable) -> BTreeMap<&'static str, String> {
+pub(crate) fn desired_options(t: &AutovacuumTable) -> BTreeMap<&'static str, String> {
     let AutovacuumTable {
         schema: _,
         table: _,
@@ -106,7 +106,7 @@ pub struct Observed {
 }
 
 /// Reads the spec's tables and the tables the ledger says we touched, in one query.
-pub async fn observe(
+pub(crate) async fn observe(
     conn: &mut PgConnection,
     spec: &AutovacuumSpec,
     ledger: &Ledger,
@@ -186,7 +186,7 @@ fn parse_bool(s: &str) -> Option<bool> {
 }
 
 /// The differences between spec and catalog, and the problems that block them.
-pub fn diff(
+pub(crate) fn diff(
     spec: &AutovacuumSpec,
     observed: &Observed,
     ledger: &Ledger,
@@ -244,7 +244,7 @@ pub fn diff(
     ops
 }
 
-pub fn render(op: &Op) -> Change {
+pub(crate) fn render(op: &Op) -> Change {
     match op {
         Op::Set { table, values } => {
             let assignments: Vec<String> = values
@@ -307,7 +307,7 @@ fn render_value(v: &str) -> String {
 }
 
 /// The catalog as it will be after `ops` (for tests of convergence).
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {

@@ -15,13 +15,13 @@ use crate::pg::{quote_ident, quote_literal, QualifiedName};
 use crate::reason::Reason;
 
 const AREA: Area = Area::FeatureFlags;
-pub const DEFAULT_TABLE: &str = "feature_flags";
-pub const FUNCTION: &str = "feature_enabled";
+pub(crate) const DEFAULT_TABLE: &str = "feature_flags";
+pub(crate) const FUNCTION: &str = "feature_enabled";
 /// Ledger item under the flags table's name: the policy that manages its rows. Two
 /// policies sharing one flags table would delete each other's flags on every run.
-pub const OWNED_TABLE: &str = "table";
+pub(crate) const OWNED_TABLE: &str = "table";
 
-pub fn table_name(spec: &FeatureFlagsSpec) -> QualifiedName {
+pub(crate) fn table_name(spec: &FeatureFlagsSpec) -> QualifiedName {
     QualifiedName::new(
         spec.schema.as_deref().unwrap_or(DEFAULT_SCHEMA),
         spec.table.as_deref().unwrap_or(DEFAULT_TABLE),
@@ -64,7 +64,7 @@ pub struct Observed {
     pub owner_exists: bool,
 }
 
-pub async fn observe(
+pub(crate) async fn observe(
     conn: &mut PgConnection,
     spec: &FeatureFlagsSpec,
 ) -> Result<Observed, sqlx::Error> {
@@ -131,7 +131,7 @@ pub async fn observe(
     Ok(observed)
 }
 
-pub fn create_table_sql(table: &QualifiedName) -> String {
+pub(crate) fn create_table_sql(table: &QualifiedName) -> String {
     format!(
         "CREATE TABLE {} (
     name text PRIMARY KEY,
@@ -148,7 +148,7 @@ pub fn create_table_sql(table: &QualifiedName) -> String {
 /// so buckets differ between flags (no user is first in every roll-out) and never move.
 /// `hashtextextended` is the hash PostgreSQL itself relies on staying stable for hash
 /// partitioning, so buckets survive upgrades.
-pub fn function_body(table: &QualifiedName) -> String {
+pub(crate) fn function_body(table: &QualifiedName) -> String {
     format!(
         "
 SELECT coalesce((
@@ -166,7 +166,7 @@ SELECT coalesce((
 /// SECURITY DEFINER so application roles and RLS policies can ask about a flag without
 /// reading the table; the fixed search_path keeps that safe. The body is an ordinary
 /// quoted literal: no dollar-quote tag that a table name could end early.
-pub fn create_function_sql(table: &QualifiedName) -> String {
+pub(crate) fn create_function_sql(table: &QualifiedName) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION {}.{}(flag text, subject text) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -190,7 +190,7 @@ pub enum Op {
     Delete(String),
 }
 
-pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -> Vec<Op> {
+pub(crate) fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -> Vec<Op> {
     let table = table_name(spec);
     if !observed.schema_exists {
         plan.error(
@@ -252,7 +252,7 @@ pub fn diff(spec: &FeatureFlagsSpec, observed: &Observed, plan: &mut AreaPlan) -
 /// (the table is new; a function takes no relation lock); ALTER TABLE OWNER TO takes
 /// ACCESS EXCLUSIVE (ALTER TABLE: forms not listed otherwise do); rows are written under
 /// ROW EXCLUSIVE.
-pub fn render(table: &QualifiedName, op: &Op) -> Change {
+pub(crate) fn render(table: &QualifiedName, op: &Op) -> Change {
     match op {
         Op::CreateTable => Change::new(AREA, table.to_string(), "create the flags table", create_table_sql(table)),
         Op::ReplaceFunction => Change::new(
@@ -307,7 +307,7 @@ ON CONFLICT (name) DO UPDATE SET enabled = EXCLUDED.enabled, rollout_percentage 
     }
 }
 
-pub fn plan(spec: &FeatureFlagsSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
+pub(crate) fn plan(spec: &FeatureFlagsSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
     let mut plan = AreaPlan::new(AREA);
     let table = table_name(spec);
     let target = table.to_string();
@@ -334,7 +334,7 @@ pub fn plan(spec: &FeatureFlagsSpec, observed: &Observed, ledger: &Ledger) -> Ar
     plan
 }
 
-pub fn simulate(spec: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(spec: &FeatureFlagsSpec, observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {

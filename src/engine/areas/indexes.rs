@@ -28,13 +28,13 @@ const AREA: Area = Area::Indexes;
 const OWNED: &str = "index";
 
 /// The index's name: it always lives in its table's schema.
-pub fn index_name(ix: &IndexSpec) -> QualifiedName {
+pub(crate) fn index_name(ix: &IndexSpec) -> QualifiedName {
     QualifiedName::new(ix.qualified().schema, &ix.name)
 }
 
 /// Where a replacement is built before it is renamed into place: `<name>_dbpolicy_new`,
 /// the name cut (at a character boundary) so the whole stays within PostgreSQL's 63 bytes.
-pub fn replacement_name(ix: &IndexSpec) -> QualifiedName {
+pub(crate) fn replacement_name(ix: &IndexSpec) -> QualifiedName {
     let mut cut = ix.name.len().min(48);
     while !ix.name.is_char_boundary(cut) {
         cut -= 1;
@@ -75,7 +75,7 @@ fn render_key(key: &str) -> String {
 }
 
 /// `USING method (keys) [WHERE predicate]`: the part of the definition after the table.
-pub fn definition_tail(ix: &IndexSpec) -> String {
+pub(crate) fn definition_tail(ix: &IndexSpec) -> String {
     let keys: Vec<String> = ix.columns.iter().map(|c| render_key(c)).collect();
     let mut tail = format!("USING {} ({})", method(ix.method), keys.join(", "));
     if let Some(w) = &ix.where_clause {
@@ -101,7 +101,7 @@ fn create_sql(ix: &IndexSpec, name: &str, concurrently: bool) -> String {
 
 /// `(unique, "USING … ")` of a `pg_get_indexdef` text: what makes two indexes the same
 /// regardless of their names and of `ON ONLY` for partitioned tables.
-pub fn canonical(def: &str) -> (bool, String) {
+pub(crate) fn canonical(def: &str) -> (bool, String) {
     let unique = def.starts_with("CREATE UNIQUE INDEX");
     let tail = def
         .find(" USING ")
@@ -126,15 +126,38 @@ pub struct Observed {
     pub normalized: BTreeMap<QualifiedName, scratch::Normalized>,
 }
 
+/// A key or predicate of an index that is not what its field means.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum IndexFragmentError {
+    #[error("columns[{index}] {key:?} {error}")]
+    Key {
+        index: usize,
+        key: String,
+        error: grammar::FragmentError,
+    },
+    #[error("where {0}")]
+    Where(grammar::FragmentError),
+}
+
+impl IndexFragmentError {
+    pub(crate) fn reason(&self) -> Reason {
+        Reason::InvalidIndexDefinition
+    }
+}
+
 /// A twin index on an empty temporary copy of the table (LIKE takes only ACCESS SHARE).
 /// The keys and predicate as PostgreSQL's grammar reads them: each key one index element,
 /// the predicate one expression. Nothing else is ever placed in a statement.
-pub fn check_fragments(ix: &IndexSpec) -> Result<(), String> {
-    for (j, key) in ix.columns.iter().enumerate() {
-        grammar::check_index_key(key).map_err(|e| format!("columns[{j}] {key:?} {e}"))?;
+pub(crate) fn check_fragments(ix: &IndexSpec) -> Result<(), IndexFragmentError> {
+    for (index, key) in ix.columns.iter().enumerate() {
+        grammar::check_index_key(key).map_err(|error| IndexFragmentError::Key {
+            index,
+            key: key.clone(),
+            error,
+        })?;
     }
     if let Some(w) = &ix.where_clause {
-        grammar::check_expression(w).map_err(|e| format!("where {e}"))?;
+        grammar::check_expression(w).map_err(IndexFragmentError::Where)?;
     }
     Ok(())
 }
@@ -170,7 +193,7 @@ fn twin(n: usize, ix: &IndexSpec) -> scratch::Twin {
     }
 }
 
-pub async fn observe(
+pub(crate) async fn observe(
     conn: &mut PgConnection,
     spec: &IndexesSpec,
     ledger: &Ledger,
@@ -246,7 +269,7 @@ pub async fn observe(
 /// What other areas of the same plan do to relations, so indexes on a view created or
 /// replaced in this run are planned now rather than one reconcile later.
 #[derive(Debug, Clone, Default)]
-pub struct Context {
+pub(crate) struct Context {
     /// Relations (re)created by an earlier area of this plan: their indexes must be built.
     pub recreated: BTreeSet<QualifiedName>,
 }
@@ -316,7 +339,7 @@ fn leftover(ix: &IndexSpec, desired: &str, observed: &Observed, ledger: &Ledger)
     }
 }
 
-pub fn diff(
+pub(crate) fn diff(
     spec: &IndexesSpec,
     observed: &Observed,
     ledger: &Ledger,
@@ -344,12 +367,8 @@ pub fn diff(
             continue;
         };
         let partitioned = relkind == "p";
-        if let Err(message) = check_fragments(ix) {
-            plan.error(
-                target,
-                Reason::InvalidIndexDefinition,
-                format!("index {name} on {table}: {message}"),
-            );
+        if let Err(e) = check_fragments(ix) {
+            plan.error(target, e.reason(), format!("index {name} on {table}: {e}"));
             continue;
         }
         let desired = match scratch::checked(
@@ -475,7 +494,7 @@ fn build_concurrently(spec: &IndexSpec, summary: String) -> Change {
     )
     .autonomous()
     .lock(LockLevel::ShareUpdateExclusive)
-    .own_timeout(OwnTimeout::IndexBuild)
+    .own_timeout(OwnTimeout::LongOperation)
     .record(OWNED)
 }
 
@@ -485,7 +504,7 @@ fn drop_concurrently(change: Change) -> Change {
     change
         .autonomous()
         .lock(LockLevel::ShareUpdateExclusive)
-        .own_timeout(OwnTimeout::IndexBuild)
+        .own_timeout(OwnTimeout::LongOperation)
 }
 
 /// Renames the replacement into place and records it, in one transaction.
@@ -510,7 +529,7 @@ fn rename_into_place(spec: &IndexSpec) -> Change {
     .forget_under(temp.to_string(), OWNED)
 }
 
-pub fn render(op: &Op) -> Vec<Change> {
+pub(crate) fn render(op: &Op) -> Vec<Change> {
     match op {
         Op::Create {
             spec,
@@ -590,7 +609,7 @@ pub fn render(op: &Op) -> Vec<Change> {
                     )
                     .autonomous()
                     .lock(LockLevel::ShareUpdateExclusive)
-                    .own_timeout(OwnTimeout::IndexBuild)
+                    .own_timeout(OwnTimeout::LongOperation)
                     .intend_under(temp.to_string(), OWNED),
                 );
             }
@@ -631,7 +650,7 @@ pub fn render(op: &Op) -> Vec<Change> {
     }
 }
 
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {
@@ -811,7 +830,7 @@ mod tests {
         assert_eq!(p.changes[0].hazard, Hazard::Safe);
         // Reads and writes go on; the build runs under safety.indexBuildTimeout.
         assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
-        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::IndexBuild));
+        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::LongOperation));
     }
 
     #[test]
@@ -875,7 +894,7 @@ mod tests {
             .changes
             .iter()
             .all(|c| c.lock == LockLevel::ShareUpdateExclusive
-                && c.timeout == Some(OwnTimeout::IndexBuild)));
+                && c.timeout == Some(OwnTimeout::LongOperation)));
 
         // Someone else's invalid index (perhaps a build still running): not ours to drop.
         let p = plan(&spec, &o, &Ledger::for_policy("p"), &Context::default());
@@ -1120,11 +1139,11 @@ mod tests {
             [
                 (
                     LockLevel::ShareUpdateExclusive,
-                    Some(OwnTimeout::IndexBuild)
+                    Some(OwnTimeout::LongOperation)
                 ),
                 (
                     LockLevel::ShareUpdateExclusive,
-                    Some(OwnTimeout::IndexBuild)
+                    Some(OwnTimeout::LongOperation)
                 ),
                 // The rename is in a transaction: the policy's timeout.
                 (LockLevel::ShareUpdateExclusive, None),
@@ -1167,7 +1186,7 @@ mod tests {
         assert_eq!(p.changes[0].hazard, Hazard::Destructive);
         assert!(p.changes[0].sql.ends_with(r#""public"."mine""#));
         assert_eq!(p.changes[0].lock, LockLevel::ShareUpdateExclusive);
-        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::IndexBuild));
+        assert_eq!(p.changes[0].timeout, Some(OwnTimeout::LongOperation));
         let no_prune = IndexesSpec {
             indexes: vec![],
             prune: None,

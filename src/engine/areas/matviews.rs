@@ -13,16 +13,16 @@ use crate::api::{
     IndexesSpec, MaterializedView, MaterializedViewsSpec, TableTarget, DEFAULT_SCHEMA,
 };
 use crate::engine::areas::{AreaModule, Facts, ObserveContext, ObserveError, PlanContext};
-use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel};
+use crate::engine::plan::{Area, AreaPlan, Change, Hazard, LockLevel, OwnTimeout};
 use crate::engine::scratch;
 use crate::pg::{grammar, quote_ident, QualifiedName};
 use crate::reason::Reason;
 
 const AREA: Area = Area::MaterializedViews;
 const OWNED: &str = "view";
-pub const DEFAULT_REFRESH_TIMEOUT: &str = "30m";
+pub(crate) const DEFAULT_REFRESH_TIMEOUT: &str = "30m";
 
-pub fn view_name(v: &MaterializedView) -> QualifiedName {
+pub(crate) fn view_name(v: &MaterializedView) -> QualifiedName {
     QualifiedName::new(v.schema.as_deref().unwrap_or(DEFAULT_SCHEMA), &v.name)
 }
 
@@ -74,7 +74,7 @@ fn twin(n: usize, name: QualifiedName, body: &str) -> scratch::Twin {
     }
 }
 
-pub async fn observe(
+pub(crate) async fn observe(
     conn: &mut PgConnection,
     spec: &MaterializedViewsSpec,
 ) -> Result<Observed, sqlx::Error> {
@@ -166,7 +166,7 @@ async fn observe_refreshes(
 
 /// Views (re)created by a plan: the indexes area builds their indexes in the same run.
 /// A replacement that will be refused (destructive, not allowed) recreates nothing.
-pub fn recreated(plan: &AreaPlan, allow_destructive: bool) -> BTreeSet<QualifiedName> {
+pub(crate) fn recreated(plan: &AreaPlan, allow_destructive: bool) -> BTreeSet<QualifiedName> {
     let refused: BTreeSet<&str> = plan
         .changes
         .iter()
@@ -200,7 +200,7 @@ pub enum Op {
 
 /// `indexes` is the spec's indexes section: a unique index declared there counts for
 /// `concurrently` even before it is built.
-pub fn diff(
+pub(crate) fn diff(
     spec: &MaterializedViewsSpec,
     indexes: Option<&IndexesSpec>,
     observed: &Observed,
@@ -309,17 +309,29 @@ pub fn diff(
 /// Creating a view runs its query with the creating role's rights. With an `owner`, the
 /// view is created empty (nothing runs), handed to the owner, then filled by a refresh,
 /// which PostgreSQL runs with the owner's rights: the query never runs as the operator.
-fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Change> {
+/// The statement that fills the view runs under `fill`'s timeout when given.
+fn create(
+    name: &QualifiedName,
+    definition: &str,
+    owner: Option<&str>,
+    fill: Option<OwnTimeout>,
+) -> Vec<Change> {
     let target = name.to_string();
+    let fill_timeout = |c: Change| match fill {
+        Some(t) => c.own_timeout(t),
+        None => c,
+    };
     match owner {
-        None => vec![Change::new(
-            AREA,
-            &target,
-            "create the materialized view",
-            format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
-        )
-        // The view is new; the query reads its tables under ACCESS SHARE.
-        .lock(LockLevel::AccessShare)],
+        None => vec![fill_timeout(
+            Change::new(
+                AREA,
+                &target,
+                "create the materialized view",
+                format!("CREATE MATERIALIZED VIEW {} AS {definition}", name.quoted()),
+            )
+            // The view is new; the query reads its tables under ACCESS SHARE.
+            .lock(LockLevel::AccessShare),
+        )],
         Some(owner) => vec![
             Change::new(
                 AREA,
@@ -343,27 +355,42 @@ fn create(name: &QualifiedName, definition: &str, owner: Option<&str>) -> Vec<Ch
                 ),
             )
             .lock(LockLevel::AccessExclusive),
-            Change::new(
-                AREA,
-                &target,
-                format!("fill it, with {owner}'s rights"),
-                format!("REFRESH MATERIALIZED VIEW {}", name.quoted()),
-            )
-            // Not concurrently (the view is empty): ACCESS EXCLUSIVE on the view, which
-            // nobody can read yet anyway, in the transaction that created it.
-            .lock(LockLevel::AccessExclusive),
+            fill_timeout(
+                Change::new(
+                    AREA,
+                    &target,
+                    format!("fill it, with {owner}'s rights"),
+                    format!("REFRESH MATERIALIZED VIEW {}", name.quoted()),
+                )
+                // Not concurrently (the view is empty): ACCESS EXCLUSIVE on the view,
+                // which nobody can read yet anyway, in the transaction that created it.
+                .lock(LockLevel::AccessExclusive),
+            ),
         ],
     }
 }
 
-pub fn render(op: &Op) -> Vec<Change> {
+pub(crate) fn render(op: &Op) -> Vec<Change> {
     match op {
         Op::Create {
             name,
             definition,
             owner,
         } => {
-            let mut changes = create(name, definition, owner.as_deref());
+            // A new view is filled under the long-operation timeout: nobody can read it
+            // before its transaction commits, so the query may take as long as it takes.
+            // That transaction is its own, so no lock another view's change took waits
+            // on the fill.
+            let group = format!("create {name}");
+            let mut changes: Vec<Change> = create(
+                name,
+                definition,
+                owner.as_deref(),
+                Some(OwnTimeout::LongOperation),
+            )
+            .into_iter()
+            .map(|c| c.in_group(&group))
+            .collect();
             if let Some(last) = changes.pop() {
                 changes.push(last.record(OWNED));
             }
@@ -386,7 +413,9 @@ pub fn render(op: &Op) -> Vec<Change> {
             .hazard(Hazard::Destructive)
             .lock(LockLevel::AccessExclusive)
             .bundle(&bundle)];
-            let created = create(name, definition, owner.as_deref());
+            // Refilled under the policy's statement timeout: readers of the view wait on
+            // its ACCESS EXCLUSIVE (bounded by their lock_timeout) until the fill commits.
+            let created = create(name, definition, owner.as_deref(), None);
             let n = created.len();
             for (i, c) in created.into_iter().enumerate() {
                 // The view was dropped in this transaction: its ACCESS EXCLUSIVE is held
@@ -415,7 +444,7 @@ pub fn render(op: &Op) -> Vec<Change> {
 }
 
 /// Last refresh per declared view, for status.
-pub fn status(
+pub(crate) fn status(
     spec: &MaterializedViewsSpec,
     observed: &Observed,
 ) -> Vec<crate::api::MaterializedViewStatus> {
@@ -436,7 +465,7 @@ pub fn status(
 
 // ------------------------------------------------------------------ refresh
 
-pub const REFRESHES_BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
+pub(crate) const REFRESHES_BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS dbpolicy;
 CREATE TABLE IF NOT EXISTS dbpolicy.refreshes (
     view text PRIMARY KEY,
     refreshed_at timestamptz NOT NULL,
@@ -445,14 +474,14 @@ CREATE TABLE IF NOT EXISTS dbpolicy.refreshes (
 )";
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct RefreshOutcome {
+pub(crate) struct RefreshOutcome {
     pub view: String,
     pub concurrently: bool,
     pub seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RefreshError {
+pub(crate) enum RefreshError {
     #[error("{view}: {message}")]
     NotRefreshable {
         view: String,
@@ -469,7 +498,7 @@ pub enum RefreshError {
 
 /// Refreshes one view: `CONCURRENTLY` when asked and possible (populated, unique index),
 /// under its own statement timeout, and records when and how long in `dbpolicy.refreshes`.
-pub async fn refresh(
+pub(crate) async fn refresh(
     conn: &mut PgConnection,
     view: &QualifiedName,
     concurrently: bool,
@@ -613,7 +642,7 @@ impl AreaModule for MaterializedViews {
 }
 
 /// The catalog as it will be after `ops` (for tests of convergence).
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {
@@ -698,6 +727,13 @@ mod tests {
                 LockLevel::AccessExclusive
             ]
         );
+        // The fill, under the long-operation timeout, in a transaction of the view's own.
+        let timeouts: Vec<Option<OwnTimeout>> = p.changes.iter().map(|c| c.timeout).collect();
+        assert_eq!(timeouts, [None, None, Some(OwnTimeout::LongOperation)]);
+        assert!(p
+            .changes
+            .iter()
+            .all(|c| c.transactional && c.group.as_deref() == Some("create public.v")));
 
         // An existing view of another owner is handed over; a missing role is an error.
         let o2 = observed(&[("v", "SELECT 1;", false)], &[("v", "SELECT 1;")]);

@@ -7,12 +7,12 @@
 //! an apply are loops over it. A new area is its module and one line in `registry!`.
 
 pub mod autovacuum;
-pub mod backups;
+pub(crate) mod backups;
 pub mod feature_flags;
 pub mod indexes;
 pub mod matviews;
 pub mod partitions;
-pub mod replicas;
+pub(crate) mod replicas;
 pub mod rls;
 pub mod server_settings;
 
@@ -36,7 +36,7 @@ use crate::reason::Reason;
 use server_settings::AllowedSettings;
 
 /// Replica probe results, per replica name (see [`super::replica_health`]).
-pub type Probes = std::collections::BTreeMap<String, replicas::Probe>;
+pub(crate) type Probes = std::collections::BTreeMap<String, replicas::Probe>;
 
 /// One area: the section of the spec it owns and its observe → plan pipeline.
 pub trait AreaModule: Sync + 'static {
@@ -135,7 +135,7 @@ pub struct ObserveContext<'a> {
 impl ObserveContext<'_> {
     /// The clock, read by the one area that needs it when it observes: the plan is then a
     /// pure function of what was observed.
-    pub fn now(&self) -> Result<DateTime<Utc>, ObserveError> {
+    pub(crate) fn now(&self) -> Result<DateTime<Utc>, ObserveError> {
         super::clock::now().map_err(|e| ObserveError {
             reason: Reason::InvalidClock,
             message: e.to_string(),
@@ -143,7 +143,7 @@ impl ObserveContext<'_> {
     }
 
     /// The results of the replica probes, awaited.
-    pub async fn probes(&mut self) -> Option<Probes> {
+    pub(crate) async fn probes(&mut self) -> Option<Probes> {
         Some(self.probes.take()?.await.unwrap_or_default())
     }
 }
@@ -368,24 +368,24 @@ macro_rules! registry {
         }
 
         impl Area {
-            pub const ALL: [Area; [$(Area::$area,)*].len()] = [$(Area::$area,)*];
+            pub(crate) const ALL: [Area; [$(Area::$area,)*].len()] = [$(Area::$area,)*];
 
             /// The spec field of the area.
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self {
                     $(Area::$area => $spec_field,)*
                 }
             }
 
             /// The area's condition type in status.
-            pub fn condition_type(self) -> &'static str {
+            pub(crate) fn condition_type(self) -> &'static str {
                 match self {
                     $(Area::$area => concat!(stringify!($area), "Ready"),)*
                 }
             }
 
             /// Whether the spec has the area's section.
-            pub fn in_spec(self, spec: &DatabasePolicySpec) -> bool {
+            pub(crate) fn in_spec(self, spec: &DatabasePolicySpec) -> bool {
                 AREAS.iter().any(|a| a.area() == self && a.in_spec(spec))
             }
         }
@@ -460,7 +460,7 @@ pub(crate) mod convergence {
     /// (and their ledger records to the ledger) and plans again: nothing may be left to
     /// do. `first` checks the first plan's operations and errors before that (the area's
     /// own properties; `prop_assume!` there skips a case). Returns the simulated catalog.
-    pub fn converges<A: AreaModule>(
+    pub(crate) fn converges<A: AreaModule>(
         section: &A::Spec,
         observed: &A::Observed,
         ledger: &Ledger,

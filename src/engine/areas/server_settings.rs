@@ -37,7 +37,7 @@ const RELOAD_SQL: &str = "SELECT pg_reload_conf()";
 
 /// Parameters denied unless the platform team allows them, and why. See
 /// docs/server-settings.md for the reasoning behind each group.
-pub const DENIED: &[(&str, &str)] = &[
+pub(crate) const DENIED: &[(&str, &str)] = &[
     // Run shell commands on the database host as the postgres OS user.
     (
         "archive_command",
@@ -160,7 +160,7 @@ pub const DENIED: &[(&str, &str)] = &[
 ];
 
 /// Why `name` (lower case) is denied by default, if it is.
-pub fn denied_reason(name: &str) -> Option<&'static str> {
+pub(crate) fn denied_reason(name: &str) -> Option<&'static str> {
     DENIED.iter().find(|(n, _)| *n == name).map(|(_, why)| *why)
 }
 
@@ -189,7 +189,7 @@ const NOT_CHECKED_IN_SESSION: &[&str] = &[
 /// An `--allow-setting` value that is not a parameter name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("--allow-setting {0:?}: not a parameter name (letters, digits, '_' and '.')")]
-pub struct NotAParameterName(pub String);
+pub(crate) struct NotAParameterName(pub String);
 
 /// The denied settings the platform team allows (`--allow-setting`), lower case.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -197,12 +197,12 @@ pub struct AllowedSettings(BTreeSet<String>);
 
 impl AllowedSettings {
     /// No setting denied by default is allowed.
-    pub fn none() -> &'static AllowedSettings {
+    pub(crate) fn none() -> &'static AllowedSettings {
         static NONE: AllowedSettings = AllowedSettings(BTreeSet::new());
         &NONE
     }
     /// From `--allow-setting` values; a name that is not a parameter name is refused.
-    pub fn new<I, S>(names: I) -> Result<Self, NotAParameterName>
+    pub(crate) fn new<I, S>(names: I) -> Result<Self, NotAParameterName>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -217,16 +217,16 @@ impl AllowedSettings {
         }
         Ok(AllowedSettings(set))
     }
-    pub fn allows(&self, lower: &str) -> bool {
+    pub(crate) fn allows(&self, lower: &str) -> bool {
         self.0.contains(lower)
     }
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(String::as_str)
     }
 }
 
 /// Letters, digits, `_`, `$` and `.` (a custom parameter is `prefix.name`), not empty.
-pub fn is_parameter_name(name: &str) -> bool {
+pub(crate) fn is_parameter_name(name: &str) -> bool {
     !name.is_empty()
         && name.split('.').all(|part| {
             !part.is_empty()
@@ -292,7 +292,7 @@ pub struct Observed {
     pub written_after_load: Option<bool>,
 }
 
-pub async fn observe(
+pub(crate) async fn observe(
     conn: &mut PgConnection,
     spec: &ServerSettingsSpec,
     ledger: &Ledger,
@@ -487,12 +487,12 @@ fn field(key: &str) -> String {
 /// What the area must do: the writes, and the parameters whose written value is not live
 /// (a reload fixes them).
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Diff {
+pub(crate) struct Diff {
     pub ops: Vec<Op>,
     pub not_loaded: Vec<String>,
 }
 
-pub fn diff(
+pub(crate) fn diff(
     spec: &ServerSettingsSpec,
     observed: &Observed,
     ledger: &Ledger,
@@ -569,7 +569,7 @@ pub fn diff(
                 if let Err(why) = check_value(meta, value) {
                     plan.error(
                         name,
-                        Reason::InvalidValue,
+                        why.reason(),
                         format!("{}: invalid value {value:?} for {name}: {why}", field(key)),
                     );
                     continue;
@@ -735,7 +735,7 @@ fn quote_param(name: &str) -> String {
         .join(".")
 }
 
-pub fn render(op: &Op) -> Change {
+pub(crate) fn render(op: &Op) -> Change {
     let ledger_item = op.name().to_lowercase();
     match op {
         Op::Set {
@@ -778,11 +778,12 @@ fn reload(summary: impl Into<String>) -> Change {
 }
 
 /// The area's plan with the default denylist and no allowance: see [`plan_with`].
-pub fn plan(spec: &ServerSettingsSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
+#[cfg(test)]
+pub(crate) fn plan(spec: &ServerSettingsSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
     plan_with(spec, observed, ledger, &AllowedSettings::default())
 }
 
-pub fn plan_with(
+pub(crate) fn plan_with(
     spec: &ServerSettingsSpec,
     observed: &Observed,
     ledger: &Ledger,
@@ -825,7 +826,7 @@ pub fn plan_with(
     plan
 }
 
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {
@@ -843,7 +844,7 @@ pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
 // ------------------------------------------------------------------ recovery
 
 /// The statement that puts `name` back as postgresql.auto.conf had it before the run.
-pub fn restore_sql(name: &str, before: Option<&String>) -> String {
+pub(crate) fn restore_sql(name: &str, before: Option<&String>) -> String {
     match before {
         Some(value) => format!(
             "ALTER SYSTEM SET {} = {}",
@@ -869,7 +870,7 @@ fn written(report: &ApplyReport) -> Vec<&Change> {
 /// and reloads: the file ends as it began, and what was written is never left unloaded.
 /// Were the process killed before this, the next run sees written-but-not-loaded values
 /// and reloads them ([`is_live`]).
-pub async fn recover(
+pub(crate) async fn recover(
     conn: &mut PgConnection,
     observed: &Observed,
     ledger_before: &Ledger,
@@ -953,19 +954,51 @@ fn undo_ledger(op: &LedgerOp, before: &Ledger) -> Option<LedgerOp> {
 
 // ------------------------------------------------------------------ value checks
 
+/// Why a value is not one PostgreSQL would take for a parameter (the message follows
+/// "invalid value … for <name>: ").
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum ValueError {
+    #[error("expected on or off")]
+    NotBool,
+    #[error("expected one of {}", .0.join(", "))]
+    NotAllowed(Vec<String>),
+    #[error("expected a number")]
+    NotANumber,
+    #[error("expected an integer")]
+    NotAnInteger,
+    #[error("this parameter takes no unit, got {0:?}")]
+    NoUnitTaken(String),
+    #[error("unknown unit {suffix:?}, valid units are {}", .valid.join(", "))]
+    UnknownUnit {
+        suffix: String,
+        valid: Vec<&'static str>,
+    },
+    #[error("out of range {min}..{max}{unit}")]
+    OutOfRange {
+        min: f64,
+        max: f64,
+        /// The parameter's unit with a leading space, or empty.
+        unit: String,
+    },
+}
+
+impl ValueError {
+    pub(crate) fn reason(&self) -> Reason {
+        Reason::InvalidValue
+    }
+}
+
 /// Checks a value as PostgreSQL would, from `pg_settings` metadata, so that one bad value
 /// refuses the whole area before any `ALTER SYSTEM` (which cannot be rolled back) runs.
-pub fn check_value(meta: &SettingMeta, value: &str) -> Result<(), String> {
+pub(crate) fn check_value(meta: &SettingMeta, value: &str) -> Result<(), ValueError> {
     match meta.vartype.as_str() {
-        "bool" => parse_pg_bool(value)
-            .map(|_| ())
-            .ok_or_else(|| "expected on or off".to_string()),
+        "bool" => parse_pg_bool(value).map(|_| ()).ok_or(ValueError::NotBool),
         "enum" => {
             let allowed = meta.enumvals.clone().unwrap_or_default();
             if allowed.iter().any(|a| a.eq_ignore_ascii_case(value.trim())) {
                 Ok(())
             } else {
-                Err(format!("expected one of {}", allowed.join(", ")))
+                Err(ValueError::NotAllowed(allowed))
             }
         }
         "integer" | "real" => {
@@ -979,7 +1012,7 @@ pub fn check_value(meta: &SettingMeta, value: &str) -> Result<(), String> {
                         .as_deref()
                         .map(|u| format!(" {u}"))
                         .unwrap_or_default();
-                    return Err(format!("out of range {min}..{max}{unit}"));
+                    return Err(ValueError::OutOfRange { min, max, unit });
                 }
             }
             Ok(())
@@ -1032,7 +1065,11 @@ fn base_unit(unit: &str) -> Option<(f64, bool)> {
 }
 
 /// The value expressed in the parameter's own unit.
-fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Result<f64, String> {
+fn parse_number_with_unit(
+    value: &str,
+    unit: Option<&str>,
+    integer: bool,
+) -> Result<f64, ValueError> {
     let v = value.trim();
     let split = v
         .find(|c: char| {
@@ -1040,15 +1077,15 @@ fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Res
         })
         .unwrap_or(v.len());
     let (num, suffix) = (v[..split].trim(), v[split..].trim());
-    let n: f64 = num.parse().map_err(|_| "expected a number".to_string())?;
+    let n: f64 = num.parse().map_err(|_| ValueError::NotANumber)?;
     if integer && suffix.is_empty() && num.contains('.') {
-        return Err("expected an integer".into());
+        return Err(ValueError::NotAnInteger);
     }
     if suffix.is_empty() {
         return Ok(n);
     }
     let Some((param_base, param_is_memory)) = unit.and_then(base_unit) else {
-        return Err(format!("this parameter takes no unit, got {suffix:?}"));
+        return Err(ValueError::NoUnitTaken(suffix.to_string()));
     };
     let table: &[(&str, f64)] = if param_is_memory {
         &MEMORY_UNITS
@@ -1056,11 +1093,10 @@ fn parse_number_with_unit(value: &str, unit: Option<&str>, integer: bool) -> Res
         &TIME_UNITS
     };
     let Some((_, f)) = table.iter().find(|(u, _)| *u == suffix) else {
-        let valid: Vec<&str> = table.iter().map(|(u, _)| *u).collect();
-        return Err(format!(
-            "unknown unit {suffix:?}, valid units are {}",
-            valid.join(", ")
-        ));
+        return Err(ValueError::UnknownUnit {
+            suffix: suffix.to_string(),
+            valid: table.iter().map(|(u, _)| *u).collect(),
+        });
     };
     Ok(n * f / param_base)
 }

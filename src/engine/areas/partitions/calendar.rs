@@ -4,7 +4,7 @@
 use super::*;
 
 /// The interval containing `d` starts here.
-pub fn floor(interval: PartitionInterval, d: NaiveDate) -> NaiveDate {
+pub(crate) fn floor(interval: PartitionInterval, d: NaiveDate) -> NaiveDate {
     let ymd = |y, m, day| NaiveDate::from_ymd_opt(y, m, day).expect("valid date");
     match interval {
         PartitionInterval::Daily => d,
@@ -19,7 +19,7 @@ pub fn floor(interval: PartitionInterval, d: NaiveDate) -> NaiveDate {
 }
 
 /// The start of the interval after the one starting at `start` (an aligned date).
-pub fn next(interval: PartitionInterval, start: NaiveDate) -> NaiveDate {
+pub(crate) fn next(interval: PartitionInterval, start: NaiveDate) -> NaiveDate {
     match interval {
         PartitionInterval::Daily => start + chrono::Duration::days(1),
         PartitionInterval::Weekly => start + chrono::Duration::days(7),
@@ -32,7 +32,7 @@ pub fn next(interval: PartitionInterval, start: NaiveDate) -> NaiveDate {
 /// The name suffix of the interval starting at `start`:
 /// daily `2024_01_31`, weekly `2024_w05` (ISO year and week), monthly `2024_01`,
 /// quarterly `2024_q1`, yearly `2024`.
-pub fn suffix(interval: PartitionInterval, start: NaiveDate) -> String {
+pub(crate) fn suffix(interval: PartitionInterval, start: NaiveDate) -> String {
     match interval {
         PartitionInterval::Daily => start.format("%Y_%m_%d").to_string(),
         PartitionInterval::Weekly => {
@@ -46,7 +46,7 @@ pub fn suffix(interval: PartitionInterval, start: NaiveDate) -> String {
 }
 
 /// The start of the interval a suffix names, when it is exactly one of ours.
-pub fn parse_suffix(interval: PartitionInterval, s: &str) -> Option<NaiveDate> {
+pub(crate) fn parse_suffix(interval: PartitionInterval, s: &str) -> Option<NaiveDate> {
     let num = |t: &str| -> Option<u32> {
         (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
             .then(|| t.parse().ok())
@@ -89,19 +89,19 @@ pub(super) fn prefix(table: &str, suffix_len: usize) -> &str {
 }
 
 /// The name of our partition of `table` for the interval starting at `start`.
-pub fn partition_name(table: &str, interval: PartitionInterval, start: NaiveDate) -> String {
+pub(crate) fn partition_name(table: &str, interval: PartitionInterval, start: NaiveDate) -> String {
     let s = suffix(interval, start);
     format!("{}_{s}", prefix(table, s.len()))
 }
 
 /// The name of the default partition we create: `<table>_default`.
-pub fn default_name(table: &str) -> String {
+pub(crate) fn default_name(table: &str) -> String {
     format!("{}_default", prefix(table, "default".len()))
 }
 
 /// Microseconds since 1970-01-01 00:00 of a date's midnight (UTC for timestamptz,
 /// nominal for timestamp and date): how the observer reports bounds.
-pub fn micros(d: NaiveDate) -> i64 {
+pub(crate) fn micros(d: NaiveDate) -> i64 {
     d.and_hms_opt(0, 0, 0)
         .expect("midnight")
         .and_utc()
@@ -125,7 +125,7 @@ impl Range {
 }
 
 /// When a partition ending at `end` is entirely older than the retention.
-pub fn cutoff(now: DateTime<Utc>, retention: Retention) -> NaiveDateTime {
+pub(crate) fn cutoff(now: DateTime<Utc>, retention: Retention) -> NaiveDateTime {
     let now = now.naive_utc();
     let back = |m: u32| {
         now.checked_sub_months(Months::new(m))

@@ -107,7 +107,7 @@ pub(super) fn layout(
         None => None,
     };
     let retention = match &t.retention {
-        Some(r) => Some(parse_retention(r).map_err(|e| (Reason::InvalidRetention, e))?),
+        Some(r) => Some(parse_retention(r).map_err(|e| (Reason::InvalidRetention, e.to_string()))?),
         None => None,
     };
     let mut out = Layout::default();
@@ -294,7 +294,7 @@ pub enum Op {
 
 /// The differences between spec and catalog at `observed.now`, and the problems that
 /// block them. A table with an error gets no op.
-pub fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> Vec<Op> {
+pub(crate) fn diff(spec: &PartitionsSpec, observed: &Observed, plan: &mut AreaPlan) -> Vec<Op> {
     let mut out = Vec::new();
     let mut late = Vec::new();
     for t in &spec.tables {

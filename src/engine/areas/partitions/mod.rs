@@ -32,9 +32,9 @@ const MAX_IDENT: usize = 63;
 /// table name cut to leave room for it, which is what the observer searches by.
 const LONGEST_SUFFIX: usize = 11;
 /// Default `premake`.
-pub const DEFAULT_PREMAKE: u32 = 4;
+pub(crate) const DEFAULT_PREMAKE: u32 = 4;
 /// A guard against a `startDate` decades back with daily partitions.
-pub const MAX_PARTITIONS_PER_RUN: usize = 5000;
+pub(crate) const MAX_PARTITIONS_PER_RUN: usize = 5000;
 /// `DETACH … CONCURRENTLY` exists from PostgreSQL 14 on.
 const CONCURRENT_DETACH_VERSION: i32 = 140_000;
 
@@ -46,14 +46,14 @@ mod render;
 pub use calendar::*;
 pub use layout::*;
 pub use observe::*;
-pub use render::*;
+pub(crate) use render::*;
 
 /// Most ops of one table in one transaction. Each takes a few locks (the new partition,
 /// its indexes, the parent) held to the end of its transaction: a whole run in one would
 /// exhaust the server's lock table (`max_locks_per_transaction`) on a large policy.
-pub const OPS_PER_TRANSACTION: usize = 50;
+pub(crate) const OPS_PER_TRANSACTION: usize = 50;
 
-pub fn plan(spec: &PartitionsSpec, observed: &Observed) -> AreaPlan {
+pub(crate) fn plan(spec: &PartitionsSpec, observed: &Observed) -> AreaPlan {
     let mut plan = AreaPlan::new(AREA);
     let ops = diff(spec, observed, &mut plan);
     // One transaction per table (per OPS_PER_TRANSACTION of its ops): a table's creates,
@@ -97,7 +97,7 @@ pub fn plan(spec: &PartitionsSpec, observed: &Observed) -> AreaPlan {
 }
 
 /// The catalog as it will be after `ops` (for tests of convergence).
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     let range_child = |table: &QualifiedName, partition: &str, range: &Range| Child {
         name: in_schema(table, partition),
@@ -155,7 +155,7 @@ pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
 }
 
 /// Status per declared table (tables with errors are left out: their condition says why).
-pub fn status(spec: &PartitionsSpec, observed: &Observed) -> Vec<PartitionTableStatus> {
+pub(crate) fn status(spec: &PartitionsSpec, observed: &Observed) -> Vec<PartitionTableStatus> {
     let mut out = Vec::new();
     for t in &spec.tables {
         let name = t.qualified();

@@ -13,7 +13,7 @@ pub enum KeyType {
 
 impl KeyType {
     /// From `atttypid::regtype::text`.
-    pub fn from_regtype(t: &str) -> Option<KeyType> {
+    pub(crate) fn from_regtype(t: &str) -> Option<KeyType> {
         match t {
             "date" => Some(KeyType::Date),
             "timestamp without time zone" => Some(KeyType::Timestamp),
@@ -29,7 +29,7 @@ impl KeyType {
         }
     }
     /// A bound literal; timestamptz bounds are UTC midnights, whatever the session's zone.
-    pub fn literal(self, d: NaiveDate) -> String {
+    pub(crate) fn literal(self, d: NaiveDate) -> String {
         match self {
             KeyType::Date => quote_literal(&d.format("%Y-%m-%d").to_string()),
             KeyType::Timestamp => quote_literal(&format!("{} 00:00:00", d.format("%Y-%m-%d"))),
@@ -114,7 +114,7 @@ pub struct Observed {
 }
 
 impl Observed {
-    pub fn new(now: DateTime<Utc>) -> Self {
+    pub(crate) fn new(now: DateTime<Utc>) -> Self {
         Observed {
             now,
             server_version: 150_000,

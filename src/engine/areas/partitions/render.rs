@@ -5,6 +5,7 @@
 //! CREATE TABLE … PARTITION OF and ALTER TABLE ATTACH/DETACH PARTITION states it.
 
 use super::*;
+use crate::engine::plan::OwnTimeout;
 
 /// A lock on a partitioned table itself (ONLY: its partitions are locked as needed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub(super) fn lock_parent(table: &QualifiedName, mode: ParentLock) -> Change {
 }
 
 /// The statements of one op.
-pub fn render(op: &Op) -> Vec<Change> {
+pub(crate) fn render(op: &Op) -> Vec<Change> {
     match op {
         Op::Create {
             table,
@@ -224,9 +225,11 @@ pub fn render(op: &Op) -> Vec<Change> {
                 // SHARE UPDATE EXCLUSIVE on the parent throughout, so traffic on the
                 // table goes on; ACCESS EXCLUSIVE on the partition in its second,
                 // internal transaction (what the level records: the strongest lock).
-                // Not allowed in a transaction block.
+                // Not allowed in a transaction block. It waits for every transaction
+                // that uses the table, so it is long by nature: the long-operation timeout.
                 .autonomous()
-                .lock(LockLevel::AccessExclusive)]
+                .lock(LockLevel::AccessExclusive)
+                .own_timeout(OwnTimeout::LongOperation)]
             } else {
                 // With a default partition PostgreSQL refuses CONCURRENTLY; the plain
                 // form takes ACCESS EXCLUSIVE briefly, inside the table's transaction.

@@ -500,11 +500,13 @@ fn without_a_default_detach_is_concurrent_and_runs_alone() {
         .iter()
         .all(|c| !c.transactional && c.sql.ends_with(" CONCURRENTLY")));
     // SHARE UPDATE EXCLUSIVE on the parent, but ACCESS EXCLUSIVE on the partition in the
-    // second internal transaction: the level says the strongest. Policy timeout.
+    // second internal transaction: the level says the strongest. It waits for every
+    // transaction using the table: the long-operation timeout, not the policy's.
     assert!(p
         .changes
         .iter()
-        .all(|c| c.lock == LockLevel::AccessExclusive && c.timeout.is_none()));
+        .all(|c| c.lock == LockLevel::AccessExclusive
+            && c.timeout == Some(crate::engine::plan::OwnTimeout::LongOperation)));
     // Before PostgreSQL 14 there is no CONCURRENTLY.
     let mut old = o.clone();
     old.server_version = 130_010;

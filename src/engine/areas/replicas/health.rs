@@ -6,7 +6,7 @@ use super::*;
 
 /// The health of one replica, as status reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-pub enum ReplicaState {
+pub(crate) enum ReplicaState {
     /// In recovery and within its lag limits.
     Healthy,
     /// Over `maxLagSeconds` or `maxLagBytes`.
@@ -20,7 +20,7 @@ pub enum ReplicaState {
 }
 
 impl ReplicaState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ReplicaState::Healthy => "Healthy",
             ReplicaState::Lagging => "Lagging",
@@ -30,7 +30,7 @@ impl ReplicaState {
         }
     }
     /// The notice (and condition) reason of an unhealthy state.
-    pub fn reason(self) -> Option<Reason> {
+    pub(crate) fn reason(self) -> Option<Reason> {
         match self {
             ReplicaState::Healthy => None,
             ReplicaState::Lagging => Some(Reason::ReplicaLagging),
@@ -44,7 +44,7 @@ impl ReplicaState {
 /// Where a lag figure was measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub enum LagSource {
+pub(crate) enum LagSource {
     /// `pg_stat_replication` on the primary.
     Primary,
     /// The replica's own replay position and timestamp.
@@ -53,7 +53,7 @@ pub enum LagSource {
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ReplicaHealth {
+pub(crate) struct ReplicaHealth {
     pub name: String,
     pub state: ReplicaState,
     pub lag_seconds: Option<f64>,
@@ -144,7 +144,7 @@ fn measure(
 }
 
 /// Each declared replica's health, from the primary's view and the replica's probe.
-pub fn health(spec: &ReplicasSpec, observed: &Observed) -> Vec<ReplicaHealth> {
+pub(crate) fn health(spec: &ReplicasSpec, observed: &Observed) -> Vec<ReplicaHealth> {
     spec.replicas
         .iter()
         .map(|replica| replica_health(replica, observed))
@@ -241,11 +241,11 @@ fn replica_health(replica: &ReplicaSpec, observed: &Observed) -> ReplicaHealth {
 }
 
 /// Per-replica status for `status.replicas`. Lag seconds are rounded to milliseconds.
-pub fn status(spec: &ReplicasSpec, observed: &Observed) -> Vec<ReplicaStatus> {
+pub(crate) fn status(spec: &ReplicasSpec, observed: &Observed) -> Vec<ReplicaStatus> {
     health(spec, observed).iter().map(to_status).collect()
 }
 
-pub fn to_status(h: &ReplicaHealth) -> ReplicaStatus {
+pub(crate) fn to_status(h: &ReplicaHealth) -> ReplicaStatus {
     ReplicaStatus {
         name: h.name.clone(),
         state: h.state.as_str().to_string(),
@@ -259,7 +259,7 @@ pub fn to_status(h: &ReplicaHealth) -> ReplicaStatus {
 /// What the `ReplicasReady` condition says: `Ok` when every replica is healthy, else the
 /// reason of the worst state (`ReplicaNotInRecovery` > `ReplicaUnreachable` >
 /// `ReplicaLagging` > `ReplicaNotChecked`) and a message naming every unhealthy replica.
-pub fn readiness(statuses: &[ReplicaStatus]) -> Result<(), (Reason, String)> {
+pub(crate) fn readiness(statuses: &[ReplicaStatus]) -> Result<(), (Reason, String)> {
     let unhealthy: Vec<(ReplicaState, &ReplicaStatus)> = statuses
         .iter()
         .map(|s| (parse_state(&s.state), s))
@@ -298,7 +298,7 @@ fn parse_state(s: &str) -> ReplicaState {
 /// A replica whose state changed between two checks (for Events: "crossed its lag limit",
 /// "unreachable", "healthy again").
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transition {
+pub(crate) struct Transition {
     pub name: String,
     /// None when the replica was not in the previous status.
     pub from: Option<String>,
@@ -309,7 +309,10 @@ pub struct Transition {
 
 /// The replicas whose state changed from `previous` to `current`. A replica first seen
 /// is a transition only when it is not healthy (nothing to tell about a healthy start).
-pub fn transitions(previous: &[ReplicaStatus], current: &[ReplicaStatus]) -> Vec<Transition> {
+pub(crate) fn transitions(
+    previous: &[ReplicaStatus],
+    current: &[ReplicaStatus],
+) -> Vec<Transition> {
     current
         .iter()
         .filter_map(|now| {

@@ -25,15 +25,15 @@ use crate::reason::Reason;
 
 const AREA: Area = Area::Replicas;
 /// Ledger item of a slot; the ledger target is the slot name.
-pub const OWNED_SLOT: &str = "physicalSlot";
+pub(crate) const OWNED_SLOT: &str = "physicalSlot";
 
 mod health;
 mod observe;
 mod slots;
 
-pub use health::*;
-pub use observe::*;
-pub use slots::*;
+pub(crate) use health::*;
+pub(crate) use observe::*;
+pub(crate) use slots::*;
 
 /// Replicas: the primary's physical slots for them, and their health (probed on the
 /// replicas themselves, see [`crate::engine::replica_health`]).

@@ -11,7 +11,7 @@ pub struct Lsn(pub u64);
 
 impl Lsn {
     /// Parses PostgreSQL's `XXXXXXXX/XXXXXXXX` text form.
-    pub fn parse(s: &str) -> Option<Lsn> {
+    pub(crate) fn parse(s: &str) -> Option<Lsn> {
         let (hi, lo) = s.split_once('/')?;
         let hi = u64::from_str_radix(hi, 16).ok()?;
         let lo = u64::from_str_radix(lo, 16).ok()?;
@@ -22,7 +22,7 @@ impl Lsn {
     }
     /// Bytes from `earlier` to `self`; zero when `earlier` is ahead (a replica on another
     /// timeline, or positions read a moment apart).
-    pub fn bytes_since(self, earlier: Lsn) -> i64 {
+    pub(crate) fn bytes_since(self, earlier: Lsn) -> i64 {
         i64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(i64::MAX)
     }
 }
@@ -135,7 +135,7 @@ type SenderRow = (
 );
 
 /// Reads every slot and every WAL sender of the server: two queries.
-pub async fn observe(conn: &mut PgConnection) -> Result<Observed, sqlx::Error> {
+pub(crate) async fn observe(conn: &mut PgConnection) -> Result<Observed, sqlx::Error> {
     let slots: Vec<SlotRow> = sqlx::query_as(
         "SELECT slot_name::text, slot_type, temporary, active, active_pid, wal_status,
                 pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()

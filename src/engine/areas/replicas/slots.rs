@@ -20,7 +20,7 @@ fn valid_slot_name(name: &str) -> bool {
 }
 
 /// The slot changes, and the problems that block them.
-pub fn diff(
+pub(crate) fn diff(
     spec: &ReplicasSpec,
     observed: &Observed,
     ledger: &Ledger,
@@ -129,7 +129,7 @@ fn inactive_slot_notices(observed: &Observed, plan: &mut AreaPlan) {
     }
 }
 
-pub fn render(op: &Op) -> Change {
+pub(crate) fn render(op: &Op) -> Change {
     match op {
         // Slot creation is not undone by a rollback: run it alone, then record it.
         Op::CreateSlot { name } => Change::new(
@@ -156,7 +156,7 @@ pub fn render(op: &Op) -> Change {
 }
 
 /// Slot changes plus notices: inactive slots retaining WAL and replicas not healthy.
-pub fn plan(spec: &ReplicasSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
+pub(crate) fn plan(spec: &ReplicasSpec, observed: &Observed, ledger: &Ledger) -> AreaPlan {
     let mut plan = AreaPlan::new(AREA);
     if observed.primary_in_recovery {
         plan.error(
@@ -203,7 +203,7 @@ fn lag_text(h: &ReplicaHealth) -> String {
 }
 
 /// The slots as they will be after `ops` (for tests of convergence).
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {

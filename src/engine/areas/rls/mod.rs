@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
 use crate::api::{
     PolicyCommand, PolicyKind, RlsPolicy, RlsTable, RowLevelSecuritySpec, TableTarget,
@@ -91,7 +91,7 @@ mod plan;
 
 use normalize::*;
 pub use observe::*;
-pub use plan::*;
+pub(crate) use plan::*;
 
 /// Row-level security of tables: enable/force flags and policies.
 pub struct RowLevelSecurity;

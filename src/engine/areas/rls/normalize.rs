@@ -1,7 +1,9 @@
 //! Normalisation of the desired expressions: PostgreSQL rewrites each `USING`/`WITH
-//! CHECK` into the form `pg_get_expr` shows, on twins of the tables in a transaction that
-//! is rolled back (one savepoint per table), unless the normalisation cache
-//! ([`crate::engine::normcache`]) already holds it.
+//! CHECK` into the form `pg_get_expr` shows, on twins of the tables built by the engine's
+//! one scratch mechanism ([`scratch::run`]: a transaction that is rolled back, one
+//! savepoint per table), unless the normalisation cache ([`crate::engine::normcache`])
+//! already holds it. What is RLS's own lives here: which policies, the twin groups, the
+//! cache keys, and the table twin with its policies.
 
 use super::*;
 
@@ -89,11 +91,7 @@ pub(super) async fn normalize(
             members.push((indexes[0], m));
         }
     }
-    let mut tx = conn.begin().await?;
-    let result = normalize_in(&mut tx, &representatives, &mut out).await;
-    let rolled_back = tx.rollback().await;
-    result?;
-    rolled_back?;
+    normalize_in(conn, &representatives, &mut out).await?;
     for (rep, member) in members {
         let (rep, member) = (&input[rep], &input[member]);
         for p in &member.policies {
@@ -264,36 +262,16 @@ pub(super) fn fill(
     rows.into_values().collect()
 }
 
+/// Normalises the tables' policies with the scratch mechanism ([`scratch::run`]): one
+/// item per table, `pg_temp` last in the search path.
 pub(super) async fn normalize_in(
     conn: &mut PgConnection,
     input: &[&NormalizeTable<'_>],
     out: &mut NormalizedPolicies,
 ) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(
-        &mut *conn,
-        "SELECT set_config('search_path',
-            CASE WHEN current_setting('search_path') = '' THEN 'pg_temp'
-                 ELSE current_setting('search_path') || ', pg_temp' END, true)",
-    )
-    .await?;
-    for t in input {
-        scratch::savepoint(conn).await?;
-        let mut result = twin_policies(conn, t, false).await;
-        if matches!(&result, Ok(errors) if !errors.is_empty()) || result.is_err() {
-            // Name every bad policy: again, one savepoint each.
-            scratch::release_savepoint(conn).await?;
-            scratch::savepoint(conn).await?;
-            result = twin_policies(conn, t, true).await;
-        }
-        let read = match result {
-            Ok(errors) => {
-                let read = read_twin(conn, &t.name).await;
-                read.map(|rows| (rows, errors))
-            }
-            Err(e) => Err(e),
-        };
-        scratch::release_savepoint(conn).await?;
-        match scratch::item_outcome(read)? {
+    let results = scratch::run(conn, input, scratch::Names::TwinsLast, twin_and_read).await?;
+    for (t, result) in input.iter().zip(results) {
+        match result {
             Ok((rows, errors)) => {
                 for (policy, using, with_check) in rows {
                     out.insert(
@@ -320,6 +298,22 @@ pub(super) async fn normalize_in(
         }
     }
     Ok(())
+}
+
+/// One table's scratch item: its twin with every policy, read back. When a policy is
+/// refused, the item starts over with one savepoint per policy, to name every bad one.
+async fn twin_and_read(
+    conn: &mut PgConnection,
+    t: &&NormalizeTable<'_>,
+) -> Result<(Vec<TwinPolicyRow>, Vec<(String, ExpressionError)>), sqlx::Error> {
+    let errors = match twin_policies(conn, t, false).await {
+        Ok(errors) if errors.is_empty() => errors,
+        _ => {
+            scratch::restart_item(conn).await?;
+            twin_policies(conn, t, true).await?
+        }
+    };
+    Ok((read_twin(conn, &t.name).await?, errors))
 }
 
 /// Creates the twin and its policies. With `one_by_one`, each policy gets a savepoint of

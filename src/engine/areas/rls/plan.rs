@@ -52,7 +52,7 @@ pub(super) fn kind_sql(k: PolicyKind) -> &'static str {
 
 /// The spec's roles as a set: PUBLIC when omitted, `public` in any case is PUBLIC, other
 /// names are exact role names. None for an empty list (an error: no one would match).
-pub fn desired_roles(p: &RlsPolicy) -> Option<BTreeSet<String>> {
+pub(crate) fn desired_roles(p: &RlsPolicy) -> Option<BTreeSet<String>> {
     match &p.roles {
         None => Some(BTreeSet::from([PUBLIC.to_string()])),
         Some(r) if r.is_empty() => None,
@@ -342,7 +342,7 @@ pub(super) fn diff_policies(
 
 /// The differences between spec and catalog, and the problems that block them. A table
 /// with any problem gets no change at all (and a plan with errors is not applied).
-pub fn diff(
+pub(crate) fn diff(
     spec: &RowLevelSecuritySpec,
     observed: &Observed,
     ledger: &Ledger,
@@ -428,7 +428,7 @@ pub(super) fn create_summary(p: &DesiredPolicy) -> String {
 /// `policy.c` opens it in `AccessExclusiveLock` for CREATE, ALTER and DROP POLICY, and
 /// ALTER TABLE … ENABLE/DISABLE/FORCE/NO FORCE ROW LEVEL SECURITY is an ALTER TABLE form
 /// the documentation lists under no weaker lock.
-pub fn render(op: &Op) -> Vec<Change> {
+pub(crate) fn render(op: &Op) -> Vec<Change> {
     render_op(op)
         .into_iter()
         .map(|c| c.lock(LockLevel::AccessExclusive))
@@ -540,7 +540,7 @@ fn render_op(op: &Op) -> Vec<Change> {
 /// altered back), one added by hand (dropped: an extra permissive policy opens rows), or
 /// RLS disabled or unforced by hand (enabled, forced again). Turning RLS off or unforcing
 /// it, as the spec asks, repairs the opposite and is not one.
-pub fn repairs_weakened_security(change: &Change) -> bool {
+pub(crate) fn repairs_weakened_security(change: &Change) -> bool {
     if change.area != AREA {
         return false;
     }
@@ -554,7 +554,7 @@ pub fn repairs_weakened_security(change: &Change) -> bool {
 }
 
 /// The catalog as it will be after `ops` (for tests of convergence).
-pub fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
+pub(crate) fn simulate(observed: &Observed, ops: &[Op]) -> Observed {
     let mut next = observed.clone();
     for op in ops {
         match op {

