@@ -534,6 +534,9 @@ fn print_text(id: &PolicyId, outcome: &Outcome, mode: Mode) {
         }
         println!("{line}");
     }
+    if let Some(t) = &outcome.drift_trigger {
+        println!("# drift event trigger: {}", t.describe());
+    }
     match &outcome.report {
         None => {
             print!("{}", plan.render_sql());

@@ -176,6 +176,10 @@ reasons! {
     /// Syncing point-in-time recovery's children (the WAL receiver) failed.
     WalReceiverSyncFailed,
     FinalizerFailed,
+    /// `spec.driftDetection.eventTrigger`: the `DriftEventTrigger` condition.
+    EventTriggerActive,
+    EventTriggerNotInstalled,
+    EventTriggerNotPermitted,
 }
 
 impl Reason {

@@ -68,6 +68,10 @@ pub struct DatabasePolicySpec {
     // `min` before `m`, since the shorter unit is a suffix of the longer.
     #[x_kube(validation = Rule::new("!self.matches('^[0-9]{1,9}(ms|s|m|min|h|d)$') ? !self.matches('^[0-9]+(ms|s|m|min|h|d)$') : [int(self.find('^[0-9]+')) * (self.endsWith('ms') ? 1 : self.endsWith('min') ? 60000 : self.endsWith('s') ? 1000 : self.endsWith('m') ? 60000 : self.endsWith('h') ? 3600000 : 86400000)].all(ms, ms >= 10000 && ms <= 86400000)").message("must be between 10s and 24h"))]
     pub drift_check_interval: Option<String>,
+    /// Faster drift detection than the `driftCheckInterval` poll (which stays as the
+    /// fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_detection: Option<DriftDetection>,
     /// What deleting this policy does to the database: `Retain` (default) leaves everything
     /// it set in place; `Reset` resets what it set (server settings, autovacuum parameters)
     /// and drops the replication slots it created. Either way its claims in
@@ -153,6 +157,20 @@ pub enum DeletionPolicy {
     Reset,
 }
 
+/// How drift is noticed besides the `driftCheckInterval` poll (`spec.driftDetection`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DriftDetection {
+    /// Install an event trigger (`ddl_command_end`, `sql_drop`) in the database that
+    /// notifies the operator over LISTEN/NOTIFY when a table, index, policy or
+    /// materialized view changes, so that drift is repaired within seconds (default
+    /// false). Needs a superuser connection; without one the `DriftEventTrigger`
+    /// condition says `EventTriggerNotPermitted` and the poll goes on. `ALTER SYSTEM` and
+    /// data changes (feature flags) fire no event trigger: only the poll sees them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_trigger: Option<bool>,
+}
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Safety {
@@ -231,6 +249,13 @@ impl DatabasePolicySpec {
             .as_ref()
             .and_then(|s| s.index_build_timeout.as_deref())
             .unwrap_or(DEFAULT_INDEX_BUILD_TIMEOUT)
+    }
+    /// `spec.driftDetection.eventTrigger` (default false).
+    pub fn drift_event_trigger(&self) -> bool {
+        self.drift_detection
+            .as_ref()
+            .and_then(|d| d.event_trigger)
+            .unwrap_or(false)
     }
     pub(crate) fn drift_check_interval(&self) -> &str {
         self.drift_check_interval

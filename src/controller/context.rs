@@ -57,6 +57,9 @@ pub(crate) struct Context {
     pub cronjob_cache: Option<Store<CronJob>>,
     /// Database connections kept between runs, one per connection URL.
     pub connections: super::connections::Connections,
+    /// LISTEN connections of the policies with the drift event trigger, one per URL
+    /// (`dbpolicy run`); without it, none.
+    pub ddl_listeners: super::ddl_listener::DdlListeners,
 }
 
 impl Context {
@@ -77,7 +80,17 @@ impl Context {
             secret_cache: None,
             cronjob_cache: None,
             connections: Default::default(),
+            ddl_listeners: Default::default(),
         }
+    }
+
+    /// Listens for the drift event trigger's notifications (`dbpolicy run`).
+    pub(crate) fn with_ddl_listeners(
+        mut self,
+        listeners: super::ddl_listener::DdlListeners,
+    ) -> Self {
+        self.ddl_listeners = listeners;
+        self
     }
 
     /// Reads Secrets and the policies' CronJobs from these watch caches instead of the API.

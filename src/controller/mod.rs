@@ -1,4 +1,4 @@
-//! The operator (`dbpolicy run`): a kube-runtime `Controller` on `DatabasePolicy`, re-triggered by the Secrets policies reference, behind a leader Lease, with an admin server.
+//! The operator (`dbpolicy run`): a kube-runtime `Controller` on `DatabasePolicy`, re-triggered by the Secrets policies reference and by the databases' drift event triggers, behind a leader Lease, with an admin server.
 
 pub(crate) mod admin;
 pub(crate) mod backups;
@@ -6,6 +6,7 @@ pub(crate) mod cache;
 pub(crate) mod children;
 pub(crate) mod connections;
 pub(crate) mod context;
+pub(crate) mod ddl_listener;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod lease;
@@ -301,11 +302,18 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             .reflect(cronjob_writer),
     );
 
+    // Drift notifications (spec.driftDetection.eventTrigger): the listeners name the
+    // policies to check now; reconciles of one policy never overlap all the same.
+    let (drift_tx, drift_rx) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(
         Context::new(client.clone(), Some(identity), metrics.clone())
             .with_jobs(args.job_image.clone(), cronjobs)
             .with_allowed_settings(allowed_settings.clone())
-            .with_caches(secret_store, cronjobs.then_some(cronjob_store)),
+            .with_caches(secret_store, cronjobs.then_some(cronjob_store))
+            .with_ddl_listeners(ddl_listener::DdlListeners::new(
+                drift_tx,
+                metrics.policy.clone(),
+            )),
     );
     let mapper_store = policy_store.clone();
     let lost = leadership.as_ref().map(|l| l.lost());
@@ -313,6 +321,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         .watches_stream(secret_stream, move |secret| {
             policies_for_secret(&mapper_store.state(), &secret)
         })
+        .reconcile_on(drift_rx)
         .with_config(ControllerConfig::default().concurrency(args.concurrency));
     let controller = if cronjobs {
         let backup_jobs = watcher::Config::default().labels("dbpolicy.dev/job=backup");

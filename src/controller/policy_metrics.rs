@@ -165,6 +165,7 @@ pub struct PolicyMetrics {
     pub ready: Family<PolicyLabels, Gauge>,
     pub pending: Family<PendingLabels, Gauge>,
     pub drift: Family<AreaLabels, Counter>,
+    pub drift_notifications: Family<PolicyLabels, Counter>,
     pub replica_lag_seconds: Family<ReplicaLabels, FloatGauge>,
     pub replica_lag_bytes: Family<ReplicaLabels, Gauge>,
     pub replica_max_lag_seconds: Family<ReplicaLabels, FloatGauge>,
@@ -209,6 +210,11 @@ impl PolicyMetrics {
             "drift_detected",
             "Checks that found a database differing from a policy it had converged to, by policy and area",
             PresentFromStart(self.drift.clone()),
+        );
+        registry.register(
+            "drift_notifications",
+            "Checks of a policy asked for by its database's drift event trigger (spec.driftDetection.eventTrigger), after debouncing",
+            PresentFromStart(self.drift_notifications.clone()),
         );
         registry.register_with_unit(
             "replica_lag",
@@ -277,6 +283,15 @@ impl PolicyMetrics {
             policy: policy.into(),
         };
         self.exported().entry(key).or_default().drift.insert(labels);
+    }
+
+    /// Counts a check of the policy asked for by a drift notification.
+    pub(crate) fn drift_notified(&self, namespace: &str, policy: &str) {
+        let key = PolicyLabels {
+            namespace: namespace.into(),
+            policy: policy.into(),
+        };
+        self.drift_notifications.get_or_create(&key).inc();
     }
 
     /// Replaces the policy's series with `snap`.
@@ -369,6 +384,7 @@ impl PolicyMetrics {
         };
         let exported = self.exported().remove(&key).unwrap_or_default();
         self.ready.remove(&key);
+        self.drift_notifications.remove(&key);
         self.backup_last_success.remove(&key);
         self.backup_last_size.remove(&key);
         self.backup_interval.remove(&key);

@@ -685,6 +685,7 @@ mod tests {
     fn applied(changes: Vec<Change>) -> Outcome {
         Outcome {
             facts: Default::default(),
+            drift_trigger: None,
             plan: plan(changes.clone()),
             report: Some(ApplyReport {
                 applied: changes,
@@ -769,6 +770,7 @@ mod tests {
         spec.mode = Some(Mode::Plan);
         let outcome = Outcome {
             facts: Default::default(),
+            drift_trigger: None,
             plan: plan(vec![
                 change(Area::FeatureFlags, "a"),
                 change(Area::FeatureFlags, "b").hazard(Hazard::Destructive),
@@ -796,6 +798,7 @@ mod tests {
         // stays so reported until it matches again.
         let clean = Outcome {
             facts: Default::default(),
+            drift_trigger: None,
             plan: plan(vec![]),
             report: None,
         };
@@ -818,6 +821,7 @@ mod tests {
         let drop = change(Area::FeatureFlags, "old").hazard(Hazard::Destructive);
         let outcome = Outcome {
             facts: Default::default(),
+            drift_trigger: None,
             plan: plan(vec![drop.clone()]),
             report: Some(ApplyReport {
                 refused: vec![drop],
@@ -840,6 +844,7 @@ mod tests {
             &input(&spec, None, at(0)),
             &Outcome {
                 facts: Default::default(),
+                drift_trigger: None,
                 plan: p,
                 report: None,
             },
@@ -854,6 +859,7 @@ mod tests {
         );
         let outcome = Outcome {
             facts: Default::default(),
+            drift_trigger: None,
             plan: plan(vec![a.clone(), b.clone()]),
             report: Some(ApplyReport {
                 failure: Some(ApplyFailure {
@@ -895,6 +901,7 @@ mod tests {
         };
         let outcome = Outcome {
             facts: Default::default(),
+            drift_trigger: None,
             plan: Plan {
                 areas: vec![AreaPlan::skipped(Area::Partitions, "not yet")],
             },
@@ -995,6 +1002,7 @@ mod tests {
         p.areas[1].error("f", Reason::TableNotFound, "no table");
         let outcome = Outcome {
             facts: Default::default(),
+            drift_trigger: None,
             plan: p,
             report: None,
         };

@@ -36,6 +36,8 @@ pub struct Ledger {
     others: BTreeMap<(String, String, String), String>,
     /// (area, target, item) this policy began to build and never recorded.
     intents: BTreeSet<(String, String, String)>,
+    /// The policies subscribed to the drift event trigger (see `ddl_notify`).
+    drift_subscribers: BTreeSet<String>,
 }
 
 /// The ledger item of an intent to build `item`.
@@ -78,6 +80,10 @@ impl Ledger {
             }
             self.others.insert(key, policy.to_string());
         }
+    }
+    /// The policies subscribed to the drift event trigger ([`super::ddl_notify`]).
+    pub(crate) fn drift_subscribers(&self) -> &BTreeSet<String> {
+        &self.drift_subscribers
     }
     /// What this policy owns in `area`.
     pub(crate) fn items(&self, area: Area) -> impl Iterator<Item = (&str, &str)> {
@@ -143,6 +149,10 @@ pub(crate) async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger,
             })?;
     let mut ledger = Ledger::for_policy(me);
     for (area, target, item, policy) in rows {
+        if area == super::ddl_notify::LEDGER_AREA {
+            ledger.drift_subscribers.insert(policy);
+            continue;
+        }
         if let Some(a) = Area::ALL.iter().find(|a| a.as_str() == area) {
             ledger.insert(*a, &target, &item, &policy);
         }

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod areas;
 pub(crate) mod clock;
+pub mod ddl_notify;
 pub(crate) mod ledger;
 pub(crate) mod normcache;
 pub mod plan;
@@ -239,6 +240,9 @@ pub struct Outcome {
     pub report: Option<ApplyReport>,
     /// What was observed that status reports per area (as observed before applying).
     pub facts: Facts,
+    /// The drift event trigger, when `spec.driftDetection.eventTrigger` asks for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift_trigger: Option<ddl_notify::TriggerState>,
 }
 
 /// The status details of what was observed.
@@ -303,8 +307,11 @@ pub(crate) async fn run_with(
         tokio::spawn(async move { replica_health::probe_all(Some(&replicas), &targets).await })
     });
 
+    // The same session on both connections: timeouts, and the marker that tells the drift
+    // trigger the DDL is dbpolicy's own (the second connection's twins are DDL too).
     let session_sql = format!(
-        "SET standard_conforming_strings = on; SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}"
+        "SET standard_conforming_strings = on; SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}; SET {} = on",
+        ddl_notify::APPLYING_GUC
     );
     let second = options
         .observe_url
@@ -371,10 +378,21 @@ pub(crate) async fn run_with(
         } else {
             None
         };
+        // After the apply: its own DDL is not drift, and a failure here fails nothing.
+        let drift_trigger = ddl_notify::sync(
+            conn,
+            spec,
+            mode,
+            &policy.0,
+            observed.ledger.drift_subscribers(),
+            statement_ms,
+        )
+        .await;
         Ok(Outcome {
             plan,
             report,
             facts,
+            drift_trigger,
         })
     }
     .await;

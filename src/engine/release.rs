@@ -97,6 +97,14 @@ pub(crate) async fn release(
         .await
         .map_err(|e| ReleaseError::Ledger(e.to_string()))?;
     let result = claims_in_transaction(conn, policy, timeout, released).await;
+    if result.is_ok() {
+        // The policy's subscription to the drift event trigger went with its claims; the
+        // trigger goes with the last one. Best effort: a trigger left behind only wakes
+        // the operator for nothing, and the next release or turned-off policy drops it.
+        if let Err(e) = super::ddl_notify::release(conn, timeout).await {
+            tracing::warn!(error = %crate::pg::error_summary(&e), "could not drop the drift event trigger no policy uses any more");
+        }
+    }
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(ADVISORY_LOCK_KEY)
         .execute(&mut *conn)

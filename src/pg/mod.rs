@@ -192,7 +192,7 @@ const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHAN
     .remove(b'~');
 
 /// Percent-encodes everything but unreserved characters, for URI parts.
-pub fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, URI_COMPONENT).to_string()
 }
 

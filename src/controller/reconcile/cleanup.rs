@@ -30,7 +30,12 @@ use crate::reason::Reason;
 /// objects (CronJobs, the read-endpoint Secret) carry owner references and are collected
 /// by Kubernetes' garbage collector.
 pub(super) async fn cleanup(policy: Arc<DatabasePolicy>, ctx: &Context) -> Result<Action> {
-    // The policy is going: its series go now, whatever the release below does.
+    // The policy is going: its series and its drift listener go now, whatever the
+    // release below does.
+    ctx.ddl_listeners
+        .unsubscribe(&kube::runtime::reflector::ObjectRef::from_obj(
+            policy.as_ref(),
+        ));
     ctx.metrics
         .policy
         .forget(&policy.namespace().unwrap_or_default(), &policy.name_any());

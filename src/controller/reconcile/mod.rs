@@ -131,6 +131,9 @@ async fn apply(
         Ok(o) => o,
         Err(e) => return update_status_unobserved(ctx, api, &policy, &input, children, e).await,
     };
+    // Drift in seconds: listen on this database while its event trigger is installed.
+    ctx.ddl_listeners
+        .follow(&policy, &targets.url, outcome.drift_trigger.as_ref());
     let replica_events = publish_replicas(ctx, &policy, &targets, &outcome, &mut children).await;
     children.pitr.observe(&policy, &targets.url).await;
     // The connection URIs go here: nothing after this talks to the database.

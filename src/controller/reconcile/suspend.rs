@@ -37,6 +37,8 @@ pub(super) async fn suspend(
         let scaled = pitr::sync_receiver(&ctx.client, policy, &ctx.job_image, mode, false).await;
         paused = paused.or(scaled.err());
     }
+    ctx.ddl_listeners
+        .unsubscribe(&kube::runtime::reflector::ObjectRef::from_obj(policy));
     let new_status = status::suspended(input);
     record_metrics(ctx, policy, &new_status, None);
     patch_status(api, policy, &new_status).await?;

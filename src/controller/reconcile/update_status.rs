@@ -12,8 +12,8 @@ use super::sync_children::Gathered;
 use crate::api::{DatabasePolicy, DatabasePolicyStatus};
 use crate::controller::context::{Context, FIELD_MANAGER};
 use crate::controller::error::{Error, Result};
-use crate::controller::pitr;
 use crate::controller::status::{self, Input};
+use crate::controller::{ddl_listener, pitr};
 use crate::engine::{self, Area, Outcome};
 
 /// What the status step found that the Events step tells.
@@ -38,6 +38,7 @@ pub(super) async fn update_status(
     let pitr_ready = gathered.pitr.report(policy, input, found);
     let mut new_status = status::from_outcome_with(input, outcome, found);
     pitr::add_condition(input, &mut new_status, pitr_ready.as_ref());
+    ddl_listener::add_condition(input, &mut new_status, outcome.drift_trigger.as_ref());
     let drifted = status::drifted_areas(input, outcome, mode);
     let (ns, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
     for area in &drifted {
@@ -68,6 +69,7 @@ pub(super) async fn update_status_unobserved(
     let mut new_status =
         status::from_error_with(input, e.reason(), &e.to_string(), &gathered.found);
     pitr::add_condition(input, &mut new_status, pitr_ready.as_ref());
+    ddl_listener::keep_condition(input, &mut new_status);
     record_metrics(ctx, policy, &new_status, None);
     patch_status(api, policy, &new_status).await?;
     Err(e)

@@ -55,6 +55,7 @@ mod tests {
             facts: Default::default(),
             plan,
             report,
+            drift_trigger: None,
         }
     }
 

@@ -499,6 +499,7 @@ mod tests {
             mode: None,
             suspend: None,
             drift_check_interval: None,
+            drift_detection: None,
             deletion_policy: None,
             safety: None,
             row_level_security: Some(Default::default()),

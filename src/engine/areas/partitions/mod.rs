@@ -43,8 +43,8 @@ mod layout;
 mod observe;
 mod render;
 
-pub use calendar::*;
-pub use layout::*;
+pub(crate) use calendar::*;
+pub(crate) use layout::*;
 pub use observe::*;
 pub(crate) use render::*;
 
