@@ -118,6 +118,17 @@ struct Processes {
     dbpolicy: Duration,
     floor: Duration,
     schemainspect: Option<Duration>,
+    /// The 1-minute load average before each pair of runs, lowest and highest: wall times on
+    /// a shared machine mean little without it.
+    load: (f64, f64),
+}
+
+/// The 1-minute load average (0 when /proc/loadavg cannot be read).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// One read of every policy expression (`pg_get_expr`) and every table's reloptions: the
@@ -187,7 +198,10 @@ fn processes(url: &str, tables: usize, runs: usize) -> Res<Processes> {
     )?;
     let python = schemainspect_python();
     let (mut ours, mut floor, mut inspect) = (Vec::new(), Vec::new(), Vec::new());
+    let mut load = (f64::MAX, 0.0f64);
     for _ in 0..runs {
+        let now = load_average();
+        load = (load.0.min(now), load.1.max(now));
         ours.push(timed(
             std::process::Command::new(&bin)
                 .args(["plan", "-f"])
@@ -222,6 +236,7 @@ fn processes(url: &str, tables: usize, runs: usize) -> Res<Processes> {
         dbpolicy: median(ours),
         floor: median(floor),
         schemainspect: (!inspect.is_empty()).then(|| median(inspect)),
+        load,
     })
 }
 
@@ -651,10 +666,10 @@ async fn main() -> Res<()> {
         }
     }
     println!();
-    println!("Whole processes on the same database, paired runs (dbpolicy, floor, schemainspect in turn), median of 5: `dbpolicy plan` with the row-level security and autovacuum sections, nothing to change; the catalog floor: one `psql` read of every policy expression (`pg_get_expr`) and every table's reloptions; schemainspect (PyPI) inspecting the database.");
+    println!("Whole processes on the same database, paired runs (dbpolicy, floor, schemainspect in turn), median of 5: `dbpolicy plan` with the row-level security and autovacuum sections, nothing to change (it observes on two connections at once, the floor reads on one); the catalog floor: one `psql` read of every policy expression (`pg_get_expr`) and every table's reloptions; schemainspect (PyPI) inspecting the database.");
     println!();
-    println!("| tables | `dbpolicy plan`, no change | catalog floor (`psql`) | ratio (target ≤ 1.5) | schemainspect | ratio (target ≤ 0.33) |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| tables | `dbpolicy plan`, no change | catalog floor (`psql`) | ratio (target ≤ 1.5) | schemainspect | ratio (target ≤ 0.33) | load average |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for r in &ok {
         if let Some(p) = &r.processes {
             let (inspect, ratio) = match p.schemainspect {
@@ -665,11 +680,13 @@ async fn main() -> Res<()> {
                 None => ("not installed".into(), "".into()),
             };
             println!(
-                "| {} | {:.0} ms | {:.0} ms | {:.2} | {inspect} | {ratio} |",
+                "| {} | {:.0} ms | {:.0} ms | {:.2} | {inspect} | {ratio} | {:.1}–{:.1} |",
                 r.tables,
                 p.dbpolicy.as_secs_f64() * 1000.0,
                 p.floor.as_secs_f64() * 1000.0,
                 p.dbpolicy.as_secs_f64() / p.floor.as_secs_f64(),
+                p.load.0,
+                p.load.1,
             );
         }
     }

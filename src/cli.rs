@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
 use sqlx::Connection;
 
-use crate::api::{DatabasePolicy, Mode, API_GROUP, API_VERSION};
+use crate::api::{DatabasePolicy, Mode};
 use crate::engine::{self, Hazard, Outcome, PolicyId};
 
 #[derive(Parser, Debug)]
@@ -143,7 +142,10 @@ pub enum PolicyFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("line {line}: more than {MAX_FLOW_DEPTH} nested [ or {{: not a DatabasePolicy")]
+    #[error(
+        "line {line}: more than {} nested [ or {{: not a DatabasePolicy",
+        crate::policy_yaml::MAX_FLOW_DEPTH
+    )]
     TooDeep { line: usize },
     #[error("document {document}: {source}")]
     Yaml {
@@ -157,7 +159,7 @@ pub enum PolicyFileError {
         found: String,
         expected: String,
     },
-    #[error("document {document}: {path}: {source}")]
+    #[error("document {document}: {path}: {}", crate::policy_yaml::without_yaml_path(source.to_string(), path))]
     Field {
         document: usize,
         /// Where in the document, as serde_path_to_error spells it
@@ -170,75 +172,7 @@ pub enum PolicyFileError {
     NoPolicy,
 }
 
-/// Reads every `DatabasePolicy` document of a YAML stream; other kinds are reported and
-/// skipped, never silently.
-pub fn parse_policies(text: &str) -> Result<(Vec<DatabasePolicy>, Vec<String>), PolicyFileError> {
-    check_flow_depth(text)?;
-    let mut policies = Vec::new();
-    let mut skipped = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let document = i + 1;
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|source| PolicyFileError::Yaml { document, source })?;
-        if value.is_null() {
-            continue;
-        }
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or("");
-        if kind != "DatabasePolicy" {
-            skipped.push(format!(
-                "document {}: kind {kind:?} is not a DatabasePolicy, skipped",
-                i + 1
-            ));
-            continue;
-        }
-        let expected = format!("{API_GROUP}/{API_VERSION}");
-        if api_version != expected {
-            return Err(PolicyFileError::ApiVersion {
-                document,
-                found: api_version.to_string(),
-                expected,
-            });
-        }
-        let policy: DatabasePolicy =
-            serde_path_to_error::deserialize(value).map_err(|e| PolicyFileError::Field {
-                document,
-                path: e.path().to_string(),
-                source: e.into_inner(),
-            })?;
-        policies.push(policy);
-    }
-    if policies.is_empty() {
-        return Err(PolicyFileError::NoPolicy);
-    }
-    Ok((policies, skipped))
-}
-
-/// Deeper than this, `[` and `{` never make a policy (serde_yaml stops at 128 levels).
-const MAX_FLOW_DEPTH: usize = 1000;
-
-/// libyaml's scanner is quadratic in the nesting depth of flow collections: a few hundred
-/// kilobytes of `[` take minutes before serde_yaml's recursion limit refuses them. Counted
-/// naively (brackets inside strings count too), in linear time, before parsing.
-fn check_flow_depth(text: &str) -> Result<(), PolicyFileError> {
-    let mut depth = 0usize;
-    for (line, l) in text.lines().enumerate() {
-        for c in l.chars() {
-            match c {
-                '[' | '{' => depth += 1,
-                ']' | '}' => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-            if depth > MAX_FLOW_DEPTH {
-                return Err(PolicyFileError::TooDeep { line: line + 1 });
-            }
-        }
-    }
-    Ok(())
-}
+pub use crate::policy_yaml::parse_policies;
 
 /// The file at `path`, or standard input for `-`.
 pub(crate) fn read_file(path: &Path) -> Result<String, PolicyFileError> {
@@ -288,6 +222,14 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
         eprintln!("error: {msg}");
         EXIT_ERROR
     };
+    // The first connection is opened (TCP, startup, authentication: round trips and a new
+    // server process) while the policy file is read and parsed, on the runtime's other
+    // thread: at thousands of tables parsing takes a while. Nothing is sent on it until
+    // the file parsed; a file that does not parse drops it unused.
+    let mut early = args
+        .database_url
+        .clone()
+        .map(|url| tokio::spawn(async move { crate::pg::connect_one(&url).await }));
     let text = match read_file(&args.file) {
         Ok(t) => t,
         Err(e) => return fail(e.to_string()),
@@ -296,6 +238,7 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
         Ok(p) => p,
         Err(e) => return fail(e.to_string()),
     };
+    drop(text);
     for s in skipped {
         eprintln!("note: {s}");
     }
@@ -321,7 +264,17 @@ async fn run_target(args: TargetArgs, mode: Mode) -> u8 {
         let id = policy_id(policy);
         let mut options = run_options(policy, &id, &flagged, args.replica_timeout);
         options.allowed_settings = allowed.clone();
-        let code = match run_one(url, policy, &id, mode, &options).await {
+        let conn = match early.take() {
+            Some(task) => task.await.unwrap_or_else(|e| {
+                Err(crate::pg::ConnectError::Failed {
+                    target: "the database".into(),
+                    reason: format!("the connecting task failed: {e}"),
+                    sqlstate: None,
+                })
+            }),
+            None => crate::pg::connect_one(url).await,
+        };
+        let code = match run_one(conn, url, policy, &id, mode, &options).await {
             Ok(outcome) => {
                 let code = exit_code(&outcome, mode);
                 match args.output {
@@ -508,15 +461,17 @@ fn run_options(
 }
 
 async fn run_one(
+    conn: Result<sqlx::PgConnection, crate::pg::ConnectError>,
     url: &str,
     policy: &DatabasePolicy,
     id: &PolicyId,
     mode: Mode,
     options: &engine::RunOptions,
 ) -> Result<Outcome, RunError> {
-    let mut conn = crate::pg::connect_one(url).await?;
+    let mut conn = conn?;
     let options = engine::RunOptions {
         claims: engine::server_claims::ClaimsTarget::for_policy_url(url),
+        observe_url: Some(url.to_string()),
         ..options.clone()
     };
     let result = engine::run_with(&mut conn, &policy.spec, mode, id, &options).await;

@@ -15,5 +15,6 @@ pub mod jobs;
 pub mod kubectl;
 pub mod logging;
 pub mod pg;
+pub mod policy_yaml;
 pub mod reason;
 pub mod units;

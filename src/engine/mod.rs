@@ -77,31 +77,104 @@ pub async fn observe(
     spec: &DatabasePolicySpec,
     policy: &PolicyId,
 ) -> Result<Observed, EngineError> {
-    observe_with(conn, spec, policy, None).await
+    observe_with(conn, None, spec, policy, None).await
 }
 
-/// [`observe`], with the replica probes started before the run took its lock.
+/// [`observe`], with the replica probes started before the run took its lock, and, given a
+/// second connection to the same database, the areas that observe on a connection of their
+/// own ([`areas::AreaModule::OWN_CONNECTION`]) read on it while the first reads the ledger
+/// and the other areas: the server runs the two lanes' queries in parallel. Both lanes
+/// read under the lock the first connection holds.
 async fn observe_with(
     conn: &mut PgConnection,
+    second: Option<&mut PgConnection>,
     spec: &DatabasePolicySpec,
     policy: &PolicyId,
     mut probes: Option<tokio::task::JoinHandle<areas::Probes>>,
 ) -> Result<Observed, EngineError> {
-    let ledger = ledger::observe(conn, &policy.0)
+    // What the areas of a connection of their own see as the ledger, whether or not they
+    // get that connection: nothing (they are observed before the ledger is read).
+    let unread = Ledger::for_policy(&policy.0);
+    let (ledger, results) = match second {
+        None => {
+            let ledger = read_ledger(conn, policy).await?;
+            let results = lane(conn, spec, &ledger, &unread, &mut probes, |_| true).await;
+            (ledger, results)
+        }
+        Some(second) => {
+            let first = async {
+                let ledger = read_ledger(conn, policy).await?;
+                let results = lane(conn, spec, &ledger, &unread, &mut probes, |a| {
+                    !a.own_connection()
+                })
+                .await;
+                Ok::<_, EngineError>((ledger, results))
+            };
+            // The replica probes are awaited by one area only, in the first lane.
+            let mut none = None;
+            let (first, mut own) = tokio::join!(
+                first,
+                lane(second, spec, &unread, &unread, &mut none, |a| a
+                    .own_connection()),
+            );
+            let (ledger, mut results) = first?;
+            results.append(&mut own);
+            results.sort_by_key(|(i, _)| *i);
+            (ledger, results)
+        }
+    };
+    let mut observed = Observed {
+        ledger,
+        ..Observed::default()
+    };
+    // The first failure in area order, as when the areas are observed one after another.
+    for (_, r) in results {
+        if let Some(fill) = r? {
+            fill(&mut observed);
+        }
+    }
+    Ok(observed)
+}
+
+async fn read_ledger(conn: &mut PgConnection, policy: &PolicyId) -> Result<Ledger, EngineError> {
+    ledger::observe(conn, &policy.0)
         .await
         .map_err(|e| EngineError::Observe {
             area: "ledger",
             message: crate::pg::error_summary(&e),
             reason: Reason::of_error(&e, Reason::ApplyFailed),
-        })?;
-    let mut observed = Observed {
-        ledger,
-        ..Observed::default()
-    };
-    for area in areas::AREAS {
-        area.observe(conn, spec, &mut probes, &mut observed).await?;
+        })
+}
+
+/// What the areas `which` selects observed on `conn`, in area order: (index in `AREAS`,
+/// result), stopping at the first error. Areas of a connection of their own get `unread`
+/// as their ledger.
+async fn lane(
+    conn: &mut PgConnection,
+    spec: &DatabasePolicySpec,
+    ledger: &Ledger,
+    unread: &Ledger,
+    probes: &mut Option<tokio::task::JoinHandle<areas::Probes>>,
+    which: impl Fn(&dyn areas::Registered) -> bool,
+) -> Vec<(usize, Result<Option<areas::Fill>, EngineError>)> {
+    let mut out = Vec::new();
+    for (i, area) in areas::AREAS.iter().enumerate() {
+        if !which(*area) {
+            continue;
+        }
+        let ledger = if area.own_connection() {
+            unread
+        } else {
+            ledger
+        };
+        let r = area.observe(conn, spec, ledger, probes).await;
+        let failed = r.is_err();
+        out.push((i, r));
+        if failed {
+            break;
+        }
     }
-    Ok(observed)
+    out
 }
 
 /// The plan: pure, from the spec and what was observed, with no denied server setting
@@ -193,6 +266,11 @@ pub(crate) struct RunOptions {
     /// Where server-wide items are claimed (see [`server_claims`]); without it every
     /// server setting and slot of the policy is refused (`ServerClaimsUnavailable`).
     pub claims: server_claims::ClaimsTarget,
+    /// The URL of the database the run's connection is on, for a second connection that
+    /// observes the areas of [`areas::AreaModule::OWN_CONNECTION`] while the first observes
+    /// the others (the CLI; the operator keeps one connection per database). Opened while
+    /// the first takes the lock; when it cannot be opened, the run observes on one.
+    pub observe_url: Option<String>,
 }
 
 /// Observe, plan and (in Apply mode, when the plan is valid) apply, under the policy lock.
@@ -229,21 +307,38 @@ pub(crate) async fn run_with(
         tokio::spawn(async move { replica_health::probe_all(Some(&replicas), &targets).await })
     });
 
-    sqlx::Executor::execute(
-        &mut *conn,
-        format!(
-            "SET standard_conforming_strings = on; SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}; SET {} = on",
-            ddl_notify::APPLYING_GUC
-        )
-        .as_str(),
-    )
-    .await
-    .map_err(session)?;
+    // The same session on both connections: timeouts, and the marker that tells the drift
+    // trigger the DDL is dbpolicy's own (the second connection's twins are DDL too).
+    let session_sql = format!(
+        "SET standard_conforming_strings = on; SET statement_timeout = {statement_ms}; SET lock_timeout = {lock_ms}; SET {} = on",
+        ddl_notify::APPLYING_GUC
+    );
+    let second = options
+        .observe_url
+        .clone()
+        .filter(|_| {
+            areas::AREAS
+                .iter()
+                .any(|a| a.own_connection() && a.in_spec(spec))
+        })
+        .map(|url| tokio::spawn(second_connection(url, session_sql.clone())));
+    sqlx::Executor::execute(&mut *conn, session_sql.as_str())
+        .await
+        .map_err(session)?;
     let wait = lock_wait(spec);
     acquire_lock(conn, wait).await?;
+    let mut second = match second {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
     let mut claims_conn = None;
     let result = async {
-        let mut observed = observe_with(conn, spec, policy, probes).await?;
+        let observed = observe_with(conn, second.as_mut(), spec, policy, probes).await;
+        if let Some(c) = second.take() {
+            // Done with it: closed off the run's path.
+            tokio::spawn(sqlx::Connection::close(c));
+        }
+        let mut observed = observed?;
         let touched = server_claims::touched(spec, &observed.ledger);
         if !touched.is_empty() {
             let (claims, connection) =
@@ -310,6 +405,25 @@ pub(crate) async fn run_with(
         .execute(&mut *conn)
         .await;
     result
+}
+
+/// The run's second connection, with the first's session settings; None when it cannot be
+/// had (too many connections, say): the run then observes on one.
+async fn second_connection(url: String, session_sql: String) -> Option<PgConnection> {
+    let mut conn = match crate::pg::connect_one(&url).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "no second connection; observing on one");
+            return None;
+        }
+    };
+    match sqlx::Executor::execute(&mut conn, session_sql.as_str()).await {
+        Ok(_) => Some(conn),
+        Err(e) => {
+            tracing::debug!(error = %crate::pg::error_summary(&e), "no second connection; observing on one");
+            None
+        }
+    }
 }
 
 /// Reads who claims the server-wide items `touched`, on a connection of its own to the

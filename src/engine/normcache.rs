@@ -82,14 +82,43 @@ pub(crate) async fn environment(conn: &mut PgConnection) -> Result<String, sqlx:
 }
 
 /// The cache key of one item: SHA-256 over its parts, each length-prefixed so that no two
-/// different lists of parts hash alike.
+/// different lists of parts hash alike. (The engine hashes through [`KeyPrefix`].)
+#[cfg(test)]
 pub(crate) fn key(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
+    KeyPrefix::new(&[]).key(parts)
+}
+
+/// The hash of the parts every key of a run starts with (the kind of item, the
+/// environment): hashed once per run, not once per item. `KeyPrefix::new(a).key(b)` is
+/// `key(a ++ b)`.
+#[derive(Clone)]
+pub(crate) struct KeyPrefix(Sha256);
+
+impl KeyPrefix {
+    pub(crate) fn new(parts: &[&str]) -> Self {
+        let mut h = Sha256::new();
+        absorb(&mut h, parts);
+        KeyPrefix(h)
+    }
+
+    pub(crate) fn key(&self, parts: &[&str]) -> String {
+        let mut h = self.0.clone();
+        absorb(&mut h, parts);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(64);
+        for b in h.finalize() {
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        }
+        out
+    }
+}
+
+fn absorb(h: &mut Sha256, parts: &[&str]) {
     for p in parts {
         h.update((p.len() as u64).to_le_bytes());
         h.update(p.as_bytes());
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The rows for `keys` (one query); an absent cache table is an empty cache.
@@ -172,5 +201,14 @@ mod tests {
         assert_ne!(key(&["ab", "c"]), key(&["a", "bc"]));
         assert_eq!(key(&["a", "b"]), key(&["a", "b"]));
         assert_eq!(key(&[]).len(), 64);
+        // The key of no parts is SHA-256 of nothing: the hex spelling is unchanged.
+        assert_eq!(
+            key(&[]),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            KeyPrefix::new(&["a", "b"]).key(&["c"]),
+            key(&["a", "b", "c"])
+        );
     }
 }

@@ -27,6 +27,10 @@ pub(super) async fn run_engine(
         },
         allowed_settings: ctx.allowed_settings.clone(),
         claims: ClaimsTarget::for_policy_url(&targets.url),
+        // One kept connection per database (controller/connections.rs): the operator runs
+        // many policies at once, and a second connection per run would double what it
+        // holds on every server.
+        observe_url: None,
     };
     let mut lease = ctx
         .connections

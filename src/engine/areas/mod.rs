@@ -44,6 +44,12 @@ pub trait AreaModule: Sync + 'static {
     /// Areas that keep running once their section left the spec, with an empty one, while
     /// the ledger says the policy set something there: what it set is reset.
     const RESETS_WHEN_REMOVED: bool = false;
+    /// Observed on a connection of its own when the run has a second one (see
+    /// `RunOptions::observe_url`), at the same time as the ledger and the other areas: for
+    /// the area whose catalog read keeps the server busiest. Such an area is observed
+    /// without the ledger (its `ObserveContext` holds an empty one, however many
+    /// connections the run has), so it cannot be one that `RESETS_WHEN_REMOVED`.
+    const OWN_CONNECTION: bool = false;
     type Spec: Clone + Default + Send + Sync + 'static;
     type Observed: Clone + Debug + Send + Sync + 'static;
     type Op: Debug;
@@ -207,17 +213,24 @@ pub struct Facts {
     pub slot_retained_bytes: Option<std::collections::BTreeMap<String, i64>>,
 }
 
+/// What one area observed, to be stored in [`Observed`] once every area is observed (the
+/// areas of a run with two connections are observed at the same time).
+pub(crate) type Fill = Box<dyn FnOnce(&mut Observed) + Send>;
+
 /// An area as the engine's loops see it (whatever its types).
 pub(crate) trait Registered: Sync {
     fn area(&self) -> Area;
     fn in_spec(&self, spec: &DatabasePolicySpec) -> bool;
+    /// See [`AreaModule::OWN_CONNECTION`].
+    fn own_connection(&self) -> bool;
+    /// The area's observation (None when the area is not observed this run).
     fn observe<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         spec: &'a DatabasePolicySpec,
+        ledger: &'a Ledger,
         probes: &'a mut Option<tokio::task::JoinHandle<Probes>>,
-        observed: &'a mut Observed,
-    ) -> BoxFuture<'a, Result<(), EngineError>>;
+    ) -> BoxFuture<'a, Result<Option<Fill>, EngineError>>;
     fn plan(
         &self,
         spec: &DatabasePolicySpec,
@@ -262,24 +275,31 @@ impl<T: Slot> Registered for T {
         T::section(spec).is_some()
     }
 
+    fn own_connection(&self) -> bool {
+        T::OWN_CONNECTION
+    }
+
     fn observe<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         spec: &'a DatabasePolicySpec,
+        ledger: &'a Ledger,
         probes: &'a mut Option<tokio::task::JoinHandle<Probes>>,
-        observed: &'a mut Observed,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
+    ) -> BoxFuture<'a, Result<Option<Fill>, EngineError>> {
+        const {
+            assert!(
+                !(T::OWN_CONNECTION && T::RESETS_WHEN_REMOVED),
+                "an area observed on its own connection sees no ledger"
+            )
+        };
         Box::pin(async move {
             // Observed once its section is gone only while the ledger says this policy
             // still owns something there.
-            let owns = observed.ledger.items(T::AREA).next().is_some();
+            let owns = ledger.items(T::AREA).next().is_some();
             let Some(section) = section_or_empty::<T>(spec, T::RESETS_WHEN_REMOVED && owns) else {
-                return Ok(());
+                return Ok(None);
             };
-            let ctx = ObserveContext {
-                ledger: &observed.ledger,
-                probes,
-            };
+            let ctx = ObserveContext { ledger, probes };
             let o = T::observe(conn, &section, ctx)
                 .await
                 .map_err(|e| EngineError::Observe {
@@ -287,8 +307,9 @@ impl<T: Slot> Registered for T {
                     message: e.message,
                     reason: e.reason,
                 })?;
-            *T::slot_mut(observed) = Some(o);
-            Ok(())
+            Ok(Some(
+                Box::new(move |observed: &mut Observed| *T::slot_mut(observed) = Some(o)) as Fill,
+            ))
         })
     }
 

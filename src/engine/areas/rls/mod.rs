@@ -98,6 +98,9 @@ pub struct RowLevelSecurity;
 
 impl AreaModule for RowLevelSecurity {
     const AREA: Area = AREA;
+    /// Its catalog read deparses every policy expression (`pg_get_expr`) and reads every
+    /// table's columns: at thousands of tables the longest query of a drift check.
+    const OWN_CONNECTION: bool = true;
     type Spec = RowLevelSecuritySpec;
     type Observed = Observed;
     type Op = Op;

@@ -157,6 +157,7 @@ pub(super) fn cache_keys(
     environment: &str,
 ) -> BTreeMap<(QualifiedName, String), String> {
     let mut keys = BTreeMap::new();
+    let prefix = normcache::KeyPrefix::new(&["rowLevelSecurity/1", environment]);
     for t in &spec.tables {
         let name = t.qualified();
         let Some(state) = tables.get(&name) else {
@@ -173,9 +174,7 @@ pub(super) fn cache_keys(
             };
             let (using, check) = (written(&p.using), written(&p.with_check));
             let mentioned = mentions(&using, &name.name) || mentions(&check, &name.name);
-            let key = normcache::key(&[
-                "rowLevelSecurity/1",
-                environment,
+            let key = prefix.key(&[
                 &name.schema,
                 &name.name,
                 &p.name,
