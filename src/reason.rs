@@ -180,6 +180,29 @@ reasons! {
     EventTriggerActive,
     EventTriggerNotInstalled,
     EventTriggerNotPermitted,
+
+    // The backup job's own failures (`dbpolicy backup …`): its exit line and the
+    // termination message the controller reads (`status.backups.lastFailureReason`).
+    InvalidArguments,
+    StoreFailed,
+    ToolFailed,
+    SourceReadFailed,
+    DumpFailed,
+    UploadFailed,
+    BackupNotFound,
+    BackupCorrupt,
+    RestoreFailed,
+    RestoreMismatch,
+    ScratchDatabaseFailed,
+    /// The job was stopped (SIGTERM) before it finished.
+    Interrupted,
+    LocalIoFailed,
+    WalReceiverFailed,
+    WalCorrupt,
+    BaseBackupCorrupt,
+    WalConflict,
+    TargetNotRecoverable,
+    PitrVerifyFailed,
 }
 
 impl Reason {

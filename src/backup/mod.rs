@@ -26,6 +26,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use self::prune::Retention;
 use self::store::{S3Config, Store, StoreConfig, StoreError};
+use crate::reason::Reason;
 use crate::units;
 
 /// Environment variables the CronJob sets instead of flags (flags win).
@@ -349,21 +350,21 @@ pub(crate) enum BackupError {
 
 impl BackupError {
     /// CamelCase reason, for conditions and metrics.
-    pub(crate) fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
-            BackupError::Usage(_) | BackupError::Args(_) => "InvalidArguments",
-            BackupError::Connect(e) => e.reason().as_str(),
-            BackupError::Store(_) => "StoreFailed",
-            BackupError::Tool(_) | BackupError::FindTool(_) => "ToolFailed",
-            BackupError::Source(_) => "SourceReadFailed",
-            BackupError::PgDump { .. } => "DumpFailed",
-            BackupError::Upload { .. } => "UploadFailed",
-            BackupError::NotFound { .. } => "BackupNotFound",
-            BackupError::Corrupt { .. } => "BackupCorrupt",
-            BackupError::PgRestore { .. } => "RestoreFailed",
-            BackupError::Mismatch { .. } => "RestoreMismatch",
-            BackupError::Scratch(_) => "ScratchDatabaseFailed",
-            BackupError::Interrupted(_) => "Interrupted",
+            BackupError::Usage(_) | BackupError::Args(_) => Reason::InvalidArguments,
+            BackupError::Connect(e) => e.reason(),
+            BackupError::Store(_) => Reason::StoreFailed,
+            BackupError::Tool(_) | BackupError::FindTool(_) => Reason::ToolFailed,
+            BackupError::Source(_) => Reason::SourceReadFailed,
+            BackupError::PgDump { .. } => Reason::DumpFailed,
+            BackupError::Upload { .. } => Reason::UploadFailed,
+            BackupError::NotFound { .. } => Reason::BackupNotFound,
+            BackupError::Corrupt { .. } => Reason::BackupCorrupt,
+            BackupError::PgRestore { .. } => Reason::RestoreFailed,
+            BackupError::Mismatch { .. } => Reason::RestoreMismatch,
+            BackupError::Scratch(_) => Reason::ScratchDatabaseFailed,
+            BackupError::Interrupted(_) => Reason::Interrupted,
             BackupError::Pitr(e) => e.reason(),
         }
     }
@@ -434,7 +435,7 @@ pub(crate) fn termination_message(
         doc.insert("finishedAt".into(), m.finished_at.to_rfc3339().into());
     }
     if let Some(e) = error {
-        doc.insert("reason".into(), e.reason().into());
+        doc.insert("reason".into(), e.reason().as_str().into());
         let message: String = e.to_string().chars().take(1500).collect();
         doc.insert("message".into(), message.into());
     }
@@ -552,7 +553,7 @@ async fn cmd_base(a: BaseArgs) -> Result<(), BackupError> {
             doc.insert("windowCheckedAt".into(), at.to_rfc3339().into());
         }
         if let Err(e) = &result {
-            doc.insert("reason".into(), e.reason().into());
+            doc.insert("reason".into(), e.reason().as_str().into());
             let message: String = e.to_string().chars().take(1500).collect();
             doc.insert("message".into(), message.into());
         }

@@ -8,6 +8,7 @@
 //! `failed` stays so until a new verify says otherwise — evidence is needed to upgrade a
 //! backup, never to downgrade it. [`assess`] is pure and unit-tested below.
 
+use crate::reason::Reason;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -73,11 +74,11 @@ impl VerifyRecord {
         backup: &str,
         dump: DumpObject,
         outcome: Outcome,
-        failure: Option<(&str, String)>,
+        failure: Option<(Reason, String)>,
     ) -> VerifyRecord {
         let (reason, message) = match failure {
             Some((reason, message)) => (
-                Some(reason.to_string()),
+                Some(reason.as_str().to_string()),
                 Some(message.chars().take(MESSAGE_MAX).collect()),
             ),
             None => (None, None),
@@ -292,7 +293,8 @@ mod tests {
     }
 
     fn record(outcome: Outcome, dump: DumpObject) -> Result<VerifyRecord, RecordError> {
-        let failure = (outcome != Outcome::Verified).then(|| ("BackupCorrupt", "bad\nmore".into()));
+        let failure =
+            (outcome != Outcome::Verified).then(|| (Reason::BackupCorrupt, "bad\nmore".into()));
         Ok(VerifyRecord::new("B", dump, outcome, failure))
     }
 
@@ -406,7 +408,7 @@ mod tests {
             "B",
             object(1, 1),
             Outcome::Failed,
-            Some(("RestoreFailed", "x".repeat(10_000))),
+            Some((Reason::RestoreFailed, "x".repeat(10_000))),
         );
         assert_eq!(long.message.unwrap().len(), MESSAGE_MAX);
     }

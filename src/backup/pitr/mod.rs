@@ -26,6 +26,7 @@ use self::window::{PitrRetention, SegmentInfo, Target};
 use super::store::{Entry, Store, StoreError};
 use super::tools::ToolError;
 use super::{ArgsError, StoreArgs};
+use crate::reason::Reason;
 
 /// Default segment size when no base backup tells it (PostgreSQL's default).
 const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
@@ -70,20 +71,20 @@ pub(crate) enum PitrError {
 
 impl PitrError {
     /// CamelCase reason, for conditions and metrics.
-    pub(crate) fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
-            PitrError::Usage(_) | PitrError::Args(_) => "InvalidArguments",
-            PitrError::Store(_) => "StoreFailed",
-            PitrError::Tool(_) | PitrError::FindTool(_) => "ToolFailed",
-            PitrError::Io(_) => "LocalIoFailed",
-            PitrError::Receiver(_) => "WalReceiverFailed",
-            PitrError::BaseBackup(_) | PitrError::BaseManifest(_) => "BaseBackupFailed",
-            PitrError::CorruptWal { .. } => "WalCorrupt",
-            PitrError::CorruptBase { .. } => "BaseBackupCorrupt",
-            PitrError::Conflict { .. } => "WalConflict",
-            PitrError::NoBase(_) => "TargetNotRecoverable",
-            PitrError::VerifyFailed { .. } => "PitrVerifyFailed",
-            PitrError::Interrupted(_) => "Interrupted",
+            PitrError::Usage(_) | PitrError::Args(_) => Reason::InvalidArguments,
+            PitrError::Store(_) => Reason::StoreFailed,
+            PitrError::Tool(_) | PitrError::FindTool(_) => Reason::ToolFailed,
+            PitrError::Io(_) => Reason::LocalIoFailed,
+            PitrError::Receiver(_) => Reason::WalReceiverFailed,
+            PitrError::BaseBackup(_) | PitrError::BaseManifest(_) => Reason::BaseBackupFailed,
+            PitrError::CorruptWal { .. } => Reason::WalCorrupt,
+            PitrError::CorruptBase { .. } => Reason::BaseBackupCorrupt,
+            PitrError::Conflict { .. } => Reason::WalConflict,
+            PitrError::NoBase(_) => Reason::TargetNotRecoverable,
+            PitrError::VerifyFailed { .. } => Reason::PitrVerifyFailed,
+            PitrError::Interrupted(_) => Reason::Interrupted,
         }
     }
 }
