@@ -151,6 +151,11 @@ pub async fn execute(
         }
     }
 
+    // The session's statement_timeout as the loop leaves it: a change's own timeout stays
+    // set for the next change that wants the same, so a retention pass of thousands of
+    // DETACH … CONCURRENTLY does not pay two more round trips each; the policy's is set
+    // back before anything else runs and before this returns.
+    let mut session_ms = timeouts.statement_ms;
     let mut rest = runnable.as_slice();
     while let Some(first) = rest.first() {
         // A group: consecutive transactional changes of one area and group, or one
@@ -164,9 +169,13 @@ pub async fn execute(
         };
         let (group, tail) = rest.split_at(len);
         let result = if first.transactional {
-            run_transaction(conn, group, policy, timeouts).await
+            // A transaction starts under the policy's timeout (its own ones are LOCAL).
+            match set_session_timeout(conn, first, &mut session_ms, timeouts.statement_ms).await {
+                Ok(()) => run_transaction(conn, group, policy, timeouts).await,
+                Err(e) => Err(e),
+            }
         } else {
-            run_autonomous(conn, first, policy, timeouts).await
+            run_autonomous(conn, first, policy, timeouts, &mut session_ms).await
         };
         match result {
             Ok(rows) => report
@@ -176,12 +185,23 @@ pub async fn execute(
                     ..(*c).clone()
                 })),
             Err(failure) => {
+                // The statement failed or its bookkeeping did: the policy's timeout back
+                // for whatever the session runs next (the first failure is the one told).
+                let _ =
+                    set_session_timeout(conn, first, &mut session_ms, timeouts.statement_ms).await;
                 report.failure = Some(failure);
                 report.not_attempted = rest.iter().map(|c| (*c).clone()).collect();
                 return report;
             }
         }
         rest = tail;
+    }
+    if let Some(last) = runnable.last() {
+        if let Err(e) =
+            set_session_timeout(conn, last, &mut session_ms, timeouts.statement_ms).await
+        {
+            report.failure = Some(e);
+        }
     }
     report
 }
@@ -248,25 +268,36 @@ async fn run_autonomous(
     change: &Change,
     policy: &str,
     timeouts: &Timeouts,
+    session_ms: &mut u64,
 ) -> Result<Vec<u64>, ApplyFailure> {
     write_ledger(conn, change, &intents(change), policy).await?;
-    // Outside any transaction, a plain SET lasts for the session: set back below.
-    if let Some(own) = change.timeout {
-        set_statement_timeout(conn, change, Scope::Session, timeouts.of(own)).await?;
-    }
-    let done = execute_one(&mut *conn, &change.sql).await;
-    if change.timeout.is_some() {
-        // Whatever happened: the next statement runs under the policy's timeout again.
-        let restored =
-            set_statement_timeout(conn, change, Scope::Session, timeouts.statement_ms).await;
-        if done.is_ok() {
-            restored?;
-        }
-    }
-    let done = done.map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
+    // Outside any transaction, a plain SET lasts for the session; it stays for the next
+    // change that wants the same (see `execute`).
+    let wanted = change
+        .timeout
+        .map_or(timeouts.statement_ms, |own| timeouts.of(own));
+    set_session_timeout(conn, change, session_ms, wanted).await?;
+    // On failure `execute` sets the policy's timeout back before it returns.
+    let done = execute_one(&mut *conn, &change.sql)
+        .await
+        .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
     let outcome: Vec<LedgerOp> = outcome_ops(change).cloned().collect();
     write_ledger(conn, change, &outcome, policy).await?;
     Ok(vec![done.rows_affected()])
+}
+
+/// `SET statement_timeout` for the session unless it is already `ms`.
+async fn set_session_timeout(
+    conn: &mut PgConnection,
+    change: &Change,
+    session_ms: &mut u64,
+    ms: u64,
+) -> Result<(), ApplyFailure> {
+    if *session_ms != ms {
+        set_statement_timeout(conn, change, Scope::Session, ms).await?;
+        *session_ms = ms;
+    }
+    Ok(())
 }
 
 /// How long a `SET` lasts.
