@@ -328,6 +328,26 @@ async fn the_policys_statement_timeout_applies_again_after_an_own_timeout() {
         .await
         .unwrap();
     assert_eq!(now, "1s");
+
+    // Two builds in a row share one SET: the second also runs under its own timeout (each
+    // build outlasts the policy's 1s), and the session is at the policy's after the last.
+    let mut area = AreaPlan::new(Area::Indexes);
+    area.changes = vec![build("first"), build("second")];
+    let report = execute(
+        &mut conn,
+        &Plan { areas: vec![area] },
+        false,
+        "p",
+        &timeouts,
+    )
+    .await;
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.applied.len(), 2, "{report:?}");
+    let now: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(now, "1s");
 }
 
 /// Daily partitions of `hist` from 2024-02-27, no default partition (with one, PostgreSQL
