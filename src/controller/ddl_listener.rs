@@ -187,10 +187,20 @@ fn check_all(
     }
 }
 
-async fn connect(url: &str) -> Result<PgListener, String> {
-    let opts: PgConnectOptions = url
-        .parse()
-        .map_err(|_| "the database URL is not a valid postgres:// URI".to_string())?;
+/// Why a listener could not start; its text goes to the log, never the URL.
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error("the database URL is not a valid postgres:// URI")]
+    InvalidUrl,
+    /// The server's error, summarised by `pg::error_summary` (no connection string).
+    #[error("{0}")]
+    Database(String),
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+}
+
+async fn connect(url: &str) -> Result<PgListener, ListenError> {
+    let opts: PgConnectOptions = url.parse().map_err(|_| ListenError::InvalidUrl)?;
     let opts = opts.application_name("dbpolicy-drift-listener");
     // A pool of one is what PgListener reconnects through.
     let pool = PgPoolOptions::new()
@@ -206,8 +216,8 @@ async fn connect(url: &str) -> Result<PgListener, String> {
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, listen).await {
         Ok(Ok(l)) => Ok(l),
-        Ok(Err(e)) => Err(crate::pg::error_summary(&e)),
-        Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(ListenError::Database(crate::pg::error_summary(&e))),
+        Err(_) => Err(ListenError::TimedOut(CONNECT_TIMEOUT)),
     }
 }
 
