@@ -270,7 +270,13 @@ async fn run_autonomous(
     timeouts: &Timeouts,
     session_ms: &mut u64,
 ) -> Result<Vec<u64>, ApplyFailure> {
-    write_ledger(conn, change, &intents(change), policy).await?;
+    let intents = intents(change);
+    if !intents.is_empty() {
+        // What the change intends is written under the policy's timeout, not the one a
+        // change before it left set.
+        set_session_timeout(conn, change, session_ms, timeouts.statement_ms).await?;
+    }
+    write_ledger(conn, change, &intents, policy).await?;
     // Outside any transaction, a plain SET lasts for the session; it stays for the next
     // change that wants the same (see `execute`).
     let wanted = change
