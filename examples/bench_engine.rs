@@ -458,6 +458,56 @@ async fn bench_flags(admin: &mut PgConnection, admin_url: &str) -> Res<Vec<(usiz
     Ok(out)
 }
 
+const PARENT_COUNTS: [usize; 2] = [100, 1_000];
+
+/// The partitions no-op at 100 and 1,000 partitioned parents (monthly, premake 2, a
+/// default partition: 4 partitions each): (parents, median no-op plan).
+async fn bench_parents(admin: &mut PgConnection, admin_url: &str) -> Res<Vec<(usize, Duration)>> {
+    let mut out = Vec::new();
+    for n in PARENT_COUNTS {
+        let db = format!("dbpolicy_bench_parents_{}_{n}", std::process::id());
+        create_db(admin, &db).await?;
+        let url = dbpolicy::pg::url_with_database(admin_url, &db);
+        let result = async {
+            let mut conn = dbpolicy::pg::connect_one(&url).await?;
+            let mut ddl = String::new();
+            let mut yaml = String::from(
+                "database: {connectionSecretRef: {name: bench}}\npartitions:\n  tables:\n",
+            );
+            for i in 0..n {
+                ddl.push_str(&format!(
+                    "CREATE TABLE p{i:04} (id bigint, at timestamptz NOT NULL) PARTITION BY RANGE (at);\n"
+                ));
+                yaml.push_str(&format!(
+                    "    - {{table: p{i:04}, interval: Monthly, premake: 2}}\n"
+                ));
+            }
+            sqlx::raw_sql(&ddl).execute(&mut conn).await?;
+            let spec: DatabasePolicySpec = serde_yaml::from_str(&yaml)?;
+            let policy = PolicyId("bench/parents".into());
+            engine::run_with_second(&mut conn, &url, &spec, Mode::Apply, &policy).await?;
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                let start = Instant::now();
+                let outcome = engine::run(&mut conn, &spec, Mode::Plan, &policy).await?;
+                times.push(start.elapsed());
+                anyhow::ensure!(
+                    outcome.plan.is_empty(),
+                    "{n} parents: the plan is not empty"
+                );
+            }
+            conn.close().await?;
+            Ok(median(times))
+        }
+        .await;
+        drop_db(admin, &db).await;
+        let took = result?;
+        eprintln!("  {n} partitioned parents: no-op {took:.1?}");
+        out.push((n, took));
+    }
+    Ok(out)
+}
+
 /// certquiz from empty: (median apply, changes, round trips of one apply, SELECT 1).
 async fn bench_certquiz(
     admin: &mut PgConnection,
@@ -616,6 +666,8 @@ async fn main() -> Res<()> {
     }
     eprintln!("feature flags:");
     let flags = bench_flags(&mut admin, &admin_url).await;
+    eprintln!("partitioned parents:");
+    let parents = bench_parents(&mut admin, &admin_url).await;
     eprintln!("certquiz:");
     let certquiz = bench_certquiz(&mut admin, &admin_url, &trips).await;
     admin.close().await?;
@@ -712,6 +764,24 @@ async fn main() -> Res<()> {
             println!("(target: 100,000 flags within 12× the time of 10,000)");
         }
         Err(e) => println!("feature flags FAILED: {e:#}"),
+    }
+    println!();
+    match &parents {
+        Ok(rows) => {
+            println!("Partitions, no-op plan (in process, median of 3) against the number of partitioned parents (monthly, 4 partitions each):");
+            println!();
+            println!("| partitioned parents | no-op plan | × the smallest |");
+            println!("|---:|---:|---:|");
+            for (n, took) in rows {
+                println!(
+                    "| {n} | {:.1} ms | {:.1} |",
+                    took.as_secs_f64() * 1000.0,
+                    took.as_secs_f64() / rows[0].1.as_secs_f64()
+                );
+            }
+            println!("(linear: 1,000 parents within 12× the time of 100)");
+        }
+        Err(e) => println!("partitioned parents FAILED: {e:#}"),
     }
     println!();
     let constant = trip_counts.windows(2).all(|w| w[0] == w[1]);
