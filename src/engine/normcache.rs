@@ -3,7 +3,8 @@
 //! nothing to change builds no scratch twin at all.
 //!
 //! A row maps the key of one desired item (see [`key`]: the table and item, the text as
-//! written, the command, the table's shape, the search path and a fingerprint of the
+//! written, the command, the table's shape (a SHA-256 of its column list, computed by the
+//! server), the search path and a fingerprint of the
 //! catalogs that resolve names) to the form PostgreSQL stored and the version (`oid:xmin`)
 //! of the catalog row it was recorded against. It is written beside the ledger, in the same transaction
 //! as the change that created the item, or after a run that found the item already right.
