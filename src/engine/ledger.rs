@@ -94,8 +94,10 @@ impl Ledger {
             if let Some(s) = self.mine.get_mut(area.as_str()) {
                 s.remove(&(target.clone(), item.clone()));
             }
-            self.others
-                .insert((area.as_str().to_string(), target, item), policy.to_string());
+            self.others.insert(
+                (area.as_str().to_string(), target, item),
+                policy.to_string(),
+            );
         }
     }
     /// The policies subscribed to the drift event trigger ([`super::ddl_notify`]).

@@ -225,21 +225,27 @@ pub(crate) fn diff(
     }
     // Parameters the ledger says we set, that the spec no longer asks for, and that are
     // still there: reset them. The ledger lists a table's parameters together: its name is
-    // parsed once, not once per parameter.
+    // parsed and looked up once, not once per parameter.
     let mut resets: BTreeMap<QualifiedName, Vec<String>> = BTreeMap::new();
-    let mut parsed: Option<(&str, Option<QualifiedName>)> = None;
+    type Looked<'a> = (
+        QualifiedName,
+        Option<&'a BTreeMap<&'static str, String>>,
+        Option<&'a TableState>,
+    );
+    let mut parsed: Option<(&str, Option<Looked>)> = None;
     for (target, key) in ledger.items(AREA) {
         if parsed.as_ref().is_none_or(|(t, _)| *t != target) {
-            parsed = Some((target, QualifiedName::parse(target)));
+            let looked = QualifiedName::parse(target).map(|table| {
+                let (wanted, state) = (desired.get(&table), observed.tables.get(&table));
+                (table, wanted, state)
+            });
+            parsed = Some((target, looked));
         }
-        let Some((_, Some(table))) = &parsed else {
+        let Some((_, Some((table, wanted, state)))) = &parsed else {
             continue;
         };
-        let still_wanted = desired.get(table).is_some_and(|d| d.contains_key(key));
-        let present = observed
-            .tables
-            .get(table)
-            .is_some_and(|s| s.options.contains_key(key));
+        let still_wanted = wanted.is_some_and(|d| d.contains_key(key));
+        let present = state.is_some_and(|s| s.options.contains_key(key));
         if !still_wanted && present {
             resets
                 .entry(table.clone())
