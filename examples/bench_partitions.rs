@@ -46,9 +46,17 @@ fn spec(
     serde_yaml::from_str(&yaml).expect("benchmark spec")
 }
 
-async fn ours(conn: &mut PgConnection, spec: &DatabasePolicySpec) -> Res<(Duration, usize)> {
+/// One `dbpolicy apply` of `spec`, as the CLI runs it: with a second connection to the
+/// database (`url`), opened when the plan has tables to maintain on it beside the first.
+async fn ours(
+    conn: &mut PgConnection,
+    url: &str,
+    spec: &DatabasePolicySpec,
+) -> Res<(Duration, usize)> {
     let start = Instant::now();
-    let outcome = engine::run(conn, spec, Mode::Apply, &PolicyId("bench/ours".into())).await?;
+    let outcome =
+        engine::run_with_second(conn, url, spec, Mode::Apply, &PolicyId("bench/ours".into()))
+            .await?;
     let took = start.elapsed();
     if let Some(e) = outcome.plan.errors().next() {
         return Err(format!("dbpolicy plan error: {e}").into());
@@ -147,6 +155,9 @@ async fn bench(url: &str, partman: Option<&str>, version: &str) -> Res<()> {
         partman.unwrap_or("not installed")
     );
 
+    println!(
+        "dbpolicy runs as the CLI does: a second connection maintains half the tables beside the first"
+    );
     eprintln!("setting up {TABLES} tables per copy…");
     let mut ddl = String::from("CREATE SCHEMA ours; CREATE SCHEMA theirs;\n");
     for schema in ["ours", "theirs"] {
@@ -162,7 +173,7 @@ async fn bench(url: &str, partman: Option<&str>, version: &str) -> Res<()> {
     // History for ours: partitions from 60 days ago to today and a default (by dbpolicy
     // itself, untimed).
     let setup = spec("ours", 0, None, Some(&first_day.to_string()));
-    ours(&mut conn, &setup).await?;
+    ours(&mut conn, url, &setup).await?;
     if partman.is_some() {
         // The same history for pg_partman: create_parent from 60 days ago with premake 7,
         // then the future partitions removed so its first maintenance has them to create.
@@ -238,7 +249,7 @@ async fn bench(url: &str, partman: Option<&str>, version: &str) -> Res<()> {
     );
 
     // First maintenance: dbpolicy, then pg_partman.
-    let (ours_first, changes) = ours(&mut conn, &maintain).await?;
+    let (ours_first, changes) = ours(&mut conn, url, &maintain).await?;
     println!(
         "dbpolicy first maintenance: {:.1} ms ({changes} statements applied)",
         ms(ours_first)
@@ -265,7 +276,7 @@ async fn bench(url: &str, partman: Option<&str>, version: &str) -> Res<()> {
     let mut theirs_noop = Vec::new();
     let mut noop_calls = 0;
     for _ in 0..NOOP_ROUNDS {
-        let (t, n) = ours(&mut conn, &maintain).await?;
+        let (t, n) = ours(&mut conn, url, &maintain).await?;
         if n != 0 {
             return Err(format!(
                 "dbpolicy's second run applied {n} change(s): it did not converge"
@@ -308,12 +319,14 @@ async fn bench(url: &str, partman: Option<&str>, version: &str) -> Res<()> {
         println!(
             "| catalog round trips | {all} (constant) | {calls} PL/pgSQL calls (per table) | |"
         );
-        let verdict = if r1 <= 0.5 && r2 <= 0.5 {
+        let verdict = if r1 <= 0.4 && r2 <= 0.5 {
             "met"
         } else {
             "NOT met"
         };
-        println!("\ntarget (ours at most half of pg_partman's on both): {verdict}");
+        println!(
+            "\ntarget (first maintenance at most 0.4 of pg_partman's, no-op at most half): {verdict}"
+        );
     }
     conn.close().await?;
     Ok(())

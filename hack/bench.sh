@@ -6,7 +6,7 @@
 #   examples/bench_engine.rs      observe + plan at 1..5,000 tables, certquiz apply, binary size
 #   examples/bench_rls.rs         the row-level security area at 1,000 tables
 #   examples/bench_partitions.rs  partition maintenance against pg_partman
-#   hack/bench-operator.sh        the operator with 500 policies against a real API server
+#   hack/bench-operator.sh        the operator with 2,000 policies against a real API server
 #                                 (set DBPOLICY_BENCH_OPERATOR=0 to skip it)
 #
 # Usage: hack/bench.sh [output-file]      (default: print only; with a file, also tee to it)
@@ -39,6 +39,16 @@ step() { printf '\n## %s\n\n' "$*"; }
   fi
   echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
+  step "schemainspect (PyPI), the peer of bench_engine's whole-process comparison"
+  # In a venv of its own, installed once (bench_engine looks for it there, or at
+  # DBPOLICY_BENCH_SCHEMAINSPECT); without it the comparison says so and goes on.
+  VENV="${HOME}/.cache/dbpolicy-bench/venv"
+  if [ -z "${DBPOLICY_BENCH_SCHEMAINSPECT:-}" ] && ! "$VENV/bin/python" -c 'import schemainspect, sqlbag' 2>/dev/null; then
+    python3 -m venv "$VENV" && "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+      schemainspect sqlbag psycopg2-binary || echo "could not install schemainspect"
+  fi
+  "${DBPOLICY_BENCH_SCHEMAINSPECT:-$VENV/bin/python}" -c 'import importlib.metadata as m; print("schemainspect", m.version("schemainspect"))' 2>/dev/null || echo "schemainspect: not installed"
+
   step "build (release)"
   cargo build --release --bin dbpolicy --example bench_engine --example bench_rls --example bench_partitions 2>&1 | tail -n 1
   # The binaries just built, not `cargo run`: a source edited meanwhile must not trigger a
@@ -57,6 +67,6 @@ step() { printf '\n## %s\n\n' "$*"; }
 
   if [ "${DBPOLICY_BENCH_OPERATOR:-1}" != 0 ]; then
     step "operator at scale (hack/bench-operator.sh)"
-    DBPOLICY_BIN="$PWD/$BIN/dbpolicy" hack/bench-operator.sh "${DBPOLICY_BENCH_POLICIES:-500}"
+    DBPOLICY_BIN="$PWD/$BIN/dbpolicy" hack/bench-operator.sh "${DBPOLICY_BENCH_POLICIES:-2000}"
   fi
 } 2>&1 | tee "$OUT"

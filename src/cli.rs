@@ -471,7 +471,7 @@ async fn run_one(
     let mut conn = conn?;
     let options = engine::RunOptions {
         claims: engine::server_claims::ClaimsTarget::for_policy_url(url),
-        observe_url: Some(url.to_string()),
+        second_url: Some(url.to_string()),
         ..options.clone()
     };
     let result = engine::run_with(&mut conn, &policy.spec, mode, id, &options).await;

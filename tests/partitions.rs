@@ -525,6 +525,131 @@ async fn bad_input_is_an_error_per_table_and_changes_nothing() {
     );
 }
 
+/// The CLI maintains partitioned tables on two connections at once, each table's changes
+/// on one; a table that fails stops both, the report tells what ran and what did not,
+/// and the next run finishes the work.
+#[tokio::test]
+async fn tables_are_maintained_on_two_connections_and_a_failure_stops_both() {
+    let db = TestDb::new().await;
+    let mut ddl = String::from(
+        "CREATE TABLE ddl_by (pid int);
+         CREATE FUNCTION ddl_by() RETURNS event_trigger LANGUAGE plpgsql AS
+           $$BEGIN INSERT INTO ddl_by VALUES (pg_backend_pid()); END$$;\n",
+    );
+    let mut tables = String::new();
+    for i in 1..=6 {
+        ddl.push_str(&format!(
+            "CREATE TABLE t{i} (at timestamptz NOT NULL) PARTITION BY RANGE (at);\n"
+        ));
+        tables.push_str(&format!(
+            "      - {{table: t{i}, interval: Monthly, premake: 2}}\n"
+        ));
+    }
+    db.exec(&ddl).await;
+    // Which backends ran the partitions' DDL (an event trigger of this test's own).
+    db.exec("CREATE EVENT TRIGGER ddl_by ON ddl_command_end EXECUTE FUNCTION ddl_by()")
+        .await;
+    let p = policy(
+        "parts",
+        &format!("  safety: {{lockTimeout: 3s}}\n  partitions:\n    tables:\n{tables}"),
+    );
+    let now = "2024-03-15T10:00:00Z";
+
+    // Lanes: t1, t3, t5 on the first, t2, t4, t6 on the second (dealt in turn, equal
+    // work). t1 is held by another session for good: the first lane fails on it after
+    // `lockTimeout`. t2 is held until the first lane waits on t1 (both lanes busy), and a
+    // while more; t4 until the first lane has failed: the second lane finishes t4 (its
+    // transaction was under way), then stops instead of going on to t6.
+    let lock = |table: &'static str| {
+        let url = db.url().to_string();
+        async move {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(&format!("BEGIN; LOCK TABLE {table} IN ACCESS SHARE MODE"))
+                .execute(&mut c)
+                .await
+                .unwrap();
+            c
+        }
+    };
+    let (t1, t2, t4) = (lock("t1").await, lock("t2").await, lock("t4").await);
+    let waiters = |table: &'static str| {
+        let db = &db;
+        async move {
+            count(
+                db,
+                &format!(
+                    "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
+                ),
+            )
+            .await
+        }
+    };
+    let releases = async {
+        while waiters("t1").await == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(t2);
+        while waiters("t1").await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(t4);
+    };
+    let (failed, _) = tokio::join!(
+        dbpolicy_async("apply", db.url(), now, &p, true),
+        tokio::time::timeout(Duration::from_secs(120), releases)
+    );
+    drop(t1);
+    failed.expect(1);
+    let report = &failed.json()["outcome"]["report"];
+    assert_eq!(report["failure"]["reason"], "LockTimeout", "{report}");
+    assert_eq!(report["failure"]["target"], "public.t1", "{report}");
+    let targets = |key: &str| -> Vec<String> {
+        let mut t: Vec<String> = report[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["target"].as_str().unwrap().to_string())
+            .collect();
+        t.dedup();
+        t
+    };
+    assert_eq!(targets("applied"), ["public.t2", "public.t4"], "{report}");
+    assert_eq!(
+        targets("notAttempted"),
+        ["public.t1", "public.t3", "public.t5", "public.t6"],
+        "{report}"
+    );
+    for (table, made) in [
+        ("t1", 0),
+        ("t2", 4),
+        ("t3", 0),
+        ("t4", 4),
+        ("t5", 0),
+        ("t6", 0),
+    ] {
+        assert_eq!(
+            names(&db, table).await.len(),
+            made,
+            "{table}: the report is the catalog"
+        );
+    }
+
+    db.exec("TRUNCATE ddl_by").await;
+    dbpolicy("apply", db.url(), now, &p, false).expect(0);
+    for i in 1..=6 {
+        assert_eq!(names(&db, &format!("t{i}")).await.len(), 4, "t{i}");
+    }
+    dbpolicy("plan", db.url(), now, &p, false).expect(0);
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT pid) FROM ddl_by").await,
+        2,
+        "the four tables left were maintained on two connections"
+    );
+    db.exec("DROP EVENT TRIGGER ddl_by").await;
+}
+
 /// The certquiz "phase 2" plan for `audit_logs`: the partitions section of
 /// examples/certquiz/policy.yaml against examples/certquiz/schema.sql.
 #[tokio::test]
@@ -877,7 +1002,7 @@ async fn a_live_writer_sees_no_error_while_rows_move() {
             "the writer never wrote"
         );
     }
-    let apply = dbpolicy_async("apply", db.url(), "2024-02-10T00:00:00Z", &p).await;
+    let apply = dbpolicy_async("apply", db.url(), "2024-02-10T00:00:00Z", &p, false).await;
     // A few more inserts after the commit, routed by the new partition.
     let after = count(&db, "SELECT count(*) FROM events").await;
     while count(&db, "SELECT count(*) FROM events").await < after + 30 {
@@ -921,7 +1046,7 @@ async fn a_live_writer_sees_no_error_while_rows_move() {
 }
 
 /// `dbpolicy apply` as a child process the runtime can await while other tasks run.
-async fn dbpolicy_async(verb: &str, url: &str, now: &str, yaml: &str) -> Run {
+async fn dbpolicy_async(verb: &str, url: &str, now: &str, yaml: &str, json: bool) -> Run {
     let file = write_policy(yaml);
     let mut cmd = tokio::process::Command::from(dbpolicy_cmd());
     cmd.arg(verb)
@@ -930,6 +1055,9 @@ async fn dbpolicy_async(verb: &str, url: &str, now: &str, yaml: &str) -> Run {
         .env("DATABASE_URL", url)
         .env("DBPOLICY_NOW", now)
         .kill_on_drop(true);
+    if json {
+        cmd.args(["-o", "json"]);
+    }
     let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
         .await
         .expect("dbpolicy finished within 5 minutes")

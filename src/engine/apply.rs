@@ -124,6 +124,21 @@ pub async fn execute(
     policy: &str,
     timeouts: &Timeouts,
 ) -> ApplyReport {
+    execute_with(conn, None, plan, allow_destructive, policy, timeouts).await
+}
+
+/// [`execute`], given `second`, a connection to the same database with the same session
+/// settings (the run's lock is held by `conn`): the changes of an area whose targets are
+/// independent ([`Area::applies_in_parallel`]) run on both at once, each target's
+/// changes in order on one of them.
+pub(crate) async fn execute_with(
+    conn: &mut PgConnection,
+    second: Option<&mut PgConnection>,
+    plan: &Plan,
+    allow_destructive: bool,
+    policy: &str,
+    timeouts: &Timeouts,
+) -> ApplyReport {
     let mut report = ApplyReport::default();
     let refused_bundles: std::collections::BTreeSet<&str> = plan
         .changes()
@@ -151,59 +166,200 @@ pub async fn execute(
         }
     }
 
-    // The session's statement_timeout as the loop leaves it: a change's own timeout stays
-    // set for the next change that wants the same, so a retention pass of thousands of
-    // DETACH … CONCURRENTLY does not pay two more round trips each; the policy's is set
-    // back before anything else runs and before this returns.
-    let mut session_ms = timeouts.statement_ms;
-    let mut rest = runnable.as_slice();
-    while let Some(first) = rest.first() {
-        // A group: consecutive transactional changes of one area and group, or one
-        // autonomous change.
-        let len = if first.transactional {
-            rest.iter()
-                .take_while(|c| c.transactional && c.area == first.area && c.group == first.group)
+    let groups = groups(&runnable);
+    let mut main = Lane::new(conn, timeouts.statement_ms);
+    let mut other = second.map(|c| Lane::new(c, timeouts.statement_ms));
+    // What ran, per group index (with the rows of each statement), and the first failure.
+    let mut done: Vec<Option<Vec<u64>>> = vec![None; groups.len()];
+    let mut failure: Option<(usize, ApplyFailure)> = None;
+    let mut next = 0;
+    while next < groups.len() && failure.is_none() {
+        let area = groups[next][0].area;
+        let run = if other.is_some() && area.applies_in_parallel() {
+            groups[next..]
+                .iter()
+                .take_while(|g| g[0].area == area)
                 .count()
         } else {
             1
         };
-        let (group, tail) = rest.split_at(len);
-        let result = if first.transactional {
-            // A transaction starts under the policy's timeout (its own ones are LOCAL).
-            match set_session_timeout(conn, first, &mut session_ms, timeouts.statement_ms).await {
-                Ok(()) => run_transaction(conn, group, policy, timeouts).await,
-                Err(e) => Err(e),
+        let (lanes, one_lane) = split_by_target(&groups, next..next + run);
+        match (other.as_mut(), lanes) {
+            (Some(second), Some([a, b])) => {
+                let stop = std::sync::atomic::AtomicBool::new(false);
+                let (ra, rb) = tokio::join!(
+                    main.run(&groups, &a, policy, timeouts, &stop),
+                    second.run(&groups, &b, policy, timeouts, &stop),
+                );
+                for (i, rows) in ra.0.into_iter().chain(rb.0) {
+                    done[i] = Some(rows);
+                }
+                // Both lanes may have failed: the one earlier in the plan is told.
+                let mut failed: Vec<(usize, ApplyFailure)> = ra.1.into_iter().chain(rb.1).collect();
+                failed.sort_by_key(|(i, _)| *i);
+                if let Some(later) = failed.get(1) {
+                    tracing::warn!(failure = %later.1, "a second lane failed too");
+                }
+                failure = failed.into_iter().next();
+                // The second lane's session back to the policy's timeout, as the first's
+                // is below (the connection is the run's and may be used again).
+                if let Some(i) = b.first() {
+                    let _ = second.timeout(groups[*i][0], timeouts.statement_ms).await;
+                }
             }
-        } else {
-            run_autonomous(conn, first, policy, timeouts, &mut session_ms).await
-        };
-        match result {
-            Ok(rows) => report
+            _ => {
+                let never = std::sync::atomic::AtomicBool::new(false);
+                let (ran, failed) = main.run(&groups, &one_lane, policy, timeouts, &never).await;
+                for (i, rows) in ran {
+                    done[i] = Some(rows);
+                }
+                failure = failed;
+            }
+        }
+        next += run;
+    }
+    for (group, rows) in groups.iter().zip(&done) {
+        match rows {
+            Some(rows) => report
                 .applied
                 .extend(group.iter().zip(rows).map(|(c, rows)| Change {
-                    rows_affected: c.reports_rows.then_some(rows),
+                    rows_affected: c.reports_rows.then_some(*rows),
                     ..(*c).clone()
                 })),
-            Err(failure) => {
-                // The statement failed or its bookkeeping did: the policy's timeout back
-                // for whatever the session runs next (the first failure is the one told).
-                let _ =
-                    set_session_timeout(conn, first, &mut session_ms, timeouts.statement_ms).await;
-                report.failure = Some(failure);
-                report.not_attempted = rest.iter().map(|c| (*c).clone()).collect();
-                return report;
+            None => report
+                .not_attempted
+                .extend(group.iter().map(|c| (*c).clone())),
+        }
+    }
+    // The policy's timeout back for whatever the session runs next (after a failure too:
+    // the first failure is the one told).
+    if let Some(last) = runnable.last() {
+        if let Err(e) = main.timeout(last, timeouts.statement_ms).await {
+            failure.get_or_insert((usize::MAX, e));
+        }
+    }
+    report.failure = failure.map(|(_, f)| f);
+    report
+}
+
+/// Whether `plan` has changes a second connection would run beside the first: changes
+/// of an area that applies in parallel, on two targets or more.
+pub(crate) fn uses_second_connection(plan: &Plan) -> bool {
+    let mut parallel = plan.changes().filter(|c| c.area.applies_in_parallel());
+    match parallel.next() {
+        Some(first) => parallel.any(|c| c.target != first.target),
+        None => false,
+    }
+}
+
+/// The plan's changes as the executor runs them: consecutive transactional changes of one
+/// area and group share a transaction; an autonomous change is a group of its own.
+fn groups<'p>(runnable: &[&'p Change]) -> Vec<Vec<&'p Change>> {
+    let mut groups: Vec<Vec<&Change>> = Vec::new();
+    for change in runnable {
+        match groups.last_mut() {
+            Some(g)
+                if change.transactional
+                    && g[0].transactional
+                    && g[0].area == change.area
+                    && g[0].group == change.group =>
+            {
+                g.push(change)
+            }
+            _ => groups.push(vec![change]),
+        }
+    }
+    groups
+}
+
+/// The groups of `range` in two lanes, each target's groups on one lane in plan order,
+/// targets dealt to the lane with fewer statements so far; None when they have only one
+/// target (then the second element holds them all, in order).
+fn split_by_target(
+    groups: &[Vec<&Change>],
+    range: std::ops::Range<usize>,
+) -> (Option<[Vec<usize>; 2]>, Vec<usize>) {
+    let all: Vec<usize> = range.clone().collect();
+    let mut lane_of: std::collections::HashMap<&str, usize> = Default::default();
+    let mut lanes: [Vec<usize>; 2] = Default::default();
+    let mut load = [0usize; 2];
+    for i in range {
+        let target = groups[i][0].target.as_str();
+        let lane = *lane_of
+            .entry(target)
+            .or_insert_with(|| if load[1] < load[0] { 1 } else { 0 });
+        lanes[lane].push(i);
+        load[lane] += groups[i].len();
+    }
+    if lanes.iter().any(Vec::is_empty) {
+        (None, all)
+    } else {
+        (Some(lanes), all)
+    }
+}
+
+/// A connection the executor runs groups on, and the `statement_timeout` its session
+/// is under: a change's own timeout stays set for the next change that wants the same,
+/// so a retention pass of thousands of DETACH … CONCURRENTLY does not pay two more round
+/// trips each; the policy's is set back before anything else runs.
+struct Lane<'c> {
+    conn: &'c mut PgConnection,
+    session_ms: u64,
+}
+
+impl<'c> Lane<'c> {
+    fn new(conn: &'c mut PgConnection, session_ms: u64) -> Self {
+        Lane { conn, session_ms }
+    }
+
+    /// Runs the groups `indexes` in order until one fails or `stop` is set (by the other
+    /// lane's failure: what follows may depend on what failed). Returns the rows of
+    /// each group that ran, and the failure.
+    async fn run(
+        &mut self,
+        groups: &[Vec<&Change>],
+        indexes: &[usize],
+        policy: &str,
+        timeouts: &Timeouts,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> (Vec<(usize, Vec<u64>)>, Option<(usize, ApplyFailure)>) {
+        use std::sync::atomic::Ordering;
+        let mut ran = Vec::with_capacity(indexes.len());
+        for &i in indexes {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let group = &groups[i];
+            let first = group[0];
+            let result = if first.transactional {
+                // A transaction starts under the policy's timeout (its own ones are LOCAL).
+                match self.timeout(first, timeouts.statement_ms).await {
+                    Ok(()) => run_transaction(self.conn, group, policy, timeouts).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                run_autonomous(self, first, policy, timeouts).await
+            };
+            match result {
+                Ok(rows) => ran.push((i, rows)),
+                Err(failure) => {
+                    stop.store(true, Ordering::Relaxed);
+                    let _ = self.timeout(first, timeouts.statement_ms).await;
+                    return (ran, Some((i, failure)));
+                }
             }
         }
-        rest = tail;
+        (ran, None)
     }
-    if let Some(last) = runnable.last() {
-        if let Err(e) =
-            set_session_timeout(conn, last, &mut session_ms, timeouts.statement_ms).await
-        {
-            report.failure = Some(e);
+
+    /// `SET statement_timeout` for the session unless it is already `ms`.
+    async fn timeout(&mut self, change: &Change, ms: u64) -> Result<(), ApplyFailure> {
+        if self.session_ms != ms {
+            set_statement_timeout(self.conn, change, Scope::Session, ms).await?;
+            self.session_ms = ms;
         }
+        Ok(())
     }
-    report
 }
 
 /// Creates the ledger and the normalisation cache beside it (fixed text, no spec text).
@@ -264,46 +420,31 @@ async fn run_transaction(
 }
 
 async fn run_autonomous(
-    conn: &mut PgConnection,
+    lane: &mut Lane<'_>,
     change: &Change,
     policy: &str,
     timeouts: &Timeouts,
-    session_ms: &mut u64,
 ) -> Result<Vec<u64>, ApplyFailure> {
     let intents = intents(change);
     if !intents.is_empty() {
         // What the change intends is written under the policy's timeout, not the one a
         // change before it left set.
-        set_session_timeout(conn, change, session_ms, timeouts.statement_ms).await?;
+        lane.timeout(change, timeouts.statement_ms).await?;
     }
-    write_ledger(conn, change, &intents, policy).await?;
+    write_ledger(lane.conn, change, &intents, policy).await?;
     // Outside any transaction, a plain SET lasts for the session; it stays for the next
-    // change that wants the same (see `execute`).
+    // change that wants the same (see `Lane`).
     let wanted = change
         .timeout
         .map_or(timeouts.statement_ms, |own| timeouts.of(own));
-    set_session_timeout(conn, change, session_ms, wanted).await?;
-    // On failure `execute` sets the policy's timeout back before it returns.
-    let done = execute_one(&mut *conn, &change.sql)
+    lane.timeout(change, wanted).await?;
+    // On failure the lane sets the policy's timeout back before it returns.
+    let done = execute_one(&mut *lane.conn, &change.sql)
         .await
         .map_err(|e| ApplyFailure::from_sqlx(change, &change.sql, &e))?;
     let outcome: Vec<LedgerOp> = outcome_ops(change).cloned().collect();
-    write_ledger(conn, change, &outcome, policy).await?;
+    write_ledger(lane.conn, change, &outcome, policy).await?;
     Ok(vec![done.rows_affected()])
-}
-
-/// `SET statement_timeout` for the session unless it is already `ms`.
-async fn set_session_timeout(
-    conn: &mut PgConnection,
-    change: &Change,
-    session_ms: &mut u64,
-    ms: u64,
-) -> Result<(), ApplyFailure> {
-    if *session_ms != ms {
-        set_statement_timeout(conn, change, Scope::Session, ms).await?;
-        *session_ms = ms;
-    }
-    Ok(())
 }
 
 /// How long a `SET` lasts.
@@ -375,4 +516,77 @@ async fn write_ledger(
         .await
         .map_err(failed)?;
     tx.commit().await.map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(area: Area, target: &str, group: &str) -> Change {
+        Change::new(area, target, "", "SELECT 1").in_group(group.to_string())
+    }
+
+    #[test]
+    fn consecutive_transactional_changes_of_one_group_share_a_transaction() {
+        let a1 = change(Area::Partitions, "a", "a#1");
+        let a2 = change(Area::Partitions, "a", "a#1");
+        let detach = change(Area::Partitions, "a", "a#1").autonomous();
+        let a3 = change(Area::Partitions, "a", "a#1");
+        let b = change(Area::Partitions, "b", "b#2");
+        let other_area = change(Area::Indexes, "b", "b#2");
+        let runnable = vec![&a1, &a2, &detach, &a3, &b, &other_area];
+        let sizes: Vec<usize> = groups(&runnable).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_target_stays_on_one_lane_and_targets_are_dealt_by_load() {
+        let changes = [
+            change(Area::Partitions, "a", "a#1"),
+            change(Area::Partitions, "a", "a#1"),
+            change(Area::Partitions, "b", "b#2"),
+            change(Area::Partitions, "c", "c#3"),
+            change(Area::Partitions, "a", "a#4"),
+            change(Area::Partitions, "d", "d#5"),
+        ];
+        let runnable: Vec<&Change> = changes.iter().collect();
+        let groups = groups(&runnable);
+        // a (2 statements) on lane 0; b on lane 1; c on lane 1 (1 < 2); a's second
+        // group after a's first; d on either when even: lane 0 holds 3, lane 1 holds 2.
+        let (lanes, all) = split_by_target(&groups, 0..groups.len());
+        assert_eq!(all, [0, 1, 2, 3, 4]);
+        assert_eq!(lanes, Some([vec![0, 3], vec![1, 2, 4]]));
+    }
+
+    #[test]
+    fn one_target_is_one_lane() {
+        let changes = [
+            change(Area::Partitions, "a", "a#1"),
+            change(Area::Partitions, "a", "a#2"),
+        ];
+        let runnable: Vec<&Change> = changes.iter().collect();
+        let groups = groups(&runnable);
+        assert_eq!(split_by_target(&groups, 0..2), (None, vec![0, 1]));
+    }
+
+    #[test]
+    fn only_an_area_applying_in_parallel_over_two_targets_wants_a_second_connection() {
+        let plan = |changes: Vec<Change>| {
+            let mut area = super::super::plan::AreaPlan::new(changes[0].area);
+            area.changes = changes;
+            Plan { areas: vec![area] }
+        };
+        assert!(!uses_second_connection(&plan(vec![
+            change(Area::Partitions, "a", "a#1"),
+            change(Area::Partitions, "a", "a#2"),
+        ])));
+        assert!(!uses_second_connection(&plan(vec![
+            change(Area::Indexes, "a", "a"),
+            change(Area::Indexes, "b", "b"),
+        ])));
+        assert!(uses_second_connection(&plan(vec![
+            change(Area::Partitions, "a", "a#1"),
+            change(Area::Partitions, "b", "b#2"),
+        ])));
+    }
 }

@@ -268,9 +268,11 @@ pub(crate) struct RunOptions {
     pub claims: server_claims::ClaimsTarget,
     /// The URL of the database the run's connection is on, for a second connection that
     /// observes the areas of [`areas::AreaModule::OWN_CONNECTION`] while the first observes
-    /// the others (the CLI; the operator keeps one connection per database). Opened while
-    /// the first takes the lock; when it cannot be opened, the run observes on one.
-    pub observe_url: Option<String>,
+    /// the others, and applies the changes of [`areas::AreaModule::APPLIES_IN_PARALLEL`]
+    /// beside the first (the CLI; the operator keeps one connection per database). Opened
+    /// while the first takes the lock, or before an apply that has use for it; when it
+    /// cannot be opened, the run goes on with one.
+    pub second_url: Option<String>,
 }
 
 /// Observe, plan and (in Apply mode, when the plan is valid) apply, under the policy lock.
@@ -282,6 +284,23 @@ pub async fn run(
     policy: &PolicyId,
 ) -> Result<Outcome, EngineError> {
     run_with(conn, spec, mode, policy, &RunOptions::default()).await
+}
+
+/// [`run`] as the CLI runs it: with a second connection to the same database (`url`, the
+/// database of `conn`) to observe and apply on beside the first (see
+/// `RunOptions::second_url`).
+pub async fn run_with_second(
+    conn: &mut PgConnection,
+    url: &str,
+    spec: &DatabasePolicySpec,
+    mode: Mode,
+    policy: &PolicyId,
+) -> Result<Outcome, EngineError> {
+    let options = RunOptions {
+        second_url: Some(url.to_string()),
+        ..RunOptions::default()
+    };
+    run_with(conn, spec, mode, policy, &options).await
 }
 
 /// [`run`], with replica health checked through `options.replicas`.
@@ -314,7 +333,7 @@ pub(crate) async fn run_with(
         ddl_notify::APPLYING_GUC
     );
     let second = options
-        .observe_url
+        .second_url
         .clone()
         .filter(|_| {
             areas::AREAS
@@ -334,10 +353,6 @@ pub(crate) async fn run_with(
     let mut claims_conn = None;
     let result = async {
         let observed = observe_with(conn, second.as_mut(), spec, policy, probes).await;
-        if let Some(c) = second.take() {
-            // Done with it: closed off the run's path.
-            tokio::spawn(sqlx::Connection::close(c));
-        }
         let mut observed = observed?;
         let touched = server_claims::touched(spec, &observed.ledger);
         if !touched.is_empty() {
@@ -362,8 +377,20 @@ pub(crate) async fn run_with(
             };
             let mut report = match taken {
                 Ok(()) => {
-                    apply::execute(conn, &plan, spec.allow_destructive(), &policy.0, &timeouts)
-                        .await
+                    if apply::uses_second_connection(&plan) && second.is_none() {
+                        if let Some(url) = &options.second_url {
+                            second = second_connection(url.clone(), session_sql.clone()).await;
+                        }
+                    }
+                    apply::execute_with(
+                        conn,
+                        second.as_mut(),
+                        &plan,
+                        spec.allow_destructive(),
+                        &policy.0,
+                        &timeouts,
+                    )
+                    .await
                 }
                 Err((e, database)) => claims_not_taken(&plan, &e, &database),
             };
@@ -399,6 +426,10 @@ pub(crate) async fn run_with(
     if let Some(c) = claims_conn {
         let _ = sqlx::Connection::close(c).await;
     }
+    if let Some(c) = second {
+        // Closed off the run's path.
+        tokio::spawn(sqlx::Connection::close(c));
+    }
     // A broken connection releases the lock by itself; otherwise release it now.
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(ADVISORY_LOCK_KEY)
@@ -413,14 +444,14 @@ async fn second_connection(url: String, session_sql: String) -> Option<PgConnect
     let mut conn = match crate::pg::connect_one(&url).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::debug!(error = %e, "no second connection; observing on one");
+            tracing::debug!(error = %e, "no second connection; the run goes on with one");
             return None;
         }
     };
     match sqlx::Executor::execute(&mut conn, session_sql.as_str()).await {
         Ok(_) => Some(conn),
         Err(e) => {
-            tracing::debug!(error = %crate::pg::error_summary(&e), "no second connection; observing on one");
+            tracing::debug!(error = %crate::pg::error_summary(&e), "no second connection; the run goes on with one");
             None
         }
     }

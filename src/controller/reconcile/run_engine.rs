@@ -30,7 +30,7 @@ pub(super) async fn run_engine(
         // One kept connection per database (controller/connections.rs): the operator runs
         // many policies at once, and a second connection per run would double what it
         // holds on every server.
-        observe_url: None,
+        second_url: None,
     };
     let mut lease = ctx
         .connections

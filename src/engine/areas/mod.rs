@@ -45,11 +45,15 @@ pub trait AreaModule: Sync + 'static {
     /// the ledger says the policy set something there: what it set is reset.
     const RESETS_WHEN_REMOVED: bool = false;
     /// Observed on a connection of its own when the run has a second one (see
-    /// `RunOptions::observe_url`), at the same time as the ledger and the other areas: for
+    /// `RunOptions::second_url`), at the same time as the ledger and the other areas: for
     /// the area whose catalog read keeps the server busiest. Such an area is observed
     /// without the ledger (its `ObserveContext` holds an empty one, however many
     /// connections the run has), so it cannot be one that `RESETS_WHEN_REMOVED`.
     const OWN_CONNECTION: bool = false;
+    /// The area's changes of different targets are independent (no order between them,
+    /// no lock they both take): given a second connection, the executor runs them on
+    /// both at once, each target's changes in order on one (see `apply::execute`).
+    const APPLIES_IN_PARALLEL: bool = false;
     type Spec: Clone + Default + Send + Sync + 'static;
     type Observed: Clone + Debug + Send + Sync + 'static;
     type Op: Debug;
@@ -381,6 +385,13 @@ macro_rules! registry {
             pub(crate) fn condition_type(self) -> &'static str {
                 match self {
                     $(Area::$area => concat!(stringify!($area), "Ready"),)*
+                }
+            }
+
+            /// See [`AreaModule::APPLIES_IN_PARALLEL`].
+            pub(crate) fn applies_in_parallel(self) -> bool {
+                match self {
+                    $(Area::$area => <$module as AreaModule>::APPLIES_IN_PARALLEL,)*
                 }
             }
 

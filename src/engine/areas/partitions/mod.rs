@@ -220,6 +220,11 @@ pub struct Partitions;
 
 impl AreaModule for Partitions {
     const AREA: Area = AREA;
+    // Each partitioned table's creates, row moves and detaches lock that table and its
+    // partitions; tables are maintained in any order. (Two tables whose partitions
+    // reference one table by foreign key both lock it briefly: one waits for the other's
+    // transaction, under `lock_timeout`.)
+    const APPLIES_IN_PARALLEL: bool = true;
     type Spec = PartitionsSpec;
     type Observed = Observed;
     type Op = Op;
