@@ -10,6 +10,8 @@ use super::*;
 use crate::duration::parse_duration;
 use crate::pg::grammar;
 
+mod name_bytes;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("spec.{path}: {message}")]
 pub struct ValidationError {
@@ -277,62 +279,7 @@ fn name_bytes(spec: &DatabasePolicySpec, errors: &mut Vec<ValidationError>) {
         let crd = serde_json::to_value(crate::crd::crd()).expect("the CRD serialises");
         crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
     });
-    let Ok(value) = serde_json::to_value(spec) else {
-        return;
-    };
-    walk_names(schema, &value, &mut String::new(), errors);
-}
-
-/// `path` is one buffer, extended and cut back on the way down: a 5,000-table spec has
-/// tens of thousands of fields, and only a bad one needs its path as a string of its own.
-fn walk_names(
-    schema: &serde_json::Value,
-    value: &serde_json::Value,
-    path: &mut String,
-    errors: &mut Vec<ValidationError>,
-) {
-    use serde_json::Value;
-    match value {
-        Value::String(s)
-            if schema["maxLength"].as_u64() == Some(crate::crd::NAME_BYTES as u64)
-                && s.len() > crate::crd::NAME_BYTES =>
-        {
-            errors.push(err(
-                path.as_str(),
-                format!(
-                    "{s:?} is {} bytes; PostgreSQL names are at most {} bytes (letters outside ASCII take 2 to 4 bytes each)",
-                    s.len(),
-                    crate::crd::NAME_BYTES
-                ),
-            ));
-        }
-        Value::Object(map) => {
-            for (k, v) in map {
-                let sub = if schema["properties"].get(k).is_some() {
-                    &schema["properties"][k]
-                } else {
-                    &schema["additionalProperties"]
-                };
-                let len = path.len();
-                if !path.is_empty() {
-                    path.push('.');
-                }
-                path.push_str(k);
-                walk_names(sub, v, path, errors);
-                path.truncate(len);
-            }
-        }
-        Value::Array(items) => {
-            for (i, v) in items.iter().enumerate() {
-                let len = path.len();
-                use std::fmt::Write as _;
-                let _ = write!(path, "[{i}]");
-                walk_names(&schema["items"], v, path, errors);
-                path.truncate(len);
-            }
-        }
-        _ => {}
-    }
+    errors.extend(name_bytes::check(schema, spec));
 }
 
 /// Tables, views and indexes share one namespace per schema: a materialized view and an

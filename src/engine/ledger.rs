@@ -63,22 +63,41 @@ impl Ledger {
         }
     }
     pub fn insert(&mut self, area: Area, target: &str, item: &str, policy: &str) {
+        self.insert_owned(area, target.to_string(), item.to_string(), policy);
+    }
+    /// [`Ledger::insert`] of strings the caller no longer needs: the ledger's rows are read
+    /// into the ledger without a copy (tens of thousands at thousands of tables).
+    fn insert_owned(&mut self, area: Area, target: String, item: String, policy: &str) {
         if let Some(intended) = item.strip_prefix(INTENT_PREFIX) {
             // Another policy's unfinished work is its own to finish: only ours is kept.
             if policy == self.me {
-                self.intents.insert(key(area, target, intended));
+                self.intents
+                    .insert((area.as_str().to_string(), target, intended.to_string()));
             }
             return;
         }
-        let key = key(area, target, item);
         if policy == self.me {
-            self.others.remove(&key);
-            self.mine.entry(key.0).or_default().insert((key.1, key.2));
+            if !self.others.is_empty() {
+                self.others
+                    .remove(&(area.as_str().to_string(), target.clone(), item.clone()));
+            }
+            match self.mine.get_mut(area.as_str()) {
+                Some(items) => {
+                    items.insert((target, item));
+                }
+                None => {
+                    self.mine
+                        .insert(area.as_str().to_string(), BTreeSet::from([(target, item)]));
+                }
+            }
         } else {
             if let Some(s) = self.mine.get_mut(area.as_str()) {
-                s.remove(&(key.1.clone(), key.2.clone()));
+                s.remove(&(target.clone(), item.clone()));
             }
-            self.others.insert(key, policy.to_string());
+            self.others.insert(
+                (area.as_str().to_string(), target, item),
+                policy.to_string(),
+            );
         }
     }
     /// The policies subscribed to the drift event trigger ([`super::ddl_notify`]).
@@ -154,7 +173,7 @@ pub(crate) async fn observe(conn: &mut PgConnection, me: &str) -> Result<Ledger,
             continue;
         }
         if let Some(a) = Area::ALL.iter().find(|a| a.as_str() == area) {
-            ledger.insert(*a, &target, &item, &policy);
+            ledger.insert_owned(*a, target, item, &policy);
         }
     }
     Ok(ledger)

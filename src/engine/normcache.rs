@@ -3,7 +3,8 @@
 //! nothing to change builds no scratch twin at all.
 //!
 //! A row maps the key of one desired item (see [`key`]: the table and item, the text as
-//! written, the command, the table's shape, the search path and a fingerprint of the
+//! written, the command, the table's shape (a SHA-256 of its column list, computed by the
+//! server), the search path and a fingerprint of the
 //! catalogs that resolve names) to the form PostgreSQL stored and the version (`oid:xmin`)
 //! of the catalog row it was recorded against. It is written beside the ledger, in the same transaction
 //! as the change that created the item, or after a run that found the item already right.
@@ -85,46 +86,59 @@ pub(crate) async fn environment(conn: &mut PgConnection) -> Result<String, sqlx:
 /// different lists of parts hash alike. (The engine hashes through [`KeyPrefix`].)
 #[cfg(test)]
 pub(crate) fn key(parts: &[&str]) -> String {
-    KeyPrefix::new(&[]).key(parts)
+    KeyPrefix::new(&[] as &[&str]).key(parts)
 }
 
 /// The hash of the parts every key of a run starts with (the kind of item, the
 /// environment): hashed once per run, not once per item. `KeyPrefix::new(a).key(b)` is
-/// `key(a ++ b)`.
+/// `key(a ++ b)`, and so is `KeyPrefix::new(a).then(b).key(c)` of `key(a ++ b ++ c)`: the
+/// parts an item shares with others (its table's) are hashed once for all of them.
 #[derive(Clone)]
 pub(crate) struct KeyPrefix(Sha256);
 
 impl KeyPrefix {
-    pub(crate) fn new(parts: &[&str]) -> Self {
+    pub(crate) fn new<P: AsRef<[u8]>>(parts: &[P]) -> Self {
         let mut h = Sha256::new();
         absorb(&mut h, parts);
         KeyPrefix(h)
     }
 
-    pub(crate) fn key(&self, parts: &[&str]) -> String {
+    pub(crate) fn then<P: AsRef<[u8]>>(&self, parts: &[P]) -> Self {
         let mut h = self.0.clone();
         absorb(&mut h, parts);
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(64);
-        for b in h.finalize() {
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 0xf)] as char);
-        }
-        out
+        KeyPrefix(h)
+    }
+
+    pub(crate) fn key<P: AsRef<[u8]>>(&self, parts: &[P]) -> String {
+        let mut h = self.0.clone();
+        absorb(&mut h, parts);
+        let mut out = [0u8; 64];
+        hex(&h.finalize().into(), &mut out).to_string()
     }
 }
 
-fn absorb(h: &mut Sha256, parts: &[&str]) {
+/// `bytes` in lower-case hexadecimal, spelled into `out` (no allocation).
+pub(crate) fn hex<'a>(bytes: &[u8; 32], out: &'a mut [u8; 64]) -> &'a str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 0xf)];
+    }
+    std::str::from_utf8(out).expect("hexadecimal digits are ASCII")
+}
+
+fn absorb<P: AsRef<[u8]>>(h: &mut Sha256, parts: &[P]) {
     for p in parts {
+        let p = p.as_ref();
         h.update((p.len() as u64).to_le_bytes());
-        h.update(p.as_bytes());
+        h.update(p);
     }
 }
 
 /// The rows for `keys` (one query); an absent cache table is an empty cache.
 pub(crate) async fn read(
     conn: &mut PgConnection,
-    keys: &[String],
+    keys: &[&str],
 ) -> Result<BTreeMap<String, Cached>, sqlx::Error> {
     if keys.is_empty() {
         return Ok(BTreeMap::new());
@@ -210,5 +224,10 @@ mod tests {
             KeyPrefix::new(&["a", "b"]).key(&["c"]),
             key(&["a", "b", "c"])
         );
+        assert_eq!(
+            KeyPrefix::new(&["a"]).then(&["b"]).key(&["c", "d"]),
+            key(&["a", "b", "c", "d"])
+        );
+        assert_eq!(KeyPrefix::new(&[b"\xff"]).key(&[""]).len(), 64);
     }
 }

@@ -112,9 +112,12 @@ pub(crate) async fn observe(
     ledger: &Ledger,
 ) -> Result<Observed, sqlx::Error> {
     let mut names: BTreeSet<QualifiedName> = spec.tables.iter().map(|t| t.qualified()).collect();
+    // The ledger lists a table's parameters together: each name parsed once.
+    let mut last = None;
     names.extend(
         ledger
             .items(AREA)
+            .filter(|(target, _)| last.replace(*target) != Some(*target))
             .filter_map(|(target, _)| QualifiedName::parse(target)),
     );
     let (schemas, tables): (Vec<String>, Vec<String>) =
@@ -196,6 +199,7 @@ pub(crate) fn diff(
     let mut desired: BTreeMap<QualifiedName, BTreeMap<&str, String>> = BTreeMap::new();
     for t in &spec.tables {
         let name = t.qualified();
+        let want = desired_options(t);
         match observed.tables.get(&name) {
             None => plan.error(name.to_string(), Reason::TableNotFound, format!("table {name} does not exist")),
             Some(state) if state.relkind == "p" => plan.error(
@@ -207,7 +211,6 @@ pub(crate) fn diff(
                 plan.error(name.to_string(), Reason::NotATable, format!("{name} is not a table or materialized view"))
             }
             Some(state) => {
-                let want = desired_options(t);
                 let values: BTreeMap<String, String> = want
                     .iter()
                     .filter(|(k, v)| !state.options.get(**k).is_some_and(|cur| same_value(cur, v)))
@@ -218,22 +221,36 @@ pub(crate) fn diff(
                 }
             }
         }
-        desired.insert(name, desired_options(t));
+        desired.insert(name, want);
     }
     // Parameters the ledger says we set, that the spec no longer asks for, and that are
-    // still there: reset them.
+    // still there: reset them. The ledger lists a table's parameters together: its name is
+    // parsed and looked up once, not once per parameter.
     let mut resets: BTreeMap<QualifiedName, Vec<String>> = BTreeMap::new();
+    type Looked<'a> = (
+        QualifiedName,
+        Option<&'a BTreeMap<&'static str, String>>,
+        Option<&'a TableState>,
+    );
+    let mut parsed: Option<(&str, Option<Looked>)> = None;
     for (target, key) in ledger.items(AREA) {
-        let Some(table) = QualifiedName::parse(target) else {
+        if parsed.as_ref().is_none_or(|(t, _)| *t != target) {
+            let looked = QualifiedName::parse(target).map(|table| {
+                let (wanted, state) = (desired.get(&table), observed.tables.get(&table));
+                (table, wanted, state)
+            });
+            parsed = Some((target, looked));
+        }
+        let Some((_, Some((table, wanted, state)))) = &parsed else {
             continue;
         };
-        let still_wanted = desired.get(&table).is_some_and(|d| d.contains_key(key));
-        let present = observed
-            .tables
-            .get(&table)
-            .is_some_and(|s| s.options.contains_key(key));
+        let still_wanted = wanted.is_some_and(|d| d.contains_key(key));
+        let present = state.is_some_and(|s| s.options.contains_key(key));
         if !still_wanted && present {
-            resets.entry(table).or_default().push(key.to_string());
+            resets
+                .entry(table.clone())
+                .or_default()
+                .push(key.to_string());
         }
     }
     ops.extend(

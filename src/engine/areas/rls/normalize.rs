@@ -44,9 +44,13 @@ pub(super) async fn normalize(
     conn: &mut PgConnection,
     spec: &RowLevelSecuritySpec,
     tables: &BTreeMap<QualifiedName, TableState>,
-    shapes: &BTreeMap<QualifiedName, String>,
+    shapes: &BTreeMap<QualifiedName, Shape>,
     misses: &BTreeSet<(QualifiedName, String)>,
 ) -> Result<(NormalizedPolicies, usize), sqlx::Error> {
+    // A drift check the cache answers whole: nothing to look at per table.
+    if misses.is_empty() {
+        return Ok((BTreeMap::new(), 0));
+    }
     let mut input = Vec::new();
     for t in &spec.tables {
         let name = t.qualified();
@@ -109,7 +113,7 @@ pub(super) async fn normalize(
 /// the table itself must not resolve to another table's twin).
 pub(super) type TwinGroup = (
     String,
-    String,
+    Shape,
     bool,
     String,
     Vec<(String, &'static str, String)>,
@@ -118,7 +122,7 @@ pub(super) type TwinGroup = (
 pub(super) fn twin_group(
     t: &NormalizeTable<'_>,
     tables: &BTreeMap<QualifiedName, TableState>,
-    shapes: &BTreeMap<QualifiedName, String>,
+    shapes: &BTreeMap<QualifiedName, Shape>,
 ) -> TwinGroup {
     let policies: Vec<(String, &'static str, String)> = t
         .policies
@@ -128,7 +132,7 @@ pub(super) fn twin_group(
     let mentioned = policies.iter().any(|(_, _, c)| mentions(c, &t.name.name));
     (
         t.name.schema.clone(),
-        shapes.get(&t.name).cloned().unwrap_or_default(),
+        shapes.get(&t.name).copied().unwrap_or_default(),
         tables.get(&t.name).is_some_and(|s| s.not_owned),
         if mentioned {
             t.name.name.clone()
@@ -142,6 +146,9 @@ pub(super) fn twin_group(
 /// Whether `text` mentions `name` as a word, ignoring case (conservative: quoting and
 /// schema qualification do not hide it).
 pub(super) fn mentions(text: &str, name: &str) -> bool {
+    if text.is_ascii() && name.is_ascii() {
+        return mentions_ascii(text.as_bytes(), name.as_bytes());
+    }
     let (text, name) = (text.to_lowercase(), name.to_lowercase());
     let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
     text.match_indices(&name).any(|(i, m)| {
@@ -149,15 +156,46 @@ pub(super) fn mentions(text: &str, name: &str) -> bool {
     })
 }
 
+/// [`mentions`] of ASCII text: the same answer, without lower-casing copies (it runs for
+/// every desired policy on every drift check).
+fn mentions_ascii(text: &[u8], name: &[u8]) -> bool {
+    let word =
+        |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'$');
+    if name.is_empty() {
+        // As `match_indices("")`: an empty match at every position.
+        return (0..=text.len())
+            .any(|i| !word(i.checked_sub(1).and_then(|j| text.get(j))) && !word(text.get(i)));
+    }
+    let mut i = 0;
+    while i + name.len() <= text.len() {
+        if text[i..i + name.len()].eq_ignore_ascii_case(name) {
+            if !word(i.checked_sub(1).and_then(|j| text.get(j))) && !word(text.get(i + name.len()))
+            {
+                return true;
+            }
+            // `match_indices` does not overlap its matches.
+            i += name.len();
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
 /// The normalisation cache key of every desired policy that normalisation would see.
+///
+/// Its parts: the kind of item (`rowLevelSecurity/2`) and the environment, then the table's
+/// (schema, name, shape fingerprint, owned or not), then the policy's (the table's name
+/// again when an expression mentions it, the policy's name, command and expressions as
+/// written). Version 1 had the shape as text and another order: its rows miss once.
 pub(super) fn cache_keys(
     spec: &RowLevelSecuritySpec,
     tables: &BTreeMap<QualifiedName, TableState>,
-    shapes: &BTreeMap<QualifiedName, String>,
+    shapes: &BTreeMap<QualifiedName, Shape>,
     environment: &str,
 ) -> BTreeMap<(QualifiedName, String), String> {
     let mut keys = BTreeMap::new();
-    let prefix = normcache::KeyPrefix::new(&["rowLevelSecurity/1", environment]);
+    let prefix = normcache::KeyPrefix::new(&["rowLevelSecurity/2", environment]);
     for t in &spec.tables {
         let name = t.qualified();
         let Some(state) = tables.get(&name) else {
@@ -166,28 +204,28 @@ pub(super) fn cache_keys(
         if !matches!(state.relkind.as_str(), "r" | "p") {
             continue;
         }
-        let shape = shapes.get(&name).map(String::as_str).unwrap_or_default();
+        let shape = shapes.get(&name).copied().unwrap_or_default();
+        let owned: &[u8] = if state.not_owned {
+            b"not owned"
+        } else {
+            b"owned"
+        };
+        let table = prefix.then(&[name.schema.as_bytes(), name.name.as_bytes(), &shape, owned]);
         for p in t.policies.iter().filter(|p| expressions(p).is_ok()) {
-            let written = |e: &Option<String>| match e {
-                Some(e) => format!("+{}", e.trim()),
-                None => "-".to_string(),
-            };
-            let (using, check) = (written(&p.using), written(&p.with_check));
-            let mentioned = mentions(&using, &name.name) || mentions(&check, &name.name);
-            let key = prefix.key(&[
-                &name.schema,
-                &name.name,
-                &p.name,
-                shape,
-                if mentioned { &name.name } else { "" },
-                if state.not_owned {
-                    "not owned"
-                } else {
-                    "owned"
-                },
-                command_sql(p.command.unwrap_or_default()),
-                &using,
-                &check,
+            let (using, check) = (
+                p.using.as_deref().map(str::trim),
+                p.with_check.as_deref().map(str::trim),
+            );
+            let mentioned = using.is_some_and(|u| mentions(u, &name.name))
+                || check.is_some_and(|c| mentions(c, &name.name));
+            let key = table.key(&[
+                if mentioned { name.name.as_bytes() } else { b"" },
+                p.name.as_bytes(),
+                command_sql(p.command.unwrap_or_default()).as_bytes(),
+                if using.is_some() { b"+" } else { b"-" },
+                using.unwrap_or_default().as_bytes(),
+                if check.is_some() { b"+" } else { b"-" },
+                check.unwrap_or_default().as_bytes(),
             ]);
             keys.insert((name.clone(), p.name.clone()), key);
         }

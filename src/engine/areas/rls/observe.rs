@@ -4,38 +4,50 @@
 use super::*;
 
 /// One row per (table, policy); the policy columns are NULL for a table without policies.
+/// The table is named by its 1-based position in the arrays bound to the query (the
+/// client has its names already), its kind and the policy's command are `"char"`s, and
+/// its shape comes as a fingerprint ([`Shape`]): a row carries no text the client does
+/// not need.
 pub(super) type CatalogRow = (
-    String,
-    String,
-    String,
+    i64,
+    i8,
     bool,
     bool,
     bool,
     Option<String>,
-    Option<String>,
+    Option<i8>,
     Option<bool>,
     Option<Vec<String>>,
     Option<String>,
     Option<String>,
-    String,
+    Shape,
     Option<String>,
 );
 
-pub(super) const CATALOG_SQL: &str = "SELECT n.nspname::text, c.relname::text, c.relkind::text,
+/// SHA-256 of a table's column list (`quote_ident(name) type collation, …`, in column
+/// order), computed by the server: the text itself is never needed on the client, only
+/// whether two tables (or two runs) have the same one. It goes into the normalisation
+/// cache key and the twin groups in its place; `convert_to` the server's own encoding
+/// hashes the text's bytes as stored, whatever the encoding.
+pub(super) type Shape = [u8; 32];
+
+pub(super) const CATALOG_SQL: &str = "SELECT d.i, c.relkind,
        c.relrowsecurity, c.relforcerowsecurity, NOT pg_has_role(c.relowner, 'USAGE'),
-       p.polname::text, p.polcmd::text, p.polpermissive,
+       p.polname::text, p.polcmd, p.polpermissive,
        CASE WHEN p.oid IS NOT NULL THEN
          ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END
                FROM unnest(p.polroles) AS r)
        END,
        pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid),
        s.shape, p.oid::text || ':' || p.xmin::text
-FROM unnest($1::text[], $2::text[]) AS d(schema, name)
+FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS d(schema, name, i)
 JOIN pg_namespace n ON n.nspname = d.schema
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name
 CROSS JOIN LATERAL (
-  SELECT coalesce(string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod)
-                             || ' ' || a.attcollation::text, ', ' ORDER BY a.attnum), '')
+  SELECT sha256(convert_to(
+           coalesce(string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod)
+                               || ' ' || a.attcollation::text, ', ' ORDER BY a.attnum), ''),
+           current_setting('server_encoding')))
   FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 ) AS s(shape)
 LEFT JOIN pg_policy p ON p.polrelid = c.oid";
@@ -47,9 +59,15 @@ pub async fn observe(
     conn: &mut PgConnection,
     spec: &RowLevelSecuritySpec,
 ) -> Result<Observed, sqlx::Error> {
-    let names: BTreeSet<QualifiedName> = spec.tables.iter().map(|t| t.qualified()).collect();
-    let (schemas, tables): (Vec<String>, Vec<String>) =
-        names.into_iter().map(|q| (q.schema, q.name)).unzip();
+    let names: Vec<QualifiedName> = spec
+        .tables
+        .iter()
+        .map(|t| t.qualified())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let schemas: Vec<&str> = names.iter().map(|q| q.schema.as_str()).collect();
+    let tables: Vec<&str> = names.iter().map(|q| q.name.as_str()).collect();
     let rows: Vec<CatalogRow> = sqlx::query_as(CATALOG_SQL)
         .bind(&schemas)
         .bind(&tables)
@@ -59,8 +77,7 @@ pub async fn observe(
     let mut shapes = BTreeMap::new();
     let mut versions = BTreeMap::new();
     for (
-        schema,
-        name,
+        i,
         relkind,
         enabled,
         force,
@@ -75,28 +92,33 @@ pub async fn observe(
         version,
     ) in rows
     {
-        shapes.insert(QualifiedName::new(&schema, &name), shape);
-        if let (Some(polname), Some(version)) = (&polname, version) {
-            versions.insert(
-                (QualifiedName::new(&schema, &name), polname.clone()),
-                version,
-            );
-        }
-        let table = observed
-            .tables
-            .entry(QualifiedName::new(schema, name))
-            .or_insert_with(|| TableState {
-                relkind,
-                enabled,
-                force,
-                not_owned,
-                policies: BTreeMap::new(),
-            });
+        let Some(name) = usize::try_from(i - 1).ok().and_then(|i| names.get(i)) else {
+            return Err(sqlx::Error::Protocol(format!(
+                "the row-level security catalog query named table {i} of {}",
+                names.len()
+            )));
+        };
+        let table = match observed.tables.entry(name.clone()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                shapes.insert(name.clone(), shape);
+                e.insert(TableState {
+                    relkind: char::from(relkind as u8).to_string(),
+                    enabled,
+                    force,
+                    not_owned,
+                    policies: BTreeMap::new(),
+                })
+            }
+        };
         if let Some(polname) = polname {
+            if let Some(version) = version {
+                versions.insert((name.clone(), polname.clone()), version);
+            }
             table.policies.insert(
                 polname,
                 PolicyState {
-                    command: command_from_catalog(polcmd.as_deref().unwrap_or("*")),
+                    command: command_from_catalog(polcmd.map_or(b'*', |c| c as u8)),
                     kind: if permissive.unwrap_or(true) {
                         PolicyKind::Permissive
                     } else {
@@ -131,9 +153,9 @@ pub async fn observe(
 
     let environment = normcache::environment(conn).await?;
     let keys = cache_keys(spec, &observed.tables, &shapes, &environment);
-    let wanted: Vec<String> = keys
+    let wanted: Vec<&str> = keys
         .values()
-        .cloned()
+        .map(String::as_str)
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -148,12 +170,13 @@ pub async fn observe(
     Ok(observed)
 }
 
-pub(super) fn command_from_catalog(polcmd: &str) -> PolicyCommand {
+/// `pg_policy.polcmd`, a `"char"`.
+pub(super) fn command_from_catalog(polcmd: u8) -> PolicyCommand {
     match polcmd {
-        "r" => PolicyCommand::Select,
-        "a" => PolicyCommand::Insert,
-        "w" => PolicyCommand::Update,
-        "d" => PolicyCommand::Delete,
+        b'r' => PolicyCommand::Select,
+        b'a' => PolicyCommand::Insert,
+        b'w' => PolicyCommand::Update,
+        b'd' => PolicyCommand::Delete,
         _ => PolicyCommand::All,
     }
 }

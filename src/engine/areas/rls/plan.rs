@@ -161,47 +161,128 @@ pub(super) fn policy_target(table: &QualifiedName, policy: &str) -> String {
     format!("{table} policy {policy}")
 }
 
+/// A spec policy that resolved without errors, borrowed from the spec and the observation:
+/// a drift check with nothing to change compares it with the catalog without copying a
+/// string; [`Resolved::owned`] makes the [`DesiredPolicy`] an operation carries.
+pub(super) struct Resolved<'a> {
+    p: &'a RlsPolicy,
+    /// The roles as a set; None when omitted (PUBLIC), the common case, which needs no set.
+    roles: Option<BTreeSet<String>>,
+    /// PostgreSQL's form of its expressions, when it normalised them.
+    normalized: Option<&'a Normalized>,
+    /// Its normalisation cache key, when it was normalised.
+    cache_key: Option<&'a String>,
+}
+
+impl Resolved<'_> {
+    fn name(&self) -> &str {
+        &self.p.name
+    }
+
+    fn command(&self) -> PolicyCommand {
+        self.p.command.unwrap_or_default()
+    }
+
+    fn kind(&self) -> PolicyKind {
+        self.p.kind.unwrap_or_default()
+    }
+
+    fn roles_are(&self, have: &BTreeSet<String>) -> bool {
+        match &self.roles {
+            Some(roles) => roles == have,
+            None => have.len() == 1 && have.contains(PUBLIC),
+        }
+    }
+
+    /// The `USING` expression as PostgreSQL stores it (as written when not normalised).
+    fn using(&self) -> Option<&str> {
+        let n = self.normalized.and_then(|n| n.using.as_deref());
+        self.p.using.as_deref().map(|s| n.unwrap_or(s.trim()))
+    }
+
+    fn with_check(&self) -> Option<&str> {
+        let n = self.normalized.and_then(|n| n.with_check.as_deref());
+        self.p.with_check.as_deref().map(|s| n.unwrap_or(s.trim()))
+    }
+
+    fn owned(&self, table: &QualifiedName) -> DesiredPolicy {
+        let normalized = self.normalized.cloned().unwrap_or_default();
+        let expr = |sql: &Option<String>, norm: &Option<String>| {
+            sql.as_ref().map(|s| Expr {
+                sql: s.trim().to_string(),
+                normalized: norm.clone().unwrap_or_else(|| s.trim().to_string()),
+            })
+        };
+        DesiredPolicy {
+            name: self.p.name.clone(),
+            command: self.command(),
+            kind: self.kind(),
+            roles: self
+                .roles
+                .clone()
+                .unwrap_or_else(|| BTreeSet::from([PUBLIC.to_string()])),
+            using: expr(&self.p.using, &normalized.using),
+            with_check: expr(&self.p.with_check, &normalized.with_check),
+            cache: self
+                .normalized
+                .zip(self.cache_key)
+                .map(|(_, key)| normcache::Record {
+                    key: key.clone(),
+                    table: table.clone(),
+                    name: self.p.name.clone(),
+                    using: normalized.using.clone(),
+                    with_check: normalized.with_check.clone(),
+                }),
+        }
+    }
+}
+
 /// Resolves one spec policy, or reports on `plan` why it cannot be carried out.
-pub(super) fn resolve(
+pub(super) fn resolve<'a>(
     table: &QualifiedName,
-    p: &RlsPolicy,
-    observed: &Observed,
+    p: &'a RlsPolicy,
+    observed: &'a Observed,
     plan: &mut AreaPlan,
-) -> Option<DesiredPolicy> {
-    let target = policy_target(table, &p.name);
+) -> Option<Resolved<'a>> {
+    let target = || policy_target(table, &p.name);
     let mut ok = true;
-    match desired_roles(p) {
-        None => {
+    // Roles omitted are PUBLIC, which always exists: no set to build or check.
+    let roles = match p.roles.is_some().then(|| desired_roles(p)) {
+        None => None,
+        Some(None) => {
             plan.error(
-                &target,
+                target(),
                 Reason::InvalidRoles,
                 "roles is an empty list: omit it for PUBLIC, or name at least one role",
             );
             ok = false;
+            None
         }
-        Some(roles) => {
+        Some(Some(roles)) => {
             for r in roles
                 .iter()
                 .filter(|r| *r != PUBLIC && !observed.roles.contains(*r))
             {
                 plan.error(
-                    &target,
+                    target(),
                     Reason::RoleNotFound,
                     format!("role {r:?} does not exist; dbpolicy does not create roles: create it first (CREATE ROLE), then reconcile again"),
                 );
                 ok = false;
             }
+            Some(roles)
         }
-    }
+    };
     if let Err((field, e)) = expressions(p) {
         plan.error(
-            &target,
+            target(),
             Reason::InvalidPolicyExpression,
             format!("{field}: {e}"),
         );
         return None;
     }
-    let normalized = match observed.normalized.get(&(table.clone(), p.name.clone())) {
+    let item = (table.clone(), p.name.clone());
+    let normalized = match observed.normalized.get(&item) {
         Some(Err(e)) => {
             let code = e
                 .sqlstate
@@ -209,7 +290,7 @@ pub(super) fn resolve(
                 .map(|c| format!(" (SQLSTATE {c})"))
                 .unwrap_or_default();
             plan.error(
-                &target,
+                target(),
                 Reason::from_sqlstate(e.sqlstate.as_deref())
                     .unwrap_or(Reason::InvalidPolicyExpression),
                 format!("{}{code}", e.message),
@@ -221,43 +302,24 @@ pub(super) fn resolve(
                 || n.with_check.is_some() != p.with_check.is_some()
             {
                 plan.error(
-                    &target,
+                    target(),
                     Reason::InvalidPolicyExpression,
                     "PostgreSQL read the policy with different clauses than written: each of using and withCheck must be one expression",
                 );
                 return None;
             }
-            n.clone()
+            Some(n)
         }
-        None => Normalized::default(),
+        None => None,
     };
     if !ok {
         return None;
     }
-    let expr = |sql: &Option<String>, norm: &Option<String>| {
-        sql.as_ref().map(|s| Expr {
-            sql: s.trim().to_string(),
-            normalized: norm.clone().unwrap_or_else(|| s.trim().to_string()),
-        })
-    };
-    Some(DesiredPolicy {
-        name: p.name.clone(),
-        command: p.command.unwrap_or_default(),
-        kind: p.kind.unwrap_or_default(),
-        roles: desired_roles(p).unwrap_or_default(),
-        using: expr(&p.using, &normalized.using),
-        with_check: expr(&p.with_check, &normalized.with_check),
-        cache: observed
-            .normalized
-            .get(&(table.clone(), p.name.clone()))
-            .zip(observed.cache_keys.get(&(table.clone(), p.name.clone())))
-            .map(|(_, key)| normcache::Record {
-                key: key.clone(),
-                table: table.clone(),
-                name: p.name.clone(),
-                using: normalized.using.clone(),
-                with_check: normalized.with_check.clone(),
-            }),
+    Some(Resolved {
+        p,
+        roles,
+        normalized,
+        cache_key: observed.cache_keys.get(&item),
     })
 }
 
@@ -265,66 +327,62 @@ pub(super) fn resolve(
 pub(super) fn diff_policies(
     table: &QualifiedName,
     t: &RlsTable,
-    desired: Vec<DesiredPolicy>,
+    desired: Vec<Resolved<'_>>,
     state: &TableState,
     ledger: &Ledger,
     plan: &mut AreaPlan,
     ops: &mut Vec<Op>,
 ) {
     for want in desired {
-        let Some(have) = state.policies.get(&want.name) else {
+        let Some(have) = state.policies.get(want.name()) else {
             ops.push(Op::Create {
                 table: table.clone(),
-                policy: want,
+                policy: want.owned(table),
             });
             continue;
         };
         let mut why = Vec::new();
-        if have.command != want.command {
-            why.push(format!("command {:?} → {:?}", have.command, want.command));
+        if have.command != want.command() {
+            why.push(format!("command {:?} → {:?}", have.command, want.command()));
         }
-        if have.kind != want.kind {
-            why.push(format!("{:?} → {:?}", have.kind, want.kind));
+        if have.kind != want.kind() {
+            why.push(format!("{:?} → {:?}", have.kind, want.kind()));
         }
-        if have.using.is_some() && want.using.is_none() {
+        if have.using.is_some() && want.p.using.is_none() {
             why.push("remove USING".into());
         }
-        if have.with_check.is_some() && want.with_check.is_none() {
+        if have.with_check.is_some() && want.p.with_check.is_none() {
             why.push("remove WITH CHECK".into());
         }
         if !why.is_empty() {
             ops.push(Op::Replace {
                 table: table.clone(),
-                policy: want,
+                policy: want.owned(table),
                 why: why.join(", "),
             });
             continue;
         }
-        let differs = |have: &Option<String>, want: &Option<Expr>| {
-            want.as_ref()
-                .filter(|w| have.as_deref() != Some(w.normalized.as_str()))
-                .cloned()
+        let differs = |have: &Option<String>, want: Option<&str>| {
+            want.is_some_and(|w| have.as_deref() != Some(w))
         };
-        let roles = (have.roles != want.roles).then(|| want.roles.clone());
-        let using = differs(&have.using, &want.using);
-        let with_check = differs(&have.with_check, &want.with_check);
-        if roles.is_some() || using.is_some() || with_check.is_some() {
+        let roles = !want.roles_are(&have.roles);
+        let using = differs(&have.using, want.using());
+        let with_check = differs(&have.with_check, want.with_check());
+        if roles || using || with_check {
+            let want = want.owned(table);
             ops.push(Op::Alter {
                 table: table.clone(),
                 name: want.name,
-                roles,
-                using,
-                with_check,
+                roles: roles.then_some(want.roles),
+                using: want.using.filter(|_| using),
+                with_check: want.with_check.filter(|_| with_check),
                 cache: want.cache,
             });
         }
     }
-    let listed: BTreeSet<&str> = t.policies.iter().map(|p| p.name.as_str()).collect();
-    for name in state
-        .policies
-        .keys()
-        .filter(|n| !listed.contains(n.as_str()))
-    {
+    // A table has a handful of policies: a scan, not a set per table.
+    let listed = |n: &str| t.policies.iter().any(|p| p.name == n);
+    for name in state.policies.keys().filter(|n| !listed(n)) {
         if t.own_all_policies.unwrap_or(false) {
             ops.push(Op::Drop {
                 table: table.clone(),
@@ -375,7 +433,7 @@ pub(crate) fn diff(
             continue;
         }
         let errors_before = plan.errors.len();
-        let desired: Vec<DesiredPolicy> = t
+        let desired: Vec<Resolved> = t
             .policies
             .iter()
             .filter_map(|p| resolve(&table, p, observed, plan))

@@ -192,6 +192,45 @@ fn a_table_mentioned_in_its_expression_is_told_apart() {
     assert!(mentions("EXISTS (SELECT 1 FROM public.\"Notes\")", "notes"));
     assert!(!mentions("current_setting('app.user_id') AND x", "a"));
     assert!(!mentions("table_a = 1", "a"));
+    assert!(mentions("ÉTÉ = 1 AND x = 1", "x"));
+    assert!(mentions("été = 1", "ÉTÉ"));
+}
+
+/// The ASCII path of `mentions` answers as lower-casing copies and `match_indices` did,
+/// on every text and name of up to 5 and 2 letters from an alphabet with word and non-word
+/// characters of both cases (non-overlapping matches included).
+#[test]
+fn mentions_without_copies_answers_as_before() {
+    fn reference(text: &str, name: &str) -> bool {
+        let (text, name) = (text.to_lowercase(), name.to_lowercase());
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
+        text.match_indices(&name).any(|(i, m)| {
+            !word(text[..i].chars().next_back()) && !word(text[i + m.len()..].chars().next())
+        })
+    }
+    fn all(alphabet: &[char], up_to: usize) -> Vec<String> {
+        let mut out = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..up_to {
+            last = last
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            out.extend(last.iter().cloned());
+        }
+        out
+    }
+    let texts = all(&['a', 'A', '_', ' ', '.', '$'], 5);
+    let names = all(&['a', 'A', '_'], 2);
+    for text in &texts {
+        for name in &names {
+            assert_eq!(
+                mentions(text, name),
+                reference(text, name),
+                "{text:?} {name:?}"
+            );
+        }
+    }
 }
 
 #[test]
