@@ -18,8 +18,6 @@
 //! both a row and its version can also rewrite the ledger: the `dbpolicy` schema is the
 //! operator's, see docs/security.md.)
 
-use std::collections::BTreeMap;
-
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 
@@ -139,9 +137,9 @@ fn absorb<P: AsRef<[u8]>>(h: &mut Sha256, parts: &[P]) {
 pub(crate) async fn read(
     conn: &mut PgConnection,
     keys: &[&str],
-) -> Result<BTreeMap<String, Cached>, sqlx::Error> {
+) -> Result<std::collections::HashMap<String, Cached>, sqlx::Error> {
     if keys.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(Default::default());
     }
     type Row = (String, Option<String>, Option<String>, Option<String>);
     let rows: Vec<Row> = sqlx::query_as(

@@ -7,6 +7,11 @@
 
 use super::*;
 
+/// Each table's shape fingerprint (see `observe::Shape`), looked up per policy.
+pub(super) type Shapes = std::collections::HashMap<QualifiedName, Shape>;
+/// Each catalog policy's row version (`oid:xmin`), by (table, policy name).
+pub(super) type Versions = std::collections::HashMap<(QualifiedName, String), String>;
+
 /// One spec table's desired policies, as normalisation creates them on its twin.
 pub(super) struct NormalizeTable<'a> {
     name: QualifiedName,
@@ -44,7 +49,7 @@ pub(super) async fn normalize(
     conn: &mut PgConnection,
     spec: &RowLevelSecuritySpec,
     tables: &BTreeMap<QualifiedName, TableState>,
-    shapes: &BTreeMap<QualifiedName, Shape>,
+    shapes: &Shapes,
     misses: &BTreeSet<(QualifiedName, String)>,
 ) -> Result<(NormalizedPolicies, usize), sqlx::Error> {
     // A drift check the cache answers whole: nothing to look at per table.
@@ -122,7 +127,7 @@ pub(super) type TwinGroup = (
 pub(super) fn twin_group(
     t: &NormalizeTable<'_>,
     tables: &BTreeMap<QualifiedName, TableState>,
-    shapes: &BTreeMap<QualifiedName, Shape>,
+    shapes: &Shapes,
 ) -> TwinGroup {
     let policies: Vec<(String, &'static str, String)> = t
         .policies
@@ -191,10 +196,11 @@ fn mentions_ascii(text: &[u8], name: &[u8]) -> bool {
 pub(super) fn cache_keys(
     spec: &RowLevelSecuritySpec,
     tables: &BTreeMap<QualifiedName, TableState>,
-    shapes: &BTreeMap<QualifiedName, Shape>,
+    shapes: &Shapes,
     environment: &str,
 ) -> BTreeMap<(QualifiedName, String), String> {
-    let mut keys = BTreeMap::new();
+    // Collected at the end: built in one pass from the spec's order, not searched per item.
+    let mut keys = Vec::new();
     let prefix = normcache::KeyPrefix::new(&["rowLevelSecurity/2", environment]);
     for t in &spec.tables {
         let name = t.qualified();
@@ -227,10 +233,10 @@ pub(super) fn cache_keys(
                 if check.is_some() { b"+" } else { b"-" },
                 check.unwrap_or_default().as_bytes(),
             ]);
-            keys.insert((name.clone(), p.name.clone()), key);
+            keys.push(((name.clone(), p.name.clone()), key));
         }
     }
-    keys
+    keys.into_iter().collect()
 }
 
 /// Splits the keyed policies into those the cache answers (its form is exactly what the
@@ -239,12 +245,13 @@ pub(super) fn cache_keys(
 /// tampered, is never used: the twin decides.
 pub(super) fn use_cache(
     keys: &BTreeMap<(QualifiedName, String), String>,
-    cached: &BTreeMap<String, normcache::Cached>,
+    cached: &std::collections::HashMap<String, normcache::Cached>,
     tables: &BTreeMap<QualifiedName, TableState>,
-    versions: &BTreeMap<(QualifiedName, String), String>,
+    versions: &Versions,
 ) -> (NormalizedPolicies, BTreeSet<(QualifiedName, String)>) {
-    let mut hits = BTreeMap::new();
-    let mut misses = BTreeSet::new();
+    // Keys come in order: both maps are built from ordered runs in one pass (no search).
+    let mut hits = Vec::new();
+    let mut misses = Vec::new();
     for (item, key) in keys {
         let (table, policy) = item;
         let live = tables.get(table).and_then(|t| t.policies.get(policy));
@@ -255,20 +262,18 @@ pub(super) fn use_cache(
                     && row.version.is_some()
                     && row.version.as_ref() == versions.get(item) =>
             {
-                hits.insert(
-                    (table.clone(), policy.clone()),
+                hits.push((
+                    item.clone(),
                     Ok(Normalized {
                         using: row.using.clone(),
                         with_check: row.with_check.clone(),
                     }),
-                );
+                ));
             }
-            _ => {
-                misses.insert((table.clone(), policy.clone()));
-            }
+            _ => misses.push(item.clone()),
         }
     }
-    (hits, misses)
+    (hits.into_iter().collect(), misses.into_iter().collect())
 }
 
 /// The cache rows of items normalised this run that the catalog already shows as

@@ -74,8 +74,9 @@ pub async fn observe(
         .fetch_all(&mut *conn)
         .await?;
     let mut observed = Observed::default();
-    let mut shapes = BTreeMap::new();
-    let mut versions = BTreeMap::new();
+    let mut states: Vec<Option<TableState>> = vec![None; names.len()];
+    let mut shapes = Shapes::with_capacity(names.len());
+    let mut versions = Versions::with_capacity(names.len() * 2);
     for (
         i,
         relkind,
@@ -98,19 +99,17 @@ pub async fn observe(
                 names.len()
             )));
         };
-        let table = match observed.tables.entry(name.clone()) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                shapes.insert(name.clone(), shape);
-                e.insert(TableState {
-                    relkind: char::from(relkind as u8).to_string(),
-                    enabled,
-                    force,
-                    not_owned,
-                    policies: BTreeMap::new(),
-                })
+        // By position: `names` is in order, so the map is built in one pass at the end.
+        let table = states[(i - 1) as usize].get_or_insert_with(|| {
+            shapes.insert(name.clone(), shape);
+            TableState {
+                relkind: char::from(relkind as u8).to_string(),
+                enabled,
+                force,
+                not_owned,
+                policies: BTreeMap::new(),
             }
-        };
+        });
         if let Some(polname) = polname {
             if let Some(version) = version {
                 versions.insert((name.clone(), polname.clone()), version);
@@ -131,6 +130,12 @@ pub async fn observe(
             );
         }
     }
+
+    observed.tables = names
+        .iter()
+        .zip(states)
+        .filter_map(|(name, state)| Some((name.clone(), state?)))
+        .collect();
 
     let wanted: Vec<String> = spec
         .tables
@@ -153,12 +158,9 @@ pub async fn observe(
 
     let environment = normcache::environment(conn).await?;
     let keys = cache_keys(spec, &observed.tables, &shapes, &environment);
-    let wanted: Vec<&str> = keys
-        .values()
-        .map(String::as_str)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let mut wanted: Vec<&str> = keys.values().map(String::as_str).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
     let cached = normcache::read(conn, &wanted).await?;
     let (hits, misses) = use_cache(&keys, &cached, &observed.tables, &versions);
     let (fresh, twins) = normalize(conn, spec, &observed.tables, &shapes, &misses).await?;

@@ -239,7 +239,7 @@ fn the_cache_answers_only_what_the_catalog_shows_at_the_recorded_version() {
     let item = (t("up"), "own".to_string());
     let keys = BTreeMap::from([(item.clone(), "k".to_string())]);
     let row = |using: &str, version: Option<&str>| {
-        BTreeMap::from([(
+        std::collections::HashMap::from([(
             "k".to_string(),
             normcache::Cached {
                 using: Some(using.into()),
@@ -248,7 +248,7 @@ fn the_cache_answers_only_what_the_catalog_shows_at_the_recorded_version() {
             },
         )])
     };
-    let versions = BTreeMap::from([(item.clone(), "1:100".to_string())]);
+    let versions = Versions::from([(item.clone(), "1:100".to_string())]);
     let (hits, misses) = use_cache(&keys, &row(OWN_PG, Some("1:100")), &o.tables, &versions);
     assert_eq!(hits.len(), 1);
     assert!(misses.is_empty());
@@ -259,7 +259,7 @@ fn the_cache_answers_only_what_the_catalog_shows_at_the_recorded_version() {
             row("(owner = 2)", Some("1:100")),
             "not what the catalog shows",
         ),
-        (BTreeMap::new(), "no row"),
+        (Default::default(), "no row"),
     ] {
         let (hits, misses) = use_cache(&keys, &cached, &o.tables, &versions);
         assert!(hits.is_empty(), "{why}");
