@@ -101,15 +101,39 @@ pub(super) async fn normalize(
         }
     }
     normalize_in(conn, &representatives, &mut out).await?;
+    // PostgreSQL's form may name the table itself (a column of it referenced from a
+    // subquery is qualified: `o.id = t1.org`): such a form is the representative's own,
+    // and every member of its group is normalised on a twin of its own.
+    let mut alone = Vec::new();
     for (rep, member) in members {
         let (rep, member) = (&input[rep], &input[member]);
-        for p in &member.policies {
-            if let Some(v) = out.get(&(rep.name.clone(), p.name.to_string())).cloned() {
+        let forms: Vec<_> = member
+            .policies
+            .iter()
+            .map(|p| out.get(&(rep.name.clone(), p.name.to_string())).cloned())
+            .collect();
+        let names_rep = forms.iter().flatten().any(|f| match f {
+            Ok(n) => [&n.using, &n.with_check]
+                .into_iter()
+                .flatten()
+                .any(|text| mentions(text, &rep.name.name)),
+            Err(_) => false,
+        });
+        if names_rep {
+            alone.push(member);
+            continue;
+        }
+        for (p, form) in member.policies.iter().zip(forms) {
+            if let Some(v) = form {
                 out.insert((member.name.clone(), p.name.to_string()), v);
             }
         }
     }
-    Ok((out, representatives.len()))
+    let twins = representatives.len() + alone.len();
+    if !alone.is_empty() {
+        normalize_in(conn, &alone, &mut out).await?;
+    }
+    Ok((out, twins))
 }
 
 /// What decides PostgreSQL's form of a table's policies, besides the environment: the
