@@ -67,6 +67,7 @@ step() { printf '\n## %s\n\n' "$*"; }
 
   if [ "${DBPOLICY_BENCH_OPERATOR:-1}" != 0 ]; then
     step "operator at scale (hack/bench-operator.sh)"
-    DBPOLICY_BIN="$PWD/$BIN/dbpolicy" hack/bench-operator.sh "${DBPOLICY_BENCH_POLICIES:-2000}"
+    case "$BIN" in /*) ABS_BIN="$BIN" ;; *) ABS_BIN="$PWD/$BIN" ;; esac
+    DBPOLICY_BIN="$ABS_BIN/dbpolicy" hack/bench-operator.sh "${DBPOLICY_BENCH_POLICIES:-2000}"
   fi
 } 2>&1 | tee "$OUT"
