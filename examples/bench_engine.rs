@@ -508,6 +508,27 @@ async fn bench_parents(admin: &mut PgConnection, admin_url: &str) -> Res<Vec<(us
     Ok(out)
 }
 
+/// A no-op plan's time against the size of one area, each size beside the smallest.
+fn print_linearity(title: &str, unit: &str, rows: &Res<Vec<(usize, Duration)>>, target: &str) {
+    match rows {
+        Ok(rows) => {
+            println!("{title}");
+            println!();
+            println!("| {unit} | no-op plan | × the smallest |");
+            println!("|---:|---:|---:|");
+            for (n, took) in rows {
+                println!(
+                    "| {n} | {:.1} ms | {:.1} |",
+                    took.as_secs_f64() * 1000.0,
+                    took.as_secs_f64() / rows[0].1.as_secs_f64()
+                );
+            }
+            println!("{target}");
+        }
+        Err(e) => println!("{unit} FAILED: {e:#}"),
+    }
+}
+
 /// certquiz from empty: (median apply, changes, round trips of one apply, SELECT 1).
 async fn bench_certquiz(
     admin: &mut PgConnection,
@@ -746,43 +767,19 @@ async fn main() -> Res<()> {
         println!("\nschemainspect: not found; install it with `python3 -m venv ~/.cache/dbpolicy-bench/venv && ~/.cache/dbpolicy-bench/venv/bin/pip install schemainspect sqlbag psycopg2-binary`, or set DBPOLICY_BENCH_SCHEMAINSPECT to a Python that has it");
     }
     println!();
-    match &flags {
-        Ok(rows) => {
-            println!(
-                "Feature flags, no-op plan (in process, median of 3) against the number of flags:"
-            );
-            println!();
-            println!("| flags | no-op plan | × the smallest |");
-            println!("|---:|---:|---:|");
-            for (n, took) in rows {
-                println!(
-                    "| {n} | {:.1} ms | {:.1} |",
-                    took.as_secs_f64() * 1000.0,
-                    took.as_secs_f64() / rows[0].1.as_secs_f64()
-                );
-            }
-            println!("(target: 100,000 flags within 12× the time of 10,000)");
-        }
-        Err(e) => println!("feature flags FAILED: {e:#}"),
-    }
+    print_linearity(
+        "Feature flags, no-op plan (in process, median of 3) against the number of flags:",
+        "flags",
+        &flags,
+        "(target: 100,000 flags within 12× the time of 10,000)",
+    );
     println!();
-    match &parents {
-        Ok(rows) => {
-            println!("Partitions, no-op plan (in process, median of 3) against the number of partitioned parents (monthly, 4 partitions each):");
-            println!();
-            println!("| partitioned parents | no-op plan | × the smallest |");
-            println!("|---:|---:|---:|");
-            for (n, took) in rows {
-                println!(
-                    "| {n} | {:.1} ms | {:.1} |",
-                    took.as_secs_f64() * 1000.0,
-                    took.as_secs_f64() / rows[0].1.as_secs_f64()
-                );
-            }
-            println!("(linear: 1,000 parents within 12× the time of 100)");
-        }
-        Err(e) => println!("partitioned parents FAILED: {e:#}"),
-    }
+    print_linearity(
+        "Partitions, no-op plan (in process, median of 3) against the number of partitioned parents (monthly, 4 partitions each):",
+        "partitioned parents",
+        &parents,
+        "(linear: 1,000 parents within 12× the time of 100)",
+    );
     println!();
     let constant = trip_counts.windows(2).all(|w| w[0] == w[1]);
     println!(

@@ -183,8 +183,7 @@ pub(crate) async fn execute_with(
         } else {
             1
         };
-        let (lanes, one_lane) = split_by_target(&groups, next..next + run);
-        match (other.as_mut(), lanes) {
+        match (other.as_mut(), split_by_target(&groups, next..next + run)) {
             (Some(second), Some([a, b])) => {
                 let stop = std::sync::atomic::AtomicBool::new(false);
                 let (ra, rb) = tokio::join!(
@@ -209,6 +208,7 @@ pub(crate) async fn execute_with(
             }
             _ => {
                 let never = std::sync::atomic::AtomicBool::new(false);
+                let one_lane: Vec<usize> = (next..next + run).collect();
                 let (ran, failed) = main.run(&groups, &one_lane, policy, timeouts, &never).await;
                 for (i, rows) in ran {
                     done[i] = Some(rows);
@@ -274,12 +274,11 @@ fn groups<'p>(runnable: &[&'p Change]) -> Vec<Vec<&'p Change>> {
 
 /// The groups of `range` in two lanes, each target's groups on one lane in plan order,
 /// targets dealt to the lane with fewer statements so far; None when they have only one
-/// target (then the second element holds them all, in order).
+/// target.
 fn split_by_target(
     groups: &[Vec<&Change>],
     range: std::ops::Range<usize>,
-) -> (Option<[Vec<usize>; 2]>, Vec<usize>) {
-    let all: Vec<usize> = range.clone().collect();
+) -> Option<[Vec<usize>; 2]> {
     let mut lane_of: std::collections::HashMap<&str, usize> = Default::default();
     let mut lanes: [Vec<usize>; 2] = Default::default();
     let mut load = [0usize; 2];
@@ -291,11 +290,7 @@ fn split_by_target(
         lanes[lane].push(i);
         load[lane] += groups[i].len();
     }
-    if lanes.iter().any(Vec::is_empty) {
-        (None, all)
-    } else {
-        (Some(lanes), all)
-    }
+    (!lanes.iter().any(Vec::is_empty)).then_some(lanes)
 }
 
 /// A connection the executor runs groups on, and the `statement_timeout` its session
@@ -553,9 +548,10 @@ mod tests {
         let groups = groups(&runnable);
         // a (2 statements) on lane 0; b on lane 1; c on lane 1 (1 < 2); a's second
         // group after a's first; d on either when even: lane 0 holds 3, lane 1 holds 2.
-        let (lanes, all) = split_by_target(&groups, 0..groups.len());
-        assert_eq!(all, [0, 1, 2, 3, 4]);
-        assert_eq!(lanes, Some([vec![0, 3], vec![1, 2, 4]]));
+        assert_eq!(
+            split_by_target(&groups, 0..groups.len()),
+            Some([vec![0, 3], vec![1, 2, 4]])
+        );
     }
 
     #[test]
@@ -566,7 +562,7 @@ mod tests {
         ];
         let runnable: Vec<&Change> = changes.iter().collect();
         let groups = groups(&runnable);
-        assert_eq!(split_by_target(&groups, 0..2), (None, vec![0, 1]));
+        assert_eq!(split_by_target(&groups, 0..2), None);
     }
 
     #[test]
