@@ -1,6 +1,8 @@
 //! The row-level security normalisation cache (`dbpolicy.normalized`) against real
 //! PostgreSQL: a no-op drift check builds no twin, alike tables are normalised once, Plan
-//! mode writes nothing, and a stale or tampered cache never hides drift.
+//! mode writes nothing, a stale or tampered cache never hides drift, and neither does a
+//! rename of something a policy refers to (which changes how PostgreSQL spells the policy
+//! without changing its catalog row).
 
 use dbpolicy_test_support as support;
 
@@ -140,10 +142,10 @@ async fn a_stale_or_tampered_cache_never_hides_drift() {
         "the drift is found"
     );
 
-    // A row whose text no longer matches the catalog is not used either.
+    // A row whose version is not the policy's is not used: normalised again, no drift.
     run(&mut conn, &spec, Mode::Apply).await;
     assert_eq!(check(&mut conn, &spec).await, (0, vec![]));
-    db.exec("UPDATE dbpolicy.normalized SET check_expr = 'true'")
+    db.exec("UPDATE dbpolicy.normalized SET item_version = item_version || '0'")
         .await;
     assert_eq!(
         check(&mut conn, &spec).await,
@@ -162,4 +164,87 @@ async fn a_stale_or_tampered_cache_never_hides_drift() {
                 .to_string()
         ]
     );
+}
+
+/// Observes `spec`: (twins built, plan errors, plan SQL).
+async fn check_errors(
+    conn: &mut sqlx::PgConnection,
+    spec: &DatabasePolicySpec,
+) -> (usize, Vec<String>, Vec<String>) {
+    let observed = engine::observe(conn, spec, &PolicyId(ID.into()))
+        .await
+        .expect("observe");
+    let plan = engine::plan(spec, &observed);
+    let errors = plan
+        .areas
+        .iter()
+        .flat_map(|a| a.errors.iter().map(|e| e.message.clone()))
+        .collect();
+    let sql = plan.changes().map(|c| c.sql.clone()).collect();
+    (observed.rls.expect("rls observed").twins, errors, sql)
+}
+
+#[tokio::test]
+async fn a_rename_of_what_a_policy_refers_to_is_seen_through_the_cache() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE SCHEMA app;
+         CREATE TABLE members (org int NOT NULL, uid int NOT NULL);
+         CREATE TABLE docs (id int PRIMARY KEY, org int NOT NULL);
+         CREATE FUNCTION app.current_uid() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1'",
+    )
+    .await;
+    let mut conn = dbpolicy::pg::connect_one(db.url()).await.expect("connect");
+    let spec: DatabasePolicySpec = serde_yaml::from_str(
+        "database: {connectionSecretRef: {name: x}}
+rowLevelSecurity:
+  tables:
+    - table: docs
+      policies:
+        - {name: member, using: \"org IN (SELECT m.org FROM members m WHERE m.uid = app.current_uid())\"}
+",
+    )
+    .expect("spec");
+    run(&mut conn, &spec, Mode::Apply).await;
+    assert_eq!(check_errors(&mut conn, &spec).await, (0, vec![], vec![]));
+
+    // Each rename changes how PostgreSQL spells the policy, not its catalog row: the cache
+    // does not answer, the spec's text no longer resolves, and the plan says so. Renamed
+    // back, the cache answers again.
+    for (rename, back, missing) in [
+        (
+            "ALTER TABLE members RENAME COLUMN uid TO user_id",
+            "ALTER TABLE members RENAME COLUMN user_id TO uid",
+            "uid",
+        ),
+        (
+            "ALTER TABLE members RENAME TO people",
+            "ALTER TABLE people RENAME TO members",
+            "members",
+        ),
+        (
+            "ALTER FUNCTION app.current_uid() RENAME TO current_user_id",
+            "ALTER FUNCTION app.current_user_id() RENAME TO current_uid",
+            "current_uid",
+        ),
+        (
+            "ALTER SCHEMA app RENAME TO application",
+            "ALTER SCHEMA application RENAME TO app",
+            "app",
+        ),
+    ] {
+        db.exec(rename).await;
+        let (twins, errors, sql) = check_errors(&mut conn, &spec).await;
+        assert_eq!(twins, 1, "{rename}: normalised again");
+        assert!(
+            errors.len() == 1 && errors[0].contains(missing),
+            "{rename}: {errors:?} {sql:?}"
+        );
+        db.exec(back).await;
+        assert_eq!(
+            check_errors(&mut conn, &spec).await,
+            (0, vec![], vec![]),
+            "{back}"
+        );
+    }
 }

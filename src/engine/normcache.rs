@@ -4,19 +4,22 @@
 //!
 //! A row maps the key of one desired item (see [`key`]: the table and item, the text as
 //! written, the command, the table's shape (a SHA-256 of its column list, computed by the
-//! server), the search path and a fingerprint of the
-//! catalogs that resolve names) to the form PostgreSQL stored and the version (`oid:xmin`)
-//! of the catalog row it was recorded against. It is written beside the ledger, in the same transaction
-//! as the change that created the item, or after a run that found the item already right.
+//! server), the search path and a fingerprint of the catalogs that resolve names) to the
+//! form PostgreSQL stored and the version of the item's catalog row it was recorded
+//! against (`policy_version_sql`: `oid:xmin` and the names of the other tables and columns
+//! it refers to). It is written beside the ledger, in the same transaction as the change
+//! that created the item, or after a run that found the item already right, and only with
+//! a version when the form is exactly what `pg_get_expr` shows for the item then.
 //!
-//! The cache only ever saves work, it never decides: a row is used only when the form it
-//! holds is exactly what the catalog shows now for that item and the item's catalog row is
-//! the very version it was recorded against. A stale row (the item was changed by hand, even
-//! to the text the row holds; the table's columns changed; a function was created that
-//! would resolve differently) or a tampered one fails one of these, and the item is
-//! normalised again on a twin: drift is never hidden by the cache. (Whoever can rewrite
-//! both a row and its version can also rewrite the ledger: the `dbpolicy` schema is the
-//! operator's, see docs/security.md.)
+//! The cache only ever saves work, it never decides: a row is used only when the item's
+//! catalog row is the very version it was recorded against, so the catalog still shows the
+//! form the row holds and the drift check needs neither a twin nor `pg_get_expr` for it. A
+//! stale row (the item was changed by hand, even to the text the row holds; the table's
+//! columns changed; something its expressions name was renamed; a function was created
+//! that would resolve differently) or one whose version was tampered with fails this, and
+//! the item is read and normalised again on a twin: drift is never hidden by the cache.
+//! (Whoever can rewrite both a row and its version can also rewrite the ledger: the
+//! `dbpolicy` schema is the operator's, see docs/security.md.)
 
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -58,21 +61,55 @@ pub(crate) struct Cached {
 }
 
 /// What resolves the names of an expression, besides its table: the search path, the
-/// server version, and the size and newest OID of the catalogs a name can resolve to
-/// (functions, operators, casts, namespaces, and types other than tables' row and array
-/// types; not the `dbpolicy` schema, which the first apply creates, nor temporary ones).
-/// A `CREATE FUNCTION` that would capture a name changes it, and every key.
-/// One query per run.
+/// server version, and for each catalog a name can resolve to (functions, operators,
+/// casts, namespaces, collations, and types other than tables' row and array types; not
+/// the `dbpolicy` schema, which the first apply creates, nor temporary ones) its size, its
+/// newest OID and a sum of hashes of each entry's name, schema and OID. A `CREATE
+/// FUNCTION` that would capture a name changes it, and so does a rename or a move to
+/// another schema of anything an expression may call (which changes how `pg_get_expr`
+/// spells an unchanged policy): every key changes with it. `CREATE OR REPLACE` of a
+/// function does not. One query per run.
 pub(crate) const ENVIRONMENT_SQL: &str = "SELECT concat_ws(' | ',
     current_setting('search_path'), current_setting('server_version_num'),
-    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_proc),
-    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_operator),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) || ':'
+            || coalesce(sum(hashtextextended(proname::text || ' ' || pronamespace::text, oid::int8)), 0)
+       FROM pg_proc),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) || ':'
+            || coalesce(sum(hashtextextended(oprname::text || ' ' || oprnamespace::text, oid::int8)), 0)
+       FROM pg_operator),
     (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_cast),
-    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_namespace
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) || ':'
+            || coalesce(sum(hashtextextended(nspname::text, oid::int8)), 0)
+       FROM pg_namespace
       WHERE nspname <> 'dbpolicy' AND nspname NOT LIKE 'pg\\_temp\\_%'
         AND nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
-    (SELECT count(*) || ':' || coalesce(max(oid), 0) FROM pg_type
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) || ':'
+            || coalesce(sum(hashtextextended(collname::text || ' ' || collnamespace::text, oid::int8)), 0)
+       FROM pg_collation),
+    (SELECT count(*) || ':' || coalesce(max(oid), 0) || ':'
+            || coalesce(sum(hashtextextended(typname::text || ' ' || typnamespace::text, oid::int8)), 0)
+       FROM pg_type
       WHERE typrelid = 0 AND typcategory <> 'A'))";
+
+/// The version of a policy's catalog row (`pg_policy p`) as the cache records and compares
+/// it: `oid:xmin`, which any `ALTER POLICY` or drop and re-create changes, then the names
+/// of the other tables and columns its expressions refer to (`pg_depend`), which
+/// `pg_get_expr` spells out and a rename changes without touching the policy's row. Its
+/// own table's columns are in the cache key (the shape), what it calls in the environment.
+/// One fragment, so that the catalog read and the cache write compute it alike.
+macro_rules! policy_version_sql {
+    () => {
+        "p.oid::text || ':' || p.xmin::text || coalesce(':' || (
+           SELECT string_agg(r.relnamespace::text || '.' || quote_ident(r.relname)
+                             || CASE WHEN d.refobjsubid > 0 THEN '.' || quote_ident(a.attname) ELSE '' END,
+                             ',' ORDER BY d.refobjid, d.refobjsubid)
+           FROM pg_depend d JOIN pg_class r ON r.oid = d.refobjid
+           LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+           WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+             AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> p.polrelid), '')"
+    };
+}
+pub(crate) use policy_version_sql;
 
 pub(crate) async fn environment(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
     sqlx::query_scalar(ENVIRONMENT_SQL)
@@ -185,14 +222,19 @@ pub(crate) async fn write(
     let tables: Vec<String> = records.iter().map(|r| r.table.quoted()).collect();
     let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
     sqlx::query(
-        "INSERT INTO dbpolicy.normalized (key, policy, using_expr, check_expr, item_version)
+        concat!(
+            "INSERT INTO dbpolicy.normalized (key, policy, using_expr, check_expr, item_version)
          SELECT DISTINCT ON (r.k) r.k, $6, r.u, r.c,
-                (SELECT p.oid::text || ':' || p.xmin::text FROM pg_policy p
-                  WHERE p.polrelid = to_regclass(r.t) AND p.polname = r.n)
+                (SELECT CASE WHEN pg_get_expr(p.polqual, p.polrelid) IS NOT DISTINCT FROM r.u
+                              AND pg_get_expr(p.polwithcheck, p.polrelid) IS NOT DISTINCT FROM r.c
+                        THEN ",
+            policy_version_sql!(),
+            " END
+                   FROM pg_policy p WHERE p.polrelid = to_regclass(r.t) AND p.polname = r.n)
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS r(k, u, c, t, n)
          ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, using_expr = EXCLUDED.using_expr,
-             check_expr = EXCLUDED.check_expr, item_version = EXCLUDED.item_version, updated_at = now()",
-    )
+             check_expr = EXCLUDED.check_expr, item_version = EXCLUDED.item_version, updated_at = now()"
+    ))
     .bind(keys)
     .bind(usings)
     .bind(checks)

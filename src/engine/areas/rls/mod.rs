@@ -2,7 +2,10 @@
 //! (`CREATE`/`ALTER`/`DROP POLICY`). Observed with one catalog query for all tables, one
 //! for the roles the policies name, and one normalisation pass that has PostgreSQL rewrite
 //! every desired `USING`/`WITH CHECK` expression into the form `pg_get_expr` shows, inside
-//! a transaction that is always rolled back, so a rewritten expression is never drift.
+//! a transaction that is always rolled back, so a rewritten expression is never drift. The
+//! normalisation cache ([`normcache`]) answers both sides of that comparison for every
+//! policy unchanged since it was recorded: a drift check with nothing to change neither
+//! normalises nor deparses.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -98,8 +101,9 @@ pub struct RowLevelSecurity;
 
 impl AreaModule for RowLevelSecurity {
     const AREA: Area = AREA;
-    /// Its catalog read deparses every policy expression (`pg_get_expr`) and reads every
-    /// table's columns: at thousands of tables the longest query of a drift check.
+    /// Its catalog read fingerprints every table's columns and versions every policy (and
+    /// deparses those the cache does not answer): at thousands of tables the longest query
+    /// of a drift check.
     const OWN_CONNECTION: bool = true;
     type Spec = RowLevelSecuritySpec;
     type Observed = Observed;

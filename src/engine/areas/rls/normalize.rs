@@ -9,8 +9,9 @@ use super::*;
 
 /// Each table's shape fingerprint (see `observe::Shape`), looked up per policy.
 pub(super) type Shapes = std::collections::HashMap<QualifiedName, Shape>;
-/// Each catalog policy's row version (`oid:xmin`), by (table, policy name).
-pub(super) type Versions = std::collections::HashMap<(QualifiedName, String), String>;
+/// Each catalog policy's OID and version (see `normcache::policy_version_sql`), by (table,
+/// policy name).
+pub(super) type Versions = std::collections::HashMap<(QualifiedName, String), (i64, String)>;
 
 /// One spec table's desired policies, as normalisation creates them on its twin.
 pub(super) struct NormalizeTable<'a> {
@@ -23,6 +24,9 @@ pub(super) struct NormalizePolicy<'a> {
     command: &'static str,
     clauses: String,
 }
+
+/// The policies the cache answers, with the form it recorded.
+pub(super) type Answered = BTreeMap<(QualifiedName, String), Normalized>;
 
 pub(super) type NormalizedPolicies =
     BTreeMap<(QualifiedName, String), Result<Normalized, ExpressionError>>;
@@ -213,10 +217,11 @@ fn mentions_ascii(text: &[u8], name: &[u8]) -> bool {
 
 /// The normalisation cache key of every desired policy that normalisation would see.
 ///
-/// Its parts: the kind of item (`rowLevelSecurity/2`) and the environment, then the table's
+/// Its parts: the kind of item (`rowLevelSecurity/3`) and the environment, then the table's
 /// (schema, name, shape fingerprint, owned or not), then the policy's (the table's name
 /// again when an expression mentions it, the policy's name, command and expressions as
-/// written). Version 1 had the shape as text and another order: its rows miss once.
+/// written). Version 1 had the shape as text and another order, version 2 rows were
+/// recorded with the policy's `oid:xmin` alone: their rows miss once.
 pub(super) fn cache_keys(
     spec: &RowLevelSecuritySpec,
     tables: &BTreeMap<QualifiedName, TableState>,
@@ -225,7 +230,7 @@ pub(super) fn cache_keys(
 ) -> BTreeMap<(QualifiedName, String), String> {
     // Collected at the end: built in one pass from the spec's order, not searched per item.
     let mut keys = Vec::new();
-    let prefix = normcache::KeyPrefix::new(&["rowLevelSecurity/2", environment]);
+    let prefix = normcache::KeyPrefix::new(&["rowLevelSecurity/3", environment]);
     for t in &spec.tables {
         let name = t.qualified();
         let Some(state) = tables.get(&name) else {
@@ -263,35 +268,30 @@ pub(super) fn cache_keys(
     keys.into_iter().collect()
 }
 
-/// Splits the keyed policies into those the cache answers (its form is exactly what the
-/// catalog shows now for that policy, whose catalog row is the version the form was
-/// recorded against) and those to normalise on a twin. A row that fails either, stale or
-/// tampered, is never used: the twin decides.
+/// Splits the keyed policies into those the cache answers and those to normalise on a
+/// twin. The cache answers a policy whose catalog row is the very version its row was
+/// recorded against (the version also covers the names its expressions refer to; the key,
+/// its table's columns and what its names resolve to): then the catalog still shows the
+/// form the row holds, which the write checked against `pg_get_expr`, and that form is
+/// both the desired expression's and the live one's. A row without a version, or of
+/// another version (stale, or tampered with), is never used: the twin decides.
 pub(super) fn use_cache(
     keys: &BTreeMap<(QualifiedName, String), String>,
     cached: &std::collections::HashMap<String, normcache::Cached>,
-    tables: &BTreeMap<QualifiedName, TableState>,
     versions: &Versions,
-) -> (NormalizedPolicies, BTreeSet<(QualifiedName, String)>) {
+) -> (Answered, BTreeSet<(QualifiedName, String)>) {
     // Keys come in order: both maps are built from ordered runs in one pass (no search).
     let mut hits = Vec::new();
     let mut misses = Vec::new();
     for (item, key) in keys {
-        let (table, policy) = item;
-        let live = tables.get(table).and_then(|t| t.policies.get(policy));
-        match (cached.get(key), live) {
-            (Some(row), Some(live))
-                if row.using == live.using
-                    && row.with_check == live.with_check
-                    && row.version.is_some()
-                    && row.version.as_ref() == versions.get(item) =>
-            {
+        match (cached.get(key), versions.get(item)) {
+            (Some(row), Some((_, live))) if row.version.as_ref() == Some(live) => {
                 hits.push((
                     item.clone(),
-                    Ok(Normalized {
+                    Normalized {
                         using: row.using.clone(),
                         with_check: row.with_check.clone(),
-                    }),
+                    },
                 ));
             }
             _ => misses.push(item.clone()),

@@ -1,5 +1,6 @@
-//! The catalog: the declared tables, their policies and shapes (one query), and the roles
-//! the spec names (one query).
+//! The catalog: the declared tables, their policies and shapes (one query), the roles the
+//! spec names (one query), and the expressions of the policies the cache does not answer
+//! (one query, none on a no-op).
 
 use super::*;
 
@@ -7,7 +8,10 @@ use super::*;
 /// The table is named by its 1-based position in the arrays bound to the query (the
 /// client has its names already), its kind and the policy's command are `"char"`s, and
 /// its shape comes as a fingerprint ([`Shape`]): a row carries no text the client does
-/// not need.
+/// not need. The policy's expressions are not read here: deparsing them (`pg_get_expr`)
+/// is most of what a catalog read of policies costs the server, and the normalisation
+/// cache already holds them for every policy whose version (`normcache::policy_version_sql`)
+/// is the one it recorded; [`EXPRESSIONS_SQL`] reads the others, by OID.
 pub(super) type CatalogRow = (
     i64,
     i8,
@@ -18,8 +22,7 @@ pub(super) type CatalogRow = (
     Option<i8>,
     Option<bool>,
     Option<Vec<String>>,
-    Option<String>,
-    Option<String>,
+    Option<i64>,
     Shape,
     Option<String>,
 );
@@ -31,15 +34,17 @@ pub(super) type CatalogRow = (
 /// hashes the text's bytes as stored, whatever the encoding.
 pub(super) type Shape = [u8; 32];
 
-pub(super) const CATALOG_SQL: &str = "SELECT d.i, c.relkind,
+pub(super) const CATALOG_SQL: &str = concat!(
+    "SELECT d.i, c.relkind,
        c.relrowsecurity, c.relforcerowsecurity, NOT pg_has_role(c.relowner, 'USAGE'),
        p.polname::text, p.polcmd, p.polpermissive,
        CASE WHEN p.oid IS NOT NULL THEN
          ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END
                FROM unnest(p.polroles) AS r)
        END,
-       pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid),
-       s.shape, p.oid::text || ':' || p.xmin::text
+       p.oid::int8, s.shape, ",
+    normcache::policy_version_sql!(),
+    "
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS d(schema, name, i)
 JOIN pg_namespace n ON n.nspname = d.schema
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.name
@@ -50,7 +55,17 @@ CROSS JOIN LATERAL (
            current_setting('server_encoding')))
   FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 ) AS s(shape)
-LEFT JOIN pg_policy p ON p.polrelid = c.oid";
+LEFT JOIN pg_policy p ON p.polrelid = c.oid"
+);
+
+/// The expressions of the policies the cache does not answer, by OID, with their versions:
+/// a policy whose version is not the one the catalog query saw changed in between.
+pub(super) const EXPRESSIONS_SQL: &str = concat!(
+    "SELECT p.oid::int8, ",
+    normcache::policy_version_sql!(),
+    ", pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+FROM pg_policy p JOIN unnest($1::int8[]) AS w(oid) ON p.oid = w.oid::oid"
+);
 
 /// Reads the spec's tables and policies (one query), the roles they name (one query), and
 /// normalises the desired expressions (one rolled-back transaction of three round trips),
@@ -87,8 +102,7 @@ pub async fn observe(
         polcmd,
         permissive,
         roles,
-        using,
-        check,
+        oid,
         shape,
         version,
     ) in rows
@@ -110,10 +124,8 @@ pub async fn observe(
                 policies: BTreeMap::new(),
             }
         });
-        if let Some(polname) = polname {
-            if let Some(version) = version {
-                versions.insert((name.clone(), polname.clone()), version);
-            }
+        if let (Some(polname), Some(oid), Some(version)) = (polname, oid, version) {
+            versions.insert((name.clone(), polname.clone()), (oid, version));
             table.policies.insert(
                 polname,
                 PolicyState {
@@ -124,8 +136,9 @@ pub async fn observe(
                         PolicyKind::Restrictive
                     },
                     roles: roles.unwrap_or_default().into_iter().collect(),
-                    using,
-                    with_check: check,
+                    // Filled below: from the cache, or read by OID.
+                    using: None,
+                    with_check: None,
                 },
             );
         }
@@ -162,14 +175,83 @@ pub async fn observe(
     wanted.sort_unstable();
     wanted.dedup();
     let cached = normcache::read(conn, &wanted).await?;
-    let (hits, misses) = use_cache(&keys, &cached, &observed.tables, &versions);
+    let (hits, misses) = use_cache(&keys, &cached, &versions);
+    read_expressions(conn, &mut observed.tables, &hits, &versions).await?;
     let (fresh, twins) = normalize(conn, spec, &observed.tables, &shapes, &misses).await?;
     observed.cache_fill = fill(&fresh, &keys, &observed.tables);
-    observed.normalized = hits;
+    observed.normalized = hits.into_iter().map(|(item, n)| (item, Ok(n))).collect();
     observed.normalized.extend(fresh);
     observed.cache_keys = keys;
     observed.twins = twins;
     Ok(observed)
+}
+
+/// Gives every catalog policy its expressions as `pg_get_expr` shows them: a policy the
+/// cache answers shows the form the cache recorded (its catalog row, and every name it
+/// refers to, is the version that form was recorded against); the others are read by OID
+/// in one query, none on a drift check the cache answers whole. A policy changed or
+/// dropped since the catalog query read it is an error: the next run reads it again.
+async fn read_expressions(
+    conn: &mut PgConnection,
+    tables: &mut BTreeMap<QualifiedName, TableState>,
+    hits: &Answered,
+    versions: &Versions,
+) -> Result<(), sqlx::Error> {
+    let mut unread = Vec::new();
+    for (table, state) in tables.iter_mut() {
+        for (name, policy) in state.policies.iter_mut() {
+            let item = (table.clone(), name.clone());
+            match hits.get(&item) {
+                Some(n) => {
+                    policy.using = n.using.clone();
+                    policy.with_check = n.with_check.clone();
+                }
+                None => {
+                    if let Some((oid, _)) = versions.get(&item) {
+                        unread.push((*oid, item));
+                    }
+                }
+            }
+        }
+    }
+    if unread.is_empty() {
+        return Ok(());
+    }
+    let oids: Vec<i64> = unread.iter().map(|(oid, _)| *oid).collect();
+    type Row = (i64, String, Option<String>, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(EXPRESSIONS_SQL)
+        .bind(&oids)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut read: std::collections::HashMap<i64, (String, Option<String>, Option<String>)> = rows
+        .into_iter()
+        .map(|(oid, version, using, check)| (oid, (version, using, check)))
+        .collect();
+    for (oid, (table, name)) in unread {
+        let seen = versions.get(&(table.clone(), name.clone()));
+        let Some((version, using, check)) = read.remove(&oid) else {
+            return Err(changed_while_read(&table, &name));
+        };
+        if seen.map(|(_, v)| v) != Some(&version) {
+            return Err(changed_while_read(&table, &name));
+        }
+        if let Some(p) = tables
+            .get_mut(&table)
+            .and_then(|t| t.policies.get_mut(&name))
+        {
+            p.using = using;
+            p.with_check = check;
+        }
+    }
+    Ok(())
+}
+
+fn changed_while_read(table: &QualifiedName, name: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!(
+        "policy {} on {} changed while it was being read; the next run reads it again",
+        quote_ident(name),
+        table.quoted()
+    ))
 }
 
 /// `pg_policy.polcmd`, a `"char"`.

@@ -234,10 +234,13 @@ fn mentions_without_copies_answers_as_before() {
 }
 
 #[test]
-fn the_cache_answers_only_what_the_catalog_shows_at_the_recorded_version() {
-    let o = observed(&[("up", vec![("own", state(Some(OWN_PG), None))])]);
+fn the_cache_answers_only_a_policy_at_the_recorded_version() {
     let item = (t("up"), "own".to_string());
-    let keys = BTreeMap::from([(item.clone(), "k".to_string())]);
+    let other = (t("up"), "other".to_string());
+    let keys = BTreeMap::from([
+        (item.clone(), "k".to_string()),
+        (other.clone(), "k2".to_string()),
+    ]);
     let row = |using: &str, version: Option<&str>| {
         std::collections::HashMap::from([(
             "k".to_string(),
@@ -248,20 +251,40 @@ fn the_cache_answers_only_what_the_catalog_shows_at_the_recorded_version() {
             },
         )])
     };
-    let versions = Versions::from([(item.clone(), "1:100".to_string())]);
-    let (hits, misses) = use_cache(&keys, &row(OWN_PG, Some("1:100")), &o.tables, &versions);
-    assert_eq!(hits.len(), 1);
-    assert!(misses.is_empty());
-    for (cached, why) in [
-        (row(OWN_PG, Some("1:101")), "the policy changed since"),
-        (row(OWN_PG, None), "no version"),
+    let versions = Versions::from([(item.clone(), (1, "1:100".to_string()))]);
+    let (hits, misses) = use_cache(&keys, &row(OWN_PG, Some("1:100")), &versions);
+    // The recorded form is both the desired one and what the catalog shows.
+    assert_eq!(
+        hits,
+        BTreeMap::from([(
+            item.clone(),
+            Normalized {
+                using: Some(OWN_PG.into()),
+                with_check: None
+            }
+        )])
+    );
+    assert_eq!(misses, BTreeSet::from([other.clone()]), "no row, no policy");
+    for (cached, versions, why) in [
         (
-            row("(owner = 2)", Some("1:100")),
-            "not what the catalog shows",
+            row(OWN_PG, Some("1:101")),
+            &versions,
+            "the policy changed since",
         ),
-        (Default::default(), "no row"),
+        (
+            row(OWN_PG, Some("1:100")),
+            &Versions::from([(item.clone(), (1, "1:100:2200.\"m\".\"uid\"".to_string()))]),
+            "a name it refers to changed since",
+        ),
+        (row(OWN_PG, None), &versions, "no version"),
+        (
+            row(OWN_PG, Some("1:100")),
+            &Versions::new(),
+            "no such policy",
+        ),
+        (Default::default(), &versions, "no row"),
     ] {
-        let (hits, misses) = use_cache(&keys, &cached, &o.tables, &versions);
+        let (hits, misses) = use_cache(&keys, &cached, versions);
         assert!(hits.is_empty(), "{why}");
         assert!(misses.contains(&item), "{why}");
     }
