@@ -42,7 +42,7 @@ fi
 # moments: its subject is the executor's own journal, and at ~3 min a version it alone
 # would double the matrix), unit tests and the e2e/API-server suites (they test
 # Kubernetes, not PostgreSQL). See README, "PostgreSQL versions".
-MATRIX_TESTS=(autovacuum server_settings rls partitions indexes matviews feature_flags
+MATRIX_TESTS=(autovacuum server_settings rls rls_cache partitions indexes matviews feature_flags
     safety certquiz injection)
 read -r -a versions <<<"${DBPOLICY_PG_VERSIONS-16 17 18}"
 if [ ${#versions[@]} -eq 0 ]; then

@@ -183,7 +183,8 @@ async fn apply_killed_after(db: &TestDb, yaml: &str, delay: Duration) -> Ending 
         Err(_) => {
             let doing = db
                 .query_column::<String>(&format!(
-                    "SELECT state || ': ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 50)
+                    // A backend still starting up has no state yet (NULL).
+                    "SELECT coalesce(state, 'starting') || ': ' || left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 50)
                        FROM pg_stat_activity WHERE application_name = 'dbpolicy' AND datname = '{}'",
                     db.name()
                 ))

@@ -140,18 +140,7 @@ pub(crate) async fn execute_with(
     timeouts: &Timeouts,
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
-    let refused_bundles: std::collections::BTreeSet<&str> = plan
-        .changes()
-        .filter(|c| !allow_destructive && c.hazard == Hazard::Destructive)
-        .filter_map(|c| c.bundle.as_deref())
-        .collect();
-    let (runnable, refused): (Vec<&Change>, Vec<&Change>) = plan.changes().partition(|c| {
-        let refused_bundle = c
-            .bundle
-            .as_deref()
-            .is_some_and(|b| refused_bundles.contains(b));
-        (allow_destructive || c.hazard != Hazard::Destructive) && !refused_bundle
-    });
+    let (runnable, refused) = runnable(plan, allow_destructive);
     report.refused = refused.into_iter().cloned().collect();
 
     if runnable
@@ -242,10 +231,30 @@ pub(crate) async fn execute_with(
     report
 }
 
+/// The plan's changes that run, and those refused: a destructive change unless the policy
+/// allows them, and every change of its bundle.
+fn runnable(plan: &Plan, allow_destructive: bool) -> (Vec<&Change>, Vec<&Change>) {
+    let refused_bundles: std::collections::BTreeSet<&str> = plan
+        .changes()
+        .filter(|c| !allow_destructive && c.hazard == Hazard::Destructive)
+        .filter_map(|c| c.bundle.as_deref())
+        .collect();
+    plan.changes().partition(|c| {
+        let refused_bundle = c
+            .bundle
+            .as_deref()
+            .is_some_and(|b| refused_bundles.contains(b));
+        (allow_destructive || c.hazard != Hazard::Destructive) && !refused_bundle
+    })
+}
+
 /// Whether `plan` has changes a second connection would run beside the first: changes
-/// of an area that applies in parallel, on two targets or more.
-pub(crate) fn uses_second_connection(plan: &Plan) -> bool {
-    let mut parallel = plan.changes().filter(|c| c.area.applies_in_parallel());
+/// that run (not refused) of an area that applies in parallel, on two targets or more.
+pub(crate) fn uses_second_connection(plan: &Plan, allow_destructive: bool) -> bool {
+    let (runnable, _) = runnable(plan, allow_destructive);
+    let mut parallel = runnable
+        .into_iter()
+        .filter(|c| c.area.applies_in_parallel());
     match parallel.next() {
         Some(first) => parallel.any(|c| c.target != first.target),
         None => false,
@@ -572,17 +581,32 @@ mod tests {
             area.changes = changes;
             Plan { areas: vec![area] }
         };
-        assert!(!uses_second_connection(&plan(vec![
-            change(Area::Partitions, "a", "a#1"),
-            change(Area::Partitions, "a", "a#2"),
-        ])));
-        assert!(!uses_second_connection(&plan(vec![
-            change(Area::Indexes, "a", "a"),
-            change(Area::Indexes, "b", "b"),
-        ])));
-        assert!(uses_second_connection(&plan(vec![
-            change(Area::Partitions, "a", "a#1"),
-            change(Area::Partitions, "b", "b#2"),
-        ])));
+        assert!(!uses_second_connection(
+            &plan(vec![
+                change(Area::Partitions, "a", "a#1"),
+                change(Area::Partitions, "a", "a#2"),
+            ]),
+            false
+        ));
+        assert!(!uses_second_connection(
+            &plan(vec![
+                change(Area::Indexes, "a", "a"),
+                change(Area::Indexes, "b", "b"),
+            ]),
+            false
+        ));
+        let two = || {
+            vec![
+                change(Area::Partitions, "a", "a#1"),
+                change(Area::Partitions, "b", "b#2"),
+            ]
+        };
+        assert!(uses_second_connection(&plan(two()), false));
+        // Refused changes do not run: a plan whose second table only has a refused drop
+        // has one table to work on.
+        let mut refused = two();
+        refused[1].hazard = Hazard::Destructive;
+        assert!(!uses_second_connection(&plan(refused.clone()), false));
+        assert!(uses_second_connection(&plan(refused), true));
     }
 }

@@ -377,7 +377,9 @@ pub(crate) async fn run_with(
             };
             let mut report = match taken {
                 Ok(()) => {
-                    if apply::uses_second_connection(&plan) && second.is_none() {
+                    if apply::uses_second_connection(&plan, spec.allow_destructive())
+                        && second.is_none()
+                    {
                         if let Some(url) = &options.second_url {
                             second = second_connection(url.clone(), session_sql.clone()).await;
                         }
