@@ -67,9 +67,11 @@ pub(super) const EXPRESSIONS_SQL: &str = concat!(
 FROM pg_policy p JOIN unnest($1::int8[]) AS w(oid) ON p.oid = w.oid::oid"
 );
 
-/// Reads the spec's tables and policies (one query), the roles they name (one query), and
-/// normalises the desired expressions (one rolled-back transaction of three round trips),
-/// whatever the number of tables and policies.
+/// Reads the spec's tables and policies (one query), the roles they name (one query), the
+/// environment and the cache rows (two), the expressions of the policies the cache does not
+/// answer (one query, none on a no-op), and normalises the desired expressions the cache
+/// does not answer (one rolled-back transaction), whatever the number of tables and
+/// policies.
 pub async fn observe(
     conn: &mut PgConnection,
     spec: &RowLevelSecuritySpec,
