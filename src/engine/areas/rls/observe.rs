@@ -199,6 +199,28 @@ async fn read_expressions(
     hits: &Answered,
     versions: &Versions,
 ) -> Result<(), sqlx::Error> {
+    let unread = fill_answered(tables, hits, versions);
+    if unread.is_empty() {
+        return Ok(());
+    }
+    let oids: Vec<i64> = unread.iter().map(|(oid, _)| *oid).collect();
+    let rows: Vec<ExpressionsRow> = sqlx::query_as(EXPRESSIONS_SQL)
+        .bind(&oids)
+        .fetch_all(&mut *conn)
+        .await?;
+    place_expressions(tables, versions, unread, rows)
+}
+
+/// A row of [`EXPRESSIONS_SQL`]: OID, version, `USING`, `WITH CHECK`.
+pub(super) type ExpressionsRow = (i64, String, Option<String>, Option<String>);
+
+/// Gives the policies the cache answers the forms it recorded; returns the others, with
+/// their OIDs, to be read.
+pub(super) fn fill_answered(
+    tables: &mut BTreeMap<QualifiedName, TableState>,
+    hits: &Answered,
+    versions: &Versions,
+) -> Vec<(i64, (QualifiedName, String))> {
     let mut unread = Vec::new();
     for (table, state) in tables.iter_mut() {
         for (name, policy) in state.policies.iter_mut() {
@@ -216,33 +238,36 @@ async fn read_expressions(
             }
         }
     }
-    if unread.is_empty() {
-        return Ok(());
-    }
-    let oids: Vec<i64> = unread.iter().map(|(oid, _)| *oid).collect();
-    type Row = (i64, String, Option<String>, Option<String>);
-    let rows: Vec<Row> = sqlx::query_as(EXPRESSIONS_SQL)
-        .bind(&oids)
-        .fetch_all(&mut *conn)
-        .await?;
+    unread
+}
+
+/// Gives each policy of `unread` the expressions read for it, when the row read is of the
+/// version the catalog query saw; a policy missing from `rows` (dropped since) or of
+/// another version (altered since) is an error.
+pub(super) fn place_expressions(
+    tables: &mut BTreeMap<QualifiedName, TableState>,
+    versions: &Versions,
+    unread: Vec<(i64, (QualifiedName, String))>,
+    rows: Vec<ExpressionsRow>,
+) -> Result<(), sqlx::Error> {
     let mut read: std::collections::HashMap<i64, (String, Option<String>, Option<String>)> = rows
         .into_iter()
         .map(|(oid, version, using, check)| (oid, (version, using, check)))
         .collect();
-    for (oid, (table, name)) in unread {
-        let seen = versions.get(&(table.clone(), name.clone()));
-        let Some((version, using, check)) = read.remove(&oid) else {
-            return Err(changed_while_read(&table, &name));
-        };
-        if seen.map(|(_, v)| v) != Some(&version) {
-            return Err(changed_while_read(&table, &name));
-        }
-        if let Some(p) = tables
-            .get_mut(&table)
-            .and_then(|t| t.policies.get_mut(&name))
-        {
-            p.using = using;
-            p.with_check = check;
+    for (oid, item) in unread {
+        let seen = versions.get(&item).map(|(_, v)| v);
+        let (table, name) = item;
+        match read.remove(&oid) {
+            Some((version, using, check)) if seen == Some(&version) => {
+                if let Some(p) = tables
+                    .get_mut(&table)
+                    .and_then(|t| t.policies.get_mut(&name))
+                {
+                    p.using = using;
+                    p.with_check = check;
+                }
+            }
+            _ => return Err(changed_while_read(&table, &name)),
         }
     }
     Ok(())

@@ -291,6 +291,65 @@ fn the_cache_answers_only_a_policy_at_the_recorded_version() {
 }
 
 #[test]
+fn policies_the_cache_does_not_answer_are_read_at_the_version_the_catalog_showed() {
+    use super::observe::{fill_answered, place_expressions};
+    let mut o = observed(&[(
+        "up",
+        vec![("own", state(None, None)), ("extra", state(None, None))],
+    )]);
+    let own = (t("up"), "own".to_string());
+    let extra = (t("up"), "extra".to_string());
+    let versions = Versions::from([
+        (own.clone(), (1, "1:100".to_string())),
+        (extra.clone(), (2, "2:100".to_string())),
+    ]);
+    let hits = Answered::from([(
+        own.clone(),
+        Normalized {
+            using: Some(OWN_PG.into()),
+            with_check: None,
+        },
+    )]);
+    // The cache's form for the policy it answers; the other is to be read, by OID.
+    let unread = fill_answered(&mut o.tables, &hits, &versions);
+    assert_eq!(unread, vec![(2, extra.clone())]);
+    assert_eq!(
+        o.tables[&t("up")].policies["own"].using.as_deref(),
+        Some(OWN_PG)
+    );
+
+    let mut read = o.clone();
+    place_expressions(
+        &mut read.tables,
+        &versions,
+        unread.clone(),
+        vec![(2, "2:100".into(), Some("true".into()), None)],
+    )
+    .expect("read at the version seen");
+    assert_eq!(
+        read.tables[&t("up")].policies["extra"].using.as_deref(),
+        Some("true")
+    );
+
+    // Altered, or dropped, between the catalog query and this read: an error that names it.
+    for (rows, why) in [
+        (
+            vec![(2, "2:101".to_string(), Some("false".to_string()), None)],
+            "altered since",
+        ),
+        (vec![], "dropped since"),
+    ] {
+        let e = place_expressions(&mut o.clone().tables, &versions, unread.clone(), rows)
+            .expect_err(why);
+        assert!(
+            e.to_string()
+                .contains("policy \"extra\" on \"public\".\"up\" changed while it was being read"),
+            "{why}: {e}"
+        );
+    }
+}
+
+#[test]
 fn normalised_expression_is_not_drift() {
     let s = spec(vec![table("up", vec![policy("own", None, Some(OWN))])]);
     let o = observed(&[("up", vec![("own", state(Some(OWN_PG), None))])]);
