@@ -245,49 +245,47 @@ fn columns(rows: &BTreeSet<(String, String, String)>) -> (Vec<&str>, Vec<&str>, 
     cols
 }
 
-/// Writes `ops` (inside the caller's transaction) in at most two statements, whatever
-/// their number: a maintenance run creating and detaching thousands of partitions would
-/// otherwise spend two round trips per change on its bookkeeping.
+/// Writes `ops` (inside the caller's transaction) in one statement, whatever their
+/// number: a maintenance run creating and detaching thousands of partitions would
+/// otherwise spend round trips per change on its bookkeeping, and every transaction of an
+/// apply writes the ledger. The rows deleted and the rows written are disjoint
+/// ([`NetEffect`] gives each row one last word), so the statement's two parts, which see
+/// the same snapshot, never touch the same row.
 pub(crate) async fn write_all(
     conn: &mut PgConnection,
     ops: &[LedgerOp],
     policy: &str,
 ) -> Result<(), sqlx::Error> {
     let net = NetEffect::of(ops);
-    if !net.delete.is_empty() || !net.delete_mine.is_empty() {
-        let (a, t, i) = columns(&net.delete);
-        let (ma, mt, mi) = columns(&net.delete_mine);
-        sqlx::query(
-            "DELETE FROM dbpolicy.managed m
-             USING (SELECT d.a, d.t, d.i, false AS mine_only FROM unnest($1::text[], $2::text[], $3::text[]) AS d(a, t, i)
-                    UNION ALL
-                    SELECT d.a, d.t, d.i, true FROM unnest($4::text[], $5::text[], $6::text[]) AS d(a, t, i)) AS d
-             WHERE m.area = d.a AND m.target = d.t AND m.item = d.i AND (NOT d.mine_only OR m.policy = $7)",
-        )
-        .bind(a)
-        .bind(t)
-        .bind(i)
-        .bind(ma)
-        .bind(mt)
-        .bind(mi)
-        .bind(policy)
-        .execute(&mut *conn)
-        .await?;
+    if net.upsert.is_empty() && net.delete.is_empty() && net.delete_mine.is_empty() {
+        return Ok(());
     }
-    if !net.upsert.is_empty() {
-        let (a, t, i) = columns(&net.upsert);
-        sqlx::query(
-            "INSERT INTO dbpolicy.managed (area, target, item, policy)
-             SELECT a, t, i, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS r(a, t, i)
-             ON CONFLICT (area, target, item) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
-        )
-        .bind(a)
-        .bind(t)
-        .bind(i)
-        .bind(policy)
-        .execute(&mut *conn)
-        .await?;
-    }
+    let (a, t, i) = columns(&net.delete);
+    let (ma, mt, mi) = columns(&net.delete_mine);
+    let (ua, ut, ui) = columns(&net.upsert);
+    sqlx::query(
+        "WITH gone AS (
+           DELETE FROM dbpolicy.managed m
+           USING (SELECT d.a, d.t, d.i, false AS mine_only FROM unnest($1::text[], $2::text[], $3::text[]) AS d(a, t, i)
+                  UNION ALL
+                  SELECT d.a, d.t, d.i, true FROM unnest($4::text[], $5::text[], $6::text[]) AS d(a, t, i)) AS d
+           WHERE m.area = d.a AND m.target = d.t AND m.item = d.i AND (NOT d.mine_only OR m.policy = $7))
+         INSERT INTO dbpolicy.managed (area, target, item, policy)
+         SELECT a, t, i, $7 FROM unnest($8::text[], $9::text[], $10::text[]) AS r(a, t, i)
+         ON CONFLICT (area, target, item) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()",
+    )
+    .bind(a)
+    .bind(t)
+    .bind(i)
+    .bind(ma)
+    .bind(mt)
+    .bind(mi)
+    .bind(policy)
+    .bind(ua)
+    .bind(ut)
+    .bind(ui)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
