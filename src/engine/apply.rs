@@ -140,7 +140,7 @@ pub(crate) async fn execute_with(
     timeouts: &Timeouts,
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
-    let (runnable, refused) = runnable(plan, allow_destructive);
+    let (runnable, refused) = runnable_and_refused(plan, allow_destructive);
     report.refused = refused.into_iter().cloned().collect();
 
     if runnable
@@ -233,7 +233,7 @@ pub(crate) async fn execute_with(
 
 /// The plan's changes that run, and those refused: a destructive change unless the policy
 /// allows them, and every change of its bundle.
-fn runnable(plan: &Plan, allow_destructive: bool) -> (Vec<&Change>, Vec<&Change>) {
+fn runnable_and_refused(plan: &Plan, allow_destructive: bool) -> (Vec<&Change>, Vec<&Change>) {
     let refused_bundles: std::collections::BTreeSet<&str> = plan
         .changes()
         .filter(|c| !allow_destructive && c.hazard == Hazard::Destructive)
@@ -251,7 +251,7 @@ fn runnable(plan: &Plan, allow_destructive: bool) -> (Vec<&Change>, Vec<&Change>
 /// Whether `plan` has changes a second connection would run beside the first: changes
 /// that run (not refused) of an area that applies in parallel, on two targets or more.
 pub(crate) fn uses_second_connection(plan: &Plan, allow_destructive: bool) -> bool {
-    let (runnable, _) = runnable(plan, allow_destructive);
+    let (runnable, _) = runnable_and_refused(plan, allow_destructive);
     let mut parallel = runnable
         .into_iter()
         .filter(|c| c.area.applies_in_parallel());
